@@ -1,0 +1,1 @@
+//! dora adapter (in progress).

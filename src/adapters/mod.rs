@@ -1,0 +1,6 @@
+//! Adapter layers: LoRA/QLoRA, DoRA, WaveFT and VB-LoRA, each with forward and backward on every device.
+
+pub mod dora;
+pub mod lora;
+pub mod vblora;
+pub mod waveft;

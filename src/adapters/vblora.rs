@@ -1,0 +1,1 @@
+//! vblora adapter (in progress).

@@ -1,0 +1,1 @@
+//! waveft adapter (in progress).

@@ -1,0 +1,1 @@
+//! Minimal autograd tape for adapter parameters (in progress).

@@ -1,0 +1,4 @@
+//! `peftk`: the peft-kernels command line.
+fn main() {
+    println!("peftk {}", env!("CARGO_PKG_VERSION"));
+}

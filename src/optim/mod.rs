@@ -1,0 +1,1 @@
+//! Optimizers: AdamW (in progress).

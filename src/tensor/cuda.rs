@@ -1,0 +1,386 @@
+//! CUDA side of the tensor API: device storage, transfers, and launches of `kernels/tensor.cu`;
+//! matmul goes through cuBLAS (f32 accumulation for f16/bf16).
+
+use super::{BinaryOp, CpuStorage, DType, MatmulDims, RowReduce, Storage, Tensor};
+use crate::device::cuda::{CudaBackend, backend, grid_1d};
+use crate::error::{Error, Result};
+use cudarc::cublas::{Gemm, GemmConfig, sys::cublasOperation_t};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use half::{bf16, f16};
+use std::sync::Arc;
+
+/// Device bytes of one tensor plus the backend that owns them. Typed views are made on demand from
+/// the dtype recorded in the [`Tensor`].
+pub(crate) struct CudaStorage {
+    pub(crate) data: CudaSlice<u8>,
+    pub(crate) backend: Arc<CudaBackend>,
+}
+
+impl std::fmt::Debug for CudaStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CudaStorage({} bytes on cuda:{})",
+            self.data.len(),
+            self.backend.ordinal
+        )
+    }
+}
+
+impl CudaStorage {
+    pub(crate) fn try_clone(&self) -> Result<CudaStorage> {
+        Ok(CudaStorage {
+            data: self.backend.stream.clone_dtod(&self.data)?,
+            backend: self.backend.clone(),
+        })
+    }
+
+    pub(crate) fn download(&self, dtype: DType) -> Result<CpuStorage> {
+        let bytes = self.backend.stream.clone_dtoh(&self.data)?;
+        CpuStorage::from_bytes(dtype, &bytes)
+    }
+
+    /// A typed view of the bytes.
+    pub(crate) fn view<T: DeviceRepr>(&self) -> Result<CudaView<'_, T>> {
+        let n = self.data.len() / std::mem::size_of::<T>();
+        // SAFETY: cudaMalloc memory is 256-byte aligned and the caller picks T from the tensor's dtype,
+        // so the bytes are n valid T values.
+        unsafe { self.data.transmute::<T>(n) }
+            .ok_or_else(|| Error::device("cuda", "typed view out of bounds"))
+    }
+
+    /// A typed mutable view of the bytes.
+    pub(crate) fn view_mut<T: DeviceRepr>(&mut self) -> Result<CudaViewMut<'_, T>> {
+        let n = self.data.len() / std::mem::size_of::<T>();
+        // SAFETY: as in `view`.
+        unsafe { self.data.transmute_mut::<T>(n) }
+            .ok_or_else(|| Error::device("cuda", "typed view out of bounds"))
+    }
+}
+
+/// Uninitialized device memory for a tensor that a kernel will overwrite completely.
+pub(crate) fn alloc(b: &Arc<CudaBackend>, dtype: DType, n: usize) -> Result<CudaStorage> {
+    let bytes = n
+        .checked_mul(dtype.size_in_bytes())
+        .ok_or_else(|| Error::invalid("allocation size overflows"))?;
+    // SAFETY: the memory is uninitialized; every caller launches a kernel that writes all n elements
+    // before the tensor is observable.
+    let mut data = unsafe { b.stream.alloc::<u8>(bytes.max(1)) }?;
+    if poison_enabled() {
+        use cudarc::driver::DevicePtrMut;
+        let (ptr, _sync) = data.device_ptr_mut(&b.stream);
+        // SAFETY: ptr addresses the `bytes.max(1)` bytes just allocated on this stream.
+        unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xFF, bytes.max(1), b.stream.cu_stream()) }?;
+    }
+    Ok(CudaStorage {
+        data,
+        backend: b.clone(),
+    })
+}
+
+/// With `PEFT_KERNELS_POISON=1` (the test harness sets it), fresh kernel outputs are filled with 0xFF
+/// bytes (NaN for every float type), so an element a kernel forgets to write fails the comparison.
+pub(crate) fn poison_enabled() -> bool {
+    static POISON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *POISON.get_or_init(|| std::env::var("PEFT_KERNELS_POISON").is_ok_and(|v| v == "1"))
+}
+
+pub(crate) fn wrap(s: CudaStorage, shape: &[usize], dtype: DType) -> Tensor {
+    Tensor::from_storage(Storage::Cuda(s), shape.to_vec(), dtype)
+}
+
+pub(crate) fn zeros(ordinal: usize, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    let b = backend(ordinal)?;
+    let n: usize = shape.iter().product();
+    let data = b.stream.alloc_zeros::<u8>((n * dtype.size_in_bytes()).max(1))?;
+    Ok(wrap(CudaStorage { data, backend: b }, shape, dtype))
+}
+
+pub(crate) fn upload(ordinal: usize, s: &CpuStorage, shape: &[usize]) -> Result<Tensor> {
+    let b = backend(ordinal)?;
+    let bytes = s.as_bytes();
+    let data = if bytes.is_empty() {
+        b.stream.alloc_zeros::<u8>(1)?
+    } else {
+        b.stream.clone_htod(bytes)?
+    };
+    Ok(wrap(CudaStorage { data, backend: b }, shape, s.dtype()))
+}
+
+fn suffix(d: DType) -> &'static str {
+    d.as_str()
+}
+
+/// Kernel names are `&'static str` for the function cache; this interns the few combinations.
+fn kname(parts: &[&str]) -> &'static str {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let name = parts.join("_");
+    let set = NAMES.get_or_init(|| Mutex::new(HashSet::new()));
+    let mut set = match set.lock() {
+        Ok(s) => s,
+        Err(p) => p.into_inner(),
+    };
+    if let Some(s) = set.get(name.as_str()) {
+        return s;
+    }
+    let leaked: &'static str = Box::leak(name.into_boxed_str());
+    set.insert(leaked);
+    leaked
+}
+
+/// Launches `f(src, dst, n)` style elementwise kernels with typed views chosen by dtype.
+macro_rules! typed {
+    ($dtype:expr, |$t:ident| $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::F16 => {
+                type $t = f16;
+                $body
+            }
+            DType::BF16 => {
+                type $t = bf16;
+                $body
+            }
+            other => Err(Error::dtype("cuda", "a float dtype", other)),
+        }
+    };
+}
+
+pub(crate) fn cast(c: &CudaStorage, from: DType, to: DType, shape: &[usize]) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let b = &c.backend;
+    let mut out = alloc(b, to, n)?;
+    let f = b.func("tensor", kname(&["cast", suffix(from), suffix(to)]))?;
+    let n64 = n as i64;
+    typed!(from, |S| typed!(to, |D| {
+        let src = c.view::<S>()?;
+        let mut dst = out.view_mut::<D>()?;
+        let mut l = b.stream.launch_builder(&f);
+        l.arg(&src).arg(&mut dst).arg(&n64);
+        // SAFETY: cast_<from>_<to>(const S*, D*, int64 n) reads and writes n elements; both views hold n.
+        unsafe { l.launch(grid_1d(n, 256)?) }?;
+        Ok(())
+    }))?;
+    Ok(wrap(out, shape, to))
+}
+
+pub(crate) fn binary(
+    a: &CudaStorage,
+    bs: &CudaStorage,
+    op: BinaryOp,
+    dtype: DType,
+    shape: &[usize],
+) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let b = &a.backend;
+    let mut out = alloc(b, dtype, n)?;
+    let f = b.func("tensor", kname(&["binary", op.name(), suffix(dtype)]))?;
+    let n64 = n as i64;
+    typed!(dtype, |T| {
+        let (x, y) = (a.view::<T>()?, bs.view::<T>()?);
+        let mut o = out.view_mut::<T>()?;
+        let mut l = b.stream.launch_builder(&f);
+        l.arg(&x).arg(&y).arg(&mut o).arg(&n64);
+        // SAFETY: binary_<op>_<T>(const T*, const T*, T*, int64 n); all three views hold n elements.
+        unsafe { l.launch(grid_1d(n, 256)?) }?;
+        Ok(())
+    })?;
+    Ok(wrap(out, shape, dtype))
+}
+
+pub(crate) fn affine(
+    c: &CudaStorage,
+    alpha: f32,
+    beta: f32,
+    dtype: DType,
+    shape: &[usize],
+) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let b = &c.backend;
+    let mut out = alloc(b, dtype, n)?;
+    let f = b.func("tensor", kname(&["affine", suffix(dtype)]))?;
+    let n64 = n as i64;
+    typed!(dtype, |T| {
+        let x = c.view::<T>()?;
+        let mut o = out.view_mut::<T>()?;
+        let mut l = b.stream.launch_builder(&f);
+        l.arg(&x).arg(&mut o).arg(&alpha).arg(&beta).arg(&n64);
+        // SAFETY: affine_<T>(const T*, T*, float, float, int64 n); both views hold n elements.
+        unsafe { l.launch(grid_1d(n, 256)?) }?;
+        Ok(())
+    })?;
+    Ok(wrap(out, shape, dtype))
+}
+
+pub(crate) fn axpy(a: &mut CudaStorage, x: &CudaStorage, alpha: f32, dtype: DType, n: usize) -> Result<()> {
+    let b = a.backend.clone();
+    let f = b.func("tensor", kname(&["axpy", suffix(dtype)]))?;
+    let n64 = n as i64;
+    typed!(dtype, |T| {
+        let xv = x.view::<T>()?;
+        let mut av = a.view_mut::<T>()?;
+        let mut l = b.stream.launch_builder(&f);
+        l.arg(&mut av).arg(&xv).arg(&alpha).arg(&n64);
+        // SAFETY: axpy_<T>(T* y, const T* x, float alpha, int64 n); both views hold n elements.
+        unsafe { l.launch(grid_1d(n, 256)?) }?;
+        Ok(())
+    })
+}
+
+pub(crate) fn row_reduce(
+    c: &CudaStorage,
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    op: RowReduce,
+    out_shape: &[usize],
+) -> Result<Tensor> {
+    let b = &c.backend;
+    let mut out = alloc(b, DType::F32, rows)?;
+    if rows == 0 {
+        return Ok(wrap(out, out_shape, DType::F32));
+    }
+    let f = b.func("tensor", kname(&["row_reduce", suffix(dtype)]))?;
+    let (rows64, cols64) = (rows as i64, cols as i64);
+    let mode: i32 = match op {
+        RowReduce::Sum => 0,
+        RowReduce::SumSquares => 1,
+        RowReduce::Norm => 2,
+    };
+    // One warp per row; 8 rows per 256-thread block.
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    typed!(dtype, |T| {
+        let x = c.view::<T>()?;
+        let mut o = out.view_mut::<f32>()?;
+        let mut l = b.stream.launch_builder(&f);
+        l.arg(&x).arg(&mut o).arg(&rows64).arg(&cols64).arg(&mode);
+        // SAFETY: row_reduce_<T>(const T* x [rows*cols], float* out [rows], int64, int64, int mode).
+        unsafe { l.launch(cfg) }?;
+        Ok(())
+    })?;
+    Ok(wrap(out, out_shape, DType::F32))
+}
+
+pub(crate) fn transpose(c: &CudaStorage, dtype: DType, m: usize, n: usize) -> Result<Tensor> {
+    let b = &c.backend;
+    let mut out = alloc(b, dtype, m * n)?;
+    if m * n == 0 {
+        return Ok(wrap(out, &[n, m], dtype));
+    }
+    let size = dtype.size_in_bytes();
+    let name = match size {
+        1 => "transpose_b1",
+        2 => "transpose_b2",
+        4 => "transpose_b4",
+        _ => "transpose_b8",
+    };
+    let f = b.func("tensor", name)?;
+    let (m64, n64) = (m as i64, n as i64);
+    // 32x32 tiles through shared memory, 32x8 threads.
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(32) as u32, m.div_ceil(32) as u32, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    if m.div_ceil(32) > 65535 {
+        return Err(Error::invalid(format!(
+            "transpose: {m} rows exceed the CUDA grid"
+        )));
+    }
+    let src = &c.data;
+    let dst = &mut out.data;
+    let mut l = b.stream.launch_builder(&f);
+    l.arg(src).arg(dst).arg(&m64).arg(&n64);
+    // SAFETY: transpose_b<size>(const void* src [m*n], void* dst [n*m], int64 m, int64 n) moves elements
+    // of `size` bytes; both buffers hold m*n*size bytes.
+    unsafe { l.launch(cfg) }?;
+    Ok(wrap(out, &[n, m], dtype))
+}
+
+/// Row-major `C = op(A)·op(B)` as column-major cuBLAS: `Cᵀ = op(B)ᵀ·op(A)ᵀ`.
+pub(crate) fn matmul(
+    a: &CudaStorage,
+    bs: &CudaStorage,
+    dtype: DType,
+    d: MatmulDims,
+    out_shape: &[usize],
+) -> Result<Tensor> {
+    let b = &a.backend;
+    let mut out = alloc(b, dtype, d.m * d.n)?;
+    typed!(dtype, |T| {
+        let x = a.view::<T>()?;
+        let y = bs.view::<T>()?;
+        let mut o = out.view_mut::<T>()?;
+        gemm_rowmajor::<T>(b, &x, &y, &mut o, d, 0.0)
+    })?;
+    Ok(wrap(out, out_shape, dtype))
+}
+
+/// `C = op(A)·op(B) + beta·C` for row-major device views (cuBLAS, f32 accumulation).
+pub(crate) fn gemm_rowmajor<T>(
+    b: &CudaBackend,
+    a: &CudaView<'_, T>,
+    bm: &CudaView<'_, T>,
+    c: &mut CudaViewMut<'_, T>,
+    d: MatmulDims,
+    beta: f32,
+) -> Result<()>
+where
+    T: crate::tensor::Element + DeviceRepr + cudarc::driver::ValidAsZeroBits,
+    cudarc::cublas::CudaBlas: Gemm<T>,
+{
+    let MatmulDims {
+        m,
+        n,
+        k,
+        trans_a,
+        trans_b,
+    } = d;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    for (what, v) in [("m", m), ("n", n), ("k", k)] {
+        if v > i32::MAX as usize {
+            return Err(Error::invalid(format!(
+                "matmul {what}={v} exceeds cuBLAS int range"
+            )));
+        }
+    }
+    if k == 0 {
+        // cuBLAS leaves C untouched when k = 0; define the product as zero like the CPU path.
+        b.stream.memset_zeros(c)?;
+        return Ok(());
+    }
+    let op = |t: bool| {
+        if t {
+            cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let cfg = GemmConfig {
+        transa: op(trans_b),
+        transb: op(trans_a),
+        m: n as i32,
+        n: m as i32,
+        k: k as i32,
+        alpha: T::from_f32(1.0),
+        lda: if trans_b { k as i32 } else { n as i32 },
+        ldb: if trans_a { m as i32 } else { k as i32 },
+        beta: T::from_f32(beta),
+        ldc: n as i32,
+    };
+    // SAFETY: the views hold m*k, k*n and m*n elements (checked through tensor shapes by callers), and
+    // the leading dimensions above describe exactly those row-major buffers in column-major terms.
+    unsafe { b.blas()?.gemm(cfg, bm, a, c) }?;
+    Ok(())
+}
