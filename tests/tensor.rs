@@ -278,6 +278,35 @@ fn bad_input_is_an_error(dev: Device) -> Result<()> {
     Ok(())
 }
 
+fn dropout(dev: Device) -> Result<()> {
+    for &dt in &FLOATS {
+        let x = Tensor::randn(&[67, 129], 1.0, 21, dt, dev)?;
+        let xv = x.to_vec_f32()?;
+        assert_eq!(x.dropout(0.0, 5)?.to_vec_f32()?, xv);
+        for &p in &[0.1f32, 0.5, 0.9] {
+            let y = x.dropout(p, 1234)?;
+            let yv = y.to_vec_f32()?;
+            // Same seed, same mask, on any device; another seed, another mask.
+            assert_eq!(yv, x.dropout(p, 1234)?.to_vec_f32()?);
+            assert_ne!(yv, x.dropout(p, 1235)?.to_vec_f32()?);
+            let threshold = (p as f64 * 4_294_967_296.0).round() as u64;
+            let mut kept = 0usize;
+            for (i, (&a, &b)) in xv.iter().zip(&yv).enumerate() {
+                let keep = peft_kernels::tensor::dropout_hash(1234, i as u64) as u64 >= threshold;
+                let want = if keep { a * (1.0 / (1.0 - p)) } else { 0.0 };
+                assert_eq!(b, round_to(&[want], dt)[0], "dropout {dt} p={p} index {i}");
+                kept += keep as usize;
+            }
+            let frac = kept as f32 / xv.len() as f32;
+            assert!((frac - (1.0 - p)).abs() < 0.03, "kept fraction {frac} for p={p}");
+        }
+        assert!(matches!(x.dropout(1.0, 0), Err(Error::InvalidArgument(_))));
+        assert!(matches!(x.dropout(-0.1, 0), Err(Error::InvalidArgument(_))));
+    }
+    Ok(())
+}
+
+device_test!(dropout);
 device_test!(
     casts,
     elementwise,

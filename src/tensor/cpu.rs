@@ -114,6 +114,25 @@ pub(crate) fn axpy(a: &mut CpuStorage, b: &CpuStorage, alpha: f32) {
     with_cpu!(a, |v| go(v.as_mut_slice(), b, alpha))
 }
 
+/// Inverted dropout; see [`super::Tensor::dropout`].
+pub(crate) fn dropout(s: &CpuStorage, threshold: u64, scale: f32, seed: u64) -> CpuStorage {
+    fn go<T: Element>(v: &[T], threshold: u64, scale: f32, seed: u64) -> CpuStorage {
+        let mut out = vec![T::default(); v.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(v.par_chunks(CHUNK))
+            .enumerate()
+            .for_each(|(c, (o, x))| {
+                let base = (c * CHUNK) as u64;
+                for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
+                    let keep = super::dropout_hash(seed, base + j as u64) as u64 >= threshold;
+                    *o = T::from_f32(if keep { x.to_f32() * scale } else { 0.0 });
+                }
+            });
+        CpuStorage::wrap(out)
+    }
+    with_cpu!(s, |v| go(v, threshold, scale, seed))
+}
+
 /// Per-row reduction of a `[rows, cols]` view, accumulated in f64 for an accurate oracle.
 pub(crate) fn row_reduce(s: &CpuStorage, rows: usize, cols: usize, op: RowReduce) -> Vec<f32> {
     fn go<T: Element>(v: &[T], rows: usize, cols: usize, op: RowReduce) -> Vec<f32> {
@@ -240,45 +259,12 @@ pub(crate) fn matmul(a: &CpuStorage, b: &CpuStorage, d: MatmulDims) -> Result<Cp
             CpuStorage::F32(c)
         }
         (CpuStorage::F16(a), CpuStorage::F16(b)) => {
-            // The gemm crate's f16 kernel accumulates in f32 internally.
-            let mut c = vec![f16::ZERO; d.m * d.n];
-            let MatmulDims {
-                m,
-                n,
-                k,
-                trans_a,
-                trans_b,
-            } = d;
-            if k == 0 || m == 0 || n == 0 {
-                return Ok(CpuStorage::F16(c));
-            }
-            let (a_rs, a_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
-            let (b_rs, b_cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
-            // SAFETY: same stride reasoning as `sgemm`; sizes were checked above.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    c.as_mut_ptr() as *mut gemm::f16,
-                    1,
-                    n as isize,
-                    false,
-                    a.as_ptr() as *const gemm::f16,
-                    a_cs,
-                    a_rs,
-                    b.as_ptr() as *const gemm::f16,
-                    b_cs,
-                    b_rs,
-                    gemm::f16::ONE,
-                    gemm::f16::ONE,
-                    false,
-                    false,
-                    false,
-                    gemm_parallelism(m, n, k),
-                )
-            }
-            CpuStorage::F16(c)
+            // The gemm crate's f16 kernels accumulate in f16 for some shapes (seen: n = 1), which loses
+            // ~3 significant bits over k = 100. Widen to f32 (exact), multiply, round once, like bf16.
+            let (a, b) = (to_f32_vec(a), to_f32_vec(b));
+            let mut c = vec![0f32; d.m * d.n];
+            sgemm(&a, &b, &mut c, d, false);
+            CpuStorage::F16(from_f32_vec(&c))
         }
         (CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
             // No bf16 kernel in `gemm`: widen to f32 (exact), multiply, round once.

@@ -232,6 +232,37 @@ pub(crate) fn axpy(a: &mut CudaStorage, x: &CudaStorage, alpha: f32, dtype: DTyp
     })
 }
 
+pub(crate) fn dropout(
+    c: &CudaStorage,
+    dtype: DType,
+    threshold: u64,
+    scale: f32,
+    seed: u64,
+    shape: &[usize],
+) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let b = &c.backend;
+    let mut out = alloc(b, dtype, n)?;
+    let f = b.func("tensor", kname(&["dropout", suffix(dtype)]))?;
+    let n64 = n as i64;
+    typed!(dtype, |T| {
+        let x = c.view::<T>()?;
+        let mut o = out.view_mut::<T>()?;
+        let mut l = b.stream.launch_builder(&f);
+        l.arg(&x)
+            .arg(&mut o)
+            .arg(&threshold)
+            .arg(&scale)
+            .arg(&seed)
+            .arg(&n64);
+        // SAFETY: dropout_<T>(const T*, T*, uint64 threshold, float scale, uint64 seed, int64 n); both
+        // views hold n elements.
+        unsafe { l.launch(grid_1d(n, 256)?) }?;
+        Ok(())
+    })?;
+    Ok(wrap(out, shape, dtype))
+}
+
 pub(crate) fn row_reduce(
     c: &CudaStorage,
     dtype: DType,

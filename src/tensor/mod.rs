@@ -589,6 +589,29 @@ impl Tensor {
         }
     }
 
+    /// Inverted dropout with a reproducible mask: element `i` is kept when
+    /// `dropout_hash(seed, i) >= p * 2^32` and then scaled by `1 / (1 - p)`. The mask is a pure
+    /// function of `(seed, i)`, identical on every device, so a backward pass regenerates it from the
+    /// seed instead of storing it. `p` must be in `[0, 1)`; `p = 0` returns the input unchanged.
+    pub fn dropout(&self, p: f32, seed: u64) -> Result<Tensor> {
+        self.dtype.expect_float("dropout")?;
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::invalid(format!(
+                "dropout probability {p} is not in [0, 1)"
+            )));
+        }
+        if p == 0.0 {
+            return Ok(self.clone());
+        }
+        let threshold = dropout_threshold(p);
+        let scale = 1.0 / (1.0 - p);
+        match &*self.storage {
+            Storage::Cpu(s) => Tensor::from_cpu_storage(cpu::dropout(s, threshold, scale, seed), &self.shape),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(c) => cuda::dropout(c, self.dtype, threshold, scale, seed, &self.shape),
+        }
+    }
+
     /// 2-D transpose (`[m, n]` to `[n, m]`), materialized.
     pub fn t(&self) -> Result<Tensor> {
         let (m, n) = match self.shape.as_slice() {
@@ -693,6 +716,21 @@ impl BinaryOp {
             BinaryOp::Mul => "mul",
         }
     }
+}
+
+/// `p * 2^32` rounded, as a u64 so that p close to 1 cannot wrap.
+pub(crate) fn dropout_threshold(p: f32) -> u64 {
+    ((p as f64) * 4_294_967_296.0).round() as u64
+}
+
+/// The dropout mask hash: a SplitMix64 finalizer of `seed + (i + 1) * golden`, top 32 bits.
+/// `kernels/tensor.cu` implements the same function bit for bit.
+#[inline]
+pub fn dropout_hash(seed: u64, i: u64) -> u32 {
+    let mut z = seed.wrapping_add((i.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 32) as u32
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
