@@ -8,8 +8,8 @@
 //   GELU-erf is the heaviest at ~25 FLOP/elem (erff and expf included): ~6 FLOP/B in bf16, under the
 //   ~16 FLOP/B ridge of f32 CUDA cores (67 TFLOP/s / 4.3 TB/s), so still memory bound.
 //   mse fwd         : read p, t (2*sizeof(T) B/elem) into <=1024 partial sums, then one tiny block.
-//   cross-entropy   : one block per row. fwd reads the row once (online max + sum of exp), writes 8 B
-//                     per row (loss, lse). bwd reads the row once and writes it once. A 4096 x 32000
+//   cross-entropy   : one block per row. fwd reads the row once (online max + sum of exp), writes 12 B
+//                     per row (loss, max, log-sum). bwd reads the row once and writes it once. A 4096 x 32000
 //                     bf16 logits matrix is 262 MB -> ~61 us per pass.
 //   grad norm       : read each f32 gradient once (4 B/elem) into per-block partials; one final block.
 // Reductions are deterministic: fixed grids, fixed partial order, double accumulation in the final
@@ -180,10 +180,12 @@ __device__ __forceinline__ void lse_combine(float& m, float& s, float om, float 
 
 // One block per row of logits [N, C] (blockDim.x = 256, a multiple of 32). Reads the row once:
 // each thread keeps an online (max, sum), warps combine by shuffles, warp 0 combines the 8 warps.
-// Writes row_loss[row] = lse - x[target] and lse[row] (saved for the backward pass).
+// Writes stats[row] = (m, ls = log sum exp(x - m)) for the backward pass and
+// row_loss[row] = (m - x[target]) + ls: subtracting logits first keeps large logits accurate (an f32
+// lse = m + ls would carry an error of ulp(m)).
 template <typename T>
 __device__ __forceinline__ void ce_fwd_impl(const T* __restrict__ logits, const int32_t* __restrict__ targets,
-                                            float* __restrict__ row_loss, float* __restrict__ lse_out,
+                                            float* __restrict__ row_loss, float* __restrict__ stats,
                                             int64_t C) {
     __shared__ float sm[32], ss[32];
     const int64_t row = blockIdx.x;
@@ -222,39 +224,42 @@ __device__ __forceinline__ void ce_fwd_impl(const T* __restrict__ logits, const 
             lse_combine(m, s, om, os);
         }
         if (lane == 0) {
-            // All -inf row: m = -inf, s = 0, lse = -inf (the CPU twin agrees).
-            const float lse = (m == -INFINITY ? 0.f : m) + logf(s);
-            lse_out[row] = lse;
-            row_loss[row] = lse - to_f32(x[targets[row]]);
+            // All -inf row: shift 0, s = 0, ls = -inf, loss NaN (the CPU twin agrees).
+            const float shift = (m == -INFINITY) ? 0.f : m;
+            const float ls = logf(s);
+            stats[2 * row] = shift;
+            stats[2 * row + 1] = ls;
+            row_loss[row] = (shift - to_f32(x[targets[row]])) + ls;
         }
     }
 }
 
-// dlogits[row, j] = (g / N) * (exp(x - lse) - [j == target]). One block per row, one read and one
-// write of the row.
+// dlogits[row, j] = (g / N) * (exp((x - m) - ls) - [j == target]). One block per row, one read and
+// one write of the row.
 template <typename T>
 __device__ __forceinline__ void ce_bwd_impl(const T* __restrict__ logits, const int32_t* __restrict__ targets,
-                                            const float* __restrict__ lse, const float* __restrict__ g,
+                                            const float* __restrict__ stats, const float* __restrict__ g,
                                             float inv_n, T* __restrict__ dx, int64_t C) {
     const int64_t row = blockIdx.x;
-    const float scale = g[0] * inv_n, l = lse[row];
+    const float scale = g[0] * inv_n, m = stats[2 * row], ls = stats[2 * row + 1];
     const int64_t t = targets[row];
     const T* x = logits + row * C;
     T* d = dx + row * C;
     for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
-        const float p = expf(to_f32(x[j]) - l);
+        const float p = expf((to_f32(x[j]) - m) - ls);
         d[j] = from_f32<T>(scale * (p - (j == t ? 1.f : 0.f)));
     }
 }
 
 #define CE(TN, T)                                                                                      \
     extern "C" __global__ void ce_fwd_##TN(const T* logits, const int32_t* targets, float* row_loss,  \
-                                           float* lse, int64_t C) {                                    \
-        ce_fwd_impl<T>(logits, targets, row_loss, lse, C);                                             \
+                                           float* stats, int64_t C) {                                  \
+        ce_fwd_impl<T>(logits, targets, row_loss, stats, C);                                           \
     }                                                                                                  \
-    extern "C" __global__ void ce_bwd_##TN(const T* logits, const int32_t* targets, const float* lse, \
-                                           const float* g, float inv_n, T* dx, int64_t C) {            \
-        ce_bwd_impl<T>(logits, targets, lse, g, inv_n, dx, C);                                         \
+    extern "C" __global__ void ce_bwd_##TN(const T* logits, const int32_t* targets,                   \
+                                           const float* stats, const float* g, float inv_n, T* dx,     \
+                                           int64_t C) {                                                \
+        ce_bwd_impl<T>(logits, targets, stats, g, inv_n, dx, C);                                       \
     }
 CE(f32, float)
 CE(f16, f16)

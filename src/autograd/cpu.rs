@@ -130,8 +130,10 @@ pub(crate) fn mse_backward<T: Element>(p: &[T], t: &[T], scale: f32) -> Vec<T> {
     dp
 }
 
-/// Cross-entropy rows of `logits [n, c]`: per-row `lse = log Σ exp(x)` (max-subtracted; exponentials
-/// in f32, their sum in f64) and `loss_row = lse - x[target]`. Returns `(Σ loss_row, lse)`.
+/// Cross-entropy rows of `logits [n, c]`: per row the max `m` and `ls = log Σ exp(x - m)`
+/// (exponentials in f32, their sum in f64), and `loss_row = (m - x[target]) + ls`. Subtracting
+/// logits before adding the small log-sum keeps the loss accurate for large logits (forming
+/// `lse = m + ls` in f32 first would lose `ulp(m)`). Returns `(Σ loss_row, [m, ls] per row)`.
 pub(crate) fn cross_entropy<T: Element>(logits: &[T], targets: &[u32], c: usize) -> Result<(f64, Vec<f32>)> {
     if c == 0 || logits.len() != targets.len() * c {
         return Err(Error::shape(
@@ -149,33 +151,31 @@ pub(crate) fn cross_entropy<T: Element>(logits: &[T], targets: &[u32], c: usize)
         )));
     }
     let rows_per_task = (CHUNK / c).max(1);
-    let mut lse = vec![0f32; targets.len()];
-    let total = lse
-        .par_iter_mut()
+    let mut stats = vec![0f32; 2 * targets.len()];
+    let total = stats
+        .par_chunks_mut(2)
         .zip(logits.par_chunks(c).zip(targets.par_iter()))
         .with_min_len(rows_per_task)
-        .map(|(lse, (row, &t))| {
-            let max = row
-                .iter()
-                .fold(f32::NEG_INFINITY, |m, &x| m.max(x.to_f32()));
-            // A row of -inf logits has no finite maximum; its sum below is 0 and its lse -inf.
+        .map(|(st, (row, &t))| {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x.to_f32()));
+            // A row of -inf logits has no finite maximum; its sum below is 0 and its log -inf.
             let shift = if max.is_finite() { max } else { 0.0 };
-            let sum: f64 = row
-                .iter()
-                .map(|&x| ((x.to_f32() - shift).exp()) as f64)
-                .sum();
-            *lse = (shift as f64 + sum.ln()) as f32;
-            *lse as f64 - row[t as usize].to_f32() as f64
+            let sum: f64 = row.iter().map(|&x| ((x.to_f32() - shift).exp()) as f64).sum();
+            let ls = sum.ln() as f32;
+            st[0] = shift;
+            st[1] = ls;
+            (shift - row[t as usize].to_f32()) as f64 + ls as f64
         })
         .sum();
-    Ok((total, lse))
+    Ok((total, stats))
 }
 
-/// `dlogits[i, j] = scale · (exp(x[i, j] - lse[i]) - [j == target[i]])` with `scale = g / n`.
+/// `dlogits[i, j] = scale · (exp((x[i, j] - m[i]) - ls[i]) - [j == target[i]])` with
+/// `scale = g / n` and `stats = [m, ls]` per row from [`cross_entropy`].
 pub(crate) fn cross_entropy_backward<T: Element>(
     logits: &[T],
     targets: &[u32],
-    lse: &[f32],
+    stats: &[f32],
     c: usize,
     scale: f32,
 ) -> Vec<T> {
@@ -186,12 +186,13 @@ pub(crate) fn cross_entropy_backward<T: Element>(
     let rows_per_task = (CHUNK / c).max(1);
     dx.par_chunks_mut(c)
         .zip(logits.par_chunks(c))
-        .zip(targets.par_iter().zip(lse.par_iter()))
+        .zip(targets.par_iter().zip(stats.par_chunks(2)))
         .with_min_len(rows_per_task)
-        .for_each(|((dx, row), (&t, &l))| {
+        .for_each(|((dx, row), (&t, st))| {
+            let (m, ls) = (st[0], st[1]);
             for (j, (d, &x)) in dx.iter_mut().zip(row).enumerate() {
                 let onehot = if j == t as usize { 1.0 } else { 0.0 };
-                *d = T::from_f32(scale * ((x.to_f32() - l).exp() - onehot));
+                *d = T::from_f32(scale * (((x.to_f32() - m) - ls).exp() - onehot));
             }
         });
     dx

@@ -56,13 +56,21 @@ fn act_kernel(fwd: bool, act: Activation, dtype: DType) -> Result<&'static str> 
     const FWD: [[&str; 3]; 4] = [
         ["act_fwd_relu_f32", "act_fwd_relu_f16", "act_fwd_relu_bf16"],
         ["act_fwd_gelu_f32", "act_fwd_gelu_f16", "act_fwd_gelu_bf16"],
-        ["act_fwd_gelu_erf_f32", "act_fwd_gelu_erf_f16", "act_fwd_gelu_erf_bf16"],
+        [
+            "act_fwd_gelu_erf_f32",
+            "act_fwd_gelu_erf_f16",
+            "act_fwd_gelu_erf_bf16",
+        ],
         ["act_fwd_silu_f32", "act_fwd_silu_f16", "act_fwd_silu_bf16"],
     ];
     const BWD: [[&str; 3]; 4] = [
         ["act_bwd_relu_f32", "act_bwd_relu_f16", "act_bwd_relu_bf16"],
         ["act_bwd_gelu_f32", "act_bwd_gelu_f16", "act_bwd_gelu_bf16"],
-        ["act_bwd_gelu_erf_f32", "act_bwd_gelu_erf_f16", "act_bwd_gelu_erf_bf16"],
+        [
+            "act_bwd_gelu_erf_f32",
+            "act_bwd_gelu_erf_f16",
+            "act_bwd_gelu_erf_bf16",
+        ],
         ["act_bwd_silu_f32", "act_bwd_silu_f16", "act_bwd_silu_bf16"],
     ];
     let a = act as usize;
@@ -109,7 +117,10 @@ pub(crate) fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
 }
 
 pub(crate) fn activation_backward(x: &Tensor, dy: &Tensor, act: Activation) -> Result<Tensor> {
-    let (xs, dys) = (storage(x, "activation_backward")?, storage(dy, "activation_backward")?);
+    let (xs, dys) = (
+        storage(x, "activation_backward")?,
+        storage(dy, "activation_backward")?,
+    );
     let b = &xs.backend;
     let (n, dtype) = (x.numel(), x.dtype());
     let mut out = alloc(b, dtype, n)?;
@@ -136,18 +147,19 @@ fn finalize(b: &Arc<CudaBackend>, partials: &CudaSlice<f32>, count: usize, scale
     let mut out = alloc(b, DType::F32, 1)?;
     let f = b.func("autograd", "finalize_sum")?;
     let count64 = count as i64;
-    let mut ov = out.view_mut::<f32>()?;
-    let mut l = b.stream.launch_builder(&f);
-    l.arg(partials).arg(&count64).arg(&scale).arg(&mut ov);
-    let cfg = LaunchConfig {
-        grid_dim: (1, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: finalize_sum(const float* partials, int64 count, float scale, float* out) reads
-    // partials[0..count) (the slice holds at least `count`, checked by callers) and writes out[0].
-    unsafe { l.launch(cfg) }?;
-    drop(ov);
+    {
+        let mut ov = out.view_mut::<f32>()?;
+        let mut l = b.stream.launch_builder(&f);
+        l.arg(partials).arg(&count64).arg(&scale).arg(&mut ov);
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: finalize_sum(const float* partials, int64 count, float scale, float* out) reads
+        // partials[0..count) (the slice holds at least `count`, checked by callers) and writes out[0].
+        unsafe { l.launch(cfg) }?;
+    }
     Ok(wrap(out, &[1], DType::F32))
 }
 
@@ -159,7 +171,10 @@ pub(crate) fn mse_loss(p: &Tensor, t: &Tensor) -> Result<Tensor> {
     let blocks = partial_blocks(n);
     // SAFETY: the partials are fully written by the stage-1 kernel below (one per block).
     let mut partials = unsafe { b.stream.alloc::<f32>(blocks) }?;
-    let f = b.func("autograd", by_dtype(["mse_partial_f32", "mse_partial_f16", "mse_partial_bf16"], dtype)?)?;
+    let f = b.func(
+        "autograd",
+        by_dtype(["mse_partial_f32", "mse_partial_f16", "mse_partial_bf16"], dtype)?,
+    )?;
     let n64 = n as i64;
     typed!(dtype, |T| {
         let (pv, tv) = (ps.view::<T>()?, ts.view::<T>()?);
@@ -190,14 +205,22 @@ pub(crate) fn mse_loss_backward(p: &Tensor, t: &Tensor, g: &Tensor) -> Result<Te
     let (n, dtype) = (p.numel(), p.dtype());
     let mut out = alloc(b, dtype, n)?;
     if n > 0 {
-        let f = b.func("autograd", by_dtype(["mse_bwd_f32", "mse_bwd_f16", "mse_bwd_bf16"], dtype)?)?;
+        let f = b.func(
+            "autograd",
+            by_dtype(["mse_bwd_f32", "mse_bwd_f16", "mse_bwd_bf16"], dtype)?,
+        )?;
         let n64 = n as i64;
         let two_over_n = (2.0f64 / n as f64) as f32;
         typed!(dtype, |T| {
             let (pv, tv, gv) = (ps.view::<T>()?, ts.view::<T>()?, gs.view::<f32>()?);
             let mut dv = out.view_mut::<T>()?;
             let mut l = b.stream.launch_builder(&f);
-            l.arg(&pv).arg(&tv).arg(&gv).arg(&two_over_n).arg(&mut dv).arg(&n64);
+            l.arg(&pv)
+                .arg(&tv)
+                .arg(&gv)
+                .arg(&two_over_n)
+                .arg(&mut dv)
+                .arg(&n64);
             // SAFETY: mse_bwd_<T>(const T* p, const T* t, const float* g, float, T* dp, int64 n):
             // p, t and dp hold n elements; g is the 1-element f32 upstream gradient (checked by the
             // caller) and only g[0] is read.
@@ -209,9 +232,17 @@ pub(crate) fn mse_loss_backward(p: &Tensor, t: &Tensor, g: &Tensor) -> Result<Te
 }
 
 /// Cross-entropy forward over logits `[n, c]` with i32 targets on the device (validated `< c` by the
-/// caller). Returns the f32 `[1]` mean loss and the f32 `[n]` per-row log-sum-exp.
-pub(crate) fn cross_entropy(logits: &Tensor, targets: &Tensor, n: usize, c: usize) -> Result<(Tensor, Tensor)> {
-    let (ls, ts) = (storage(logits, "cross_entropy")?, storage(targets, "cross_entropy")?);
+/// caller). Returns the f32 `[1]` mean loss and the f32 `[n, 2]` per-row (max, log-sum) statistics.
+pub(crate) fn cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    n: usize,
+    c: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (ls, ts) = (
+        storage(logits, "cross_entropy")?,
+        storage(targets, "cross_entropy")?,
+    );
     let b = &ls.backend;
     let dtype = logits.dtype();
     if n > i32::MAX as usize {
@@ -221,42 +252,50 @@ pub(crate) fn cross_entropy(logits: &Tensor, targets: &Tensor, n: usize, c: usiz
     }
     // SAFETY: both buffers are fully written by ce_fwd (one element per row).
     let mut row_loss = unsafe { b.stream.alloc::<f32>(n.max(1)) }?;
-    let mut lse = alloc(b, DType::F32, n)?;
-    let f = b.func("autograd", by_dtype(["ce_fwd_f32", "ce_fwd_f16", "ce_fwd_bf16"], dtype)?)?;
+    let mut stats = alloc(b, DType::F32, 2 * n)?;
+    let f = b.func(
+        "autograd",
+        by_dtype(["ce_fwd_f32", "ce_fwd_f16", "ce_fwd_bf16"], dtype)?,
+    )?;
     let c64 = c as i64;
     typed!(dtype, |T| {
         let lv = ls.view::<T>()?;
         let tv = ts.view::<i32>()?;
-        let mut lsev = lse.view_mut::<f32>()?;
+        let mut sv = stats.view_mut::<f32>()?;
         let mut l = b.stream.launch_builder(&f);
-        l.arg(&lv).arg(&tv).arg(&mut row_loss).arg(&mut lsev).arg(&c64);
+        l.arg(&lv).arg(&tv).arg(&mut row_loss).arg(&mut sv).arg(&c64);
         let cfg = LaunchConfig {
             grid_dim: (n as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: ce_fwd_<T>(const T* logits [n*c], const int* targets [n], float* row_loss [n],
-        // float* lse [n], int64 c), one block per row (n blocks, n <= i32::MAX checked above, n > 0
+        // float* stats [2n], int64 c), one block per row (n blocks, n <= i32::MAX checked above, n > 0
         // checked by the caller). Targets are in [0, c) (checked by the caller), so x[targets[row]]
         // stays inside the row.
         unsafe { l.launch(cfg) }?;
         Ok(())
     })?;
     let loss = finalize(b, &row_loss, n, (1.0f64 / n as f64) as f32)?;
-    Ok((loss, wrap(lse, &[n], DType::F32)))
+    Ok((loss, wrap(stats, &[n, 2], DType::F32)))
 }
 
 /// `dlogits = (g/n)·(softmax(logits) - onehot(targets))`, one block per row.
 pub(crate) fn cross_entropy_backward(
     logits: &Tensor,
     targets: &Tensor,
-    lse: &Tensor,
+    stats: &Tensor,
     g: &Tensor,
     n: usize,
     c: usize,
 ) -> Result<Tensor> {
     let op = "cross_entropy_backward";
-    let (ls, ts, lses, gs) = (storage(logits, op)?, storage(targets, op)?, storage(lse, op)?, storage(g, op)?);
+    let (ls, ts, ss, gs) = (
+        storage(logits, op)?,
+        storage(targets, op)?,
+        storage(stats, op)?,
+        storage(g, op)?,
+    );
     let b = &ls.backend;
     let dtype = logits.dtype();
     let mut out = alloc(b, dtype, n * c)?;
@@ -264,26 +303,35 @@ pub(crate) fn cross_entropy_backward(
         if n > i32::MAX as usize {
             return Err(Error::invalid(format!("{op}: {n} rows exceed one CUDA grid")));
         }
-        let f = b.func("autograd", by_dtype(["ce_bwd_f32", "ce_bwd_f16", "ce_bwd_bf16"], dtype)?)?;
+        let f = b.func(
+            "autograd",
+            by_dtype(["ce_bwd_f32", "ce_bwd_f16", "ce_bwd_bf16"], dtype)?,
+        )?;
         let c64 = c as i64;
         let inv_n = (1.0f64 / n as f64) as f32;
         typed!(dtype, |T| {
             let lv = ls.view::<T>()?;
             let tv = ts.view::<i32>()?;
-            let lsev = lses.view::<f32>()?;
+            let sv = ss.view::<f32>()?;
             let gv = gs.view::<f32>()?;
             let mut dv = out.view_mut::<T>()?;
             let mut l = b.stream.launch_builder(&f);
-            l.arg(&lv).arg(&tv).arg(&lsev).arg(&gv).arg(&inv_n).arg(&mut dv).arg(&c64);
+            l.arg(&lv)
+                .arg(&tv)
+                .arg(&sv)
+                .arg(&gv)
+                .arg(&inv_n)
+                .arg(&mut dv)
+                .arg(&c64);
             let cfg = LaunchConfig {
                 grid_dim: (n as u32, 1, 1),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: ce_bwd_<T>(const T* logits [n*c], const int* targets [n], const float* lse [n],
+            // SAFETY: ce_bwd_<T>(const T* logits [n*c], const int* targets [n], const float* stats [2n],
             // const float* g [1], float inv_n, T* dx [n*c], int64 c), one block per row; every
             // buffer has the size in brackets (checked by the caller: shapes of logits, targets and
-            // lse, and the 1-element gradient).
+            // stats, and the 1-element gradient).
             unsafe { l.launch(cfg) }?;
             Ok(())
         })?;
@@ -306,7 +354,10 @@ pub(crate) fn sum_squares(gs: &[&Tensor]) -> Result<f64> {
     for (g, &nb) in gs.iter().zip(&blocks) {
         let s = storage(g, "global_norm")?;
         if s.backend.ordinal != b.ordinal {
-            return Err(Error::device("global_norm", "gradients on different CUDA devices"));
+            return Err(Error::device(
+                "global_norm",
+                "gradients on different CUDA devices",
+            ));
         }
         let n = g.numel();
         let gv = s.view::<f32>()?;

@@ -192,8 +192,9 @@ pub fn check_gradient(
         let err = (a - num).abs();
         report.max_abs_err = report.max_abs_err.max(err);
         report.max_rel_err = report.max_rel_err.max(err / num.abs().max(cfg.atol));
-        // `!(err <= tol)` also catches NaN on either side.
-        if !(err <= cfg.atol + cfg.rtol * num.abs()) {
+        // A NaN on either side makes `pass` false.
+        let pass = err <= cfg.atol + cfg.rtol * num.abs();
+        if !pass {
             bad.push((i, a, num, err));
         }
     }

@@ -251,7 +251,10 @@ impl Tape {
         if v.numel() != 1 {
             return Err(Error::shape(
                 "backward",
-                format!("the loss must have exactly one element, got shape {:?}", v.shape()),
+                format!(
+                    "the loss must have exactly one element, got shape {:?}",
+                    v.shape()
+                ),
             ));
         }
         v.dtype().expect_float("backward")?;

@@ -82,9 +82,7 @@ fn check_scalar_grad(g: &Tensor, dev: Device, op: &'static str) -> Result<()> {
     if g.numel() != 1 || g.dtype() != DType::F32 || g.device() != dev {
         return Err(Error::shape(
             op,
-            format!(
-                "the upstream gradient of a loss must be one f32 element on {dev}, got {g:?}"
-            ),
+            format!("the upstream gradient of a loss must be one f32 element on {dev}, got {g:?}"),
         ));
     }
     Ok(())
@@ -197,13 +195,14 @@ fn check_ce(logits: &Tensor, targets: &[u32], op: &'static str) -> Result<(usize
 }
 
 /// What the cross-entropy backward needs besides the logits: the targets (on the logits' device) and
-/// the per-row log-sum-exp of the forward pass (f32 `[N]`), so the backward reads each row once.
+/// per-row statistics of the forward pass (f32 `[N, 2]`: the row max and log Σ exp(x - max)), so the
+/// backward reads each row once.
 #[derive(Clone, Debug)]
 pub struct CrossEntropySaved {
     targets: Vec<u32>,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     targets_dev: Tensor,
-    lse: Tensor,
+    stats: Tensor,
 }
 
 /// Mean cross-entropy of `logits [N, C]` (any float dtype, f32 math) against class indices:
@@ -220,12 +219,12 @@ pub fn cross_entropy_forward(logits: &Tensor, targets: &[u32]) -> Result<(Tensor
         let t32: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
         Tensor::from_vec(t32, &[n], dev)?
     };
-    let (loss, lse) = match dev {
+    let (loss, stats) = match dev {
         Device::Cpu => {
-            let (sum, lse) = cpu_float!(logits, op, |x: T| cpu::cross_entropy::<T>(x, targets, c)?);
+            let (sum, stats) = cpu_float!(logits, op, |x: T| cpu::cross_entropy::<T>(x, targets, c)?);
             (
                 Tensor::from_vec(vec![(sum / n as f64) as f32], &[1], Device::Cpu)?,
-                Tensor::from_vec(lse, &[n], Device::Cpu)?,
+                Tensor::from_vec(stats, &[n, 2], Device::Cpu)?,
             )
         }
         #[cfg(feature = "cuda")]
@@ -240,7 +239,7 @@ pub fn cross_entropy_forward(logits: &Tensor, targets: &[u32]) -> Result<(Tensor
         CrossEntropySaved {
             targets: targets.to_vec(),
             targets_dev,
-            lse,
+            stats,
         },
     ))
 }
@@ -261,27 +260,27 @@ pub fn cross_entropy_backward(
     let (n, c) = check_ce(logits, &saved.targets, op)?;
     let dev = logits.device();
     check_scalar_grad(grad_loss, dev, op)?;
-    if saved.lse.shape() != [n] || saved.lse.device() != dev {
+    if saved.stats.shape() != [n, 2] || saved.stats.device() != dev {
         return Err(Error::shape(
             op,
-            format!("saved state {:?} does not match logits {logits:?}", saved.lse),
+            format!("saved state {:?} does not match logits {logits:?}", saved.stats),
         ));
     }
     match dev {
         Device::Cpu => {
             let g = grad_loss.cpu_data::<f32>(op)?[0];
             let scale = (g as f64 / n as f64) as f32;
-            let lse = saved.lse.cpu_data::<f32>(op)?;
+            let stats = saved.stats.cpu_data::<f32>(op)?;
             cpu_float!(logits, op, |x: T| {
                 vec_tensor(
-                    cpu::cross_entropy_backward::<T>(x, &saved.targets, lse, c, scale),
+                    cpu::cross_entropy_backward::<T>(x, &saved.targets, stats, c, scale),
                     logits.shape(),
                 )
             })
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
-            cuda::cross_entropy_backward(logits, &saved.targets_dev, &saved.lse, grad_loss, n, c)
+            cuda::cross_entropy_backward(logits, &saved.targets_dev, &saved.stats, grad_loss, n, c)
         }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => Err(Error::CudaUnavailable("built without the `cuda` feature".into())),
@@ -359,7 +358,11 @@ impl Backward for MseBackward {
         if !needs[0] {
             return Ok(vec![None]);
         }
-        Ok(vec![Some(mse_loss_backward(inputs[0], &self.target, grad_output)?)])
+        Ok(vec![Some(mse_loss_backward(
+            inputs[0],
+            &self.target,
+            grad_output,
+        )?)])
     }
 
     fn name(&self) -> &'static str {
@@ -382,7 +385,11 @@ impl Backward for CrossEntropyBackward {
         if !needs[0] {
             return Ok(vec![None]);
         }
-        Ok(vec![Some(cross_entropy_backward(inputs[0], &self.saved, grad_output)?)])
+        Ok(vec![Some(cross_entropy_backward(
+            inputs[0],
+            &self.saved,
+            grad_output,
+        )?)])
     }
 
     fn name(&self) -> &'static str {

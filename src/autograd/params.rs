@@ -75,9 +75,9 @@ impl ParamStore {
 
     fn entry_mut(&mut self, id: ParamId) -> Result<&mut Entry> {
         let n = self.entries.len();
-        self.entries.get_mut(id.0).ok_or_else(|| {
-            Error::invalid(format!("{id} does not exist (the store holds {n} parameters)"))
-        })
+        self.entries
+            .get_mut(id.0)
+            .ok_or_else(|| Error::invalid(format!("{id} does not exist (the store holds {n} parameters)")))
     }
 
     /// Adds a trainable parameter. Errors on a duplicate or empty name and on a non-float dtype.
