@@ -219,7 +219,10 @@ fn half_params(dev: Device) -> Result<()> {
         opt.step(&mut store, &g)?;
     }
     assert_eq!(store.get(id)?.to_vec_f32()?, vec![2.0; 16]);
-    assert!(opt.state(id).unwrap().0.to_vec::<f32>()?[0] > 0.2, "the moments still advance");
+    assert!(
+        opt.state(id).unwrap().0.to_vec::<f32>()?[0] > 0.2,
+        "the moments still advance"
+    );
     Ok(())
 }
 
@@ -378,17 +381,50 @@ fn bad_config_errors() {
     let ok = AdamWConfig::default();
     assert!(AdamW::new(ok.clone()).is_ok());
     let bad = [
-        AdamWConfig { lr: -1e-3, ..ok.clone() },
-        AdamWConfig { lr: f32::NAN, ..ok.clone() },
-        AdamWConfig { lr: f32::INFINITY, ..ok.clone() },
-        AdamWConfig { beta1: 1.0, ..ok.clone() },
-        AdamWConfig { beta1: -0.1, ..ok.clone() },
-        AdamWConfig { beta2: 1.0, ..ok.clone() },
-        AdamWConfig { beta2: f32::NAN, ..ok.clone() },
-        AdamWConfig { eps: -1e-8, ..ok.clone() },
-        AdamWConfig { eps: f32::NAN, ..ok.clone() },
-        AdamWConfig { weight_decay: -0.01, ..ok.clone() },
-        AdamWConfig { weight_decay: f32::INFINITY, ..ok.clone() },
+        AdamWConfig {
+            lr: -1e-3,
+            ..ok.clone()
+        },
+        AdamWConfig {
+            lr: f32::NAN,
+            ..ok.clone()
+        },
+        AdamWConfig {
+            lr: f32::INFINITY,
+            ..ok.clone()
+        },
+        AdamWConfig {
+            beta1: 1.0,
+            ..ok.clone()
+        },
+        AdamWConfig {
+            beta1: -0.1,
+            ..ok.clone()
+        },
+        AdamWConfig {
+            beta2: 1.0,
+            ..ok.clone()
+        },
+        AdamWConfig {
+            beta2: f32::NAN,
+            ..ok.clone()
+        },
+        AdamWConfig {
+            eps: -1e-8,
+            ..ok.clone()
+        },
+        AdamWConfig {
+            eps: f32::NAN,
+            ..ok.clone()
+        },
+        AdamWConfig {
+            weight_decay: -0.01,
+            ..ok.clone()
+        },
+        AdamWConfig {
+            weight_decay: f32::INFINITY,
+            ..ok.clone()
+        },
     ];
     for cfg in bad {
         let err = AdamW::new(cfg.clone()).unwrap_err();
@@ -396,9 +432,20 @@ fn bad_config_errors() {
     }
     // Edges torch accepts.
     for cfg in [
-        AdamWConfig { lr: 0.0, ..ok.clone() },
-        AdamWConfig { beta1: 0.0, beta2: 0.0, ..ok.clone() },
-        AdamWConfig { eps: 0.0, weight_decay: 0.0, ..ok.clone() },
+        AdamWConfig {
+            lr: 0.0,
+            ..ok.clone()
+        },
+        AdamWConfig {
+            beta1: 0.0,
+            beta2: 0.0,
+            ..ok.clone()
+        },
+        AdamWConfig {
+            eps: 0.0,
+            weight_decay: 0.0,
+            ..ok.clone()
+        },
     ] {
         assert!(AdamW::new(cfg).is_ok());
     }
