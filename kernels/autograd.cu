@@ -178,7 +178,8 @@ __device__ __forceinline__ void lse_combine(float& m, float& s, float om, float 
     s = a + b;
 }
 
-// One block per row of logits [N, C] (blockDim.x = 256, a multiple of 32). Reads the row once:
+// One block per row of logits [N, C] (blockDim.x = 256, a multiple of 32). A negative target marks
+// an ignored row (loss 0). Reads the row once:
 // each thread keeps an online (max, sum), warps combine by shuffles, warp 0 combines the 8 warps.
 // Writes stats[row] = (m, ls = log sum exp(x - m)) for the backward pass and
 // row_loss[row] = (m - x[target]) + ls: subtracting logits first keeps large logits accurate (an f32
@@ -189,6 +190,15 @@ __device__ __forceinline__ void ce_fwd_impl(const T* __restrict__ logits, const 
                                             int64_t C) {
     __shared__ float sm[32], ss[32];
     const int64_t row = blockIdx.x;
+    const int32_t t = targets[row];
+    if (t < 0) {  // ignored row (the whole block leaves together, before any barrier)
+        if (threadIdx.x == 0) {
+            row_loss[row] = 0.f;
+            stats[2 * row] = 0.f;
+            stats[2 * row + 1] = 0.f;
+        }
+        return;
+    }
     const T* x = logits + row * C;
     float m = -INFINITY, s = 0.f;
     for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
@@ -229,13 +239,13 @@ __device__ __forceinline__ void ce_fwd_impl(const T* __restrict__ logits, const 
             const float ls = logf(s);
             stats[2 * row] = shift;
             stats[2 * row + 1] = ls;
-            row_loss[row] = (shift - to_f32(x[targets[row]])) + ls;
+            row_loss[row] = (shift - to_f32(x[t])) + ls;
         }
     }
 }
 
-// dlogits[row, j] = (g / N) * (exp((x - m) - ls) - [j == target]). One block per row, one read and
-// one write of the row.
+// dlogits[row, j] = (g / count) * (exp((x - m) - ls) - [j == target]), zeros for an ignored row
+// (negative target). One block per row, one read and one write of the row.
 template <typename T>
 __device__ __forceinline__ void ce_bwd_impl(const T* __restrict__ logits, const int32_t* __restrict__ targets,
                                             const float* __restrict__ stats, const float* __restrict__ g,
@@ -245,6 +255,10 @@ __device__ __forceinline__ void ce_bwd_impl(const T* __restrict__ logits, const 
     const int64_t t = targets[row];
     const T* x = logits + row * C;
     T* d = dx + row * C;
+    if (t < 0) {
+        for (int64_t j = threadIdx.x; j < C; j += blockDim.x) d[j] = from_f32<T>(0.f);
+        return;
+    }
     for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
         const float p = expf((to_f32(x[j]) - m) - ls);
         d[j] = from_f32<T>(scale * (p - (j == t ? 1.f : 0.f)));

@@ -276,7 +276,7 @@ fn cross_entropy_hand_computed(dev: Device) -> Result<()> {
     let hand = (0.407_605_964_444_38_f64 + 1.098_612_288_668_11) / 2.0;
     assert!((ce64(&[1.0, 2.0, 3.0, 1.0, 1.0, 1.0], &[2, 0], 3) - hand).abs() < 1e-13);
     for dtype in [DType::F32, DType::F16, DType::BF16] {
-        let loss = ops::cross_entropy(&logits.to_dtype(dtype)?, &[2, 0])?;
+        let loss = ops::cross_entropy(&logits.to_dtype(dtype)?, &[2, 0], None)?;
         assert_eq!((loss.shape(), loss.dtype()), (&[1usize][..], DType::F32));
         assert_close(&[loss.to_scalar()?], &[hand as f32], 1e-6, 0.0, "ce hand value");
     }
@@ -284,7 +284,7 @@ fn cross_entropy_hand_computed(dev: Device) -> Result<()> {
     let big = Tensor::from_slice(&[1.0e4f32, 1.0e4 + 2.0, 1.0e4 - 1.0, -1.0e4], &[1, 4], dev)?;
     let want = ce64(&[1.0e4, 1.0e4 + 2.0, 1.0e4 - 1.0, -1.0e4], &[0], 4);
     assert_close(
-        &[ops::cross_entropy(&big, &[0])?.to_scalar()?],
+        &[ops::cross_entropy(&big, &[0], None)?.to_scalar()?],
         &[want as f32],
         1e-5,
         0.0,
@@ -348,6 +348,58 @@ fn cross_entropy_gradient(dev: Device) -> Result<()> {
     let loss = tape.cross_entropy(x, &[0, 8, 3, 3])?;
     let g = tape.backward(loss)?.get(id).unwrap().to_vec::<f32>()?;
     assert_close(&g, &rounded(&f32_grad, DType::BF16), 0.0, 1e-7, "bf16 ce grad");
+    Ok(())
+}
+
+/// torch's ignore_index: ignored rows contribute nothing, the mean is over the others, and their
+/// gradient rows are exactly zero.
+fn cross_entropy_ignore_index(dev: Device) -> Result<()> {
+    const IGNORE: u32 = u32::MAX; // any value, e.g. a remapped -100
+    let (n, c) = (6usize, 11usize);
+    let lv: Vec<f32> = Rng::new(77).normal_vec(n * c).iter().map(|x| x * 2.0).collect();
+    let targets = [3u32, IGNORE, 10, IGNORE, 0, 5];
+    let kept: Vec<usize> = vec![0, 2, 4, 5];
+    let (store, id) = one_param(dev, Tensor::from_slice(&lv, &[n, c], Device::Cpu)?)?;
+    let mut tape = Tape::new();
+    let x = tape.param(&store, id)?;
+    let loss = tape.cross_entropy_ignore(x, &targets, IGNORE)?;
+    let sub_logits: Vec<f64> = kept
+        .iter()
+        .flat_map(|&r| lv[r * c..(r + 1) * c].iter().map(|&v| v as f64))
+        .collect();
+    let sub_targets: Vec<u32> = kept.iter().map(|&r| targets[r]).collect();
+    let want = ce64(&sub_logits, &sub_targets, c);
+    assert_close(
+        &[tape.value(loss)?.to_scalar()?],
+        &[want as f32],
+        2e-6,
+        0.0,
+        "ignored ce",
+    );
+    let g = tape.backward(loss)?.get(id).unwrap().to_vec::<f32>()?;
+    for r in [1usize, 3] {
+        assert!(
+            g[r * c..(r + 1) * c].iter().all(|&v| v == 0.0),
+            "row {r} not zero"
+        );
+    }
+    let idx: Vec<usize> = (0..sub_logits.len()).collect();
+    let num = finite_difference_f64(|x| ce64(x, &sub_targets, c), &sub_logits, 1e-4, &idx)?;
+    let got: Vec<f32> = kept
+        .iter()
+        .flat_map(|&r| g[r * c..(r + 1) * c].to_vec())
+        .collect();
+    let num: Vec<f32> = num.iter().map(|&x| x as f32).collect();
+    assert_close(&got, &num, 1e-4, 1e-7, "ignored ce grad");
+    // The ignore value is only special when asked for: without it, u32::MAX is out of range.
+    assert!(tape.cross_entropy(x, &targets).is_err());
+    // Every row ignored: loss 0 and an all-zero gradient (not NaN).
+    let mut tape = Tape::new();
+    let x = tape.param(&store, id)?;
+    let loss = tape.cross_entropy_ignore(x, &[IGNORE; 6], IGNORE)?;
+    assert_eq!(tape.value(loss)?.to_scalar()?, 0.0);
+    let g = tape.backward(loss)?.get(id).unwrap().to_vec::<f32>()?;
+    assert!(g.iter().all(|&v| v == 0.0));
     Ok(())
 }
 
@@ -844,9 +896,10 @@ fn device_matches_cpu(dev: Device) -> Result<()> {
         );
         assert_close(&d.to_vec_f32()?, &c.to_vec_f32()?, tol, 1e-9, "mse bwd");
         let mut rng = Rng::new(4);
-        let targets: Vec<u32> = (0..3).map(|_| rng.below(1027) as u32).collect();
-        let (cl, cs) = ops::cross_entropy_forward(&x, &targets)?;
-        let (dl, ds) = ops::cross_entropy_forward(&xd, &targets)?;
+        let mut targets: Vec<u32> = (0..3).map(|_| rng.below(1027) as u32).collect();
+        targets[1] = 7; // ignored below: the device must skip the row like the CPU
+        let (cl, cs) = ops::cross_entropy_forward(&x, &targets, Some(7))?;
+        let (dl, ds) = ops::cross_entropy_forward(&xd, &targets, Some(7))?;
         assert_close(&[dl.to_scalar()?], &[cl.to_scalar()?], 1e-5, 0.0, "ce");
         let (c, d) = (
             ops::cross_entropy_backward(&x, &cs, &g)?,
@@ -881,6 +934,7 @@ device_test!(
     mse_value_and_gradient,
     cross_entropy_hand_computed,
     cross_entropy_gradient,
+    cross_entropy_ignore_index,
     loss_input_errors,
     chain_relu_add_mse,
     var_used_twice_accumulates,
@@ -924,7 +978,7 @@ proptest! {
         let mut rng = Rng::new(seed ^ 1);
         let t: Vec<u32> = (0..n).map(|_| rng.below(c as u64) as u32).collect();
         let x = Tensor::from_slice(&v, &[n, c], Device::Cpu).unwrap();
-        let got = ops::cross_entropy(&x, &t).unwrap().to_scalar().unwrap();
+        let got = ops::cross_entropy(&x, &t, None).unwrap().to_scalar().unwrap();
         let want = ce64(&to64(&v), &t, c);
         assert_close(&[got], &[want as f32], 1e-5, 1e-6, "ce");
     }

@@ -133,8 +133,9 @@ pub(crate) fn mse_backward<T: Element>(p: &[T], t: &[T], scale: f32) -> Vec<T> {
 /// Cross-entropy rows of `logits [n, c]`: per row the max `m` and `ls = log Σ exp(x - m)`
 /// (exponentials in f32, their sum in f64), and `loss_row = (m - x[target]) + ls`. Subtracting
 /// logits before adding the small log-sum keeps the loss accurate for large logits (forming
-/// `lse = m + ls` in f32 first would lose `ulp(m)`). Returns `(Σ loss_row, [m, ls] per row)`.
-pub(crate) fn cross_entropy<T: Element>(logits: &[T], targets: &[u32], c: usize) -> Result<(f64, Vec<f32>)> {
+/// `lse = m + ls` in f32 first would lose `ulp(m)`). A negative target marks an ignored row (loss 0,
+/// stats 0). Returns `(Σ loss_row, [m, ls] per row)`.
+pub(crate) fn cross_entropy<T: Element>(logits: &[T], targets: &[i32], c: usize) -> Result<(f64, Vec<f32>)> {
     if c == 0 || logits.len() != targets.len() * c {
         return Err(Error::shape(
             "cross_entropy",
@@ -145,7 +146,11 @@ pub(crate) fn cross_entropy<T: Element>(logits: &[T], targets: &[u32], c: usize)
             ),
         ));
     }
-    if let Some((i, &t)) = targets.iter().enumerate().find(|&(_, &t)| t as usize >= c) {
+    if let Some((i, &t)) = targets
+        .iter()
+        .enumerate()
+        .find(|&(_, &t)| t >= 0 && t as usize >= c)
+    {
         return Err(Error::invalid(format!(
             "cross_entropy: target {t} of row {i} is out of range for {c} classes"
         )));
@@ -157,6 +162,9 @@ pub(crate) fn cross_entropy<T: Element>(logits: &[T], targets: &[u32], c: usize)
         .zip(logits.par_chunks(c).zip(targets.par_iter()))
         .with_min_len(rows_per_task)
         .map(|(st, (row, &t))| {
+            if t < 0 {
+                return 0.0;
+            }
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x.to_f32()));
             // A row of -inf logits has no finite maximum; its sum below is 0 and its log -inf.
             let shift = if max.is_finite() { max } else { 0.0 };
@@ -171,10 +179,11 @@ pub(crate) fn cross_entropy<T: Element>(logits: &[T], targets: &[u32], c: usize)
 }
 
 /// `dlogits[i, j] = scale · (exp((x[i, j] - m[i]) - ls[i]) - [j == target[i]])` with
-/// `scale = g / n` and `stats = [m, ls]` per row from [`cross_entropy`].
+/// `scale = g / (rows not ignored)` and `stats = [m, ls]` per row from [`cross_entropy`]; ignored
+/// rows (negative target) get zeros.
 pub(crate) fn cross_entropy_backward<T: Element>(
     logits: &[T],
-    targets: &[u32],
+    targets: &[i32],
     stats: &[f32],
     c: usize,
     scale: f32,
@@ -189,6 +198,9 @@ pub(crate) fn cross_entropy_backward<T: Element>(
         .zip(targets.par_iter().zip(stats.par_chunks(2)))
         .with_min_len(rows_per_task)
         .for_each(|((dx, row), (&t, st))| {
+            if t < 0 {
+                return; // already zeros
+            }
             let (m, ls) = (st[0], st[1]);
             for (j, (d, &x)) in dx.iter_mut().zip(row).enumerate() {
                 let onehot = if j == t as usize { 1.0 } else { 0.0 };

@@ -232,12 +232,14 @@ pub(crate) fn mse_loss_backward(p: &Tensor, t: &Tensor, g: &Tensor) -> Result<Te
 }
 
 /// Cross-entropy forward over logits `[n, c]` with i32 targets on the device (validated `< c` by the
-/// caller). Returns the f32 `[1]` mean loss and the f32 `[n, 2]` per-row (max, log-sum) statistics.
+/// caller; negative = ignored row). `inv_count` is 1 / (rows not ignored), or 0 when all are.
+/// Returns the f32 `[1]` mean loss and the f32 `[n, 2]` per-row (max, log-sum) statistics.
 pub(crate) fn cross_entropy(
     logits: &Tensor,
     targets: &Tensor,
     n: usize,
     c: usize,
+    inv_count: f32,
 ) -> Result<(Tensor, Tensor)> {
     let (ls, ts) = (
         storage(logits, "cross_entropy")?,
@@ -276,18 +278,19 @@ pub(crate) fn cross_entropy(
         unsafe { l.launch(cfg) }?;
         Ok(())
     })?;
-    let loss = finalize(b, &row_loss, n, (1.0f64 / n as f64) as f32)?;
+    let loss = finalize(b, &row_loss, n, inv_count)?;
     Ok((loss, wrap(stats, &[n, 2], DType::F32)))
 }
 
-/// `dlogits = (g/n)·(softmax(logits) - onehot(targets))`, one block per row.
+/// `dlogits = g·inv_count·(softmax(logits) - onehot(targets))` (zeros for ignored rows), one block
+/// per row.
 pub(crate) fn cross_entropy_backward(
     logits: &Tensor,
     targets: &Tensor,
     stats: &Tensor,
     g: &Tensor,
-    n: usize,
-    c: usize,
+    (n, c): (usize, usize),
+    inv_count: f32,
 ) -> Result<Tensor> {
     let op = "cross_entropy_backward";
     let (ls, ts, ss, gs) = (
@@ -308,7 +311,6 @@ pub(crate) fn cross_entropy_backward(
             by_dtype(["ce_bwd_f32", "ce_bwd_f16", "ce_bwd_bf16"], dtype)?,
         )?;
         let c64 = c as i64;
-        let inv_n = (1.0f64 / n as f64) as f32;
         typed!(dtype, |T| {
             let lv = ls.view::<T>()?;
             let tv = ts.view::<i32>()?;
@@ -320,7 +322,7 @@ pub(crate) fn cross_entropy_backward(
                 .arg(&tv)
                 .arg(&sv)
                 .arg(&gv)
-                .arg(&inv_n)
+                .arg(&inv_count)
                 .arg(&mut dv)
                 .arg(&c64);
             let cfg = LaunchConfig {
@@ -329,7 +331,7 @@ pub(crate) fn cross_entropy_backward(
                 shared_mem_bytes: 0,
             };
             // SAFETY: ce_bwd_<T>(const T* logits [n*c], const int* targets [n], const float* stats [2n],
-            // const float* g [1], float inv_n, T* dx [n*c], int64 c), one block per row; every
+            // const float* g [1], float inv_count, T* dx [n*c], int64 c), one block per row; every
             // buffer has the size in brackets (checked by the caller: shapes of logits, targets and
             // stats, and the 1-element gradient).
             unsafe { l.launch(cfg) }?;

@@ -239,7 +239,15 @@ impl Tape {
     /// Mean cross-entropy of logits `[N, C]` against class indices (`targets.len() == N`, each `< C`):
     /// an f32 `[1]` loss, log-sum-exp with the row max subtracted, f32 math for every logits dtype.
     pub fn cross_entropy(&mut self, logits: Var, targets: &[u32]) -> Result<Var> {
-        let (loss, saved) = ops::cross_entropy_forward(self.value(logits)?, targets)?;
+        let (loss, saved) = ops::cross_entropy_forward(self.value(logits)?, targets, None)?;
+        self.record(&[logits], loss, Box::new(ops::CrossEntropyBackward { saved }))
+    }
+
+    /// [`Tape::cross_entropy`] where rows whose target equals `ignore_index` (padding, prompt
+    /// tokens; torch's `ignore_index`) are left out and the mean is over the remaining rows. If every
+    /// row is ignored the loss and its gradient are 0 (torch gives NaN).
+    pub fn cross_entropy_ignore(&mut self, logits: Var, targets: &[u32], ignore_index: u32) -> Result<Var> {
+        let (loss, saved) = ops::cross_entropy_forward(self.value(logits)?, targets, Some(ignore_index))?;
         self.record(&[logits], loss, Box::new(ops::CrossEntropyBackward { saved }))
     }
 

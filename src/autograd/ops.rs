@@ -164,8 +164,14 @@ pub fn mse_loss_backward(pred: &Tensor, target: &Tensor, grad_loss: &Tensor) -> 
     }
 }
 
-/// Checks logits `[N, C]` against `targets` and returns `(N, C)`.
-fn check_ce(logits: &Tensor, targets: &[u32], op: &'static str) -> Result<(usize, usize)> {
+/// Checks logits `[N, C]` against `targets` and returns `(N, C)` and the targets as i32 with ignored
+/// rows as -1 (the form both backends read).
+fn check_ce(
+    logits: &Tensor,
+    targets: &[u32],
+    ignore_index: Option<u32>,
+    op: &'static str,
+) -> Result<(usize, usize, Vec<i32>)> {
     logits.dtype().expect_float(op)?;
     let (n, c) = match logits.shape() {
         [n, c] => (*n, *c),
@@ -186,12 +192,22 @@ fn check_ce(logits: &Tensor, targets: &[u32], op: &'static str) -> Result<(usize
     if c > i32::MAX as usize {
         return Err(Error::invalid(format!("{op}: {c} classes exceed i32")));
     }
-    if let Some((i, &t)) = targets.iter().enumerate().find(|&(_, &t)| t as usize >= c) {
-        return Err(Error::invalid(format!(
-            "{op}: target {t} of row {i} is out of range for {c} classes"
-        )));
-    }
-    Ok((n, c))
+    targets
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            if Some(t) == ignore_index {
+                Ok(-1)
+            } else if (t as usize) < c {
+                Ok(t as i32)
+            } else {
+                Err(Error::invalid(format!(
+                    "{op}: target {t} of row {i} is out of range for {c} classes"
+                )))
+            }
+        })
+        .collect::<Result<Vec<i32>>>()
+        .map(|t| (n, c, t))
 }
 
 /// What the cross-entropy backward needs besides the logits: the targets (on the logits' device) and
@@ -199,36 +215,58 @@ fn check_ce(logits: &Tensor, targets: &[u32], op: &'static str) -> Result<(usize
 /// backward reads each row once.
 #[derive(Clone, Debug)]
 pub struct CrossEntropySaved {
-    targets: Vec<u32>,
+    /// Host targets, -1 for ignored rows.
+    targets: Vec<i32>,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     targets_dev: Tensor,
     stats: Tensor,
+    /// 1 / (rows not ignored), 0 when every row is ignored.
+    inv_count: f32,
+}
+
+impl CrossEntropySaved {
+    /// Number of rows that count towards the mean (not ignored).
+    pub fn num_counted(&self) -> usize {
+        self.targets.iter().filter(|&&t| t >= 0).count()
+    }
 }
 
 /// Mean cross-entropy of `logits [N, C]` (any float dtype, f32 math) against class indices:
-/// `mean_i(logsumexp(x_i) - x_i[t_i])`, computed with the max subtracted. Returns the f32 `[1]` loss
-/// and what [`cross_entropy_backward`] needs.
-pub fn cross_entropy_forward(logits: &Tensor, targets: &[u32]) -> Result<(Tensor, CrossEntropySaved)> {
+/// `mean_i(logsumexp(x_i) - x_i[t_i])`, with the row max subtracted. Rows whose target equals
+/// `ignore_index` (torch's `ignore_index`, e.g. padding or prompt tokens) contribute nothing and the
+/// mean is over the other rows; if every row is ignored the loss and its gradient are 0 (torch
+/// returns NaN there). Returns the f32 `[1]` loss and what [`cross_entropy_backward`] needs.
+pub fn cross_entropy_forward(
+    logits: &Tensor,
+    targets: &[u32],
+    ignore_index: Option<u32>,
+) -> Result<(Tensor, CrossEntropySaved)> {
     let op = "cross_entropy";
-    let (n, c) = check_ce(logits, targets, op)?;
+    let (n, c, t32) = check_ce(logits, targets, ignore_index, op)?;
+    let counted = t32.iter().filter(|&&t| t >= 0).count();
+    let inv_count = if counted == 0 {
+        0.0
+    } else {
+        (1.0f64 / counted as f64) as f32
+    };
     let dev = logits.device();
     let targets_dev = if dev.is_cpu() {
-        // The CPU path reads `targets` directly; an empty placeholder avoids a copy.
+        // The CPU path reads the host targets; an empty placeholder avoids a copy.
         Tensor::zeros(&[0], DType::I32, Device::Cpu)?
     } else {
-        let t32: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
-        Tensor::from_vec(t32, &[n], dev)?
+        Tensor::from_slice(&t32, &[n], dev)?
     };
     let (loss, stats) = match dev {
         Device::Cpu => {
-            let (sum, stats) = cpu_float!(logits, op, |x: T| cpu::cross_entropy::<T>(x, targets, c)?);
+            let (sum, stats) = cpu_float!(logits, op, |x: T| cpu::cross_entropy::<T>(x, &t32, c)?);
+            let mean = if counted == 0 { 0.0 } else { sum / counted as f64 };
             (
-                Tensor::from_vec(vec![(sum / n as f64) as f32], &[1], Device::Cpu)?,
+                Tensor::from_vec(vec![mean as f32], &[1], Device::Cpu)?,
                 Tensor::from_vec(stats, &[n, 2], Device::Cpu)?,
             )
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::cross_entropy(logits, &targets_dev, n, c)?,
+        Device::Cuda(_) => cuda::cross_entropy(logits, &targets_dev, n, c, inv_count)?,
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => {
             return Err(Error::CudaUnavailable("built without the `cuda` feature".into()));
@@ -237,30 +275,35 @@ pub fn cross_entropy_forward(logits: &Tensor, targets: &[u32]) -> Result<(Tensor
     Ok((
         loss,
         CrossEntropySaved {
-            targets: targets.to_vec(),
+            targets: t32,
             targets_dev,
             stats,
+            inv_count,
         },
     ))
 }
 
 /// Mean cross-entropy as an f32 `[1]` tensor (forward only; see [`cross_entropy_forward`]).
-pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
-    Ok(cross_entropy_forward(logits, targets)?.0)
+pub fn cross_entropy(logits: &Tensor, targets: &[u32], ignore_index: Option<u32>) -> Result<Tensor> {
+    Ok(cross_entropy_forward(logits, targets, ignore_index)?.0)
 }
 
-/// Gradient of the mean cross-entropy: `(g/N)·(softmax(logits) - onehot(targets))`, in the logits'
-/// dtype. `grad_loss` is the f32 `[1]` upstream gradient.
+/// Gradient of the mean cross-entropy: `(g/count)·(softmax(logits) - onehot(targets))` (zero rows
+/// where ignored), in the logits' dtype. `grad_loss` is the f32 `[1]` upstream gradient.
 pub fn cross_entropy_backward(
     logits: &Tensor,
     saved: &CrossEntropySaved,
     grad_loss: &Tensor,
 ) -> Result<Tensor> {
     let op = "cross_entropy_backward";
-    let (n, c) = check_ce(logits, &saved.targets, op)?;
     let dev = logits.device();
     check_scalar_grad(grad_loss, dev, op)?;
-    if saved.stats.shape() != [n, 2] || saved.stats.device() != dev {
+    logits.dtype().expect_float(op)?;
+    let (n, c) = match logits.shape() {
+        [n, c] => (*n, *c),
+        s => return Err(Error::shape(op, format!("logits must be [N, C], got {s:?}"))),
+    };
+    if saved.targets.len() != n || saved.stats.shape() != [n, 2] || saved.stats.device() != dev {
         return Err(Error::shape(
             op,
             format!("saved state {:?} does not match logits {logits:?}", saved.stats),
@@ -269,7 +312,7 @@ pub fn cross_entropy_backward(
     match dev {
         Device::Cpu => {
             let g = grad_loss.cpu_data::<f32>(op)?[0];
-            let scale = (g as f64 / n as f64) as f32;
+            let scale = g * saved.inv_count;
             let stats = saved.stats.cpu_data::<f32>(op)?;
             cpu_float!(logits, op, |x: T| {
                 vec_tensor(
@@ -279,9 +322,14 @@ pub fn cross_entropy_backward(
             })
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => {
-            cuda::cross_entropy_backward(logits, &saved.targets_dev, &saved.stats, grad_loss, n, c)
-        }
+        Device::Cuda(_) => cuda::cross_entropy_backward(
+            logits,
+            &saved.targets_dev,
+            &saved.stats,
+            grad_loss,
+            (n, c),
+            saved.inv_count,
+        ),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => Err(Error::CudaUnavailable("built without the `cuda` feature".into())),
     }
