@@ -272,9 +272,9 @@ pub(crate) fn cross_entropy(
             shared_mem_bytes: 0,
         };
         // SAFETY: ce_fwd_<T>(const T* logits [n*c], const int* targets [n], float* row_loss [n],
-        // float* stats [2n], int64 c), one block per row (n blocks, n <= i32::MAX checked above, n > 0
-        // checked by the caller). Targets are in [0, c) (checked by the caller), so x[targets[row]]
-        // stays inside the row.
+        // float* stats [2n], int64 c), one block per row (n blocks, n <= i32::MAX checked above,
+        // n > 0 checked by the caller). Targets are in [0, c) or negative for ignored rows, which
+        // return before reading the row (checked by the caller), so x[t] stays inside the row.
         unsafe { l.launch(cfg) }?;
         Ok(())
     })?;
