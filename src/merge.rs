@@ -61,7 +61,11 @@ pub fn lora_delta(a: &Tensor, b: &Tensor, scaling: f32, transposed: bool) -> Res
     if r != rb {
         return Err(Error::shape(
             op,
-            format!("lora_A {:?} and lora_B {:?} disagree on the rank", a.shape(), b.shape()),
+            format!(
+                "lora_A {:?} and lora_B {:?} disagree on the rank",
+                a.shape(),
+                b.shape()
+            ),
         ));
     }
     let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
@@ -76,7 +80,13 @@ pub fn lora_delta(a: &Tensor, b: &Tensor, scaling: f32, transposed: bool) -> Res
 
 /// `W + s·B·A` for a dense base weight `[out, in]` (`[in, out]` with `fan_in_fan_out`), computed in f32.
 /// Returns f32; cast with [`Tensor::to_dtype`] to store it (one rounding).
-pub fn merge_lora(base: &Tensor, a: &Tensor, b: &Tensor, scaling: f32, fan_in_fan_out: bool) -> Result<Tensor> {
+pub fn merge_lora(
+    base: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scaling: f32,
+    fan_in_fan_out: bool,
+) -> Result<Tensor> {
     let delta = lora_delta(a, b, scaling, fan_in_fan_out)?;
     if base.shape() != delta.shape() {
         return Err(Error::shape(
@@ -86,7 +96,11 @@ pub fn merge_lora(base: &Tensor, a: &Tensor, b: &Tensor, scaling: f32, fan_in_fa
                 base.shape(),
                 a.shape(),
                 b.shape(),
-                if fan_in_fan_out { " (fan_in_fan_out: base stored [in, out])" } else { "" }
+                if fan_in_fan_out {
+                    " (fan_in_fan_out: base stored [in, out])"
+                } else {
+                    ""
+                }
             ),
         ));
     }
@@ -110,11 +124,18 @@ pub fn merge_dora(
     if magnitude.shape() != [out] {
         return Err(Error::shape(
             op,
-            format!("magnitude {:?} does not match {out} output features", magnitude.shape()),
+            format!(
+                "magnitude {:?} does not match {out} output features",
+                magnitude.shape()
+            ),
         ));
     }
     // Norms over `in` for each output feature: rows of [out, in]; columns of the [in, out] layout.
-    let norms = if fan_in_fan_out { w.t()?.row_norms()? } else { w.row_norms()? };
+    let norms = if fan_in_fan_out {
+        w.t()?.row_norms()?
+    } else {
+        w.row_norms()?
+    };
     let (m, n) = (magnitude.to_vec_f32()?, norms.to_vec::<f32>()?);
     let factor: Vec<f32> = m.iter().zip(&n).map(|(m, n)| m / n).collect();
     let mut v = w.to_vec::<f32>()?;
@@ -257,7 +278,11 @@ impl MergeRegistry {
         self.methods.get(&method).map(|m| m.as_ref()).ok_or_else(|| {
             Error::invalid(format!(
                 "merging {method} adapters is not implemented yet (available: {})",
-                self.methods.keys().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")
+                self.methods
+                    .keys()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
         })
     }
@@ -305,8 +330,17 @@ pub struct MergeReport {
 /// Where a base module's weight lives in the checkpoint.
 #[derive(Clone, Debug)]
 enum BaseWeight {
-    Dense { name: String, dtype: DType, shape: Vec<usize> },
-    FourBit { name: String, dtype: DType, shape: Vec<usize>, aux: Vec<String> },
+    Dense {
+        name: String,
+        dtype: DType,
+        shape: Vec<usize>,
+    },
+    FourBit {
+        name: String,
+        dtype: DType,
+        shape: Vec<usize>,
+        aux: Vec<String>,
+    },
 }
 
 impl BaseWeight {
@@ -346,12 +380,16 @@ pub fn merge_into_file(
     if let (Ok(a), Ok(b)) = (base.canonicalize(), out.canonicalize())
         && a == b
     {
-        return Err(Error::invalid("the output path must differ from the base checkpoint"));
+        return Err(Error::invalid(
+            "the output path must differ from the base checkpoint",
+        ));
     }
     if let Some(d) = opts.dtype
         && !d.is_float()
     {
-        return Err(Error::invalid(format!("merged weights need a float dtype, got {d}")));
+        return Err(Error::invalid(format!(
+            "merged weights need a float dtype, got {d}"
+        )));
     }
     let adapter: Cow<'_, PeftAdapter> = match adapter.tensors.values().next() {
         Some(t) if t.device() != opts.device => Cow::Owned(PeftAdapter {
@@ -386,11 +424,14 @@ pub fn merge_into_file(
         ));
     }
 
-    let mut sources: BTreeMap<String, Source> = file.names().iter().map(|n| (n.clone(), Source::Copy)).collect();
+    let mut sources: BTreeMap<String, Source> =
+        file.names().iter().map(|n| (n.clone(), Source::Copy)).collect();
     let mut claimed: HashMap<String, String> = HashMap::new(); // base tensor -> who replaces it
     let mut claim = |name: &str, by: &str| -> Result<()> {
         if let Some(prev) = claimed.insert(name.to_string(), by.to_string()) {
-            return Err(Error::invalid(format!("base tensor {name:?} is written by both {prev} and {by}")));
+            return Err(Error::invalid(format!(
+                "base tensor {name:?} is written by both {prev} and {by}"
+            )));
         }
         Ok(())
     };
@@ -405,19 +446,31 @@ pub fn merge_into_file(
         let (dtype, shape, _) = file.raw(&e.base_name).map_err(|_| {
             Error::format(
                 base.display().to_string(),
-                format!("adapter tensor {:?} replaces {:?}, which the base does not have", e.key, e.base_name),
+                format!(
+                    "adapter tensor {:?} replaces {:?}, which the base does not have",
+                    e.key, e.base_name
+                ),
             )
         })?;
         if shape != t.shape() {
             return Err(Error::shape(
                 "merge",
-                format!("adapter tensor {:?} is {:?} but base {:?} is {shape:?}", e.key, t.shape(), e.base_name),
+                format!(
+                    "adapter tensor {:?} is {:?} but base {:?} is {shape:?}",
+                    e.key,
+                    t.shape(),
+                    e.base_name
+                ),
             ));
         }
         if from_st_dtype(dtype).is_none_or(|d| d.is_float() != t.dtype().is_float()) {
             return Err(Error::format(
                 base.display().to_string(),
-                format!("base tensor {:?} has dtype {dtype:?}, which cannot take {}", e.base_name, t.dtype()),
+                format!(
+                    "base tensor {:?} has dtype {dtype:?}, which cannot take {}",
+                    e.base_name,
+                    t.dtype()
+                ),
             ));
         }
         // `bias="all"` saves a modules_to_save bias twice (`x.bias`, `x.modules_to_save.bias`); both are
@@ -536,7 +589,12 @@ pub fn merge_into_file(
 }
 
 fn check_finite(t: &Tensor, name: &str) -> Result<()> {
-    if let Some((i, v)) = t.to_vec_f32()?.into_iter().enumerate().find(|(_, v)| !v.is_finite()) {
+    if let Some((i, v)) = t
+        .to_vec_f32()?
+        .into_iter()
+        .enumerate()
+        .find(|(_, v)| !v.is_finite())
+    {
         return Err(Error::NonFinite {
             tensor: format!("{name} (merged; the adapter seems broken, or the output dtype overflows)"),
             index: i,
@@ -583,7 +641,12 @@ fn find_base_weight(file: &SafetensorsFile, module: &str) -> Result<BaseWeight> 
         if file.contains(&qs) {
             let (shape, dtype) = fourbit::shape_and_dtype(file, &qs)?;
             let prefix = format!("{name}.");
-            let aux = file.names().iter().filter(|n| n.starts_with(&prefix)).cloned().collect();
+            let aux = file
+                .names()
+                .iter()
+                .filter(|n| n.starts_with(&prefix))
+                .cloned()
+                .collect();
             return Ok(BaseWeight::FourBit {
                 name,
                 dtype,
@@ -605,9 +668,12 @@ fn find_base_weight(file: &SafetensorsFile, module: &str) -> Result<BaseWeight> 
         ));
     }
     let (st, shape, _) = file.raw(&name)?;
-    let dtype = from_st_dtype(st)
-        .filter(|d| d.is_float())
-        .ok_or_else(|| Error::format(ctx(), format!("base weight {name:?} has dtype {st:?}, expected a float dtype")))?;
+    let dtype = from_st_dtype(st).filter(|d| d.is_float()).ok_or_else(|| {
+        Error::format(
+            ctx(),
+            format!("base weight {name:?} has dtype {st:?}, expected a float dtype"),
+        )
+    })?;
     if shape.len() != 2 {
         return Err(Error::format(
             ctx(),
@@ -654,7 +720,11 @@ mod fourbit {
             serde_json::from_slice(bytes).map_err(|e| bad(format!("quant state is not JSON: {e}")))?;
         let shape = v["shape"]
             .as_array()
-            .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect::<Option<Vec<_>>>())
+            .and_then(|a| {
+                a.iter()
+                    .map(|d| d.as_u64().map(|d| d as usize))
+                    .collect::<Option<Vec<_>>>()
+            })
             .ok_or_else(|| bad("quant state has no integer `shape` list".into()))?;
         if shape.len() != 2 {
             return Err(bad(format!("4-bit weight has shape {shape:?}, expected 2-D")));
@@ -686,8 +756,10 @@ fn write_streaming<'a>(
 ) -> Result<u64> {
     let mut header = serde_json::Map::new();
     if let Some(meta) = metadata {
-        let m: serde_json::Map<String, serde_json::Value> =
-            meta.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect();
+        let m: serde_json::Map<String, serde_json::Value> = meta
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect();
         header.insert("__metadata__".into(), serde_json::Value::Object(m));
     }
     let mut offset = 0usize;
@@ -732,7 +804,12 @@ fn write_streaming<'a>(
             if bytes.len() != sizes[i] {
                 return Err(Error::shape(
                     "write",
-                    format!("{}: produced {} bytes, expected {}", e.name, bytes.len(), sizes[i]),
+                    format!(
+                        "{}: produced {} bytes, expected {}",
+                        e.name,
+                        bytes.len(),
+                        sizes[i]
+                    ),
                 ));
             }
             w.write_all(&bytes).map_err(io)?;

@@ -237,9 +237,7 @@ pub struct PatternMap<T> {
 
 impl<T> Default for PatternMap<T> {
     fn default() -> Self {
-        PatternMap {
-            entries: Vec::new(),
-        }
+        PatternMap { entries: Vec::new() }
     }
 }
 
@@ -623,12 +621,17 @@ impl AdapterConfig {
     /// WaveFT `proportional_parameters`: the budget `n_frequency · L` split over the `L` targeted layers
     /// `(name, in_features, out_features)` in proportion to `in·out`, rounded half to even, at least 1 each
     /// (PEFT's `_calculate_proportional_parameters`). Pass every layer PEFT would target, in any order.
-    pub fn proportional_n_frequency(&self, layers: &[(String, usize, usize)]) -> Result<Vec<(String, usize)>> {
+    pub fn proportional_n_frequency(
+        &self,
+        layers: &[(String, usize, usize)],
+    ) -> Result<Vec<(String, usize)>> {
         let c = self
             .waveft()
             .ok_or_else(|| Error::invalid("proportional_n_frequency needs a WaveFT config"))?;
         if layers.is_empty() {
-            return Err(Error::invalid("no target modules found for proportional parameter allocation"));
+            return Err(Error::invalid(
+                "no target modules found for proportional parameter allocation",
+            ));
         }
         let total: u128 = layers.iter().map(|(_, i, o)| *i as u128 * *o as u128).sum();
         if total == 0 {
@@ -653,7 +656,9 @@ impl AdapterConfig {
         if let Some(t) = &self.task_type
             && !TASK_TYPES.contains(&t.as_str())
         {
-            return Err(cfg_err(format!("invalid task_type {t:?}; must be one of {TASK_TYPES:?}")));
+            return Err(cfg_err(format!(
+                "invalid task_type {t:?}; must be one of {TASK_TYPES:?}"
+            )));
         }
         let pt = self.peft_type();
         if !["none", "all", pt.bias_only()].contains(&self.bias.as_str()) {
@@ -663,12 +668,19 @@ impl AdapterConfig {
                 self.bias
             )));
         }
-        if matches!(self.target_modules, Some(TargetModules::Regex(_)) | Some(TargetModules::AllLinear)) {
+        if matches!(
+            self.target_modules,
+            Some(TargetModules::Regex(_)) | Some(TargetModules::AllLinear)
+        ) {
             if self.layers_to_transform.is_some() {
-                return Err(cfg_err("`layers_to_transform` cannot be used when `target_modules` is a str"));
+                return Err(cfg_err(
+                    "`layers_to_transform` cannot be used when `target_modules` is a str",
+                ));
             }
             if self.layers_pattern.is_some() {
-                return Err(cfg_err("`layers_pattern` cannot be used when `target_modules` is a str"));
+                return Err(cfg_err(
+                    "`layers_pattern` cannot be used when `target_modules` is a str",
+                ));
             }
         }
         let pattern_truthy = match &self.layers_pattern {
@@ -693,10 +705,15 @@ impl AdapterConfig {
                     return Err(cfg_err("`r` should be a positive integer, got 0"));
                 }
                 if let Some((k, _)) = c.rank_pattern.iter().find(|(_, r)| **r == 0) {
-                    return Err(cfg_err(format!("rank_pattern[{k:?}] should be a positive integer, got 0")));
+                    return Err(cfg_err(format!(
+                        "rank_pattern[{k:?}] should be a positive integer, got 0"
+                    )));
                 }
                 if !(0.0..=1.0).contains(&c.lora_dropout) {
-                    return Err(cfg_err(format!("lora_dropout must be in [0, 1], got {}", c.lora_dropout)));
+                    return Err(cfg_err(format!(
+                        "lora_dropout must be in [0, 1], got {}",
+                        c.lora_dropout
+                    )));
                 }
                 if c.lora_bias {
                     if !matches!(c.init_lora_weights, InitLoraWeights::Bool(_)) {
@@ -771,12 +788,15 @@ impl AdapterConfig {
                     use_dora: obj.bool_or("use_dora", d.use_dora)?,
                     rank_pattern: obj.patterns("rank_pattern", |k, v| {
                         json_usize(v).ok_or_else(|| {
-                            cfg_err(format!("rank_pattern[{k:?}] must be a non-negative integer, got {v:?}"))
+                            cfg_err(format!(
+                                "rank_pattern[{k:?}] must be a non-negative integer, got {v:?}"
+                            ))
                         })
                     })?,
                     alpha_pattern: obj.patterns("alpha_pattern", |k, v| {
-                        v.as_f64()
-                            .ok_or_else(|| cfg_err(format!("alpha_pattern[{k:?}] must be a number, got {v:?}")))
+                        v.as_f64().ok_or_else(|| {
+                            cfg_err(format!("alpha_pattern[{k:?}] must be a number, got {v:?}"))
+                        })
                     })?,
                     lora_dropout: obj.f64_or("lora_dropout", d.lora_dropout)?,
                     init_lora_weights: match obj.get("init_lora_weights") {
@@ -803,10 +823,13 @@ impl AdapterConfig {
                     random_loc_seed: obj.i64_or("random_loc_seed", d.random_loc_seed)?,
                     n_frequency_pattern: obj.patterns("n_frequency_pattern", |k, v| {
                         json_usize(v).ok_or_else(|| {
-                            cfg_err(format!("n_frequency_pattern[{k:?}] must be a non-negative integer, got {v:?}"))
+                            cfg_err(format!(
+                                "n_frequency_pattern[{k:?}] must be a non-negative integer, got {v:?}"
+                            ))
                         })
                     })?,
-                    proportional_parameters: obj.bool_or("proportional_parameters", d.proportional_parameters)?,
+                    proportional_parameters: obj
+                        .bool_or("proportional_parameters", d.proportional_parameters)?,
                     init_weights: obj.bool_or("init_weights", d.init_weights)?,
                 })
             }
@@ -817,7 +840,8 @@ impl AdapterConfig {
                     num_vectors: obj.usize_or("num_vectors", d.num_vectors)?,
                     vector_length: obj.usize_or("vector_length", d.vector_length)?,
                     topk: obj.usize_or("topk", d.topk)?,
-                    save_only_topk_weights: obj.bool_or("save_only_topk_weights", d.save_only_topk_weights)?,
+                    save_only_topk_weights: obj
+                        .bool_or("save_only_topk_weights", d.save_only_topk_weights)?,
                     vblora_dropout: obj.f64_or("vblora_dropout", d.vblora_dropout)?,
                     init_vector_bank_bound: obj.f64_or("init_vector_bank_bound", d.init_vector_bank_bound)?,
                     init_logits_std: obj.f64_or("init_logits_std", d.init_logits_std)?,
@@ -845,13 +869,17 @@ impl AdapterConfig {
                 items
                     .iter()
                     .map(|v| {
-                        v.as_i64()
-                            .ok_or_else(|| cfg_err(format!("layers_to_transform entries must be integers, got {v:?}")))
+                        v.as_i64().ok_or_else(|| {
+                            cfg_err(format!("layers_to_transform entries must be integers, got {v:?}"))
+                        })
                     })
                     .collect::<Result<_>>()?,
             )),
             Some(v) => Some(OneOrMany::One(v.as_i64().ok_or_else(|| {
-                cfg_err(format!("layers_to_transform must be an integer or a list, got {}", v.kind()))
+                cfg_err(format!(
+                    "layers_to_transform must be an integer or a list, got {}",
+                    v.kind()
+                ))
             })?)),
         };
         let layers_pattern = match obj.get("layers_pattern") {
@@ -920,7 +948,11 @@ impl AdapterConfig {
             ("inference_mode", Json::Bool(self.inference_mode)),
             (
                 "peft_version",
-                Json::str(self.peft_version.clone().unwrap_or_else(|| PEFT_FORMAT_VERSION.into())),
+                Json::str(
+                    self.peft_version
+                        .clone()
+                        .unwrap_or_else(|| PEFT_FORMAT_VERSION.into()),
+                ),
             ),
             (
                 "target_modules",
@@ -939,7 +971,10 @@ impl AdapterConfig {
                     Some(ModuleNames::Names(n)) => str_list(n),
                 },
             ),
-            ("modules_to_save", self.modules_to_save.as_deref().map_or(Json::Null, str_list)),
+            (
+                "modules_to_save",
+                self.modules_to_save.as_deref().map_or(Json::Null, str_list),
+            ),
             (
                 "layers_to_transform",
                 match &self.layers_to_transform {
@@ -968,7 +1003,12 @@ impl AdapterConfig {
                 ("use_dora", Json::Bool(c.use_dora)),
                 (
                     "rank_pattern",
-                    Json::Dict(c.rank_pattern.iter().map(|(k, v)| (k.to_string(), usize_json(*v))).collect()),
+                    Json::Dict(
+                        c.rank_pattern
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), usize_json(*v)))
+                            .collect(),
+                    ),
                 ),
                 (
                     "alpha_pattern",
@@ -1085,10 +1125,16 @@ fn json_str_list(v: &Json, key: &str) -> Result<Vec<String>> {
             .iter()
             .map(|i| match i {
                 Json::Str(s) => Ok(s.clone()),
-                other => Err(cfg_err(format!("{key} entries must be strings, got {}", other.kind()))),
+                other => Err(cfg_err(format!(
+                    "{key} entries must be strings, got {}",
+                    other.kind()
+                ))),
             })
             .collect(),
-        other => Err(cfg_err(format!("{key} must be a string or a list of strings, got {}", other.kind()))),
+        other => Err(cfg_err(format!(
+            "{key} must be a string or a list of strings, got {}",
+            other.kind()
+        ))),
     }
 }
 
@@ -1146,7 +1192,10 @@ impl Obj<'_> {
         match self.get(key) {
             None | Some(Json::Null) => Ok(None),
             Some(Json::Str(s)) => Ok(Some(s.clone())),
-            Some(v) => Err(cfg_err(format!("{key} must be a string or null, got {}", v.kind()))),
+            Some(v) => Err(cfg_err(format!(
+                "{key} must be a string or null, got {}",
+                v.kind()
+            ))),
         }
     }
 
@@ -1273,7 +1322,10 @@ fn classify(key: &str, cfg: &AdapterConfig) -> Result<KeyRole> {
     let ferr = |msg: String| Error::format(WEIGHTS_NAME, msg);
     if key == VBLORA_BANK_KEY {
         if cfg.peft_type() != PeftType::VbLora {
-            return Err(ferr(format!("{key:?} is a VB-LoRA tensor but the config's peft_type is {}", cfg.peft_type())));
+            return Err(ferr(format!(
+                "{key:?} is a VB-LoRA tensor but the config's peft_type is {}",
+                cfg.peft_type()
+            )));
         }
         return Ok(KeyRole::Extra(ExtraKind::VbLoraBank, String::new()));
     }
@@ -1491,7 +1543,9 @@ impl PeftAdapter {
                 Tensor::from_vec(v, &shape, Device::Cpu)?
             } else {
                 let dt = from_st_dtype(dtype).ok_or_else(|| {
-                    file.err(format!("tensor {name:?} has dtype {dtype:?}, which peft-kernels does not support"))
+                    file.err(format!(
+                        "tensor {name:?} has dtype {dtype:?}, which peft-kernels does not support"
+                    ))
                 })?;
                 Tensor::from_bytes(data, dt, &shape, Device::Cpu)?
             };
@@ -1546,7 +1600,10 @@ impl PeftAdapter {
         let full: Vec<&String> = self
             .tensors
             .keys()
-            .filter(|k| k.starts_with(MODEL_PREFIX) && (k.ends_with(".vblora_logits_A") || k.ends_with(".vblora_logits_B")))
+            .filter(|k| {
+                k.starts_with(MODEL_PREFIX)
+                    && (k.ends_with(".vblora_logits_A") || k.ends_with(".vblora_logits_B"))
+            })
             .collect();
         if full.is_empty() {
             return Ok(Cow::Borrowed(self));
@@ -1601,7 +1658,9 @@ impl PeftAdapter {
 
 fn relabel(e: Error, path: &Path) -> Error {
     match e {
-        Error::Format { context, msg } if context == WEIGHTS_NAME => Error::format(path.display().to_string(), msg),
+        Error::Format { context, msg } if context == WEIGHTS_NAME => {
+            Error::format(path.display().to_string(), msg)
+        }
         e => e,
     }
 }
@@ -1633,7 +1692,9 @@ pub fn vblora_index_dtype(num_vectors: usize) -> StDtype {
 fn index_bytes(key: &str, t: &Tensor, num_vectors: usize) -> Result<TensorBytes<'static>> {
     let vals = int_values(t)?;
     if let Some(v) = vals.iter().find(|v| **v < 0 || **v as u64 >= num_vectors as u64) {
-        return Err(Error::invalid(format!("{key}: index {v} outside [0, {num_vectors})")));
+        return Err(Error::invalid(format!(
+            "{key}: index {v} outside [0, {num_vectors})"
+        )));
     }
     let dtype = vblora_index_dtype(num_vectors);
     let data: Vec<u8> = match dtype {
@@ -1684,7 +1745,9 @@ fn analyze(cfg: &AdapterConfig, tensors: &BTreeMap<String, Tensor>) -> Result<Ad
     };
     for e in &extras {
         if e.kind == ExtraKind::VbLoraBank {
-            let c = cfg.vblora().ok_or_else(|| ferr("VB-LoRA bank in a non-VB-LoRA adapter".into()))?;
+            let c = cfg
+                .vblora()
+                .ok_or_else(|| ferr("VB-LoRA bank in a non-VB-LoRA adapter".into()))?;
             float(&e.key)?;
             let s = shape_of(&e.key);
             if s != [c.num_vectors, c.vector_length] {
@@ -1733,7 +1796,16 @@ fn analyze(cfg: &AdapterConfig, tensors: &BTreeMap<String, Tensor>) -> Result<Ad
                 if n == 0 {
                     return Err(ferr(format!("{key:?} is empty")));
                 }
-                new_module(cfg, &name, AdapterMethod::WaveFt, LayerKind::Linear, None, None, Some(n), n)
+                new_module(
+                    cfg,
+                    &name,
+                    AdapterMethod::WaveFt,
+                    LayerKind::Linear,
+                    None,
+                    None,
+                    Some(n),
+                    n,
+                )
             }
             MethodConfig::VbLora(c) => vblora_module(cfg, c, &name, &parts, tensors, &shape_of)?,
         };
@@ -1749,7 +1821,9 @@ fn analyze(cfg: &AdapterConfig, tensors: &BTreeMap<String, Tensor>) -> Result<Ad
         && !modules.is_empty()
         && !extras.iter().any(|e| e.kind == ExtraKind::VbLoraBank)
     {
-        return Err(ferr(format!("VB-LoRA adapter without its vector bank {VBLORA_BANK_KEY:?}")));
+        return Err(ferr(format!(
+            "VB-LoRA adapter without its vector bank {VBLORA_BANK_KEY:?}"
+        )));
     }
     if modules.is_empty() {
         return Err(ferr("the adapter contains no adapter tensors".into()));
@@ -1816,12 +1890,17 @@ fn lora_module(
         (Part::LoraA, Part::LoraB)
     };
     if is_embedding && (parts.contains_key(&Part::LoraA) || parts.contains_key(&Part::LoraB)) {
-        return Err(ferr(format!("module {name:?} mixes linear and embedding LoRA tensors")));
+        return Err(ferr(format!(
+            "module {name:?} mixes linear and embedding LoRA tensors"
+        )));
     }
     let get = |p: Part| {
-        parts
-            .get(&p)
-            .ok_or_else(|| ferr(format!("module {name:?}: missing {}", module_key(name, p.suffix()))))
+        parts.get(&p).ok_or_else(|| {
+            ferr(format!(
+                "module {name:?}: missing {}",
+                module_key(name, p.suffix())
+            ))
+        })
     };
     let (ka, kb) = (get(pa)?, get(pb)?);
     let (sa, sb) = (shape_of(ka), shape_of(kb));
@@ -1836,7 +1915,11 @@ fn lora_module(
         return Err(ferr(format!(
             "module {name:?}: lora_A is {sa:?} and lora_B is {sb:?}, expected [r, in] and [out, r] with r = {r} \
              (from {})",
-            if c.rank_pattern.get(name).is_some() { "rank_pattern" } else { "r" }
+            if c.rank_pattern.get(name).is_some() {
+                "rank_pattern"
+            } else {
+                "r"
+            }
         )));
     }
     let mut params = r * (in_f + out_f);
@@ -1873,8 +1956,16 @@ fn lora_module(
         }
         params += out_f;
     }
-    let method = if c.use_dora { AdapterMethod::Dora } else { AdapterMethod::Lora };
-    let layer = if is_embedding { LayerKind::Embedding } else { LayerKind::Linear };
+    let method = if c.use_dora {
+        AdapterMethod::Dora
+    } else {
+        AdapterMethod::Lora
+    };
+    let layer = if is_embedding {
+        LayerKind::Embedding
+    } else {
+        LayerKind::Linear
+    };
     let mut m = new_module(cfg, name, method, layer, Some(in_f), Some(out_f), None, params);
     m.lora_bias = has_bias;
     Ok(m)
@@ -1894,14 +1985,21 @@ fn vblora_module(
     if topk_form != c.save_only_topk_weights {
         return Err(ferr(format!(
             "module {name:?}: VB-LoRA logits stored {} but save_only_topk_weights is {}",
-            if topk_form { "as top-k indices/weights" } else { "in full" },
+            if topk_form {
+                "as top-k indices/weights"
+            } else {
+                "in full"
+            },
             c.save_only_topk_weights
         )));
     }
     let get = |p: Part| {
-        parts
-            .get(&p)
-            .ok_or_else(|| ferr(format!("module {name:?}: missing {}", module_key(name, p.suffix()))))
+        parts.get(&p).ok_or_else(|| {
+            ferr(format!(
+                "module {name:?}: missing {}",
+                module_key(name, p.suffix())
+            ))
+        })
     };
     // Leading dims: A [r, in/L, ...], B [out/L, r, ...].
     let mut lead = Vec::new();
@@ -1923,10 +2021,18 @@ fn vblora_module(
             }
             let t = &tensors[ki.as_str()];
             if !matches!(t.dtype(), DType::U8 | DType::I32 | DType::I64) {
-                return Err(ferr(format!("{ki:?} has dtype {}, expected an integer dtype", t.dtype())));
+                return Err(ferr(format!(
+                    "{ki:?} has dtype {}, expected an integer dtype",
+                    t.dtype()
+                )));
             }
-            if let Some(v) = int_values(t)?.into_iter().find(|v| *v < 0 || *v as u64 >= nv as u64) {
-                return Err(ferr(format!("{ki:?} holds index {v}, outside [0, num_vectors = {nv})")));
+            if let Some(v) = int_values(t)?
+                .into_iter()
+                .find(|v| *v < 0 || *v as u64 >= nv as u64)
+            {
+                return Err(ferr(format!(
+                    "{ki:?} holds index {v}, outside [0, num_vectors = {nv})"
+                )));
             }
             [si[0], si[1]]
         } else {
@@ -1970,9 +2076,15 @@ fn vblora_module(
 pub fn vblora_expand_topk(indices: &Tensor, weights: &Tensor, num_vectors: usize) -> Result<Tensor> {
     let op = "vblora_expand_topk";
     let (si, sw) = (indices.shape(), weights.shape());
-    let k = *si.last().ok_or_else(|| Error::shape(op, "indices must have at least 1 dim"))?;
-    if k == 0 || sw.len() != si.len() || sw[..sw.len() - 1] != si[..si.len() - 1] || sw[sw.len() - 1] + 1 != k {
-        return Err(Error::shape(op, format!("indices {si:?} and weights {sw:?} do not form a top-k pair")));
+    let k = *si
+        .last()
+        .ok_or_else(|| Error::shape(op, "indices must have at least 1 dim"))?;
+    if k == 0 || sw.len() != si.len() || sw[..sw.len() - 1] != si[..si.len() - 1] || sw[sw.len() - 1] + 1 != k
+    {
+        return Err(Error::shape(
+            op,
+            format!("indices {si:?} and weights {sw:?} do not form a top-k pair"),
+        ));
     }
     weights.dtype().expect_float(op)?;
     let idx = int_values(indices)?;
@@ -1985,7 +2097,9 @@ pub fn vblora_expand_topk(indices: &Tensor, weights: &Tensor, num_vectors: usize
         for j in 0..k {
             let v = idx[row * k + j];
             if v < 0 || v as u64 >= num_vectors as u64 {
-                return Err(Error::invalid(format!("{op}: index {v} outside [0, {num_vectors})")));
+                return Err(Error::invalid(format!(
+                    "{op}: index {v} outside [0, {num_vectors})"
+                )));
             }
             let wj = if j + 1 < k { ws[j] } else { last };
             out[row * num_vectors + v as usize] = wj.ln();
@@ -2002,7 +2116,9 @@ pub fn vblora_expand_topk(indices: &Tensor, weights: &Tensor, num_vectors: usize
 pub fn vblora_compress_topk(logits: &Tensor, topk: usize) -> Result<(Tensor, Tensor)> {
     let op = "vblora_compress_topk";
     let s = logits.shape();
-    let n = *s.last().ok_or_else(|| Error::shape(op, "logits must have at least 1 dim"))?;
+    let n = *s
+        .last()
+        .ok_or_else(|| Error::shape(op, "logits must have at least 1 dim"))?;
     if topk == 0 || topk > n {
         return Err(Error::invalid(format!("{op}: topk {topk} must be in [1, {n}]")));
     }
@@ -2020,7 +2136,10 @@ pub fn vblora_compress_topk(logits: &Tensor, topk: usize) -> Result<(Tensor, Ten
             match (x.is_nan(), y.is_nan()) {
                 (true, false) => std::cmp::Ordering::Less,
                 (false, true) => std::cmp::Ordering::Greater,
-                _ => y.partial_cmp(&x).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)),
+                _ => y
+                    .partial_cmp(&x)
+                    .unwrap_or(std::cmp::Ordering::Equal)
+                    .then(a.cmp(&b)),
             }
         });
         let top = &order[..topk];
@@ -2076,12 +2195,28 @@ pub fn inspect_adapter(dir: impl AsRef<Path>) -> Result<String> {
                 "r = {}, lora_alpha = {}, {}{}{}, dropout {}, bias {:?}{}",
                 c.r,
                 c.lora_alpha,
-                if c.use_rslora { "rsLoRA (alpha/sqrt(r))" } else { "alpha/r" },
-                if c.rank_pattern.is_empty() { "" } else { ", rank_pattern" },
-                if c.alpha_pattern.is_empty() { "" } else { ", alpha_pattern" },
+                if c.use_rslora {
+                    "rsLoRA (alpha/sqrt(r))"
+                } else {
+                    "alpha/r"
+                },
+                if c.rank_pattern.is_empty() {
+                    ""
+                } else {
+                    ", rank_pattern"
+                },
+                if c.alpha_pattern.is_empty() {
+                    ""
+                } else {
+                    ", alpha_pattern"
+                },
                 c.lora_dropout,
                 cfg.bias,
-                if cfg.fan_in_fan_out { ", fan_in_fan_out" } else { "" }
+                if cfg.fan_in_fan_out {
+                    ", fan_in_fan_out"
+                } else {
+                    ""
+                }
             );
         }
         MethodConfig::WaveFt(c) => {
@@ -2089,7 +2224,11 @@ pub fn inspect_adapter(dir: impl AsRef<Path>) -> Result<String> {
                 s,
                 "n_frequency = {}{}, scaling = {}, wavelet {}, idwt {}, seed {}",
                 c.n_frequency,
-                if c.proportional_parameters { " (proportional)" } else { "" },
+                if c.proportional_parameters {
+                    " (proportional)"
+                } else {
+                    ""
+                },
                 c.scaling,
                 c.wavelet_family,
                 c.use_idwt,
@@ -2104,7 +2243,11 @@ pub fn inspect_adapter(dir: impl AsRef<Path>) -> Result<String> {
                 c.num_vectors,
                 c.vector_length,
                 c.topk,
-                if c.save_only_topk_weights { ", stored as top-k weights" } else { "" }
+                if c.save_only_topk_weights {
+                    ", stored as top-k weights"
+                } else {
+                    ""
+                }
             );
         }
     }

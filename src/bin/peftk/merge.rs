@@ -37,7 +37,9 @@ pub fn run(args: &MergeArgs) -> Result<()> {
         Some(s) => {
             let d: DType = s.parse()?;
             if !d.is_float() {
-                return Err(Error::InvalidArgument(format!("--dtype must be f32, f16 or bf16, got {s:?}")));
+                return Err(Error::InvalidArgument(format!(
+                    "--dtype must be f32, f16 or bf16, got {s:?}"
+                )));
             }
             Some(d)
         }

@@ -69,12 +69,12 @@ impl Json {
     /// (dicts in order, because order is semantic for PEFT's pattern dicts).
     pub(crate) fn py_eq(&self, other: &Json) -> bool {
         match (self, other) {
-            (Json::List(a), Json::List(b)) => {
-                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.py_eq(y))
-            }
+            (Json::List(a), Json::List(b)) => a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.py_eq(y)),
             (Json::Dict(a), Json::Dict(b)) => {
                 a.len() == b.len()
-                    && a.iter().zip(b).all(|((ka, va), (kb, vb))| ka == kb && va.py_eq(vb))
+                    && a.iter()
+                        .zip(b)
+                        .all(|((ka, va), (kb, vb))| ka == kb && va.py_eq(vb))
             }
             (Json::Bool(a), Json::Bool(b)) => a == b,
             (Json::Null, Json::Null) => true,
@@ -506,7 +506,9 @@ mod tests {
         // First position, last value.
         assert_eq!(entries[0].0, "b");
         assert_eq!(entries[0].1, Json::Null);
-        let Json::Dict(inner) = &entries[1].1 else { panic!() };
+        let Json::Dict(inner) = &entries[1].1 else {
+            panic!()
+        };
         assert_eq!(inner[0].0, "z");
         assert_eq!(
             dumps_sorted(&v),
@@ -521,7 +523,18 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for bad in ["", "{", "{\"a\" 1}", "[1,]", "01", "\"\\x\"", "{} x", "\"a\nb\"", "tru", "-"] {
+        for bad in [
+            "",
+            "{",
+            "{\"a\" 1}",
+            "[1,]",
+            "01",
+            "\"\\x\"",
+            "{} x",
+            "\"a\nb\"",
+            "tru",
+            "-",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?} should fail");
         }
         let deep = "[".repeat(1000);
