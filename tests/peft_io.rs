@@ -496,6 +496,49 @@ fn target_matching_follows_check_target_module_exists() {
     );
 }
 
+/// PEFT's own answers (tests/fixtures/peft/configs/matching.json, from `check_target_module_exists` and
+/// `get_pattern_key`) on tricky names: suffixes, layer indices, layers_pattern forms, exclusions,
+/// modules_to_save, regexes, pattern order.
+#[test]
+fn matching_agrees_with_peft() {
+    let text = std::fs::read_to_string(fixtures().join("configs/matching.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let mut checked = 0;
+    for case in v["targets"].as_array().unwrap() {
+        let mut obj = case["config"].as_object().unwrap().clone();
+        obj.insert("peft_type".into(), Value::String("LORA".into()));
+        let cfg = AdapterConfig::from_json_str(&Value::Object(obj).to_string()).unwrap();
+        for (key, want) in case["targets"].as_object().unwrap() {
+            assert_eq!(
+                cfg.targets(key, true),
+                want.as_bool().unwrap(),
+                "{}: {key}",
+                case["config"]
+            );
+            checked += 1;
+        }
+    }
+    for case in v["patterns"].as_array().unwrap() {
+        let pairs: Vec<String> = case["pattern"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|kv| format!("{}: {}", kv[0], kv[1]))
+            .collect();
+        let text = format!(
+            r#"{{"peft_type": "LORA", "r": 8, "rank_pattern": {{{}}}}}"#,
+            pairs.join(", ")
+        );
+        let cfg = AdapterConfig::from_json_str(&text).unwrap();
+        for (name, want) in case["resolved"].as_object().unwrap() {
+            let want = want.as_u64().map_or(8, |r| r as usize);
+            assert_eq!(cfg.rank_for(name), Some(want), "{text}: {name}");
+            checked += 1;
+        }
+    }
+    assert!(checked > 300, "{checked}");
+}
+
 #[test]
 fn waveft_n_frequency_resolution() {
     let mut w = WaveFtConfig {

@@ -546,12 +546,13 @@ impl AdapterConfig {
 
     /// The layer index PEFT reads from a module name (the first numbered segment after `layers_pattern`).
     fn layer_index(&self, module: &str) -> Option<i64> {
+        // An empty layers_pattern (None, [] or "") means any layer pattern; `[""]` is a pattern.
         let patterns: &[String] = match &self.layers_pattern {
             None => &[],
+            Some(OneOrMany::One(p)) if p.is_empty() => &[],
             Some(p) => p.as_slice(),
         };
-        // An empty layers_pattern (None, [] or "") means any layer pattern.
-        let caps = if patterns.iter().all(|p| p.is_empty()) && patterns.len() <= 1 {
+        let caps = if patterns.is_empty() {
             Regex::new(r"^(?:.*?\.[^.]*\.(?P<idx>\d+)\.)")
                 .ok()?
                 .captures(module)
