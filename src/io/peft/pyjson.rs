@@ -521,6 +521,60 @@ mod tests {
         );
     }
 
+    fn sorted(v: &Json) -> Json {
+        match v {
+            Json::List(items) => Json::List(items.iter().map(sorted).collect()),
+            Json::Dict(e) => {
+                let mut e: Vec<(String, Json)> = e.iter().map(|(k, v)| (k.clone(), sorted(v))).collect();
+                e.sort_by(|a, b| a.0.cmp(&b.0));
+                Json::Dict(e)
+            }
+            other => other.clone(),
+        }
+    }
+
+    fn arb_json() -> impl proptest::strategy::Strategy<Value = Json> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Json::Null),
+            any::<bool>().prop_map(Json::Bool),
+            any::<i64>().prop_map(Json::int),
+            any::<f64>().prop_map(Json::Float),
+            "[\\t\\n\\x01 -~\\u{80}-\\u{10ffff}]{0,8}".prop_map(Json::Str),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Json::List),
+                proptest::collection::btree_map("[a-z_.]{0,6}", inner, 0..6)
+                    .prop_map(|m| Json::Dict(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn float_repr_round_trips(bits in proptest::prelude::any::<u64>()) {
+            let f = f64::from_bits(bits);
+            let text = py_float_repr(f);
+            let Json::Float(g) = parse(&text).unwrap() else { panic!("{text}") };
+            proptest::prop_assert!(g.to_bits() == f.to_bits() || (f.is_nan() && g.is_nan()), "{f:e} -> {text}");
+        }
+
+        #[test]
+        fn dumps_parse_round_trips(v in arb_json()) {
+            let text = dumps_sorted(&v);
+            let back = parse(&text).unwrap();
+            let want = sorted(&v);
+            // NaN != NaN: compare the re-serialization instead.
+            proptest::prop_assert_eq!(dumps_sorted(&back), text.clone());
+            if !text.contains("NaN") {
+                proptest::prop_assert!(back.py_eq(&want), "{text}");
+            }
+        }
+    }
+
     #[test]
     fn rejects_malformed() {
         for bad in [
