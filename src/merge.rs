@@ -55,6 +55,11 @@ use std::sync::Arc;
 ///
 /// Cost: `out·in·r` multiply-adds; the result is `out·in·4` bytes.
 pub fn lora_delta(a: &Tensor, b: &Tensor, scaling: f32, transposed: bool) -> Result<Tensor> {
+    lora_product(a, b, transposed)?.scale(scaling)
+}
+
+/// `B·A` (or `(B·A)ᵀ`), f32.
+fn lora_product(a: &Tensor, b: &Tensor, transposed: bool) -> Result<Tensor> {
     let op = "lora_delta";
     let (r, _) = a.dims2(op)?;
     let (_, rb) = b.dims2(op)?;
@@ -70,16 +75,18 @@ pub fn lora_delta(a: &Tensor, b: &Tensor, scaling: f32, transposed: bool) -> Res
     }
     let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
     // (B·A)ᵀ = Aᵀ·Bᵀ: the transposed product comes straight out of the GEMM, no copy.
-    let ba = if transposed {
-        a.matmul_t(&b, true, true)?
+    if transposed {
+        a.matmul_t(&b, true, true)
     } else {
-        b.matmul(&a)?
-    };
-    ba.scale(scaling)
+        b.matmul(&a)
+    }
 }
 
 /// `W + s·B·A` for a dense base weight `[out, in]` (`[in, out]` with `fan_in_fan_out`), computed in f32.
 /// Returns f32; cast with [`Tensor::to_dtype`] to store it (one rounding).
+///
+/// Bytes: the base is read once and the `out·in` f32 product written once and read once (the scaled add
+/// is a single axpy pass, rounding `s·(B·A)` and then the sum, like PEFT's `W += (B @ A) * s`).
 pub fn merge_lora(
     base: &Tensor,
     a: &Tensor,
@@ -87,8 +94,8 @@ pub fn merge_lora(
     scaling: f32,
     fan_in_fan_out: bool,
 ) -> Result<Tensor> {
-    let delta = lora_delta(a, b, scaling, fan_in_fan_out)?;
-    if base.shape() != delta.shape() {
+    let ba = lora_product(a, b, fan_in_fan_out)?;
+    if base.shape() != ba.shape() {
         return Err(Error::shape(
             "merge_lora",
             format!(
@@ -104,7 +111,9 @@ pub fn merge_lora(
             ),
         ));
     }
-    base.to_dtype(DType::F32)?.add(&delta)
+    let mut w = base.to_dtype(DType::F32)?;
+    w.add_scaled_(&ba, scaling)?;
+    Ok(w)
 }
 
 /// DoRA merge: `(m / ‖W + s·B·A‖_row) ⊙ (W + s·B·A)`, one norm and one magnitude per output feature.
@@ -579,9 +588,9 @@ pub fn merge_into_file(
             Source::Merged { module, dtype } => {
                 let m = &layout.modules[*module];
                 let merged = merge_module(&file, adapter, m, &bases[*module], registry, opts.device)?;
-                let t = merged.to_dtype(*dtype)?;
-                check_finite(&t, name)?;
-                Cow::Owned(t.to_bytes()?)
+                let bytes = merged.to_dtype(*dtype)?.to_bytes()?;
+                check_finite_bytes(&bytes, *dtype, name)?;
+                Cow::Owned(bytes)
             }
         })
     })?;
@@ -589,19 +598,38 @@ pub fn merge_into_file(
 }
 
 fn check_finite(t: &Tensor, name: &str) -> Result<()> {
-    if let Some((i, v)) = t
-        .to_vec_f32()?
-        .into_iter()
-        .enumerate()
-        .find(|(_, v)| !v.is_finite())
-    {
-        return Err(Error::NonFinite {
+    check_finite_bytes(&t.to_bytes()?, t.dtype(), name)
+}
+
+/// PEFT's `safe_merge` check, on the little-endian bytes about to be written (no extra copy).
+fn check_finite_bytes(bytes: &[u8], dtype: DType, name: &str) -> Result<()> {
+    let first_bad = |it: &mut dyn Iterator<Item = f32>| it.enumerate().find(|(_, v)| !v.is_finite());
+    let bad = match dtype {
+        DType::F32 => first_bad(
+            &mut bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
+        DType::F16 => first_bad(
+            &mut bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+        DType::BF16 => first_bad(
+            &mut bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+        _ => None,
+    };
+    match bad {
+        Some((index, value)) => Err(Error::NonFinite {
             tensor: format!("{name} (merged; the adapter seems broken, or the output dtype overflows)"),
-            index: i,
-            value: v,
-        });
+            index,
+            value,
+        }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn merge_module(
