@@ -22,6 +22,7 @@ pub mod autograd;
 pub mod device;
 pub mod error;
 pub mod io;
+pub mod merge;
 pub mod optim;
 pub mod qmatmul;
 pub mod quant;

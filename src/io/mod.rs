@@ -42,11 +42,13 @@ pub fn from_st_dtype(d: StDtype) -> Option<DType> {
 /// `safetensors` crate when opened; tensors are decoded on demand.
 pub struct SafetensorsFile {
     path: PathBuf,
-    // Declared before `mmap` is irrelevant: `SafeTensors` is re-parsed from the map on each access,
-    // so no borrow outlives the struct.
     mmap: memmap2::Mmap,
     names: Vec<String>,
     metadata: Option<HashMap<String, String>>,
+    /// The parsed header (owned, no borrow of the map) and where the data section starts, so that a
+    /// lookup does not re-parse the header (which made reading every tensor O(n²) in the tensor count).
+    header: safetensors::tensor::Metadata,
+    data_start: usize,
 }
 
 impl SafetensorsFile {
@@ -57,20 +59,23 @@ impl SafetensorsFile {
         // SAFETY: the map is read-only. Another process truncating the file while it is mapped could
         // fault; that is the documented contract of every mmap-based safetensors loader.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        let (names, metadata) = {
+        let (names, metadata, header, data_start) = {
+            // Full validation (offsets within the file, no overlaps) happens here, once.
             let st = SafeTensors::deserialize(&mmap)
                 .map_err(|e| Error::format(path.display().to_string(), e.to_string()))?;
             let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
             names.sort();
-            let (_, meta) = SafeTensors::read_metadata(&mmap)
+            let (n, meta) = SafeTensors::read_metadata(&mmap)
                 .map_err(|e| Error::format(path.display().to_string(), e.to_string()))?;
-            (names, meta.metadata().clone())
+            (names, meta.metadata().clone(), meta, 8 + n)
         };
         Ok(SafetensorsFile {
             path,
             mmap,
             names,
             metadata,
+            header,
+            data_start,
         })
     }
 
@@ -94,25 +99,23 @@ impl SafetensorsFile {
         self.metadata.as_ref()
     }
 
-    fn st(&self) -> Result<SafeTensors<'_>> {
-        SafeTensors::deserialize(&self.mmap).map_err(|e| self.err(e.to_string()))
-    }
-
     pub(crate) fn err(&self, msg: impl Into<String>) -> Error {
         Error::format(self.path.display().to_string(), msg)
     }
 
     /// The raw view of one tensor: safetensors dtype, shape and little-endian bytes (borrowed).
     pub fn raw(&self, name: &str) -> Result<(StDtype, Vec<usize>, &[u8])> {
-        let st = self.st()?;
-        let v = st
-            .tensor(name)
-            .map_err(|_| self.err(format!("missing tensor {name:?}")))?;
-        let (dtype, shape) = (v.dtype(), v.shape().to_vec());
-        // Re-slice from the map so the borrow is tied to `self`, not to the temporary `st`.
-        let data = v.data();
-        let start = data.as_ptr() as usize - self.mmap.as_ptr() as usize;
-        Ok((dtype, shape, &self.mmap[start..start + data.len()]))
+        let info = self
+            .header
+            .info(name)
+            .ok_or_else(|| self.err(format!("missing tensor {name:?}")))?;
+        let (begin, end) = info.data_offsets;
+        // In bounds: `open` validated every offset against the file size with `SafeTensors::deserialize`.
+        let data = self
+            .mmap
+            .get(self.data_start + begin..self.data_start + end)
+            .ok_or_else(|| self.err(format!("tensor {name:?} lies outside the file")))?;
+        Ok((info.dtype, info.shape.clone(), data))
     }
 
     /// Loads one tensor onto `device`. Fails for dtypes the crate does not support.

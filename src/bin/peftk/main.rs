@@ -1,4 +1,42 @@
 //! `peftk`: the peft-kernels command line.
-fn main() {
-    println!("peftk {}", env!("CARGO_PKG_VERSION"));
+
+mod merge;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(name = "peftk", version, about = "peft-kernels command line")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Merge a PEFT adapter into a base safetensors checkpoint.
+    Merge(merge::MergeArgs),
+    /// Summarize a PEFT adapter directory (method, ranks, scalings, parameters, sizes).
+    InspectAdapter(merge::InspectAdapterArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Merge(a) => merge::run(a),
+        Command::InspectAdapter(a) => merge::run_inspect_adapter(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = format!("error: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!("\n  caused by: {s}"));
+                src = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
 }
