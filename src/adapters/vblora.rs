@@ -73,7 +73,9 @@ impl VbLoraConfig {
             return Err(Error::invalid("VB-LoRA r must be a positive integer (as PEFT)"));
         }
         if self.topk == 0 {
-            return Err(Error::invalid("VB-LoRA topk must be a positive integer (as PEFT)"));
+            return Err(Error::invalid(
+                "VB-LoRA topk must be a positive integer (as PEFT)",
+            ));
         }
         if self.num_vectors == 0 || self.vector_length == 0 {
             return Err(Error::invalid(format!(
@@ -109,7 +111,12 @@ impl VbLoraConfig {
 
 // ---------------------------------------------------------------- pure functions
 
-fn check_compose(bank: &Tensor, logits: &Tensor, topk: usize, op: &'static str) -> Result<(usize, usize, usize)> {
+fn check_compose(
+    bank: &Tensor,
+    logits: &Tensor,
+    topk: usize,
+    op: &'static str,
+) -> Result<(usize, usize, usize)> {
     for (t, what) in [(bank, "bank"), (logits, "logits")] {
         if t.dtype() != DType::F32 {
             return Err(Error::dtype(op, format!("f32 {what}"), t.dtype()));
@@ -118,25 +125,45 @@ fn check_compose(bank: &Tensor, logits: &Tensor, topk: usize, op: &'static str) 
     bank.check_same_device(logits, op)?;
     let (v, len) = match bank.shape() {
         [v, l] => (*v, *l),
-        s => return Err(Error::shape(op, format!("bank must be [num_vectors, L], got {s:?}"))),
+        s => {
+            return Err(Error::shape(
+                op,
+                format!("bank must be [num_vectors, L], got {s:?}"),
+            ));
+        }
     };
     let (rows, lv) = logits.dims2(op)?;
     if lv != v {
         return Err(Error::shape(
             op,
-            format!("logits {:?} must end in num_vectors = {v} (bank {:?})", logits.shape(), bank.shape()),
+            format!(
+                "logits {:?} must end in num_vectors = {v} (bank {:?})",
+                logits.shape(),
+                bank.shape()
+            ),
         ));
     }
     if topk == 0 || topk > v {
-        return Err(Error::invalid(format!("{op}: topk {topk} must be in 1..={v} (num_vectors)")));
+        return Err(Error::invalid(format!(
+            "{op}: topk {topk} must be in 1..={v} (num_vectors)"
+        )));
     }
     if v == 0 || len == 0 {
-        return Err(Error::shape(op, format!("bank {:?} has a zero dimension", bank.shape())));
+        return Err(Error::shape(
+            op,
+            format!("bank {:?} has a zero dimension", bank.shape()),
+        ));
     }
     Ok((rows, v, len))
 }
 
-fn compose_impl(bank: &Tensor, logits: &Tensor, topk: usize, layout: Layout, shape: &[usize]) -> Result<Tensor> {
+fn compose_impl(
+    bank: &Tensor,
+    logits: &Tensor,
+    topk: usize,
+    layout: Layout,
+    shape: &[usize],
+) -> Result<Tensor> {
     let op = "vblora_compose";
     let (_, v, len) = check_compose(bank, logits, topk, op)?;
     match (bank.storage(), logits.storage()) {
@@ -168,7 +195,11 @@ fn compose_backward_impl(
     if grad.numel() != rows * len {
         return Err(Error::shape(
             op,
-            format!("grad_out {:?} must hold {rows}x{len} elements (logits {:?})", grad.shape(), logits.shape()),
+            format!(
+                "grad_out {:?} must hold {rows}x{len} elements (logits {:?})",
+                grad.shape(),
+                logits.shape()
+            ),
         ));
     }
     let refuse = || {
@@ -256,7 +287,10 @@ pub fn vblora_topk_for_save(logits: &Tensor, topk: usize) -> Result<(Tensor, Ten
     is.push(topk);
     let mut ws = lead.to_vec();
     ws.push(topk - 1);
-    let w_kept: Vec<f32> = w.chunks(topk).flat_map(|c| c[..topk - 1].iter().copied()).collect();
+    let w_kept: Vec<f32> = w
+        .chunks(topk)
+        .flat_map(|c| c[..topk - 1].iter().copied())
+        .collect();
     Ok((
         Tensor::from_vec(idx, &is, Device::Cpu)?,
         Tensor::from_vec(w_kept, &ws, Device::Cpu)?,
@@ -284,14 +318,24 @@ pub fn vblora_logits_from_topk(
     }
     let (rows, k) = indices.dims2(op)?;
     let (wrows, km1) = weights.dims2(op)?;
-    if k == 0 || wrows != rows || km1 + 1 != k || indices.shape()[..indices.rank() - 1] != weights.shape()[..weights.rank() - 1] {
+    if k == 0
+        || wrows != rows
+        || km1 + 1 != k
+        || indices.shape()[..indices.rank() - 1] != weights.shape()[..weights.rank() - 1]
+    {
         return Err(Error::shape(
             op,
-            format!("indices {:?} and weights {:?} must be [.., k] and [.., k-1]", indices.shape(), weights.shape()),
+            format!(
+                "indices {:?} and weights {:?} must be [.., k] and [.., k-1]",
+                indices.shape(),
+                weights.shape()
+            ),
         ));
     }
     if k > num_vectors {
-        return Err(Error::invalid(format!("{op}: k = {k} exceeds num_vectors {num_vectors}")));
+        return Err(Error::invalid(format!(
+            "{op}: k = {k} exceeds num_vectors {num_vectors}"
+        )));
     }
     let w = weights.to_vec::<f32>()?;
     let mut logits = vec![f32::NEG_INFINITY; rows * num_vectors];
@@ -301,7 +345,9 @@ pub fn vblora_logits_from_topk(
         for j in 0..k {
             let i = idx[row * k + j];
             if i < 0 || i as usize >= num_vectors {
-                return Err(Error::invalid(format!("{op}: index {i} outside 0..{num_vectors}")));
+                return Err(Error::invalid(format!(
+                    "{op}: index {i} outside 0..{num_vectors}"
+                )));
             }
             let wj = if j < km1 { wr[j] } else { last };
             logits[row * num_vectors + i as usize] = wj.ln();
@@ -352,7 +398,9 @@ impl TopkIndexDtype {
 /// including the i16 that the tensor type lacks).
 pub fn encode_topk_indices(indices: &[i64], num_vectors: usize) -> Result<(safetensors::Dtype, Vec<u8>)> {
     if let Some(&bad) = indices.iter().find(|&&i| i < 0 || i as usize >= num_vectors) {
-        return Err(Error::invalid(format!("top-k index {bad} outside 0..{num_vectors}")));
+        return Err(Error::invalid(format!(
+            "top-k index {bad} outside 0..{num_vectors}"
+        )));
     }
     let d = TopkIndexDtype::for_num_vectors(num_vectors);
     let bytes = match d {
@@ -376,7 +424,10 @@ pub fn decode_topk_indices(dtype: safetensors::Dtype, bytes: &[u8], num_vectors:
         other => return Err(Error::format(ctx, format!("unsupported index dtype {other:?}"))),
     };
     if bytes.len() % size != 0 {
-        return Err(Error::format(ctx, format!("{} bytes is not a multiple of {size}", bytes.len())));
+        return Err(Error::format(
+            ctx,
+            format!("{} bytes is not a multiple of {size}", bytes.len()),
+        ));
     }
     let v: Vec<i64> = bytes
         .chunks_exact(size)
@@ -391,7 +442,10 @@ pub fn decode_topk_indices(dtype: safetensors::Dtype, bytes: &[u8], num_vectors:
         })
         .collect();
     if let Some(&bad) = v.iter().find(|&&i| i < 0 || i as usize >= num_vectors) {
-        return Err(Error::format(ctx, format!("index {bad} outside 0..{num_vectors}")));
+        return Err(Error::format(
+            ctx,
+            format!("index {bad} outside 0..{num_vectors}"),
+        ));
     }
     Ok(v)
 }
@@ -426,13 +480,19 @@ impl VbLoraLayer {
         cfg.validate()?;
         let l = cfg.vector_length;
         if inp == 0 || out == 0 {
-            return Err(Error::invalid(format!("VB-LoRA layer [{out}, {inp}] has a zero dimension")));
+            return Err(Error::invalid(format!(
+                "VB-LoRA layer [{out}, {inp}] has a zero dimension"
+            )));
         }
         if inp % l != 0 {
-            return Err(Error::invalid(format!("`in_features` {inp} must be divisible by `vector_length` {l}")));
+            return Err(Error::invalid(format!(
+                "`in_features` {inp} must be divisible by `vector_length` {l}"
+            )));
         }
         if out % l != 0 {
-            return Err(Error::invalid(format!("`out_features` {out} must be divisible by `vector_length` {l}")));
+            return Err(Error::invalid(format!(
+                "`out_features` {out} must be divisible by `vector_length` {l}"
+            )));
         }
         Ok(VbLoraLayer { out, inp, cfg: *cfg })
     }
@@ -449,19 +509,33 @@ impl VbLoraLayer {
 
     /// `[r, in/L, V]`.
     pub fn logits_a_shape(&self) -> [usize; 3] {
-        [self.cfg.r, self.inp / self.cfg.vector_length, self.cfg.num_vectors]
+        [
+            self.cfg.r,
+            self.inp / self.cfg.vector_length,
+            self.cfg.num_vectors,
+        ]
     }
 
     /// `[out/L, r, V]`.
     pub fn logits_b_shape(&self) -> [usize; 3] {
-        [self.out / self.cfg.vector_length, self.cfg.r, self.cfg.num_vectors]
+        [
+            self.out / self.cfg.vector_length,
+            self.cfg.r,
+            self.cfg.num_vectors,
+        ]
     }
 
     /// Fresh logits `N(0, std²)` (PEFT `init_logits_std`, default 0.1) from our seeded generator.
     pub fn init_logits(&self, std: f32, seed: u64, device: Device) -> Result<(Tensor, Tensor)> {
         Ok((
             Tensor::randn(&self.logits_a_shape(), std, seed, DType::F32, device)?,
-            Tensor::randn(&self.logits_b_shape(), std, seed.wrapping_add(1), DType::F32, device)?,
+            Tensor::randn(
+                &self.logits_b_shape(),
+                std,
+                seed.wrapping_add(1),
+                DType::F32,
+                device,
+            )?,
         ))
     }
 
@@ -469,7 +543,12 @@ impl VbLoraLayer {
         if bank.shape() != [self.cfg.num_vectors, self.cfg.vector_length] {
             return Err(Error::shape(
                 op,
-                format!("bank must be [{}, {}], got {:?}", self.cfg.num_vectors, self.cfg.vector_length, bank.shape()),
+                format!(
+                    "bank must be [{}, {}], got {:?}",
+                    self.cfg.num_vectors,
+                    self.cfg.vector_length,
+                    bank.shape()
+                ),
             ));
         }
         if la.shape() != self.logits_a_shape() || lb.shape() != self.logits_b_shape() {
@@ -488,11 +567,22 @@ impl VbLoraLayer {
     }
 
     /// `(A [r, in], B [out, r])`, f32, as PEFT's `_get_lora_matrices`.
-    pub fn compose_ab(&self, bank: &Tensor, logits_a: &Tensor, logits_b: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn compose_ab(
+        &self,
+        bank: &Tensor,
+        logits_a: &Tensor,
+        logits_b: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         self.check_logits(bank, logits_a, logits_b, "vblora compose_ab")?;
         let k = self.cfg.topk;
         let a = compose_impl(bank, logits_a, k, Layout::Plain, &[self.cfg.r, self.inp])?;
-        let b = compose_impl(bank, logits_b, k, Layout::BTransposed { r: self.cfg.r }, &[self.out, self.cfg.r])?;
+        let b = compose_impl(
+            bank,
+            logits_b,
+            k,
+            Layout::BTransposed { r: self.cfg.r },
+            &[self.out, self.cfg.r],
+        )?;
         Ok((a, b))
     }
 
@@ -512,7 +602,15 @@ impl VbLoraLayer {
             ));
         }
         if a.dtype() != DType::F32 || b.dtype() != DType::F32 {
-            return Err(Error::dtype(op, "f32 A and B", if a.dtype() != DType::F32 { a.dtype() } else { b.dtype() }));
+            return Err(Error::dtype(
+                op,
+                "f32 A and B",
+                if a.dtype() != DType::F32 {
+                    a.dtype()
+                } else {
+                    b.dtype()
+                },
+            ));
         }
         Ok(())
     }
@@ -521,7 +619,10 @@ impl VbLoraLayer {
         x.dtype().expect_float(op)?;
         let (t, d) = x.dims2(op)?;
         if d != dim {
-            return Err(Error::shape(op, format!("{what} must be [.., {dim}], got {:?}", x.shape())));
+            return Err(Error::shape(
+                op,
+                format!("{what} must be [.., {dim}], got {:?}", x.shape()),
+            ));
         }
         Ok(t)
     }
@@ -572,7 +673,13 @@ impl VbLoraLayer {
         if td != t || dy.dtype() != x.dtype() {
             return Err(Error::shape(
                 op,
-                format!("dy {:?} {} does not match x {:?} {}", dy.shape(), dy.dtype(), x.shape(), x.dtype()),
+                format!(
+                    "dy {:?} {} does not match x {:?} {}",
+                    dy.shape(),
+                    dy.dtype(),
+                    x.shape(),
+                    x.dtype()
+                ),
             ));
         }
         let xf = x.to_dtype(DType::F32)?.reshape(&[t, self.inp])?;
@@ -588,7 +695,8 @@ impl VbLoraLayer {
         };
         let k = self.cfg.topk;
         let (dla, dbank_a) = compose_backward_impl(bank, logits_a, k, &da, Layout::Plain)?;
-        let (dlb, dbank_b) = compose_backward_impl(bank, logits_b, k, &db, Layout::BTransposed { r: self.cfg.r })?;
+        let (dlb, dbank_b) =
+            compose_backward_impl(bank, logits_b, k, &db, Layout::BTransposed { r: self.cfg.r })?;
         Ok(VbLoraGrads {
             dx,
             dlogits_a: dla,

@@ -93,7 +93,9 @@ impl WaveFtConfig {
     /// kernel limits).
     pub fn validate(&self, out: usize, inp: usize) -> Result<()> {
         if out == 0 || inp == 0 {
-            return Err(Error::invalid(format!("WaveFT layer shape [{out}, {inp}] has a zero dimension")));
+            return Err(Error::invalid(format!(
+                "WaveFT layer shape [{out}, {inp}] has a zero dimension"
+            )));
         }
         if out > i32::MAX as usize || inp > i32::MAX as usize {
             return Err(Error::invalid(format!(
@@ -115,7 +117,10 @@ impl WaveFtConfig {
             )));
         }
         if !self.scaling.is_finite() {
-            return Err(Error::invalid(format!("WaveFT scaling {} is not finite", self.scaling)));
+            return Err(Error::invalid(format!(
+                "WaveFT scaling {} is not finite",
+                self.scaling
+            )));
         }
         if !peft_accepts_wavelet(&self.wavelet_family) {
             return Err(Error::invalid(format!(
@@ -339,13 +344,21 @@ impl WaveFtPositions {
         if spectrum.shape() != [self.n_frequency()] {
             return Err(Error::shape(
                 op,
-                format!("spectrum must be [{}], got {:?}", self.n_frequency(), spectrum.shape()),
+                format!(
+                    "spectrum must be [{}], got {:?}",
+                    self.n_frequency(),
+                    spectrum.shape()
+                ),
             ));
         }
         if spectrum.device() != self.device {
             return Err(Error::device(
                 op,
-                format!("spectrum on {} but the WaveFT structure on {}", spectrum.device(), self.device),
+                format!(
+                    "spectrum on {} but the WaveFT structure on {}",
+                    spectrum.device(),
+                    self.device
+                ),
             ));
         }
         Ok(())
@@ -357,7 +370,11 @@ impl WaveFtPositions {
         if x.device() != self.device {
             return Err(Error::device(
                 op,
-                format!("{what} on {} but the WaveFT structure on {}", x.device(), self.device),
+                format!(
+                    "{what} on {} but the WaveFT structure on {}",
+                    x.device(),
+                    self.device
+                ),
             ));
         }
         let (t, d) = x.dims2(op)?;
@@ -390,7 +407,7 @@ pub fn waveft_forward(pos: &WaveFtPositions, x: &Tensor, spectrum: &Tensor, scal
             Ok(y)
         }
         #[cfg(feature = "cuda")]
-        (Storage::Cuda(_), Storage::Cuda(_)) => cuda::forward(pos, x, spectrum, scaling, None, tokens, &shape),
+        (Storage::Cuda(_), Storage::Cuda(_)) => cuda::forward(pos, x, spectrum, scaling, tokens, &shape),
         #[cfg(feature = "cuda")]
         _ => Err(Error::device(op, "mixed devices")),
     }
@@ -412,16 +429,19 @@ pub fn waveft_forward_add(
     if ty != tokens || y.dtype() != x.dtype() {
         return Err(Error::shape(
             op,
-            format!("y {:?} {} does not match x {:?} {}", y.shape(), y.dtype(), x.shape(), x.dtype()),
+            format!(
+                "y {:?} {} does not match x {:?} {}",
+                y.shape(),
+                y.dtype(),
+                x.shape(),
+                x.dtype()
+            ),
         ));
     }
     match x.storage() {
         Storage::Cpu(_) => cpu_forward(pos, x, spectrum, scaling, y, true, tokens),
         #[cfg(feature = "cuda")]
-        Storage::Cuda(_) => {
-            let shape = y.shape().to_vec();
-            cuda::forward(pos, x, spectrum, scaling, Some(y), tokens, &shape).map(|_| ())
-        }
+        Storage::Cuda(_) => cuda::forward_add(pos, x, spectrum, scaling, y, tokens),
     }
 }
 
@@ -442,7 +462,9 @@ fn cpu_forward(
         ($t:ty) => {{
             let xs = x.cpu_data::<$t>(op)?;
             let ys = y.cpu_data_mut::<$t>(op)?;
-            cpu::spmm(xs, pos.inp, &h.row_ptr, &h.pos_col, &v_row, ys, pos.out, accumulate);
+            cpu::spmm(
+                xs, pos.inp, &h.row_ptr, &h.pos_col, &v_row, ys, pos.out, accumulate,
+            );
         }};
     }
     match x.dtype() {
@@ -486,7 +508,13 @@ pub fn waveft_backward_add_dx(
     if dx.shape() != x.shape() || dx.dtype() != x.dtype() || dx.device() != x.device() {
         return Err(Error::shape(
             "waveft_backward_add_dx",
-            format!("dx {:?} {} must match x {:?} {}", dx.shape(), dx.dtype(), x.shape(), x.dtype()),
+            format!(
+                "dx {:?} {} must match x {:?} {}",
+                dx.shape(),
+                dx.dtype(),
+                x.shape(),
+                x.dtype()
+            ),
         ));
     }
     backward_impl(pos, x, dy, spectrum, scaling, Some(dx), true)
@@ -508,7 +536,13 @@ fn backward_impl(
     if td != tokens || dy.dtype() != x.dtype() || dy.shape()[..dy.rank() - 1] != x.shape()[..x.rank() - 1] {
         return Err(Error::shape(
             op,
-            format!("dy {:?} {} does not match x {:?} {}", dy.shape(), dy.dtype(), x.shape(), x.dtype()),
+            format!(
+                "dy {:?} {} does not match x {:?} {}",
+                dy.shape(),
+                dy.dtype(),
+                x.shape(),
+                x.dtype()
+            ),
         ));
     }
     match x.storage() {
@@ -523,7 +557,16 @@ fn backward_impl(
                     match dx {
                         Some(d) => {
                             let d = d.cpu_data_mut::<$t>(op)?;
-                            cpu::backward(xs, dys, tokens, pos.inp, pos.out, h, &v_col, Some((d, accumulate)))
+                            cpu::backward(
+                                xs,
+                                dys,
+                                tokens,
+                                pos.inp,
+                                pos.out,
+                                h,
+                                &v_col,
+                                Some((d, accumulate)),
+                            )
                         }
                         None => cpu::backward(xs, dys, tokens, pos.inp, pos.out, h, &v_col, None),
                     }
@@ -593,7 +636,12 @@ impl WaveFtLayer {
         proportional_parameters: bool,
         device: Device,
     ) -> Result<Vec<WaveFtLayer>> {
-        let ns = waveft_n_frequencies(modules, base.n_frequency, n_frequency_pattern, proportional_parameters)?;
+        let ns = waveft_n_frequencies(
+            modules,
+            base.n_frequency,
+            n_frequency_pattern,
+            proportional_parameters,
+        )?;
         modules
             .iter()
             .zip(ns)
@@ -616,7 +664,10 @@ impl WaveFtLayer {
                 "waveft_spectrum",
                 format!(
                     "expected [{}] for a [{}, {}] layer with n_frequency {}, got {:?}",
-                    self.config.n_frequency, self.out, self.inp, self.config.n_frequency,
+                    self.config.n_frequency,
+                    self.out,
+                    self.inp,
+                    self.config.n_frequency,
                     spectrum.shape()
                 ),
             ));

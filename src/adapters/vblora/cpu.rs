@@ -24,7 +24,10 @@ pub(crate) struct Selection {
 
 /// Softmax over the selected logits, in torch's order (max-subtracted, normalized by the sum).
 fn softmax_into(sel: &[(f32, u32)], w: &mut [f32]) {
-    let m = sel.iter().fold(f32::NEG_INFINITY, |m, e| if e.0 > m || e.0.is_nan() { e.0 } else { m });
+    let m = sel.iter().fold(
+        f32::NEG_INFINITY,
+        |m, e| if e.0 > m || e.0.is_nan() { e.0 } else { m },
+    );
     let mut s = 0f32;
     for (o, e) in w.iter_mut().zip(sel) {
         *o = (e.0 - m).exp();
@@ -119,24 +122,18 @@ pub(crate) fn compose_backward(
     let mut dlogits = vec![0f32; rows * v];
     dlogits.par_chunks_mut(v).enumerate().for_each(|(row, d)| {
         let gr = &g_plain[row * len..(row + 1) * len];
-        let mut gj = [0f32; 64];
-        let mut gj_heap = Vec::new();
-        let gs: &mut [f32] = if k <= 64 {
-            &mut gj[..k]
-        } else {
-            gj_heap.resize(k, 0.0);
-            &mut gj_heap
+        let (ib, wb) = (&sel.idx[row * k..(row + 1) * k], &sel.w[row * k..(row + 1) * k]);
+        let dot = |b: u32| -> f32 {
+            let b = b as usize;
+            gr.iter()
+                .zip(&bank[b * len..(b + 1) * len])
+                .map(|(a, b)| a * b)
+                .sum()
         };
-        let mut dot_w = 0f32;
-        for j in 0..k {
-            let b = sel.idx[row * k + j] as usize;
-            let dot: f32 = gr.iter().zip(&bank[b * len..(b + 1) * len]).map(|(a, b)| a * b).sum();
-            gs[j] = dot;
-            dot_w += sel.w[row * k + j] * dot;
-        }
-        for j in 0..k {
-            let wj = sel.w[row * k + j];
-            d[sel.idx[row * k + j] as usize] = wj * (gs[j] - dot_w);
+        // Σ_i w_i g_i, then each selected logit's softmax-Jacobian row (g_j recomputed: k is tiny).
+        let dot_w: f32 = ib.iter().zip(wb).map(|(&b, &w)| w * dot(b)).sum();
+        for (&b, &w) in ib.iter().zip(wb) {
+            d[b as usize] = w * (dot(b) - dot_w);
         }
     });
     // dbank: bucket (row, j) by bank row, rows ascending, then reduce each bucket in order.

@@ -11,6 +11,7 @@
 //!   bytes: x (8 MB) + y (8 MB) = 16 MB, same as LoRA; per block 20k gathers from a 256 KB L2 panel.
 //! - backward: SDDMM G[p] = Σ_t dy[t,row_p]·x[t,col_p] (2·T·nnz) and dx = dy·ΔW (2·T·nnz);
 //!   bytes: x + dy read, dx written = 24 MB. dspectrum = scaling·Sᵀ·G is O(entries).
+//!
 //! So both passes are memory bound at about one read of the activations, like LoRA's, and need no dense
 //! out×in buffer (PEFT builds two: the padded coefficient grid and ΔW, 2 x 64 MB here, every step).
 //!
@@ -67,40 +68,118 @@ fn hsum(v: &Lane) -> f32 {
     (b[0] + b[2]) + (b[1] + b[3])
 }
 
-/// panel[c][t] = src[t·dim + c] for the `tb` rows of `src` (the rest of the lanes are zeroed).
+/// out[j][t] = tile[t][j] for a 16x16 tile.
 #[inline(always)]
-fn load_panel<T: Element>(src: &[T], tb: usize, dim: usize, panel: &mut [Lane]) {
-    for c0 in (0..dim).step_by(TB) {
-        let c1 = (c0 + TB).min(dim);
+fn transpose16(isa: Isa, tile: &[Lane; TB], out: &mut [Lane]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        // SAFETY: AVX2 was detected at run time (`isa()`); `out` holds at least 16 lanes (checked).
+        assert!(out.len() >= TB);
+        unsafe { transpose16_avx2(tile, out) };
+        return;
+    }
+    let _ = isa;
+    for (j, o) in out[..TB].iter_mut().enumerate() {
         for t in 0..TB {
-            if t < tb {
-                let row = &src[t * dim + c0..t * dim + c1];
-                for (j, v) in row.iter().enumerate() {
-                    panel[c0 + j][t] = v.to_f32();
-                }
-            } else {
-                for lane in &mut panel[c0..c1] {
-                    lane[t] = 0.0;
+            o[t] = tile[t][j];
+        }
+    }
+}
+
+/// The classic 8x8 AVX transpose (unpack, shuffle, permute2f128) on the four 8x8 quarters.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn transpose16_avx2(tile: &[Lane; TB], out: &mut [Lane]) {
+    use std::arch::x86_64::*;
+    for br in 0..2 {
+        for bc in 0..2 {
+            // SAFETY: every load reads 8 floats at tile[8·br + i][8·bc..], inside the 16x16 tile; every
+            // store writes 8 floats at out[8·bc + i][8·br..], inside the first 16 lanes of `out` (the
+            // caller checked out.len() >= 16). The arithmetic intrinsics need AVX, implied by AVX2.
+            unsafe {
+                let r: [__m256; 8] =
+                    std::array::from_fn(|i| _mm256_loadu_ps(tile[8 * br + i][8 * bc..].as_ptr()));
+                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                let c = [
+                    _mm256_permute2f128_ps::<0x20>(s0, s4),
+                    _mm256_permute2f128_ps::<0x20>(s1, s5),
+                    _mm256_permute2f128_ps::<0x20>(s2, s6),
+                    _mm256_permute2f128_ps::<0x20>(s3, s7),
+                    _mm256_permute2f128_ps::<0x31>(s0, s4),
+                    _mm256_permute2f128_ps::<0x31>(s1, s5),
+                    _mm256_permute2f128_ps::<0x31>(s2, s6),
+                    _mm256_permute2f128_ps::<0x31>(s3, s7),
+                ];
+                for (i, v) in c.iter().enumerate() {
+                    _mm256_storeu_ps(out[8 * bc + i][8 * br..].as_mut_ptr(), *v);
                 }
             }
         }
     }
 }
 
+/// panel[c][t] = src[t·dim + c] for the `tb` rows of `src` (the other lanes are zero).
+#[inline(always)]
+fn load_panel<T: Element>(isa: Isa, src: &[T], tb: usize, dim: usize, panel: &mut [Lane]) {
+    let mut tile = [[0f32; TB]; TB];
+    for c0 in (0..dim).step_by(TB) {
+        let w = TB.min(dim - c0);
+        for (t, row) in tile.iter_mut().enumerate() {
+            if t < tb {
+                let s = &src[t * dim + c0..t * dim + c0 + w];
+                for (o, v) in row.iter_mut().zip(s) {
+                    *o = v.to_f32();
+                }
+                row[w..].fill(0.0);
+            } else {
+                *row = [0.0; TB];
+            }
+        }
+        if w == TB {
+            transpose16(isa, &tile, &mut panel[c0..c0 + TB]);
+        } else {
+            let mut tmp = [[0f32; TB]; TB];
+            transpose16(isa, &tile, &mut tmp);
+            panel[c0..c0 + w].copy_from_slice(&tmp[..w]);
+        }
+    }
+}
+
 /// dst[t·dim + c] (+)= panel[c][t] for the `tb` rows of `dst`.
 #[inline(always)]
-fn store_panel<T: Element>(panel: &[Lane], tb: usize, dim: usize, dst: &mut [T], accumulate: bool) {
+fn store_panel<T: Element>(isa: Isa, panel: &[Lane], tb: usize, dim: usize, dst: &mut [T], accumulate: bool) {
+    let mut src = [[0f32; TB]; TB];
+    let mut tile = [[0f32; TB]; TB];
     for c0 in (0..dim).step_by(TB) {
-        let c1 = (c0 + TB).min(dim);
-        for t in 0..tb {
-            let row = &mut dst[t * dim + c0..t * dim + c1];
-            for (j, o) in row.iter_mut().enumerate() {
-                let v = panel[c0 + j][t];
-                *o = if accumulate {
-                    T::from_f32(o.to_f32() + v)
-                } else {
-                    T::from_f32(v)
-                };
+        let w = TB.min(dim - c0);
+        src[..w].copy_from_slice(&panel[c0..c0 + w]);
+        transpose16(isa, &src, &mut tile);
+        for (t, row) in tile.iter().enumerate().take(tb) {
+            let d = &mut dst[t * dim + c0..t * dim + c0 + w];
+            if accumulate {
+                for (o, &v) in d.iter_mut().zip(row) {
+                    *o = T::from_f32(o.to_f32() + v);
+                }
+            } else {
+                for (o, &v) in d.iter_mut().zip(row) {
+                    *o = T::from_f32(v);
+                }
             }
         }
     }
@@ -141,6 +220,7 @@ fn sddmm_panel(dy_panel: &[Lane], x_panel: &[Lane], row_ptr: &[i32], pos_col: &[
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn spmm_block<T: Element>(
+    isa: Isa,
     x_blk: &[T],
     k_dim: usize,
     ptr: &[i32],
@@ -153,15 +233,16 @@ fn spmm_block<T: Element>(
     yp: &mut [Lane],
 ) {
     let tb = y_blk.len() / n_dim;
-    load_panel(x_blk, tb, k_dim, xp);
+    load_panel(isa, x_blk, tb, k_dim, xp);
     spmm_panel(xp, ptr, idx, vals, yp);
-    store_panel(yp, tb, n_dim, y_blk, accumulate);
+    store_panel(isa, yp, tb, n_dim, y_blk, accumulate);
 }
 
 /// Backward over one token block: partial G for every position, and the dx block if asked.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn backward_block<T: Element>(
+    isa: Isa,
     x_blk: &[T],
     dy_blk: &[T],
     inp: usize,
@@ -174,13 +255,13 @@ fn backward_block<T: Element>(
     g: &mut [f32],
 ) {
     let tb = dy_blk.len() / out;
-    load_panel(x_blk, tb, inp, xp);
-    load_panel(dy_blk, tb, out, dyp);
+    load_panel(isa, x_blk, tb, inp, xp);
+    load_panel(isa, dy_blk, tb, out, dyp);
     sddmm_panel(dyp, xp, &h.row_ptr, &h.pos_col, g);
     if let Some((dx_blk, accumulate)) = dx_blk {
         // x's panel is no longer needed: reuse it for dx.
         spmm_panel(dyp, &h.col_ptr, &h.col_row, v_col, xp);
-        store_panel(xp, tb, inp, dx_blk, accumulate);
+        store_panel(isa, xp, tb, inp, dx_blk, accumulate);
     }
 }
 
@@ -193,8 +274,6 @@ fn backward_block<T: Element>(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Isa {
     #[cfg(target_arch = "x86_64")]
-    Avx512,
-    #[cfg(target_arch = "x86_64")]
     Avx2,
     Base,
 }
@@ -204,9 +283,7 @@ fn isa() -> Isa {
     {
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *ISA.get_or_init(|| {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                Isa::Avx512
-            } else if std::arch::is_x86_feature_detected!("avx2") {
+            if std::arch::is_x86_feature_detected!("avx2") {
                 Isa::Avx2
             } else {
                 Isa::Base
@@ -219,6 +296,8 @@ fn isa() -> Isa {
     }
 }
 
+// AVX2 (256-bit) rather than AVX-512: the kernels are bound by memory traffic, AVX2 machines are the
+// common denominator, and AVX-512 intrinsics would need Rust 1.89 (the crate's MSRV is 1.85).
 macro_rules! dispatch {
     ($name:ident, $generic:ident, ($($arg:ident : $ty:ty),* $(,)?)) => {
         #[allow(clippy::too_many_arguments)]
@@ -226,22 +305,14 @@ macro_rules! dispatch {
             #[cfg(target_arch = "x86_64")]
             {
                 #[allow(clippy::too_many_arguments)]
-                #[target_feature(enable = "avx512f,avx512vl,avx2")]
-                fn avx512<T: Element>($($arg: $ty),*) { $generic::<T>($($arg),*) }
-                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx2")]
-                fn avx2<T: Element>($($arg: $ty),*) { $generic::<T>($($arg),*) }
-                match isa {
-                    // SAFETY: the CPU features named in each function's #[target_feature] were detected
-                    // at run time by `isa()` before this variant is selected.
-                    Isa::Avx512 => return unsafe { avx512::<T>($($arg),*) },
-                    // SAFETY: as above, AVX2 was detected.
-                    Isa::Avx2 => return unsafe { avx2::<T>($($arg),*) },
-                    Isa::Base => {}
+                unsafe fn avx2<T: Element>($($arg: $ty),*) { $generic::<T>(Isa::Avx2, $($arg),*) }
+                if isa == Isa::Avx2 {
+                    // SAFETY: AVX2 was detected at run time by `isa()` before this variant is selected.
+                    return unsafe { avx2::<T>($($arg),*) };
                 }
             }
-            let _ = isa;
-            $generic::<T>($($arg),*)
+            $generic::<T>(isa, $($arg),*)
         }
     };
 }
@@ -255,6 +326,31 @@ dispatch!(backward_block_isa, backward_block, (
     x_blk: &[T], dy_blk: &[T], inp: usize, out: usize, h: &HostStructure, v_col: &[f32],
     dx_blk: Option<(&mut [T], bool)>, xp: &mut [Lane], dyp: &mut [Lane], g: &mut [f32],
 ));
+
+/// Per-thread panels, kept between calls: a fresh 256 KB zeroed allocation per block is an mmap plus
+/// 64 page faults, which cost more than the kernel itself.
+fn with_panels<R>(a: usize, b: usize, f: impl FnOnce(&mut [Lane], &mut [Lane]) -> R) -> R {
+    thread_local! {
+        static PANELS: std::cell::RefCell<(Vec<Lane>, Vec<Lane>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    }
+    PANELS.with(|p| {
+        // A panel is fully rewritten before it is read, so stale contents do not matter. A reentrant
+        // call (not possible here: kernels do not nest) would fall back to fresh buffers.
+        match p.try_borrow_mut() {
+            Ok(mut p) => {
+                let (pa, pb) = &mut *p;
+                if pa.len() < a {
+                    pa.resize(a, [0.0; TB]);
+                }
+                if pb.len() < b {
+                    pb.resize(b, [0.0; TB]);
+                }
+                f(&mut pa[..a], &mut pb[..b])
+            }
+            Err(_) => f(&mut vec![[0.0; TB]; a], &mut vec![[0.0; TB]; b]),
+        }
+    })
+}
 
 // ---------------------------------------------------------------- entry points
 
@@ -277,12 +373,13 @@ pub(crate) fn spmm<T: Element>(
     let isa = isa();
     y.par_chunks_mut(TB * n_dim)
         .zip(x.par_chunks(TB * k_dim.max(1)))
-        .for_each_init(
-            || (vec![[0f32; TB]; k_dim], vec![[0f32; TB]; n_dim]),
-            |(xp, yp), (y_blk, x_blk)| {
-                spmm_block_isa::<T>(isa, x_blk, k_dim, ptr, idx, vals, y_blk, n_dim, accumulate, xp, yp)
-            },
-        );
+        .for_each(|(y_blk, x_blk)| {
+            with_panels(k_dim, n_dim, |xp, yp| {
+                spmm_block_isa::<T>(
+                    isa, x_blk, k_dim, ptr, idx, vals, y_blk, n_dim, accumulate, xp, yp,
+                )
+            })
+        });
 }
 
 /// The backward pass over all tokens: returns G (the gradient of ΔW at every position, f32) and
@@ -310,16 +407,16 @@ pub(crate) fn backward<T: Element>(
     let dy_parts: Vec<&[T]> = dy.chunks(part_tokens * out).collect();
     let run = |(i, dx_part): (usize, Option<(&mut [T], bool)>)| -> Vec<f32> {
         let mut g = vec![0f32; nnz];
-        let mut xp = vec![[0f32; TB]; inp];
-        let mut dyp = vec![[0f32; TB]; out];
         let mut dx_chunks = dx_part.map(|(d, acc)| (d.chunks_mut(TB * inp), acc));
-        for (x_blk, dy_blk) in x_parts[i].chunks(TB * inp).zip(dy_parts[i].chunks(TB * out)) {
-            let dx_blk = match &mut dx_chunks {
-                Some((it, acc)) => it.next().map(|d| (d, *acc)),
-                None => None,
-            };
-            backward_block_isa::<T>(isa, x_blk, dy_blk, inp, out, h, v_col, dx_blk, &mut xp, &mut dyp, &mut g);
-        }
+        with_panels(inp, out, |xp, dyp| {
+            for (x_blk, dy_blk) in x_parts[i].chunks(TB * inp).zip(dy_parts[i].chunks(TB * out)) {
+                let dx_blk = match &mut dx_chunks {
+                    Some((it, acc)) => it.next().map(|d| (d, *acc)),
+                    None => None,
+                };
+                backward_block_isa::<T>(isa, x_blk, dy_blk, inp, out, h, v_col, dx_blk, xp, dyp, &mut g);
+            }
+        });
         g
     };
     let partials: Vec<Vec<f32>> = match dx {
@@ -328,9 +425,37 @@ pub(crate) fn backward<T: Element>(
             .enumerate()
             .map(|(i, d)| run((i, Some((d, acc)))))
             .collect(),
-        None => (0..x_parts.len()).into_par_iter().map(|i| run((i, None))).collect(),
+        None => (0..x_parts.len())
+            .into_par_iter()
+            .map(|i| run((i, None)))
+            .collect(),
     };
     (0..nnz)
         .map(|p| partials.iter().map(|g| g[p] as f64).sum::<f64>() as f32)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transposes_agree() {
+        let mut tile = [[0f32; TB]; TB];
+        for (t, row) in tile.iter_mut().enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = (t * 100 + j) as f32;
+            }
+        }
+        let mut a = vec![[0f32; TB]; TB];
+        let mut b = vec![[0f32; TB]; TB];
+        transpose16(Isa::Base, &tile, &mut a);
+        transpose16(isa(), &tile, &mut b);
+        for j in 0..TB {
+            for t in 0..TB {
+                assert_eq!(a[j][t], tile[t][j]);
+            }
+        }
+        assert_eq!(a, b, "{:?}", isa());
+    }
 }

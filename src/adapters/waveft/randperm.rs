@@ -189,7 +189,11 @@ mod tests {
             let full = forward_prefix(n, n, seed);
             let mut sorted = full.clone();
             sorted.sort_unstable();
-            assert_eq!(sorted, (0..n as i64).collect::<Vec<_>>(), "n={n} is a permutation");
+            assert_eq!(
+                sorted,
+                (0..n as i64).collect::<Vec<_>>(),
+                "n={n} is a permutation"
+            );
             for k in [0, 1, n / 7, n / 2, n.saturating_sub(1), n] {
                 assert_eq!(forward_prefix(n, k, seed), full[..k], "forward n={n} k={k}");
             }

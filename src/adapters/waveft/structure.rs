@@ -40,16 +40,16 @@ pub(crate) struct HostStructure {
     pub pos_row: Vec<i32>, // [nnz]
     pub pos_col: Vec<i32>, // [nnz]
     /// Synthesis by position: value[p] = Σ syn_w[e] · spectrum[syn_coef[e]], e in syn_ptr[p]..syn_ptr[p+1].
-    pub syn_ptr: Vec<i32>,  // [nnz + 1]
+    pub syn_ptr: Vec<i32>, // [nnz + 1]
     pub syn_coef: Vec<i32>, // [entries]
-    pub syn_w: Vec<f32>,    // [entries]
+    pub syn_w: Vec<f32>,   // [entries]
     /// Adjoint by coefficient: dspectrum[k] = Σ ana_w[e] · G[ana_pos[e]], e in ana_ptr[k]..ana_ptr[k+1].
     pub ana_ptr: Vec<i32>, // [n + 1]
     pub ana_pos: Vec<i32>, // [entries]
     pub ana_w: Vec<f32>,   // [entries]
     /// Column view for dx: positions sorted by (col, row); col_perm maps to the row-major index.
-    pub col_ptr: Vec<i32>,  // [in + 1]
-    pub col_row: Vec<i32>,  // [nnz]
+    pub col_ptr: Vec<i32>, // [in + 1]
+    pub col_row: Vec<i32>, // [nnz]
     pub col_perm: Vec<i32>, // [nnz]
 }
 
@@ -232,15 +232,15 @@ pub(crate) fn dense_delta_f64(
         let row_f = if bc { &f.rec_hi } else { &f.rec_lo };
         let col_f = if br { &f.rec_hi } else { &f.rec_lo };
         let s = spectrum[k] as f64;
-        for ty in 0..taps {
+        for (ty, &fy) in row_f.iter().enumerate() {
             let Some(y) = (2 * qr + ty).checked_sub(gr.skip).filter(|&y| y < out) else {
                 continue;
             };
-            for tx in 0..taps {
+            for (tx, &fx) in col_f.iter().enumerate() {
                 let Some(x) = (2 * qc + tx).checked_sub(gc.skip).filter(|&x| x < inp) else {
                     continue;
                 };
-                d[y * inp + x] += row_f[ty] * col_f[tx] * s;
+                d[y * inp + x] += fy * fx * s;
             }
         }
     }
