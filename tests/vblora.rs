@@ -19,7 +19,9 @@ fn fixtures() -> PathBuf {
 
 #[track_caller]
 fn close(actual: &[f32], expected: &[f32], rel: f32, what: &str) {
-    let scale = expected.iter().fold(0f32, |m, x| if x.is_finite() { m.max(x.abs()) } else { m });
+    let scale = expected
+        .iter()
+        .fold(0f32, |m, x| if x.is_finite() { m.max(x.abs()) } else { m });
     assert_close(actual, expected, rel, rel * scale, what);
 }
 
@@ -45,7 +47,12 @@ fn topk_ties_match_torch() -> Result<()> {
             .iter()
             .map(|v| v.as_f64().map_or(f32::NAN, |v| v as f32))
             .collect();
-        let want: Vec<i64> = r["idx"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+        let want: Vec<i64> = r["idx"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
         if k * 64 <= x.len() {
             partial += 1;
         } else {
@@ -56,7 +63,10 @@ fn topk_ties_match_torch() -> Result<()> {
         let (got, _) = vblora_topk(&t, k)?;
         assert_eq!(got, want, "row {i}: n={n} k={k}");
     }
-    assert!(partial > 20 && nth > 100, "both torch code paths are covered ({partial}, {nth})");
+    assert!(
+        partial > 20 && nth > 100,
+        "both torch code paths are covered ({partial}, {nth})"
+    );
     Ok(())
 }
 
@@ -122,30 +132,77 @@ fn training_parity(name: &str, dev: Device) -> Result<()> {
         let la = c.st.load(&format!("{lname}.logits_A"), dev)?;
         let lb = c.st.load(&format!("{lname}.logits_B"), dev)?;
         let (a, b) = layer.compose_ab(&bank, &la, &lb)?;
-        close(&a.to_vec::<f32>()?, &vec_of(&c.st, &format!("{lname}.A")), 1e-5, &what("A"));
-        close(&b.to_vec::<f32>()?, &vec_of(&c.st, &format!("{lname}.B")), 1e-5, &what("B"));
+        close(
+            &a.to_vec::<f32>()?,
+            &vec_of(&c.st, &format!("{lname}.A")),
+            1e-5,
+            &what("A"),
+        );
+        close(
+            &b.to_vec::<f32>()?,
+            &vec_of(&c.st, &format!("{lname}.B")),
+            1e-5,
+            &what("B"),
+        );
         let w = c.st.load(&format!("{lname}.weight"), dev)?;
         let x = c.st.load(&format!("{lname}.x"), dev)?;
-        let y = x.matmul_t(&w, false, true)?.add(&layer.forward_delta(&x, &a, &b)?)?;
-        close(&y.to_vec::<f32>()?, &vec_of(&c.st, &format!("{lname}.y")), 1e-5, &what("forward"));
+        let y = x
+            .matmul_t(&w, false, true)?
+            .add(&layer.forward_delta(&x, &a, &b)?)?;
+        close(
+            &y.to_vec::<f32>()?,
+            &vec_of(&c.st, &format!("{lname}.y")),
+            1e-5,
+            &what("forward"),
+        );
         let dy = c.st.load(&format!("{lname}.dy"), dev)?;
         let g = layer.backward(&x, &dy, &bank, &la, &lb, true)?;
-        close(&g.dlogits_a.to_vec::<f32>()?, &vec_of(&c.st, &format!("{lname}.dlogits_A")), 1e-5, &what("dlogits_A"));
-        close(&g.dlogits_b.to_vec::<f32>()?, &vec_of(&c.st, &format!("{lname}.dlogits_B")), 1e-5, &what("dlogits_B"));
+        close(
+            &g.dlogits_a.to_vec::<f32>()?,
+            &vec_of(&c.st, &format!("{lname}.dlogits_A")),
+            1e-5,
+            &what("dlogits_A"),
+        );
+        close(
+            &g.dlogits_b.to_vec::<f32>()?,
+            &vec_of(&c.st, &format!("{lname}.dlogits_B")),
+            1e-5,
+            &what("dlogits_B"),
+        );
         let dx = dy.matmul(&w)?.add(&g.dx.unwrap())?;
-        close(&dx.to_vec::<f32>()?, &vec_of(&c.st, &format!("{lname}.dx")), 1e-5, &what("dx"));
+        close(
+            &dx.to_vec::<f32>()?,
+            &vec_of(&c.st, &format!("{lname}.dx")),
+            1e-5,
+            &what("dx"),
+        );
         dbank.add_scaled_(&g.dbank, 1.0)?;
         if !c.topk_only {
             let merged = w.add(&layer.delta_weight(&bank, &la, &lb)?)?;
-            close(&merged.to_vec::<f32>()?, &vec_of(&c.st, &format!("{lname}.merged")), 1e-5, &what("merged"));
+            close(
+                &merged.to_vec::<f32>()?,
+                &vec_of(&c.st, &format!("{lname}.merged")),
+                1e-5,
+                &what("merged"),
+            );
             // The adapter file holds the same logits and bank.
-            let fa = c.adapter.load(&format!("base_model.model.{lname}.vblora_logits_A"), Device::Cpu)?;
+            let fa = c
+                .adapter
+                .load(&format!("base_model.model.{lname}.vblora_logits_A"), Device::Cpu)?;
             assert_eq!(fa.to_vec::<f32>()?, la.to_vec::<f32>()?);
         }
     }
-    close(&dbank.to_vec::<f32>()?, &vec_of(&c.st, "dbank"), 1e-5, &format!("{name}: dbank (both layers)"));
+    close(
+        &dbank.to_vec::<f32>()?,
+        &vec_of(&c.st, "dbank"),
+        1e-5,
+        &format!("{name}: dbank (both layers)"),
+    );
     if !c.topk_only {
-        assert_eq!(c.adapter.load(BANK_KEY, Device::Cpu)?.to_vec::<f32>()?, bank.to_vec::<f32>()?);
+        assert_eq!(
+            c.adapter.load(BANK_KEY, Device::Cpu)?.to_vec::<f32>()?,
+            bank.to_vec::<f32>()?
+        );
     }
     Ok(())
 }
@@ -182,20 +239,50 @@ fn peft_topk_checkpoint(dev: Device) -> Result<()> {
             let orig = c.st.load(&format!("{lname}.logits_{ab}"), Device::Cpu)?;
             let (si, sw) = vblora_topk_for_save(&orig, k)?;
             assert_eq!(si.shape(), &ishape[..]);
-            assert_eq!(si.to_vec::<i64>()?, idx, "{lname} {ab}: top-k indices (ties included)");
-            close(&sw.to_vec::<f32>()?, &weights.to_vec::<f32>()?, 1e-6, "top-k weights");
+            assert_eq!(
+                si.to_vec::<i64>()?,
+                idx,
+                "{lname} {ab}: top-k indices (ties included)"
+            );
+            close(
+                &sw.to_vec::<f32>()?,
+                &weights.to_vec::<f32>()?,
+                1e-6,
+                "top-k weights",
+            );
             let (et, eb) = encode_topk_indices(&idx, v)?;
-            assert_eq!((et, eb.as_slice()), (dt, bytes), "re-encoded indices are byte-identical");
+            assert_eq!(
+                (et, eb.as_slice()),
+                (dt, bytes),
+                "re-encoded indices are byte-identical"
+            );
             let idx_t = Tensor::from_vec(idx, &ishape, Device::Cpu)?;
             logits.push(vblora_logits_from_topk(&idx_t, &weights, v, dev)?);
         }
         let (a, b) = layer.compose_ab(&bank, &logits[0], &logits[1])?;
-        close(&a.to_vec::<f32>()?, &vec_of(&c.st, &format!("{lname}.loaded_A")), 1e-5, "loaded A");
-        close(&b.to_vec::<f32>()?, &vec_of(&c.st, &format!("{lname}.loaded_B")), 1e-5, "loaded B");
+        close(
+            &a.to_vec::<f32>()?,
+            &vec_of(&c.st, &format!("{lname}.loaded_A")),
+            1e-5,
+            "loaded A",
+        );
+        close(
+            &b.to_vec::<f32>()?,
+            &vec_of(&c.st, &format!("{lname}.loaded_B")),
+            1e-5,
+            "loaded B",
+        );
         let w = c.st.load(&format!("{lname}.weight"), dev)?;
         let merged = w.add(&layer.delta_weight(&bank, &logits[0], &logits[1])?)?;
-        close(&merged.to_vec::<f32>()?, &vec_of(&c.st, &format!("{lname}.merged")), 1e-5, "merged from top-k");
-        h = h.matmul_t(&w, false, true)?.add(&layer.forward_delta(&h, &a, &b)?)?;
+        close(
+            &merged.to_vec::<f32>()?,
+            &vec_of(&c.st, &format!("{lname}.merged")),
+            1e-5,
+            "merged from top-k",
+        );
+        h = h
+            .matmul_t(&w, false, true)?
+            .add(&layer.forward_delta(&h, &a, &b)?)?;
         if i + 1 < LAYERS.len() {
             let v: Vec<f32> = h.to_vec::<f32>()?.into_iter().map(|x| x.max(0.0)).collect();
             h = Tensor::from_vec(v, h.shape(), dev)?;
@@ -203,10 +290,17 @@ fn peft_topk_checkpoint(dev: Device) -> Result<()> {
         // Training from -inf logits is an error (PEFT raises too).
         let dy = Tensor::zeros(&[6, out], DType::F32, dev)?;
         let xx = Tensor::zeros(&[6, inp], DType::F32, dev)?;
-        let err = layer.backward(&xx, &dy, &bank, &logits[0], &logits[1], false).unwrap_err();
+        let err = layer
+            .backward(&xx, &dy, &bank, &logits[0], &logits[1], false)
+            .unwrap_err();
         assert!(err.to_string().contains("save_only_topk_weights"), "{err}");
     }
-    close(&h.to_vec::<f32>()?, &vec_of(&c.st, "loaded_out"), 1e-5, "outputs of the reloaded top-k model");
+    close(
+        &h.to_vec::<f32>()?,
+        &vec_of(&c.st, "loaded_out"),
+        1e-5,
+        "outputs of the reloaded top-k model",
+    );
     Ok(())
 }
 device_test!(peft_topk_checkpoint);
@@ -288,7 +382,11 @@ fn compose_gradient_check(dev: Device) -> Result<()> {
         p[i] -= 2.0;
         let lm = loss(&p, &logits)?;
         let fd = (lp - lm) / 2.0;
-        assert!((fd - db[i] as f64).abs() < 1e-4 * (1.0 + fd.abs()), "dbank[{i}]: {fd} vs {}", db[i]);
+        assert!(
+            (fd - db[i] as f64).abs() < 1e-4 * (1.0 + fd.abs()),
+            "dbank[{i}]: {fd} vs {}",
+            db[i]
+        );
     }
     let h = 1e-2f32;
     let mut nonzero = 0;
@@ -299,7 +397,11 @@ fn compose_gradient_check(dev: Device) -> Result<()> {
         p[i] -= 2.0 * h;
         let lm = loss(&bank, &p)?;
         let fd = (lp - lm) / (2.0 * h as f64);
-        assert!((fd - dl[i] as f64).abs() < 2e-3 * (1.0 + fd.abs()), "dlogits[{i}]: {fd} vs {}", dl[i]);
+        assert!(
+            (fd - dl[i] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
+            "dlogits[{i}]: {fd} vs {}",
+            dl[i]
+        );
         nonzero += (dl[i] != 0.0) as usize;
     }
     assert_eq!(nonzero, rows * k, "only the selected logits get a gradient");
@@ -310,7 +412,12 @@ device_test!(compose_gradient_check);
 /// The layer's dx against finite differences (linear in x) and dlogits/dbank against the composition
 /// backward applied to the dense dA/dB.
 fn layer_gradient_check(dev: Device) -> Result<()> {
-    let cfg = VbLoraConfig { r: 3, num_vectors: 10, vector_length: 4, topk: 2 };
+    let cfg = VbLoraConfig {
+        r: 3,
+        num_vectors: 10,
+        vector_length: 4,
+        topk: 2,
+    };
     let layer = VbLoraLayer::new(12, 8, &cfg)?;
     let bank = cfg.init_bank(1.0, 1, dev)?;
     let (la, lb) = layer.init_logits(1.0, 2, dev)?;
@@ -337,8 +444,15 @@ fn layer_gradient_check(dev: Device) -> Result<()> {
     // dA = (dy·B)ᵀ·x, dB = dyᵀ·(x·Aᵀ); the B gradient goes through PEFT's transpose/reshape.
     let da = r.matmul(&b)?.matmul_t(&x, true, false)?;
     let (dla, dba) = vblora_compose_backward(&bank, &la, 2, &da)?;
-    close(&g.dlogits_a.to_vec::<f32>()?, &dla.to_vec::<f32>()?, 1e-5, "dlogits_a");
-    let db = r.matmul_t(&x.matmul_t(&a, false, true)?, true, false)?.to_vec::<f32>()?; // [12, 3]
+    close(
+        &g.dlogits_a.to_vec::<f32>()?,
+        &dla.to_vec::<f32>()?,
+        1e-5,
+        "dlogits_a",
+    );
+    let db = r
+        .matmul_t(&x.matmul_t(&a, false, true)?, true, false)?
+        .to_vec::<f32>()?; // [12, 3]
     // Undo B's layout: mix[ob, j, l] = B[ob·4 + l, j].
     let mut dmix = vec![0f32; 12 * 3];
     for ob in 0..3 {
@@ -349,13 +463,25 @@ fn layer_gradient_check(dev: Device) -> Result<()> {
         }
     }
     let (dlb, dbb) = vblora_compose_backward(&bank, &lb, 2, &Tensor::from_vec(dmix, &[3, 3, 4], dev)?)?;
-    close(&g.dlogits_b.to_vec::<f32>()?, &dlb.to_vec::<f32>()?, 1e-5, "dlogits_b");
-    close(&g.dbank.to_vec::<f32>()?, &dba.add(&dbb)?.to_vec::<f32>()?, 1e-5, "dbank");
+    close(
+        &g.dlogits_b.to_vec::<f32>()?,
+        &dlb.to_vec::<f32>()?,
+        1e-5,
+        "dlogits_b",
+    );
+    close(
+        &g.dbank.to_vec::<f32>()?,
+        &dba.add(&dbb)?.to_vec::<f32>()?,
+        1e-5,
+        "dbank",
+    );
     // bf16 activations: same math, outputs in bf16.
     let xb = x.to_dtype(DType::BF16)?;
     let yb = layer.forward_delta(&xb, &a, &b)?;
     assert_eq!(yb.dtype(), DType::BF16);
-    let y32 = layer.forward_delta(&xb.to_dtype(DType::F32)?, &a, &b)?.to_dtype(DType::BF16)?;
+    let y32 = layer
+        .forward_delta(&xb.to_dtype(DType::F32)?, &a, &b)?
+        .to_dtype(DType::BF16)?;
     assert_eq!(yb.to_vec_f32()?, y32.to_vec_f32()?);
     Ok(())
 }
@@ -363,7 +489,13 @@ device_test!(layer_gradient_check);
 
 fn cuda_matches_cpu(dev: Device) -> Result<()> {
     // Includes tie-heavy rows (integers) so the device top-k must follow torch's CPU order too.
-    for (rows, v, len, k) in [(37, 8, 4, 2), (64, 256, 16, 2), (9, 300, 7, 3), (5, 40, 3, 40), (130, 64, 1, 1)] {
+    for (rows, v, len, k) in [
+        (37, 8, 4, 2),
+        (64, 256, 16, 2),
+        (9, 300, 7, 3),
+        (5, 40, 3, 40),
+        (130, 64, 1, 1),
+    ] {
         let bank = rand_vec(v * len, 1, 1.0);
         let mut logits = rand_vec(rows * v, 2, 1.0);
         for (i, z) in logits.iter_mut().enumerate() {
@@ -387,7 +519,12 @@ fn cuda_matches_cpu(dev: Device) -> Result<()> {
         close(&db1, &db0, 1e-5, "device dbank");
     }
     // The layer end to end (B's transposed layout included).
-    let cfg = VbLoraConfig { r: 4, num_vectors: 32, vector_length: 8, topk: 2 };
+    let cfg = VbLoraConfig {
+        r: 4,
+        num_vectors: 32,
+        vector_length: 8,
+        topk: 2,
+    };
     let layer = VbLoraLayer::new(24, 16, &cfg)?;
     let bank = cfg.init_bank(1.0, 7, Device::Cpu)?;
     let (la, lb) = layer.init_logits(1.0, 8, Device::Cpu)?;
@@ -396,9 +533,24 @@ fn cuda_matches_cpu(dev: Device) -> Result<()> {
     let g0 = layer.backward(&x, &dy, &bank, &la, &lb, true)?;
     let on = |t: &Tensor| t.to_device(dev).unwrap();
     let g1 = layer.backward(&on(&x), &on(&dy), &on(&bank), &on(&la), &on(&lb), true)?;
-    close(&g1.dlogits_b.to_vec::<f32>()?, &g0.dlogits_b.to_vec::<f32>()?, 1e-5, "layer dlogits_b");
-    close(&g1.dbank.to_vec::<f32>()?, &g0.dbank.to_vec::<f32>()?, 1e-5, "layer dbank");
-    close(&g1.dx.unwrap().to_vec::<f32>()?, &g0.dx.unwrap().to_vec::<f32>()?, 1e-5, "layer dx");
+    close(
+        &g1.dlogits_b.to_vec::<f32>()?,
+        &g0.dlogits_b.to_vec::<f32>()?,
+        1e-5,
+        "layer dlogits_b",
+    );
+    close(
+        &g1.dbank.to_vec::<f32>()?,
+        &g0.dbank.to_vec::<f32>()?,
+        1e-5,
+        "layer dbank",
+    );
+    close(
+        &g1.dx.unwrap().to_vec::<f32>()?,
+        &g0.dx.unwrap().to_vec::<f32>()?,
+        1e-5,
+        "layer dx",
+    );
     let (a0, b0) = layer.compose_ab(&bank, &la, &lb)?;
     let (a1, b1) = layer.compose_ab(&on(&bank), &on(&la), &on(&lb))?;
     close(&a1.to_vec::<f32>()?, &a0.to_vec::<f32>()?, 1e-6, "A");
@@ -412,16 +564,32 @@ device_test!(cuda_matches_cpu);
 #[test]
 fn index_dtypes_roundtrip() -> Result<()> {
     use safetensors::Dtype as D;
-    for (v, want) in [(255, D::U8), (256, D::I16), (32767, D::I16), (32768, D::I32), (1 << 31, D::I64)] {
-        assert_eq!(TopkIndexDtype::for_num_vectors(v).safetensors(), want, "num_vectors {v}");
+    for (v, want) in [
+        (255, D::U8),
+        (256, D::I16),
+        (32767, D::I16),
+        (32768, D::I32),
+        (1 << 31, D::I64),
+    ] {
+        assert_eq!(
+            TopkIndexDtype::for_num_vectors(v).safetensors(),
+            want,
+            "num_vectors {v}"
+        );
         let idx = vec![0i64, (v - 1) as i64, 7.min(v as i64 - 1)];
         let (d, bytes) = encode_topk_indices(&idx, v)?;
         assert_eq!(d, want);
         assert_eq!(decode_topk_indices(d, &bytes, v)?, idx);
     }
     assert!(encode_topk_indices(&[300], 256).is_err());
-    assert!(decode_topk_indices(D::I16, &[1, 2, 3], 256).is_err(), "ragged bytes");
-    assert!(decode_topk_indices(D::I16, &(-1i16).to_le_bytes(), 256).is_err(), "negative index");
+    assert!(
+        decode_topk_indices(D::I16, &[1, 2, 3], 256).is_err(),
+        "ragged bytes"
+    );
+    assert!(
+        decode_topk_indices(D::I16, &(-1i16).to_le_bytes(), 256).is_err(),
+        "negative index"
+    );
     assert!(decode_topk_indices(D::F32, &[0; 4], 256).is_err());
     Ok(())
 }
@@ -429,36 +597,96 @@ fn index_dtypes_roundtrip() -> Result<()> {
 #[test]
 fn bad_inputs_are_errors() -> Result<()> {
     let dev = Device::Cpu;
-    let cfg = VbLoraConfig { r: 2, num_vectors: 6, vector_length: 4, topk: 2 };
+    let cfg = VbLoraConfig {
+        r: 2,
+        num_vectors: 6,
+        vector_length: 4,
+        topk: 2,
+    };
     assert!(VbLoraLayer::new(8, 6, &cfg).is_err(), "in not divisible by L");
     assert!(VbLoraLayer::new(6, 8, &cfg).is_err(), "out not divisible by L");
     assert!(VbLoraLayer::new(0, 8, &cfg).is_err());
-    assert!(VbLoraLayer::new(8, 8, &VbLoraConfig { topk: 7, ..cfg }).is_err(), "topk > num_vectors");
+    assert!(
+        VbLoraLayer::new(8, 8, &VbLoraConfig { topk: 7, ..cfg }).is_err(),
+        "topk > num_vectors"
+    );
     assert!(VbLoraLayer::new(8, 8, &VbLoraConfig { topk: 0, ..cfg }).is_err());
     assert!(VbLoraLayer::new(8, 8, &VbLoraConfig { r: 0, ..cfg }).is_err());
-    assert!(VbLoraLayer::new(8, 8, &VbLoraConfig { vector_length: 0, ..cfg }).is_err());
+    assert!(
+        VbLoraLayer::new(
+            8,
+            8,
+            &VbLoraConfig {
+                vector_length: 0,
+                ..cfg
+            }
+        )
+        .is_err()
+    );
     let layer = VbLoraLayer::new(8, 12, &cfg)?;
     assert_eq!(layer.logits_a_shape(), [2, 3, 6]);
     assert_eq!(layer.logits_b_shape(), [2, 2, 6]);
     let bank = cfg.init_bank(0.02, 0, dev)?;
     let (la, lb) = layer.init_logits(0.1, 0, dev)?;
     assert!(layer.compose_ab(&bank, &lb, &la).is_err(), "swapped logits");
-    assert!(layer.compose_ab(&Tensor::zeros(&[6, 5], DType::F32, dev)?, &la, &lb).is_err(), "bank width");
-    assert!(layer.compose_ab(&bank.to_dtype(DType::F16)?, &la, &lb).is_err(), "f16 bank");
+    assert!(
+        layer
+            .compose_ab(&Tensor::zeros(&[6, 5], DType::F32, dev)?, &la, &lb)
+            .is_err(),
+        "bank width"
+    );
+    assert!(
+        layer.compose_ab(&bank.to_dtype(DType::F16)?, &la, &lb).is_err(),
+        "f16 bank"
+    );
     let (a, b) = layer.compose_ab(&bank, &la, &lb)?;
-    assert!(layer.forward_delta(&Tensor::zeros(&[3, 11], DType::F32, dev)?, &a, &b).is_err(), "x width");
-    assert!(layer.forward_delta(&Tensor::zeros(&[3, 12], DType::F32, dev)?, &b, &a).is_err(), "swapped A/B");
+    assert!(
+        layer
+            .forward_delta(&Tensor::zeros(&[3, 11], DType::F32, dev)?, &a, &b)
+            .is_err(),
+        "x width"
+    );
+    assert!(
+        layer
+            .forward_delta(&Tensor::zeros(&[3, 12], DType::F32, dev)?, &b, &a)
+            .is_err(),
+        "swapped A/B"
+    );
     let x = Tensor::zeros(&[3, 12], DType::F32, dev)?;
-    assert!(layer.backward(&x, &Tensor::zeros(&[2, 8], DType::F32, dev)?, &bank, &la, &lb, true).is_err(), "dy rows");
+    assert!(
+        layer
+            .backward(
+                &x,
+                &Tensor::zeros(&[2, 8], DType::F32, dev)?,
+                &bank,
+                &la,
+                &lb,
+                true
+            )
+            .is_err(),
+        "dy rows"
+    );
     assert!(vblora_compose(&bank, &la, 7).is_err(), "topk > V");
     assert!(vblora_compose(&bank, &la, 0).is_err());
-    assert!(vblora_compose(&bank, &Tensor::zeros(&[3, 5], DType::F32, dev)?, 2).is_err(), "logits width");
-    assert!(vblora_compose_backward(&bank, &la, 2, &Tensor::zeros(&[5], DType::F32, dev)?).is_err(), "grad size");
+    assert!(
+        vblora_compose(&bank, &Tensor::zeros(&[3, 5], DType::F32, dev)?, 2).is_err(),
+        "logits width"
+    );
+    assert!(
+        vblora_compose_backward(&bank, &la, 2, &Tensor::zeros(&[5], DType::F32, dev)?).is_err(),
+        "grad size"
+    );
     let idx = Tensor::from_vec(vec![0i64, 9], &[1, 2], dev)?;
     let w = Tensor::from_vec(vec![0.5f32], &[1, 1], dev)?;
-    assert!(vblora_logits_from_topk(&idx, &w, 6, dev).is_err(), "index out of range");
+    assert!(
+        vblora_logits_from_topk(&idx, &w, 6, dev).is_err(),
+        "index out of range"
+    );
     let idx = Tensor::from_vec(vec![0i64, 1], &[1, 2], dev)?;
-    assert!(vblora_logits_from_topk(&idx, &Tensor::zeros(&[1, 2], DType::F32, dev)?, 6, dev).is_err(), "k-1 columns");
+    assert!(
+        vblora_logits_from_topk(&idx, &Tensor::zeros(&[1, 2], DType::F32, dev)?, 6, dev).is_err(),
+        "k-1 columns"
+    );
     let lg = vblora_logits_from_topk(&idx, &w, 6, dev)?.to_vec::<f32>()?;
     assert_eq!(lg[0], 0.5f32.ln());
     assert_eq!(lg[1], 0.5f32.ln());
@@ -466,6 +694,12 @@ fn bad_inputs_are_errors() -> Result<()> {
     // A zero bank makes the adapter an identity (PEFT's own identity test).
     let zero = Tensor::zeros(&[6, 4], DType::F32, dev)?;
     let (a0, b0) = layer.compose_ab(&zero, &la, &lb)?;
-    assert!(layer.forward_delta(&x.affine(0.0, 1.0)?, &a0, &b0)?.to_vec::<f32>()?.iter().all(|v| *v == 0.0));
+    assert!(
+        layer
+            .forward_delta(&x.affine(0.0, 1.0)?, &a0, &b0)?
+            .to_vec::<f32>()?
+            .iter()
+            .all(|v| *v == 0.0)
+    );
     Ok(())
 }

@@ -48,13 +48,26 @@ fn randperm_matches_torch() {
     for c in cases {
         let n = c["n"].as_u64().unwrap() as usize;
         let seed = c["seed"].as_u64().unwrap();
-        let first: Vec<i64> = c["first"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+        let first: Vec<i64> = c["first"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
         let full = randperm_torch(n, seed);
         assert_eq!(full[..first.len()], first[..], "n={n} seed={seed}: first entries");
-        assert_eq!(fnv1a64(&full), c["fnv1a64"].as_str().unwrap(), "n={n} seed={seed}: whole permutation");
+        assert_eq!(
+            fnv1a64(&full),
+            c["fnv1a64"].as_str().unwrap(),
+            "n={n} seed={seed}: whole permutation"
+        );
         // The prefix path (sparse Fisher-Yates) gives the same entries.
         for k in [1, 7, first.len()] {
-            assert_eq!(randperm_prefix(n, k, seed), first[..k.min(n)], "prefix n={n} k={k}");
+            assert_eq!(
+                randperm_prefix(n, k, seed),
+                first[..k.min(n)],
+                "prefix n={n} k={k}"
+            );
         }
     }
 }
@@ -66,10 +79,19 @@ fn randperm_large_branch_matches_torch() {
     let j: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("randperm.json")).unwrap()).unwrap();
     let big = j["big"].as_array().unwrap();
-    assert_eq!(big.len(), 2, "fixture lacks the large-n cases (regenerate without --skip-big)");
+    assert_eq!(
+        big.len(),
+        2,
+        "fixture lacks the large-n cases (regenerate without --skip-big)"
+    );
     for c in big {
         let n = c["n"].as_u64().unwrap() as usize;
-        let first: Vec<i64> = c["first"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+        let first: Vec<i64> = c["first"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
         assert_eq!(randperm_prefix(n, first.len(), 777), first, "n={n}");
     }
 }
@@ -136,8 +158,13 @@ fn check_case(name: &str, dev: Device) -> Result<()> {
 
         // The spectrum from PEFT's adapter file.
         let key = format!("base_model.model.{lname}.{SPECTRUM_KEY}");
-        let spectrum = layer.from_spectrum(&c.adapter.load(&key, Device::Cpu)?)?.to_device(dev)?;
-        assert_eq!(spectrum.to_vec::<f32>()?, load(&c, &format!("{lname}.spectrum"), Device::Cpu)?.to_vec::<f32>()?);
+        let spectrum = layer
+            .from_spectrum(&c.adapter.load(&key, Device::Cpu)?)?
+            .to_device(dev)?;
+        assert_eq!(
+            spectrum.to_vec::<f32>()?,
+            load(&c, &format!("{lname}.spectrum"), Device::Cpu)?.to_vec::<f32>()?
+        );
 
         // Merge: ΔW and W + ΔW.
         let w = load(&c, &format!("{lname}.weight"), dev)?;
@@ -161,7 +188,12 @@ fn check_case(name: &str, dev: Device) -> Result<()> {
         let peft_y = load(&c, &format!("{lname}.y"), Device::Cpu)?.to_vec::<f32>()?;
         close(&y.to_vec::<f32>()?, &peft_y, 1e-5, &what("forward"));
         let y2 = base.add(&layer.forward_delta(&x, &spectrum)?)?;
-        close(&y2.to_vec::<f32>()?, &peft_y, 1e-5, &what("forward (separate delta)"));
+        close(
+            &y2.to_vec::<f32>()?,
+            &peft_y,
+            1e-5,
+            &what("forward (separate delta)"),
+        );
 
         // Backward: dspectrum and dx = dy·W + dy·ΔW against PEFT's autograd.
         let dy = load(&c, &format!("{lname}.dy"), dev)?;
@@ -177,8 +209,18 @@ fn check_case(name: &str, dev: Device) -> Result<()> {
         close(&dx_full.to_vec::<f32>()?, &peft_dx, 1e-5, &what("dx"));
         let mut dx_acc = dy.matmul(&w)?;
         let ds2 = layer.backward_delta_add_dx(&x, &dy, &spectrum, &mut dx_acc)?;
-        close(&dx_acc.to_vec::<f32>()?, &peft_dx, 1e-5, &what("dx (accumulated)"));
-        assert_eq!(ds2.to_vec::<f32>()?, ds.to_vec::<f32>()?, "{}", what("dspectrum is deterministic"));
+        close(
+            &dx_acc.to_vec::<f32>()?,
+            &peft_dx,
+            1e-5,
+            &what("dx (accumulated)"),
+        );
+        assert_eq!(
+            ds2.to_vec::<f32>()?,
+            ds.to_vec::<f32>()?,
+            "{}",
+            what("dspectrum is deterministic")
+        );
     }
     Ok(())
 }
@@ -201,13 +243,27 @@ fn peft_coif1(dev: Device) -> Result<()> {
 fn peft_proportional(dev: Device) -> Result<()> {
     check_case("prop", dev)
 }
-device_test!(peft_db1, peft_noidwt, peft_sym2, peft_db3, peft_coif1, peft_proportional);
+device_test!(
+    peft_db1,
+    peft_noidwt,
+    peft_sym2,
+    peft_db3,
+    peft_coif1,
+    peft_proportional
+);
 
 #[test]
 fn budgets_follow_peft() -> Result<()> {
-    let mods = [("model.layers.0.q_proj", 4096, 4096), ("model.layers.0.v_proj", 1024, 4096), ("lm.x", 7, 3)];
+    let mods = [
+        ("model.layers.0.q_proj", 4096, 4096),
+        ("model.layers.0.v_proj", 1024, 4096),
+        ("lm.x", 7, 3),
+    ];
     let none = BTreeMap::new();
-    assert_eq!(waveft_n_frequencies(&mods, 100, &none, false)?, vec![100, 100, 100]);
+    assert_eq!(
+        waveft_n_frequencies(&mods, 100, &none, false)?,
+        vec![100, 100, 100]
+    );
     let mut pat = BTreeMap::new();
     pat.insert("v_proj".to_string(), 7);
     pat.insert(r"layers\.0\.q_.*".to_string(), 9);
@@ -349,7 +405,10 @@ fn haar_blocks_are_exact() -> Result<()> {
     let (i, j) = (1, 2);
     let rows = vec![i, i, h2 + i, h2 + i];
     let cols = vec![j, w2 + j, j, w2 + j];
-    let cfg = WaveFtConfig { scaling: 1.0, ..Default::default() };
+    let cfg = WaveFtConfig {
+        scaling: 1.0,
+        ..Default::default()
+    };
     let pos = WaveFtPositions::from_indices(out, inp, rows, cols, &cfg, Device::Cpu)?;
     let (a, h, v, d) = (1.0f32, 2.0, 4.0, 8.0);
     let s = Tensor::from_vec(vec![a, h, v, d], &[4], Device::Cpu)?;
@@ -411,10 +470,20 @@ fn sparse_vs_dense(
     let what = format!("[{out}x{inp}] T={tokens} {family:?} n={n}");
     // y = x·ΔWᵀ
     let y = waveft_forward(&pos, &xt, &st, 3.0)?;
-    close(&y.to_vec::<f32>()?, &matmul_f64(&x, &dw, tokens, out, inp, false, true), 1e-5, &format!("{what} forward"));
+    close(
+        &y.to_vec::<f32>()?,
+        &matmul_f64(&x, &dw, tokens, out, inp, false, true),
+        1e-5,
+        &format!("{what} forward"),
+    );
     // dx = dy·ΔW; dΔW = dyᵀ·x, dspectrum = scaling · Σ w · dΔW[pos] (from the entries, in f64).
     let (dx, ds) = waveft_backward(&pos, &xt, &dyt, &st, 3.0, true)?;
-    close(&dx.unwrap().to_vec::<f32>()?, &matmul_f64(&dy, &dw, tokens, inp, out, false, false), 1e-5, &format!("{what} dx"));
+    close(
+        &dx.unwrap().to_vec::<f32>()?,
+        &matmul_f64(&dy, &dw, tokens, inp, out, false, false),
+        1e-5,
+        &format!("{what} dx"),
+    );
     let gw = matmul_f64(&dy, &x, out, inp, tokens, true, false);
     let mut want = vec![0f64; n];
     for e in pos.entries() {
@@ -469,7 +538,15 @@ proptest! {
 /// rounding: check our analytic dspectrum and dx against them.
 fn finite_differences(dev: Device) -> Result<()> {
     let (out, inp, t, n) = (13, 10, 9, 25);
-    let layer = WaveFtLayer::new(out, inp, &WaveFtConfig { n_frequency: n, ..Default::default() }, dev)?;
+    let layer = WaveFtLayer::new(
+        out,
+        inp,
+        &WaveFtConfig {
+            n_frequency: n,
+            ..Default::default()
+        },
+        dev,
+    )?;
     let s = Tensor::from_vec(rand_vec(n, 1), &[n], dev)?;
     let x = Tensor::from_vec(rand_vec(t * inp, 2), &[t, inp], dev)?;
     let r = rand_vec(t * out, 3);
@@ -488,7 +565,11 @@ fn finite_differences(dev: Device) -> Result<()> {
         p[k] -= 2.0;
         let lm = loss(&x, &Tensor::from_vec(p, &[n], dev)?)?;
         let fd = (lp - lm) / 2.0;
-        assert!((fd - ds[k] as f64).abs() < 1e-3 * (1.0 + fd.abs()), "dspectrum[{k}]: fd {fd} vs {}", ds[k]);
+        assert!(
+            (fd - ds[k] as f64).abs() < 1e-3 * (1.0 + fd.abs()),
+            "dspectrum[{k}]: fd {fd} vs {}",
+            ds[k]
+        );
     }
     let xv = x.to_vec::<f32>()?;
     for i in [0, 5, 44, t * inp - 1] {
@@ -498,7 +579,11 @@ fn finite_differences(dev: Device) -> Result<()> {
         p[i] -= 2.0;
         let lm = loss(&Tensor::from_vec(p, &[t, inp], dev)?, &s)?;
         let fd = (lp - lm) / 2.0;
-        assert!((fd - dx[i] as f64).abs() < 1e-3 * (1.0 + fd.abs()), "dx[{i}]: fd {fd} vs {}", dx[i]);
+        assert!(
+            (fd - dx[i] as f64).abs() < 1e-3 * (1.0 + fd.abs()),
+            "dx[{i}]: fd {fd} vs {}",
+            dx[i]
+        );
     }
     Ok(())
 }
@@ -508,7 +593,15 @@ device_test!(finite_differences);
 
 fn half_precision(dev: Device) -> Result<()> {
     let (out, inp, t) = (24, 40, 21);
-    let layer = WaveFtLayer::new(out, inp, &WaveFtConfig { n_frequency: 100, ..Default::default() }, dev)?;
+    let layer = WaveFtLayer::new(
+        out,
+        inp,
+        &WaveFtConfig {
+            n_frequency: 100,
+            ..Default::default()
+        },
+        dev,
+    )?;
     let s = Tensor::from_vec(rand_vec(100, 4), &[100], dev)?;
     for dt in [DType::F16, DType::BF16] {
         let x = Tensor::randn(&[3, 7, inp], 1.0, 5, dt, dev)?;
@@ -518,12 +611,28 @@ fn half_precision(dev: Device) -> Result<()> {
         // Same math on the exactly widened inputs, rounded once at the end.
         let y32 = layer.forward_delta(&x.to_dtype(DType::F32)?, &s)?;
         let tol = if dt == DType::F16 { 1e-3 } else { 8e-3 };
-        close(&y.to_vec_f32()?, &y32.to_dtype(dt)?.to_vec_f32()?, tol, "half forward");
+        close(
+            &y.to_vec_f32()?,
+            &y32.to_dtype(dt)?.to_vec_f32()?,
+            tol,
+            "half forward",
+        );
         let (dx, ds) = layer.backward_delta(&x, &dy, &s, true)?;
-        let (dx32, ds32) = layer.backward_delta(&x.to_dtype(DType::F32)?, &dy.to_dtype(DType::F32)?, &s, true)?;
+        let (dx32, ds32) =
+            layer.backward_delta(&x.to_dtype(DType::F32)?, &dy.to_dtype(DType::F32)?, &s, true)?;
         assert_eq!(dx.as_ref().unwrap().dtype(), dt);
-        close(&dx.unwrap().to_vec_f32()?, &dx32.unwrap().to_dtype(dt)?.to_vec_f32()?, tol, "half dx");
-        close(&ds.to_vec::<f32>()?, &ds32.to_vec::<f32>()?, 1e-5, "half dspectrum");
+        close(
+            &dx.unwrap().to_vec_f32()?,
+            &dx32.unwrap().to_dtype(dt)?.to_vec_f32()?,
+            tol,
+            "half dx",
+        );
+        close(
+            &ds.to_vec::<f32>()?,
+            &ds32.to_vec::<f32>()?,
+            1e-5,
+            "half dspectrum",
+        );
         let _ = t;
     }
     Ok(())
@@ -532,7 +641,11 @@ device_test!(half_precision);
 
 fn cuda_matches_cpu(dev: Device) -> Result<()> {
     // On the CPU this compares the CPU with itself (trivially); with a GPU it is the kernel check.
-    for (out, inp, t, fam) in [(130, 77, 45, Some("db1")), (64, 96, 200, None), (33, 21, 5, Some("sym4"))] {
+    for (out, inp, t, fam) in [
+        (130, 77, 45, Some("db1")),
+        (64, 96, 200, None),
+        (33, 21, 5, Some("sym4")),
+    ] {
         let cfg = WaveFtConfig {
             n_frequency: 600.min(out * inp),
             wavelet_family: fam.unwrap_or("db1").into(),
@@ -546,13 +659,26 @@ fn cuda_matches_cpu(dev: Device) -> Result<()> {
             let x = Tensor::randn(&[t, inp], 1.0, 8, dt, Device::Cpu)?;
             let dy = Tensor::randn(&[t, out], 1.0, 9, dt, Device::Cpu)?;
             let y = cpu.forward_delta(&x, &s)?.to_vec_f32()?;
-            let yg = gpu.forward_delta(&x.to_device(dev)?, &s.to_device(dev)?)?.to_vec_f32()?;
+            let yg = gpu
+                .forward_delta(&x.to_device(dev)?, &s.to_device(dev)?)?
+                .to_vec_f32()?;
             let tol = if dt == DType::F32 { 1e-5 } else { 8e-3 };
             close(&yg, &y, tol, "device forward");
             let (dx, ds) = cpu.backward_delta(&x, &dy, &s, true)?;
-            let (dxg, dsg) = gpu.backward_delta(&x.to_device(dev)?, &dy.to_device(dev)?, &s.to_device(dev)?, true)?;
-            close(&dxg.unwrap().to_vec_f32()?, &dx.unwrap().to_vec_f32()?, tol, "device dx");
-            close(&dsg.to_vec::<f32>()?, &ds.to_vec::<f32>()?, 1e-4, "device dspectrum");
+            let (dxg, dsg) =
+                gpu.backward_delta(&x.to_device(dev)?, &dy.to_device(dev)?, &s.to_device(dev)?, true)?;
+            close(
+                &dxg.unwrap().to_vec_f32()?,
+                &dx.unwrap().to_vec_f32()?,
+                tol,
+                "device dx",
+            );
+            close(
+                &dsg.to_vec::<f32>()?,
+                &ds.to_vec::<f32>()?,
+                1e-4,
+                "device dspectrum",
+            );
             let dw = gpu.delta_weight(&s.to_device(dev)?)?;
             assert_eq!(dw.device(), dev);
             assert_eq!(dw.to_vec::<f32>()?, cpu.delta_weight(&s)?.to_vec::<f32>()?);
@@ -564,14 +690,26 @@ device_test!(cuda_matches_cpu);
 
 #[test]
 fn backward_is_deterministic() -> Result<()> {
-    let layer = WaveFtLayer::new(96, 80, &WaveFtConfig { n_frequency: 900, ..Default::default() }, Device::Cpu)?;
+    let layer = WaveFtLayer::new(
+        96,
+        80,
+        &WaveFtConfig {
+            n_frequency: 900,
+            ..Default::default()
+        },
+        Device::Cpu,
+    )?;
     let s = Tensor::randn(&[900], 1.0, 1, DType::F32, Device::Cpu)?;
     let x = Tensor::randn(&[1500, 80], 1.0, 2, DType::F32, Device::Cpu)?;
     let dy = Tensor::randn(&[1500, 96], 1.0, 3, DType::F32, Device::Cpu)?;
     let (_, a) = layer.backward_delta(&x, &dy, &s, false)?;
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let (_, b) = pool.install(|| layer.backward_delta(&x, &dy, &s, false))?;
-    assert_eq!(a.to_vec::<f32>()?, b.to_vec::<f32>()?, "thread count must not change the result");
+    assert_eq!(
+        a.to_vec::<f32>()?,
+        b.to_vec::<f32>()?,
+        "thread count must not change the result"
+    );
     Ok(())
 }
 
@@ -586,16 +724,43 @@ fn bad_inputs_are_errors() -> Result<()> {
         use_idwt: idwt,
         ..Default::default()
     };
-    assert!(WaveFtLayer::new(4, 5, &cfg(0, "db1", true), dev).is_err(), "n_frequency == 0");
-    assert!(WaveFtLayer::new(4, 5, &cfg(21, "db1", true), dev).is_err(), "n_frequency > out*in");
-    assert!(WaveFtLayer::new(4, 5, &cfg(20, "db1", true), dev).is_ok(), "n_frequency == out*in");
-    assert!(WaveFtLayer::new(0, 5, &cfg(1, "db1", true), dev).is_err(), "zero dim");
-    assert!(WaveFtLayer::new(4, 5, &cfg(3, "coif5", true), dev).is_err(), "coif5 (broken in PEFT)");
-    assert!(WaveFtLayer::new(4, 5, &cfg(3, "db11", true), dev).is_err(), "db11 has no filters");
-    assert!(WaveFtLayer::new(4, 5, &cfg(3, "db11", false), dev).is_ok(), "without IDWT PEFT accepts db11");
-    assert!(WaveFtLayer::new(4, 5, &cfg(3, "haar", false), dev).is_err(), "haar is not a PEFT family name");
+    assert!(
+        WaveFtLayer::new(4, 5, &cfg(0, "db1", true), dev).is_err(),
+        "n_frequency == 0"
+    );
+    assert!(
+        WaveFtLayer::new(4, 5, &cfg(21, "db1", true), dev).is_err(),
+        "n_frequency > out*in"
+    );
+    assert!(
+        WaveFtLayer::new(4, 5, &cfg(20, "db1", true), dev).is_ok(),
+        "n_frequency == out*in"
+    );
+    assert!(
+        WaveFtLayer::new(0, 5, &cfg(1, "db1", true), dev).is_err(),
+        "zero dim"
+    );
+    assert!(
+        WaveFtLayer::new(4, 5, &cfg(3, "coif5", true), dev).is_err(),
+        "coif5 (broken in PEFT)"
+    );
+    assert!(
+        WaveFtLayer::new(4, 5, &cfg(3, "db11", true), dev).is_err(),
+        "db11 has no filters"
+    );
+    assert!(
+        WaveFtLayer::new(4, 5, &cfg(3, "db11", false), dev).is_ok(),
+        "without IDWT PEFT accepts db11"
+    );
+    assert!(
+        WaveFtLayer::new(4, 5, &cfg(3, "haar", false), dev).is_err(),
+        "haar is not a PEFT family name"
+    );
     assert!(WaveFtLayer::new(4, 5, &cfg(3, "db01", false), dev).is_err());
-    let bad_scale = WaveFtConfig { scaling: f32::NAN, ..cfg(3, "db1", true) };
+    let bad_scale = WaveFtConfig {
+        scaling: f32::NAN,
+        ..cfg(3, "db1", true)
+    };
     assert!(WaveFtLayer::new(4, 5, &bad_scale, dev).is_err());
     assert!(
         WaveFtPositions::from_indices(4, 5, vec![0, 0], vec![1, 1], &cfg(2, "db1", true), dev).is_err(),
@@ -606,19 +771,62 @@ fn bad_inputs_are_errors() -> Result<()> {
     let layer = WaveFtLayer::new(6, 8, &cfg(10, "db1", true), dev)?;
     let s = Tensor::zeros(&[10], DType::F32, dev)?;
     let x = Tensor::zeros(&[3, 8], DType::F32, dev)?;
-    assert!(layer.forward_delta(&Tensor::zeros(&[3, 7], DType::F32, dev)?, &s).is_err(), "x width");
-    assert!(layer.forward_delta(&x, &Tensor::zeros(&[9], DType::F32, dev)?).is_err(), "spectrum length");
-    assert!(layer.forward_delta(&x, &Tensor::zeros(&[10], DType::F16, dev)?).is_err(), "spectrum dtype");
-    assert!(layer.forward_delta(&Tensor::zeros(&[3, 8], DType::I32, dev)?, &s).is_err(), "int x");
+    assert!(
+        layer
+            .forward_delta(&Tensor::zeros(&[3, 7], DType::F32, dev)?, &s)
+            .is_err(),
+        "x width"
+    );
+    assert!(
+        layer
+            .forward_delta(&x, &Tensor::zeros(&[9], DType::F32, dev)?)
+            .is_err(),
+        "spectrum length"
+    );
+    assert!(
+        layer
+            .forward_delta(&x, &Tensor::zeros(&[10], DType::F16, dev)?)
+            .is_err(),
+        "spectrum dtype"
+    );
+    assert!(
+        layer
+            .forward_delta(&Tensor::zeros(&[3, 8], DType::I32, dev)?, &s)
+            .is_err(),
+        "int x"
+    );
     let dy = Tensor::zeros(&[3, 6], DType::F32, dev)?;
-    assert!(layer.backward_delta(&x, &Tensor::zeros(&[2, 6], DType::F32, dev)?, &s, true).is_err(), "dy rows");
-    assert!(layer.backward_delta(&x, &dy.to_dtype(DType::BF16)?, &s, true).is_err(), "dy dtype");
+    assert!(
+        layer
+            .backward_delta(&x, &Tensor::zeros(&[2, 6], DType::F32, dev)?, &s, true)
+            .is_err(),
+        "dy rows"
+    );
+    assert!(
+        layer
+            .backward_delta(&x, &dy.to_dtype(DType::BF16)?, &s, true)
+            .is_err(),
+        "dy dtype"
+    );
     let mut y = Tensor::zeros(&[3, 5], DType::F32, dev)?;
     assert!(layer.forward_delta_add(&x, &s, &mut y).is_err(), "y width");
     let mut dx = Tensor::zeros(&[3, 7], DType::F32, dev)?;
-    assert!(layer.backward_delta_add_dx(&x, &dy, &s, &mut dx).is_err(), "dx shape");
-    assert!(layer.from_spectrum(&Tensor::zeros(&[11], DType::F32, dev)?).is_err());
+    assert!(
+        layer.backward_delta_add_dx(&x, &dy, &s, &mut dx).is_err(),
+        "dx shape"
+    );
+    assert!(
+        layer
+            .from_spectrum(&Tensor::zeros(&[11], DType::F32, dev)?)
+            .is_err()
+    );
     // Zero spectrum: an identity adapter.
-    assert!(layer.forward_delta(&x, &layer.init_spectrum(true, 0)?)?.to_vec::<f32>()?.iter().all(|v| *v == 0.0));
+    assert!(
+        layer
+            .forward_delta(&x, &layer.init_spectrum(true, 0)?)?
+            .to_vec::<f32>()?
+            .iter()
+            .all(|v| *v == 0.0)
+    );
     Ok(())
 }

@@ -70,16 +70,15 @@ fn hsum(v: &Lane) -> f32 {
 
 /// out[j][t] = tile[t][j] for a 16x16 tile.
 #[inline(always)]
-fn transpose16(isa: Isa, tile: &[Lane; TB], out: &mut [Lane]) {
+fn transpose16(isa: Isa, tile: &[Lane; TB], out: &mut [Lane; TB]) {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 {
-        // SAFETY: AVX2 was detected at run time (`isa()`); `out` holds at least 16 lanes (checked).
-        assert!(out.len() >= TB);
+        // SAFETY: AVX2 was detected at run time (`isa()`); both arrays are 16x16.
         unsafe { transpose16_avx2(tile, out) };
         return;
     }
     let _ = isa;
-    for (j, o) in out[..TB].iter_mut().enumerate() {
+    for (j, o) in out.iter_mut().enumerate() {
         for t in 0..TB {
             o[t] = tile[t][j];
         }
@@ -90,13 +89,13 @@ fn transpose16(isa: Isa, tile: &[Lane; TB], out: &mut [Lane]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn transpose16_avx2(tile: &[Lane; TB], out: &mut [Lane]) {
+unsafe fn transpose16_avx2(tile: &[Lane; TB], out: &mut [Lane; TB]) {
     use std::arch::x86_64::*;
     for br in 0..2 {
         for bc in 0..2 {
-            // SAFETY: every load reads 8 floats at tile[8·br + i][8·bc..], inside the 16x16 tile; every
-            // store writes 8 floats at out[8·bc + i][8·br..], inside the first 16 lanes of `out` (the
-            // caller checked out.len() >= 16). The arithmetic intrinsics need AVX, implied by AVX2.
+            // SAFETY: every load reads 8 floats at tile[8·br + i][8·bc..] and every store writes 8 floats
+            // at out[8·bc + i][8·br..], inside the 16x16 arrays. The intrinsics need AVX (implied by
+            // AVX2, which this function is compiled for and which the caller detected).
             unsafe {
                 let r: [__m256; 8] =
                     std::array::from_fn(|i| _mm256_loadu_ps(tile[8 * br + i][8 * bc..].as_ptr()));
@@ -135,28 +134,39 @@ unsafe fn transpose16_avx2(tile: &[Lane; TB], out: &mut [Lane]) {
 }
 
 /// panel[c][t] = src[t·dim + c] for the `tb` rows of `src` (the other lanes are zero).
+/// Full 16-column tiles use fixed-size copies (inlined vector moves, no memcpy calls).
 #[inline(always)]
 fn load_panel<T: Element>(isa: Isa, src: &[T], tb: usize, dim: usize, panel: &mut [Lane]) {
     let mut tile = [[0f32; TB]; TB];
-    for c0 in (0..dim).step_by(TB) {
-        let w = TB.min(dim - c0);
+    let full = dim / TB * TB;
+    for c0 in (0..full).step_by(TB) {
         for (t, row) in tile.iter_mut().enumerate() {
             if t < tb {
-                let s = &src[t * dim + c0..t * dim + c0 + w];
-                for (o, v) in row.iter_mut().zip(s) {
-                    *o = v.to_f32();
-                }
-                row[w..].fill(0.0);
+                let s: &[T; TB] = src[t * dim + c0..t * dim + c0 + TB]
+                    .try_into()
+                    .expect("16 elements");
+                *row = s.map(|v| v.to_f32());
             } else {
                 *row = [0.0; TB];
             }
         }
-        if w == TB {
-            transpose16(isa, &tile, &mut panel[c0..c0 + TB]);
-        } else {
-            let mut tmp = [[0f32; TB]; TB];
-            transpose16(isa, &tile, &mut tmp);
-            panel[c0..c0 + w].copy_from_slice(&tmp[..w]);
+        let out: &mut [Lane; TB] = (&mut panel[c0..c0 + TB]).try_into().expect("16 lanes");
+        transpose16(isa, &tile, out);
+    }
+    if full < dim {
+        let w = dim - full;
+        for (t, row) in tile.iter_mut().enumerate() {
+            *row = [0.0; TB];
+            if t < tb {
+                for (o, v) in row.iter_mut().zip(&src[t * dim + full..t * dim + dim]) {
+                    *o = v.to_f32();
+                }
+            }
+        }
+        let mut tmp = [[0f32; TB]; TB];
+        transpose16(isa, &tile, &mut tmp);
+        for (p, t) in panel[full..full + w].iter_mut().zip(&tmp) {
+            *p = *t;
         }
     }
 }
@@ -164,12 +174,19 @@ fn load_panel<T: Element>(isa: Isa, src: &[T], tb: usize, dim: usize, panel: &mu
 /// dst[t·dim + c] (+)= panel[c][t] for the `tb` rows of `dst`.
 #[inline(always)]
 fn store_panel<T: Element>(isa: Isa, panel: &[Lane], tb: usize, dim: usize, dst: &mut [T], accumulate: bool) {
-    let mut src = [[0f32; TB]; TB];
     let mut tile = [[0f32; TB]; TB];
+    let mut src = [[0f32; TB]; TB];
     for c0 in (0..dim).step_by(TB) {
         let w = TB.min(dim - c0);
-        src[..w].copy_from_slice(&panel[c0..c0 + w]);
-        transpose16(isa, &src, &mut tile);
+        let lanes: &[Lane; TB] = if w == TB {
+            panel[c0..c0 + TB].try_into().expect("16 lanes")
+        } else {
+            for (s, p) in src.iter_mut().zip(&panel[c0..c0 + w]) {
+                *s = *p;
+            }
+            &src
+        };
+        transpose16(isa, lanes, &mut tile);
         for (t, row) in tile.iter().enumerate().take(tb) {
             let d = &mut dst[t * dim + c0..t * dim + c0 + w];
             if accumulate {
@@ -430,9 +447,13 @@ pub(crate) fn backward<T: Element>(
             .map(|i| run((i, None)))
             .collect(),
     };
-    (0..nnz)
-        .map(|p| partials.iter().map(|g| g[p] as f64).sum::<f64>() as f32)
-        .collect()
+    let mut acc = vec![0f64; nnz];
+    for g in &partials {
+        for (a, &v) in acc.iter_mut().zip(g) {
+            *a += v as f64;
+        }
+    }
+    acc.into_iter().map(|v| v as f32).collect()
 }
 
 #[cfg(test)]
@@ -447,8 +468,8 @@ mod tests {
                 *v = (t * 100 + j) as f32;
             }
         }
-        let mut a = vec![[0f32; TB]; TB];
-        let mut b = vec![[0f32; TB]; TB];
+        let mut a = [[0f32; TB]; TB];
+        let mut b = [[0f32; TB]; TB];
         transpose16(Isa::Base, &tile, &mut a);
         transpose16(isa(), &tile, &mut b);
         for j in 0..TB {
