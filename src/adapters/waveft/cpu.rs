@@ -26,8 +26,11 @@ use rayon::prelude::*;
 pub(crate) const TB: usize = 16;
 type Lane = [f32; TB];
 
-/// Upper bound on backward partitions (each holds an nnz-long partial gradient).
+/// Upper bound on backward partitions (each holds an nnz-long partial gradient)...
 const MAX_PARTS: usize = 64;
+/// ...and on the memory of all partial gradients together (a layer with millions of coefficients gets
+/// fewer partitions). Both bounds depend only on the shapes, so results do not depend on the machine.
+const PARTS_BYTES: usize = 64 << 20;
 
 /// value[p] = scaling · Σ w · spectrum[coef] for every position, in row order and in column order.
 pub(crate) fn synthesize(h: &HostStructure, spectrum: &[f32], scaling: f32) -> (Vec<f32>, Vec<f32>) {
@@ -418,7 +421,10 @@ pub(crate) fn backward<T: Element>(
     }
     let isa = isa();
     let nblocks = tokens.div_ceil(TB);
-    let per_part = nblocks.div_ceil(MAX_PARTS.min(nblocks));
+    let parts = MAX_PARTS
+        .min(nblocks)
+        .min((PARTS_BYTES / (4 * nnz.max(1))).max(1));
+    let per_part = nblocks.div_ceil(parts);
     let part_tokens = per_part * TB;
     let x_parts: Vec<&[T]> = x.chunks(part_tokens * inp).collect();
     let dy_parts: Vec<&[T]> = dy.chunks(part_tokens * out).collect();
