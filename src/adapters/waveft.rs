@@ -398,12 +398,13 @@ fn out_shape(x: &Tensor, last: usize) -> Vec<usize> {
 pub fn waveft_forward(pos: &WaveFtPositions, x: &Tensor, spectrum: &Tensor, scaling: f32) -> Result<Tensor> {
     let op = "waveft_forward";
     pos.check_spectrum(spectrum, op)?;
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     let tokens = pos.check_act(x, pos.inp, "x", op)?;
     let shape = out_shape(x, pos.out);
     match (x.storage(), spectrum.storage()) {
         (Storage::Cpu(_), Storage::Cpu(_)) => {
             let mut y = Tensor::zeros(&shape, x.dtype(), Device::Cpu)?;
-            cpu_forward(pos, x, spectrum, scaling, &mut y, false, tokens)?;
+            cpu_forward(pos, x, spectrum, scaling, &mut y, false)?;
             Ok(y)
         }
         #[cfg(feature = "cuda")]
@@ -439,7 +440,7 @@ pub fn waveft_forward_add(
         ));
     }
     match x.storage() {
-        Storage::Cpu(_) => cpu_forward(pos, x, spectrum, scaling, y, true, tokens),
+        Storage::Cpu(_) => cpu_forward(pos, x, spectrum, scaling, y, true),
         #[cfg(feature = "cuda")]
         Storage::Cuda(_) => cuda::forward_add(pos, x, spectrum, scaling, y, tokens),
     }
@@ -452,7 +453,6 @@ fn cpu_forward(
     scaling: f32,
     y: &mut Tensor,
     accumulate: bool,
-    _tokens: usize,
 ) -> Result<()> {
     let op = "waveft_forward";
     let s = spectrum.cpu_data::<f32>(op)?;
