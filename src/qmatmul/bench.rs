@@ -1,0 +1,1 @@
+//! Shared benchmark setup (filled in below).
