@@ -504,12 +504,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
+            acc[i] += x[i] * y[i];
         }
     }
     let mut s: f32 = acc.iter().sum();
     for (x, y) in ra.iter().zip(rb) {
-        s = x.mul_add(*y, s);
+        s += x * y;
     }
     s
 }
@@ -649,7 +649,7 @@ fn gemv_bwd(
                     let vj = v[ti * rank + j];
                     let arow = &a[j * inp + k0..j * inp + k0 + len];
                     for (d, &av) in tmp.iter_mut().zip(arow) {
-                        *d = vj.mul_add(av, *d);
+                        *d += vj * av;
                     }
                 }
             }
@@ -688,6 +688,15 @@ fn gemv_bwd_seg(
             (WeightRef::Q4(q), Isa::Avx2) if q4_simd => {
                 return unsafe { x86::q4_bwd_avx2_dispatch(q, dyt, n, o0, o1, k0, len, acc) };
             }
+            (WeightRef::BF16(d), Isa::Avx512) => {
+                return unsafe { x86::dense_bwd_avx512_dispatch(*d, inp, dyt, n, o0, o1, k0, len, acc) };
+            }
+            (WeightRef::F16(d), Isa::Avx512) => {
+                return unsafe { x86::dense_bwd_avx512_dispatch(*d, inp, dyt, n, o0, o1, k0, len, acc) };
+            }
+            (WeightRef::F32(d), Isa::Avx512) => {
+                return unsafe { x86::dense_bwd_avx512_dispatch(*d, inp, dyt, n, o0, o1, k0, len, acc) };
+            }
             _ => {}
         }
     }
@@ -701,7 +710,7 @@ fn gemv_bwd_seg(
                 continue;
             }
             for (a, &wv) in acc[ti * len..(ti + 1) * len].iter_mut().zip(&row) {
-                *a = d.mul_add(wv, *a);
+                *a += d * wv;
             }
         }
     }
@@ -1297,6 +1306,85 @@ mod x86 {
                 }
             }
             i += R;
+        }
+    }
+
+    /// Dense backward rows `[o0, o1)`, columns `[k0, k0 + len)`: `acc[t*len + j] += Σ_o dy[o, t] W[o, k0 + j]`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dense_bwd_avx512<E: Load16, const R: usize, const N: usize>(
+        w: &[E],
+        inp: usize,
+        dyt: &[f32],
+        o0: usize,
+        o1: usize,
+        k0: usize,
+        len: usize,
+        acc: &mut [f32],
+    ) {
+        let nv = len / 16 * 16;
+        let wp = w.as_ptr();
+        let ap = acc.as_mut_ptr();
+        let mut o = o0;
+        while o + R <= o1 {
+            let d: [[__m512; N]; R] = std::array::from_fn(|r| std::array::from_fn(|t| _mm512_set1_ps(dyt[(o + r) * N + t])));
+            let mut j = 0;
+            while j < nv {
+                // SAFETY: rows o..o+R exist, k0 + j + 16 <= inp; t * len + j + 16 <= acc.len().
+                unsafe {
+                    let wv: [__m512; R] = std::array::from_fn(|r| E::load16(wp.add((o + r) * inp + k0 + j)));
+                    for t in 0..N {
+                        let p = ap.add(t * len + j);
+                        let mut a = _mm512_loadu_ps(p);
+                        for r in 0..R {
+                            a = _mm512_fmadd_ps(wv[r], d[r][t], a);
+                        }
+                        _mm512_storeu_ps(p, a);
+                    }
+                }
+                j += 16;
+            }
+            for j in nv..len {
+                for t in 0..N {
+                    let mut s = acc[t * len + j];
+                    for r in 0..R {
+                        s += dyt[(o + r) * N + t] * w[(o + r) * inp + k0 + j].to_f32();
+                    }
+                    acc[t * len + j] = s;
+                }
+            }
+            o += R;
+        }
+        if o < o1 {
+            // SAFETY: same contract, fewer rows.
+            unsafe { dense_bwd_avx512::<E, 1, N>(w, inp, dyt, o, o1, k0, len, acc) };
+        }
+    }
+
+    /// # Safety
+    /// avx512f available; `w` is `[rows, inp]`, `dyt` holds `rows * n`, `acc` holds `n * len`, columns
+    /// `k0..k0 + len` and rows `o0..o1` exist.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn dense_bwd_avx512_dispatch<E: Load16>(
+        w: &[E],
+        inp: usize,
+        dyt: &[f32],
+        n: usize,
+        o0: usize,
+        o1: usize,
+        k0: usize,
+        len: usize,
+        acc: &mut [f32],
+    ) {
+        // SAFETY: forwarded.
+        unsafe {
+            match n {
+                1 => dense_bwd_avx512::<E, 4, 1>(w, inp, dyt, o0, o1, k0, len, acc),
+                2 => dense_bwd_avx512::<E, 4, 2>(w, inp, dyt, o0, o1, k0, len, acc),
+                4 => dense_bwd_avx512::<E, 2, 4>(w, inp, dyt, o0, o1, k0, len, acc),
+                8 => dense_bwd_avx512::<E, 2, 8>(w, inp, dyt, o0, o1, k0, len, acc),
+                _ => dense_bwd_avx512::<E, 1, 16>(w, inp, dyt, o0, o1, k0, len, acc),
+            }
         }
     }
 
