@@ -442,7 +442,6 @@ fn extreme_scales_and_zero_blocks(dev: Device) -> Result<()> {
             check_backward(dev, &w, DType::F32, tokens, Some(2), false, 6, &what)?;
         }
         // A weight whose blocks are all zero gives exactly bias + low-rank.
-        let mut spec = spec;
         spec.zero_every = 1;
         let w = BaseWeight::Quantized(build_q(spec, dev)?);
         let x = Tensor::randn(&[4, 96], 1.0, 1, DType::F32, dev)?;
@@ -559,21 +558,55 @@ fn errors(dev: Device) -> Result<()> {
     let u2 = Tensor::zeros(&[2, 4], DType::F32, dev)?;
     let b_ok = Tensor::zeros(&[8, 4], DType::F32, dev)?;
     let b_bad = Tensor::zeros(&[8, 5], DType::F32, dev)?;
-    shape_err(linear_forward(&x, &w, None, Some(LowRankFwd { u: &u, b: &b_bad }), Algo::Auto));
-    shape_err(linear_forward(&x, &w, None, Some(LowRankFwd { u: &u2, b: &b_ok }), Algo::Auto));
+    shape_err(linear_forward(
+        &x,
+        &w,
+        None,
+        Some(LowRankFwd { u: &u, b: &b_bad }),
+        Algo::Auto,
+    ));
+    shape_err(linear_forward(
+        &x,
+        &w,
+        None,
+        Some(LowRankFwd { u: &u2, b: &b_ok }),
+        Algo::Auto,
+    ));
     assert!(linear_forward(&x, &w, None, Some(LowRankFwd { u: &u, b: &b_ok }), Algo::Auto).is_ok());
     let dy = Tensor::zeros(&[3, 8], DType::BF16, dev)?;
     let a_bad = Tensor::zeros(&[4, 63], DType::F32, dev)?;
-    shape_err(linear_backward_input(&dy, &w, Some(LowRankBwd { v: &u, a: &a_bad }), Algo::Auto));
+    shape_err(linear_backward_input(
+        &dy,
+        &w,
+        Some(LowRankBwd { v: &u, a: &a_bad }),
+        Algo::Auto,
+    ));
     let a_f16 = Tensor::zeros(&[4, 64], DType::F16, dev)?;
-    dtype_err(linear_backward_input(&dy, &w, Some(LowRankBwd { v: &u, a: &a_f16 }), Algo::Auto));
+    dtype_err(linear_backward_input(
+        &dy,
+        &w,
+        Some(LowRankBwd { v: &u, a: &a_f16 }),
+        Algo::Auto,
+    ));
     // Malformed quantized weights.
     let mut q_short = q.clone();
     q_short.data = Tensor::zeros(&[31], DType::U8, dev)?;
-    shape_err(linear_forward(&x, &BaseWeight::Quantized(q_short), None, None, Algo::Auto));
+    shape_err(linear_forward(
+        &x,
+        &BaseWeight::Quantized(q_short),
+        None,
+        None,
+        Algo::Auto,
+    ));
     let mut q_abs = q.clone();
     q_abs.state.absmax = Absmax::F32(Tensor::zeros(&[7], DType::F32, dev)?);
-    shape_err(linear_forward(&x, &BaseWeight::Quantized(q_abs), None, None, Algo::Auto));
+    shape_err(linear_forward(
+        &x,
+        &BaseWeight::Quantized(q_abs),
+        None,
+        None,
+        Algo::Auto,
+    ));
     let mut q_bs = q.clone();
     q_bs.state.blocksize = 48;
     assert!(matches!(
@@ -582,7 +615,13 @@ fn errors(dev: Device) -> Result<()> {
     ));
     let mut q_3d = q.clone();
     q_3d.state.shape = vec![2, 4, 64];
-    shape_err(linear_forward(&x, &BaseWeight::Quantized(q_3d), None, None, Algo::Auto));
+    shape_err(linear_forward(
+        &x,
+        &BaseWeight::Quantized(q_3d),
+        None,
+        None,
+        Algo::Auto,
+    ));
     let mut q_dq = q.clone();
     q_dq.state.absmax = Absmax::Double {
         codes: Tensor::zeros(&[8], DType::U8, dev)?,
@@ -591,7 +630,13 @@ fn errors(dev: Device) -> Result<()> {
         nested_code: vec![0.0; 255],
         nested_blocksize: 256,
     };
-    shape_err(linear_forward(&x, &BaseWeight::Quantized(q_dq), None, None, Algo::Auto));
+    shape_err(linear_forward(
+        &x,
+        &BaseWeight::Quantized(q_dq),
+        None,
+        None,
+        Algo::Auto,
+    ));
     let dense3 = BaseWeight::Dense(Tensor::zeros(&[2, 4, 64], DType::BF16, dev)?);
     shape_err(linear_forward(&x, &dense3, None, None, Algo::Auto));
     Ok(())
@@ -623,7 +668,12 @@ fn cuda_matches_cpu(dev: Device) -> Result<()> {
     if dev.is_cpu() {
         return Ok(());
     }
-    for (tokens, dtype) in [(1, DType::BF16), (16, DType::F16), (130, DType::BF16), (33, DType::F32)] {
+    for (tokens, dtype) in [
+        (1, DType::BF16),
+        (16, DType::F16),
+        (130, DType::BF16),
+        (33, DType::F32),
+    ] {
         for double in [false, true] {
             let spec = QSpec::new(QuantType::Nf4, 64, double, 200, 256, 21);
             let wg = BaseWeight::Quantized(build_q(spec, dev)?);

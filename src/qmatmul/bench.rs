@@ -120,14 +120,48 @@ pub fn random_quantized(
 }
 
 /// A random `[out, inp]` base weight of `format` (4-bit formats use blocksize 64, bitsandbytes' default).
-pub fn random_weight(format: Format, out: usize, inp: usize, seed: u64, device: Device) -> Result<BaseWeight> {
+pub fn random_weight(
+    format: Format,
+    out: usize,
+    inp: usize,
+    seed: u64,
+    device: Device,
+) -> Result<BaseWeight> {
     Ok(match format {
-        Format::Nf4 => BaseWeight::Quantized(random_quantized(QuantType::Nf4, out, inp, 64, false, seed, device)?),
-        Format::Nf4Dq => BaseWeight::Quantized(random_quantized(QuantType::Nf4, out, inp, 64, true, seed, device)?),
-        Format::Fp4 => BaseWeight::Quantized(random_quantized(QuantType::Fp4, out, inp, 64, false, seed, device)?),
-        Format::Bf16 | Format::F16 | Format::F32 => {
-            BaseWeight::Dense(Tensor::randn(&[out, inp], 0.02, seed, format.act_dtype(), device)?)
-        }
+        Format::Nf4 => BaseWeight::Quantized(random_quantized(
+            QuantType::Nf4,
+            out,
+            inp,
+            64,
+            false,
+            seed,
+            device,
+        )?),
+        Format::Nf4Dq => BaseWeight::Quantized(random_quantized(
+            QuantType::Nf4,
+            out,
+            inp,
+            64,
+            true,
+            seed,
+            device,
+        )?),
+        Format::Fp4 => BaseWeight::Quantized(random_quantized(
+            QuantType::Fp4,
+            out,
+            inp,
+            64,
+            false,
+            seed,
+            device,
+        )?),
+        Format::Bf16 | Format::F16 | Format::F32 => BaseWeight::Dense(Tensor::randn(
+            &[out, inp],
+            0.02,
+            seed,
+            format.act_dtype(),
+            device,
+        )?),
     })
 }
 
@@ -197,7 +231,12 @@ impl Case {
     /// Minimum bytes moved (weight once, activations in and out, LoRA factors).
     pub fn bytes(&self) -> f64 {
         let e = self.format.act_dtype().size_in_bytes() as f64;
-        let (t, o, i, r) = (self.tokens as f64, self.out as f64, self.inp as f64, self.rank as f64);
+        let (t, o, i, r) = (
+            self.tokens as f64,
+            self.out as f64,
+            self.inp as f64,
+            self.rank as f64,
+        );
         match self.op {
             Op::Dequantize => self.weight_bytes() + o * i * e,
             Op::Forward | Op::BackwardInput => self.weight_bytes() + t * (o + i) * e + r * (o + i) * e,
@@ -206,7 +245,12 @@ impl Case {
 
     /// Useful FLOPs (2 per multiply-add; LoRA included).
     pub fn flops(&self) -> f64 {
-        let (t, o, i, r) = (self.tokens as f64, self.out as f64, self.inp as f64, self.rank as f64);
+        let (t, o, i, r) = (
+            self.tokens as f64,
+            self.out as f64,
+            self.inp as f64,
+            self.rank as f64,
+        );
         match self.op {
             Op::Dequantize => 0.0,
             Op::Forward | Op::BackwardInput => 2.0 * t * o * i + 2.0 * t * r * (o + i),
@@ -233,10 +277,20 @@ impl Runner {
         let copies = min_footprint.div_ceil(w0.size_in_bytes().max(1)).clamp(1, 64);
         let mut weights = vec![w0];
         for c in 1..copies {
-            weights.push(random_weight(case.format, case.out, case.inp, 1 + c as u64, device)?);
+            weights.push(random_weight(
+                case.format,
+                case.out,
+                case.inp,
+                1 + c as u64,
+                device,
+            )?);
         }
         let dt = case.format.act_dtype();
-        let k = if case.op == Op::BackwardInput { case.out } else { case.inp };
+        let k = if case.op == Op::BackwardInput {
+            case.out
+        } else {
+            case.inp
+        };
         let act = Tensor::randn(&[case.tokens, k], 1.0, 7, dt, device)?;
         let r = case.rank;
         let a = Tensor::randn(&[r, case.inp], 0.02, 8, dt, device)?;

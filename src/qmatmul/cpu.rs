@@ -559,13 +559,13 @@ fn gemv_fwd_rows(
                 return unsafe { x86::q4_fwd_avx2_dispatch(q, xs, n, r0, nr, yt) };
             }
             (WeightRef::BF16(d), Isa::Avx512) => {
-                return unsafe { x86::dense_fwd_avx512_dispatch(*d, inp, xs, n, r0, nr, yt) };
+                return unsafe { x86::dense_fwd_avx512_dispatch(d, inp, xs, n, r0, nr, yt) };
             }
             (WeightRef::F16(d), Isa::Avx512) => {
-                return unsafe { x86::dense_fwd_avx512_dispatch(*d, inp, xs, n, r0, nr, yt) };
+                return unsafe { x86::dense_fwd_avx512_dispatch(d, inp, xs, n, r0, nr, yt) };
             }
             (WeightRef::F32(d), Isa::Avx512) => {
-                return unsafe { x86::dense_fwd_avx512_dispatch(*d, inp, xs, n, r0, nr, yt) };
+                return unsafe { x86::dense_fwd_avx512_dispatch(d, inp, xs, n, r0, nr, yt) };
             }
             _ => {}
         }
@@ -689,13 +689,13 @@ fn gemv_bwd_seg(
                 return unsafe { x86::q4_bwd_avx2_dispatch(q, dyt, n, o0, o1, k0, len, acc) };
             }
             (WeightRef::BF16(d), Isa::Avx512) => {
-                return unsafe { x86::dense_bwd_avx512_dispatch(*d, inp, dyt, n, o0, o1, k0, len, acc) };
+                return unsafe { x86::dense_bwd_avx512_dispatch(d, inp, dyt, n, o0, o1, k0, len, acc) };
             }
             (WeightRef::F16(d), Isa::Avx512) => {
-                return unsafe { x86::dense_bwd_avx512_dispatch(*d, inp, dyt, n, o0, o1, k0, len, acc) };
+                return unsafe { x86::dense_bwd_avx512_dispatch(d, inp, dyt, n, o0, o1, k0, len, acc) };
             }
             (WeightRef::F32(d), Isa::Avx512) => {
-                return unsafe { x86::dense_bwd_avx512_dispatch(*d, inp, dyt, n, o0, o1, k0, len, acc) };
+                return unsafe { x86::dense_bwd_avx512_dispatch(d, inp, dyt, n, o0, o1, k0, len, acc) };
             }
             _ => {}
         }
@@ -735,9 +735,37 @@ fn dense_gemm_fwd(
         let par = tcpu::gemm_parallelism(t, out, inp);
         // SAFETY: x is [t, inp], wf is [out, inp] read transposed (rs 1, cs inp), y is [t, out].
         unsafe {
-            gemm_f32(t, out, inp, y.as_mut_ptr(), out, false, x.as_ptr(), inp, 1, wf.as_ptr(), 1, inp, par);
+            gemm_f32(
+                t,
+                out,
+                inp,
+                y.as_mut_ptr(),
+                out,
+                false,
+                x.as_ptr(),
+                inp,
+                1,
+                wf.as_ptr(),
+                1,
+                inp,
+                par,
+            );
             if let Some((u, b)) = lr {
-                gemm_f32(t, out, rank, y.as_mut_ptr(), out, true, u.as_ptr(), rank, 1, b.as_ptr(), 1, rank, par);
+                gemm_f32(
+                    t,
+                    out,
+                    rank,
+                    y.as_mut_ptr(),
+                    out,
+                    true,
+                    u.as_ptr(),
+                    rank,
+                    1,
+                    b.as_ptr(),
+                    1,
+                    rank,
+                    par,
+                );
             }
         }
         return;
@@ -746,22 +774,52 @@ fn dense_gemm_fwd(
     let p = ((1usize << 19) / inp.max(1)).clamp(32, 256).next_multiple_of(16);
     let np = out.div_ceil(p);
     let yp = SendPtr(y.as_mut_ptr());
-    (0..np).into_par_iter().for_each_init(Vec::new, |buf: &mut Vec<f32>, pi| {
-        let o0 = pi * p;
-        let rows = p.min(out - o0);
-        buf.resize(rows * inp, 0.0);
-        decode_rows(w, o0, inp, buf);
-        // SAFETY: this task writes only the columns o0..o0+rows of y ([t, out], row stride out);
-        // panels are disjoint. buf is [rows, inp] read transposed; u [t, rank]; b rows o0.. of [out, rank].
-        unsafe {
-            let dst = yp.get().add(o0);
-            gemm_f32(t, rows, inp, dst, out, false, x.as_ptr(), inp, 1, buf.as_ptr(), 1, inp, gemm::Parallelism::None);
-            if let Some((u, b)) = lr {
-                let bp = b.as_ptr().add(o0 * rank);
-                gemm_f32(t, rows, rank, dst, out, true, u.as_ptr(), rank, 1, bp, 1, rank, gemm::Parallelism::None);
+    (0..np)
+        .into_par_iter()
+        .for_each_init(Vec::new, |buf: &mut Vec<f32>, pi| {
+            let o0 = pi * p;
+            let rows = p.min(out - o0);
+            buf.resize(rows * inp, 0.0);
+            decode_rows(w, o0, inp, buf);
+            // SAFETY: this task writes only the columns o0..o0+rows of y ([t, out], row stride out);
+            // panels are disjoint. buf is [rows, inp] read transposed; u [t, rank]; b rows o0.. of [out, rank].
+            unsafe {
+                let dst = yp.get().add(o0);
+                gemm_f32(
+                    t,
+                    rows,
+                    inp,
+                    dst,
+                    out,
+                    false,
+                    x.as_ptr(),
+                    inp,
+                    1,
+                    buf.as_ptr(),
+                    1,
+                    inp,
+                    gemm::Parallelism::None,
+                );
+                if let Some((u, b)) = lr {
+                    let bp = b.as_ptr().add(o0 * rank);
+                    gemm_f32(
+                        t,
+                        rows,
+                        rank,
+                        dst,
+                        out,
+                        true,
+                        u.as_ptr(),
+                        rank,
+                        1,
+                        bp,
+                        1,
+                        rank,
+                        gemm::Parallelism::None,
+                    );
+                }
             }
-        }
-    });
+        });
 }
 
 /// Rows `[o0, o0 + rows)` of W into `buf` ([rows, inp], f32).
@@ -793,9 +851,37 @@ fn dense_gemm_bwd(
         let par = tcpu::gemm_parallelism(t, inp, out);
         // SAFETY: dy [t, out], wf [out, inp], dx [t, inp]; v [t, rank], a [rank, inp].
         unsafe {
-            gemm_f32(t, inp, out, dx.as_mut_ptr(), inp, false, dy.as_ptr(), out, 1, wf.as_ptr(), inp, 1, par);
+            gemm_f32(
+                t,
+                inp,
+                out,
+                dx.as_mut_ptr(),
+                inp,
+                false,
+                dy.as_ptr(),
+                out,
+                1,
+                wf.as_ptr(),
+                inp,
+                1,
+                par,
+            );
             if let Some((v, a)) = lr {
-                gemm_f32(t, inp, rank, dx.as_mut_ptr(), inp, true, v.as_ptr(), rank, 1, a.as_ptr(), inp, 1, par);
+                gemm_f32(
+                    t,
+                    inp,
+                    rank,
+                    dx.as_mut_ptr(),
+                    inp,
+                    true,
+                    v.as_ptr(),
+                    rank,
+                    1,
+                    a.as_ptr(),
+                    inp,
+                    1,
+                    par,
+                );
             }
         }
         return;
@@ -804,29 +890,64 @@ fn dense_gemm_bwd(
     let kc = ((1usize << 19) / out.max(1)).clamp(32, 512).next_multiple_of(32);
     let np = inp.div_ceil(kc);
     let dxp = SendPtr(dx.as_mut_ptr());
-    (0..np).into_par_iter().for_each_init(Vec::new, |buf: &mut Vec<f32>, pi| {
-        let k0 = pi * kc;
-        let cols = kc.min(inp - k0);
-        buf.resize(out * cols, 0.0);
-        for (o, r) in buf.chunks_mut(cols).enumerate() {
-            w.decode_row_seg(o, inp, k0, r);
-        }
-        // SAFETY: this task writes only the columns k0..k0+cols of dx ([t, inp]); panels are disjoint.
-        // buf is [out, cols]; a is [rank, inp] (columns k0.. with row stride inp).
-        unsafe {
-            let dst = dxp.get().add(k0);
-            gemm_f32(t, cols, out, dst, inp, false, dy.as_ptr(), out, 1, buf.as_ptr(), cols, 1, gemm::Parallelism::None);
-            if let Some((v, a)) = lr {
-                gemm_f32(t, cols, rank, dst, inp, true, v.as_ptr(), rank, 1, a.as_ptr().add(k0), inp, 1, gemm::Parallelism::None);
+    (0..np)
+        .into_par_iter()
+        .for_each_init(Vec::new, |buf: &mut Vec<f32>, pi| {
+            let k0 = pi * kc;
+            let cols = kc.min(inp - k0);
+            buf.resize(out * cols, 0.0);
+            for (o, r) in buf.chunks_mut(cols).enumerate() {
+                w.decode_row_seg(o, inp, k0, r);
             }
-        }
-    });
+            // SAFETY: this task writes only the columns k0..k0+cols of dx ([t, inp]); panels are disjoint.
+            // buf is [out, cols]; a is [rank, inp] (columns k0.. with row stride inp).
+            unsafe {
+                let dst = dxp.get().add(k0);
+                gemm_f32(
+                    t,
+                    cols,
+                    out,
+                    dst,
+                    inp,
+                    false,
+                    dy.as_ptr(),
+                    out,
+                    1,
+                    buf.as_ptr(),
+                    cols,
+                    1,
+                    gemm::Parallelism::None,
+                );
+                if let Some((v, a)) = lr {
+                    gemm_f32(
+                        t,
+                        cols,
+                        rank,
+                        dst,
+                        inp,
+                        true,
+                        v.as_ptr(),
+                        rank,
+                        1,
+                        a.as_ptr().add(k0),
+                        inp,
+                        1,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+        });
 }
 
 // ------------------------------------------------------------------------------------------------
 // x86 SIMD kernels
 
+/// Register-blocked kernels index their accumulator arrays by (row, token): index loops are clearer.
 #[cfg(target_arch = "x86_64")]
+// The AVX-512 intrinsics are stable since Rust 1.89, newer than the crate's declared rust-version
+// (1.85): building this module needs 1.89+ (reported to the lead; bumping rust-version turns on
+// MSRV-gated lints crate-wide).
+#[allow(clippy::needless_range_loop, clippy::incompatible_msrv)]
 mod x86 {
     use super::Q4;
     use half::{bf16, f16};
@@ -848,7 +969,10 @@ mod x86 {
                 let lo = _mm512_permutexvar_ps(v, lut);
                 let hi = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), lut);
                 _mm512_storeu_ps(dst.as_mut_ptr().add(2 * j), _mm512_permutex2var_ps(hi, i0, lo));
-                _mm512_storeu_ps(dst.as_mut_ptr().add(2 * j + 16), _mm512_permutex2var_ps(hi, i1, lo));
+                _mm512_storeu_ps(
+                    dst.as_mut_ptr().add(2 * j + 16),
+                    _mm512_permutex2var_ps(hi, i1, lo),
+                );
             }
             j += 16;
         }
@@ -973,13 +1097,16 @@ mod x86 {
                         cur[r] = b;
                         let ls = q.scaled_lut(b);
                         // SAFETY: ls holds 16 f32.
-                        lut[r] = unsafe { (_mm256_loadu_ps(ls.as_ptr()), _mm256_loadu_ps(ls.as_ptr().add(8))) };
+                        lut[r] =
+                            unsafe { (_mm256_loadu_ps(ls.as_ptr()), _mm256_loadu_ps(ls.as_ptr().add(8))) };
                     }
                     let (l0, l1) = lut[r];
                     for h in 0..2 {
                         // SAFETY: bytes 16g + 8h .. +8 are inside the packed data; x offsets in bounds.
                         unsafe {
-                            let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(data.add(g * 16 + 8 * h) as *const __m128i));
+                            let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                data.add(g * 16 + 8 * h) as *const __m128i
+                            ));
                             let vh = _mm256_srli_epi32::<4>(v);
                             let wl = _mm256_blendv_ps(
                                 _mm256_permutevar8x32_ps(l0, v),
@@ -1068,7 +1195,8 @@ mod x86 {
         let ap = acc.as_mut_ptr();
         let mut o = o0;
         while o + R <= o1 {
-            let d: [[__m512; N]; R] = std::array::from_fn(|r| std::array::from_fn(|t| _mm512_set1_ps(dyt[(o + r) * N + t])));
+            let d: [[__m512; N]; R] =
+                std::array::from_fn(|r| std::array::from_fn(|t| _mm512_set1_ps(dyt[(o + r) * N + t])));
             let mut cur = [usize::MAX; R];
             let mut lut = [_mm512_setzero_ps(); R];
             for c in 0..nch {
@@ -1175,7 +1303,8 @@ mod x86 {
                 for h in 0..2 {
                     // SAFETY: packed bytes and accumulator offsets are in bounds (see the avx512 twin).
                     unsafe {
-                        let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(data.add(g * 16 + 8 * h) as *const __m128i));
+                        let v =
+                            _mm256_cvtepu8_epi32(_mm_loadl_epi64(data.add(g * 16 + 8 * h) as *const __m128i));
                         let vh = _mm256_srli_epi32::<4>(v);
                         let wl = _mm256_blendv_ps(
                             _mm256_permutevar8x32_ps(l0, v),
@@ -1327,7 +1456,8 @@ mod x86 {
         let ap = acc.as_mut_ptr();
         let mut o = o0;
         while o + R <= o1 {
-            let d: [[__m512; N]; R] = std::array::from_fn(|r| std::array::from_fn(|t| _mm512_set1_ps(dyt[(o + r) * N + t])));
+            let d: [[__m512; N]; R] =
+                std::array::from_fn(|r| std::array::from_fn(|t| _mm512_set1_ps(dyt[(o + r) * N + t])));
             let mut j = 0;
             while j < nv {
                 // SAFETY: rows o..o+R exist, k0 + j + 16 <= inp; t * len + j + 16 <= acc.len().
@@ -1433,7 +1563,7 @@ mod tests {
 
     fn decode_ref(q: &Q4<'_>, f: usize) -> f32 {
         let byte = q.data[f / 2];
-        let nib = if f % 2 == 0 { byte >> 4 } else { byte & 15 };
+        let nib = if f & 1 == 0 { byte >> 4 } else { byte & 15 };
         q.lut[nib as usize] * q.scales.get(f / q.bs)
     }
 
@@ -1482,7 +1612,10 @@ mod tests {
                 let xin = if simd { &xs } else { &x };
                 gemv_fwd_rows(&w, isa, simd, xin, n, cols, 0, rows, &mut yt);
                 for (i, (&g, &e)) in yt.iter().zip(&want).enumerate() {
-                    assert!((g as f64 - e).abs() < 1e-4 * (1.0 + e.abs()), "{isa:?} n={n} i={i}: {g} vs {e}");
+                    assert!(
+                        (g as f64 - e).abs() < 1e-4 * (1.0 + e.abs()),
+                        "{isa:?} n={n} i={i}: {g} vs {e}"
+                    );
                 }
                 // Backward on a middle column segment.
                 let dyt: Vec<f32> = r.normal_vec(rows * n);
@@ -1494,11 +1627,14 @@ mod tests {
                     if simd {
                         unpermute_even_odd(&acc[t * len..(t + 1) * len], &mut got);
                     }
-                    for j in 0..len {
+                    for (j, &g) in got.iter().enumerate() {
                         let e: f64 = (0..rows)
                             .map(|o| dyt[o * n + t] as f64 * decode_ref(&q, o * cols + k0 + j) as f64)
                             .sum();
-                        assert!((got[j] as f64 - e).abs() < 1e-4 * (1.0 + e.abs()), "bwd {isa:?} n={n} j={j}");
+                        assert!(
+                            (g as f64 - e).abs() < 1e-4 * (1.0 + e.abs()),
+                            "bwd {isa:?} n={n} j={j}"
+                        );
                     }
                 }
             }

@@ -177,11 +177,20 @@ pub(crate) fn dequantize(q: &QuantizedTensor, dtype: DType) -> Result<Tensor> {
     Ok(wrap(out, &[qd.rows, qd.cols], dtype))
 }
 
-fn launch_dequant(b: &Arc<CudaBackend>, qd: &Q4Dev<'_>, dtype: DType, out: &mut CudaStorage, n: usize) -> Result<()> {
+fn launch_dequant(
+    b: &Arc<CudaBackend>,
+    qd: &Q4Dev<'_>,
+    dtype: DType,
+    out: &mut CudaStorage,
+    n: usize,
+) -> Result<()> {
     if n == 0 {
         return Ok(());
     }
-    let f = b.func("qmatmul", kname(format!("q4_dequant_{}_dq{}", dtype.as_str(), qd.dq())))?;
+    let f = b.func(
+        "qmatmul",
+        kname(format!("q4_dequant_{}_dq{}", dtype.as_str(), qd.dq())),
+    )?;
     let n64 = i64_of(n);
     // One thread per 8 weights; the grid-stride loop covers the rest beyond 2^20 blocks.
     let cfg = grid_1d(n.div_ceil(8).min(256 << 20), 256)?;
@@ -288,7 +297,11 @@ pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
                 (
                     format!("q4_gemv_mma_{ds}_{da}_dq{}_nt{ntiles}", qd.dq()),
                     LaunchConfig {
-                        grid_dim: (u32::try_from(out.div_ceil(16)).map_err(|_| Error::invalid("out too large"))?, 1, 1),
+                        grid_dim: (
+                            u32::try_from(out.div_ceil(16)).map_err(|_| Error::invalid("out too large"))?,
+                            1,
+                            1,
+                        ),
                         block_dim: (256, 1, 1),
                         shared_mem_bytes: 0,
                     },
@@ -297,7 +310,11 @@ pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
                 (
                     format!("q4_gemv_simt_{ds}_{da}_dq{}_al{}", qd.dq(), (inp % 32 == 0) as u8),
                     LaunchConfig {
-                        grid_dim: (u32::try_from(out.div_ceil(4)).map_err(|_| Error::invalid("out too large"))?, 1, 1),
+                        grid_dim: (
+                            u32::try_from(out.div_ceil(4)).map_err(|_| Error::invalid("out too large"))?,
+                            1,
+                            1,
+                        ),
                         block_dim: (128, 1, 1),
                         shared_mem_bytes: 0,
                     },
@@ -391,7 +408,9 @@ pub(crate) fn backward_input(p: &Problem<'_>) -> Result<Tensor> {
     let v_s = v_c.as_ref().map(|t| cuda_of(t, op)).transpose()?;
     let a_s = a_c.as_ref().map(|t| cuda_of(t, op)).transpose()?;
     let r = i32_of(if v_s.is_some() { p.rank } else { 0 }, "rank")?;
-    launch_tiled(&b, true, dt, aux, ds_, &qd, None, v_s, a_s, r, &mut dx, t, inp, out, inp)?;
+    launch_tiled(
+        &b, true, dt, aux, ds_, &qd, None, v_s, a_s, r, &mut dx, t, inp, out, inp,
+    )?;
     Ok(wrap(dx, &[t, inp], dt))
 }
 
@@ -421,7 +440,9 @@ fn launch_tiled(
     let gx = n.div_ceil(BN);
     let gy = m.div_ceil(BM);
     if gy > 65535 || gx > i32::MAX as usize {
-        return Err(Error::invalid(format!("{m} tokens x {n} outputs exceed the CUDA grid")));
+        return Err(Error::invalid(format!(
+            "{m} tokens x {n} outputs exceed the CUDA grid"
+        )));
     }
     let nkt = k.div_ceil(BK);
     let sms = b.sm_count()? as usize;
@@ -441,7 +462,12 @@ fn launch_tiled(
     let dir = if bwd { "bwd" } else { "fwd" };
     let f = b.func(
         "qmatmul",
-        kname(format!("q4_gemm_mma_{dir}_{}_{}_dq{}", dt.as_str(), aux.as_str(), qd.dq())),
+        kname(format!(
+            "q4_gemm_mma_{dir}_{}_{}_dq{}",
+            dt.as_str(),
+            aux.as_str(),
+            qd.dq()
+        )),
     )?;
     let (m64, n64, k64, in64) = (i64_of(m), i64_of(n), i64_of(k), i64_of(inp));
     let kt_per32 = i32_of(kt_per, "k-tiles per split")?;
@@ -515,11 +541,21 @@ fn gemm_any(
     }
 }
 
-fn add_bias(b: &Arc<CudaBackend>, dt: DType, y: &mut CudaStorage, bias: &Tensor, m: usize, n: usize) -> Result<()> {
+fn add_bias(
+    b: &Arc<CudaBackend>,
+    dt: DType,
+    y: &mut CudaStorage,
+    bias: &Tensor,
+    m: usize,
+    n: usize,
+) -> Result<()> {
     let aux = if bias.dtype() == dt { dt } else { DType::F32 };
     let bias = bias.to_dtype(aux)?;
     let bs = cuda_of(&bias, "linear_forward")?;
-    let f = b.func("qmatmul", kname(format!("add_bias_{}_{}", dt.as_str(), aux.as_str())))?;
+    let f = b.func(
+        "qmatmul",
+        kname(format!("add_bias_{}_{}", dt.as_str(), aux.as_str())),
+    )?;
     let (m64, n64) = (i64_of(m), i64_of(n));
     let mut l = b.stream.launch_builder(&f);
     l.arg(&mut y.data).arg(&bs.data).arg(&m64).arg(&n64);

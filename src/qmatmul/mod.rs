@@ -37,6 +37,7 @@ use crate::tensor::{DType, Tensor};
 
 /// The frozen base weight of a linear layer, logical shape `[out, in]`.
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // one per layer, moved rarely; boxing would complicate matching
 pub enum BaseWeight {
     /// A dense `[out, in]` weight; it must have the activation dtype.
     Dense(Tensor),
@@ -221,7 +222,10 @@ fn validate_quantized(q: &QuantizedTensor, op: &'static str) -> Result<()> {
     if st.shape.len() != 2 {
         return Err(Error::shape(
             op,
-            format!("4-bit base weight must have a 2-D shape [out, in], got {:?}", st.shape),
+            format!(
+                "4-bit base weight must have a 2-D shape [out, in], got {:?}",
+                st.shape
+            ),
         ));
     }
     if !BLOCKSIZES.contains(&st.blocksize) {
@@ -246,7 +250,9 @@ fn validate_quantized(q: &QuantizedTensor, op: &'static str) -> Result<()> {
         ));
     }
     if st.code.iter().any(|c| !c.is_finite()) {
-        return Err(Error::invalid(format!("{op}: non-finite entry in the 4-bit code book")));
+        return Err(Error::invalid(format!(
+            "{op}: non-finite entry in the 4-bit code book"
+        )));
     }
     let nblocks = st.nblocks();
     let dev = q.data.device();
@@ -298,7 +304,10 @@ fn validate_quantized(q: &QuantizedTensor, op: &'static str) -> Result<()> {
             if nested_absmax.numel() != nn {
                 return Err(Error::shape(
                     op,
-                    format!("nested absmax has {} entries, expected {nn}", nested_absmax.numel()),
+                    format!(
+                        "nested absmax has {} entries, expected {nn}",
+                        nested_absmax.numel()
+                    ),
                 ));
             }
             if nested_code.len() != 256 {
@@ -364,13 +373,13 @@ fn check_common<'a>(
         ));
     }
     if let BaseWeight::Dense(t) = w {
-        if t.dtype() != act.dtype() {
-            return Err(Error::dtype(
+        t.check_same_dtype(act, op).map_err(|_| {
+            Error::dtype(
                 op,
                 format!("a dense weight of the activation dtype {}", act.dtype()),
                 t.dtype(),
-            ));
-        }
+            )
+        })?;
     }
     let (tokens, k) = act.dims2(op)?;
     if k != k_expected {

@@ -3,7 +3,9 @@
 //! preceded by one `memory_bandwidth` line (CPU) so the GEMV GB/s can be read as a fraction of it.
 //! Own timing loop: warm-up, N iterations, median, `Device::synchronize` around each call.
 
-use peft_kernels::qmatmul::bench::{Case, Op, Runner, default_cases, host_bandwidth_gbps, rotation_bytes, time_median_us};
+use peft_kernels::qmatmul::bench::{
+    Case, Op, Runner, default_cases, host_bandwidth_gbps, rotation_bytes, time_median_us,
+};
 use peft_kernels::{Device, Error, Result};
 use std::io::Write;
 
@@ -47,7 +49,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "op": "memory_bandwidth", "device": device.to_string(), "buffer_mib": 256,
             "read_gbps": round(read), "copy_gbps": round(copy),
         });
-        writeln!(stdout, "{line}").map_err(|e| Error::Io { path: "stdout".into(), source: e })?;
+        writeln!(stdout, "{line}").map_err(|e| Error::Io {
+            path: "stdout".into(),
+            source: e,
+        })?;
     }
     for case in cases {
         let mut runner = Runner::new(case, device, rotation_bytes(device))?;
@@ -73,7 +78,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "tflops": if case.op == Op::Dequantize { serde_json::Value::Null } else { ((case.flops() / secs / 1e12 * 1e4).round() / 1e4).into() },
             "weight_copies": runner.copies(),
         });
-        writeln!(stdout, "{line}").map_err(|e| Error::Io { path: "stdout".into(), source: e })?;
+        writeln!(stdout, "{line}").map_err(|e| Error::Io {
+            path: "stdout".into(),
+            source: e,
+        })?;
     }
     Ok(())
 }
