@@ -3,7 +3,7 @@
 //
 // Layout: W flattened row-major, blocks of `bs` (power of two, 32..4096) consecutive elements, element
 // 2j in the HIGH nibble of byte j, value = code[nib] * absmax[f / bs] in f32. Double quant:
-// absmax[b] = (ncode[codes[b]] * nested[b / nested_bs]) + offset, two f32 roundings (no FMA: the
+// absmax[b] = (ncode[codes[b]] * nested[b >> nested_log2]) + offset, two f32 roundings (no FMA: the
 // __fmul_rn/__fadd_rn below stop nvcc from contracting), exactly as bitsandbytes.
 //
 // Kernels
@@ -43,8 +43,8 @@ struct Lut256 {
 template <bool DQ>
 __device__ __forceinline__ float q4_absmax(const float* __restrict__ absmax, const uint8_t* __restrict__ codes,
                                            const float* __restrict__ nested, const float* s_ncode, float offset,
-                                           int nested_bs, int64_t b) {
-    if (DQ) return __fadd_rn(__fmul_rn(s_ncode[__ldg(codes + b)], __ldg(nested + b / nested_bs)), offset);
+                                           int nested_log2, int64_t b) {
+    if (DQ) return __fadd_rn(__fmul_rn(s_ncode[__ldg(codes + b)], __ldg(nested + (b >> nested_log2))), offset);
     return __ldg(absmax + b);
 }
 
@@ -92,7 +92,7 @@ __device__ __forceinline__ void load8(const H* p, float* o) {
 template <typename T, bool DQ>
 __device__ void dequant_impl(const uint8_t* __restrict__ data, const float* __restrict__ absmax,
                              const uint8_t* __restrict__ codes, const float* __restrict__ nested, float offset,
-                             int nested_bs, const Lut16& lut, const Lut256& ncode, int bs_log2, T* __restrict__ out,
+                             int nested_log2, const Lut16& lut, const Lut256& ncode, int bs_log2, T* __restrict__ out,
                              int64_t n) {
     __shared__ float s_lut[16];
     __shared__ float s_ncode[DQ ? 256 : 1];
@@ -100,7 +100,7 @@ __device__ void dequant_impl(const uint8_t* __restrict__ data, const float* __re
     const int64_t groups = (n + 7) / 8;
     GRID_STRIDE(g, groups) {
         const int64_t f0 = g * 8;
-        const float s = q4_absmax<DQ>(absmax, codes, nested, s_ncode, offset, nested_bs, f0 >> bs_log2);
+        const float s = q4_absmax<DQ>(absmax, codes, nested, s_ncode, offset, nested_log2, f0 >> bs_log2);
         if (f0 + 8 <= n) {
             // Bytes 4g..4g+3 exist because (n + 1) / 2 >= 4g + 4 when f0 + 8 <= n; 4-byte aligned.
             const uint32_t w = __ldg(reinterpret_cast<const unsigned int*>(data) + g);
@@ -131,10 +131,10 @@ __device__ void dequant_impl(const uint8_t* __restrict__ data, const float* __re
 #define DEQUANT(TN, T, DQ)                                                                                    \
     extern "C" __global__ void q4_dequant_##TN##_dq##DQ(const uint8_t* data, const float* absmax,              \
                                                         const uint8_t* codes, const float* nested, float offset, \
-                                                        int nested_bs, const __grid_constant__ Lut16 lut,      \
+                                                        int nested_log2, const __grid_constant__ Lut16 lut,      \
                                                         const __grid_constant__ Lut256 ncode, int bs_log2, T* out, \
                                                         int64_t n) {                                           \
-        dequant_impl<T, DQ>(data, absmax, codes, nested, offset, nested_bs, lut, ncode, bs_log2, out, n);      \
+        dequant_impl<T, DQ>(data, absmax, codes, nested, offset, nested_log2, lut, ncode, bs_log2, out, n);      \
     }
 DEQUANT(f32, float, 0)
 DEQUANT(f32, float, 1)
@@ -154,7 +154,7 @@ constexpr int MAXT = 16;
 template <typename T, typename A, bool DQ, bool ALIGNED>
 __device__ void gemv_simt_impl(const T* __restrict__ x, const uint8_t* __restrict__ data,
                                const float* __restrict__ absmax, const uint8_t* __restrict__ codes,
-                               const float* __restrict__ nested, float offset, int nested_bs, const Lut16& lut,
+                               const float* __restrict__ nested, float offset, int nested_log2, const Lut16& lut,
                                const Lut256& ncode, int bs_log2, const A* __restrict__ bias,
                                const A* __restrict__ u, const A* __restrict__ bl, int r, T* __restrict__ y,
                                int nt, int64_t out, int64_t in) {
@@ -172,7 +172,7 @@ __device__ void gemv_simt_impl(const T* __restrict__ x, const uint8_t* __restric
         const uint4* wrow = reinterpret_cast<const uint4*>(data + ((row * in) >> 1));  // 16-B aligned
         for (int64_t c = lane; c < chunks; c += 32) {
             const uint4 q = __ldg(wrow + c);
-            const float s = q4_absmax<DQ>(absmax, codes, nested, s_ncode, offset, nested_bs,
+            const float s = q4_absmax<DQ>(absmax, codes, nested, s_ncode, offset, nested_log2,
                                           (row * in + (c << 5)) >> bs_log2);
             const uint32_t words[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
@@ -202,7 +202,7 @@ __device__ void gemv_simt_impl(const T* __restrict__ x, const uint8_t* __restric
             const uint8_t byte = __ldg(data + (f >> 1));
             const uint32_t nib = (f & 1) ? (byte & 15u) : (byte >> 4);
             const float w = s_lut[nib] *
-                            q4_absmax<DQ>(absmax, codes, nested, s_ncode, offset, nested_bs, f >> bs_log2);
+                            q4_absmax<DQ>(absmax, codes, nested, s_ncode, offset, nested_log2, f >> bs_log2);
 #pragma unroll
             for (int t = 0; t < MAXT; t++)
                 if (t < nt) acc[t] = fmaf(w, to_f32(x[t * in + k]), acc[t]);
@@ -228,9 +228,9 @@ __device__ void gemv_simt_impl(const T* __restrict__ x, const uint8_t* __restric
 #define GEMV_SIMT(TN, T, AN, A, DQ, AL)                                                                        \
     extern "C" __global__ void q4_gemv_simt_##TN##_##AN##_dq##DQ##_al##AL(                                     \
         const T* x, const uint8_t* data, const float* absmax, const uint8_t* codes, const float* nested,       \
-        float offset, int nested_bs, const __grid_constant__ Lut16 lut, const __grid_constant__ Lut256 ncode,  \
+        float offset, int nested_log2, const __grid_constant__ Lut16 lut, const __grid_constant__ Lut256 ncode,  \
         int bs_log2, const A* bias, const A* u, const A* bl, int r, T* y, int nt, int64_t out, int64_t in) {   \
-        gemv_simt_impl<T, A, DQ, AL>(x, data, absmax, codes, nested, offset, nested_bs, lut, ncode, bs_log2,  \
+        gemv_simt_impl<T, A, DQ, AL>(x, data, absmax, codes, nested, offset, nested_log2, lut, ncode, bs_log2,  \
                                      bias, u, bl, r, y, nt, out, in);                                         \
     }
 #define GEMV_SIMT_DQAL(TN, T, AN, A) \
@@ -303,7 +303,7 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 template <typename T, typename A, bool DQ, int NT>
 __device__ void gemv_mma_impl(const T* __restrict__ x, const uint8_t* __restrict__ data,
                               const float* __restrict__ absmax, const uint8_t* __restrict__ codes,
-                              const float* __restrict__ nested, float offset, int nested_bs, const Lut16& lut,
+                              const float* __restrict__ nested, float offset, int nested_log2, const Lut16& lut,
                               const Lut256& ncode, int bs_log2, const A* __restrict__ bias,
                               const A* __restrict__ u, const A* __restrict__ bl, int r, T* __restrict__ y, int nt,
                               int64_t out, int64_t in) {
@@ -329,11 +329,11 @@ __device__ void gemv_mma_impl(const T* __restrict__ x, const uint8_t* __restrict
         float sa = 0.f, sb = 0.f;
         if (vk && va) {
             qa = __ldg(reinterpret_cast<const uint4*>(data + ((ra * in + k) >> 1)));
-            sa = q4_absmax<DQ>(absmax, codes, nested, s_ncode, offset, nested_bs, (ra * in + k) >> bs_log2);
+            sa = q4_absmax<DQ>(absmax, codes, nested, s_ncode, offset, nested_log2, (ra * in + k) >> bs_log2);
         }
         if (vk && vb) {
             qb = __ldg(reinterpret_cast<const uint4*>(data + ((rb * in + k) >> 1)));
-            sb = q4_absmax<DQ>(absmax, codes, nested, s_ncode, offset, nested_bs, (rb * in + k) >> bs_log2);
+            sb = q4_absmax<DQ>(absmax, codes, nested, s_ncode, offset, nested_log2, (rb * in + k) >> bs_log2);
         }
         // Absent rows decode to code[nib] * 0 = 0 (codes are finite): no special case needed.
         const uint32_t wa[4] = {qa.x, qa.y, qa.z, qa.w}, wb[4] = {qb.x, qb.y, qb.z, qb.w};
@@ -390,9 +390,9 @@ __device__ void gemv_mma_impl(const T* __restrict__ x, const uint8_t* __restrict
 #define GEMV_MMA(TN, T, AN, A, DQ, NT)                                                                        \
     extern "C" __global__ void __launch_bounds__(256) q4_gemv_mma_##TN##_##AN##_dq##DQ##_nt##NT(             \
         const T* x, const uint8_t* data, const float* absmax, const uint8_t* codes, const float* nested,       \
-        float offset, int nested_bs, const __grid_constant__ Lut16 lut, const __grid_constant__ Lut256 ncode,  \
+        float offset, int nested_log2, const __grid_constant__ Lut16 lut, const __grid_constant__ Lut256 ncode,  \
         int bs_log2, const A* bias, const A* u, const A* bl, int r, T* y, int nt, int64_t out, int64_t in) {   \
-        gemv_mma_impl<T, A, DQ, NT>(x, data, absmax, codes, nested, offset, nested_bs, lut, ncode, bs_log2,   \
+        gemv_mma_impl<T, A, DQ, NT>(x, data, absmax, codes, nested, offset, nested_log2, lut, ncode, bs_log2,   \
                                     bias, u, bl, r, y, nt, out, in);                                          \
     }
 #define GEMV_MMA_ALL(TN, T, AN, A) \
@@ -440,7 +440,7 @@ struct BsLayout<true> {
 template <typename T, typename A, bool DQ, bool BWD>
 __device__ void gemm_mma_impl(const T* __restrict__ act, const uint8_t* __restrict__ data,
                               const float* __restrict__ absmax, const uint8_t* __restrict__ codes,
-                              const float* __restrict__ nested, float offset, int nested_bs, const Lut16& lut,
+                              const float* __restrict__ nested, float offset, int nested_log2, const Lut16& lut,
                               const Lut256& ncode, int bs_log2, const A* __restrict__ bias,
                               const A* __restrict__ act2, const A* __restrict__ b2, int r, T* __restrict__ y,
                               float* __restrict__ ws, int64_t M, int64_t N, int64_t K, int64_t in,
@@ -497,7 +497,7 @@ __device__ void gemm_mma_impl(const T* __restrict__ act, const uint8_t* __restri
         if (wrow < rows && wcol < in) {  // in % 32 == 0: the 16-run is whole or absent
             const int64_t f = wrow * in + wcol;
             q = __ldg(reinterpret_cast<const uint2*>(data + (f >> 1)));
-            s = q4_absmax<DQ>(absmax, codes, nested, s_ncode, offset, nested_bs, f >> bs_log2);
+            s = q4_absmax<DQ>(absmax, codes, nested, s_ncode, offset, nested_log2, f >> bs_log2);
         }
     };
     auto store_w = [&](int s, const uint2& q, float sc) {
@@ -635,10 +635,10 @@ __device__ void gemm_mma_impl(const T* __restrict__ act, const uint8_t* __restri
 #define GEMM_MMA(DIR, BWDV, TN, T, AN, A, DQ)                                                                 \
     extern "C" __global__ void __launch_bounds__(256) q4_gemm_mma_##DIR##_##TN##_##AN##_dq##DQ(               \
         const T* act, const uint8_t* data, const float* absmax, const uint8_t* codes, const float* nested,     \
-        float offset, int nested_bs, const __grid_constant__ Lut16 lut, const __grid_constant__ Lut256 ncode,  \
+        float offset, int nested_log2, const __grid_constant__ Lut16 lut, const __grid_constant__ Lut256 ncode,  \
         int bs_log2, const A* bias, const A* act2, const A* b2, int r, T* y, float* ws, int64_t M, int64_t N,  \
         int64_t K, int64_t in, int kt_per_split) {                                                            \
-        gemm_mma_impl<T, A, DQ, BWDV>(act, data, absmax, codes, nested, offset, nested_bs, lut, ncode,        \
+        gemm_mma_impl<T, A, DQ, BWDV>(act, data, absmax, codes, nested, offset, nested_log2, lut, ncode,        \
                                       bs_log2, bias, act2, b2, r, y, ws, M, N, K, in, kt_per_split);          \
     }
 #define GEMM_MMA_ALL(TN, T, AN, A)                                                                            \

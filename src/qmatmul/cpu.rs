@@ -57,7 +57,9 @@ pub(crate) enum Scales<'a> {
         nested: &'a [f32],
         offset: f32,
         code: &'a [f32],
-        nested_blocksize: usize,
+        /// `log2(nested_blocksize)` (validation requires a power of two): a 64-bit division per
+        /// 64 weights would cost more than the decode itself.
+        nested_shift: u32,
     },
 }
 
@@ -73,9 +75,9 @@ impl Scales<'_> {
                 nested,
                 offset,
                 code,
-                nested_blocksize,
+                nested_shift,
             } => {
-                let m = code[codes[b] as usize] * nested[b / nested_blocksize];
+                let m = code[codes[b] as usize] * nested[b >> nested_shift];
                 m + offset
             }
         }
@@ -109,7 +111,7 @@ impl<'a> Q4<'a> {
                 nested: nested_absmax.cpu_data::<f32>(op)?,
                 offset: *offset,
                 code: nested_code,
-                nested_blocksize: *nested_blocksize,
+                nested_shift: nested_blocksize.trailing_zeros(),
             },
         };
         Ok(Q4 {

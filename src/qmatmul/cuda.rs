@@ -53,14 +53,14 @@ fn kname(name: String) -> &'static str {
 }
 
 /// The device parts of a 4-bit weight, pushed as the common kernel arguments
-/// `(data, absmax, codes, nested, offset, nested_bs, lut, ncode, bs_log2)`.
+/// `(data, absmax, codes, nested, offset, nested_log2, lut, ncode, bs_log2)`.
 struct Q4Dev<'a> {
     data: &'a CudaStorage,
     absmax: Option<&'a CudaStorage>,
     codes: Option<&'a CudaStorage>,
     nested: Option<&'a CudaStorage>,
     offset: f32,
-    nested_bs: i32,
+    nested_log2: i32,
     lut: [f32; 16],
     ncode: [f32; 256],
     bs_log2: i32,
@@ -79,7 +79,7 @@ impl<'a> Q4Dev<'a> {
             codes: None,
             nested: None,
             offset: 0.0,
-            nested_bs: 1,
+            nested_log2: 0,
             lut: st.code,
             ncode: [0.0; 256],
             // Validation restricts blocksizes to powers of two in 32..=4096.
@@ -101,8 +101,8 @@ impl<'a> Q4Dev<'a> {
                 d.codes = Some(cuda_of(codes, op)?);
                 d.nested = Some(cuda_of(nested_absmax, op)?);
                 d.offset = *offset;
-                d.nested_bs = i32::try_from(*nested_blocksize)
-                    .map_err(|_| Error::invalid("nested blocksize exceeds i32"))?;
+                // Validation requires a power of two: the kernels shift instead of dividing.
+                d.nested_log2 = nested_blocksize.trailing_zeros() as i32;
                 d.ncode.copy_from_slice(nested_code);
             }
         }
@@ -124,7 +124,7 @@ impl<'a> Q4Dev<'a> {
             None => l.arg(&NULL),
         };
         l.arg(&self.offset)
-            .arg(&self.nested_bs)
+            .arg(&self.nested_log2)
             .arg(&self.lut)
             .arg(&self.ncode)
             .arg(&self.bs_log2);

@@ -291,8 +291,10 @@ fn validate_quantized(q: &QuantizedTensor, op: &'static str) -> Result<()> {
             if nested_absmax.dtype() != DType::F32 {
                 return Err(Error::dtype(op, "f32 nested absmax", nested_absmax.dtype()));
             }
-            if *nested_blocksize == 0 {
-                return Err(Error::invalid(format!("{op}: nested blocksize is 0")));
+            if !nested_blocksize.is_power_of_two() {
+                return Err(Error::invalid(format!(
+                    "{op}: nested blocksize {nested_blocksize} is not a power of two"
+                )));
             }
             if codes.numel() != nblocks {
                 return Err(Error::shape(
