@@ -61,7 +61,9 @@ fn summary(dev: Device) {
     println!("\n=== qlinear summary ({dev}) ===");
     if dev.is_cpu() {
         let (read, copy) = host_bandwidth_gbps(256 << 20);
-        println!("measured memory bandwidth (256 MiB, all threads): read {read:.1} GB/s, copy {copy:.1} GB/s");
+        println!(
+            "measured memory bandwidth (256 MiB, all threads): read {read:.1} GB/s, copy {copy:.1} GB/s"
+        );
     }
     let mut by_key: BTreeMap<(String, usize, usize, usize), Vec<(Case, f64)>> = BTreeMap::new();
     for case in default_cases(dev, full(), false) {

@@ -359,7 +359,7 @@ fn check_backward(
 /// (in % bs != 0), rows start on a low nibble (in odd) and the SIMD paths apply (in % 32 == 0);
 /// decode (1, 3, 16 tokens) and batch (17, 70 tokens) regimes.
 fn quantized_forward_backward(dev: Device) -> Result<()> {
-    let shapes = [(37, 96), (21, 77), (9, 130), (33, 256), (5, 33)];
+    let shapes = [(37, 96), (21, 77), (9, 130), (33, 256), (5, 33), (48, 160)];
     let mut seed = 100;
     for (i, &bs) in [32usize, 64, 256, 4096].iter().enumerate() {
         for (j, &(out, inp)) in shapes.iter().enumerate() {
@@ -387,7 +387,8 @@ fn quantized_forward_backward(dev: Device) -> Result<()> {
 /// Each token count of the decode kernels' instantiations (1, 2, 4, 8, 16 after padding) and the
 /// first batch size, at an aligned shape, every dtype.
 fn quantized_token_counts(dev: Device) -> Result<()> {
-    let spec = QSpec::new(QuantType::Nf4, 64, true, 19, 192, 7);
+    // out % 8 == 0 and in % 32 == 0: the CUDA tensor-core backward applies too.
+    let spec = QSpec::new(QuantType::Nf4, 64, true, 24, 192, 7);
     let w = BaseWeight::Quantized(build_q(spec, dev)?);
     for tokens in [1, 2, 3, 5, 8, 9, 16, 17, 40] {
         for dtype in FLOATS {
@@ -691,6 +692,21 @@ fn cuda_matches_cpu(dev: Device) -> Result<()> {
                     &yc.to_vec_f32()?,
                     tol,
                     &format!("cuda vs cpu t={tokens} {dtype} dq={double} {algo:?}"),
+                );
+            }
+            // Backward: dy [tokens, 200], v [tokens, 16], a [16, 256].
+            let dy = Tensor::randn(&[tokens, 200], 1.0, 6, dtype, Device::Cpu)?;
+            let a = Tensor::randn(&[16, 256], 0.1, 7, DType::F32, Device::Cpu)?;
+            let dxc = linear_backward_input(&dy, &wc, Some(LowRankBwd { v: &u, a: &a }), Algo::Auto)?;
+            let (dyg, ag) = (dy.to_device(dev)?, a.to_device(dev)?);
+            for algo in ALGOS {
+                let dxg = linear_backward_input(&dyg, &wg, Some(LowRankBwd { v: &ug, a: &ag }), algo)?;
+                let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+                common::assert_close_scaled(
+                    &dxg.to_vec_f32()?,
+                    &dxc.to_vec_f32()?,
+                    tol,
+                    &format!("cuda vs cpu backward t={tokens} {dtype} dq={double} {algo:?}"),
                 );
             }
         }
