@@ -663,25 +663,28 @@ fn device_mismatch(dev: Device) -> Result<()> {
     Ok(())
 }
 
-/// CUDA against the CPU backend on an aligned, tensor-core-sized problem (the CPU instance compares
-/// the CPU with itself through different algorithms, which the other tests already cover).
+/// CUDA against the CPU backend on aligned, tensor-core-sized problems, forward and backward
+/// (nothing to compare on the CPU instance: the other tests cover the CPU algorithms).
 fn cuda_matches_cpu(dev: Device) -> Result<()> {
     if dev.is_cpu() {
         return Ok(());
     }
-    for (tokens, dtype) in [
-        (1, DType::BF16),
-        (16, DType::F16),
-        (130, DType::BF16),
-        (33, DType::F32),
+    // (512, 256): few output tiles, so the tiled kernels run split-K (f32 partials + reduce).
+    for (tokens, dtype, out) in [
+        (1, DType::BF16, 200),
+        (16, DType::F16, 200),
+        (130, DType::BF16, 200),
+        (33, DType::F32, 200),
+        (3, DType::BF16, 512),
+        (140, DType::F16, 512),
     ] {
         for double in [false, true] {
-            let spec = QSpec::new(QuantType::Nf4, 64, double, 200, 256, 21);
+            let spec = QSpec::new(QuantType::Nf4, 64, double, out, 256, 21);
             let wg = BaseWeight::Quantized(build_q(spec, dev)?);
             let wc = wg.to_device(Device::Cpu)?;
             let x = Tensor::randn(&[tokens, 256], 1.0, 3, dtype, Device::Cpu)?;
             let u = Tensor::randn(&[tokens, 16], 1.0, 4, DType::F32, Device::Cpu)?;
-            let b = Tensor::randn(&[200, 16], 0.1, 5, DType::F32, Device::Cpu)?;
+            let b = Tensor::randn(&[out, 16], 0.1, 5, DType::F32, Device::Cpu)?;
             let yc = linear_forward(&x, &wc, None, Some(LowRankFwd { u: &u, b: &b }), Algo::Auto)?;
             let (xg, ug, bg) = (x.to_device(dev)?, u.to_device(dev)?, b.to_device(dev)?);
             for algo in ALGOS {
@@ -694,8 +697,8 @@ fn cuda_matches_cpu(dev: Device) -> Result<()> {
                     &format!("cuda vs cpu t={tokens} {dtype} dq={double} {algo:?}"),
                 );
             }
-            // Backward: dy [tokens, 200], v [tokens, 16], a [16, 256].
-            let dy = Tensor::randn(&[tokens, 200], 1.0, 6, dtype, Device::Cpu)?;
+            // Backward: dy [tokens, out], v [tokens, 16], a [16, 256].
+            let dy = Tensor::randn(&[tokens, out], 1.0, 6, dtype, Device::Cpu)?;
             let a = Tensor::randn(&[16, 256], 0.1, 7, DType::F32, Device::Cpu)?;
             let dxc = linear_backward_input(&dy, &wc, Some(LowRankBwd { v: &u, a: &a }), Algo::Auto)?;
             let (dyg, ag) = (dy.to_device(dev)?, a.to_device(dev)?);
