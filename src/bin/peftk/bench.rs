@@ -43,8 +43,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .filter(|c| filter.as_ref().is_none_or(|f| f.is_match(&c.name())))
         .collect();
     let mut stdout = std::io::stdout().lock();
-    if device.is_cpu() && filter.as_ref().is_none_or(|f| f.is_match("memory_bandwidth")) {
+    // CPU: the read bandwidth every GEMV line is compared with (`bw_frac`).
+    let mut read_bw = None;
+    if device.is_cpu() {
         let (read, copy) = host_bandwidth_gbps(256 << 20);
+        read_bw = Some(read);
         let line = serde_json::json!({
             "op": "memory_bandwidth", "device": device.to_string(), "buffer_mib": 256,
             "read_gbps": round(read), "copy_gbps": round(copy),
@@ -77,6 +80,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "gbps": round(case.bytes() / secs / 1e9),
             "tflops": if case.op == Op::Dequantize { serde_json::Value::Null } else { ((case.flops() / secs / 1e12 * 1e4).round() / 1e4).into() },
             "weight_copies": runner.copies(),
+            "bw_frac": read_bw.map(|bw| round(case.bytes() / secs / 1e9 / bw)),
         });
         writeln!(stdout, "{line}").map_err(|e| Error::Io {
             path: "stdout".into(),
