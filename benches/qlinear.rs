@@ -59,12 +59,13 @@ fn qlinear(c: &mut Criterion) {
 /// Medians of every case in this run, and the ratios the benchmark exists for.
 fn summary(dev: Device) {
     println!("\n=== qlinear summary ({dev}) ===");
-    if dev.is_cpu() {
+    let read_bw = dev.is_cpu().then(|| {
         let (read, copy) = host_bandwidth_gbps(256 << 20);
         println!(
             "measured memory bandwidth (256 MiB, all threads): read {read:.1} GB/s, copy {copy:.1} GB/s"
         );
-    }
+        read
+    });
     let mut by_key: BTreeMap<(String, usize, usize, usize), Vec<(Case, f64)>> = BTreeMap::new();
     for case in default_cases(dev, full(), false) {
         let Ok(mut r) = Runner::new(case, dev, rotation_bytes(dev)) else {
@@ -98,6 +99,9 @@ fn summary(dev: Device) {
                 us,
                 gbps
             );
+            if let Some(bw) = read_bw {
+                line.push_str(&format!(" ({:3.0}% of read bw)", 100.0 * gbps / bw));
+            }
             if let Some(b) = bf16 {
                 line.push_str(&format!("  {:6.2}x vs bf16", b / us));
             }
