@@ -23,6 +23,12 @@ pub struct BenchArgs {
     /// Also the 11008x4096 and 4096x11008 shapes (or set PEFT_KERNELS_BENCH_FULL=1).
     #[arg(long)]
     full: bool,
+    /// Replace the shapes with one `OUTxIN` (e.g. 512x4096).
+    #[arg(long)]
+    shape: Option<String>,
+    /// Replace the token counts with this list (e.g. 1,16).
+    #[arg(long, value_delimiter = ',')]
+    tokens: Option<Vec<usize>>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -38,7 +44,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .transpose()
         .map_err(|e| Error::InvalidArgument(format!("--filter: {e}")))?;
     let full = args.full || std::env::var("PEFT_KERNELS_BENCH_FULL").is_ok_and(|v| v == "1");
+    let shape = args
+        .shape
+        .as_deref()
+        .map(|s| {
+            s.split_once('x')
+                .and_then(|(o, i)| Some((o.parse::<usize>().ok()?, i.parse::<usize>().ok()?)))
+                .ok_or_else(|| Error::InvalidArgument(format!("--shape {s:?}: expected OUTxIN")))
+        })
+        .transpose()?;
     let cases: Vec<Case> = default_cases(device, full, args.quick)
+        .into_iter()
+        .map(|mut c| {
+            if let Some((o, i)) = shape {
+                (c.out, c.inp) = (o, i);
+            }
+            c
+        })
+        .filter(|c| args.tokens.as_ref().is_none_or(|t| t.contains(&c.tokens)) || c.op == Op::Dequantize)
+        .collect::<Vec<_>>()
         .into_iter()
         .filter(|c| filter.as_ref().is_none_or(|f| f.is_match(&c.name())))
         .collect();
