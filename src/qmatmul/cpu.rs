@@ -991,11 +991,14 @@ mod x86 {
 
     /// Forward 4-bit GEMV over R rows at a time and N tokens. `xs` is permuted even/odd per chunk.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn q4_fwd_avx512<const R: usize, const N: usize>(
         q: &Q4<'_>,
         xs: &[f32],
         r0: usize,
         nr: usize,
+        c0: usize,
+        c1: usize,
         yt: &mut [f32],
     ) {
         let inp = q.cols;
@@ -1010,7 +1013,7 @@ mod x86 {
             let mut cur = [usize::MAX; R];
             let mut lut = [_mm512_setzero_ps(); R];
             let base: [usize; R] = std::array::from_fn(|r| (r0 + i + r) * cpr);
-            for c in 0..cpr {
+            for c in c0..c1 {
                 for r in 0..R {
                     let g = base[r] + c;
                     let b = g >> shift;
@@ -1035,7 +1038,7 @@ mod x86 {
             }
             for r in 0..R {
                 for t in 0..N {
-                    yt[(i + r) * N + t] = _mm512_reduce_add_ps(acc[r][t]);
+                    yt[(i + r) * N + t] += _mm512_reduce_add_ps(acc[r][t]);
                 }
             }
             i += R;
@@ -1052,32 +1055,49 @@ mod x86 {
         nr: usize,
         yt: &mut [f32],
     ) {
+        let cpr = q.cols / 32;
+        let cb = col_block(n) / 32;
         macro_rules! go {
             ($r:literal, $n:literal) => {{
                 let bulk = nr / $r * $r;
-                // SAFETY: forwarded from the caller's contract; bulk and tail cover nr rows.
-                unsafe {
-                    q4_fwd_avx512::<$r, $n>(q, xs, r0, bulk, &mut yt[..bulk * $n]);
-                    q4_fwd_avx512::<1, $n>(q, xs, r0 + bulk, nr - bulk, &mut yt[bulk * $n..]);
+                for c0 in (0..cpr).step_by(cb) {
+                    let c1 = (c0 + cb).min(cpr);
+                    // SAFETY: forwarded from the caller's contract; bulk and tail cover nr rows,
+                    // the column blocks cover every chunk of the row.
+                    unsafe {
+                        q4_fwd_avx512::<$r, $n>(q, xs, r0, bulk, c0, c1, &mut yt[..bulk * $n]);
+                        q4_fwd_avx512::<1, $n>(q, xs, r0 + bulk, nr - bulk, c0, c1, &mut yt[bulk * $n..]);
+                    }
                 }
             }};
         }
+        // Accumulators R x N stay <= 8 zmm (R > 1 also keeps shared x vectors in registers).
         match n {
             1 => go!(4, 1),
             2 => go!(4, 2),
             4 => go!(2, 4),
-            8 => go!(2, 8),
+            8 => go!(1, 8),
             _ => go!(1, 16),
         }
     }
 
+    /// Columns per block of the forward GEMVs: the x slice of `n` tokens stays in L1 (32 KiB of
+    /// f32) while every row of the task streams past it; without it 16 tokens × 4096 f32 = 256 KiB
+    /// of x come from L2 for every row, and the kernel is L2-bound instead of DRAM-bound.
+    fn col_block(n: usize) -> usize {
+        (8192 / n.max(1)).max(32)
+    }
+
     /// AVX2: two 8-entry permutes + a blend on bit 3 of the nibble.
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn q4_fwd_avx2<const R: usize, const N: usize>(
         q: &Q4<'_>,
         xs: &[f32],
         r0: usize,
         nr: usize,
+        c0: usize,
+        c1: usize,
         yt: &mut [f32],
     ) {
         let inp = q.cols;
@@ -1091,7 +1111,7 @@ mod x86 {
             let mut cur = [usize::MAX; R];
             let mut lut = [(_mm256_setzero_ps(), _mm256_setzero_ps()); R];
             let base: [usize; R] = std::array::from_fn(|r| (r0 + i + r) * cpr);
-            for c in 0..cpr {
+            for c in c0..c1 {
                 for r in 0..R {
                     let g = base[r] + c;
                     let b = g >> shift;
@@ -1132,7 +1152,7 @@ mod x86 {
             }
             for r in 0..R {
                 for t in 0..N {
-                    yt[(i + r) * N + t] = hsum256(acc[r][t]);
+                    yt[(i + r) * N + t] += hsum256(acc[r][t]);
                 }
             }
             i += R;
@@ -1157,13 +1177,18 @@ mod x86 {
         nr: usize,
         yt: &mut [f32],
     ) {
+        let cpr = q.cols / 32;
+        let cb = col_block(n) / 32;
         macro_rules! go {
             ($r:literal, $n:literal) => {{
                 let bulk = nr / $r * $r;
-                // SAFETY: forwarded from the caller's contract.
-                unsafe {
-                    q4_fwd_avx2::<$r, $n>(q, xs, r0, bulk, &mut yt[..bulk * $n]);
-                    q4_fwd_avx2::<1, $n>(q, xs, r0 + bulk, nr - bulk, &mut yt[bulk * $n..]);
+                for c0 in (0..cpr).step_by(cb) {
+                    let c1 = (c0 + cb).min(cpr);
+                    // SAFETY: forwarded from the caller's contract.
+                    unsafe {
+                        q4_fwd_avx2::<$r, $n>(q, xs, r0, bulk, c0, c1, &mut yt[..bulk * $n]);
+                        q4_fwd_avx2::<1, $n>(q, xs, r0 + bulk, nr - bulk, c0, c1, &mut yt[bulk * $n..]);
+                    }
                 }
             }};
         }
@@ -1197,8 +1222,10 @@ mod x86 {
         let ap = acc.as_mut_ptr();
         let mut o = o0;
         while o + R <= o1 {
-            let d: [[__m512; N]; R] =
-                std::array::from_fn(|r| std::array::from_fn(|t| _mm512_set1_ps(dyt[(o + r) * N + t])));
+            // dy is broadcast from memory inside the FMAs (embedded broadcast): R x N registers of
+            // splatted dy would not fit next to the decoded weights for N = 16.
+            // SAFETY: rows o..o+R < o1 <= rows, so (o + R) * N <= dyt.len().
+            let dy_row = unsafe { dyt.as_ptr().add(o * N) };
             let mut cur = [usize::MAX; R];
             let mut lut = [_mm512_setzero_ps(); R];
             for c in 0..nch {
@@ -1226,8 +1253,9 @@ mod x86 {
                         let mut ae = _mm512_loadu_ps(pe);
                         let mut ao = _mm512_loadu_ps(po);
                         for r in 0..R {
-                            ae = _mm512_fmadd_ps(wh[r], d[r][t], ae);
-                            ao = _mm512_fmadd_ps(wl[r], d[r][t], ao);
+                            let d = _mm512_set1_ps(*dy_row.add(r * N + t));
+                            ae = _mm512_fmadd_ps(wh[r], d, ae);
+                            ao = _mm512_fmadd_ps(wl[r], d, ao);
                         }
                         _mm512_storeu_ps(pe, ae);
                         _mm512_storeu_ps(po, ao);
@@ -1259,11 +1287,12 @@ mod x86 {
         // SAFETY: forwarded.
         unsafe {
             match n {
+                // Four rows per accumulator pass: one load/store of dx per 8 FMAs.
                 1 => q4_bwd_avx512::<4, 1>(q, dyt, o0, o1, k0, len, acc),
                 2 => q4_bwd_avx512::<4, 2>(q, dyt, o0, o1, k0, len, acc),
-                4 => q4_bwd_avx512::<2, 4>(q, dyt, o0, o1, k0, len, acc),
-                8 => q4_bwd_avx512::<2, 8>(q, dyt, o0, o1, k0, len, acc),
-                _ => q4_bwd_avx512::<1, 16>(q, dyt, o0, o1, k0, len, acc),
+                4 => q4_bwd_avx512::<4, 4>(q, dyt, o0, o1, k0, len, acc),
+                8 => q4_bwd_avx512::<4, 8>(q, dyt, o0, o1, k0, len, acc),
+                _ => q4_bwd_avx512::<4, 16>(q, dyt, o0, o1, k0, len, acc),
             }
         }
     }
@@ -1399,21 +1428,24 @@ mod x86 {
 
     /// Dense GEMV rows: `yt[(o - r0) * N + t] = Σ_k W[o, k] x[t, k]`.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn dense_fwd_avx512<E: Load16, const R: usize, const N: usize>(
         w: &[E],
         inp: usize,
         xs: &[f32],
         r0: usize,
         nr: usize,
+        k0: usize,
+        k1: usize,
         yt: &mut [f32],
     ) {
-        let nv = inp / 16 * 16;
+        let nv = k0 + (k1 - k0) / 16 * 16;
         let wp = w.as_ptr();
         let xp = xs.as_ptr();
         let mut i = 0;
         while i < nr {
             let mut acc = [[_mm512_setzero_ps(); N]; R];
-            let mut k = 0;
+            let mut k = k0;
             while k < nv {
                 for r in 0..R {
                     // SAFETY: row r0+i+r exists; k + 16 <= inp; x offsets t*inp + k + 16 <= N*inp.
@@ -1430,10 +1462,10 @@ mod x86 {
                 let row = &w[(r0 + i + r) * inp..(r0 + i + r + 1) * inp];
                 for t in 0..N {
                     let mut s = _mm512_reduce_add_ps(acc[r][t]);
-                    for kk in nv..inp {
+                    for kk in nv..k1 {
                         s += row[kk].to_f32() * xs[t * inp + kk];
                     }
-                    yt[(i + r) * N + t] = s;
+                    yt[(i + r) * N + t] += s;
                 }
             }
             i += R;
@@ -1531,13 +1563,26 @@ mod x86 {
         nr: usize,
         yt: &mut [f32],
     ) {
+        let cb = col_block(n);
         macro_rules! go {
             ($r:literal, $n:literal) => {{
                 let bulk = nr / $r * $r;
-                // SAFETY: forwarded from the caller's contract.
-                unsafe {
-                    dense_fwd_avx512::<E, $r, $n>(w, inp, xs, r0, bulk, &mut yt[..bulk * $n]);
-                    dense_fwd_avx512::<E, 1, $n>(w, inp, xs, r0 + bulk, nr - bulk, &mut yt[bulk * $n..]);
+                for k0 in (0..inp).step_by(cb) {
+                    let k1 = (k0 + cb).min(inp);
+                    // SAFETY: forwarded from the caller's contract; blocks cover 0..inp.
+                    unsafe {
+                        dense_fwd_avx512::<E, $r, $n>(w, inp, xs, r0, bulk, k0, k1, &mut yt[..bulk * $n]);
+                        dense_fwd_avx512::<E, 1, $n>(
+                            w,
+                            inp,
+                            xs,
+                            r0 + bulk,
+                            nr - bulk,
+                            k0,
+                            k1,
+                            &mut yt[bulk * $n..],
+                        );
+                    }
                 }
             }};
         }
@@ -1545,7 +1590,7 @@ mod x86 {
             1 => go!(4, 1),
             2 => go!(4, 2),
             4 => go!(2, 4),
-            8 => go!(2, 8),
+            8 => go!(1, 8),
             _ => go!(1, 16),
         }
     }
@@ -1572,7 +1617,12 @@ mod tests {
     /// Every ISA's forward and backward 4-bit kernel agrees with the scalar general path.
     #[test]
     fn simd_kernels_match_general_path() {
-        let (rows, cols, bs) = (37, 96, 32);
+        // 1088 columns: several column blocks of the forward kernels for 8 and 16 tokens.
+        simd_case(37, 96, 32);
+        simd_case(9, 1088, 64);
+    }
+
+    fn simd_case(rows: usize, cols: usize, bs: usize) {
         let (data, absmax) = rand_q4(rows, cols, bs, 3);
         let q = Q4 {
             data: &data,
@@ -1642,7 +1692,7 @@ mod tests {
             }
         }
         // decode_flat at odd offsets and odd lengths equals the element-wise decode.
-        for (f0, len) in [(0usize, 33usize), (1, 70), (31, 64), (63, 1), (100, 2000)] {
+        for (f0, len) in [(0usize, 33usize), (1, 70), (31, 64), (63, 1), (100, 200)] {
             let mut out = vec![0f32; len];
             decode_flat(&q, f0, &mut out);
             for (i, &v) in out.iter().enumerate() {
