@@ -342,8 +342,19 @@ pub fn time_median_us(
     device: Device,
     warmup: usize,
     iters: usize,
-    mut f: impl FnMut() -> Result<()>,
+    f: impl FnMut() -> Result<()>,
 ) -> Result<f64> {
+    Ok(time_stats_us(device, warmup, iters, f)?.0)
+}
+
+/// `(median, min)` wall time in µs of `iters` calls after `warmup` calls. On a shared machine the
+/// minimum is the better estimate of the uncontended time; the median is what a user sees.
+pub fn time_stats_us(
+    device: Device,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<(f64, f64)> {
     for _ in 0..warmup {
         f()?;
     }
@@ -356,12 +367,13 @@ pub fn time_median_us(
         times.push(t0.elapsed().as_secs_f64() * 1e6);
     }
     times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    Ok((times[times.len() / 2], times[0]))
 }
 
 /// Measured host memory bandwidth in GB/s: `(read, copy)`. Read: all rayon threads sum disjoint
 /// parts of a `bytes` buffer (what a GEMV does); copy: `memcpy` of half the buffer into the other
-/// half, counting bytes read + written. Median of 5 after a warm-up.
+/// half, counting bytes read + written. Best of 5 after a warm-up (the machine's capability, not
+/// its current contention).
 pub fn host_bandwidth_gbps(bytes: usize) -> (f64, f64) {
     use rayon::prelude::*;
     let n = (bytes / 4).max(1 << 16);
@@ -400,8 +412,7 @@ pub fn host_bandwidth_gbps(bytes: usize) -> (f64, f64) {
     }
     let med = |mut v: Vec<f64>| {
         v.remove(0);
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        v.into_iter().fold(0.0, f64::max)
     };
     (med(read), med(copy))
 }

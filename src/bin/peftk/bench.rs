@@ -4,7 +4,7 @@
 //! Own timing loop: warm-up, N iterations, median, `Device::synchronize` around each call.
 
 use peft_kernels::qmatmul::bench::{
-    Case, Op, Runner, default_cases, host_bandwidth_gbps, rotation_bytes, time_median_us,
+    Case, Op, Runner, default_cases, host_bandwidth_gbps, rotation_bytes, time_median_us, time_stats_us,
 };
 use peft_kernels::{Device, Error, Result};
 use std::io::Write;
@@ -88,7 +88,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let budget_us = if args.quick { 3e5 } else { 1.5e6 };
         let iters = ((budget_us / probe.max(1.0)) as usize).clamp(3, 200);
         let warmup = (iters / 10).max(1);
-        let us = time_median_us(device, warmup, iters, || runner.run().map(|_| ()))?;
+        let (us, min_us) = time_stats_us(device, warmup, iters, || runner.run().map(|_| ()))?;
         let secs = us * 1e-6;
         let line = serde_json::json!({
             "op": case.op.as_str(),
@@ -101,6 +101,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "rank": case.rank,
             "algo": case.name().rsplit('/').next().unwrap_or("auto"),
             "median_us": round(us),
+            "min_us": round(min_us),
             "gbps": round(case.bytes() / secs / 1e9),
             "tflops": if case.op == Op::Dequantize { serde_json::Value::Null } else { ((case.flops() / secs / 1e12 * 1e4).round() / 1e4).into() },
             "weight_copies": runner.copies(),
