@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// Replace the token counts with this list (e.g. 1,16).
     #[arg(long, value_delimiter = ',')]
     tokens: Option<Vec<usize>>,
+    /// MiB of weight copies to rotate through (default: 64 on the CPU, 200 on CUDA; 0 = one copy,
+    /// i.e. cache-resident when it fits, to measure compute throughput).
+    #[arg(long)]
+    rotate_mib: Option<usize>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -82,7 +86,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         })?;
     }
     for case in cases {
-        let mut runner = Runner::new(case, device, rotation_bytes(device))?;
+        let rot = args.rotate_mib.map_or(rotation_bytes(device), |m| m << 20);
+        let mut runner = Runner::new(case, device, rot)?;
         // Iterations: enough for a stable median, bounded by ~2 s per case.
         let probe = time_median_us(device, 1, 1, || runner.run().map(|_| ()))?;
         let budget_us = if args.quick { 3e5 } else { 1.5e6 };
