@@ -60,10 +60,8 @@ fn qlinear(c: &mut Criterion) {
 fn summary(dev: Device) {
     println!("\n=== qlinear summary ({dev}) ===");
     let read_bw = dev.is_cpu().then(|| {
-        let (read, copy) = host_bandwidth_gbps(256 << 20);
-        println!(
-            "measured memory bandwidth (256 MiB, all threads): read {read:.1} GB/s, copy {copy:.1} GB/s"
-        );
+        let (read, copy) = host_bandwidth_gbps(1 << 30);
+        println!("measured memory bandwidth (1 GiB, all threads): read {read:.1} GB/s, copy {copy:.1} GB/s");
         read
     });
     let mut by_key: BTreeMap<(String, usize, usize, usize), Vec<(Case, f64)>> = BTreeMap::new();
@@ -102,10 +100,10 @@ fn summary(dev: Device) {
             if let Some(bw) = read_bw {
                 line.push_str(&format!(" ({:3.0}% of read bw)", 100.0 * gbps / bw));
             }
-            if let Some(b) = bf16 {
+            if let Some(b) = bf16.filter(|_| c.format != Format::Bf16) {
                 line.push_str(&format!("  {:6.2}x vs bf16", b / us));
             }
-            if let Some(f) = f32 {
+            if let Some(f) = f32.filter(|_| c.format != Format::F32) {
                 line.push_str(&format!("  {:6.2}x vs f32", f / us));
             }
             println!("{line}");

@@ -29,7 +29,7 @@ pub struct BenchArgs {
     /// Replace the token counts with this list (e.g. 1,16).
     #[arg(long, value_delimiter = ',')]
     tokens: Option<Vec<usize>>,
-    /// MiB of weight copies to rotate through (default: 64 on the CPU, 200 on CUDA; 0 = one copy,
+    /// MiB of weight copies to rotate through (default: 1024 on the CPU, 200 on CUDA; 0 = one copy,
     /// i.e. cache-resident when it fits, to measure compute throughput).
     #[arg(long)]
     rotate_mib: Option<usize>,
@@ -74,10 +74,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // CPU: the read bandwidth every GEMV line is compared with (`bw_frac`).
     let mut read_bw = None;
     if device.is_cpu() {
-        let (read, copy) = host_bandwidth_gbps(256 << 20);
+        let (read, copy) = host_bandwidth_gbps(1 << 30);
         read_bw = Some(read);
         let line = serde_json::json!({
-            "op": "memory_bandwidth", "device": device.to_string(), "buffer_mib": 256,
+            "op": "memory_bandwidth", "device": device.to_string(), "buffer_mib": 1024,
             "read_gbps": round(read), "copy_gbps": round(copy),
         });
         writeln!(stdout, "{line}").map_err(|e| Error::Io {
