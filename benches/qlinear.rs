@@ -56,6 +56,9 @@ fn qlinear(c: &mut Criterion) {
     summary(dev);
 }
 
+/// (op, out, in, tokens): the cases whose ratios are compared.
+type GroupKey = (String, usize, usize, usize);
+
 /// Medians of every case in this run, and the ratios the benchmark exists for.
 fn summary(dev: Device) {
     println!("\n=== qlinear summary ({dev}) ===");
@@ -64,7 +67,7 @@ fn summary(dev: Device) {
         println!("measured memory bandwidth (1 GiB, all threads): read {read:.1} GB/s, copy {copy:.1} GB/s");
         read
     });
-    let mut by_key: BTreeMap<(String, usize, usize, usize), Vec<(Case, f64)>> = BTreeMap::new();
+    let mut by_key: BTreeMap<GroupKey, Vec<(Case, f64)>> = BTreeMap::new();
     for case in default_cases(dev, full(), false) {
         let Ok(mut r) = Runner::new(case, dev, rotation_bytes(dev)) else {
             continue;
