@@ -1,7 +1,9 @@
 //! `peftk bench`: named microbenchmarks printing one JSON line each,
-//! `{"op","device","format","dtype","out","in","tokens","rank","algo","median_us","gbps","tflops"}`,
-//! preceded by one `memory_bandwidth` line (CPU) so the GEMV GB/s can be read as a fraction of it.
-//! Own timing loop: warm-up, N iterations, median, `Device::synchronize` around each call.
+//! `{"op","device","format","dtype","out","in","tokens","rank","algo","median_us","min_us","gbps",
+//! "tflops","weight_copies","bw_frac"}` (gbps and tflops from the median), preceded on the CPU by one
+//! `memory_bandwidth` line (best-of-5 read and copy over 1 GiB); `bw_frac` = gbps / read bandwidth.
+//! Own timing loop: warm-up, N iterations, median and min, `Device::synchronize` around each call.
+//! Weights rotate through 1 GiB (CPU) / 200 MiB (CUDA) of copies so caches do not flatter any format.
 
 use peft_kernels::qmatmul::bench::{
     Case, Op, Runner, default_cases, host_bandwidth_gbps, rotation_bytes, time_median_us, time_stats_us,
