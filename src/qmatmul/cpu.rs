@@ -424,11 +424,13 @@ pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
     let bias = p.bias.map(|b| f32_of(b, op)).transpose()?;
     let bias = bias.as_deref();
     if t > 0 && out > 0 {
-        let quant = matches!(w, WeightRef::Q4(_));
-        if quant && p.algo == Algo::DequantGemm {
-            let WeightRef::Q4(q) = &w else { unreachable!() };
-            let wf = dequantize_f32(q);
-            dense_gemm_fwd(&x, &WeightRef::F32(&wf), t, out, inp, &mut y, lr, p.rank);
+        // The baseline: all of W dequantized to f32, then one gemm.
+        let dequantized = match (&w, p.algo) {
+            (WeightRef::Q4(q), Algo::DequantGemm) => Some(dequantize_f32(q)),
+            _ => None,
+        };
+        if let Some(wf) = &dequantized {
+            dense_gemm_fwd(&x, &WeightRef::F32(wf), t, out, inp, &mut y, lr, p.rank);
         } else if t <= DECODE_MAX_TOKENS {
             gemv_fwd(&w, &x, t, out, inp, &mut y, lr, p.rank);
         } else {
@@ -455,11 +457,12 @@ pub(crate) fn backward_input(p: &Problem<'_>) -> Result<Tensor> {
     };
     let lr = lr.as_ref().map(|(v, a)| (&v[..], &a[..]));
     if t > 0 && inp > 0 {
-        let quant = matches!(w, WeightRef::Q4(_));
-        if quant && p.algo == Algo::DequantGemm {
-            let WeightRef::Q4(q) = &w else { unreachable!() };
-            let wf = dequantize_f32(q);
-            dense_gemm_bwd(&dy, &WeightRef::F32(&wf), t, out, inp, &mut dx, lr, p.rank);
+        let dequantized = match (&w, p.algo) {
+            (WeightRef::Q4(q), Algo::DequantGemm) => Some(dequantize_f32(q)),
+            _ => None,
+        };
+        if let Some(wf) = &dequantized {
+            dense_gemm_bwd(&dy, &WeightRef::F32(wf), t, out, inp, &mut dx, lr, p.rank);
         } else if t <= DECODE_MAX_TOKENS {
             gemv_bwd(&w, &dy, t, out, inp, &mut dx, lr, p.rank);
         } else {

@@ -340,7 +340,12 @@ pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
                 &b, false, dt, aux, xs, &qd, bias_s, u_s, b_s, r, &mut y, t, out, inp, inp,
             )?;
         }
-        Path::Baseline => unreachable!("handled above"),
+        Path::Baseline => {
+            return Err(Error::device(
+                op,
+                "internal: baseline path reached the fused launcher",
+            ));
+        }
     }
     Ok(wrap(y, &[t, out], dt))
 }
