@@ -92,7 +92,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let mut runner = Runner::new(case, device, rot)?;
         // Iterations: enough for a stable median, bounded by ~2 s per case.
         let probe = time_median_us(device, 1, 1, || runner.run().map(|_| ()))?;
-        let budget_us = if args.quick { 3e5 } else { 1.5e6 };
+        let budget_us = if args.quick { 3e5 } else { 1e6 };
         let iters = ((budget_us / probe.max(1.0)) as usize).clamp(3, 200);
         let warmup = (iters / 10).max(1);
         let (us, min_us) = time_stats_us(device, warmup, iters, || runner.run().map(|_| ()))?;
