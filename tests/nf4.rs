@@ -236,7 +236,30 @@ fn quantize_8bit_matches_nearest_in_dynamic_map() {
         ]);
     }
     xs.extend(dm.iter().copied());
-    for &x in &xs {
+    for &c in dm.iter() {
+        xs.extend([
+            f32::from_bits(c.to_bits() + 1),
+            f32::from_bits(c.to_bits().wrapping_sub(1)),
+        ]);
+    }
+    // The fast threshold-table search equals the transcribed CUDA search everywhere, including NaN,
+    // infinities and values outside [-1, 1].
+    let mut extra = xs.clone();
+    extra.extend([
+        f32::NAN,
+        -f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1.5,
+        -1.5,
+        0.0,
+        -0.0,
+        1e-30,
+    ]);
+    for &x in &extra {
+        assert_eq!(cpu::quantize_8bit(x), cpu::quantize_8bit_ref(dm, x), "x = {x:e}");
+    }
+    for &x in xs.iter().filter(|x| !x.is_nan()) {
         let q = cpu::quantize_8bit_ref(dm, x) as usize;
         let d = |k: usize| (x as f64 - dm[k] as f64).abs();
         let best = (0..256).map(d).fold(f64::INFINITY, f64::min);

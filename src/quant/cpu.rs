@@ -288,24 +288,72 @@ pub fn double_quant_reference(absmax: &[f32]) -> (Vec<u8>, Vec<f32>, f32) {
     (codes, nested, offset)
 }
 
+/// The decision thresholds equivalent to `dQuantize<0>` over the dynamic map: the code of `x` is the
+/// number of entries strictly below `x`.
+///
+/// Why this is exact: the search always ends on an even pivot `p` whose in-order neighbours `p - 1`
+/// and `p + 1` are the last pivots passed on each side, so `x` lies in `(code[p-1], code[p+1]]` and the
+/// midpoint test sends a tie to `p`, the even code. Boundary `k | k+1` is therefore the f32 midpoint
+/// `(code[k] + code[k+1]) * 0.5`, crossed by `x > m` for even `k` (ties stay down) and by `x >= m`
+/// (that is, `x > prev_float(m)`) for odd `k` (ties go up). NaN compares false everywhere: code 0,
+/// as in the search. `tests/nf4.rs` checks the equivalence at every boundary and on random inputs.
+fn dynamic_thresholds() -> &'static [f32; 256] {
+    static T: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        let c = dynamic_map();
+        let mut t = [f32::INFINITY; 256];
+        for k in 0..255 {
+            let m = (c[k] + c[k + 1]) * 0.5;
+            t[k] = if k % 2 == 0 {
+                m
+            } else if m > 0.0 {
+                f32::from_bits(m.to_bits() - 1)
+            } else {
+                f32::from_bits(m.to_bits() + 1)
+            };
+        }
+        t
+    })
+}
+
+/// `dQuantize<0>` over the dynamic map by a branch-free binary search on [`dynamic_thresholds`].
+#[inline(always)]
+fn quantize_8bit_fast(t: &[f32; 256], x: f32) -> u8 {
+    let mut i = 0usize;
+    for step in [128, 64, 32, 16, 8, 4, 2, 1] {
+        i += step * (x > t[i + step - 1]) as usize;
+    }
+    i as u8
+}
+
 /// Double quantization (parallel over the 256-blocks; same bytes as [`double_quant_reference`]).
 pub fn double_quant(absmax: &[f32]) -> (Vec<u8>, Vec<f32>, f32) {
     let offset = absmax_mean(absmax);
-    let code = dynamic_map();
+    let t = dynamic_thresholds();
     let mut codes = vec![0u8; absmax.len()];
     let nested: Vec<f32> = codes
-        .par_chunks_mut(NESTED_BLOCKSIZE)
-        .zip(absmax.par_chunks(NESTED_BLOCKSIZE))
-        .map(|(q, blk)| {
-            let amax2 = blk.iter().fold(0f32, |m, &a| m.max((a - offset).abs()));
-            let s = 1.0f32 / amax2;
-            for (q, &a) in q.iter_mut().zip(blk) {
-                *q = quantize_8bit_ref(code, (a - offset) * s);
-            }
-            amax2
+        .par_chunks_mut(NESTED_BLOCKSIZE * 16)
+        .zip(absmax.par_chunks(NESTED_BLOCKSIZE * 16))
+        .flat_map_iter(|(q, a)| {
+            q.chunks_mut(NESTED_BLOCKSIZE)
+                .zip(a.chunks(NESTED_BLOCKSIZE))
+                .map(|(q, blk)| {
+                    let amax2 = blk.iter().fold(0f32, |m, &a| m.max((a - offset).abs()));
+                    let s = 1.0f32 / amax2;
+                    for (q, &a) in q.iter_mut().zip(blk) {
+                        *q = quantize_8bit_fast(t, (a - offset) * s);
+                    }
+                    amax2
+                })
+                .collect::<Vec<f32>>()
         })
         .collect();
     (codes, nested, offset)
+}
+
+/// [`quantize_8bit_ref`]'s fast equivalent, exposed for tests.
+pub fn quantize_8bit(x: f32) -> u8 {
+    quantize_8bit_fast(dynamic_thresholds(), x)
 }
 
 /// `(nested_code[codes[i]] * nested_absmax[i / nested_blocksize]) + offset`, two f32 roundings.
@@ -742,6 +790,72 @@ mod avx512 {
         }
     }
 
+    /// 32 f32 values of one block from 16 packed bytes: the nibbles in element order, looked up in the
+    /// 16-entry table held in a register, times the block's absmax.
+    #[inline(always)]
+    unsafe fn decode32(p: *const u8, lutv: __m512, amv: __m512) -> (__m512, __m512) {
+        // SAFETY: the caller guarantees 16 readable bytes at `p` and AVX-512F/BW.
+        unsafe {
+            let nib = _mm_set1_epi8(0x0F);
+            let q = _mm_loadu_si128(p as *const __m128i);
+            let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), nib);
+            let lo = _mm_and_si128(q, nib);
+            let c0 = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
+            let c1 = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo));
+            (
+                _mm512_mul_ps(_mm512_permutexvar_ps(c0, lutv), amv),
+                _mm512_mul_ps(_mm512_permutexvar_ps(c1, lutv), amv),
+            )
+        }
+    }
+
+    /// True if this CPU converts f32 to bf16 in hardware (`vcvtne2ps2bf16`).
+    pub(super) fn has_bf16() -> bool {
+        static B: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *B.get_or_init(|| is_x86_feature_detected!("avx512bf16"))
+    }
+
+    /// bf16 output with the hardware conversion, 32 values per instruction. `vcvtne2ps2bf16` rounds to
+    /// nearest even like `half`, but treats subnormal inputs as zero, so it is used only for blocks
+    /// whose every product is zero or normal (absmax 0, or finite and >= 2^-100: the smallest nonzero
+    /// code magnitude is 0.0052 > 2^-8); other blocks take the exact path.
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F, BW, VL and BF16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn dequant_task_bf16(
+        packed: &[u8],
+        absmax: &[f32],
+        lut: &[f32; 16],
+        bs: usize,
+        out: &mut [bf16],
+    ) {
+        // SAFETY: the array holds 16 floats.
+        let lutv = unsafe { _mm512_loadu_ps(lut.as_ptr()) };
+        for ((pb, ob), &am) in packed.chunks(bs / 2).zip(out.chunks_mut(bs)).zip(absmax) {
+            if !(am == 0.0 || (am.is_finite() && am >= 2f32.powi(-100))) {
+                // SAFETY: same features; slices are one consistent block.
+                unsafe { dequant_task(pb, std::slice::from_ref(&am), lut, bs, ob) };
+                continue;
+            }
+            let amv = _mm512_set1_ps(am);
+            let groups = ob.len() / 32;
+            for g in 0..groups {
+                // SAFETY: as in `dequant_task`: 16 bytes readable at 16g, 32 values writable at 32g.
+                unsafe {
+                    let (v0, v1) = decode32(pb.as_ptr().add(16 * g), lutv, amv);
+                    let h: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(v1, v0));
+                    _mm512_storeu_si512(ob.as_mut_ptr().add(32 * g) as *mut __m512i, h);
+                }
+            }
+            for i in groups * 32..ob.len() {
+                let b = pb[i / 2];
+                let c = if i % 2 == 0 { b >> 4 } else { b & 0xF };
+                ob[i] = bf16::from_f32(lut[c as usize] * am);
+            }
+        }
+    }
+
     /// Dequantizes one task: per block, 16 packed bytes expand to 32 codes, `vpermps` looks them up in
     /// the 16-entry table held in a register, one multiply by the block's absmax, one rounding.
     ///
@@ -757,7 +871,6 @@ mod avx512 {
     ) {
         // SAFETY: the array holds 16 floats; AVX-512F is enabled on this function.
         let lutv = unsafe { _mm512_loadu_ps(lut.as_ptr()) };
-        let nib = _mm_set1_epi8(0x0F);
         for ((pb, ob), &am) in packed.chunks(bs / 2).zip(out.chunks_mut(bs)).zip(absmax) {
             let amv = _mm512_set1_ps(am);
             let groups = ob.len() / 32;
@@ -765,13 +878,7 @@ mod avx512 {
                 // SAFETY: g * 16 + 16 <= pb.len() because ob.len() >= 32 * groups and pb holds
                 // ceil(ob.len() / 2) bytes; g * 32 + 32 <= ob.len().
                 unsafe {
-                    let q = _mm_loadu_si128(pb.as_ptr().add(16 * g) as *const __m128i);
-                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), nib);
-                    let lo = _mm_and_si128(q, nib);
-                    let c0 = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
-                    let c1 = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo));
-                    let v0 = _mm512_mul_ps(_mm512_permutexvar_ps(c0, lutv), amv);
-                    let v1 = _mm512_mul_ps(_mm512_permutexvar_ps(c1, lutv), amv);
+                    let (v0, v1) = decode32(pb.as_ptr().add(16 * g), lutv, amv);
                     T::store16(ob.as_mut_ptr().add(32 * g), v0);
                     T::store16(ob.as_mut_ptr().add(32 * g + 16), v1);
                 }
@@ -834,8 +941,8 @@ fn quantize_typed<T: FastFloat>(
     name: &str,
 ) -> Result<(Vec<u8>, Vec<f32>)> {
     let n = x.len();
-    let mut packed = vec![0u8; n.div_ceil(2)];
-    let mut absmax = vec![0f32; n.div_ceil(bs)];
+    let mut packed: Vec<u8> = zeroed_vec(n.div_ceil(2));
+    let mut absmax: Vec<f32> = zeroed_vec(n.div_ceil(bs));
     let bad = packed
         .par_chunks_mut(TASK / 2)
         .zip(absmax.par_chunks_mut(TASK / bs))
@@ -892,13 +999,43 @@ pub fn dequantize<T: Element>(
     }
 }
 
-/// A zeroed `Vec<T>` straight from the allocator (no element-by-element fill for the half types).
+/// A zeroed `Vec<T>` straight from the allocator (calloc: no element-by-element fill, and fresh pages
+/// are not touched), with its pages advised as transparent huge pages before the first write.
 fn zeroed_vec<T: Element>(n: usize) -> Vec<T> {
-    match T::DTYPE.size_in_bytes() {
+    let mut v: Vec<T> = match T::DTYPE.size_in_bytes() {
+        1 => bytemuck::allocation::cast_vec(vec![0u8; n]),
         2 => bytemuck::allocation::cast_vec(vec![0u16; n]),
         4 => bytemuck::allocation::cast_vec(vec![0u32; n]),
         _ => vec![T::default(); n],
+    };
+    advise_huge_pages(&mut v);
+    v
+}
+
+/// Large outputs are written once, right after allocation; with 4 KiB pages the first-touch page faults
+/// cost as much as the kernel itself (8192 faults for a 32 MiB bf16 4096 x 4096 tensor). On Linux with
+/// transparent huge pages in `madvise` mode, asking for 2 MiB pages cuts that 512-fold.
+fn advise_huge_pages<T>(v: &mut [T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let bytes = std::mem::size_of_val(v);
+        if bytes < 2 * HUGE {
+            return;
+        }
+        let start = v.as_mut_ptr() as usize;
+        let (lo, hi) = (start.next_multiple_of(HUGE), (start + bytes) / HUGE * HUGE);
+        if hi > lo {
+            // SAFETY: [lo, hi) lies inside the allocation `v` owns; MADV_HUGEPAGE is only a hint about
+            // how to back those pages and never changes their contents. The result is ignored: without
+            // THP support the call fails harmlessly.
+            unsafe {
+                libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE);
+            }
+        }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = v;
 }
 
 fn dequantize_typed<T: FastFloat>(
@@ -916,7 +1053,14 @@ fn dequantize_typed<T: FastFloat>(
         .for_each(|((o, p), a)| match isa {
             // SAFETY: `isa.check()` confirmed the features on this CPU.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::dequant_task(p, a, lut, bs, o) },
+            Isa::Avx512 => match bytemuck::try_cast_slice_mut::<T, bf16>(o) {
+                // SAFETY: as above, plus the bf16 feature checked by `has_bf16`.
+                Ok(ob) if T::DTYPE == DType::BF16 && avx512::has_bf16() => unsafe {
+                    avx512::dequant_task_bf16(p, a, lut, bs, ob)
+                },
+                // SAFETY: as above.
+                _ => unsafe { avx512::dequant_task(p, a, lut, bs, o) },
+            },
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { dequant_task_avx2(p, a, lut, bs, o) },
