@@ -277,11 +277,7 @@ pub fn py_float_repr(x: f64) -> String {
     if x == 0.0 {
         return if x.is_sign_negative() { "-0.0" } else { "0.0" }.into();
     }
-    // Rust's `{:e}` prints the shortest round-trip digits, like Python's repr: "d.ddde<exp>".
-    let sci = format!("{:e}", x.abs());
-    let (mant, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    let digits: String = mant.chars().filter(|c| c.is_ascii_digit()).collect();
+    let (digits, exp) = shortest_digits(x.abs());
     let sign = if x < 0.0 { "-" } else { "" };
     let decpt = exp + 1; // value = 0.DIGITS * 10^decpt
     let nd = digits.len() as i32;
@@ -303,6 +299,62 @@ pub fn py_float_repr(x: f64) -> String {
         format!("{a}.{b}")
     };
     format!("{sign}{body}")
+}
+
+/// Scientific-notation digits `"d.ddd" -> ("dddd", exp)` of a printed float.
+fn split_sci(sci: &str) -> (String, i32) {
+    let (mant, exp) = sci.split_once('e').unwrap_or((sci, "0"));
+    let digits: String = mant.chars().filter(|c| c.is_ascii_digit()).collect();
+    (digits, exp.parse().unwrap_or(0))
+}
+
+/// The shortest digits that round-trip `x > 0` (value = `d.ddd * 10^exp`), nearest to `x`, and on an
+/// exact tie between two such strings the one ending in an even digit (David Gay's `dtoa` mode 0, as
+/// Python's `repr`). Rust's `{:e}` gives the shortest nearest digits but may break the tie upwards.
+fn shortest_digits(x: f64) -> (String, i32) {
+    let (digits, exp) = split_sci(&format!("{x:e}"));
+    // The exact decimal expansion (every f64 has one with at most 767 significant digits).
+    let (exact, eexp) = split_sci(&format!("{x:.800e}"));
+    let exact = exact.trim_end_matches('0');
+    let k = digits.len();
+    if eexp != exp || exact.len() != k + 1 || !exact.ends_with('5') {
+        return (digits, exp);
+    }
+    let down = exact[..k].to_string();
+    // `down` + one unit in the last place, with carry.
+    let mut up: Vec<u8> = down.clone().into_bytes();
+    let mut i = k;
+    loop {
+        if i == 0 {
+            up.insert(0, b'1');
+            break;
+        }
+        i -= 1;
+        if up[i] == b'9' {
+            up[i] = b'0';
+        } else {
+            up[i] += 1;
+            break;
+        }
+    }
+    let (up, up_exp) = if up.len() > k {
+        (String::from_utf8_lossy(&up[..k]).into_owned(), exp + 1)
+    } else {
+        (String::from_utf8_lossy(&up).into_owned(), exp)
+    };
+    let even = if (down.as_bytes()[k - 1] - b'0').is_multiple_of(2) {
+        (down, exp)
+    } else {
+        (up, up_exp)
+    };
+    let parse = |d: &str, e: i32| format!("{}.{}e{e}", &d[..1], &d[1..]).parse::<f64>().ok();
+    let trimmed = even.0.trim_end_matches('0');
+    let trimmed = if trimmed.is_empty() { "0" } else { trimmed };
+    if parse(&format!("{trimmed}0"), even.1) == Some(x) {
+        (trimmed.to_string(), even.1)
+    } else {
+        (digits, exp)
+    }
 }
 
 fn load_from(src: &impl RawSource, name: &str, device: Device) -> Result<QuantizedTensor> {
