@@ -357,7 +357,7 @@ pub fn quantize_8bit(x: f32) -> u8 {
 }
 
 /// `(nested_code[codes[i]] * nested_absmax[i / nested_blocksize]) + offset`, two f32 roundings.
-/// Sizes must be consistent (checked by [`super::double_quant_decode`]).
+/// Sizes must be consistent (checked by [`super::double_quant_decode_blocks`]).
 pub(crate) fn double_quant_decode(
     codes: &[u8],
     nested_absmax: &[f32],
@@ -1199,7 +1199,7 @@ pub(super) fn absmax_f32(state: &QuantState) -> Result<Vec<f32>> {
             offset,
             nested_code,
             nested_blocksize,
-        } => super::double_quant_decode(
+        } => super::double_quant_decode_blocks(
             codes.cpu_data::<u8>("absmax codes")?,
             nested_absmax.cpu_data::<f32>("nested_absmax")?,
             *offset,

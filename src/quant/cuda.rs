@@ -146,6 +146,9 @@ fn dcode_lut(code: &[f32]) -> Result<Lut256> {
 fn double_quant(b: &Arc<CudaBackend>, absmax: &CudaStorage, nb: usize) -> Result<Absmax> {
     let nchunks = nb.div_ceil(crate::quant::cpu::MEAN_CHUNK);
     let nn = nb.div_ceil(NESTED_BLOCKSIZE);
+    if nn > i32::MAX as usize {
+        return Err(Error::invalid(format!("{nb} absmax values exceed one CUDA grid")));
+    }
     let mut partial = b.stream.alloc_zeros::<f64>(nchunks)?;
     let mut offset = b.stream.alloc_zeros::<f32>(1)?;
     let mut codes = alloc(b, DType::U8, nb)?;
@@ -169,9 +172,14 @@ fn double_quant(b: &Arc<CudaBackend>, absmax: &CudaStorage, nb: usize) -> Result
     let f = b.func("nf4", "dq_offset")?;
     let mut l = b.stream.launch_builder(&f);
     l.arg(&partial).arg(&nchunks64).arg(&nb64).arg(&mut offset);
-    // SAFETY: dq_offset(const double* partial [nchunks], int64 nchunks, int64 nb, float* offset [1]): one
-    // thread reads the nchunks partial sums and writes one float.
-    unsafe { l.launch(LaunchConfig::for_num_elems(1)) }?;
+    let one = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: dq_offset(const double* partial [nchunks], int64 nchunks, int64 nb, float* offset [1]):
+    // thread 0 of the single block reads the nchunks partial sums and writes one float.
+    unsafe { l.launch(one) }?;
 
     let f = b.func("nf4", "dq_quantize")?;
     let lut = dcode_lut(dynamic_map())?;

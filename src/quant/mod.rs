@@ -255,10 +255,20 @@ pub fn dynamic_map() -> &'static [f32; 256] {
     &DYNAMIC_MAP
 }
 
-/// Decodes a double-quantized absmax on the CPU:
-/// `absmax[i] = (nested_code[codes[i]] * nested_absmax[i / nested_blocksize]) + offset`, rounding
-/// after the product and after the sum (as bitsandbytes: `dequantize_blockwise(...)`, then `+= offset`).
+/// Decodes a double-quantized absmax on the CPU (nested blocks of 256, as bitsandbytes always writes):
+/// `absmax[i] = (nested_code[codes[i]] * nested_absmax[i / 256]) + offset`, rounding after the product
+/// and after the sum (as bitsandbytes: `dequantize_blockwise(...)`, then `+= offset`).
 pub fn double_quant_decode(
+    codes: &[u8],
+    nested_absmax: &[f32],
+    offset: f32,
+    nested_code: &[f32],
+) -> Result<Vec<f32>> {
+    double_quant_decode_blocks(codes, nested_absmax, offset, nested_code, NESTED_BLOCKSIZE)
+}
+
+/// [`double_quant_decode`] with another nested blocksize.
+pub fn double_quant_decode_blocks(
     codes: &[u8],
     nested_absmax: &[f32],
     offset: f32,
