@@ -582,8 +582,42 @@ mod avx512 {
     use half::{bf16, f16};
     use std::arch::x86_64::*;
 
+    /// Max of the magnitude bits (`x & 0x7FFF`) of 16-bit floats (see [`super::AbsBits`]): 32 lanes per
+    /// step and a masked tail.
+    #[inline(always)]
+    unsafe fn absmax_u16(x: &[u16]) -> u16 {
+        // SAFETY: loads stay inside `x` (full vectors, then one masked load of the remainder, which never
+        // touches masked-out memory); the caller has AVX-512F/BW.
+        unsafe {
+            let mask = _mm512_set1_epi16(0x7FFF);
+            let mut m = _mm512_setzero_si512();
+            let full = x.len() / 32 * 32;
+            let mut i = 0;
+            while i < full {
+                let v = _mm512_loadu_si512(x.as_ptr().add(i) as *const __m512i);
+                m = _mm512_max_epu16(m, _mm512_and_si512(v, mask));
+                i += 32;
+            }
+            if full < x.len() {
+                let k: __mmask32 = (1u32 << (x.len() - full)) - 1;
+                let v = _mm512_maskz_loadu_epi16(k, x.as_ptr().add(full) as *const i16);
+                m = _mm512_max_epu16(m, _mm512_and_si512(v, mask));
+            }
+            let m256 = _mm256_max_epu16(_mm512_castsi512_si256(m), _mm512_extracti64x4_epi64::<1>(m));
+            let m128 = _mm_max_epu16(_mm256_castsi256_si128(m256), _mm256_extracti128_si256::<1>(m256));
+            // Horizontal max of 8 u16 as the complement of a horizontal min (phminposuw).
+            let inv = _mm_xor_si128(m128, _mm_set1_epi16(-1));
+            !(_mm_cvtsi128_si32(_mm_minpos_epu16(inv)) as u16)
+        }
+    }
+
     /// A float type that loads 16 values as f32 lanes and stores 16 f32 lanes rounded to itself.
     pub(super) trait Lanes: Copy + super::AbsBits {
+        /// Max of `|x|` (as f32) and whether a non-finite value is present.
+        ///
+        /// # Safety
+        /// The caller has AVX-512F/BW/VL.
+        unsafe fn absmax_fast(x: &[Self]) -> (f32, bool);
         /// # Safety
         /// `p` points to 16 readable values; the caller has AVX-512F/BW/VL.
         unsafe fn load16(p: *const Self) -> __m512;
@@ -593,6 +627,28 @@ mod avx512 {
     }
 
     impl Lanes for f32 {
+        #[inline(always)]
+        unsafe fn absmax_fast(x: &[f32]) -> (f32, bool) {
+            // SAFETY: as in `absmax_u16`, with 16 u32 lanes.
+            unsafe {
+                let mask = _mm512_set1_epi32(0x7FFF_FFFF);
+                let mut m = _mm512_setzero_si512();
+                let full = x.len() / 16 * 16;
+                let mut i = 0;
+                while i < full {
+                    let v = _mm512_loadu_si512(x.as_ptr().add(i) as *const __m512i);
+                    m = _mm512_max_epu32(m, _mm512_and_si512(v, mask));
+                    i += 16;
+                }
+                if full < x.len() {
+                    let k: __mmask16 = ((1u32 << (x.len() - full)) - 1) as u16;
+                    let v = _mm512_maskz_loadu_epi32(k, x.as_ptr().add(full) as *const i32);
+                    m = _mm512_max_epu32(m, _mm512_and_si512(v, mask));
+                }
+                let b = _mm512_reduce_max_epu32(m);
+                (f32::from_bits(b), b >= 0x7F80_0000)
+            }
+        }
         #[inline(always)]
         unsafe fn load16(p: *const f32) -> __m512 {
             // SAFETY: caller guarantees 16 readable f32 and AVX-512F.
@@ -606,6 +662,12 @@ mod avx512 {
     }
 
     impl Lanes for bf16 {
+        #[inline(always)]
+        unsafe fn absmax_fast(x: &[bf16]) -> (f32, bool) {
+            // SAFETY: bf16 and u16 have the same layout; forwarded feature guarantee.
+            let m = unsafe { absmax_u16(bytemuck::cast_slice(x)) };
+            (f32::from_bits((m as u32) << 16), m >= 0x7F80)
+        }
         #[inline(always)]
         unsafe fn load16(p: *const bf16) -> __m512 {
             // SAFETY: caller guarantees 16 readable bf16 (32 bytes) and AVX-512F.
@@ -636,6 +698,12 @@ mod avx512 {
     }
 
     impl Lanes for f16 {
+        #[inline(always)]
+        unsafe fn absmax_fast(x: &[f16]) -> (f32, bool) {
+            // SAFETY: f16 and u16 have the same layout; forwarded feature guarantee.
+            let m = unsafe { absmax_u16(bytemuck::cast_slice(x)) };
+            (f16::from_bits(m).to_f32(), m >= 0x7C00)
+        }
         #[inline(always)]
         unsafe fn load16(p: *const f16) -> __m512 {
             // SAFETY: caller guarantees 16 readable f16 (32 bytes) and AVX-512F.
@@ -755,7 +823,8 @@ mod avx512 {
             .zip(absmax.iter_mut())
             .enumerate()
         {
-            let (m, bad) = T::absmax_bits(xb);
+            // SAFETY: the caller has AVX-512F/BW/VL.
+            let (m, bad) = unsafe { T::absmax_fast(xb) };
             if bad {
                 if !allow {
                     return Some(b * bs + first_non_finite(xb));
