@@ -505,7 +505,7 @@ impl QuantState {
 /// use peft_kernels::quant::{QuantizedTensor, QuantizeOptions};
 /// let w = Tensor::randn(&[64, 128], 0.02, 0, DType::BF16, Device::Cpu)?;
 /// let q = QuantizedTensor::quantize(&w, &QuantizeOptions::default())?; // NF4, blocksize 64, double quant
-/// assert!((q.bits_per_weight() - 4.127).abs() < 1e-3);
+/// assert!(q.bits_per_weight() < 4.14); // 4 bits + 8-bit absmax per 64 + nested scales
 /// let back = q.dequantize(DType::BF16)?;
 /// assert_eq!(back.shape(), &[64, 128]);
 /// # Ok::<(), peft_kernels::Error>(())
