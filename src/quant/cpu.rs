@@ -817,12 +817,27 @@ mod avx512 {
         let thr_arr = thresholds(qt);
         // SAFETY: the caller has AVX-512F; the array holds 16 floats.
         let thr = unsafe { _mm512_loadu_ps(thr_arr.as_ptr()) };
+        // Software prefetch PREFETCH bytes ahead of the block being read: the absmax pass is the first
+        // touch of the input and otherwise waits on DRAM.
+        const PREFETCH: usize = 4096;
+        let ahead = (PREFETCH / std::mem::size_of::<T>()).max(bs);
         for (b, ((xb, pb), am)) in x
             .chunks(bs)
             .zip(packed.chunks_mut(bs / 2))
             .zip(absmax.iter_mut())
             .enumerate()
         {
+            let pf = b * bs + ahead;
+            if pf < x.len() {
+                let p = x[pf..].as_ptr() as *const i8;
+                let end = (x.len() - pf).min(bs) * std::mem::size_of::<T>();
+                let mut off = 0;
+                while off < end {
+                    // SAFETY: prefetch of an address inside `x`; prefetches never fault.
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off)) };
+                    off += 64;
+                }
+            }
             // SAFETY: the caller has AVX-512F/BW/VL.
             let (m, bad) = unsafe { T::absmax_fast(xb) };
             if bad {
