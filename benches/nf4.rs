@@ -7,6 +7,7 @@
 //!
 //!     cargo bench --bench nf4                      # CPU
 //!     cargo bench --bench nf4 --features cuda      # plus CUDA when a GPU is present
+//!     NF4_CPUTIME=1 cargo bench --bench nf4 -- --list   # only the wall / CPU-time table of the peer script
 //!
 //! Compare with bitsandbytes on the same machine: `benches/peers/bnb_nf4.py`.
 
@@ -33,7 +34,60 @@ fn opts(dq: bool) -> QuantizeOptions {
     }
 }
 
+/// A named operation to time.
+type Case<'a> = (&'static str, Box<dyn Fn() + 'a>);
+
+/// User + system CPU time of this process in ms (Linux `/proc/self/stat`; 10 ms ticks).
+fn process_cpu_ms() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let f: Vec<&str> = s.rsplit(')').next()?.split_whitespace().collect();
+    Some((f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?) as f64 * 10.0)
+}
+
+/// With `NF4_CPUTIME=1`: median wall time and mean process CPU time per call for the cases of
+/// `benches/peers/bnb_nf4.py`, printed as the same table (CPU time stays meaningful on a shared machine).
+fn cpu_time_table() {
+    if std::env::var("NF4_CPUTIME").map_or(true, |v| v != "1") {
+        return;
+    }
+    let reps = 20;
+    for (rows, cols) in [(4096usize, 4096usize), (11008, 4096)] {
+        let x = Tensor::randn(&[rows, cols], 0.02, 0, DType::BF16, Device::Cpu).unwrap();
+        for dq in [false, true] {
+            let q = QuantizedTensor::quantize(&x, &opts(dq)).unwrap();
+            let cases: [Case; 2] = [
+                (
+                    "quantize  ",
+                    Box::new(|| drop(QuantizedTensor::quantize(&x, &opts(dq)).unwrap())),
+                ),
+                (
+                    "dequantize",
+                    Box::new(|| drop(q.dequantize(DType::BF16).unwrap())),
+                ),
+            ];
+            for (name, f) in cases {
+                f();
+                let c0 = process_cpu_ms().unwrap_or(0.0);
+                let mut walls: Vec<f64> = (0..reps)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        f();
+                        t.elapsed().as_secs_f64() * 1e3
+                    })
+                    .collect();
+                let cpu = (process_cpu_ms().unwrap_or(0.0) - c0) / reps as f64;
+                walls.sort_by(f64::total_cmp);
+                println!(
+                    "peft-kernels {name} nf4 bf16 {rows}x{cols} dq={dq:<5}  wall {:9.2} ms  cpu {cpu:9.2} ms",
+                    walls[reps / 2]
+                );
+            }
+        }
+    }
+}
+
 fn cpu_benches(c: &mut Criterion) {
+    cpu_time_table();
     let mut g = c.benchmark_group("nf4");
     g.sample_size(20)
         .measurement_time(Duration::from_secs(4))
