@@ -135,7 +135,7 @@ impl CpuStorage {
     /// Decodes little-endian bytes (any alignment) into storage of `dtype`.
     pub(crate) fn from_bytes(dtype: DType, bytes: &[u8]) -> Result<CpuStorage> {
         let size = dtype.size_in_bytes();
-        if bytes.len() % size != 0 {
+        if !bytes.len().is_multiple_of(size) {
             return Err(Error::format(
                 "tensor bytes",
                 format!("{} bytes is not a multiple of {size} ({dtype})", bytes.len()),

@@ -1,13 +1,20 @@
 //! `peftk`: the peft-kernels command line.
 
 mod bench;
+mod dequantize;
+mod inspect;
 mod merge;
+mod quantize;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(name = "peftk", version, about = "peft-kernels command line")]
+#[command(
+    name = "peftk",
+    version,
+    about = "peft-kernels: quantize, dequantize, inspect and merge checkpoints and PEFT adapters; benchmark the kernels"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -15,9 +22,17 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Merge a PEFT adapter into a base safetensors checkpoint.
+    /// Quantize the linear weights of a safetensors checkpoint to bitsandbytes NF4/FP4.
+    Quantize(quantize::Args),
+    /// Dequantize every bitsandbytes 4-bit weight of a safetensors checkpoint.
+    Dequantize(dequantize::Args),
+    /// Describe a safetensors file (tensors, 4-bit quant states, bytes per weight) or a PEFT adapter
+    /// directory (method, rank per layer, scaling, trainable parameters).
+    Inspect(inspect::Args),
+    /// Merge a PEFT adapter into a base safetensors checkpoint (dense or bitsandbytes 4-bit).
     Merge(merge::MergeArgs),
-    /// Summarize a PEFT adapter directory (method, ranks, scalings, parameters, sizes).
+    /// Same as `inspect DIR` for a PEFT adapter directory.
+    #[command(hide = true)]
     InspectAdapter(merge::InspectAdapterArgs),
     /// Named microbenchmarks of the kernels, one JSON line each.
     Bench(bench::BenchArgs),
@@ -26,6 +41,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Quantize(a) => quantize::run(a),
+        Command::Dequantize(a) => dequantize::run(a),
+        Command::Inspect(a) => inspect::run(a),
         Command::Merge(a) => merge::run(&a),
         Command::InspectAdapter(a) => merge::run_inspect_adapter(&a),
         Command::Bench(a) => bench::run(a),
@@ -33,7 +51,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = format!("error: {e}");
+            let mut msg = format!("peftk: error: {e}");
             let mut src = std::error::Error::source(&e);
             while let Some(s) = src {
                 msg.push_str(&format!("\n  caused by: {s}"));
