@@ -1,0 +1,206 @@
+//! CPU twins of `kernels/autograd.cu`: activations and their derivatives, MSE, cross-entropy and the
+//! sum of squares behind the gradient norm. Math is f32 with one rounding per output element (exactly
+//! what the CUDA kernels do); the reductions accumulate in f64, which makes them the accurate side of
+//! every CUDA-vs-CPU comparison.
+//!
+//! Napkin math (all memory bound, per element): activation forward reads x and writes y
+//! (2·sizeof(T) B); backward reads x and dy and writes dx (3·sizeof(T) B). Even GELU-erf costs ~20
+//! FLOPs per element, far below the ~100 FLOP/B a CPU core can do.
+
+use super::ops::Activation;
+use crate::error::{Error, Result};
+use crate::tensor::Element;
+use crate::tensor::cpu::CHUNK;
+use rayon::prelude::*;
+use std::f32::consts::FRAC_1_SQRT_2;
+
+/// sqrt(2/π), the tanh-GELU scale (torch's `kBeta = M_SQRT2 * M_2_SQRTPI * 0.5` for approximate="tanh").
+pub(crate) const GELU_TANH_BETA: f32 =
+    (std::f64::consts::SQRT_2 * std::f64::consts::FRAC_2_SQRT_PI * 0.5) as f32;
+/// The cubic coefficient of the tanh-GELU (torch's `kKappa`).
+pub(crate) const GELU_TANH_KAPPA: f32 = 0.044_715;
+/// 1/sqrt(2π), the standard normal density at 0.
+pub(crate) const INV_SQRT_2PI: f32 =
+    (std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2 * 0.5) as f32;
+
+/// `act(x)` in f32. NaN propagates (relu(NaN) = NaN, like torch).
+#[inline(always)]
+pub(crate) fn act_forward(act: Activation, x: f32) -> f32 {
+    match act {
+        Activation::Relu => {
+            if x < 0.0 {
+                0.0
+            } else {
+                x
+            }
+        }
+        Activation::Gelu => {
+            let inner = GELU_TANH_BETA * (x + GELU_TANH_KAPPA * x * x * x);
+            0.5 * x * (1.0 + inner.tanh())
+        }
+        Activation::GeluErf => 0.5 * x * (1.0 + libm::erff(x * FRAC_1_SQRT_2)),
+        Activation::Silu => x / (1.0 + (-x).exp()),
+    }
+}
+
+/// `d act(x) / dx` in f32 (relu: 0 at x <= 0, like torch's threshold_backward).
+#[inline(always)]
+pub(crate) fn act_derivative(act: Activation, x: f32) -> f32 {
+    match act {
+        Activation::Relu => {
+            if x <= 0.0 {
+                0.0
+            } else {
+                1.0
+            }
+        }
+        Activation::Gelu => {
+            let x2 = x * x;
+            let t = (GELU_TANH_BETA * (x + GELU_TANH_KAPPA * x2 * x)).tanh();
+            let d_inner = GELU_TANH_BETA * (1.0 + 3.0 * GELU_TANH_KAPPA * x2);
+            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * d_inner
+        }
+        Activation::GeluErf => {
+            let cdf = 0.5 * (1.0 + libm::erff(x * FRAC_1_SQRT_2));
+            let pdf = (-0.5 * x * x).exp() * INV_SQRT_2PI;
+            cdf + x * pdf
+        }
+        Activation::Silu => {
+            let s = 1.0 / (1.0 + (-x).exp());
+            s * (1.0 + x * (1.0 - s))
+        }
+    }
+}
+
+/// `y = act(x)` elementwise.
+pub(crate) fn activation<T: Element>(x: &[T], act: Activation) -> Vec<T> {
+    let mut y = vec![T::default(); x.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(y, x)| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = T::from_f32(act_forward(act, x.to_f32()));
+            }
+        });
+    y
+}
+
+/// `dx = dy · act'(x)` elementwise.
+pub(crate) fn activation_backward<T: Element>(x: &[T], dy: &[T], act: Activation) -> Vec<T> {
+    let mut dx = vec![T::default(); x.len()];
+    dx.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+        .for_each(|(dx, (x, dy))| {
+            for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                let d = act_derivative(act, x.to_f32());
+                // A zero derivative gives a zero gradient even for an infinite dy (torch's relu
+                // backward is a select, not a product); the CUDA kernel does the same.
+                *dx = T::from_f32(if d == 0.0 { 0.0 } else { dy.to_f32() * d });
+            }
+        });
+    dx
+}
+
+/// `sum((p - t)²)` with per-element f32 differences and f64 accumulation.
+pub(crate) fn mse_sum<T: Element>(p: &[T], t: &[T]) -> f64 {
+    p.par_chunks(CHUNK)
+        .zip(t.par_chunks(CHUNK))
+        .map(|(p, t)| {
+            p.iter()
+                .zip(t)
+                .map(|(&p, &t)| {
+                    let d = p.to_f32() - t.to_f32();
+                    (d * d) as f64
+                })
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+/// `dp = scale · (p - t)` where the caller passes `scale = 2·g/n`.
+pub(crate) fn mse_backward<T: Element>(p: &[T], t: &[T], scale: f32) -> Vec<T> {
+    let mut dp = vec![T::default(); p.len()];
+    dp.par_chunks_mut(CHUNK)
+        .zip(p.par_chunks(CHUNK).zip(t.par_chunks(CHUNK)))
+        .for_each(|(dp, (p, t))| {
+            for ((dp, &p), &t) in dp.iter_mut().zip(p).zip(t) {
+                *dp = T::from_f32(scale * (p.to_f32() - t.to_f32()));
+            }
+        });
+    dp
+}
+
+/// Cross-entropy rows of `logits [n, c]`: per row the max `m` and `ls = log Σ exp(x - m)`
+/// (exponentials in f32, their sum in f64), and `loss_row = (m - x[target]) + ls`. Subtracting
+/// logits before adding the small log-sum keeps the loss accurate for large logits (forming
+/// `lse = m + ls` in f32 first would lose `ulp(m)`). Returns `(Σ loss_row, [m, ls] per row)`.
+pub(crate) fn cross_entropy<T: Element>(logits: &[T], targets: &[u32], c: usize) -> Result<(f64, Vec<f32>)> {
+    if c == 0 || logits.len() != targets.len() * c {
+        return Err(Error::shape(
+            "cross_entropy",
+            format!(
+                "{} logits do not form {} rows of {c} classes",
+                logits.len(),
+                targets.len()
+            ),
+        ));
+    }
+    if let Some((i, &t)) = targets.iter().enumerate().find(|&(_, &t)| t as usize >= c) {
+        return Err(Error::invalid(format!(
+            "cross_entropy: target {t} of row {i} is out of range for {c} classes"
+        )));
+    }
+    let rows_per_task = (CHUNK / c).max(1);
+    let mut stats = vec![0f32; 2 * targets.len()];
+    let total = stats
+        .par_chunks_mut(2)
+        .zip(logits.par_chunks(c).zip(targets.par_iter()))
+        .with_min_len(rows_per_task)
+        .map(|(st, (row, &t))| {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x.to_f32()));
+            // A row of -inf logits has no finite maximum; its sum below is 0 and its log -inf.
+            let shift = if max.is_finite() { max } else { 0.0 };
+            let sum: f64 = row.iter().map(|&x| ((x.to_f32() - shift).exp()) as f64).sum();
+            let ls = sum.ln() as f32;
+            st[0] = shift;
+            st[1] = ls;
+            (shift - row[t as usize].to_f32()) as f64 + ls as f64
+        })
+        .sum();
+    Ok((total, stats))
+}
+
+/// `dlogits[i, j] = scale · (exp((x[i, j] - m[i]) - ls[i]) - [j == target[i]])` with
+/// `scale = g / n` and `stats = [m, ls]` per row from [`cross_entropy`].
+pub(crate) fn cross_entropy_backward<T: Element>(
+    logits: &[T],
+    targets: &[u32],
+    stats: &[f32],
+    c: usize,
+    scale: f32,
+) -> Vec<T> {
+    let mut dx = vec![T::default(); logits.len()];
+    if c == 0 {
+        return dx;
+    }
+    let rows_per_task = (CHUNK / c).max(1);
+    dx.par_chunks_mut(c)
+        .zip(logits.par_chunks(c))
+        .zip(targets.par_iter().zip(stats.par_chunks(2)))
+        .with_min_len(rows_per_task)
+        .for_each(|((dx, row), (&t, st))| {
+            let (m, ls) = (st[0], st[1]);
+            for (j, (d, &x)) in dx.iter_mut().zip(row).enumerate() {
+                let onehot = if j == t as usize { 1.0 } else { 0.0 };
+                *d = T::from_f32(scale * (((x.to_f32() - m) - ls).exp() - onehot));
+            }
+        });
+    dx
+}
+
+/// `Σ x²` in f64 (the gradient-norm oracle and CPU path).
+pub(crate) fn sum_squares_f32(x: &[f32]) -> f64 {
+    x.par_chunks(CHUNK)
+        .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
+        .sum()
+}

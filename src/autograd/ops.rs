@@ -1,0 +1,398 @@
+//! The built-in differentiable ops as plain tensor functions (forward and backward side by side) and
+//! the [`Backward`] records the tape keeps for them. Every function validates its inputs and runs on
+//! the tensors' device: `cpu.rs` on the CPU, `kernels/autograd.cu` (through `cuda.rs`) on CUDA.
+//!
+//! Layers that fuse an activation into their own kernel can call [`activation`] and
+//! [`activation_backward`] directly.
+
+use super::Backward;
+use super::cpu;
+#[cfg(feature = "cuda")]
+use super::cuda;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Element, Tensor};
+use half::{bf16, f16};
+
+/// Elementwise activations. Forward and backward compute in f32 and round once to the tensor dtype
+/// (f32, f16 or bf16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Activation {
+    /// `max(x, 0)`; the gradient is 0 at `x <= 0` (torch `relu`).
+    Relu = 0,
+    /// GELU, **tanh approximation**: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))` — torch
+    /// `gelu(x, approximate="tanh")` (GPT-2 / "gelu_new" / "gelu_pytorch_tanh").
+    Gelu = 1,
+    /// GELU, **exact**: `0.5·x·(1 + erf(x/√2))` — torch `gelu(x)` (the default, approximate="none").
+    GeluErf = 2,
+    /// `x·sigmoid(x)` (torch `silu`, a.k.a. swish).
+    Silu = 3,
+}
+
+impl Activation {
+    /// The lowercase name (`relu`, `gelu`, `gelu_erf`, `silu`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Relu => "relu",
+            Activation::Gelu => "gelu",
+            Activation::GeluErf => "gelu_erf",
+            Activation::Silu => "silu",
+        }
+    }
+}
+
+/// Runs `$body` with `$v` bound to the typed CPU slice of a float tensor.
+macro_rules! cpu_float {
+    ($t:expr, $op:expr, |$v:ident: $ty:ident| $body:expr) => {
+        match $t.dtype() {
+            DType::F32 => {
+                type $ty = f32;
+                let $v = $t.cpu_data::<f32>($op)?;
+                $body
+            }
+            DType::F16 => {
+                type $ty = f16;
+                let $v = $t.cpu_data::<f16>($op)?;
+                $body
+            }
+            DType::BF16 => {
+                type $ty = bf16;
+                let $v = $t.cpu_data::<bf16>($op)?;
+                $body
+            }
+            other => return Err(Error::dtype($op, "a float dtype", other)),
+        }
+    };
+}
+
+fn check_pair(a: &Tensor, b: &Tensor, op: &'static str) -> Result<Device> {
+    a.dtype().expect_float(op)?;
+    let dev = a.check_same_device(b, op)?;
+    a.check_same_dtype(b, op)?;
+    a.check_same_shape(b, op)?;
+    Ok(dev)
+}
+
+fn vec_tensor<T: Element>(v: Vec<T>, shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_vec(v, shape, Device::Cpu)
+}
+
+/// A scalar upstream gradient: one f32 element on `dev`.
+fn check_scalar_grad(g: &Tensor, dev: Device, op: &'static str) -> Result<()> {
+    if g.numel() != 1 || g.dtype() != DType::F32 || g.device() != dev {
+        return Err(Error::shape(
+            op,
+            format!("the upstream gradient of a loss must be one f32 element on {dev}, got {g:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `act(x)`, same shape, dtype and device as `x`.
+pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
+    let op = act.name();
+    x.dtype().expect_float(op)?;
+    match x.device() {
+        Device::Cpu => cpu_float!(x, op, |v: T| vec_tensor(cpu::activation::<T>(v, act), x.shape())),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::activation(x, act),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(Error::CudaUnavailable("built without the `cuda` feature".into())),
+    }
+}
+
+/// `dx = dy · act'(x)`; `x` and `grad_y` must have the same shape, dtype and device.
+pub fn activation_backward(x: &Tensor, grad_y: &Tensor, act: Activation) -> Result<Tensor> {
+    let op = "activation_backward";
+    let dev = check_pair(x, grad_y, op)?;
+    match dev {
+        Device::Cpu => cpu_float!(x, op, |v: T| {
+            let dy = grad_y.cpu_data::<T>(op)?;
+            vec_tensor(cpu::activation_backward::<T>(v, dy, act), x.shape())
+        }),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::activation_backward(x, grad_y, act),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(Error::CudaUnavailable("built without the `cuda` feature".into())),
+    }
+}
+
+/// `mean((pred - target)²)` over all elements as an f32 `[1]` tensor. Same shape, dtype and device;
+/// at least one element.
+pub fn mse_loss(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+    let op = "mse_loss";
+    let dev = check_pair(pred, target, op)?;
+    let n = pred.numel();
+    if n == 0 {
+        return Err(Error::shape(op, "the mean of an empty tensor is undefined"));
+    }
+    match dev {
+        Device::Cpu => {
+            let sum = cpu_float!(pred, op, |p: T| cpu::mse_sum::<T>(p, target.cpu_data::<T>(op)?));
+            Tensor::from_vec(vec![(sum / n as f64) as f32], &[1], Device::Cpu)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::mse_loss(pred, target),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(Error::CudaUnavailable("built without the `cuda` feature".into())),
+    }
+}
+
+/// Gradient of [`mse_loss`] with respect to `pred`: `2·g·(pred - target)/n`, where `grad_loss` is the
+/// f32 `[1]` upstream gradient (read on the device; no host sync).
+pub fn mse_loss_backward(pred: &Tensor, target: &Tensor, grad_loss: &Tensor) -> Result<Tensor> {
+    let op = "mse_loss_backward";
+    let dev = check_pair(pred, target, op)?;
+    check_scalar_grad(grad_loss, dev, op)?;
+    let n = pred.numel();
+    if n == 0 {
+        return Err(Error::shape(op, "empty prediction"));
+    }
+    match dev {
+        Device::Cpu => {
+            let g = grad_loss.cpu_data::<f32>(op)?[0];
+            let scale = (2.0 * g as f64 / n as f64) as f32;
+            cpu_float!(pred, op, |p: T| {
+                let t = target.cpu_data::<T>(op)?;
+                vec_tensor(cpu::mse_backward::<T>(p, t, scale), pred.shape())
+            })
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::mse_loss_backward(pred, target, grad_loss),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(Error::CudaUnavailable("built without the `cuda` feature".into())),
+    }
+}
+
+/// Checks logits `[N, C]` against `targets` and returns `(N, C)`.
+fn check_ce(logits: &Tensor, targets: &[u32], op: &'static str) -> Result<(usize, usize)> {
+    logits.dtype().expect_float(op)?;
+    let (n, c) = match logits.shape() {
+        [n, c] => (*n, *c),
+        s => return Err(Error::shape(op, format!("logits must be [N, C], got {s:?}"))),
+    };
+    if n == 0 || c == 0 {
+        return Err(Error::shape(
+            op,
+            format!("logits must have at least one row and one class, got [{n}, {c}]"),
+        ));
+    }
+    if targets.len() != n {
+        return Err(Error::shape(
+            op,
+            format!("{} targets for {n} rows of logits", targets.len()),
+        ));
+    }
+    if c > i32::MAX as usize {
+        return Err(Error::invalid(format!("{op}: {c} classes exceed i32")));
+    }
+    if let Some((i, &t)) = targets.iter().enumerate().find(|&(_, &t)| t as usize >= c) {
+        return Err(Error::invalid(format!(
+            "{op}: target {t} of row {i} is out of range for {c} classes"
+        )));
+    }
+    Ok((n, c))
+}
+
+/// What the cross-entropy backward needs besides the logits: the targets (on the logits' device) and
+/// per-row statistics of the forward pass (f32 `[N, 2]`: the row max and log Σ exp(x - max)), so the
+/// backward reads each row once.
+#[derive(Clone, Debug)]
+pub struct CrossEntropySaved {
+    targets: Vec<u32>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    targets_dev: Tensor,
+    stats: Tensor,
+}
+
+/// Mean cross-entropy of `logits [N, C]` (any float dtype, f32 math) against class indices:
+/// `mean_i(logsumexp(x_i) - x_i[t_i])`, computed with the max subtracted. Returns the f32 `[1]` loss
+/// and what [`cross_entropy_backward`] needs.
+pub fn cross_entropy_forward(logits: &Tensor, targets: &[u32]) -> Result<(Tensor, CrossEntropySaved)> {
+    let op = "cross_entropy";
+    let (n, c) = check_ce(logits, targets, op)?;
+    let dev = logits.device();
+    let targets_dev = if dev.is_cpu() {
+        // The CPU path reads `targets` directly; an empty placeholder avoids a copy.
+        Tensor::zeros(&[0], DType::I32, Device::Cpu)?
+    } else {
+        let t32: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
+        Tensor::from_vec(t32, &[n], dev)?
+    };
+    let (loss, stats) = match dev {
+        Device::Cpu => {
+            let (sum, stats) = cpu_float!(logits, op, |x: T| cpu::cross_entropy::<T>(x, targets, c)?);
+            (
+                Tensor::from_vec(vec![(sum / n as f64) as f32], &[1], Device::Cpu)?,
+                Tensor::from_vec(stats, &[n, 2], Device::Cpu)?,
+            )
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::cross_entropy(logits, &targets_dev, n, c)?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => {
+            return Err(Error::CudaUnavailable("built without the `cuda` feature".into()));
+        }
+    };
+    Ok((
+        loss,
+        CrossEntropySaved {
+            targets: targets.to_vec(),
+            targets_dev,
+            stats,
+        },
+    ))
+}
+
+/// Mean cross-entropy as an f32 `[1]` tensor (forward only; see [`cross_entropy_forward`]).
+pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    Ok(cross_entropy_forward(logits, targets)?.0)
+}
+
+/// Gradient of the mean cross-entropy: `(g/N)·(softmax(logits) - onehot(targets))`, in the logits'
+/// dtype. `grad_loss` is the f32 `[1]` upstream gradient.
+pub fn cross_entropy_backward(
+    logits: &Tensor,
+    saved: &CrossEntropySaved,
+    grad_loss: &Tensor,
+) -> Result<Tensor> {
+    let op = "cross_entropy_backward";
+    let (n, c) = check_ce(logits, &saved.targets, op)?;
+    let dev = logits.device();
+    check_scalar_grad(grad_loss, dev, op)?;
+    if saved.stats.shape() != [n, 2] || saved.stats.device() != dev {
+        return Err(Error::shape(
+            op,
+            format!("saved state {:?} does not match logits {logits:?}", saved.stats),
+        ));
+    }
+    match dev {
+        Device::Cpu => {
+            let g = grad_loss.cpu_data::<f32>(op)?[0];
+            let scale = (g as f64 / n as f64) as f32;
+            let stats = saved.stats.cpu_data::<f32>(op)?;
+            cpu_float!(logits, op, |x: T| {
+                vec_tensor(
+                    cpu::cross_entropy_backward::<T>(x, &saved.targets, stats, c, scale),
+                    logits.shape(),
+                )
+            })
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            cuda::cross_entropy_backward(logits, &saved.targets_dev, &saved.stats, grad_loss, n, c)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(Error::CudaUnavailable("built without the `cuda` feature".into())),
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) fn sum_squares_cuda(gs: &[&Tensor]) -> Result<f64> {
+    cuda::sum_squares(gs)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn sum_squares_cuda(gs: &[&Tensor]) -> Result<f64> {
+    if gs.is_empty() {
+        Ok(0.0)
+    } else {
+        Err(Error::CudaUnavailable("built without the `cuda` feature".into()))
+    }
+}
+
+// ---------------------------------------------------------------------------------- tape records
+
+pub(crate) struct ActivationBackward(pub(crate) Activation);
+
+impl Backward for ActivationBackward {
+    fn backward(
+        &self,
+        grad_output: &Tensor,
+        inputs: &[&Tensor],
+        _output: &Tensor,
+        needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
+        if !needs[0] {
+            return Ok(vec![None]);
+        }
+        Ok(vec![Some(activation_backward(inputs[0], grad_output, self.0)?)])
+    }
+
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+}
+
+pub(crate) struct AddBackward;
+
+impl Backward for AddBackward {
+    fn backward(
+        &self,
+        grad_output: &Tensor,
+        _inputs: &[&Tensor],
+        _output: &Tensor,
+        needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
+        // Tensor clones share storage: passing the same gradient to both inputs costs nothing.
+        Ok(needs.iter().map(|&n| n.then(|| grad_output.clone())).collect())
+    }
+
+    fn name(&self) -> &'static str {
+        "add"
+    }
+}
+
+pub(crate) struct MseBackward {
+    pub(crate) target: Tensor,
+}
+
+impl Backward for MseBackward {
+    fn backward(
+        &self,
+        grad_output: &Tensor,
+        inputs: &[&Tensor],
+        _output: &Tensor,
+        needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
+        if !needs[0] {
+            return Ok(vec![None]);
+        }
+        Ok(vec![Some(mse_loss_backward(
+            inputs[0],
+            &self.target,
+            grad_output,
+        )?)])
+    }
+
+    fn name(&self) -> &'static str {
+        "mse_loss"
+    }
+}
+
+pub(crate) struct CrossEntropyBackward {
+    pub(crate) saved: CrossEntropySaved,
+}
+
+impl Backward for CrossEntropyBackward {
+    fn backward(
+        &self,
+        grad_output: &Tensor,
+        inputs: &[&Tensor],
+        _output: &Tensor,
+        needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
+        if !needs[0] {
+            return Ok(vec![None]);
+        }
+        Ok(vec![Some(cross_entropy_backward(
+            inputs[0],
+            &self.saved,
+            grad_output,
+        )?)])
+    }
+
+    fn name(&self) -> &'static str {
+        "cross_entropy"
+    }
+}
