@@ -267,8 +267,10 @@ impl LoraLinear {
         self.algo = algo;
     }
 
-    /// The per-layer dropout seed: the step seed mixed with the layer name, so layers draw independent masks.
-    fn mask_seed(&self, step_seed: Option<u64>) -> Option<u64> {
+    /// The seed of this layer's dropout mask for a step seed: the step seed mixed with the layer name, so
+    /// layers draw independent masks. `None` when dropout is off or in evaluation. The mask itself is
+    /// `Tensor::dropout(p, seed)` of the flattened `[tokens, in]` input.
+    pub fn mask_seed(&self, step_seed: Option<u64>) -> Option<u64> {
         let s = step_seed.filter(|_| self.dropout > 0.0)?;
         let h = self
             .name
