@@ -89,25 +89,57 @@ fn main() -> Result<()> {
         let (inp, out) = (win[0], win[1]);
         let std = (2.0 / inp as f32).sqrt();
         let w = Tensor::randn(&[out, inp], std, seed + 10 * l as u64, DType::F32, dev)?;
-        let u = Tensor::randn(&[out, PLANTED_RANK], 1.0, seed + 10 * l as u64 + 1, DType::F32, dev)?;
-        let v = Tensor::randn(&[PLANTED_RANK, inp], 0.6 * std, seed + 10 * l as u64 + 2, DType::F32, dev)?;
+        let u = Tensor::randn(
+            &[out, PLANTED_RANK],
+            1.0,
+            seed + 10 * l as u64 + 1,
+            DType::F32,
+            dev,
+        )?;
+        let v = Tensor::randn(
+            &[PLANTED_RANK, inp],
+            0.6 * std,
+            seed + 10 * l as u64 + 2,
+            DType::F32,
+            dev,
+        )?;
         let noise = Tensor::randn(&[out, inp], 0.01 * std, seed + 10 * l as u64 + 3, DType::F32, dev)?;
-        teacher.push(w.add(&u.matmul(&v)?.scale(1.0 / PLANTED_RANK as f32)?)?.add(&noise)?);
+        teacher.push(
+            w.add(&u.matmul(&v)?.scale(1.0 / PLANTED_RANK as f32)?)?
+                .add(&noise)?,
+        );
         w0.push(w);
     }
 
     // Student: NF4 (double-quantized) W0 and LoRA on every layer.
     let mut store = ParamStore::new();
     let mut layers = Vec::new();
-    let cfg = LoraConfig { r: args.rank, alpha: 2.0 * args.rank as f32, ..LoraConfig::default() };
+    let cfg = LoraConfig {
+        r: args.rank,
+        alpha: 2.0 * args.rank as f32,
+        ..LoraConfig::default()
+    };
     let mut frozen_bytes = 0usize;
     let mut frozen_params = 0usize;
     for (l, w) in w0.iter().enumerate() {
-        let q = QuantizedTensor::quantize(w, &QuantizeOptions { name: format!("layer{l}"), ..Default::default() })?;
+        let q = QuantizedTensor::quantize(
+            w,
+            &QuantizeOptions {
+                name: format!("layer{l}"),
+                ..Default::default()
+            },
+        )?;
         frozen_bytes += q.size_in_bytes();
         frozen_params += w.numel();
         let base = BaseWeight::Quantized(q);
-        layers.push(LoraLinear::new(&format!("mlp.{l}"), base, None, &cfg, &mut store, seed + 100 + l as u64)?);
+        layers.push(LoraLinear::new(
+            &format!("mlp.{l}"),
+            base,
+            None,
+            &cfg,
+            &mut store,
+            seed + 100 + l as u64,
+        )?);
     }
     let trainable = store.num_trainable_elements();
     println!(
@@ -120,9 +152,19 @@ fn main() -> Result<()> {
         100.0 * trainable as f64 / frozen_params as f64
     );
 
-    let mut opt = AdamW::new(AdamWConfig { lr: args.lr, weight_decay: 0.0, ..AdamWConfig::default() })?;
+    let mut opt = AdamW::new(AdamWConfig {
+        lr: args.lr,
+        weight_decay: 0.0,
+        ..AdamWConfig::default()
+    })?;
     let batch = |step: usize| -> Result<(Tensor, Tensor)> {
-        let x = Tensor::randn(&[args.batch, DIMS[0]], 1.0, seed * 1_000_003 + step as u64, DType::F32, dev)?;
+        let x = Tensor::randn(
+            &[args.batch, DIMS[0]],
+            1.0,
+            seed * 1_000_003 + step as u64,
+            DType::F32,
+            dev,
+        )?;
         let mut h = x.clone();
         for (l, w) in teacher.iter().enumerate() {
             h = h.matmul_t(w, false, true)?;
@@ -174,9 +216,21 @@ fn main() -> Result<()> {
     let median_ms = times[times.len() / 2] * 1e3;
     let first = first_loss.unwrap_or(f32::NAN);
     let last = last_losses.iter().sum::<f32>() / last_losses.len().max(1) as f32;
-    println!("loss {first:.6} -> {last:.6} ({:.1}x lower) over {} steps", first / last, args.steps);
-    println!("median step time {median_ms:.2} ms ({} tokens/step, {:.0} tokens/s)", args.batch, args.batch as f64 / (median_ms / 1e3));
-    println!("peak host memory {:.1} MB (live now {:.1} MB)", PEAK.load(Ordering::Relaxed) as f64 / 1e6, LIVE.load(Ordering::Relaxed) as f64 / 1e6);
+    println!(
+        "loss {first:.6} -> {last:.6} ({:.1}x lower) over {} steps",
+        first / last,
+        args.steps
+    );
+    println!(
+        "median step time {median_ms:.2} ms ({} tokens/step, {:.0} tokens/s)",
+        args.batch,
+        args.batch as f64 / (median_ms / 1e3)
+    );
+    println!(
+        "peak host memory {:.1} MB (live now {:.1} MB)",
+        PEAK.load(Ordering::Relaxed) as f64 / 1e6,
+        LIVE.load(Ordering::Relaxed) as f64 / 1e6
+    );
     Ok(())
 }
 

@@ -26,11 +26,18 @@ fn make_base(base: Base, out: usize, inp: usize, seed: u64, dev: Device) -> Resu
         Base::Dense(dt) => BaseWeight::Dense(w.to_dtype(dt)?),
         Base::Nf4 { double, blocksize } => BaseWeight::Quantized(QuantizedTensor::quantize(
             &w,
-            &QuantizeOptions { blocksize, double_quant: double, ..Default::default() },
+            &QuantizeOptions {
+                blocksize,
+                double_quant: double,
+                ..Default::default()
+            },
         )?),
         Base::Fp4 => BaseWeight::Quantized(QuantizedTensor::quantize(
             &w,
-            &QuantizeOptions { quant_type: QuantType::Fp4, ..Default::default() },
+            &QuantizeOptions {
+                quant_type: QuantType::Fp4,
+                ..Default::default()
+            },
         )?),
     })
 }
@@ -79,7 +86,11 @@ fn tr(a: &[f64], m: usize, n: usize) -> Vec<f64> {
 }
 
 fn f64s(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(t.to_device(Device::Cpu)?.to_vec_f32()?.into_iter().map(f64::from).collect())
+    Ok(t.to_device(Device::Cpu)?
+        .to_vec_f32()?
+        .into_iter()
+        .map(f64::from)
+        .collect())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -90,7 +101,12 @@ fn reference(
     dy: &Tensor,
     step_seed: Option<u64>,
 ) -> Result<Reference> {
-    let (t, inp, out, r) = (x.numel() / layer.in_features(), layer.in_features(), layer.out_features(), layer.rank());
+    let (t, inp, out, r) = (
+        x.numel() / layer.in_features(),
+        layer.in_features(),
+        layer.out_features(),
+        layer.rank(),
+    );
     let s = layer.scaling() as f64;
     let w = f64s(&layer.base().dequantize(DType::F32)?)?; // [out, in]
     let a = f64s(store.get(layer.a_id())?)?;
@@ -114,14 +130,24 @@ fn reference(
         }
     }
     // dB = s·dyᵀ·(xd·Aᵀ), dA = s·(dy·B)ᵀ·xd, dx = dy·W + mask(s·dy·B·A).
-    let db: Vec<f64> = mm(&tr(&dyv, t, out), &xa, out, t, r).into_iter().map(|v| v * s).collect();
+    let db: Vec<f64> = mm(&tr(&dyv, t, out), &xa, out, t, r)
+        .into_iter()
+        .map(|v| v * s)
+        .collect();
     let dyb = mm(&dyv, &b, t, out, r);
-    let da: Vec<f64> = mm(&tr(&dyb, t, r), &xd, r, t, inp).into_iter().map(|v| v * s).collect();
+    let da: Vec<f64> = mm(&tr(&dyb, t, r), &xd, r, t, inp)
+        .into_iter()
+        .map(|v| v * s)
+        .collect();
     let mut dx = mm(&dyv, &w, t, out, inp);
     let adapter = mm(&dyb, &a, t, r, inp);
     let adapter: Vec<f64> = match layer.mask_seed(step_seed) {
         Some(seed) => {
-            let tv = Tensor::from_vec(adapter.iter().map(|&v| v as f32).collect(), &[t, inp], Device::Cpu)?;
+            let tv = Tensor::from_vec(
+                adapter.iter().map(|&v| v as f32).collect(),
+                &[t, inp],
+                Device::Cpu,
+            )?;
             f64s(&tv.dropout(layer.dropout(), seed)?)?
         }
         None => adapter,
@@ -134,7 +160,11 @@ fn reference(
 
 fn check_case(c: &Case, dev: Device, seed: u64) -> Result<()> {
     let base = make_base(c.base, c.out, c.inp, seed, dev)?;
-    let bias = if c.bias { Some(Tensor::randn(&[c.out], 0.3, seed + 1, c.dtype, dev)?) } else { None };
+    let bias = if c.bias {
+        Some(Tensor::randn(&[c.out], 0.3, seed + 1, c.dtype, dev)?)
+    } else {
+        None
+    };
     let mut store = ParamStore::new();
     let cfg = LoraConfig {
         r: c.r,
@@ -162,13 +192,40 @@ fn check_case(c: &Case, dev: Device, seed: u64) -> Result<()> {
         _ => (2e-2, 1.0),
     };
     let scale = |v: &[f64]| v.iter().fold(1e-6f64, |m, x| m.max(x.abs())) as f32;
-    let what = format!("{:?} {:?} t={} in={} out={} r={} p={}", c.base, c.dtype, c.t, c.inp, c.out, c.r, c.dropout);
-    assert_close(&y.to_vec_f32()?, &to32(&refr.y), rt, rt * k * scale(&refr.y), &format!("y {what}"));
-    assert_close(&g.db.to_vec_f32()?, &to32(&refr.db), rt, rt * scale(&refr.db), &format!("dB {what}"));
-    assert_close(&g.da.to_vec_f32()?, &to32(&refr.da), rt, rt * scale(&refr.da), &format!("dA {what}"));
+    let what = format!(
+        "{:?} {:?} t={} in={} out={} r={} p={}",
+        c.base, c.dtype, c.t, c.inp, c.out, c.r, c.dropout
+    );
+    assert_close(
+        &y.to_vec_f32()?,
+        &to32(&refr.y),
+        rt,
+        rt * k * scale(&refr.y),
+        &format!("y {what}"),
+    );
+    assert_close(
+        &g.db.to_vec_f32()?,
+        &to32(&refr.db),
+        rt,
+        rt * scale(&refr.db),
+        &format!("dB {what}"),
+    );
+    assert_close(
+        &g.da.to_vec_f32()?,
+        &to32(&refr.da),
+        rt,
+        rt * scale(&refr.da),
+        &format!("dA {what}"),
+    );
     let dx = g.dx.ok_or_else(|| Error::InvalidArgument("dx missing".into()))?;
     assert_eq!(dx.shape(), x.shape());
-    assert_close(&dx.to_vec_f32()?, &to32(&refr.dx), rt, rt * scale(&refr.dx), &format!("dx {what}"));
+    assert_close(
+        &dx.to_vec_f32()?,
+        &to32(&refr.dx),
+        rt,
+        rt * scale(&refr.dx),
+        &format!("dx {what}"),
+    );
     assert_eq!(g.da.dtype(), DType::F32);
     Ok(())
 }
@@ -176,25 +233,61 @@ fn check_case(c: &Case, dev: Device, seed: u64) -> Result<()> {
 fn forward_backward_vs_f64(dev: Device) -> Result<()> {
     let bases = [
         Base::Dense(DType::F32),
-        Base::Nf4 { double: true, blocksize: 64 },
-        Base::Nf4 { double: false, blocksize: 32 },
+        Base::Nf4 {
+            double: true,
+            blocksize: 64,
+        },
+        Base::Nf4 {
+            double: false,
+            blocksize: 32,
+        },
         Base::Fp4,
     ];
     let mut seed = 1;
     for &base in &bases {
-        for &(t, inp, out, r) in &[(1usize, 64usize, 33usize, 4usize), (5, 96, 17, 3), (37, 128, 65, 8)] {
+        for &(t, inp, out, r) in &[
+            (1usize, 64usize, 33usize, 4usize),
+            (5, 96, 17, 3),
+            (37, 128, 65, 8),
+        ] {
             for &(dropout, bias) in &[(0.0f32, true), (0.25, false)] {
                 seed += 10;
-                let c = Case { t, inp, out, r, base, dtype: DType::F32, dropout, bias, rslora: seed % 20 == 1 };
+                let c = Case {
+                    t,
+                    inp,
+                    out,
+                    r,
+                    base,
+                    dtype: DType::F32,
+                    dropout,
+                    bias,
+                    rslora: seed % 20 == 1,
+                };
                 check_case(&c, dev, seed)?;
             }
         }
     }
     // Half compute dtypes over a matching dense base and over NF4.
     for &dt in &[DType::BF16, DType::F16] {
-        for base in [Base::Dense(dt), Base::Nf4 { double: true, blocksize: 64 }] {
+        for base in [
+            Base::Dense(dt),
+            Base::Nf4 {
+                double: true,
+                blocksize: 64,
+            },
+        ] {
             seed += 10;
-            let c = Case { t: 9, inp: 128, out: 40, r: 4, base, dtype: dt, dropout: 0.0, bias: true, rslora: false };
+            let c = Case {
+                t: 9,
+                inp: 128,
+                out: 40,
+                r: 4,
+                base,
+                dtype: dt,
+                dropout: 0.0,
+                bias: true,
+                rslora: false,
+            };
             check_case(&c, dev, seed)?;
         }
     }
@@ -203,13 +296,19 @@ fn forward_backward_vs_f64(dev: Device) -> Result<()> {
 
 fn odd_shapes(dev: Device) -> Result<()> {
     // in not a multiple of the blocksize (blocks cross rows), odd in (rows start on a low nibble).
-    for (i, &(t, inp, out)) in [(3usize, 65usize, 7usize), (20, 37, 19), (70, 99, 3)].iter().enumerate() {
+    for (i, &(t, inp, out)) in [(3usize, 65usize, 7usize), (20, 37, 19), (70, 99, 3)]
+        .iter()
+        .enumerate()
+    {
         let c = Case {
             t,
             inp,
             out,
             r: 5,
-            base: Base::Nf4 { double: i % 2 == 0, blocksize: 64 },
+            base: Base::Nf4 {
+                double: i % 2 == 0,
+                blocksize: 64,
+            },
             dtype: DType::F32,
             dropout: 0.1,
             bias: true,
@@ -223,10 +322,38 @@ fn odd_shapes(dev: Device) -> Result<()> {
 /// Finite differences through LoRA → GELU → LoRA → MSE on the tape: dA, dB of both layers.
 fn gradcheck_two_layer_stack(dev: Device) -> Result<()> {
     let mut store = ParamStore::new();
-    let cfg = LoraConfig { r: 3, alpha: 6.0, init: LoraInit::Random, ..LoraConfig::default() };
-    let l1 = LoraLinear::new("l1", make_base(Base::Nf4 { double: true, blocksize: 64 }, 24, 64, 1, dev)?, None, &cfg, &mut store, 2)?;
+    let cfg = LoraConfig {
+        r: 3,
+        alpha: 6.0,
+        init: LoraInit::Random,
+        ..LoraConfig::default()
+    };
+    let l1 = LoraLinear::new(
+        "l1",
+        make_base(
+            Base::Nf4 {
+                double: true,
+                blocksize: 64,
+            },
+            24,
+            64,
+            1,
+            dev,
+        )?,
+        None,
+        &cfg,
+        &mut store,
+        2,
+    )?;
     let bias = Tensor::randn(&[5], 0.1, 9, DType::F32, dev)?;
-    let l2 = LoraLinear::new("l2", make_base(Base::Dense(DType::F32), 5, 24, 3, dev)?, Some(bias), &cfg, &mut store, 4)?;
+    let l2 = LoraLinear::new(
+        "l2",
+        make_base(Base::Dense(DType::F32), 5, 24, 3, dev)?,
+        Some(bias),
+        &cfg,
+        &mut store,
+        4,
+    )?;
     let x = Tensor::randn(&[6, 64], 1.0, 5, DType::F32, dev)?;
     let target = Tensor::randn(&[6, 5], 1.0, 6, DType::F32, dev)?;
     let loss_of = |store: &ParamStore| -> Result<(f32, peft_kernels::autograd::Gradients)> {
@@ -241,10 +368,19 @@ fn gradcheck_two_layer_stack(dev: Device) -> Result<()> {
     };
     let (_, grads) = loss_of(&store)?;
     let store = std::cell::RefCell::new(store);
-    let gcfg = GradCheckConfig { eps: 1e-2, rtol: 2e-2, atol: 2e-4, max_points: 24, seed: 1 };
+    let gcfg = GradCheckConfig {
+        eps: 1e-2,
+        rtol: 2e-2,
+        atol: 2e-4,
+        max_points: 24,
+        seed: 1,
+    };
     for id in [l1.a_id(), l1.b_id(), l2.a_id(), l2.b_id()] {
         let at = store.borrow().get(id)?.clone();
-        let analytic = grads.get(id).ok_or_else(|| Error::InvalidArgument("missing gradient".into()))?.clone();
+        let analytic = grads
+            .get(id)
+            .ok_or_else(|| Error::InvalidArgument("missing gradient".into()))?
+            .clone();
         let name = store.borrow().name(id)?.to_string();
         check_gradient(
             &name,
@@ -273,15 +409,35 @@ fn cuda_matches_cpu(dev: Device) -> Result<()> {
         let mut outs = Vec::new();
         for d in [Device::Cpu, dev] {
             let mut store = ParamStore::new();
-            let cfg = LoraConfig { r: 16, alpha: 32.0, init: LoraInit::Random, dropout: 0.1, ..LoraConfig::default() };
-            let layer = LoraLinear::new("p", BaseWeight::Quantized(q.to_device(d)?), None, &cfg, &mut store, 7)?;
+            let cfg = LoraConfig {
+                r: 16,
+                alpha: 32.0,
+                init: LoraInit::Random,
+                dropout: 0.1,
+                ..LoraConfig::default()
+            };
+            let layer = LoraLinear::new(
+                "p",
+                BaseWeight::Quantized(q.to_device(d)?),
+                None,
+                &cfg,
+                &mut store,
+                7,
+            )?;
             let (y, ctx) = layer.forward(&store, &x.to_device(d)?, Some(11))?;
             let g = layer.backward(&store, &ctx, &dy.to_device(d)?, true)?;
             outs.push([y, g.dx.unwrap_or(g.da.clone()), g.da, g.db].map(|t| t.to_vec_f32()));
         }
         let tol = if dt == DType::F32 { 1e-4 } else { 2e-2 };
         for (k, what) in ["y", "dx", "dA", "dB"].iter().enumerate() {
-            let (a, b) = (outs[1][k].as_ref().map_err(|e| Error::InvalidArgument(e.to_string()))?, outs[0][k].as_ref().map_err(|e| Error::InvalidArgument(e.to_string()))?);
+            let (a, b) = (
+                outs[1][k]
+                    .as_ref()
+                    .map_err(|e| Error::InvalidArgument(e.to_string()))?,
+                outs[0][k]
+                    .as_ref()
+                    .map_err(|e| Error::InvalidArgument(e.to_string()))?,
+            );
             common::assert_close_scaled(a, b, tol, &format!("cuda vs cpu {what} {dt}"));
         }
     }
@@ -293,14 +449,33 @@ fn tape_trains(dev: Device) -> Result<()> {
     let (din, dh, dout, tokens) = (48usize, 64usize, 16usize, 64usize);
     let w1 = Tensor::randn(&[dh, din], (2.0 / din as f32).sqrt(), 1, DType::F32, dev)?;
     let w2 = Tensor::randn(&[dout, dh], (2.0 / dh as f32).sqrt(), 2, DType::F32, dev)?;
-    let planted = Tensor::randn(&[dout, 2], 0.5, 3, DType::F32, dev)?.matmul(&Tensor::randn(&[2, dh], 0.3, 4, DType::F32, dev)?)?;
+    let planted = Tensor::randn(&[dout, 2], 0.5, 3, DType::F32, dev)?.matmul(&Tensor::randn(
+        &[2, dh],
+        0.3,
+        4,
+        DType::F32,
+        dev,
+    )?)?;
     let w2t = w2.add(&planted)?;
     let mut store = ParamStore::new();
-    let cfg = LoraConfig { r: 4, alpha: 8.0, ..LoraConfig::default() };
-    let q = |w: &Tensor| -> Result<BaseWeight> { Ok(BaseWeight::Quantized(QuantizedTensor::quantize(w, &QuantizeOptions::default())?)) };
+    let cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        ..LoraConfig::default()
+    };
+    let q = |w: &Tensor| -> Result<BaseWeight> {
+        Ok(BaseWeight::Quantized(QuantizedTensor::quantize(
+            w,
+            &QuantizeOptions::default(),
+        )?))
+    };
     let l1 = LoraLinear::new("fc1", q(&w1)?, None, &cfg, &mut store, 10)?;
     let l2 = LoraLinear::new("fc2", q(&w2)?, None, &cfg, &mut store, 11)?;
-    let mut opt = AdamW::new(AdamWConfig { lr: 1e-2, weight_decay: 0.0, ..AdamWConfig::default() })?;
+    let mut opt = AdamW::new(AdamWConfig {
+        lr: 1e-2,
+        weight_decay: 0.0,
+        ..AdamWConfig::default()
+    })?;
     let mut losses = Vec::new();
     for step in 0..150u64 {
         let x = Tensor::randn(&[tokens, din], 1.0, 1000 + step, DType::F32, dev)?;
@@ -332,38 +507,116 @@ fn bad_input(dev: Device) -> Result<()> {
     let mut store = ParamStore::new();
     let base = make_base(Base::Dense(DType::F32), 8, 16, 1, dev)?;
     assert!(matches!(
-        LoraLinear::new("x", base.clone(), None, &LoraConfig { r: 0, ..Default::default() }, &mut store, 0),
+        LoraLinear::new(
+            "x",
+            base.clone(),
+            None,
+            &LoraConfig {
+                r: 0,
+                ..Default::default()
+            },
+            &mut store,
+            0
+        ),
         Err(Error::InvalidArgument(_))
     ));
-    assert!(LoraLinear::new("x", base.clone(), None, &LoraConfig { dropout: 1.0, ..Default::default() }, &mut store, 0).is_err());
+    assert!(
+        LoraLinear::new(
+            "x",
+            base.clone(),
+            None,
+            &LoraConfig {
+                dropout: 1.0,
+                ..Default::default()
+            },
+            &mut store,
+            0
+        )
+        .is_err()
+    );
     let bad_bias = Tensor::zeros(&[9], DType::F32, dev)?;
     assert!(matches!(
-        LoraLinear::new("y", base.clone(), Some(bad_bias), &LoraConfig::default(), &mut store, 0),
+        LoraLinear::new(
+            "y",
+            base.clone(),
+            Some(bad_bias),
+            &LoraConfig::default(),
+            &mut store,
+            0
+        ),
         Err(Error::Shape { .. })
     ));
     let layer = LoraLinear::new("z", base, None, &LoraConfig::default(), &mut store, 0)?;
     let x = Tensor::zeros(&[3, 15], DType::F32, dev)?;
-    assert!(matches!(layer.forward(&store, &x, None), Err(Error::Shape { .. })));
+    assert!(matches!(
+        layer.forward(&store, &x, None),
+        Err(Error::Shape { .. })
+    ));
     let x = Tensor::zeros(&[3, 16], DType::F32, dev)?;
     let (_, ctx) = layer.forward(&store, &x, None)?;
     let dy = Tensor::zeros(&[3, 9], DType::F32, dev)?;
-    assert!(matches!(layer.backward(&store, &ctx, &dy, true), Err(Error::Shape { .. })));
+    assert!(matches!(
+        layer.backward(&store, &ctx, &dy, true),
+        Err(Error::Shape { .. })
+    ));
     // Duplicate registration of the same module is refused by the store.
-    assert!(LoraLinear::new("z", make_base(Base::Dense(DType::F32), 8, 16, 1, dev)?, None, &LoraConfig::default(), &mut store, 0).is_err());
+    assert!(
+        LoraLinear::new(
+            "z",
+            make_base(Base::Dense(DType::F32), 8, 16, 1, dev)?,
+            None,
+            &LoraConfig::default(),
+            &mut store,
+            0
+        )
+        .is_err()
+    );
     Ok(())
 }
 
-device_test!(forward_backward_vs_f64, odd_shapes, gradcheck_two_layer_stack, cuda_matches_cpu, tape_trains, bad_input);
+device_test!(
+    forward_backward_vs_f64,
+    odd_shapes,
+    gradcheck_two_layer_stack,
+    cuda_matches_cpu,
+    tape_trains,
+    bad_input
+);
 
 #[test]
 fn default_init_is_a_no_op_and_peft_bounds() -> Result<()> {
     let mut store = ParamStore::new();
-    let base = make_base(Base::Nf4 { double: true, blocksize: 64 }, 32, 128, 1, Device::Cpu)?;
-    let layer = LoraLinear::new("m", base.clone(), None, &LoraConfig { r: 8, ..Default::default() }, &mut store, 3)?;
+    let base = make_base(
+        Base::Nf4 {
+            double: true,
+            blocksize: 64,
+        },
+        32,
+        128,
+        1,
+        Device::Cpu,
+    )?;
+    let layer = LoraLinear::new(
+        "m",
+        base.clone(),
+        None,
+        &LoraConfig {
+            r: 8,
+            ..Default::default()
+        },
+        &mut store,
+        3,
+    )?;
     let x = Tensor::randn(&[4, 128], 1.0, 2, DType::F32, Device::Cpu)?;
     let (y, _) = layer.forward(&store, &x, None)?;
     let plain = peft_kernels::qmatmul::linear_forward(&x, &base, None, None, Default::default())?;
-    assert_close(&y.to_vec_f32()?, &plain.to_vec_f32()?, 1e-6, 1e-6, "B = 0 makes LoRA a no-op");
+    assert_close(
+        &y.to_vec_f32()?,
+        &plain.to_vec_f32()?,
+        1e-6,
+        1e-6,
+        "B = 0 makes LoRA a no-op",
+    );
     let a = store.get(layer.a_id())?.to_vec_f32()?;
     let bound = 1.0 / (128f32).sqrt();
     assert!(a.iter().all(|v| v.abs() <= bound) && a.iter().any(|v| v.abs() > 0.5 * bound));

@@ -79,10 +79,17 @@ impl LoraConfig {
             return Err(Error::invalid(format!("lora_alpha {} is not finite", self.alpha)));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::invalid(format!("lora_dropout {} is not in [0, 1)", self.dropout)));
+            return Err(Error::invalid(format!(
+                "lora_dropout {} is not in [0, 1)",
+                self.dropout
+            )));
         }
         if !matches!(self.dtype, DType::F32 | DType::BF16 | DType::F16) {
-            return Err(Error::dtype("LoraConfig", "f32, bf16 or f16 adapter weights", self.dtype));
+            return Err(Error::dtype(
+                "LoraConfig",
+                "f32, bf16 or f16 adapter weights",
+                self.dtype,
+            ));
         }
         Ok(())
     }
@@ -192,22 +199,32 @@ impl LoraLinear {
             (sa, sb) => {
                 return Err(Error::shape(
                     "LoraLinear",
-                    format!("{name}: lora_A {sa:?} and lora_B {sb:?} do not fit a [{out}, {inp}] base weight"),
+                    format!(
+                        "{name}: lora_A {sa:?} and lora_B {sb:?} do not fit a [{out}, {inp}] base weight"
+                    ),
                 ));
             }
         };
         if let Some(bias) = &bias
             && bias.shape() != [out]
         {
-            return Err(Error::shape("LoraLinear", format!("{name}: bias {:?} is not [{out}]", bias.shape())));
+            return Err(Error::shape(
+                "LoraLinear",
+                format!("{name}: bias {:?} is not [{out}]", bias.shape()),
+            ));
         }
         for t in [at, bt].into_iter().chain(bias.as_ref()) {
             if t.device() != base.device() {
-                return Err(Error::device("LoraLinear", format!("{name}: parameters and base weight on different devices")));
+                return Err(Error::device(
+                    "LoraLinear",
+                    format!("{name}: parameters and base weight on different devices"),
+                ));
             }
         }
         if !scaling.is_finite() || !(0.0..1.0).contains(&dropout) {
-            return Err(Error::invalid(format!("{name}: scaling {scaling} / dropout {dropout} out of range")));
+            return Err(Error::invalid(format!(
+                "{name}: scaling {scaling} / dropout {dropout} out of range"
+            )));
         }
         Ok(LoraLinear {
             name: name.to_string(),
@@ -272,10 +289,9 @@ impl LoraLinear {
     /// `Tensor::dropout(p, seed)` of the flattened `[tokens, in]` input.
     pub fn mask_seed(&self, step_seed: Option<u64>) -> Option<u64> {
         let s = step_seed.filter(|_| self.dropout > 0.0)?;
-        let h = self
-            .name
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3));
+        let h = self.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+        });
         Some(s ^ h)
     }
 
@@ -285,28 +301,60 @@ impl LoraLinear {
                 let rows = x.numel() / features.max(1);
                 x.reshape(&[rows, features])
             }
-            s => Err(Error::shape(what, format!("{}: expected [.., {features}], got {s:?}", self.name))),
+            s => Err(Error::shape(
+                what,
+                format!("{}: expected [.., {features}], got {s:?}", self.name),
+            )),
         }
     }
 
     /// Forward pass. `dropout_seed` is `Some(step seed)` in training (dropout active) and `None` in
     /// evaluation. Returns the output and the context the backward pass needs.
-    pub fn forward(&self, store: &ParamStore, x: &Tensor, dropout_seed: Option<u64>) -> Result<(Tensor, LoraContext)> {
+    pub fn forward(
+        &self,
+        store: &ParamStore,
+        x: &Tensor,
+        dropout_seed: Option<u64>,
+    ) -> Result<(Tensor, LoraContext)> {
         self.forward_with(store.get(self.a)?, store.get(self.b)?, x, dropout_seed)
     }
 
-    fn forward_with(&self, a: &Tensor, b: &Tensor, x: &Tensor, dropout_seed: Option<u64>) -> Result<(Tensor, LoraContext)> {
+    fn forward_with(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        x: &Tensor,
+        dropout_seed: Option<u64>,
+    ) -> Result<(Tensor, LoraContext)> {
         let x2 = self.flatten(x, self.in_features(), "LoraLinear::forward")?;
         let mask_seed = self.mask_seed(dropout_seed);
         let xd = self.dropped(&x2, mask_seed)?;
         // u = s·drop(x)·Aᵀ in f32: [tokens, r], the only adapter activation we keep.
-        let u = xd.to_dtype(DType::F32)?.matmul_t(&a.to_dtype(DType::F32)?, false, true)?.scale(self.scaling)?;
+        let u = xd
+            .to_dtype(DType::F32)?
+            .matmul_t(&a.to_dtype(DType::F32)?, false, true)?
+            .scale(self.scaling)?;
         let b32 = b.to_dtype(DType::F32)?;
-        let y = linear_forward(&x2, &self.base, self.bias.as_ref(), Some(LowRankFwd { u: &u, b: &b32 }), self.algo)?;
+        let y = linear_forward(
+            &x2,
+            &self.base,
+            self.bias.as_ref(),
+            Some(LowRankFwd { u: &u, b: &b32 }),
+            self.algo,
+        )?;
         let mut out_shape = x.shape()[..x.rank() - 1].to_vec();
         out_shape.push(self.out_features());
         let y = y.reshape(&out_shape)?;
-        Ok((y, LoraContext { x: x2, u, in_shape: x.shape().to_vec(), out_shape, mask_seed }))
+        Ok((
+            y,
+            LoraContext {
+                x: x2,
+                u,
+                in_shape: x.shape().to_vec(),
+                out_shape,
+                mask_seed,
+            },
+        ))
     }
 
     fn dropped(&self, x2: &Tensor, mask_seed: Option<u64>) -> Result<Tensor> {
@@ -317,7 +365,13 @@ impl LoraLinear {
     }
 
     /// Backward pass: gradients of A and B (f32) and, when `need_dx`, of the input.
-    pub fn backward(&self, store: &ParamStore, ctx: &LoraContext, dy: &Tensor, need_dx: bool) -> Result<LoraGrads> {
+    pub fn backward(
+        &self,
+        store: &ParamStore,
+        ctx: &LoraContext,
+        dy: &Tensor,
+        need_dx: bool,
+    ) -> Result<LoraGrads> {
         let (dx, da, db) = self.backward_with(store.get(self.a)?, store.get(self.b)?, ctx, dy, need_dx)?;
         Ok(LoraGrads { dx, da, db })
     }
@@ -333,7 +387,12 @@ impl LoraLinear {
         if dy.shape() != ctx.out_shape.as_slice() {
             return Err(Error::shape(
                 "LoraLinear::backward",
-                format!("{}: dy {:?} does not match the output {:?}", self.name, dy.shape(), ctx.out_shape),
+                format!(
+                    "{}: dy {:?} does not match the output {:?}",
+                    self.name,
+                    dy.shape(),
+                    ctx.out_shape
+                ),
             ));
         }
         let dy2 = self.flatten(dy, self.out_features(), "LoraLinear::backward")?;
@@ -348,11 +407,16 @@ impl LoraLinear {
         let dx = if need_dx {
             let dx = match ctx.mask_seed {
                 // No dropout: one fused K-concatenated product [dy | v]·[W ; A].
-                None => linear_backward_input(&dy2, &self.base, Some(LowRankBwd { v: &v, a: &a32 }), self.algo)?,
+                None => {
+                    linear_backward_input(&dy2, &self.base, Some(LowRankBwd { v: &v, a: &a32 }), self.algo)?
+                }
                 // Dropout: the adapter term goes back through the same mask.
                 Some(seed) => {
                     let base = linear_backward_input(&dy2, &self.base, None, self.algo)?;
-                    let adapter = v.matmul(&a32)?.dropout(self.dropout, seed)?.to_dtype(base.dtype())?;
+                    let adapter = v
+                        .matmul(&a32)?
+                        .dropout(self.dropout, seed)?
+                        .to_dtype(base.dtype())?;
                     base.add(&adapter)?
                 }
             };
@@ -365,11 +429,20 @@ impl LoraLinear {
 
     /// Records the layer on `tape`: inputs `x`, A and B (as parameter Vars, so their gradients land in
     /// the tape's [`crate::autograd::Gradients`]).
-    pub fn forward_t(&self, tape: &mut Tape, store: &ParamStore, x: Var, dropout_seed: Option<u64>) -> Result<Var> {
+    pub fn forward_t(
+        &self,
+        tape: &mut Tape,
+        store: &ParamStore,
+        x: Var,
+        dropout_seed: Option<u64>,
+    ) -> Result<Var> {
         let av = tape.param(store, self.a)?;
         let bv = tape.param(store, self.b)?;
         let (y, ctx) = self.forward_with(tape.value(av)?, tape.value(bv)?, tape.value(x)?, dropout_seed)?;
-        let op = LoraOp { layer: self.clone(), ctx };
+        let op = LoraOp {
+            layer: self.clone(),
+            ctx,
+        };
         tape.record(&[x, av, bv], y, Box::new(op))
     }
 
@@ -399,7 +472,13 @@ struct LoraOp {
 }
 
 impl Backward for LoraOp {
-    fn backward(&self, grad_output: &Tensor, inputs: &[&Tensor], _output: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+    fn backward(
+        &self,
+        grad_output: &Tensor,
+        inputs: &[&Tensor],
+        _output: &Tensor,
+        needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
         let [_, a, b] = inputs else {
             return Err(Error::invalid("LoraOp: expected inputs [x, A, B]"));
         };

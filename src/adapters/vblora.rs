@@ -423,7 +423,7 @@ pub fn decode_topk_indices(dtype: safetensors::Dtype, bytes: &[u8], num_vectors:
         D::I64 | D::U64 => 8,
         other => return Err(Error::format(ctx, format!("unsupported index dtype {other:?}"))),
     };
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         return Err(Error::format(
             ctx,
             format!("{} bytes is not a multiple of {size}", bytes.len()),
@@ -484,12 +484,12 @@ impl VbLoraLayer {
                 "VB-LoRA layer [{out}, {inp}] has a zero dimension"
             )));
         }
-        if inp % l != 0 {
+        if !inp.is_multiple_of(l) {
             return Err(Error::invalid(format!(
                 "`in_features` {inp} must be divisible by `vector_length` {l}"
             )));
         }
-        if out % l != 0 {
+        if !out.is_multiple_of(l) {
             return Err(Error::invalid(format!(
                 "`out_features` {out} must be divisible by `vector_length` {l}"
             )));

@@ -141,7 +141,7 @@ impl<'a> Q4<'a> {
     /// True when the SIMD decode kernels apply: every row starts on a 16-byte chunk (`cols % 32 == 0`),
     /// so each 32-element chunk lies in one quantization block (blocksizes are multiples of 32).
     fn aligned(&self) -> bool {
-        self.cols % 32 == 0 && self.bs % 32 == 0
+        self.cols.is_multiple_of(32) && self.bs.is_multiple_of(32)
     }
 }
 
@@ -1042,7 +1042,7 @@ mod x86 {
         let inp = q.cols;
         let cpr = inp / 32; // 16-byte chunks per row
         let shift = (q.bs / 32).trailing_zeros(); // chunk -> block
-        debug_assert!(nr % R == 0 && xs.len() >= N * inp && yt.len() >= nr * N);
+        debug_assert!(nr.is_multiple_of(R) && xs.len() >= N * inp && yt.len() >= nr * N);
         let data = q.data.as_ptr();
         let xp = xs.as_ptr();
         let mut i = 0;

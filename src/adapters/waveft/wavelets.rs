@@ -568,7 +568,7 @@ impl AxisGeometry {
     /// The geometry for one axis of length `dim` with `taps`-long filters and PEFT's `reduction`.
     pub fn new(dim: usize, taps: usize, reduction: usize) -> Result<AxisGeometry> {
         let mut padded = dim + reduction;
-        if padded % 2 != 0 {
+        if !padded.is_multiple_of(2) {
             padded += 1;
         }
         let half = padded / 2;
