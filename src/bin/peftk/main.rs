@@ -1,5 +1,6 @@
 //! `peftk`: the peft-kernels command line.
 
+mod bench;
 mod merge;
 
 use clap::{Parser, Subcommand};
@@ -18,13 +19,16 @@ enum Command {
     Merge(merge::MergeArgs),
     /// Summarize a PEFT adapter directory (method, ranks, scalings, parameters, sizes).
     InspectAdapter(merge::InspectAdapterArgs),
+    /// Named microbenchmarks of the kernels, one JSON line each.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match &cli.command {
-        Command::Merge(a) => merge::run(a),
-        Command::InspectAdapter(a) => merge::run_inspect_adapter(a),
+    let result = match cli.command {
+        Command::Merge(a) => merge::run(&a),
+        Command::InspectAdapter(a) => merge::run_inspect_adapter(&a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

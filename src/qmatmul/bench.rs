@@ -1,0 +1,451 @@
+//! Benchmark setup shared by `benches/qlinear.rs` (criterion) and `peftk bench`: weight formats,
+//! random weights, the LoRA-style call sequence of one case, byte/FLOP counts and a plain timing loop.
+//!
+//! A "forward" case is what a QLoRA layer does per call: `u = s·x·Aᵀ` (the small LoRA GEMM, through
+//! `Tensor::matmul_t`) then `linear_forward(x, W, bias = None, u·bᵀ)`. A "backward_input" case is
+//! `v = s·dy·B` then `linear_backward_input(dy, W, v·a)`. The LoRA weight gradients (dA, dB) are not
+//! part of either. Weights are random codes with random scales: speed does not depend on the values.
+
+use super::{Algo, BaseWeight, LowRankBwd, LowRankFwd, linear_backward_input, linear_forward};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::quant::{Absmax, NESTED_BLOCKSIZE, QuantState, QuantType, QuantizedTensor};
+use crate::rng::Rng;
+use crate::tensor::{DType, Tensor};
+use std::time::Instant;
+
+/// A base-weight format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Format {
+    Nf4,
+    Nf4Dq,
+    Fp4,
+    Bf16,
+    F16,
+    F32,
+}
+
+impl Format {
+    pub const ALL: [Format; 6] = [
+        Format::Nf4,
+        Format::Nf4Dq,
+        Format::Fp4,
+        Format::Bf16,
+        Format::F16,
+        Format::F32,
+    ];
+
+    /// `nf4`, `nf4-dq`, `fp4`, `bf16`, `f16`, `f32`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Nf4 => "nf4",
+            Format::Nf4Dq => "nf4-dq",
+            Format::Fp4 => "fp4",
+            Format::Bf16 => "bf16",
+            Format::F16 => "f16",
+            Format::F32 => "f32",
+        }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        matches!(self, Format::Nf4 | Format::Nf4Dq | Format::Fp4)
+    }
+
+    /// The activation dtype benchmarked with this format (4-bit formats run with bf16 activations,
+    /// as in QLoRA training).
+    pub fn act_dtype(self) -> DType {
+        match self {
+            Format::F32 => DType::F32,
+            Format::F16 => DType::F16,
+            _ => DType::BF16,
+        }
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Format> {
+        Format::ALL
+            .into_iter()
+            .find(|f| f.as_str() == s.to_ascii_lowercase())
+            .ok_or_else(|| Error::invalid(format!("unknown format {s:?} (nf4, nf4-dq, fp4, bf16, f16, f32)")))
+    }
+}
+
+/// A random bitsandbytes-layout 4-bit `[out, inp]` weight: uniform random codes, absmax in [0.02, 0.1)
+/// (typical of bf16 LLM weights), optionally double-quantized with random nested codes.
+pub fn random_quantized(
+    quant_type: QuantType,
+    out: usize,
+    inp: usize,
+    blocksize: usize,
+    double_quant: bool,
+    seed: u64,
+    device: Device,
+) -> Result<QuantizedTensor> {
+    let mut rng = Rng::new(seed);
+    let n = out
+        .checked_mul(inp)
+        .ok_or_else(|| Error::invalid("weight size overflows"))?;
+    let nblocks = n.div_ceil(blocksize);
+    let data: Vec<u8> = (0..n.div_ceil(2)).map(|_| rng.next_u64() as u8).collect();
+    let absmax = if double_quant {
+        let codes: Vec<u8> = (0..nblocks).map(|_| rng.next_u64() as u8).collect();
+        let nn = nblocks.div_ceil(NESTED_BLOCKSIZE);
+        let nested: Vec<f32> = (0..nn).map(|_| rng.uniform_range(0.01, 0.05)).collect();
+        // A monotone signed code book in [-1, 1] shaped like the dynamic map (any valid codes work).
+        let nested_code: Vec<f32> = (0..256).map(|i| ((i as f32 - 127.5) / 127.5).powi(3)).collect();
+        Absmax::Double {
+            codes: Tensor::from_vec(codes, &[nblocks], device)?,
+            nested_absmax: Tensor::from_vec(nested, &[nn], device)?,
+            offset: 0.06,
+            nested_code,
+            nested_blocksize: NESTED_BLOCKSIZE,
+        }
+    } else {
+        let a: Vec<f32> = (0..nblocks).map(|_| rng.uniform_range(0.02, 0.1)).collect();
+        Absmax::F32(Tensor::from_vec(a, &[nblocks], device)?)
+    };
+    Ok(QuantizedTensor {
+        data: Tensor::from_vec(data, &[n.div_ceil(2)], device)?,
+        state: QuantState {
+            quant_type,
+            blocksize,
+            code: *quant_type.code(),
+            dtype: DType::BF16,
+            shape: vec![out, inp],
+            absmax,
+        },
+    })
+}
+
+/// A random `[out, inp]` base weight of `format` (4-bit formats use blocksize 64, bitsandbytes' default).
+pub fn random_weight(format: Format, out: usize, inp: usize, seed: u64, device: Device) -> Result<BaseWeight> {
+    Ok(match format {
+        Format::Nf4 => BaseWeight::Quantized(random_quantized(QuantType::Nf4, out, inp, 64, false, seed, device)?),
+        Format::Nf4Dq => BaseWeight::Quantized(random_quantized(QuantType::Nf4, out, inp, 64, true, seed, device)?),
+        Format::Fp4 => BaseWeight::Quantized(random_quantized(QuantType::Fp4, out, inp, 64, false, seed, device)?),
+        Format::Bf16 | Format::F16 | Format::F32 => {
+            BaseWeight::Dense(Tensor::randn(&[out, inp], 0.02, seed, format.act_dtype(), device)?)
+        }
+    })
+}
+
+/// What a case measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// LoRA projection `u = s·x·Aᵀ` + `linear_forward` with `u·bᵀ`.
+    Forward,
+    /// LoRA projection `v = s·dy·B` + `linear_backward_input` with `v·a`.
+    BackwardInput,
+    /// `BaseWeight::dequantize` to the activation dtype.
+    Dequantize,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Forward => "forward",
+            Op::BackwardInput => "backward_input",
+            Op::Dequantize => "dequantize",
+        }
+    }
+}
+
+/// One benchmark configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Case {
+    pub op: Op,
+    pub format: Format,
+    pub out: usize,
+    pub inp: usize,
+    pub tokens: usize,
+    /// LoRA rank (0: no adapter).
+    pub rank: usize,
+    pub algo: Algo,
+}
+
+impl Case {
+    /// `forward/nf4/4096x4096/t1/r16/auto`: what `--filter` matches against.
+    pub fn name(&self) -> String {
+        let algo = match self.algo {
+            Algo::Auto => "auto",
+            Algo::Fused => "fused",
+            Algo::DequantGemm => "dequant-gemm",
+        };
+        format!(
+            "{}/{}/{}x{}/t{}/r{}/{algo}",
+            self.op.as_str(),
+            self.format.as_str(),
+            self.out,
+            self.inp,
+            self.tokens,
+            self.rank
+        )
+    }
+
+    fn weight_bytes(&self) -> f64 {
+        let n = (self.out * self.inp) as f64;
+        match self.format {
+            Format::Nf4 | Format::Fp4 => n * 0.5 + n / 64.0 * 4.0,
+            Format::Nf4Dq => n * 0.5 + n / 64.0 + n / 64.0 / 256.0 * 4.0,
+            Format::Bf16 | Format::F16 => n * 2.0,
+            Format::F32 => n * 4.0,
+        }
+    }
+
+    /// Minimum bytes moved (weight once, activations in and out, LoRA factors).
+    pub fn bytes(&self) -> f64 {
+        let e = self.format.act_dtype().size_in_bytes() as f64;
+        let (t, o, i, r) = (self.tokens as f64, self.out as f64, self.inp as f64, self.rank as f64);
+        match self.op {
+            Op::Dequantize => self.weight_bytes() + o * i * e,
+            Op::Forward | Op::BackwardInput => self.weight_bytes() + t * (o + i) * e + r * (o + i) * e,
+        }
+    }
+
+    /// Useful FLOPs (2 per multiply-add; LoRA included).
+    pub fn flops(&self) -> f64 {
+        let (t, o, i, r) = (self.tokens as f64, self.out as f64, self.inp as f64, self.rank as f64);
+        match self.op {
+            Op::Dequantize => 0.0,
+            Op::Forward | Op::BackwardInput => 2.0 * t * o * i + 2.0 * t * r * (o + i),
+        }
+    }
+}
+
+/// Prepared operands of a case; `weights` rotate so repeated calls do not hit a warm cache.
+pub struct Runner {
+    pub case: Case,
+    pub device: Device,
+    weights: Vec<BaseWeight>,
+    next: usize,
+    act: Tensor,
+    a: Tensor,
+    b: Tensor,
+    scale: f32,
+}
+
+impl Runner {
+    /// Builds the operands. `min_footprint` bytes of weight copies are rotated through (at least one).
+    pub fn new(case: Case, device: Device, min_footprint: usize) -> Result<Runner> {
+        let w0 = random_weight(case.format, case.out, case.inp, 1, device)?;
+        let copies = min_footprint.div_ceil(w0.size_in_bytes().max(1)).clamp(1, 64);
+        let mut weights = vec![w0];
+        for c in 1..copies {
+            weights.push(random_weight(case.format, case.out, case.inp, 1 + c as u64, device)?);
+        }
+        let dt = case.format.act_dtype();
+        let k = if case.op == Op::BackwardInput { case.out } else { case.inp };
+        let act = Tensor::randn(&[case.tokens, k], 1.0, 7, dt, device)?;
+        let r = case.rank;
+        let a = Tensor::randn(&[r, case.inp], 0.02, 8, dt, device)?;
+        let b = Tensor::randn(&[case.out, r], 0.02, 9, dt, device)?;
+        Ok(Runner {
+            case,
+            device,
+            weights,
+            next: 0,
+            act,
+            a,
+            b,
+            scale: 2.0,
+        })
+    }
+
+    /// Number of rotated weight copies.
+    pub fn copies(&self) -> usize {
+        self.weights.len()
+    }
+
+    /// One call of the case (asynchronous on CUDA: synchronize before reading a clock).
+    pub fn run(&mut self) -> Result<Tensor> {
+        let w = &self.weights[self.next];
+        self.next = (self.next + 1) % self.weights.len();
+        let c = self.case;
+        match c.op {
+            Op::Dequantize => w.dequantize(c.format.act_dtype()),
+            Op::Forward => {
+                if c.rank == 0 {
+                    return linear_forward(&self.act, w, None, None, c.algo);
+                }
+                let u = self.act.matmul_t(&self.a, false, true)?.scale(self.scale)?;
+                linear_forward(&self.act, w, None, Some(LowRankFwd { u: &u, b: &self.b }), c.algo)
+            }
+            Op::BackwardInput => {
+                if c.rank == 0 {
+                    return linear_backward_input(&self.act, w, None, c.algo);
+                }
+                let v = self.act.matmul(&self.b)?.scale(self.scale)?;
+                linear_backward_input(&self.act, w, Some(LowRankBwd { v: &v, a: &self.a }), c.algo)
+            }
+        }
+    }
+}
+
+/// Median wall time in µs of `iters` calls after `warmup` calls, synchronizing `device` around each.
+pub fn time_median_us(
+    device: Device,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    device.synchronize()?;
+    let mut times = Vec::with_capacity(iters.max(1));
+    for _ in 0..iters.max(1) {
+        let t0 = Instant::now();
+        f()?;
+        device.synchronize()?;
+        times.push(t0.elapsed().as_secs_f64() * 1e6);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Measured host memory bandwidth in GB/s: `(read, copy)`. Read: all rayon threads sum disjoint
+/// parts of a `bytes` buffer (what a GEMV does); copy: `memcpy` of half the buffer into the other
+/// half, counting bytes read + written. Median of 5 after a warm-up.
+pub fn host_bandwidth_gbps(bytes: usize) -> (f64, f64) {
+    use rayon::prelude::*;
+    let n = (bytes / 4).max(1 << 16);
+    let mut buf = vec![1f32; n];
+    let chunk = n.div_ceil(rayon::current_num_threads() * 4);
+    let mut read = Vec::new();
+    for _ in 0..6 {
+        let t0 = Instant::now();
+        let s: f32 = buf
+            .par_chunks(chunk)
+            .map(|c| {
+                // Eight lanes so the compiler vectorizes; the sum keeps the loads alive.
+                let mut acc = [0f32; 16];
+                for v in c.chunks_exact(16) {
+                    for i in 0..16 {
+                        acc[i] += v[i];
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        std::hint::black_box(s);
+        read.push((n * 4) as f64 / t0.elapsed().as_secs_f64() / 1e9);
+    }
+    let mut copy = Vec::new();
+    let half = n / 2;
+    for _ in 0..6 {
+        let (src, dst) = buf.split_at_mut(half);
+        let t0 = Instant::now();
+        dst[..half]
+            .par_chunks_mut(chunk)
+            .zip(src.par_chunks(chunk))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        std::hint::black_box(&dst[0]);
+        copy.push((half * 8) as f64 / t0.elapsed().as_secs_f64() / 1e9);
+    }
+    let med = |mut v: Vec<f64>| {
+        v.remove(0);
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (med(read), med(copy))
+}
+
+/// Weight shapes `(out, in)` of the benchmark: a square projection and the two MLP shapes of a
+/// 7B-class model.
+pub const SHAPES: [(usize, usize); 3] = [(4096, 4096), (11008, 4096), (4096, 11008)];
+
+/// Token counts: one decode token, a 16-token decode batch, a 512-token training micro-batch.
+pub const TOKENS: [usize; 3] = [1, 16, 512];
+
+/// LoRA rank of the benchmark.
+pub const RANK: usize = 16;
+
+/// The default case list: every shape (only 4096×4096 unless `full`), token count and op, for the
+/// 4-bit formats against dense bf16 and f32. 4-bit cases run twice at > 16 tokens on CUDA (fused and
+/// dequant+GEMM), and on the CPU the 512-token cases too (panels vs dequantize-all).
+pub fn default_cases(device: Device, full: bool, quick: bool) -> Vec<Case> {
+    let shapes: &[(usize, usize)] = if full { &SHAPES } else { &SHAPES[..1] };
+    let tokens: &[usize] = if quick { &TOKENS[..2] } else { &TOKENS };
+    let formats = [Format::Nf4, Format::Nf4Dq, Format::Fp4, Format::Bf16, Format::F32];
+    let mut v = Vec::new();
+    for &(out, inp) in shapes {
+        for f in formats {
+            if f.is_quantized() {
+                v.push(Case {
+                    op: Op::Dequantize,
+                    format: f,
+                    out,
+                    inp,
+                    tokens: 0,
+                    rank: 0,
+                    algo: Algo::Auto,
+                });
+            }
+        }
+        for &t in tokens {
+            for op in [Op::Forward, Op::BackwardInput] {
+                for f in formats {
+                    let algos: &[Algo] = if f.is_quantized() && (t > 16 || device.is_cuda()) {
+                        &[Algo::Fused, Algo::DequantGemm]
+                    } else {
+                        &[Algo::Auto]
+                    };
+                    for &algo in algos {
+                        v.push(Case {
+                            op,
+                            format: f,
+                            out,
+                            inp,
+                            tokens: t,
+                            rank: RANK,
+                            algo,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    if device.is_cuda() {
+        // The GPU-sized cases of the task: an 8192² GEMV and a 4096-token training step.
+        for f in [Format::Nf4, Format::Nf4Dq, Format::Bf16] {
+            for t in [1, 16] {
+                v.push(Case {
+                    op: Op::Forward,
+                    format: f,
+                    out: 8192,
+                    inp: 8192,
+                    tokens: t,
+                    rank: RANK,
+                    algo: Algo::Auto,
+                });
+            }
+            for op in [Op::Forward, Op::BackwardInput] {
+                let algos: &[Algo] = if f.is_quantized() {
+                    &[Algo::Fused, Algo::DequantGemm]
+                } else {
+                    &[Algo::Auto]
+                };
+                for &algo in algos {
+                    v.push(Case {
+                        op,
+                        format: f,
+                        out: 4096,
+                        inp: 4096,
+                        tokens: 4096,
+                        rank: RANK,
+                        algo,
+                    });
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Bytes of weight copies to rotate through: beyond the last-level cache the kernels see DRAM/HBM.
+/// CPU: 64 MiB (32× a 2 MiB L2; a VM's reported L3 may or may not be real). CUDA: 4× the 50 MB L2.
+pub fn rotation_bytes(device: Device) -> usize {
+    if device.is_cuda() { 200 << 20 } else { 64 << 20 }
+}
