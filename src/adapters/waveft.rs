@@ -25,10 +25,12 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod linear;
 mod randperm;
 pub mod structure;
 mod wavelets;
 
+pub use linear::{WaveFtContext, WaveFtGrads, WaveFtLinear, spectrum_key};
 pub use randperm::{Mt19937, randperm_prefix, randperm_torch};
 pub use structure::WaveFtEntry;
 pub use wavelets::{AxisGeometry, WaveletFilters, supported_wavelets, wavelet_filters};
