@@ -18,6 +18,10 @@
 //! `<logits>_topk_weights` (the softmax of the top-k logits without its last column). Loading rebuilds
 //! logits as `log(w)` at the indices and `-inf` elsewhere ([`vblora_logits_from_topk`]), which gives the
 //! same A and B for inference; training from such logits is refused, as in PEFT.
+//!
+//! [`VbLoraLinear`] is the whole layer (a frozen dense or 4-bit base through [`crate::qmatmul`] plus the
+//! adapter, fused like LoRA), on one shared [`VbLoraBank`] registered once in a
+//! [`crate::autograd::ParamStore`].
 
 mod cpu;
 #[cfg(feature = "cuda")]
