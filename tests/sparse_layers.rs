@@ -396,7 +396,7 @@ fn vblora_case(c: &VbCase, dev: Device, seed: u64) -> Result<()> {
     close_rel(&dx.to_vec_f32()?, &dx_ref, rt, &format!("dx {what}"));
     // Expected logits / bank gradients: the composition's chain rule applied to the f64 dA and dB.
     let f = |v: &[f64], s: &[usize]| Tensor::from_vec(to32(v), s, dev);
-    let f32s = |id: ParamId| store.get(id).map(|t| t.clone());
+    let f32s = |id: ParamId| store.get(id).cloned();
     let (dla, dlb, dbank) = layer.layer().compose_backward(
         &f32s(bank.id())?,
         &f32s(layer.logits_a_id())?,
@@ -845,9 +845,7 @@ fn cuda_matches_cpu(dev: Device) -> Result<()> {
         return Ok(());
     }
     let e = |r: &Result<Vec<f32>>| {
-        r.as_ref()
-            .map(|v| v.clone())
-            .map_err(|e| Error::InvalidArgument(e.to_string()))
+        r.as_ref().cloned().map_err(|e| Error::InvalidArgument(e.to_string()))
     };
     for &dt in &[DType::F32, DType::BF16] {
         let w = Tensor::randn(&[96, 256], 0.5, 1, DType::F32, Device::Cpu)?;

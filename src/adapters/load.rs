@@ -46,7 +46,8 @@ use std::path::Path;
 #[derive(Clone, Debug)]
 pub enum AdapterLayer {
     Lora(LoraLinear),
-    WaveFt(WaveFtLinear),
+    /// Boxed: the layer carries its precomputed sparse structure.
+    WaveFt(Box<WaveFtLinear>),
     VbLora(VbLoraLinear),
 }
 
@@ -566,14 +567,14 @@ pub fn build_layer(
                 .n_frequency
                 .ok_or_else(|| Error::invalid(format!("module {:?}: no waveft_spectrum", m.name)))?;
             let s = insert(store, Part::WaveFtSpectrum, spectrum_key(&m.name))?;
-            AdapterLayer::WaveFt(WaveFtLinear::from_params(
+            AdapterLayer::WaveFt(Box::new(WaveFtLinear::from_params(
                 &m.name,
                 base,
                 bias,
                 &waveft_settings(c, n),
                 s,
                 store,
-            )?)
+            )?))
         }
         MethodConfig::VbLora(c) => {
             let bank = bank.ok_or_else(|| Error::invalid("VB-LoRA layer without a vector bank"))?;
@@ -760,7 +761,7 @@ pub fn init_adapter(
             };
             for (((m, _, _), (w, bias)), n) in dims.iter().zip(bases).zip(ns) {
                 let cfg = waveft_settings(c, n);
-                layers.push(AdapterLayer::WaveFt(WaveFtLinear::new(
+                layers.push(AdapterLayer::WaveFt(Box::new(WaveFtLinear::new(
                     m,
                     w,
                     bias,
@@ -768,7 +769,7 @@ pub fn init_adapter(
                     c.init_weights,
                     store,
                     layer_seed(m),
-                )?));
+                )?)));
             }
         }
         MethodConfig::VbLora(c) => {
