@@ -13,6 +13,7 @@
 //!   n = 2592, D = 2048); the y/dx passes are what is left to see.
 //! - VB-LoRA: a rank-4 LoRA (≈ 0.6%) plus the composition of A and B and its backward (2·D/256·4 rows of
 //!   top-2 over 256 logits: microseconds).
+//!
 //! So all three should sit within a few percent of the base step.
 
 use criterion::{Criterion, criterion_group};

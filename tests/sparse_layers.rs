@@ -275,7 +275,7 @@ fn waveft_layer_vs_f64(dev: Device) -> Result<()> {
                     idwt,
                     base,
                     dtype: DType::F32,
-                    bias: (seed / 10 + bi as u64) % 2 == 0,
+                    bias: (seed / 10 + bi as u64) & 1 == 0,
                 };
                 waveft_case(&c, dev, seed)?;
             }
