@@ -44,11 +44,32 @@ fn setup(dev: Device) -> Result<Setup> {
     let w = Tensor::randn(&[D, D], 0.02, 1, DType::F32, dev)?;
     let base = BaseWeight::Quantized(QuantizedTensor::quantize(&w, &QuantizeOptions::default())?);
     let mut store = ParamStore::new();
-    let lc = LoraConfig { r: 16, alpha: 32.0, init: LoraInit::Random, ..LoraConfig::default() };
+    let lc = LoraConfig {
+        r: 16,
+        alpha: 32.0,
+        init: LoraInit::Random,
+        ..LoraConfig::default()
+    };
     let lora = LoraLinear::new("lora", base.clone(), None, &lc, &mut store, 2)?;
-    let waveft = WaveFtLinear::new("waveft", base.clone(), None, &WaveFtConfig::default(), false, &mut store, 3)?;
+    let waveft = WaveFtLinear::new(
+        "waveft",
+        base.clone(),
+        None,
+        &WaveFtConfig::default(),
+        false,
+        &mut store,
+        3,
+    )?;
     let bank = VbLoraBank::new(&VbLoraConfig::default(), 0.02, &mut store, 4, dev)?;
-    let vblora = VbLoraLinear::new("vblora", base.clone(), None, &bank, &VbLoraOptions::default(), &mut store, 5)?;
+    let vblora = VbLoraLinear::new(
+        "vblora",
+        base.clone(),
+        None,
+        &bank,
+        &VbLoraOptions::default(),
+        &mut store,
+        5,
+    )?;
     Ok(Setup {
         dev,
         base,
@@ -111,7 +132,9 @@ fn bench(c: &mut Criterion) {
     for dev in devices() {
         let s = setup(dev).expect("setup");
         for (name, f) in STEPS {
-            g.bench_function(format!("{dev}/{name}_step_{D}x{D}_t{T}"), |b| b.iter(|| f(&s).unwrap()));
+            g.bench_function(format!("{dev}/{name}_step_{D}x{D}_t{T}"), |b| {
+                b.iter(|| f(&s).unwrap())
+            });
         }
     }
     g.finish();

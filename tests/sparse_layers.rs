@@ -845,7 +845,9 @@ fn cuda_matches_cpu(dev: Device) -> Result<()> {
         return Ok(());
     }
     let e = |r: &Result<Vec<f32>>| {
-        r.as_ref().cloned().map_err(|e| Error::InvalidArgument(e.to_string()))
+        r.as_ref()
+            .cloned()
+            .map_err(|e| Error::InvalidArgument(e.to_string()))
     };
     for &dt in &[DType::F32, DType::BF16] {
         let w = Tensor::randn(&[96, 256], 0.5, 1, DType::F32, Device::Cpu)?;
@@ -1385,6 +1387,62 @@ fn loader_lora_and_refusals() -> Result<()> {
         .unwrap_err()
         .to_string();
     assert!(e.contains("c_attn"), "{e}");
+    Ok(())
+}
+
+/// `bias="all"`: a trained bias of an adapted layer replaces the layer's bias; the trained bias of another
+/// module is handed back in `replaced()`; both are written back on save.
+#[test]
+fn loader_trained_biases() -> Result<()> {
+    let peft = fixtures().join("peft/lora");
+    let base = SafetensorsFile::open(peft.join("base.safetensors"))?;
+    let io = SafetensorsFile::open(peft.join("io.safetensors"))?;
+    let mut adapter = PeftAdapter::load(peft.join("adapter"), Device::Cpu)?;
+    adapter.config.bias = "all".into();
+    let old = base.load("in_proj.bias", Device::Cpu)?;
+    let new_bias = old.add(&Tensor::randn(&[12], 0.5, 1, DType::F32, Device::Cpu)?)?;
+    adapter
+        .tensors
+        .insert("base_model.model.in_proj.bias".into(), new_bias.clone());
+    let head = Tensor::randn(&[7], 1.0, 2, DType::F32, Device::Cpu)?;
+    adapter
+        .tensors
+        .insert("base_model.model.lm_head.bias".into(), head.clone());
+    let mut store = ParamStore::new();
+    let model = load_adapter(&base, &adapter, &mut store, &LoadOptions::default())?;
+    let layer = model.layer("in_proj").ok_or_else(err("in_proj"))?;
+    assert_eq!(
+        layer.bias().ok_or_else(err("bias"))?.to_vec_f32()?,
+        new_bias.to_vec_f32()?
+    );
+    // PEFT's output with the checkpoint's bias, shifted by the bias change.
+    let y = layer.forward_eval(&store, &io.load("in_proj.input", Device::Cpu)?)?;
+    let want = io.load("in_proj.output", Device::Cpu)?;
+    let shift = new_bias.sub(&old)?.to_vec_f32()?;
+    let want: Vec<f32> = want
+        .to_vec_f32()?
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v + shift[i % 12])
+        .collect();
+    assert_close(
+        &y.to_vec_f32()?,
+        &want,
+        1e-5,
+        1e-6,
+        "in_proj with its trained bias",
+    );
+    assert_eq!(model.replaced().keys().collect::<Vec<_>>(), vec!["lm_head.bias"]);
+    assert_eq!(model.replaced()["lm_head.bias"].to_vec_f32()?, head.to_vec_f32()?);
+    let back = model.to_peft(&store)?;
+    assert_eq!(
+        back.tensors.keys().collect::<Vec<_>>(),
+        adapter.tensors.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(
+        model.num_trainable_params(&store)?,
+        adapter.num_trainable_params()?
+    );
     Ok(())
 }
 
