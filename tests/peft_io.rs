@@ -35,7 +35,8 @@ const CASES: [&str; 6] = [
     "dora_nf4",
     "lora_fan_in_fan_out",
 ];
-/// Cases whose base is dense (the merge driver can run them without the quant module).
+/// Cases whose base is dense: their merged.safetensors is an exact dense merge (dora_nf4's is PEFT's
+/// re-quantized one; see `merge_on_nf4_base*`).
 const DENSE_CASES: [&str; 5] = [
     "lora",
     "lora_bias_all",
