@@ -5,9 +5,9 @@
 //! The driver knows nothing about any method's math. For each adapted module it looks up a
 //! [`MergeMethod`] by [`AdapterMethod`] in a [`MergeRegistry`] and hands it the base weight (dequantized,
 //! f32, in the checkpoint's stored layout); the method returns the merged weight (and optionally a bias
-//! delta). [`MergeRegistry::new`] has LoRA and DoRA; WaveFT (dense ΔW) and VB-LoRA (B·A from the bank)
-//! plug in with [`MergeRegistry::register`] without touching the driver. A method with no implementation
-//! is reported before anything is written.
+//! delta). [`MergeRegistry::new`] has LoRA, DoRA, WaveFT (dense ΔW from the spectrum) and VB-LoRA (B·A
+//! composed from the bank, full or top-k logits); other methods plug in with [`MergeRegistry::register`]
+//! without touching the driver. A method with no implementation is reported before anything is written.
 //!
 //! # Semantics (PEFT's `merge_and_unload`)
 //! * LoRA: `W + s·B·A` (`W + s·(B·A)ᵀ` for `fan_in_fan_out` / GPT-2 `Conv1D`, and for embeddings), computed
@@ -15,6 +15,8 @@
 //!   `bias + s·lora_B.bias` (PEFT's dense layers scale it; its bnb 4-bit layer adds it unscaled, which
 //!   disagrees with its own forward — we follow the forward).
 //! * DoRA: `W' = (m / ‖W + s·B·A‖_row) ⊙ (W + s·B·A)`, one norm per output feature.
+//! * WaveFT: `W + ΔW`, `ΔW = scaling · IDWT2(scatter(spectrum))` (ΔWᵀ with `fan_in_fan_out`).
+//! * VB-LoRA: `W + B·A` (`(B·A)ᵀ` with `fan_in_fan_out`), no scaling.
 //! * Trained biases (`bias="all"` / `"<method>_only"`) and `modules_to_save` copies replace the base
 //!   tensors they stand for (cast to the base tensor's dtype).
 //!
@@ -29,15 +31,19 @@
 //! `<m>.weight.absmax`, `.quant_map`, `[.nested_absmax, .nested_quant_map]`,
 //! `.quant_state.bitsandbytes__nf4|fp4`) is dequantized, merged, and written dense (its quant-state tensors
 //! dropped) or, with `requantize`, re-quantized with the same quant-state settings. The dequantize /
-//! quantize calls go through the private `fourbit` module below.
-//!
-//! LEAD NOTE: `crate::quant::QuantizedTensor::{dequantize, quantize}` and the reader of the bnb state-dict
-//! layout did not exist when this was written; `fourbit::available` returns the error "4-bit bases need
-//! the quant module" until those three functions are wired to it.
+//! quantize calls go through the private `fourbit` module below ([`crate::quant::io::load_quantized`],
+//! [`crate::quant::QuantizedTensor::dequantize`] / `quantize`, [`crate::quant::io::to_safetensors_entries`]).
+//! Re-quantizing is lossy (one more NF4/FP4 rounding of the merged weight), exactly like PEFT's merge into
+//! a `Linear4bit`.
 
+use crate::adapters::vblora::{VbLoraConfig as VbLoraSettings, VbLoraLayer};
+use crate::adapters::waveft::{WaveFtConfig, WaveFtLayer};
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::io::peft::{AdapterMethod, AdapterModule, ExtraKind, LayerKind, Part, PeftAdapter};
+use crate::io::peft::{
+    AdapterMethod, AdapterModule, ExtraKind, LayerKind, Part, PeftAdapter, VBLORA_BANK_KEY,
+    vblora_expand_topk,
+};
 use crate::io::{SafetensorsFile, TensorBytes, from_st_dtype, to_st_dtype};
 use crate::tensor::{DType, Tensor};
 use safetensors::Dtype as StDtype;
@@ -242,6 +248,155 @@ impl MergeMethod for DoraMerge {
     }
 }
 
+/// WaveFT: `W + ΔW` with the dense `ΔW = scaling · IDWT2(scatter(spectrum))` of any wavelet family PEFT
+/// can build (or the plain scatter without IDWT), computed in f64 and rounded once
+/// ([`crate::adapters::waveft::WaveFtLayer::delta_weight`]). The coefficient positions come from
+/// `random_loc_seed` and the base weight's shape, as PEFT regenerates them. `fan_in_fan_out` (GPT-2
+/// `Conv1D`, weight `[in, out]`) adds `ΔWᵀ`, as PEFT does.
+pub struct WaveFtMerge;
+
+impl WaveFtMerge {
+    /// The layer geometry of `module` on a base weight stored with `base_shape`.
+    fn layer(
+        adapter: &PeftAdapter,
+        module: &AdapterModule,
+        base_shape: &[usize],
+        device: Device,
+    ) -> Result<WaveFtLayer> {
+        let c = adapter
+            .config
+            .waveft()
+            .ok_or_else(|| Error::invalid("WaveFT merge on an adapter whose config is not WaveFT"))?;
+        let (out, inp) = out_in(module, base_shape)?;
+        let n = module
+            .n_frequency
+            .ok_or_else(|| Error::invalid(format!("module {:?}: no WaveFT spectrum", module.name)))?;
+        let cfg = WaveFtConfig {
+            n_frequency: n,
+            scaling: module.scaling as f32,
+            wavelet_family: c.wavelet_family.clone(),
+            use_idwt: c.use_idwt,
+            // torch's manual_seed takes the seed modulo 2^64 (two's complement for negative values).
+            random_loc_seed: c.random_loc_seed as u64,
+        };
+        WaveFtLayer::new(out, inp, &cfg, device).map_err(|e| match e {
+            Error::InvalidArgument(m) => Error::InvalidArgument(format!("module {:?}: {m}", module.name)),
+            e => e,
+        })
+    }
+}
+
+impl MergeMethod for WaveFtMerge {
+    fn check(&self, adapter: &PeftAdapter, module: &AdapterModule, base_shape: &[usize]) -> Result<()> {
+        if module.layer != LayerKind::Linear {
+            return Err(Error::invalid(format!(
+                "module {:?}: WaveFT merges into linear layers only",
+                module.name
+            )));
+        }
+        let c = adapter
+            .config
+            .waveft()
+            .ok_or_else(|| Error::invalid("WaveFT merge on an adapter whose config is not WaveFT"))?;
+        let (out, inp) = out_in(module, base_shape)?;
+        let cfg = WaveFtConfig {
+            n_frequency: module.n_frequency.unwrap_or(0),
+            scaling: module.scaling as f32,
+            wavelet_family: c.wavelet_family.clone(),
+            use_idwt: c.use_idwt,
+            random_loc_seed: c.random_loc_seed as u64,
+        };
+        cfg.validate(out, inp).map_err(|e| match e {
+            Error::InvalidArgument(m) => Error::InvalidArgument(format!("module {:?}: {m}", module.name)),
+            e => e,
+        })
+    }
+
+    fn merge(&self, adapter: &PeftAdapter, module: &AdapterModule, weight: &Tensor) -> Result<Tensor> {
+        let layer = Self::layer(adapter, module, weight.shape(), weight.device())?;
+        let spectrum = layer.from_spectrum(adapter.module_tensor(&module.name, Part::WaveFtSpectrum)?)?;
+        let delta = layer.delta_weight(&spectrum)?;
+        let delta = if module.fan_in_fan_out { delta.t()? } else { delta };
+        let mut w = weight.to_dtype(DType::F32)?;
+        w.add_scaled_(&delta, 1.0)?;
+        Ok(w)
+    }
+}
+
+/// VB-LoRA: `W + B·A` with A and B composed from the shared bank and the module's logits, stored in full
+/// or in PEFT's `save_only_topk_weights` form (rebuilt as PEFT does on load,
+/// [`crate::io::peft::vblora_expand_topk`]). `fan_in_fan_out` adds `(B·A)ᵀ`.
+pub struct VbLoraMerge;
+
+impl VbLoraMerge {
+    /// `(bank, logits_A, logits_B)`, f32, on the bank's device.
+    fn tensors(
+        adapter: &PeftAdapter,
+        module: &AdapterModule,
+        c: &VbLoraSettings,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let bank = adapter
+            .tensors
+            .get(VBLORA_BANK_KEY)
+            .ok_or_else(|| Error::invalid(format!("VB-LoRA adapter without {VBLORA_BANK_KEY:?}")))?
+            .to_dtype(DType::F32)?;
+        let logits = |full: Part, idx: Part, w: Part| -> Result<Tensor> {
+            let t = if module.key(full).is_some() {
+                adapter.module_tensor(&module.name, full)?.to_dtype(DType::F32)?
+            } else {
+                vblora_expand_topk(
+                    adapter.module_tensor(&module.name, idx)?,
+                    adapter.module_tensor(&module.name, w)?,
+                    c.num_vectors,
+                )?
+            };
+            t.to_device(bank.device())
+        };
+        let la = logits(Part::VbLogitsA, Part::VbTopkIndicesA, Part::VbTopkWeightsA)?;
+        let lb = logits(Part::VbLogitsB, Part::VbTopkIndicesB, Part::VbTopkWeightsB)?;
+        Ok((bank, la, lb))
+    }
+}
+
+impl MergeMethod for VbLoraMerge {
+    fn merge(&self, adapter: &PeftAdapter, module: &AdapterModule, weight: &Tensor) -> Result<Tensor> {
+        let c = adapter
+            .config
+            .vblora()
+            .ok_or_else(|| Error::invalid("VB-LoRA merge on an adapter whose config is not VB-LoRA"))?;
+        let (out, inp) = out_in(module, weight.shape())?;
+        let layer = VbLoraLayer::new(
+            out,
+            inp,
+            &VbLoraSettings {
+                r: c.r,
+                num_vectors: c.num_vectors,
+                vector_length: c.vector_length,
+                topk: c.topk,
+            },
+        )?;
+        let (bank, la, lb) = Self::tensors(adapter, module, layer.config())?;
+        let delta = layer.delta_weight(&bank, &la, &lb)?;
+        let delta = if module.fan_in_fan_out { delta.t()? } else { delta };
+        let mut w = weight.to_dtype(DType::F32)?;
+        w.add_scaled_(&delta, 1.0)?;
+        Ok(w)
+    }
+}
+
+/// `(out, in)` of a linear module whose base weight is stored with `shape` (`[in, out]` with
+/// `fan_in_fan_out`).
+fn out_in(module: &AdapterModule, shape: &[usize]) -> Result<(usize, usize)> {
+    match shape {
+        [a, b] if module.fan_in_fan_out => Ok((*b, *a)),
+        [a, b] => Ok((*a, *b)),
+        s => Err(Error::shape(
+            "merge",
+            format!("module {:?}: base weight {s:?} is not 2-D", module.name),
+        )),
+    }
+}
+
 fn lora_parts(module: &AdapterModule) -> (Part, Part) {
     match module.layer {
         LayerKind::Embedding => (Part::EmbeddingA, Part::EmbeddingB),
@@ -262,11 +417,13 @@ impl Default for MergeRegistry {
 }
 
 impl MergeRegistry {
-    /// LoRA and DoRA.
+    /// LoRA, DoRA, WaveFT and VB-LoRA.
     pub fn new() -> MergeRegistry {
         let mut r = MergeRegistry::empty();
         r.register(AdapterMethod::Lora, Arc::new(LoraMerge));
         r.register(AdapterMethod::Dora, Arc::new(DoraMerge));
+        r.register(AdapterMethod::WaveFt, Arc::new(WaveFtMerge));
+        r.register(AdapterMethod::VbLora, Arc::new(VbLoraMerge));
         r
     }
 
@@ -546,7 +703,7 @@ pub fn merge_into_file(
                     for a in aux {
                         sources.remove(a);
                     }
-                    for (k, t) in fourbit::requantize(&file, name, &merged)? {
+                    for (k, t) in fourbit::requantize(&file, name, &merged, dtype)? {
                         sources.insert(k, Source::Ready(t));
                     }
                 } else {
@@ -713,31 +870,45 @@ fn find_base_weight(file: &SafetensorsFile, module: &str) -> Result<BaseWeight> 
 
 // =============================================================================================== 4-bit
 
-/// The bitsandbytes 4-bit side of the driver. LEAD NOTE: wire these to `crate::quant` (see module docs).
+/// The bitsandbytes 4-bit side of the driver, on top of [`crate::quant`].
 mod fourbit {
     use super::*;
+    use crate::quant::io::{load_quantized, to_safetensors_entries};
+    use crate::quant::{QuantizeOptions, QuantizedTensor};
 
-    const NEEDS_QUANT: &str = "4-bit bases need the quant module (crate::quant::QuantizedTensor::dequantize / \
-                               quantize and the bnb state-dict reader), which this build does not have yet";
-
-    /// Ok once dequantize/requantize below are implemented.
+    /// Every 4-bit layout the quant module reads can be merged.
     pub(super) fn available() -> Result<()> {
-        Err(Error::invalid(NEEDS_QUANT))
+        Ok(())
     }
 
-    /// The dequantized weight `name` (f32, original shape) from its bnb state-dict tensors.
-    pub(super) fn dequantize(_file: &SafetensorsFile, _name: &str, _device: Device) -> Result<Tensor> {
-        Err(Error::invalid(NEEDS_QUANT))
+    /// The dequantized weight `name` (f32, original shape) from its bnb state-dict tensors, decoded on
+    /// `device` exactly as bitsandbytes' `dequantize_4bit` (`code[nibble] * absmax` in f32).
+    pub(super) fn dequantize(file: &SafetensorsFile, name: &str, device: Device) -> Result<Tensor> {
+        load_quantized(file, name, device)?.dequantize(DType::F32)
     }
 
-    /// `merged` quantized with the quant-state settings of `name` (quant type, blocksize, double quant):
-    /// every state-dict tensor of the new weight (`name`, `name.absmax`, ...), replacing the old ones.
+    /// `merged` quantized with the quant-state settings of `name` (quant type, blocksize, double quant),
+    /// from `merged` rounded to `dtype` first (the dtype the new quant state records, as bitsandbytes
+    /// quantizes a weight of that dtype): every state-dict tensor of the new weight (`name`,
+    /// `name.absmax`, ...), replacing the old ones. The packed data is written as u8 `[(n+1)/2, 1]`
+    /// whatever `quant_storage` the base used (bitsandbytes reads both).
     pub(super) fn requantize(
-        _file: &SafetensorsFile,
-        _name: &str,
-        _merged: &Tensor,
+        file: &SafetensorsFile,
+        name: &str,
+        merged: &Tensor,
+        dtype: DType,
     ) -> Result<Vec<(String, TensorBytes<'static>)>> {
-        Err(Error::invalid(NEEDS_QUANT))
+        let old = load_quantized(file, name, Device::Cpu)?;
+        let st = old.state();
+        let opts = QuantizeOptions {
+            quant_type: st.quant_type,
+            blocksize: st.blocksize,
+            double_quant: st.is_double(),
+            allow_non_finite: false,
+            name: name.to_string(),
+        };
+        let q = QuantizedTensor::quantize(&merged.to_dtype(dtype)?, &opts)?;
+        to_safetensors_entries(&q, name)
     }
 
     /// Original shape and dtype from the quant-state JSON (`{"shape": [..], "dtype": "bfloat16", ..}`).

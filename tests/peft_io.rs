@@ -35,7 +35,8 @@ const CASES: [&str; 6] = [
     "dora_nf4",
     "lora_fan_in_fan_out",
 ];
-/// Cases whose base is dense (the merge driver can run them without the quant module).
+/// Cases whose base is dense: their merged.safetensors is an exact dense merge (dora_nf4's is PEFT's
+/// re-quantized one; see `merge_on_nf4_base*`).
 const DENSE_CASES: [&str; 5] = [
     "lora",
     "lora_bias_all",
@@ -1579,8 +1580,8 @@ fn failing_merges_write_nothing() {
     assert!(e.contains("must differ"), "{e}");
 }
 
-/// Until the quant module is wired in, a 4-bit base fails cleanly; once it is, this checks the merge
-/// against PEFT's f32 merged weights (before PEFT's re-quantization).
+/// QDoRA on a bitsandbytes NF4 (double-quant) base: the dequantize-merge path against PEFT's f32 merged
+/// weights (before PEFT's re-quantization), written dense with the quant-state tensors dropped.
 #[test]
 fn merge_on_nf4_base() {
     let dir = tmpdir();
@@ -1590,30 +1591,118 @@ fn merge_on_nf4_base() {
         ..Default::default()
     };
     let a = load("dora_nf4");
-    match merge_into_file(
+    let report = merge_into_file(
         case_dir("dora_nf4").join("base.safetensors"),
         &a,
         &out,
         &opts,
         &MergeRegistry::new(),
-    ) {
-        Err(e) => {
-            assert!(e.to_string().contains("4-bit bases need the quant module"), "{e}");
-            assert!(!out.exists());
+    )
+    .unwrap();
+    let (f, dense) = (
+        SafetensorsFile::open(&out).unwrap(),
+        st("dora_nf4", "merged_dense.safetensors"),
+    );
+    let mut worst = 0f32;
+    for m in a.modules().unwrap() {
+        let n = format!("{}.weight", m.name);
+        assert_eq!(f.raw(&n).unwrap().0, StDtype::F32, "{n}");
+        worst = worst.max(close(&vals(&f, &n), &vals(&dense, &n), &n));
+        assert!(!f.contains(&format!("{n}.absmax")));
+        assert!(!f.contains(&format!("{n}.quant_state.bitsandbytes__nf4")));
+    }
+    println!("dora_nf4 dense merge: max error {worst:.2e} (relative to max |w|)");
+    // Every quant-state tensor of each merged weight was dropped (absmax, quant_map, nested_*, state).
+    assert_eq!(report.dropped.len(), 5 * a.modules().unwrap().len());
+    // Untargeted 4-bit layers are copied as they were.
+    let base = st("dora_nf4", "base.safetensors");
+    for k in [
+        "layers.0.self_attn.k_proj.weight",
+        "layers.0.self_attn.k_proj.weight.absmax",
+    ] {
+        if !a.modules().unwrap().iter().any(|m| k.starts_with(&m.name)) {
+            assert_eq!(f.raw(k).unwrap().2, base.raw(k).unwrap().2, "{k}");
         }
-        Ok(report) => {
-            let (f, dense) = (
-                SafetensorsFile::open(&out).unwrap(),
-                st("dora_nf4", "merged_dense.safetensors"),
-            );
-            for m in a.modules().unwrap() {
-                let n = format!("{}.weight", m.name);
-                close(&vals(&f, &n), &vals(&dense, &n), &n);
-                assert!(!f.contains(&format!("{n}.absmax")));
-            }
-            assert!(!report.dropped.is_empty());
-            // Untargeted 4-bit layers are copied as they were.
-            assert!(f.contains("layers.0.self_attn.k_proj.weight.absmax"));
+    }
+    // The default output dtype of a 4-bit base is the dtype its quant state records (float32 here).
+    let out2 = dir.path().join("out2.safetensors");
+    merge_into_file(
+        case_dir("dora_nf4").join("base.safetensors"),
+        &a,
+        &out2,
+        &MergeOptions::default(),
+        &MergeRegistry::new(),
+    )
+    .unwrap();
+    let m0 = format!("{}.weight", a.modules().unwrap()[0].name);
+    assert_eq!(SafetensorsFile::open(&out2).unwrap().raw(&m0).unwrap().0, StDtype::F32);
+    no_temp_files(dir.path());
+}
+
+/// `--requantize`: the merged weights go back into the bitsandbytes layout with the base's settings (NF4,
+/// blocksize 64, double quant). The file has exactly the tensors (names, dtypes, shapes) of PEFT's own
+/// re-quantized merge, every weight loads through the quant module, and its dequantized values are
+/// PEFT's merged f32 weights up to one NF4 rounding. PEFT re-quantized the same f32 values, so the packed
+/// codes agree with PEFT's except where a merged value sits on a code boundary within f32 noise.
+#[test]
+fn merge_on_nf4_base_requantized() {
+    use peft_kernels::quant::io::{load_quantized, quantized_names};
+    let dir = tmpdir();
+    let out = dir.path().join("out.safetensors");
+    let a = load("dora_nf4");
+    let report = merge_into_file(
+        case_dir("dora_nf4").join("base.safetensors"),
+        &a,
+        &out,
+        &MergeOptions {
+            requantize: true,
+            ..Default::default()
+        },
+        &MergeRegistry::new(),
+    )
+    .unwrap();
+    assert!(report.dropped.is_empty());
+    let (ours, peft, dense) = (
+        SafetensorsFile::open(&out).unwrap(),
+        st("dora_nf4", "merged.safetensors"),
+        st("dora_nf4", "merged_dense.safetensors"),
+    );
+    assert_eq!(ours.names(), peft.names());
+    for n in ours.names() {
+        let (od, os, _) = ours.raw(n).unwrap();
+        let (pd, ps, _) = peft.raw(n).unwrap();
+        assert_eq!((od, os), (pd, ps), "{n}");
+    }
+    assert_eq!(quantized_names(&ours), quantized_names(&peft));
+    let (mut same, mut total) = (0usize, 0usize);
+    for m in a.modules().unwrap() {
+        let n = format!("{}.weight", m.name);
+        let q = load_quantized(&ours, &n, Device::Cpu).unwrap();
+        let qp = load_quantized(&peft, &n, Device::Cpu).unwrap();
+        assert_eq!(q.state().blocksize, 64);
+        assert!(q.state().is_double());
+        assert_eq!(q.state().shape, qp.state().shape);
+        assert_eq!(q.dtype(), qp.dtype());
+        let got = q.dequantize(DType::F32).unwrap().to_vec_f32().unwrap();
+        let want = vals(&dense, &n);
+        // One NF4 rounding: at most half the widest code gap ((1 - 0.7230) / 2 = 0.1385 of the block
+        // absmax) per element, plus the double-quantized absmax's own rounding.
+        let amax = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 0.145 * amax + 1e-6, "{n}[{i}]: {g} vs {w}");
+        }
+        let (ob, pb) = (q.data().to_vec::<u8>().unwrap(), qp.data().to_vec::<u8>().unwrap());
+        same += ob.iter().zip(&pb).filter(|(a, b)| a == b).count();
+        total += ob.len();
+    }
+    println!("requantized NF4 codes: {same}/{total} packed bytes identical to PEFT's");
+    assert!(same as f64 >= 0.97 * total as f64, "{same}/{total} packed bytes agree with PEFT");
+    // Untouched tensors are byte-identical to the base.
+    let base = st("dora_nf4", "base.safetensors");
+    let merged: Vec<String> = a.modules().unwrap().iter().map(|m| format!("{}.weight", m.name)).collect();
+    for n in ours.names() {
+        if !merged.iter().any(|m| n == m || n.starts_with(&format!("{m}."))) {
+            assert_eq!(ours.raw(n).unwrap().2, base.raw(n).unwrap().2, "{n}");
         }
     }
     no_temp_files(dir.path());

@@ -18,11 +18,18 @@
 //! `<logits>_topk_weights` (the softmax of the top-k logits without its last column). Loading rebuilds
 //! logits as `log(w)` at the indices and `-inf` elsewhere ([`vblora_logits_from_topk`]), which gives the
 //! same A and B for inference; training from such logits is refused, as in PEFT.
+//!
+//! [`VbLoraLinear`] is the whole layer (a frozen dense or 4-bit base through [`crate::qmatmul`] plus the
+//! adapter, fused like LoRA), on one shared [`VbLoraBank`] registered once in a
+//! [`crate::autograd::ParamStore`].
 
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod linear;
 mod topk;
+
+pub use linear::{VbLoraBank, VbLoraContext, VbLoraLinear, VbLoraLinearGrads, VbLoraOptions, logits_key};
 
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -703,6 +710,28 @@ impl VbLoraLayer {
             dlogits_b: dlb,
             dbank: dbank_a.add(&dbank_b)?,
         })
+    }
+
+    /// The chain rule through the composition alone: from `dA [r, in]` and `dB [out, r]` (f32, however
+    /// the caller computed them, e.g. with dropout or a fused kernel) to
+    /// `(dlogits_a [r, in/L, V], dlogits_b [out/L, r, V], dbank [V, L])`, all f32. Fails on non-finite
+    /// logits (top-k-only checkpoints cannot be trained, as in PEFT).
+    pub fn compose_backward(
+        &self,
+        bank: &Tensor,
+        logits_a: &Tensor,
+        logits_b: &Tensor,
+        da: &Tensor,
+        db: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let op = "vblora compose_backward";
+        self.check_logits(bank, logits_a, logits_b, op)?;
+        self.check_ab(da, db, op)?;
+        let k = self.cfg.topk;
+        let (dla, dbank_a) = compose_backward_impl(bank, logits_a, k, da, Layout::Plain)?;
+        let (dlb, dbank_b) =
+            compose_backward_impl(bank, logits_b, k, db, Layout::BTransposed { r: self.cfg.r })?;
+        Ok((dla, dlb, dbank_a.add(&dbank_b)?))
     }
 
     /// Dense `ΔW = B·A` `[out, in]` f32 for merging.

@@ -20,15 +20,19 @@
 //!
 //! API: a [`WaveFtLayer`] holds the layer geometry and the precomputed structure but not the spectrum
 //! (the autograd tape / parameter store owns it); the free functions [`waveft_forward`],
-//! [`waveft_backward`] and [`waveft_delta_weight`] work on a bare [`WaveFtPositions`].
+//! [`waveft_backward`] and [`waveft_delta_weight`] work on a bare [`WaveFtPositions`]. [`WaveFtLinear`]
+//! is the whole layer: a frozen dense or 4-bit base through [`crate::qmatmul`] plus this adapter, with the
+//! spectrum in a [`crate::autograd::ParamStore`] under PEFT's key, and a tape op.
 
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod linear;
 mod randperm;
 pub mod structure;
 mod wavelets;
 
+pub use linear::{WaveFtContext, WaveFtGrads, WaveFtLinear, spectrum_key};
 pub use randperm::{Mt19937, randperm_prefix, randperm_torch};
 pub use structure::WaveFtEntry;
 pub use wavelets::{AxisGeometry, WaveletFilters, supported_wavelets, wavelet_filters};

@@ -1,9 +1,13 @@
 //! `peftk merge` and `peftk inspect-adapter`.
 
 use clap::Args;
-use peft_kernels::io::peft::{PeftAdapter, inspect_adapter};
+use peft_kernels::adapters::load::linear_modules;
+use peft_kernels::adapters::waveft::{WaveFtConfig, WaveFtLayer};
+use peft_kernels::io::SafetensorsFile;
+use peft_kernels::io::peft::{MethodConfig, PeftAdapter, VBLORA_BANK_KEY, inspect_adapter};
 use peft_kernels::merge::{MergeOptions, MergeRegistry, merge_into_file};
 use peft_kernels::{DType, Device, Error, Result};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// Merge a PEFT adapter into a base safetensors checkpoint.
@@ -68,9 +72,152 @@ pub fn run(args: &MergeArgs) -> Result<()> {
 pub struct InspectAdapterArgs {
     /// PEFT adapter directory.
     pub dir: PathBuf,
+    /// Base checkpoint (.safetensors, dense or bitsandbytes 4-bit): adds per-layer shapes and, for WaveFT,
+    /// the density and the nonzeros of ΔW.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
 }
 
 pub fn run_inspect_adapter(args: &InspectAdapterArgs) -> Result<()> {
     print!("{}", inspect_adapter(&args.dir)?);
+    let adapter = PeftAdapter::load(&args.dir, Device::Cpu)?;
+    let base = args.base.as_ref().map(SafetensorsFile::open).transpose()?;
+    print!("{}", sparse_details(&adapter, base.as_ref())?);
     Ok(())
+}
+
+/// WaveFT / VB-LoRA specifics: per-layer coefficient counts and (with the base) shapes, density and ΔW
+/// support for WaveFT; bank, top-k and storage against a LoRA of the same rank for VB-LoRA.
+fn sparse_details(adapter: &PeftAdapter, base: Option<&SafetensorsFile>) -> Result<String> {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let shapes: BTreeMap<String, (usize, usize)> = match base {
+        Some(f) => linear_modules(f)?
+            .into_iter()
+            .map(|(m, a, b)| (m, (a, b)))
+            .collect(),
+        None => BTreeMap::new(),
+    };
+    let cfg = &adapter.config;
+    // (out, in) of a module from the base (stored [in, out] with fan_in_fan_out).
+    let dims = |m: &str| {
+        shapes
+            .get(m)
+            .map(|&(a, b)| if cfg.fan_in_fan_out { (b, a) } else { (a, b) })
+    };
+    let modules = adapter.modules()?;
+    // Writing to a String cannot fail; the results are ignored below.
+    match &cfg.method {
+        MethodConfig::WaveFt(c) => {
+            let _ = writeln!(
+                s,
+                "WaveFT: wavelet {} ({}), scaling {}, random_loc_seed {}{}",
+                c.wavelet_family,
+                if c.use_idwt {
+                    "inverse DWT"
+                } else {
+                    "no IDWT: plain scatter"
+                },
+                c.scaling,
+                c.random_loc_seed,
+                if c.proportional_parameters {
+                    format!(", proportional_parameters (budget {} per layer)", c.n_frequency)
+                } else {
+                    String::new()
+                }
+            );
+            let _ = writeln!(
+                s,
+                "  {:<48} {:>12} {:>13} {:>9} {:>10} {:>12}",
+                "module", "n_frequency", "out x in", "density", "nnz(ΔW)", "LoRA-eq. r"
+            );
+            for m in &modules {
+                let n = m.n_frequency.unwrap_or(0);
+                let (shape, density, nnz, req) = match dims(&m.name) {
+                    Some((o, i)) => {
+                        let wc = WaveFtConfig {
+                            n_frequency: n,
+                            scaling: c.scaling as f32,
+                            wavelet_family: c.wavelet_family.clone(),
+                            use_idwt: c.use_idwt,
+                            random_loc_seed: c.random_loc_seed as u64,
+                        };
+                        let nnz = WaveFtLayer::new(o, i, &wc, Device::Cpu)
+                            .map(|l| l.positions().nnz().to_string())
+                            .unwrap_or_else(|e| format!("({e})"));
+                        (
+                            format!("{o} x {i}"),
+                            format!("{:.4}%", 100.0 * n as f64 / (o * i) as f64),
+                            nnz,
+                            format!("{:.2}", n as f64 / (o + i) as f64),
+                        )
+                    }
+                    None => ("-".into(), "-".into(), "-".into(), "-".into()),
+                };
+                let _ = writeln!(
+                    s,
+                    "  {:<48} {:>12} {:>13} {:>9} {:>10} {:>12}",
+                    m.name, n, shape, density, nnz, req
+                );
+            }
+            if base.is_none() {
+                let _ = writeln!(
+                    s,
+                    "  (pass --base to see layer shapes, density and the support of ΔW)"
+                );
+            }
+        }
+        MethodConfig::VbLora(c) => {
+            let bank = c.num_vectors * c.vector_length;
+            let _ = writeln!(
+                s,
+                "VB-LoRA: shared bank {} x {} ({bank} parameters, counted once), topk {}, r {}, dropout {}, {}",
+                c.num_vectors,
+                c.vector_length,
+                c.topk,
+                c.r,
+                c.vblora_dropout,
+                if c.save_only_topk_weights {
+                    "stored as top-k indices + weights (inference only)"
+                } else {
+                    "full logits stored"
+                }
+            );
+            let _ = writeln!(
+                s,
+                "  {:<48} {:>13} {:>12} {:>12} {:>20}",
+                "module", "out x in", "logits", "file bytes", "LoRA-equivalent bytes"
+            );
+            let (mut ours, mut lora) = (0usize, 0usize);
+            for m in &modules {
+                let (i, o) = (m.in_features.unwrap_or(0), m.out_features.unwrap_or(0));
+                // A LoRA of the same rank, f32: r·(in + out) values.
+                let lb = 4 * c.r * (i + o);
+                ours += m.stored_bytes;
+                lora += lb;
+                let _ = writeln!(
+                    s,
+                    "  {:<48} {:>13} {:>12} {:>12} {:>20}",
+                    m.name,
+                    format!("{o} x {i}"),
+                    m.trainable_params,
+                    m.stored_bytes,
+                    lb
+                );
+            }
+            let bank_bytes = adapter
+                .tensors
+                .get(VBLORA_BANK_KEY)
+                .map_or(0, |t| t.size_in_bytes());
+            let _ = writeln!(
+                s,
+                "  total: {} bytes with the bank vs {lora} bytes for LoRA r={} on the same modules ({:.1}x smaller)",
+                ours + bank_bytes,
+                c.r,
+                lora as f64 / (ours + bank_bytes).max(1) as f64
+            );
+        }
+        MethodConfig::Lora(_) => {}
+    }
+    Ok(s)
 }

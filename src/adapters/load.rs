@@ -1,0 +1,875 @@
+//! PEFT adapters as trainable layers: build every adapted layer of a base checkpoint from a PEFT adapter
+//! directory ([`load_adapter`]) or from a fresh PEFT config ([`init_adapter`]), train them, and write the
+//! result back as a PEFT adapter directory ([`AdapterModel::save`], [`adapter_from_store`]).
+//!
+//! The base checkpoint is a safetensors file with the model's state dict: dense `<module>.weight`
+//! (`[out, in]`, or `[in, out]` for GPT-2 `Conv1D` with `fan_in_fan_out`, transposed on load) or the
+//! bitsandbytes 4-bit layout (`<module>.weight` + `.absmax`, `.quant_map`, ... ,
+//! `.quant_state.bitsandbytes__nf4|fp4`, see [`crate::quant::io`]), and an optional `<module>.bias`.
+//!
+//! Trainable parameters go into a [`ParamStore`] under the adapter file's keys
+//! (`base_model.model.<module>.lora_A.weight`, `...waveft_spectrum`, `...vblora_logits_A`, the shared
+//! `base_model.vblora_vector_bank` once), so what the optimizer updates is what [`AdapterModel::save`]
+//! writes. VB-LoRA `save_only_topk_weights` files are expanded to full logits on load (`-inf` outside the
+//! top-k, as PEFT does; usable for inference, refused for training, as in PEFT) and compressed again on
+//! save.
+//!
+//! Per method ([`AdapterLayer`]): LoRA → [`LoraLinear`], WaveFT → [`WaveFtLinear`] (per-layer
+//! `n_frequency` from the file, checked against `n_frequency_pattern` / `proportional_parameters`),
+//! VB-LoRA → [`VbLoraLinear`] on one [`VbLoraBank`]. Not built (clear errors): DoRA (extension point:
+//! [`build_layer`]), LoRA on embeddings, `lora_bias`, 4-bit bases with `fan_in_fan_out`; merge those with
+//! [`crate::merge`] instead.
+
+use super::lora::{LoraConfig as LoraLayerConfig, LoraInit, LoraLinear};
+use super::vblora::{
+    BANK_KEY, VbLoraBank, VbLoraConfig as VbLoraSettings, VbLoraLinear, VbLoraOptions, logits_key,
+};
+use super::waveft::{WaveFtConfig as WaveFtSettings, WaveFtLinear, spectrum_key};
+use crate::autograd::{ParamId, ParamStore, Tape, Var};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::io::SafetensorsFile;
+use crate::io::peft::{
+    AdapterConfig, AdapterMethod, AdapterModule, ExtraKind, InitLoraWeights, LayerKind, MethodConfig, Part,
+    PeftAdapter, PeftType, TargetModules, base_weight_name, module_key,
+};
+use crate::qmatmul::{Algo, BaseWeight};
+use crate::quant::io::{QUANT_STATE_SUFFIX, load_quantized, parse_quant_state_json};
+use crate::tensor::{DType, Tensor};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// One adapted linear layer of any method.
+///
+/// LEAD NOTE (extension point): DoRA gets a `Dora(DoraLinear)` variant here, an arm in every `match`
+/// below (the compiler lists them) and its construction in [`build_layer`] / [`init_adapter`].
+#[derive(Clone, Debug)]
+pub enum AdapterLayer {
+    Lora(LoraLinear),
+    /// Boxed: the layer carries its precomputed sparse structure.
+    WaveFt(Box<WaveFtLinear>),
+    VbLora(VbLoraLinear),
+}
+
+impl AdapterLayer {
+    /// The module path.
+    pub fn name(&self) -> &str {
+        match self {
+            AdapterLayer::Lora(l) => l.name(),
+            AdapterLayer::WaveFt(l) => l.name(),
+            AdapterLayer::VbLora(l) => l.name(),
+        }
+    }
+
+    /// The method.
+    pub fn method(&self) -> AdapterMethod {
+        match self {
+            AdapterLayer::Lora(_) => AdapterMethod::Lora,
+            AdapterLayer::WaveFt(_) => AdapterMethod::WaveFt,
+            AdapterLayer::VbLora(_) => AdapterMethod::VbLora,
+        }
+    }
+
+    /// The frozen base weight (`[out, in]`).
+    pub fn base(&self) -> &BaseWeight {
+        match self {
+            AdapterLayer::Lora(l) => l.base(),
+            AdapterLayer::WaveFt(l) => l.base(),
+            AdapterLayer::VbLora(l) => l.base(),
+        }
+    }
+
+    /// The frozen bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        match self {
+            AdapterLayer::Lora(l) => l.bias(),
+            AdapterLayer::WaveFt(l) => l.bias(),
+            AdapterLayer::VbLora(l) => l.bias(),
+        }
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        self.base().in_features()
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        self.base().out_features()
+    }
+
+    /// The layer's own trainable parameters (a VB-LoRA layer's logits; not the shared bank).
+    pub fn param_ids(&self) -> Vec<ParamId> {
+        match self {
+            AdapterLayer::Lora(l) => vec![l.a_id(), l.b_id()],
+            AdapterLayer::WaveFt(l) => vec![l.spectrum_id()],
+            AdapterLayer::VbLora(l) => vec![l.logits_a_id(), l.logits_b_id()],
+        }
+    }
+
+    /// Trainable elements of this layer (the shared VB-LoRA bank not included).
+    pub fn num_trainable_params(&self) -> usize {
+        match self {
+            AdapterLayer::Lora(l) => l.num_trainable_params(),
+            AdapterLayer::WaveFt(l) => l.num_trainable_params(),
+            AdapterLayer::VbLora(l) => l.num_trainable_params(),
+        }
+    }
+
+    /// Chooses the base matmul implementation.
+    pub fn set_algo(&mut self, algo: Algo) {
+        match self {
+            AdapterLayer::Lora(l) => l.set_algo(algo),
+            AdapterLayer::WaveFt(l) => l.set_algo(algo),
+            AdapterLayer::VbLora(l) => l.set_algo(algo),
+        }
+    }
+
+    /// Records the layer on `tape` (see each layer's `forward_t`). `dropout_seed`: `Some(step seed)` in
+    /// training, `None` in evaluation.
+    pub fn forward_t(
+        &self,
+        tape: &mut Tape,
+        store: &ParamStore,
+        x: Var,
+        dropout_seed: Option<u64>,
+    ) -> Result<Var> {
+        match self {
+            AdapterLayer::Lora(l) => l.forward_t(tape, store, x, dropout_seed),
+            AdapterLayer::WaveFt(l) => l.forward_t(tape, store, x, dropout_seed),
+            AdapterLayer::VbLora(l) => l.forward_t(tape, store, x, dropout_seed),
+        }
+    }
+
+    /// The output in evaluation (no dropout, no backward context kept).
+    pub fn forward_eval(&self, store: &ParamStore, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            AdapterLayer::Lora(l) => l.forward(store, x, None)?.0,
+            AdapterLayer::WaveFt(l) => l.forward(store, x, None)?.0,
+            AdapterLayer::VbLora(l) => l.forward(store, x, None)?.0,
+        })
+    }
+
+    /// The dense update `ΔW` `[out, in]` (f32).
+    pub fn delta_weight(&self, store: &ParamStore) -> Result<Tensor> {
+        match self {
+            AdapterLayer::Lora(l) => l.delta_weight(store),
+            AdapterLayer::WaveFt(l) => l.delta_weight(store),
+            AdapterLayer::VbLora(l) => l.delta_weight(store),
+        }
+    }
+
+    /// `W + ΔW` `[out, in]` in `dtype` (4-bit bases dequantized first).
+    pub fn merged_weight(&self, store: &ParamStore, dtype: DType) -> Result<Tensor> {
+        match self {
+            AdapterLayer::Lora(l) => l.merged_weight(store, dtype),
+            AdapterLayer::WaveFt(l) => l.merged_weight(store, dtype),
+            AdapterLayer::VbLora(l) => l.merged_weight(store, dtype),
+        }
+    }
+}
+
+/// How [`load_adapter`] / [`init_adapter`] place the model.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Where base weights and parameters live.
+    pub device: Device,
+    /// The activation dtype: dense base weights and biases are cast to it (dense layers need the
+    /// activation dtype). `None`: as stored (4-bit layers then keep f32 biases, usable with any
+    /// activation dtype).
+    pub dtype: Option<DType>,
+    /// The base matmul implementation of every layer.
+    pub algo: Algo,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            device: Device::Cpu,
+            dtype: None,
+            algo: Algo::Auto,
+        }
+    }
+}
+
+/// The adapted layers of one model, with the config they came from.
+#[derive(Clone, Debug)]
+pub struct AdapterModel {
+    config: AdapterConfig,
+    layers: Vec<AdapterLayer>,
+    bank: Option<VbLoraBank>,
+    /// Adapter-file tensors that are not layer parameters (trained biases, `modules_to_save` copies),
+    /// by adapter key, kept to be written back unchanged.
+    extras: BTreeMap<String, Tensor>,
+    /// Base tensors the adapter replaces, by base name (see [`AdapterModel::replaced`]).
+    replaced: BTreeMap<String, Tensor>,
+}
+
+impl AdapterModel {
+    /// The adapter config.
+    pub fn config(&self) -> &AdapterConfig {
+        &self.config
+    }
+
+    /// Every adapted layer, sorted by module name.
+    pub fn layers(&self) -> &[AdapterLayer] {
+        &self.layers
+    }
+
+    /// Mutable access to the layers (e.g. [`AdapterLayer::set_algo`]).
+    pub fn layers_mut(&mut self) -> &mut [AdapterLayer] {
+        &mut self.layers
+    }
+
+    /// The layer of module `name`.
+    pub fn layer(&self, name: &str) -> Option<&AdapterLayer> {
+        self.layers
+            .binary_search_by(|l| l.name().cmp(name))
+            .ok()
+            .map(|i| &self.layers[i])
+    }
+
+    /// The shared VB-LoRA bank, for a VB-LoRA adapter.
+    pub fn bank(&self) -> Option<&VbLoraBank> {
+        self.bank.as_ref()
+    }
+
+    /// Base tensors the adapter replaces that are not an adapted layer's bias (trained biases of other
+    /// modules with `bias="all"` / `"<method>_only"`, `modules_to_save` copies), by base tensor name, on the
+    /// load device. The host model uses these instead of the checkpoint's. Adapted layers already carry
+    /// their trained bias.
+    pub fn replaced(&self) -> &BTreeMap<String, Tensor> {
+        &self.replaced
+    }
+
+    /// Trainable elements PEFT would count (`get_nb_trainable_parameters`): every layer's parameters, the
+    /// bank once, and the adapter's trained biases / `modules_to_save` copies.
+    pub fn num_trainable_params(&self, store: &ParamStore) -> Result<usize> {
+        self.to_peft(store)?.num_trainable_params()
+    }
+
+    /// The adapter as PEFT would save it: the config and every parameter's current value from `store`
+    /// (on the CPU; VB-LoRA logits in the top-k form when the config says `save_only_topk_weights`), plus
+    /// the extra tensors the loaded file had. With no `target_modules` in the config, the adapted module
+    /// names are written (PEFT needs them to load the file).
+    pub fn to_peft(&self, store: &ParamStore) -> Result<PeftAdapter> {
+        let mut ids: Vec<ParamId> = self.layers.iter().flat_map(|l| l.param_ids()).collect();
+        ids.extend(self.bank.map(|b| b.id()));
+        let mut tensors = BTreeMap::new();
+        for id in ids {
+            tensors.insert(
+                store.name(id)?.to_string(),
+                store.get(id)?.to_device(Device::Cpu)?,
+            );
+        }
+        for (k, t) in &self.extras {
+            tensors.insert(k.clone(), t.to_device(Device::Cpu)?);
+        }
+        let mut config = self.config.clone();
+        if config.target_modules.is_none() {
+            config.target_modules = Some(TargetModules::Names(
+                self.layers.iter().map(|l| l.name().to_string()).collect(),
+            ));
+        }
+        file_form(PeftAdapter { config, tensors })
+    }
+
+    /// Writes the adapter directory (`adapter_config.json` + `adapter_model.safetensors`, each atomically)
+    /// for `PeftModel.from_pretrained`. See [`AdapterModel::to_peft`].
+    pub fn save(&self, store: &ParamStore, dir: impl AsRef<Path>) -> Result<()> {
+        self.to_peft(store)?.save(dir)
+    }
+}
+
+/// The frozen base of `module` from `file`: its weight as `[out, in]` (dense, cast to `opts.dtype`; or the
+/// bitsandbytes 4-bit layout) and its `<module>.bias`, if the checkpoint has one. `fan_in_fan_out`: a dense
+/// weight stored `[in, out]` is transposed.
+pub fn load_base_layer(
+    file: &SafetensorsFile,
+    module: &str,
+    fan_in_fan_out: bool,
+    opts: &LoadOptions,
+) -> Result<(BaseWeight, Option<Tensor>)> {
+    let name = base_weight_name(module);
+    let ctx = || file.path().display().to_string();
+    let is_4bit = ["nf4", "fp4"]
+        .iter()
+        .any(|qt| file.contains(&format!("{name}{QUANT_STATE_SUFFIX}{qt}")));
+    let base = if is_4bit {
+        if fan_in_fan_out {
+            return Err(Error::invalid(format!(
+                "module {module:?}: a 4-bit base weight with fan_in_fan_out (Conv1D) is not supported"
+            )));
+        }
+        BaseWeight::Quantized(load_quantized(file, &name, opts.device)?)
+    } else {
+        if !file.contains(&name) {
+            return Err(Error::format(
+                ctx(),
+                format!("the adapter has module {module:?} but the base has no tensor {name:?}"),
+            ));
+        }
+        let w = file.load(&name, opts.device)?;
+        if w.rank() != 2 || !w.dtype().is_float() {
+            return Err(Error::format(
+                ctx(),
+                format!(
+                    "base weight {name:?} is {:?} {}; a linear layer needs a 2-D float weight",
+                    w.shape(),
+                    w.dtype()
+                ),
+            ));
+        }
+        let w = if fan_in_fan_out { w.t()? } else { w };
+        BaseWeight::Dense(match opts.dtype {
+            Some(d) => w.to_dtype(d)?,
+            None => w,
+        })
+    };
+    let bias_name = format!("{module}.bias");
+    let bias = if file.contains(&bias_name) {
+        Some(cast_bias(file.load(&bias_name, opts.device)?, &base, opts)?)
+    } else {
+        None
+    };
+    Ok((base, bias))
+}
+
+/// A bias in the dtype the layer's forward accepts: `opts.dtype`, else f32 if it is f32, else the dense
+/// weight's dtype (f32 for a 4-bit base).
+fn cast_bias(bias: Tensor, base: &BaseWeight, opts: &LoadOptions) -> Result<Tensor> {
+    bias.dtype().expect_float("bias")?;
+    let want = match (opts.dtype, base) {
+        (Some(d), _) => d,
+        (None, _) if bias.dtype() == DType::F32 => DType::F32,
+        (None, BaseWeight::Dense(w)) => w.dtype(),
+        (None, BaseWeight::Quantized(_)) => DType::F32,
+    };
+    bias.to_dtype(want)
+}
+
+/// Builds every adapted layer of `adapter` on the base checkpoint `base`, inserting the adapter's
+/// parameters into `store` under their file keys (on `opts.device`). Fails before touching `store`'s
+/// contents only for config-level problems; a failure mid-way may leave some parameters inserted (use a
+/// fresh store).
+pub fn load_adapter(
+    base: &SafetensorsFile,
+    adapter: &PeftAdapter,
+    store: &mut ParamStore,
+    opts: &LoadOptions,
+) -> Result<AdapterModel> {
+    let layout = adapter.layout()?;
+    let config = adapter.config.clone();
+    // Every module's base first: all shape and format errors before any parameter is inserted.
+    let mut bases = Vec::with_capacity(layout.modules.len());
+    for m in &layout.modules {
+        check_supported(m)?;
+        let (w, mut bias) = load_base_layer(base, &m.name, m.fan_in_fan_out, opts)?;
+        if let Some(want) = m.base_weight_shape() {
+            let got = [w.out_features(), w.in_features()];
+            let want = if m.fan_in_fan_out {
+                [want[1], want[0]]
+            } else {
+                want
+            };
+            if got != want {
+                return Err(Error::shape(
+                    "load_adapter",
+                    format!(
+                        "module {:?}: base weight is [out, in] = {got:?}, the adapter needs {want:?}",
+                        m.name
+                    ),
+                ));
+            }
+        }
+        // A trained bias (bias="all" / "<method>_only") replaces the checkpoint's.
+        if let Some(e) = layout
+            .extras
+            .iter()
+            .find(|e| e.kind == ExtraKind::Bias && e.base_name == format!("{}.bias", m.name))
+        {
+            let t = adapter.tensors[&e.key].to_device(opts.device)?;
+            if t.shape() != [w.out_features()] {
+                return Err(Error::shape(
+                    "load_adapter",
+                    format!("{:?} is {:?}, expected [{}]", e.key, t.shape(), w.out_features()),
+                ));
+            }
+            bias = Some(cast_bias(t, &w, opts)?);
+        }
+        bases.push((w, bias));
+    }
+    if let MethodConfig::WaveFt(c) = &config.method
+        && c.proportional_parameters
+    {
+        check_proportional(&config, &layout.modules, &bases)?;
+    }
+
+    let bank = match &config.method {
+        MethodConfig::VbLora(c) => {
+            let t = adapter
+                .tensors
+                .get(BANK_KEY)
+                .ok_or_else(|| Error::invalid(format!("VB-LoRA adapter without {BANK_KEY:?}")))?;
+            let id = store.insert(BANK_KEY, t.to_device(opts.device)?)?;
+            Some(VbLoraBank::from_param(&vb_settings(c), id, store)?)
+        }
+        _ => None,
+    };
+    let mut layers = Vec::with_capacity(layout.modules.len());
+    for (m, (w, bias)) in layout.modules.iter().zip(bases) {
+        let mut layer = build_layer(adapter, m, w, bias, bank.as_ref(), store, opts)?;
+        layer.set_algo(opts.algo);
+        layers.push(layer);
+    }
+    layers.sort_by(|a, b| a.name().cmp(b.name()));
+
+    let mut extras = BTreeMap::new();
+    let mut replaced = BTreeMap::new();
+    for e in &layout.extras {
+        match e.kind {
+            ExtraKind::VbLoraBank => {}
+            ExtraKind::Bias | ExtraKind::ModulesToSave | ExtraKind::OriginalModule => {
+                let t = &adapter.tensors[&e.key];
+                extras.insert(e.key.clone(), t.clone());
+                let is_layer_bias = layers.iter().any(|l| e.base_name == format!("{}.bias", l.name()));
+                if e.kind != ExtraKind::OriginalModule && !is_layer_bias {
+                    replaced
+                        .entry(e.base_name.clone())
+                        .or_insert(t.to_device(opts.device)?);
+                }
+            }
+        }
+    }
+    Ok(AdapterModel {
+        config,
+        layers,
+        bank,
+        extras,
+        replaced,
+    })
+}
+
+fn check_supported(m: &AdapterModule) -> Result<()> {
+    if m.layer == LayerKind::Embedding {
+        return Err(Error::invalid(format!(
+            "module {:?}: LoRA on embeddings has no layer here; merge it with `peftk merge`",
+            m.name
+        )));
+    }
+    if m.lora_bias {
+        return Err(Error::invalid(format!(
+            "module {:?}: lora_bias (a trained lora_B.bias) is not supported by LoraLinear; merge it with \
+             `peftk merge`",
+            m.name
+        )));
+    }
+    if m.method == AdapterMethod::Dora {
+        return Err(Error::invalid(format!(
+            "module {:?}: DoRA adapters cannot be loaded as layers yet (merge them with `peftk merge`)",
+            m.name
+        )));
+    }
+    Ok(())
+}
+
+/// `proportional_parameters`: the spectrum lengths in the file must be PEFT's allocation over exactly the
+/// adapted layers (a file from another base would place its coefficients elsewhere).
+fn check_proportional(
+    config: &AdapterConfig,
+    modules: &[AdapterModule],
+    bases: &[(BaseWeight, Option<Tensor>)],
+) -> Result<()> {
+    let layers: Vec<(String, usize, usize)> = modules
+        .iter()
+        .zip(bases)
+        .map(|(m, (w, _))| (m.name.clone(), w.in_features(), w.out_features()))
+        .collect();
+    for ((name, want), m) in config.proportional_n_frequency(&layers)?.into_iter().zip(modules) {
+        if m.n_frequency != Some(want) {
+            return Err(Error::invalid(format!(
+                "module {name:?}: the spectrum has {:?} coefficients, but proportional_parameters over these \
+                 base layers gives {want} (adapter trained on another base model?)",
+                m.n_frequency
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn vb_settings(c: &crate::io::peft::VbLoraConfig) -> VbLoraSettings {
+    VbLoraSettings {
+        r: c.r,
+        num_vectors: c.num_vectors,
+        vector_length: c.vector_length,
+        topk: c.topk,
+    }
+}
+
+fn waveft_settings(c: &crate::io::peft::WaveFtConfig, n_frequency: usize) -> WaveFtSettings {
+    WaveFtSettings {
+        n_frequency,
+        scaling: c.scaling as f32,
+        wavelet_family: c.wavelet_family.clone(),
+        use_idwt: c.use_idwt,
+        // torch's manual_seed takes the seed modulo 2^64 (two's complement for negative values).
+        random_loc_seed: c.random_loc_seed as u64,
+    }
+}
+
+fn dropout_of(p: f64, what: &str, module: &str) -> Result<f32> {
+    if (0.0..1.0).contains(&p) {
+        Ok(p as f32)
+    } else {
+        Err(Error::invalid(format!(
+            "module {module:?}: {what} {p} is not in [0, 1)"
+        )))
+    }
+}
+
+/// One layer of a loaded adapter: inserts the module's tensors into `store` under their file keys and
+/// wraps them with the layer type of the module's method.
+///
+/// LEAD NOTE (extension point): DoRA's arm goes here (`AdapterMethod::Dora`: magnitude from
+/// `Part::Magnitude`, A/B as LoRA), and `check_supported` stops refusing it.
+pub fn build_layer(
+    adapter: &PeftAdapter,
+    m: &AdapterModule,
+    base: BaseWeight,
+    bias: Option<Tensor>,
+    bank: Option<&VbLoraBank>,
+    store: &mut ParamStore,
+    opts: &LoadOptions,
+) -> Result<AdapterLayer> {
+    check_supported(m)?;
+    let insert = |store: &mut ParamStore, part: Part, key: String| -> Result<ParamId> {
+        let t = adapter.module_tensor(&m.name, part)?.to_device(opts.device)?;
+        store.insert(key, t)
+    };
+    Ok(match &adapter.config.method {
+        MethodConfig::Lora(c) => {
+            let a = insert(store, Part::LoraA, module_key(&m.name, Part::LoraA.suffix()))?;
+            let b = insert(store, Part::LoraB, module_key(&m.name, Part::LoraB.suffix()))?;
+            let dropout = dropout_of(c.lora_dropout, "lora_dropout", &m.name)?;
+            AdapterLayer::Lora(LoraLinear::from_params(
+                &m.name,
+                base,
+                bias,
+                a,
+                b,
+                m.scaling as f32,
+                dropout,
+                store,
+            )?)
+        }
+        MethodConfig::WaveFt(c) => {
+            let n = m
+                .n_frequency
+                .ok_or_else(|| Error::invalid(format!("module {:?}: no waveft_spectrum", m.name)))?;
+            let s = insert(store, Part::WaveFtSpectrum, spectrum_key(&m.name))?;
+            AdapterLayer::WaveFt(Box::new(WaveFtLinear::from_params(
+                &m.name,
+                base,
+                bias,
+                &waveft_settings(c, n),
+                s,
+                store,
+            )?))
+        }
+        MethodConfig::VbLora(c) => {
+            let bank = bank.ok_or_else(|| Error::invalid("VB-LoRA layer without a vector bank"))?;
+            let logits =
+                |store: &mut ParamStore, full: Part, idx: Part, w: Part, ab: &str| -> Result<ParamId> {
+                    let t = if m.key(full).is_some() {
+                        adapter.module_tensor(&m.name, full)?.clone()
+                    } else {
+                        crate::io::peft::vblora_expand_topk(
+                            adapter.module_tensor(&m.name, idx)?,
+                            adapter.module_tensor(&m.name, w)?,
+                            c.num_vectors,
+                        )?
+                    };
+                    store.insert(logits_key(&m.name, ab), t.to_device(opts.device)?)
+                };
+            let la = logits(
+                store,
+                Part::VbLogitsA,
+                Part::VbTopkIndicesA,
+                Part::VbTopkWeightsA,
+                "A",
+            )?;
+            let lb = logits(
+                store,
+                Part::VbLogitsB,
+                Part::VbTopkIndicesB,
+                Part::VbTopkWeightsB,
+                "B",
+            )?;
+            let dropout = dropout_of(c.vblora_dropout, "vblora_dropout", &m.name)?;
+            AdapterLayer::VbLora(VbLoraLinear::from_params(
+                &m.name, base, bias, bank, la, lb, dropout, store,
+            )?)
+        }
+    })
+}
+
+/// The linear modules of a base checkpoint: every `<m>.weight` that is a 2-D float tensor or a
+/// bitsandbytes 4-bit weight, with its `(out, in)` as stored. What a safetensors file cannot say is the
+/// module's class: 2-D embedding tables look linear too (exclude them with the config's
+/// `exclude_modules` or a `target_modules` list).
+pub fn linear_modules(file: &SafetensorsFile) -> Result<Vec<(String, usize, usize)>> {
+    let quantized = crate::quant::io::quantized_names(file);
+    let mut v = Vec::new();
+    for n in file.names() {
+        let Some(module) = n.strip_suffix(".weight") else {
+            continue;
+        };
+        if module.is_empty() {
+            continue;
+        }
+        if quantized.binary_search(n).is_ok() {
+            // The shape from the quant-state JSON alone (no need to read the packed weight).
+            for qt in ["nf4", "fp4"] {
+                let key = format!("{n}{QUANT_STATE_SUFFIX}{qt}");
+                if file.contains(&key) {
+                    let st = parse_quant_state_json(file.raw(&key)?.2, n)?;
+                    if let [o, i] = st.shape[..] {
+                        v.push((module.to_string(), o, i));
+                    }
+                    break;
+                }
+            }
+            continue;
+        }
+        let (dt, shape, _) = file.raw(n)?;
+        if let ([o, i], Some(d)) = (shape.as_slice(), crate::io::from_st_dtype(dt))
+            && d.is_float()
+        {
+            v.push((module.to_string(), *o, *i));
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// A fresh adapter for `config` on the base checkpoint `base`, the way `get_peft_model` builds one:
+/// targets from [`AdapterConfig::targets`] over [`linear_modules`], per-module rank / alpha /
+/// `n_frequency` (patterns and `proportional_parameters` resolved as PEFT does), PEFT's WaveFT coefficient
+/// positions, and PEFT's initialization schemes drawn from our generator (`seed`). Parameters go into
+/// `store` under their adapter-file keys.
+///
+/// Not supported (errors): DoRA, `lora_bias`, `bias != "none"`, `modules_to_save`, LoRA init schemes
+/// other than `true` / `false` / `"gaussian"`.
+pub fn init_adapter(
+    base: &SafetensorsFile,
+    config: &AdapterConfig,
+    store: &mut ParamStore,
+    seed: u64,
+    opts: &LoadOptions,
+) -> Result<AdapterModel> {
+    config.validate()?;
+    if config.bias != "none" || config.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+        return Err(Error::invalid(
+            "init_adapter trains adapter parameters only: bias must be \"none\" and modules_to_save empty",
+        ));
+    }
+    let targets: Vec<(String, usize, usize)> = linear_modules(base)?
+        .into_iter()
+        .filter(|(m, _, _)| config.targets(m, true))
+        .collect();
+    if targets.is_empty() {
+        return Err(Error::invalid(format!(
+            "no linear module of {} matches the config's target_modules",
+            base.path().display()
+        )));
+    }
+    let ff = config.fan_in_fan_out;
+    // (name, out, in) in the layer's orientation.
+    let dims: Vec<(String, usize, usize)> = targets
+        .iter()
+        .map(|(m, a, b)| {
+            if ff {
+                (m.clone(), *b, *a)
+            } else {
+                (m.clone(), *a, *b)
+            }
+        })
+        .collect();
+    let mut bases = Vec::with_capacity(dims.len());
+    for (m, _, _) in &dims {
+        bases.push(load_base_layer(base, m, ff, opts)?);
+    }
+    // Per-layer seeds: independent streams, stable under adding or removing other targets.
+    let layer_seed = |name: &str| {
+        name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    };
+    let mut layers = Vec::with_capacity(dims.len());
+    let mut bank = None;
+    match &config.method {
+        MethodConfig::Lora(c) => {
+            if c.use_dora || c.lora_bias {
+                return Err(Error::invalid(
+                    "init_adapter: DoRA (use_dora) and lora_bias layers are not available yet",
+                ));
+            }
+            let init = match &c.init_lora_weights {
+                InitLoraWeights::Bool(true) => LoraInit::Default,
+                InitLoraWeights::Bool(false) => LoraInit::Random,
+                InitLoraWeights::Named(s) if s == "gaussian" => LoraInit::Gaussian,
+                InitLoraWeights::Named(s) => {
+                    return Err(Error::invalid(format!(
+                        "init_adapter: init_lora_weights {s:?} is not supported (true, false or \"gaussian\")"
+                    )));
+                }
+            };
+            for ((m, _, _), (w, bias)) in dims.iter().zip(bases) {
+                let r = config.rank_for(m).unwrap_or(c.r);
+                let alpha = config.alpha_for(m).unwrap_or(c.lora_alpha);
+                let lc = LoraLayerConfig {
+                    r,
+                    alpha: alpha as f32,
+                    use_rslora: c.use_rslora,
+                    dropout: dropout_of(c.lora_dropout, "lora_dropout", m)?,
+                    init,
+                    dtype: DType::F32,
+                };
+                layers.push(AdapterLayer::Lora(LoraLinear::new(
+                    m,
+                    w,
+                    bias,
+                    &lc,
+                    store,
+                    layer_seed(m),
+                )?));
+            }
+        }
+        MethodConfig::WaveFt(c) => {
+            let ns: Vec<usize> = if c.proportional_parameters {
+                let l: Vec<(String, usize, usize)> =
+                    dims.iter().map(|(m, o, i)| (m.clone(), *i, *o)).collect();
+                config
+                    .proportional_n_frequency(&l)?
+                    .into_iter()
+                    .map(|(_, n)| n)
+                    .collect()
+            } else {
+                dims.iter()
+                    .map(|(m, _, _)| config.n_frequency_for(m).unwrap_or(c.n_frequency))
+                    .collect()
+            };
+            for (((m, _, _), (w, bias)), n) in dims.iter().zip(bases).zip(ns) {
+                let cfg = waveft_settings(c, n);
+                layers.push(AdapterLayer::WaveFt(Box::new(WaveFtLinear::new(
+                    m,
+                    w,
+                    bias,
+                    &cfg,
+                    c.init_weights,
+                    store,
+                    layer_seed(m),
+                )?)));
+            }
+        }
+        MethodConfig::VbLora(c) => {
+            let bound = c.init_vector_bank_bound as f32;
+            let b = VbLoraBank::new(&vb_settings(c), bound, store, seed, opts.device)?;
+            let lo = VbLoraOptions {
+                dropout: c.vblora_dropout as f32,
+                init_logits_std: c.init_logits_std as f32,
+            };
+            for ((m, _, _), (w, bias)) in dims.iter().zip(bases) {
+                layers.push(AdapterLayer::VbLora(VbLoraLinear::new(
+                    m,
+                    w,
+                    bias,
+                    &b,
+                    &lo,
+                    store,
+                    layer_seed(m),
+                )?));
+            }
+            bank = Some(b);
+        }
+    }
+    for l in &mut layers {
+        l.set_algo(opts.algo);
+    }
+    layers.sort_by(|a, b| a.name().cmp(b.name()));
+    Ok(AdapterModel {
+        config: config.clone(),
+        layers,
+        bank,
+        extras: BTreeMap::new(),
+        replaced: BTreeMap::new(),
+    })
+}
+
+/// A PEFT adapter from every parameter of `store` whose name is one of `config`'s adapter-file keys
+/// (`base_model.model.<module>.<part>` of the config's method, and the VB-LoRA bank), for layers built by
+/// hand (`LoraLinear::new`, `WaveFtLinear::new`, ...). Other parameters are ignored. With no
+/// `target_modules` in the config, the modules found are written as the target list.
+pub fn adapter_from_store(config: &AdapterConfig, store: &ParamStore) -> Result<PeftAdapter> {
+    let method = config.peft_type();
+    let mut tensors = BTreeMap::new();
+    let mut modules = Vec::new();
+    for (_, name, value) in store.iter() {
+        let keep = if name == BANK_KEY {
+            method == PeftType::VbLora
+        } else if let Some(rest) = name.strip_prefix("base_model.model.") {
+            match Part::ALL
+                .iter()
+                .filter(|p| p.peft_type() == method)
+                .find_map(|p| rest.strip_suffix(p.suffix()).and_then(|m| m.strip_suffix('.')))
+            {
+                Some(module) => {
+                    modules.push(module.to_string());
+                    true
+                }
+                None => false,
+            }
+        } else {
+            false
+        };
+        if keep {
+            tensors.insert(name.to_string(), value.to_device(Device::Cpu)?);
+        }
+    }
+    let mut config = config.clone();
+    if config.target_modules.is_none() {
+        modules.sort();
+        modules.dedup();
+        config.target_modules = Some(TargetModules::Names(modules));
+    }
+    file_form(PeftAdapter { config, tensors })
+}
+
+/// The adapter in the form its config says it is stored (VB-LoRA `save_only_topk_weights`: full logits
+/// become `_topk_indices` + `_topk_weights`, as PEFT saves them), validated.
+fn file_form(mut adapter: PeftAdapter) -> Result<PeftAdapter> {
+    if let Some(c) = adapter.config.vblora().filter(|c| c.save_only_topk_weights) {
+        let topk = c.topk;
+        let full: Vec<String> = adapter
+            .tensors
+            .keys()
+            .filter(|k| {
+                k.starts_with("base_model.model.")
+                    && (k.ends_with(".vblora_logits_A") || k.ends_with(".vblora_logits_B"))
+            })
+            .cloned()
+            .collect();
+        for k in full {
+            let logits = adapter
+                .tensors
+                .remove(&k)
+                .ok_or_else(|| Error::invalid("logits vanished"))?;
+            // torch.topk's order, ties included (what PEFT's own save writes).
+            let (idx, w) = super::vblora::vblora_topk_for_save(&logits.to_dtype(DType::F32)?, topk)?;
+            adapter.tensors.insert(format!("{k}_topk_indices"), idx);
+            adapter.tensors.insert(format!("{k}_topk_weights"), w);
+        }
+    }
+    adapter.layout()?;
+    Ok(adapter)
+}
