@@ -2116,48 +2116,17 @@ pub fn vblora_expand_topk(indices: &Tensor, weights: &Tensor, num_vectors: usize
 /// logits without its last column, f32 `[.., topk - 1]`.
 pub fn vblora_compress_topk(logits: &Tensor, topk: usize) -> Result<(Tensor, Tensor)> {
     let op = "vblora_compress_topk";
-    let s = logits.shape();
-    let n = *s
+    let n = *logits
+        .shape()
         .last()
         .ok_or_else(|| Error::shape(op, "logits must have at least 1 dim"))?;
     if topk == 0 || topk > n {
         return Err(Error::invalid(format!("{op}: topk {topk} must be in [1, {n}]")));
     }
-    let v = logits.to_vec_f32()?;
-    let rows = v.len() / n.max(1);
-    let mut idx = Vec::with_capacity(rows * topk);
-    let mut w = Vec::with_capacity(rows * (topk - 1));
-    let mut order: Vec<usize> = Vec::with_capacity(n);
-    for row in v.chunks_exact(n) {
-        order.clear();
-        order.extend(0..n);
-        // NaN sorts first, as torch.topk treats NaN as the largest value.
-        order.sort_by(|&a, &b| {
-            let (x, y) = (row[a], row[b]);
-            match (x.is_nan(), y.is_nan()) {
-                (true, false) => std::cmp::Ordering::Less,
-                (false, true) => std::cmp::Ordering::Greater,
-                _ => y
-                    .partial_cmp(&x)
-                    .unwrap_or(std::cmp::Ordering::Equal)
-                    .then(a.cmp(&b)),
-            }
-        });
-        let top = &order[..topk];
-        let max = row[top[0]];
-        let exps: Vec<f32> = top.iter().map(|&i| (row[i] - max).exp()).collect();
-        let sum: f32 = exps.iter().sum();
-        idx.extend(top.iter().map(|&i| i as i64));
-        w.extend(exps[..topk - 1].iter().map(|e| e / sum));
-    }
-    let mut si = s[..s.len() - 1].to_vec();
-    let mut sw = si.clone();
-    si.push(topk);
-    sw.push(topk - 1);
-    Ok((
-        Tensor::from_vec(idx, &si, logits.device())?,
-        Tensor::from_vec(w, &sw, logits.device())?,
-    ))
+    // torch.topk's exact selection and tie order (the VB-LoRA module reproduces its CPU algorithms), so a
+    // file written here equals the one PEFT would write from the same logits.
+    let (idx, w) = crate::adapters::vblora::vblora_topk_for_save(&logits.to_dtype(DType::F32)?, topk)?;
+    Ok((idx.to_device(logits.device())?, w.to_device(logits.device())?))
 }
 
 // =============================================================================================== inspect
