@@ -311,8 +311,12 @@ __device__ void q4_tgemv_impl(const uint8_t* data, const float* absmax, const ui
             }
         }
     }
-    if (j < in)
-        for (int k = 0; k < r; k++) ws[((int64_t)blockIdx.y * r + k) * in + j] = acc[k];
+    // Unrolled with a predicate: a runtime index into acc[] would move it to local memory.
+    if (j < in) {
+#pragma unroll
+        for (int k = 0; k < 16; k++)
+            if (k < r) ws[((int64_t)blockIdx.y * r + k) * in + j] = acc[k];
+    }
 }
 
 #define TGEMV(DQ)                                                                                             \

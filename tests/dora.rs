@@ -1332,7 +1332,7 @@ proptest! {
 mod peft_parity {
     use super::*;
     use peft_kernels::io::SafetensorsFile;
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
 
     fn dir(case: &str) -> Option<PathBuf> {
         // PEFT_KERNELS_PEFT_FIXTURES points at another checkout's tests/fixtures/peft (before the merge).
@@ -1359,7 +1359,7 @@ mod peft_parity {
         }
     }
 
-    fn config(d: &PathBuf) -> Result<(f32, bool)> {
+    fn config(d: &Path) -> Result<f32> {
         let text = std::fs::read_to_string(d.join("adapter/adapter_config.json"))
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let v: serde_json::Value =
@@ -1370,7 +1370,7 @@ mod peft_parity {
         );
         assert_eq!(v["use_dora"].as_bool(), Some(true));
         assert_eq!(v["use_rslora"].as_bool(), Some(false));
-        Ok(((alpha / r) as f32, v["use_dora"].as_bool().unwrap_or(false)))
+        Ok((alpha / r) as f32)
     }
 
     /// Every adapted module: the layer output on PEFT's captured input (eval, no dropout) within 1e-5
@@ -1379,7 +1379,7 @@ mod peft_parity {
     /// before PEFT re-quantizes a 4-bit merge); the eval cache gives the same output.
     fn check(case: &str, nf4: bool) -> Result<()> {
         let Some(d) = dir(case) else { return Ok(()) };
-        let (s, _) = config(&d)?;
+        let s = config(&d)?;
         let base_f = SafetensorsFile::open(d.join("base.safetensors"))?;
         let ad = SafetensorsFile::open(d.join("adapter/adapter_model.safetensors"))?;
         let io = SafetensorsFile::open(d.join("io.safetensors"))?;

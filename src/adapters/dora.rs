@@ -333,8 +333,15 @@ impl DoraLinear {
 
     /// `n = ‖W + s·B·A‖_row` (f32 `[out]`) for the current A and B, computed in f32.
     pub fn weight_norm(&self, store: &ParamStore) -> Result<Tensor> {
+        self.weight_norm_in(store, DType::F32)
+    }
+
+    /// [`DoraLinear::weight_norm`] with the product `A·Wᵀ` in `compute` precision on CUDA, as a
+    /// training step with activations of that dtype computes it (the CPU always uses f32).
+    pub fn weight_norm_in(&self, store: &ParamStore, compute: DType) -> Result<Tensor> {
+        compute.expect_float("DoraLinear::weight_norm_in")?;
         let (a, b) = (store.get(self.a_id())?, store.get(self.b_id())?);
-        Ok(norm_parts(&self.lora, &self.w_sq, a, b, None, DType::F32)?.n)
+        Ok(norm_parts(&self.lora, &self.w_sq, a, b, None, compute)?.n)
     }
 
     /// Computes `m / n` once (f32 path) and uses it in every forward pass with `dropout_seed = None`
