@@ -8,8 +8,8 @@
 //   ‖W_i + s·B_i·A‖² = ‖W_i‖² + 2s·B_i·P_i + s²·B_i·G·B_iᵀ,  P = W·Aᵀ [out, r],  G = A·Aᵀ [r, r].
 //   ‖W_i‖² is computed once (dora_q4_row_sq_norms below; W is frozen). Pᵀ = A·Wᵀ is one call of the
 //   fused 4-bit GEMV of kernels/qmatmul.cu with the r rows of A as its "tokens": it streams the 4-bit W
-//   once, exactly like a decode step. G is a tiny r×in×r product (cuBLAS). dora_norm_assemble then turns
-//   (‖W‖², Pᵀ, B, G) into n.
+//   once, exactly like a decode step. dora_norm_prep computes G = A·Aᵀ (and A in the GEMV's dtype)
+//   before it, dora_norm_assemble turns (‖W‖², Pᵀ, B, G) into n after it: three launches per step.
 //
 // Napkin math (H200, 4.3 TB/s; see shared/reference/performance-anchors.md §2.4), 8192×8192 NF4, r = 16:
 //   W read by the GEMV: 37.7 MB → 8.8 µs floor. Pᵀ: 8192×16 f32 = 0.5 MB written, 0.5 MB read by the
@@ -128,25 +128,67 @@ ROW_SQ(0)
 ROW_SQ(1)
 
 // ------------------------------------------------------------------------------------------------
-// n_i from its parts. One thread per output row i:
+// Before the GEMV: G = A·Aᵀ (f32 [r, r]) and, for a half-precision GEMV, A converted to T, in one
+// launch. Block p handles the pair (k, l), k <= l (r(r+1)/2 blocks): a deterministic block reduction of
+// A_k·A_l (f32, fixed tree), written to G[k, l] and G[l, k]; the diagonal blocks also write row k of A
+// in T. Napkin (r = 16, in = 8192): 136 blocks each read 2 rows (64 KB) from L2 after the first touch
+// of A (0.5 MB); ~1 µs, one launch instead of a cast plus a cuBLAS call.
+
+template <typename T>
+__device__ void norm_prep_impl(const float* __restrict__ a, float* __restrict__ gram, T* __restrict__ a_t, int r,
+                               int64_t in) {
+    __shared__ float scratch[32];
+    int k = 0;
+    int64_t rem = blockIdx.x;
+    while (rem >= r - k) {
+        rem -= r - k;
+        k++;
+    }
+    const int l = k + (int)rem;
+    const float* ak = a + (int64_t)k * in;
+    const float* al = a + (int64_t)l * in;
+    float acc = 0.f;
+    for (int64_t j = threadIdx.x; j < in; j += blockDim.x) {
+        const float v = ak[j];
+        acc = fmaf(v, al[j], acc);
+        if (a_t != nullptr && k == l) a_t[(int64_t)k * in + j] = from_f32<T>(v);
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) {
+        gram[k * r + l] = acc;
+        gram[l * r + k] = acc;
+    }
+}
+
+#define NORM_PREP(TN, T)                                                                                   \
+    extern "C" __global__ void dora_norm_prep_##TN(const float* a, float* gram, T* a_t, int r, int64_t in) { \
+        norm_prep_impl<T>(a, gram, a_t, r, in);                                                            \
+    }
+NORM_PREP(f32, float)
+NORM_PREP(f16, f16)
+NORM_PREP(bf16, bf16)
+
+// ------------------------------------------------------------------------------------------------
+// n_i from its parts. One thread per output row i (Pᵀ in the GEMV's dtype P):
 //   bp  = Σ_k B[i,k]·Pᵀ[k,i]            (Pᵀ read coalesced across the warp: consecutive i)
 //   bgb = Σ_k B[i,k]·(Σ_l G[k,l]·B[i,l]) (G is r×r, the same addresses for every thread: broadcast)
 //   n²  = ‖W_i‖² + 2s·bp + s²·bgb, clamped at 0 (the expansion can cancel below zero when
 //         B·A ≈ -W/s), n = sqrt(n²). NaN propagates (the clamp is a comparison, not fmaxf).
 //   With m: scale_i = m_i / max(n_i, eps).
 // Napkin: out·(r + r²) FMAs (r = 16: 2.2 MFLOP at 8192 rows), reads ‖W‖², Pᵀ and B once (≈ 1 MB).
-// Every step is __fmul_rn/__fadd_rn in the CPU twin's order: bit-identical to it.
+// Every step is __fmul_rn/__fadd_rn in the CPU twin's order: bit-identical to it for P = f32.
 
-extern "C" __global__ void dora_norm_assemble(const float* __restrict__ wsq, const float* __restrict__ pt,
-                                              const float* __restrict__ b, const float* __restrict__ gram,
-                                              const float* __restrict__ m, float* __restrict__ n_out,
-                                              float* __restrict__ scale_out, float s, int64_t out, int r) {
+template <typename P>
+__device__ void norm_assemble_impl(const float* __restrict__ wsq, const P* __restrict__ pt,
+                                   const float* __restrict__ b, const float* __restrict__ gram,
+                                   const float* __restrict__ m, float* __restrict__ n_out,
+                                   float* __restrict__ scale_out, float s, int64_t out, int r) {
     GRID_STRIDE(i, out) {
         const float* bi = b + i * r;
         float bp = 0.f, bgb = 0.f;
         for (int k = 0; k < r; k++) {
             const float bk = bi[k];
-            bp = __fadd_rn(bp, __fmul_rn(bk, pt[(int64_t)k * out + i]));
+            bp = __fadd_rn(bp, __fmul_rn(bk, to_f32(pt[(int64_t)k * out + i])));
             float t = 0.f;
             for (int l = 0; l < r; l++) t = __fadd_rn(t, __fmul_rn(__ldg(gram + k * r + l), bi[l]));
             bgb = __fadd_rn(bgb, __fmul_rn(bk, t));
@@ -158,6 +200,16 @@ extern "C" __global__ void dora_norm_assemble(const float* __restrict__ wsq, con
         if (m != nullptr) scale_out[i] = m[i] / (n < DORA_NORM_EPS ? DORA_NORM_EPS : n);
     }
 }
+
+#define NORM_ASSEMBLE(PN, P)                                                                                \
+    extern "C" __global__ void dora_norm_assemble_##PN(const float* wsq, const P* pt, const float* b,        \
+                                                       const float* gram, const float* m, float* n_out,     \
+                                                       float* scale_out, float s, int64_t out, int r) {    \
+        norm_assemble_impl<P>(wsq, pt, b, gram, m, n_out, scale_out, s, out, r);                            \
+    }
+NORM_ASSEMBLE(f32, float)
+NORM_ASSEMBLE(f16, f16)
+NORM_ASSEMBLE(bf16, bf16)
 
 // ------------------------------------------------------------------------------------------------
 // y[t, j] = z[t, j]·c[j] (+ bias[j]) (+ add[t, j]), computed in f32 with one rounding to T per step.

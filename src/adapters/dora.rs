@@ -127,7 +127,8 @@ pub struct DoraContext {
     zc: Tensor,
     n: Tensor,
     g: Tensor,
-    /// `(Pᵀ, G)` for the full norm gradient (None when detached or when the eval cache was used).
+    /// `(Pᵀ, G)` for the full norm gradient (None when detached or when the eval cache was used); Pᵀ is
+    /// in the compute dtype of the product (f32 on the CPU).
     parts: Option<(Tensor, Tensor)>,
     in_shape: Vec<usize>,
     out_shape: Vec<usize>,
@@ -579,7 +580,9 @@ impl DoraLinear {
                     (&computed.0, &computed.1)
                 }
             };
-            let (dbx, ct) = on_device!(dev, full_norm_grad(&dm, &ctx.g, &ctx.n, &b32, pt, gram, s))?;
+            // Pᵀ is in the compute dtype of the forward pass (bf16 on CUDA with bf16 activations).
+            let pt32 = pt.to_dtype(DType::F32)?;
+            let (dbx, ct) = on_device!(dev, full_norm_grad(&dm, &ctx.g, &ctx.n, &b32, &pt32, gram, s))?;
             db.add_scaled_(&dbx, 1.0)?;
             // ∂L/∂A += s·(Cᵀ·W + s·(Cᵀ·B)·A).
             let mut extra = on_device!(dev, weight_tproj(self.base(), &ct))?;
@@ -719,11 +722,9 @@ fn norm_parts(
     let dev = base.device();
     let (a32, b32) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
     let m32 = m.map(|m| m.to_dtype(DType::F32)).transpose()?;
-    let pt = on_device!(dev, weight_proj(base, &a32, dtype))?;
-    let gram = a32.matmul_t(&a32, false, true)?;
-    let (n, g) = on_device!(
+    let (n, g, pt, gram) = on_device!(
         dev,
-        norm_assemble(w_sq, &pt, &b32, &gram, m32.as_ref(), lora.scaling())
+        norm(base, w_sq, &a32, &b32, m32.as_ref(), lora.scaling(), dtype)
     )?;
     Ok(NormParts { n, g, pt, gram })
 }

@@ -58,9 +58,26 @@ pub(super) fn row_sq_norms(base: &BaseWeight) -> Result<Tensor> {
     vec_tensor(res, &[out])
 }
 
-/// `Pᵀ = A·Wᵀ` (f32 `[r, out]`) from f32 `A [r, in]`: W read once per 16 rows of A. Always f32 on the
-/// CPU (`_dtype` is the CUDA compute precision).
-pub(super) fn weight_proj(base: &BaseWeight, a32: &Tensor, _dtype: DType) -> Result<Tensor> {
+/// `(n, m / n, Pᵀ, G)` of the current A and B (twin of the CUDA `norm`): `Pᵀ = A·Wᵀ`, `G = A·Aᵀ` and
+/// the assembly, all in f32 (`_dtype` is the CUDA compute precision).
+#[allow(clippy::type_complexity)]
+pub(super) fn norm(
+    base: &BaseWeight,
+    w_sq: &Tensor,
+    a32: &Tensor,
+    b32: &Tensor,
+    m32: Option<&Tensor>,
+    s: f32,
+    _dtype: DType,
+) -> Result<(Tensor, Option<Tensor>, Tensor, Tensor)> {
+    let pt = weight_proj(base, a32)?;
+    let gram = a32.matmul_t(a32, false, true)?;
+    let (n, g) = norm_assemble(w_sq, &pt, b32, &gram, m32, s)?;
+    Ok((n, g, pt, gram))
+}
+
+/// `Pᵀ = A·Wᵀ` (f32 `[r, out]`) from f32 `A [r, in]`: W read once per 16 rows of A.
+fn weight_proj(base: &BaseWeight, a32: &Tensor) -> Result<Tensor> {
     let (out, inp) = (base.out_features(), base.in_features());
     let (r, _) = a32.dims2("dora weight_proj")?;
     let a = f32s(a32, "dora weight_proj")?;
@@ -110,7 +127,7 @@ pub(super) fn weight_tproj(base: &BaseWeight, ct: &Tensor) -> Result<Tensor> {
 }
 
 /// Twin of `dora_norm_assemble`: `n` (and `m / max(n, eps)` when `m` is given).
-pub(super) fn norm_assemble(
+fn norm_assemble(
     wsq: &Tensor,
     pt: &Tensor,
     b32: &Tensor,

@@ -185,42 +185,97 @@ pub(super) fn row_sq_norms(base: &BaseWeight) -> Result<Tensor> {
     Ok(wrap(out, &[rows], DType::F32))
 }
 
-/// `Pᵀ = A·Wᵀ` (f32 `[r, out]`) through the fused 4-bit GEMV of `qmatmul` with the rows of A as tokens,
-/// computed in `dtype` (the activation dtype; a dense W forces its own dtype). Never a dequantized W:
-/// for a 4-bit W, `r ≤ 16` is one GEMV (tensor cores for f16/bf16 when `in % 32 == 0`, f32 FMAs
-/// otherwise); larger r runs the tiled tensor-core GEMM when it applies (f16/bf16, `in % 32 == 0`) and
-/// otherwise 16-row GEMV passes, because qmatmul's remaining fallback would dequantize W.
-pub(super) fn weight_proj(base: &BaseWeight, a32: &Tensor, dtype: DType) -> Result<Tensor> {
-    let (r, inp) = a32.dims2("dora weight_proj")?;
+/// `(n, m / n, Pᵀ, G)` of the current A and B: `dora_norm_prep` (G = A·Aᵀ, and A in the compute
+/// dtype), the product `Pᵀ = A·Wᵀ` ([`weight_proj`], Pᵀ in the compute dtype), `dora_norm_assemble`.
+/// `dtype` is the activation dtype; a dense W forces its own dtype.
+#[allow(clippy::type_complexity)]
+pub(super) fn norm(
+    base: &BaseWeight,
+    w_sq: &Tensor,
+    a32: &Tensor,
+    b32: &Tensor,
+    m32: Option<&Tensor>,
+    s: f32,
+    dtype: DType,
+) -> Result<(Tensor, Option<Tensor>, Tensor, Tensor)> {
+    let op = "dora norm";
     let dtype = match base {
         BaseWeight::Dense(w) => w.dtype(),
         BaseWeight::Quantized(_) => dtype,
     };
-    let a = a32.to_dtype(dtype)?;
-    let one = |a: &Tensor| -> Result<Tensor> {
-        linear_forward(a, base, None, None, Algo::Fused)?.to_dtype(DType::F32)
+    let (r, inp) = a32.dims2(op)?;
+    let asr = f32_cuda(a32, op)?;
+    let b = asr.backend.clone();
+    let mut gram = alloc(&b, DType::F32, r * r)?;
+    let mut a_t = if dtype != DType::F32 {
+        Some(alloc(&b, dtype, r * inp)?)
+    } else {
+        None
     };
+    if r > 0 {
+        let pairs = u32::try_from(r * (r + 1) / 2)
+            .map_err(|_| Error::invalid(format!("{op}: rank {r} too large")))?;
+        let f = b.func("dora", kname(format!("dora_norm_prep_{}", dtype.as_str())))?;
+        let (r32, in64) = (i32_of(r, "rank")?, i64_of(inp));
+        let mut l = b.stream.launch_builder(&f);
+        l.arg(&asr.data).arg(&mut gram.data);
+        match a_t.as_mut() {
+            Some(t) => l.arg(&mut t.data),
+            None => l.arg(&NULL),
+        };
+        l.arg(&r32).arg(&in64);
+        let cfg = LaunchConfig {
+            grid_dim: (pairs, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: dora_norm_prep_<T>(const float* a [r*in], float* gram [r*r], T* a_t [r*in] | null, int r,
+        // int64 in). a is f32 [r, in] (checked); gram holds r*r f32; a_t, when present, r*in elements of
+        // T = dtype (null for f32, where the kernel writes nothing there); one block per pair k <= l,
+        // r(r+1)/2 blocks, so every G[k, l] and G[l, k] is written; static shared memory 128 B.
+        unsafe { l.launch(cfg) }?;
+    }
+    let a_c = match a_t {
+        Some(t) => wrap(t, &[r, inp], dtype),
+        None => a32.clone(),
+    };
+    let pt = weight_proj(base, &a_c)?;
+    let gram = wrap(gram, &[r, r], DType::F32);
+    let (n, g) = norm_assemble(w_sq, &pt, b32, &gram, m32, s)?;
+    Ok((n, g, pt, gram))
+}
+
+/// `Pᵀ = A·Wᵀ` (`[r, out]`, in A's dtype) through the fused 4-bit GEMV of `qmatmul` with the rows of A
+/// as tokens. Never a dequantized W: for a 4-bit W, `r ≤ 16` is one GEMV (tensor cores for f16/bf16
+/// when `in % 32 == 0`, f32 FMAs otherwise); larger r runs the tiled tensor-core GEMM when it applies
+/// (f16/bf16, `in % 32 == 0`) and otherwise 16-row GEMV passes, because qmatmul's remaining fallback
+/// would dequantize W. A dense W (A in its dtype) is one cuBLAS GEMM.
+fn weight_proj(base: &BaseWeight, a: &Tensor) -> Result<Tensor> {
+    let (r, inp) = a.dims2("dora weight_proj")?;
+    let dtype = a.dtype();
+    let one = |a: &Tensor| linear_forward(a, base, None, None, Algo::Fused);
     let single = match base {
         BaseWeight::Dense(_) => true,
         BaseWeight::Quantized(_) => r <= 16 || (dtype != DType::F32 && inp % 32 == 0),
     };
     if single {
-        return one(&a);
+        return one(a);
     }
-    // 16-row chunks of A: each a GEMV over W; the results are stacked on the host side of the stream
-    // (device-to-device copies into one [r, out] buffer).
+    // 16-row chunks of A, each a GEMV over W, copied into one [r, out] buffer (device to device).
     let out = base.out_features();
-    let b = backend_of(&a, "dora weight_proj")?;
-    let mut pt = alloc(&b, DType::F32, r * out)?;
+    let es = dtype.size_in_bytes();
+    let b = backend_of(a, "dora weight_proj")?;
+    let mut pt = alloc(&b, dtype, r * out)?;
     for k0 in (0..r).step_by(16) {
         let kc = 16.min(r - k0);
-        let rows = slice_rows(&a, k0, kc, inp)?;
+        let rows = slice_rows(a, k0, kc, inp)?;
         let part = one(&rows)?;
         let src = cuda_of(&part, "dora weight_proj")?;
-        let mut dst = pt.data.slice_mut(k0 * out * 4..(k0 + kc) * out * 4);
-        b.stream.memcpy_dtod(&src.data.slice(0..kc * out * 4), &mut dst)?;
+        let mut dst = pt.data.slice_mut(k0 * out * es..(k0 + kc) * out * es);
+        b.stream
+            .memcpy_dtod(&src.data.slice(0..kc * out * es), &mut dst)?;
     }
-    Ok(wrap(pt, &[r, out], DType::F32))
+    Ok(wrap(pt, &[r, out], dtype))
 }
 
 /// Rows `[k0, k0 + kc)` of a 2-D CUDA tensor with `cols` columns, as a new tensor.
@@ -314,8 +369,8 @@ pub(super) fn weight_tproj(base: &BaseWeight, ct: &Tensor) -> Result<Tensor> {
     Ok(wrap(y, &[r, inp], DType::F32))
 }
 
-/// `n` and, with `m`, `m / max(n, eps)` (both f32 `[out]`).
-pub(super) fn norm_assemble(
+/// `n` and, with `m`, `m / max(n, eps)` (both f32 `[out]`); Pᵀ in f32, f16 or bf16.
+fn norm_assemble(
     wsq: &Tensor,
     pt: &Tensor,
     b32: &Tensor,
@@ -340,7 +395,10 @@ pub(super) fn norm_assemble(
         None
     };
     if out > 0 {
-        let f = b.func("dora", "dora_norm_assemble")?;
+        let f = b.func(
+            "dora",
+            kname(format!("dora_norm_assemble_{}", pt.dtype().as_str())),
+        )?;
         let (out64, r32) = (i64_of(out), i32_of(r, "rank")?);
         let mut l = b.stream.launch_builder(&f);
         l.arg(&ws.data).arg(&ps.data).arg(&bs.data).arg(&gs.data);
@@ -351,7 +409,7 @@ pub(super) fn norm_assemble(
             None => l.arg(&NULL),
         };
         l.arg(&s).arg(&out64).arg(&r32);
-        // SAFETY: dora_norm_assemble(const float* wsq [out], const float* pt [r*out], const float* b [out*r],
+        // SAFETY: dora_norm_assemble_<P>(const float* wsq [out], const P* pt [r*out] (P = pt's dtype), const float* b [out*r],
         // const float* gram [r*r], const float* m [out] | null, float* n [out], float* scale [out] | null,
         // float s, int64 out, int r). All f32 (checked) with those sizes (checked by the caller); scale is
         // non-null exactly when m is; the grid-stride loop covers out.
