@@ -414,3 +414,10 @@ extern "C" __global__ void dora_scale_of(const float* __restrict__ m, const floa
         g[i] = m[i] / (ni < DORA_NORM_EPS ? DORA_NORM_EPS : ni);
     }
 }
+
+// y[i, j] = x[i, j]·f[i] on small [out, r] matrices: the backward pass scales B and dyᵀ·u by g instead
+// of materializing dz = dy ⊙ g (tokens·out) when no dx is needed.
+extern "C" __global__ void dora_scale_rows(const float* __restrict__ x, const float* __restrict__ f,
+                                           float* __restrict__ y, int64_t rows, int64_t cols) {
+    GRID_STRIDE(e, rows * cols) y[e] = __fmul_rn(x[e], f[e / cols]);
+}

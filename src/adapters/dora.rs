@@ -18,9 +18,10 @@
 //! **The norm** never builds `W + s·B·A` (out×in) nor a dequantized W:
 //! `n_i² = ‖W_i‖² + 2s·B_i·P_i + s²·B_i·G·B_iᵀ` with `P = W·Aᵀ [out, r]` and `G = A·Aᵀ [r, r]`.
 //! `‖W_i‖²` is computed once at creation, decoding W row by row. Each step computes `Pᵀ = A·Wᵀ` through
-//! the fused 4-bit GEMV of [`crate::qmatmul`] with the r rows of A as tokens (one streaming read of W per
-//! 16 rows of A on the CPU; on CUDA one read for r ≤ 16, see `cuda::weight_proj`), `G` with a tiny GEMM,
-//! and assembles n in one small kernel. The expansion cancels when `B·A ≈ -W/s` on a row, so `n²` is
+//! the fused 4-bit GEMV of [`crate::qmatmul`] with the r rows of A as tokens (on CUDA one read of W
+//! for r ≤ 16, see `cuda::weight_proj`; on the CPU one read per 16 rows of A, or, in a training step,
+//! as r extra rows of the forward product itself, which reads W anyway: see `cpu::fuse_norm_rows`),
+//! `G` with a tiny GEMM, and assembles n in one small kernel. The expansion cancels when `B·A ≈ -W/s` on a row, so `n²` is
 //! clamped at 0 before the square root; its absolute error is O(ε·(‖W_i‖ + ‖s·B_i·A‖)²) with ε the unit
 //! roundoff of the compute precision (tested against the materialized f64 norm).
 //!
@@ -38,7 +39,9 @@
 //!
 //! **Gradients.** By default the norm is detached (PEFT, DoRA paper §4.3): `dm = Σ_t dy ⊙ z / n`,
 //! `dz = dy ⊙ g`, then the LoRA chain on dz (`dB = dzᵀ·u`, `dA = (s·dz·B)ᵀ·xd`,
-//! `dx = dz·W + s·(dz·B)·A` in one fused product). [`DoraOptions::full_norm_gradient`] adds the path
+//! `dx = dz·W + s·(dz·B)·A` in one fused product). dz itself is only materialized for that dx product:
+//! the rank-r gradients use `dzᵀ·u = g ⊙_rows (dyᵀ·u)` and `dz·B = dy·(g ⊙_rows B)`, so the only
+//! extra pass over `[tokens, out]` data in the backward pass is the one that computes dm. [`DoraOptions::full_norm_gradient`] adds the path
 //! through n: with `S = Σ_t dy ⊙ z`, `c = dn / n = -m·S / n³` and `C = c ⊙ B` (rows scaled),
 //! `∂L/∂B_i += s·c_i·(P_i + s·(B·G)_i)` and `∂L/∂A += s·(Cᵀ·W + s·(Cᵀ·B)·A)`; `Cᵀ·W` is one more
 //! streaming read of W (`[r, in]`, no temporaries). With `need_dx = false` (adapter gradients only) no
@@ -428,16 +431,20 @@ impl DoraLinear {
             ));
         }
         let mask_seed = self.mask_seed(dropout_seed);
-        let (n, g, parts) = match (&self.eval, dropout_seed) {
-            (Some(c), None) => (c.n.clone(), c.g.clone(), None),
-            _ => {
-                let p = norm_parts(&self.lora, &self.w_sq, a, b, Some(m), x2.dtype())?;
-                let g =
-                    p.g.ok_or_else(|| Error::invalid("internal: norm without scale"))?;
-                let parts = self.opts.full_norm_gradient.then_some((p.pt, p.gram));
-                (p.n, g, parts)
-            }
+        let cached = match (&self.eval, dropout_seed) {
+            (Some(c), None) => Some(c.clone()),
+            _ => None,
         };
+        // CPU: the r rows of A ride along as extra rows of the forward product, which already decodes
+        // (or reads) all of W, so Pᵀ = A·Wᵀ costs r/tokens of its FLOPs instead of a separate pass over
+        // W (≈ 3% against ≈ 15% of a 512-token step at 4096²), where that does not push a 4-bit product
+        // from the decode GEMV to the panel path (see `cpu::fuse_norm_rows`). On CUDA (tile
+        // granularity, tensor-core GEMV) the separate GEMV is kept.
+        let dev = x2.device();
+        let fuse_norm = cached.is_none()
+            && dev.is_cpu()
+            && x2.dtype() == DType::F32
+            && cpu::fuse_norm_rows(self.base(), x2.dims()[0], self.rank());
         let (a32, b32) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
         let xd = self.dropped(&x2, mask_seed)?;
         // u = s·drop(x)·Aᵀ in f32: [tokens, r].
@@ -446,22 +453,42 @@ impl DoraLinear {
             .matmul_t(&a32, false, true)?
             .scale(self.scaling())?;
         let lr = Some(LowRankFwd { u: &u, b: &b32 });
-        let dev = x2.device();
-        let (y, zc) = match mask_seed {
-            None => {
-                // z = [x | u]·[W | B]ᵀ, then y = g ⊙ z + b.
-                let z = linear_forward(&x2, self.base(), None, lr, self.algo)?;
-                let bias32 = self.bias().map(|t| t.to_dtype(DType::F32)).transpose()?;
-                let y = on_device!(dev, scale_cols(&z, &g, bias32.as_ref(), None))?;
-                (y, z)
+        // The product g multiplies: [x_c | u]·[W | B]ᵀ (x_c = x, or drop(x) with dropout), plus Pᵀ
+        // when fused.
+        let (zc, pt) = if fuse_norm {
+            let (z, pt) = cpu::forward_with_rows(&xd, self.base(), &u, &b32, &a32, self.algo)?;
+            (z, Some(pt))
+        } else {
+            (linear_forward(&xd, self.base(), None, lr, self.algo)?, None)
+        };
+        let (n, g, parts) = match (cached, pt) {
+            (Some(c), _) => (c.n, c.g, None),
+            (None, Some(pt)) => {
+                let m32 = m.to_dtype(DType::F32)?;
+                let gram = a32.matmul_t(&a32, false, true)?;
+                let (n, g) = cpu::norm_assemble(&self.w_sq, &pt, &b32, &gram, Some(&m32), self.scaling())?;
+                let g = g.ok_or_else(|| Error::invalid("internal: norm without scale"))?;
+                (n, g, self.opts.full_norm_gradient.then_some((pt, gram)))
             }
+            (None, None) => {
+                let p = norm_parts(&self.lora, &self.w_sq, a, b, Some(m), x2.dtype())?;
+                let g =
+                    p.g.ok_or_else(|| Error::invalid("internal: norm without scale"))?;
+                (p.n, g, self.opts.full_norm_gradient.then_some((p.pt, p.gram)))
+            }
+        };
+        let tokens = x2.dims()[0];
+        let y = match mask_seed {
+            // y = g ⊙ z + b (z: the first `tokens` rows of zc).
+            None => {
+                let bias32 = self.bias().map(|t| t.to_dtype(DType::F32)).transpose()?;
+                on_device!(dev, scale_cols(&zc, tokens, &g, bias32.as_ref(), None))?
+            }
+            // (W·x + b + lr) + (g - 1) ⊙ (W·xd + lr).
             Some(_) => {
-                // (W·x + b + lr) + (g - 1) ⊙ (W·xd + lr).
                 let clean = linear_forward(&x2, self.base(), self.bias(), lr, self.algo)?;
-                let zd = linear_forward(&xd, self.base(), None, lr, self.algo)?;
                 let gm1 = g.affine(1.0, -1.0)?;
-                let y = on_device!(dev, scale_cols(&zd, &gm1, None, Some(&clean)))?;
-                (y, zd)
+                on_device!(dev, scale_cols(&zc, tokens, &gm1, None, Some(&clean)))?
             }
         };
         let mut out_shape = x.shape()[..x.rank() - 1].to_vec();
@@ -532,30 +559,32 @@ impl DoraLinear {
             .flatten(dy, self.out_features(), "DoraLinear::backward")?
             .to_dtype(ctx.zc.dtype())?;
         let (a32, b32) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
-        // dm = Σ_t dy ⊙ z / n and dz = dy ⊙ g in one pass; dz in dy's dtype only when it feeds the fused
-        // dx product, else straight to f32 for the rank-r gradients.
+        // dm = Σ_t dy ⊙ z / n in one pass over dy and z. dz = dy ⊙ g is materialized (in the same pass)
+        // only for the fused dx product; the rank-r gradients scale [out, r] matrices by g instead:
+        // dB = g ⊙_rows (dyᵀ·u), v = s·dz·B = s·dy·(g ⊙_rows B).
         let fused_dx = need_dx && ctx.mask_seed.is_none();
-        let dz_dtype = if fused_dx { dy2.dtype() } else { DType::F32 };
-        let (dm, dz) = on_device!(dev, colsum(&dy2, &ctx.zc, &ctx.g, &ctx.n, Some(dz_dtype)))?;
-        let dz = dz.ok_or_else(|| Error::invalid("internal: colsum without dz"))?;
-        let dz32 = dz.to_dtype(DType::F32)?;
-        // dB = dzᵀ·u: [out, tokens]·[tokens, r]  (u already carries s).
-        let mut db = dz32.matmul_t(&ctx.u, true, false)?;
-        // v = s·dz·B: [tokens, r];  dA = vᵀ·drop(x): [r, tokens]·[tokens, in].
-        let v = dz32.matmul(&b32)?.scale(s)?;
+        let dz_dtype = fused_dx.then_some(dy2.dtype());
+        let (dm, dz) = on_device!(dev, colsum(&dy2, &ctx.zc, &ctx.g, &ctx.n, dz_dtype))?;
+        let dy32 = dy2.to_dtype(DType::F32)?;
+        // dB = g ⊙ (dyᵀ·u): [out, tokens]·[tokens, r]  (u already carries s).
+        let mut db = on_device!(dev, scale_rows(&dy32.matmul_t(&ctx.u, true, false)?, &ctx.g))?;
+        // v = s·dy·(g ⊙ B): [tokens, r];  dA = vᵀ·drop(x): [r, tokens]·[tokens, in].
+        let gb = on_device!(dev, scale_rows(&b32, &ctx.g))?;
+        let v = dy32.matmul(&gb)?.scale(s)?;
         let xd32 = self.dropped(&ctx.x, ctx.mask_seed)?.to_dtype(DType::F32)?;
         let mut da = v.matmul_t(&xd32, true, false)?;
         let dx = if need_dx {
             let dx = match ctx.mask_seed {
                 // dx = dz·W + v·A: one fused K-concatenated product.
                 None => {
+                    let dz = dz.ok_or_else(|| Error::invalid("internal: colsum without dz"))?;
                     linear_backward_input(&dz, self.base(), Some(LowRankBwd { v: &v, a: &a32 }), self.algo)?
                 }
                 // dx = dy·W + drop((dy ⊙ (g - 1))·W + v·A).
                 Some(seed) => {
                     let clean = linear_backward_input(&dy2, self.base(), None, self.algo)?;
                     let gm1 = ctx.g.affine(1.0, -1.0)?;
-                    let dyg = on_device!(dev, scale_cols(&dy2, &gm1, None, None))?;
+                    let dyg = on_device!(dev, scale_cols(&dy2, dy2.dims()[0], &gm1, None, None))?;
                     let adapter = linear_backward_input(
                         &dyg,
                         self.base(),

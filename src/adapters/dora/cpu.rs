@@ -12,8 +12,8 @@
 use super::NORM_EPS;
 use crate::Device;
 use crate::error::{Error, Result};
-use crate::qmatmul::BaseWeight;
 use crate::qmatmul::cpu::{WeightRef, gemv_bwd, gemv_fwd};
+use crate::qmatmul::{Algo, BaseWeight, LowRankFwd, linear_forward};
 use crate::tensor::{DType, Element, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -56,6 +56,47 @@ pub(super) fn row_sq_norms(base: &BaseWeight) -> Result<Tensor> {
         },
     );
     vec_tensor(res, &[out])
+}
+
+/// Whether the norm's `Pᵀ = A·Wᵀ` should ride along as r extra rows of the forward product. A dense W
+/// goes to one GEMM (or one GEMV) either way, so one read of W beats two. A 4-bit W runs the decode
+/// GEMV up to 16 rows and dequantized panels + GEMM above: fused when the forward already is on the
+/// panel path (tokens > 16) or when both fit one GEMV (tokens + r ≤ 16); not when the extra rows would
+/// move a GEMV-sized forward onto the panel path, whose dequantization costs more than a second GEMV.
+pub(super) fn fuse_norm_rows(base: &BaseWeight, tokens: usize, r: usize) -> bool {
+    use crate::qmatmul::cpu::DECODE_MAX_TOKENS;
+    match base {
+        BaseWeight::Dense(_) => true,
+        BaseWeight::Quantized(_) => tokens > DECODE_MAX_TOKENS || tokens + r <= DECODE_MAX_TOKENS,
+    }
+}
+
+/// `[x | u]·[W | B]ᵀ` stacked over `A·Wᵀ` (`[t + r, out]`), and a copy of the `A·Wᵀ` rows (`Pᵀ`),
+/// in one product: A's rows are appended to x's (with zero low-rank coefficients), so W is decoded or
+/// read once for both. f32 `x [t, in]`, `u [t, rank]`, `A [r, in]`. Costs a copy of x (memory bound,
+/// t·in·8 bytes moved) against a separate pass over W; the caller uses the first t output rows in place.
+pub(super) fn forward_with_rows(
+    x: &Tensor,
+    base: &BaseWeight,
+    u: &Tensor,
+    b32: &Tensor,
+    a32: &Tensor,
+    algo: Algo,
+) -> Result<(Tensor, Tensor)> {
+    let op = "dora forward_with_rows";
+    let ((t, inp), (r, _), (_, rank)) = (x.dims2(op)?, a32.dims2(op)?, u.dims2(op)?);
+    let out = base.out_features();
+    let mut xa = Vec::with_capacity((t + r) * inp);
+    xa.extend_from_slice(f32s(x, op)?);
+    xa.extend_from_slice(f32s(a32, op)?);
+    let mut ua = Vec::with_capacity((t + r) * rank);
+    ua.extend_from_slice(f32s(u, op)?);
+    ua.resize((t + r) * rank, 0.0);
+    let xa = vec_tensor(xa, &[t + r, inp])?;
+    let ua = vec_tensor(ua, &[t + r, rank])?;
+    let y = linear_forward(&xa, base, None, Some(LowRankFwd { u: &ua, b: b32 }), algo)?;
+    let pt = vec_tensor(f32s(&y, op)?[t * out..].to_vec(), &[r, out])?;
+    Ok((y, pt))
 }
 
 /// `(n, m / n, Pᵀ, G)` of the current A and B (twin of the CUDA `norm`): `Pᵀ = A·Wᵀ`, `G = A·Aᵀ` and
@@ -127,7 +168,7 @@ pub(super) fn weight_tproj(base: &BaseWeight, ct: &Tensor) -> Result<Tensor> {
 }
 
 /// Twin of `dora_norm_assemble`: `n` (and `m / max(n, eps)` when `m` is given).
-fn norm_assemble(
+pub(super) fn norm_assemble(
     wsq: &Tensor,
     pt: &Tensor,
     b32: &Tensor,
@@ -195,15 +236,23 @@ macro_rules! by_dtype {
     };
 }
 
-/// Twin of `dora_scale_cols_*`: `y = z·c (+ bias) (+ add)` in z's dtype.
+/// Twin of `dora_scale_cols_*`: `y = z·c (+ bias) (+ add)` in z's dtype, over the first `rows` rows
+/// of z (z may be taller: the fused forward keeps `Pᵀ` below the activations).
 pub(super) fn scale_cols(
     z: &Tensor,
+    rows: usize,
     c: &Tensor,
     bias: Option<&Tensor>,
     add: Option<&Tensor>,
 ) -> Result<Tensor> {
     let op = "dora scale_cols";
-    let (rows, cols) = z.dims2(op)?;
+    let (zrows, cols) = z.dims2(op)?;
+    if rows > zrows {
+        return Err(Error::shape(
+            op,
+            format!("{rows} rows requested from {:?}", z.shape()),
+        ));
+    }
     let c = f32s(c, op)?;
     let bias = bias.map(|b| f32s(b, op)).transpose()?;
     by_dtype!(z.dtype(), op, |T| {
@@ -211,26 +260,57 @@ pub(super) fn scale_cols(
         let addv = add.map(|a| a.cpu_data::<T>(op)).transpose()?;
         let mut y = vec![T::from_f32(0.0); rows * cols];
         if cols > 0 {
-            y.par_chunks_mut(cols).enumerate().for_each(|(t, yr)| {
-                let zr = &zv[t * cols..(t + 1) * cols];
-                for j in 0..cols {
-                    let mut v = zr[j].to_f32() * c[j];
-                    if let Some(b) = bias {
-                        v += b[j];
+            y.par_chunks_mut(cols)
+                .enumerate()
+                .with_min_len(8)
+                .for_each(|(t, yr)| {
+                    let zr = &zv[t * cols..(t + 1) * cols];
+                    // The four variants are separate loops so that each one vectorizes.
+                    match (bias, addv) {
+                        (None, None) => {
+                            for ((o, z), c) in yr.iter_mut().zip(zr).zip(c) {
+                                *o = T::from_f32(z.to_f32() * c);
+                            }
+                        }
+                        (Some(b), None) => {
+                            for (((o, z), c), b) in yr.iter_mut().zip(zr).zip(c).zip(b) {
+                                *o = T::from_f32(z.to_f32() * c + b);
+                            }
+                        }
+                        (None, Some(a)) => {
+                            let ar = &a[t * cols..(t + 1) * cols];
+                            for (((o, z), c), a) in yr.iter_mut().zip(zr).zip(c).zip(ar) {
+                                *o = T::from_f32(z.to_f32() * c + a.to_f32());
+                            }
+                        }
+                        (Some(b), Some(a)) => {
+                            let ar = &a[t * cols..(t + 1) * cols];
+                            for ((((o, z), c), b), a) in yr.iter_mut().zip(zr).zip(c).zip(b).zip(ar) {
+                                *o = T::from_f32(z.to_f32() * c + b + a.to_f32());
+                            }
+                        }
                     }
-                    if let Some(a) = addv {
-                        v += a[t * cols + j].to_f32();
-                    }
-                    yr[j] = T::from_f32(v);
-                }
-            });
+                });
         }
         Tensor::from_vec(y, &[rows, cols], Device::Cpu)
     })
 }
 
-/// Twin of `dora_colsum_*`: `dm = (Σ_t dy·z) / max(n, eps)` (f32 `[cols]`) and, when `dz_dtype` is
-/// given, `dz = dy·g` in that dtype. Per column, rows `t ≡ k (mod 8)` are summed in order into 8
+/// Twin of `dora_scale_rows`: `y[i, j] = x[i, j]·f[i]` (f32; `[out, r]`-sized operands).
+pub(super) fn scale_rows(x: &Tensor, f: &Tensor) -> Result<Tensor> {
+    let op = "dora scale_rows";
+    let (rows, cols) = x.dims2(op)?;
+    let (xv, fv) = (f32s(x, op)?, f32s(f, op)?);
+    let y: Vec<f32> = xv
+        .iter()
+        .enumerate()
+        .map(|(k, &v)| v * fv[k / cols.max(1)])
+        .collect();
+    vec_tensor(y, &[rows, cols])
+}
+
+/// Twin of `dora_colsum_*`: `dm = (Σ_t dy·z) / max(n, eps)` (f32 `[cols]`; z may be taller than dy,
+/// its first rows are used) and, when `dz_dtype` is given, `dz = dy·g` in that dtype. Per column, rows `t ≡ k (mod 8)` are summed in order into 8
 /// partials that are then added in order: the kernel's order, so the result is bit-identical and
 /// independent of the thread count. Tasks own disjoint column ranges.
 pub(super) fn colsum(
@@ -242,6 +322,13 @@ pub(super) fn colsum(
 ) -> Result<(Tensor, Option<Tensor>)> {
     let op = "dora colsum";
     let (rows, cols) = dy.dims2(op)?;
+    let (zrows, zcols) = z.dims2(op)?;
+    if zcols != cols || zrows < rows {
+        return Err(Error::shape(
+            op,
+            format!("z {:?} does not cover dy {:?}", z.shape(), dy.shape()),
+        ));
+    }
     let (g, n) = (f32s(g, op)?, f32s(n, op)?);
     by_dtype!(dy.dtype(), op, |T| {
         let (dyv, zv) = (dy.cpu_data::<T>(op)?, z.cpu_data::<T>(op)?);

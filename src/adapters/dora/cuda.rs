@@ -421,15 +421,23 @@ fn norm_assemble(
     ))
 }
 
-/// `y = z·c (+ bias) (+ add)` in z's dtype; `c`, `bias` f32 `[cols]`, `add` like z.
+/// `y = z·c (+ bias) (+ add)` in z's dtype over the first `rows` rows of z; `c`, `bias` f32 `[cols]`,
+/// `add` like y.
 pub(super) fn scale_cols(
     z: &Tensor,
+    rows: usize,
     c: &Tensor,
     bias: Option<&Tensor>,
     add: Option<&Tensor>,
 ) -> Result<Tensor> {
     let op = "dora scale_cols";
-    let (rows, cols) = z.dims2(op)?;
+    let (zrows, cols) = z.dims2(op)?;
+    if rows > zrows {
+        return Err(Error::shape(
+            op,
+            format!("{rows} rows requested from {:?}", z.shape()),
+        ));
+    }
     let dt = z.dtype();
     let zs = cuda_of(z, op)?;
     let cs = f32_cuda(c, op)?;
@@ -445,7 +453,7 @@ pub(super) fn scale_cols(
         push_opt(&mut l, bs);
         push_opt(&mut l, adds);
         l.arg(&mut y.data).arg(&r64).arg(&c64);
-        // SAFETY: dora_scale_cols_<T>(const T* z [rows*cols], const float* c [cols], const float* bias
+        // SAFETY: dora_scale_cols_<T>(const T* z [>= rows*cols], const float* c [cols], const float* bias
         // [cols] | null, const T* add [rows*cols] | null, T* y [rows*cols], int64 rows, int64 cols). T is
         // z's dtype; the caller checked c, bias (f32) and add (z's dtype and shape); the grid covers
         // every column and strides over all rows.
@@ -464,6 +472,19 @@ pub(super) fn colsum(
 ) -> Result<(Tensor, Option<Tensor>)> {
     let op = "dora colsum";
     let (rows, cols) = dy.dims2(op)?;
+    let (zrows, zcols) = z.dims2(op)?;
+    if zcols != cols || zrows < rows || z.dtype() != dy.dtype() {
+        return Err(Error::shape(
+            op,
+            format!(
+                "z {:?} {} does not cover dy {:?} {}",
+                z.shape(),
+                z.dtype(),
+                dy.shape(),
+                dy.dtype()
+            ),
+        ));
+    }
     let dt = dy.dtype();
     if let Some(d) = dz_dtype
         && d != DType::F32
@@ -508,7 +529,7 @@ pub(super) fn colsum(
             block_dim: (32, 8, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: dora_colsum_<T>_<D>(const T* dy [rows*cols], const T* z [rows*cols], const float* g
+        // SAFETY: dora_colsum_<T>_<D>(const T* dy [rows*cols], const T* z [>= rows*cols], const float* g
         // [cols], const float* n [cols], float* dm [cols], D* dz [rows*cols] | null, int64 rows, int64
         // cols). dy and z share dtype T and shape (checked by the caller); D is f32 or T (checked above);
         // block (32, 8) with ceil(cols/32) blocks covers every column; static shared memory 1 KB.
@@ -611,4 +632,24 @@ pub(super) fn scale_of(m: &Tensor, n: &Tensor) -> Result<Tensor> {
         unsafe { l.launch(grid_1d(out.min(1 << 22), 256)?) }?;
     }
     Ok(wrap(g, &[out], DType::F32))
+}
+
+/// `y[i, j] = x[i, j]·f[i]` (f32).
+pub(super) fn scale_rows(x: &Tensor, f: &Tensor) -> Result<Tensor> {
+    let op = "dora scale_rows";
+    let (rows, cols) = x.dims2(op)?;
+    let (xs, fs) = (f32_cuda(x, op)?, f32_cuda(f, op)?);
+    let b = xs.backend.clone();
+    let mut y = alloc(&b, DType::F32, rows * cols)?;
+    if rows * cols > 0 {
+        let func = b.func("dora", "dora_scale_rows")?;
+        let (r64, c64) = (i64_of(rows), i64_of(cols));
+        let mut l = b.stream.launch_builder(&func);
+        l.arg(&xs.data).arg(&fs.data).arg(&mut y.data).arg(&r64).arg(&c64);
+        // SAFETY: dora_scale_rows(const float* x [rows*cols], const float* f [rows], float* y [rows*cols],
+        // int64 rows, int64 cols); f32 (checked), f has rows elements (the caller's g); grid-stride over
+        // rows*cols.
+        unsafe { l.launch(grid_1d((rows * cols).min(1 << 22), 256)?) }?;
+    }
+    Ok(wrap(y, &[rows, cols], DType::F32))
 }
