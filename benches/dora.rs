@@ -5,7 +5,8 @@
 //!   NF4 (double quant, blocksize 64) bases, with `need_dx = false` (adapter gradients only, what HF PEFT
 //!   computes when the base is frozen and x needs no gradient) and `need_dx = true`. Activations are f32
 //!   on the CPU (the CPU computes in f32 anyway) and, on CUDA, f32 for the dense base and bf16 for NF4.
-//!   Default 4096x4096; `PEFT_KERNELS_BENCH_FULL=1` adds 11008x4096 and 4096x11008.
+//!   Default 4096x4096; `PEFT_KERNELS_BENCH_FULL=1` adds 11008x4096 and 4096x11008;
+//!   `PEFT_KERNELS_BENCH_TOKENS=512` (a comma list) restricts the token counts.
 //! - `norm`: `DoraLinear::weight_norm_in` (the norm a training step computes: `Pᵀ = A·Wᵀ` through the
 //!   fused GEMV, `A·Aᵀ`, the assembly) for an 8192x8192 NF4 layer with r = 16, against qmatmul's
 //!   1-token NF4 GEMV (`linear_forward`, one read of W), both rotating over 4 weight copies so the
@@ -66,6 +67,19 @@ impl StepCase {
     }
 }
 
+/// Token counts of the step cases: 1, 16, 512, or the comma list in `PEFT_KERNELS_BENCH_TOKENS`.
+fn tokens_list() -> Vec<usize> {
+    std::env::var("PEFT_KERNELS_BENCH_TOKENS")
+        .ok()
+        .map(|v| {
+            v.split(',')
+                .filter_map(|t| t.trim().parse().ok())
+                .collect::<Vec<usize>>()
+        })
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| vec![1, 16, 512])
+}
+
 fn step_cases() -> Vec<StepCase> {
     let mut shapes = vec![(4096, 4096)];
     if full() {
@@ -73,7 +87,7 @@ fn step_cases() -> Vec<StepCase> {
     }
     let mut v = Vec::new();
     for (out, inp) in shapes {
-        for tokens in [1, 16, 512] {
+        for tokens in tokens_list() {
             for format in [Format::F32, Format::Nf4Dq] {
                 for need_dx in [false, true] {
                     v.push(StepCase {
@@ -267,28 +281,39 @@ fn dora(c: &mut Criterion) {
     summary(dev);
 }
 
-fn median_us(dev: Device, mut f: impl FnMut() -> Result<()>) -> f64 {
-    let probe = time_median_us(dev, 1, 1, &mut f).unwrap_or(f64::NAN);
-    let iters = ((2e6 / probe.max(1.0)) as usize).clamp(5, 200);
-    time_median_us(dev, 1, iters, f).unwrap_or(f64::NAN)
+/// Alternates single calls of `a` and `b` (synchronized), `n` pairs after one warm-up pair, and returns
+/// (median a, median b, median of the per-pair ratios b / a): a change of machine load hits both sides
+/// of a ratio alike.
+fn paired_us(
+    dev: Device,
+    mut a: impl FnMut() -> Result<()>,
+    mut b: impl FnMut() -> Result<()>,
+) -> (f64, f64, f64) {
+    let once =
+        |f: &mut dyn FnMut() -> Result<()>| -> f64 { time_median_us(dev, 0, 1, || f()).unwrap_or(f64::NAN) };
+    let probe = once(&mut a) + once(&mut b);
+    let n = ((4e6 / probe.max(1.0)) as usize).clamp(7, 201) | 1;
+    let (mut ta, mut tb, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..n {
+        let (x, y) = (once(&mut a), once(&mut b));
+        ta.push(x);
+        tb.push(y);
+        ratio.push(y / x);
+    }
+    for v in [&mut ta, &mut tb, &mut ratio] {
+        v.sort_by(f64::total_cmp);
+    }
+    (ta[n / 2], tb[n / 2], ratio[n / 2])
 }
 
-/// DoRA / LoRA per case and norm / GEMV, all measured in this run, interleaved so that a change of
-/// machine load hits both sides of a ratio alike.
+/// DoRA / LoRA per case and norm / GEMV, all measured in this run (see [`paired_us`]).
 fn summary(dev: Device) {
-    println!("\n=== dora summary ({dev}, r = {RANK}) ===");
+    println!("\n=== dora summary ({dev}, r = {RANK}; medians of alternating calls) ===");
     for case in step_cases() {
         let (Ok(l), Ok(d)) = (Step::new(case, false, dev), Step::new(case, true, dev)) else {
             continue;
         };
-        let (mut tl, mut td) = (Vec::new(), Vec::new());
-        for _ in 0..3 {
-            tl.push(median_us(dev, || l.run()));
-            td.push(median_us(dev, || d.run()));
-        }
-        tl.sort_by(f64::total_cmp);
-        td.sort_by(f64::total_cmp);
-        let (ml, md) = (tl[1], td[1]);
+        let (ml, md, ratio) = paired_us(dev, || l.run(), || d.run());
         println!(
             "{:6} {:>10} t={:<4} {:13}  LoRA {:11.1} us  DoRA {:11.1} us  DoRA/LoRA {:5.2}x",
             case.format.as_str(),
@@ -297,28 +322,20 @@ fn summary(dev: Device) {
             if case.need_dx { "with dx" } else { "adapter only" },
             ml,
             md,
-            md / ml
+            ratio
         );
     }
-    if let Ok(mut nc) = NormCase::new(dev) {
-        let (mut tn, mut tg) = (Vec::new(), Vec::new());
-        for _ in 0..3 {
-            tn.push(median_us(dev, || nc.norm()));
-            tg.push(median_us(dev, || nc.gemv()));
-        }
-        tn.sort_by(f64::total_cmp);
-        tg.sort_by(f64::total_cmp);
+    if let Ok(nc) = NormCase::new(dev) {
+        let nc = std::cell::RefCell::new(nc);
+        let (tg, tn, ratio) = paired_us(dev, || nc.borrow_mut().gemv(), || nc.borrow_mut().norm());
         let target = if dev.is_cpu() {
             " (CPU: informative; the target is for the GPU)"
         } else {
             " (target <= 1.2x)"
         };
         println!(
-            "norm 8192x8192 nf4-dq r=16 ({}): {:.1} us; 1-token NF4 GEMV: {:.1} us; norm/GEMV {:.2}x{target}",
-            nc.compute.as_str(),
-            tn[1],
-            tg[1],
-            tn[1] / tg[1]
+            "norm 8192x8192 nf4-dq r=16 ({}): {tn:.1} us; 1-token NF4 GEMV: {tg:.1} us; norm/GEMV {ratio:.2}x{target}",
+            nc.borrow().compute.as_str(),
         );
     }
 }
