@@ -290,7 +290,7 @@ fn paired_us(
     mut b: impl FnMut() -> Result<()>,
 ) -> (f64, f64, f64) {
     let once =
-        |f: &mut dyn FnMut() -> Result<()>| -> f64 { time_median_us(dev, 0, 1, || f()).unwrap_or(f64::NAN) };
+        |f: &mut dyn FnMut() -> Result<()>| -> f64 { time_median_us(dev, 0, 1, &mut *f).unwrap_or(f64::NAN) };
     let probe = once(&mut a) + once(&mut b);
     let n = ((4e6 / probe.max(1.0)) as usize).clamp(7, 201) | 1;
     let (mut ta, mut tb, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
