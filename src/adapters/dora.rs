@@ -21,9 +21,10 @@
 //! the fused 4-bit GEMV of [`crate::qmatmul`] with the r rows of A as tokens (on CUDA one read of W
 //! for r ≤ 16, see `cuda::weight_proj`; on the CPU one read per 16 rows of A, or, in a training step,
 //! as r extra rows of the forward product itself, which reads W anyway: see `cpu::fuse_norm_rows`),
-//! `G` with a tiny GEMM, and assembles n in one small kernel. The expansion cancels when `B·A ≈ -W/s` on a row, so `n²` is
-//! clamped at 0 before the square root; its absolute error is O(ε·(‖W_i‖ + ‖s·B_i·A‖)²) with ε the unit
-//! roundoff of the compute precision (tested against the materialized f64 norm).
+//! `G` with a tiny GEMM, and assembles n in one small kernel. The expansion cancels when `B·A ≈ -W/s`
+//! on a row, so `n²` is clamped at 0 before the square root; its absolute error is
+//! O(ε·(‖W_i‖ + ‖s·B_i·A‖)²) with ε the unit roundoff of the compute precision (tested against the
+//! materialized f64 norm).
 //!
 //! **Zero norms.** PEFT divides by n unguarded (a zero row gives inf/NaN). Here every division uses
 //! `max(n, 1e-12)` ([`NORM_EPS`], torch `F.normalize`'s eps): outputs stay finite, and a row that is zero
@@ -35,14 +36,15 @@
 //! the decoded W rounded to bf16 and f32 accumulation, and Pᵀ is rounded to bf16 — a relative error
 //! ~2⁻⁸ in the cross term `2s·B_i·P_i`, which is small next to ‖W_i‖² unless the row nearly cancels.
 //! A dense bf16/f16 W has to run in its own dtype on CUDA (cuBLAS takes one dtype). The eval cache
-//! ([`DoraLinear::cache_eval_scale`]) and merges always use the f32 path.
+//! ([`DoraLinear::cache_eval_scale`]) and merges use the f32 path (a dense half W: its own dtype).
 //!
 //! **Gradients.** By default the norm is detached (PEFT, DoRA paper §4.3): `dm = Σ_t dy ⊙ z / n`,
 //! `dz = dy ⊙ g`, then the LoRA chain on dz (`dB = dzᵀ·u`, `dA = (s·dz·B)ᵀ·xd`,
 //! `dx = dz·W + s·(dz·B)·A` in one fused product). dz itself is only materialized for that dx product:
 //! the rank-r gradients use `dzᵀ·u = g ⊙_rows (dyᵀ·u)` and `dz·B = dy·(g ⊙_rows B)`, so the only
-//! extra pass over `[tokens, out]` data in the backward pass is the one that computes dm. [`DoraOptions::full_norm_gradient`] adds the path
-//! through n: with `S = Σ_t dy ⊙ z`, `c = dn / n = -m·S / n³` and `C = c ⊙ B` (rows scaled),
+//! extra pass over `[tokens, out]` data in the backward pass is the one that computes dm.
+//! [`DoraOptions::full_norm_gradient`] adds the path through n: with `S = Σ_t dy ⊙ z`,
+//! `c = dn / n = -m·S / n³` and `C = c ⊙ B` (rows scaled),
 //! `∂L/∂B_i += s·c_i·(P_i + s·(B·G)_i)` and `∂L/∂A += s·(Cᵀ·W + s·(Cᵀ·B)·A)`; `Cᵀ·W` is one more
 //! streaming read of W (`[r, in]`, no temporaries). With `need_dx = false` (adapter gradients only) no
 //! product with W runs in the backward pass of the detached mode.
@@ -73,7 +75,9 @@ macro_rules! on_device {
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => cuda::$f($($arg),*),
             #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => Err(Error::CudaUnavailable("this build of peft-kernels has no `cuda` feature".into())),
+            Device::Cuda(_) => {
+                Err(Error::CudaUnavailable("this build of peft-kernels has no `cuda` feature".into()))
+            }
         }
     };
 }

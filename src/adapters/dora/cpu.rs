@@ -320,9 +320,9 @@ pub(super) fn scale_rows(x: &Tensor, f: &Tensor) -> Result<Tensor> {
 }
 
 /// Twin of `dora_colsum_*`: `dm = (Σ_t dy·z) / max(n, eps)` (f32 `[cols]`; z may be taller than dy,
-/// its first rows are used) and, when `dz_dtype` is given, `dz = dy·g` in that dtype. Per column, rows `t ≡ k (mod 8)` are summed in order into 8
-/// partials that are then added in order: the kernel's order, so the result is bit-identical and
-/// independent of the thread count. Tasks own disjoint column ranges.
+/// its first rows are used) and, when `dz_dtype` is given, `dz = dy·g` in that dtype. Per column, rows
+/// `t ≡ k (mod 8)` are summed in order into 8 partials that are then added in order: the kernel's order,
+/// so the result is bit-identical and independent of the thread count. Tasks own disjoint column ranges.
 pub(super) fn colsum(
     dy: &Tensor,
     z: &Tensor,

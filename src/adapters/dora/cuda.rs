@@ -409,10 +409,11 @@ fn norm_assemble(
             None => l.arg(&NULL),
         };
         l.arg(&s).arg(&out64).arg(&r32);
-        // SAFETY: dora_norm_assemble_<P>(const float* wsq [out], const P* pt [r*out] (P = pt's dtype), const float* b [out*r],
-        // const float* gram [r*r], const float* m [out] | null, float* n [out], float* scale [out] | null,
-        // float s, int64 out, int r). All f32 (checked) with those sizes (checked by the caller); scale is
-        // non-null exactly when m is; the grid-stride loop covers out.
+        // SAFETY: dora_norm_assemble_<P>(const float* wsq [out], const P* pt [r*out], const float* b
+        // [out*r], const float* gram [r*r], const float* m [out] | null, float* n [out], float* scale [out]
+        // | null, float s, int64 out, int r). P is pt's dtype (the kernel name), everything else f32
+        // (checked), sizes as the caller's shapes; scale is non-null exactly when m is; the grid-stride
+        // loop covers out.
         unsafe { l.launch(grid_1d(out.min(1 << 22), 128)?) }?;
     }
     Ok((
