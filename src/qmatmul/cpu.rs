@@ -481,7 +481,7 @@ fn rows_per_task(rows: usize) -> usize {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn gemv_fwd(
+pub(crate) fn gemv_fwd(
     w: &WeightRef<'_>,
     x: &[f32],
     t: usize,
@@ -618,7 +618,7 @@ fn gemv_fwd_rows(
 // Decode path, backward: dx[t, k] = Σ_o dy[t, o] W[o, k] (+ v[t]·a[:, k])
 
 #[allow(clippy::too_many_arguments)]
-fn gemv_bwd(
+pub(crate) fn gemv_bwd(
     w: &WeightRef<'_>,
     dy: &[f32],
     t: usize,
