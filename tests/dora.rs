@@ -1352,7 +1352,10 @@ mod peft_parity {
             Some(d)
         } else {
             // The fixtures are committed (tests/fixtures/gen_peft.py); a missing file is a failure.
-            panic!("PEFT fixtures {} are missing (regenerate with tests/fixtures/gen_peft.py)", d.display())
+            panic!(
+                "PEFT fixtures {} are missing (regenerate with tests/fixtures/gen_peft.py)",
+                d.display()
+            )
         }
     }
 

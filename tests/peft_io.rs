@@ -1636,7 +1636,10 @@ fn merge_on_nf4_base() {
     )
     .unwrap();
     let m0 = format!("{}.weight", a.modules().unwrap()[0].name);
-    assert_eq!(SafetensorsFile::open(&out2).unwrap().raw(&m0).unwrap().0, StDtype::F32);
+    assert_eq!(
+        SafetensorsFile::open(&out2).unwrap().raw(&m0).unwrap().0,
+        StDtype::F32
+    );
     no_temp_files(dir.path());
 }
 
@@ -1692,15 +1695,26 @@ fn merge_on_nf4_base_requantized() {
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!((g - w).abs() <= 0.145 * amax + 1e-6, "{n}[{i}]: {g} vs {w}");
         }
-        let (ob, pb) = (q.data().to_vec::<u8>().unwrap(), qp.data().to_vec::<u8>().unwrap());
+        let (ob, pb) = (
+            q.data().to_vec::<u8>().unwrap(),
+            qp.data().to_vec::<u8>().unwrap(),
+        );
         same += ob.iter().zip(&pb).filter(|(a, b)| a == b).count();
         total += ob.len();
     }
     println!("requantized NF4 codes: {same}/{total} packed bytes identical to PEFT's");
-    assert!(same as f64 >= 0.97 * total as f64, "{same}/{total} packed bytes agree with PEFT");
+    assert!(
+        same as f64 >= 0.97 * total as f64,
+        "{same}/{total} packed bytes agree with PEFT"
+    );
     // Untouched tensors are byte-identical to the base.
     let base = st("dora_nf4", "base.safetensors");
-    let merged: Vec<String> = a.modules().unwrap().iter().map(|m| format!("{}.weight", m.name)).collect();
+    let merged: Vec<String> = a
+        .modules()
+        .unwrap()
+        .iter()
+        .map(|m| format!("{}.weight", m.name))
+        .collect();
     for n in ours.names() {
         if !merged.iter().any(|m| n == m || n.starts_with(&format!("{m}."))) {
             assert_eq!(ours.raw(n).unwrap().2, base.raw(n).unwrap().2, "{n}");

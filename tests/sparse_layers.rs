@@ -1193,7 +1193,7 @@ fn peft_fixture(name: &str, dev: Device) -> Result<()> {
                     (l.logits_a_id(), format!("{m}.dlogits_A")),
                     (l.logits_b_id(), format!("{m}.dlogits_B")),
                 ],
-                AdapterLayer::Lora(_) => vec![],
+                AdapterLayer::Lora(_) | AdapterLayer::Dora(_) => vec![],
             };
             for (id, key) in pairs {
                 let g = grads.get(id).ok_or_else(err("gradient"))?;
@@ -1308,7 +1308,7 @@ fn peft_mlp(name: &str, dev: Device) -> Result<()> {
                         );
                     }
                 }
-                AdapterLayer::Lora(_) => unreachable!(),
+                AdapterLayer::Lora(_) | AdapterLayer::Dora(_) => unreachable!(),
             }
         }
         if let Some(b) = model.bank() {
@@ -1340,12 +1340,19 @@ fn peft_mlp_all(dev: Device) -> Result<()> {
 }
 device_test!(peft_mlp_all);
 
-/// LoRA through the same loader: the `lora` and `lora_fan_in_fan_out` (Conv1D) fixtures of gen_peft.py
-/// reproduce PEFT's per-module outputs; DoRA, lora_bias and a mismatched base are refused clearly.
+/// LoRA and DoRA through the same loader: the `lora`, `lora_fan_in_fan_out` (Conv1D), `rslora_patterns`,
+/// `dora` and `dora_nf4` (bitsandbytes NF4 base) fixtures of gen_peft.py reproduce PEFT's per-module
+/// outputs; lora_bias and a mismatched base are refused clearly.
 #[test]
 fn loader_lora_and_refusals() -> Result<()> {
     let peft = fixtures().join("peft");
-    for case in ["lora", "lora_fan_in_fan_out", "rslora_patterns"] {
+    for case in [
+        "lora",
+        "lora_fan_in_fan_out",
+        "rslora_patterns",
+        "dora",
+        "dora_nf4",
+    ] {
         let base = SafetensorsFile::open(peft.join(case).join("base.safetensors")).unwrap();
         let io = SafetensorsFile::open(peft.join(case).join("io.safetensors")).unwrap();
         let adapter = PeftAdapter::load(peft.join(case).join("adapter"), Device::Cpu)?;
@@ -1373,7 +1380,6 @@ fn loader_lora_and_refusals() -> Result<()> {
             .to_string();
         assert!(e.contains(needle), "{case}: {e}");
     };
-    refuse("dora", "dora", "DoRA");
     refuse("lora_bias_all", "lora_bias_all", "lora_bias");
     refuse(
         "lora",

@@ -16,10 +16,11 @@
 //!
 //! Per method ([`AdapterLayer`]): LoRA → [`LoraLinear`], WaveFT → [`WaveFtLinear`] (per-layer
 //! `n_frequency` from the file, checked against `n_frequency_pattern` / `proportional_parameters`),
-//! VB-LoRA → [`VbLoraLinear`] on one [`VbLoraBank`]. Not built (clear errors): DoRA (extension point:
-//! [`build_layer`]), LoRA on embeddings, `lora_bias`, 4-bit bases with `fan_in_fan_out`; merge those with
-//! [`crate::merge`] instead.
+//! VB-LoRA → [`VbLoraLinear`] on one [`VbLoraBank`], DoRA → [`DoraLinear`]. Not built (clear errors):
+//! LoRA on embeddings, `lora_bias`, 4-bit bases with `fan_in_fan_out`; merge those with [`crate::merge`]
+//! instead.
 
+use super::dora::{DoraLinear, DoraOptions, MergeFormat};
 use super::lora::{LoraConfig as LoraLayerConfig, LoraInit, LoraLinear};
 use super::vblora::{
     BANK_KEY, VbLoraBank, VbLoraConfig as VbLoraSettings, VbLoraLinear, VbLoraOptions, logits_key,
@@ -40,12 +41,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// One adapted linear layer of any method.
-///
-/// LEAD NOTE (extension point): DoRA gets a `Dora(DoraLinear)` variant here, an arm in every `match`
-/// below (the compiler lists them) and its construction in [`build_layer`] / [`init_adapter`].
 #[derive(Clone, Debug)]
 pub enum AdapterLayer {
     Lora(LoraLinear),
+    /// Boxed: the layer carries the base's row norms and its eval cache.
+    Dora(Box<DoraLinear>),
     /// Boxed: the layer carries its precomputed sparse structure.
     WaveFt(Box<WaveFtLinear>),
     VbLora(VbLoraLinear),
@@ -56,6 +56,7 @@ impl AdapterLayer {
     pub fn name(&self) -> &str {
         match self {
             AdapterLayer::Lora(l) => l.name(),
+            AdapterLayer::Dora(l) => l.name(),
             AdapterLayer::WaveFt(l) => l.name(),
             AdapterLayer::VbLora(l) => l.name(),
         }
@@ -65,6 +66,7 @@ impl AdapterLayer {
     pub fn method(&self) -> AdapterMethod {
         match self {
             AdapterLayer::Lora(_) => AdapterMethod::Lora,
+            AdapterLayer::Dora(_) => AdapterMethod::Dora,
             AdapterLayer::WaveFt(_) => AdapterMethod::WaveFt,
             AdapterLayer::VbLora(_) => AdapterMethod::VbLora,
         }
@@ -74,6 +76,7 @@ impl AdapterLayer {
     pub fn base(&self) -> &BaseWeight {
         match self {
             AdapterLayer::Lora(l) => l.base(),
+            AdapterLayer::Dora(l) => l.base(),
             AdapterLayer::WaveFt(l) => l.base(),
             AdapterLayer::VbLora(l) => l.base(),
         }
@@ -83,6 +86,7 @@ impl AdapterLayer {
     pub fn bias(&self) -> Option<&Tensor> {
         match self {
             AdapterLayer::Lora(l) => l.bias(),
+            AdapterLayer::Dora(l) => l.bias(),
             AdapterLayer::WaveFt(l) => l.bias(),
             AdapterLayer::VbLora(l) => l.bias(),
         }
@@ -102,6 +106,7 @@ impl AdapterLayer {
     pub fn param_ids(&self) -> Vec<ParamId> {
         match self {
             AdapterLayer::Lora(l) => vec![l.a_id(), l.b_id()],
+            AdapterLayer::Dora(l) => vec![l.a_id(), l.b_id(), l.m_id()],
             AdapterLayer::WaveFt(l) => vec![l.spectrum_id()],
             AdapterLayer::VbLora(l) => vec![l.logits_a_id(), l.logits_b_id()],
         }
@@ -111,6 +116,7 @@ impl AdapterLayer {
     pub fn num_trainable_params(&self) -> usize {
         match self {
             AdapterLayer::Lora(l) => l.num_trainable_params(),
+            AdapterLayer::Dora(l) => l.num_trainable_params(),
             AdapterLayer::WaveFt(l) => l.num_trainable_params(),
             AdapterLayer::VbLora(l) => l.num_trainable_params(),
         }
@@ -120,6 +126,7 @@ impl AdapterLayer {
     pub fn set_algo(&mut self, algo: Algo) {
         match self {
             AdapterLayer::Lora(l) => l.set_algo(algo),
+            AdapterLayer::Dora(l) => l.set_algo(algo),
             AdapterLayer::WaveFt(l) => l.set_algo(algo),
             AdapterLayer::VbLora(l) => l.set_algo(algo),
         }
@@ -136,6 +143,7 @@ impl AdapterLayer {
     ) -> Result<Var> {
         match self {
             AdapterLayer::Lora(l) => l.forward_t(tape, store, x, dropout_seed),
+            AdapterLayer::Dora(l) => l.forward_t(tape, store, x, dropout_seed),
             AdapterLayer::WaveFt(l) => l.forward_t(tape, store, x, dropout_seed),
             AdapterLayer::VbLora(l) => l.forward_t(tape, store, x, dropout_seed),
         }
@@ -145,6 +153,7 @@ impl AdapterLayer {
     pub fn forward_eval(&self, store: &ParamStore, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             AdapterLayer::Lora(l) => l.forward(store, x, None)?.0,
+            AdapterLayer::Dora(l) => l.forward(store, x, None)?.0,
             AdapterLayer::WaveFt(l) => l.forward(store, x, None)?.0,
             AdapterLayer::VbLora(l) => l.forward(store, x, None)?.0,
         })
@@ -154,6 +163,10 @@ impl AdapterLayer {
     pub fn delta_weight(&self, store: &ParamStore) -> Result<Tensor> {
         match self {
             AdapterLayer::Lora(l) => l.delta_weight(store),
+            // DoRA's update is multiplicative: ΔW = (m/n)·(W + sBA) - W.
+            AdapterLayer::Dora(_) => self
+                .merged_weight(store, DType::F32)?
+                .sub(&self.base().dequantize(DType::F32)?),
             AdapterLayer::WaveFt(l) => l.delta_weight(store),
             AdapterLayer::VbLora(l) => l.delta_weight(store),
         }
@@ -163,6 +176,10 @@ impl AdapterLayer {
     pub fn merged_weight(&self, store: &ParamStore, dtype: DType) -> Result<Tensor> {
         match self {
             AdapterLayer::Lora(l) => l.merged_weight(store, dtype),
+            AdapterLayer::Dora(l) => match (**l).clone().merge(store, MergeFormat::Dense(dtype))? {
+                BaseWeight::Dense(w) => Ok(w),
+                BaseWeight::Quantized(_) => Err(Error::invalid("DoRA dense merge returned a 4-bit weight")),
+            },
             AdapterLayer::WaveFt(l) => l.merged_weight(store, dtype),
             AdapterLayer::VbLora(l) => l.merged_weight(store, dtype),
         }
@@ -464,12 +481,6 @@ fn check_supported(m: &AdapterModule) -> Result<()> {
             m.name
         )));
     }
-    if m.method == AdapterMethod::Dora {
-        return Err(Error::invalid(format!(
-            "module {:?}: DoRA adapters cannot be loaded as layers yet (merge them with `peftk merge`)",
-            m.name
-        )));
-    }
     Ok(())
 }
 
@@ -528,10 +539,7 @@ fn dropout_of(p: f64, what: &str, module: &str) -> Result<f32> {
 }
 
 /// One layer of a loaded adapter: inserts the module's tensors into `store` under their file keys and
-/// wraps them with the layer type of the module's method.
-///
-/// LEAD NOTE (extension point): DoRA's arm goes here (`AdapterMethod::Dora`: magnitude from
-/// `Part::Magnitude`, A/B as LoRA), and `check_supported` stops refusing it.
+/// wraps them with the layer type of the module's method (DoRA: A and B as LoRA plus the magnitude).
 pub fn build_layer(
     adapter: &PeftAdapter,
     m: &AdapterModule,
@@ -551,6 +559,25 @@ pub fn build_layer(
             let a = insert(store, Part::LoraA, module_key(&m.name, Part::LoraA.suffix()))?;
             let b = insert(store, Part::LoraB, module_key(&m.name, Part::LoraB.suffix()))?;
             let dropout = dropout_of(c.lora_dropout, "lora_dropout", &m.name)?;
+            if m.method == AdapterMethod::Dora {
+                let mag = insert(
+                    store,
+                    Part::Magnitude,
+                    module_key(&m.name, Part::Magnitude.suffix()),
+                )?;
+                return Ok(AdapterLayer::Dora(Box::new(DoraLinear::from_params(
+                    &m.name,
+                    base,
+                    bias,
+                    a,
+                    b,
+                    mag,
+                    m.scaling as f32,
+                    dropout,
+                    store,
+                    DoraOptions::default(),
+                )?)));
+            }
             AdapterLayer::Lora(LoraLinear::from_params(
                 &m.name,
                 base,
@@ -709,9 +736,9 @@ pub fn init_adapter(
     let mut bank = None;
     match &config.method {
         MethodConfig::Lora(c) => {
-            if c.use_dora || c.lora_bias {
+            if c.lora_bias {
                 return Err(Error::invalid(
-                    "init_adapter: DoRA (use_dora) and lora_bias layers are not available yet",
+                    "init_adapter: lora_bias layers are not available yet",
                 ));
             }
             let init = match &c.init_lora_weights {
@@ -735,14 +762,19 @@ pub fn init_adapter(
                     init,
                     dtype: DType::F32,
                 };
-                layers.push(AdapterLayer::Lora(LoraLinear::new(
-                    m,
-                    w,
-                    bias,
-                    &lc,
-                    store,
-                    layer_seed(m),
-                )?));
+                layers.push(if c.use_dora {
+                    AdapterLayer::Dora(Box::new(DoraLinear::new(
+                        m,
+                        w,
+                        bias,
+                        &lc,
+                        store,
+                        layer_seed(m),
+                        DoraOptions::default(),
+                    )?))
+                } else {
+                    AdapterLayer::Lora(LoraLinear::new(m, w, bias, &lc, store, layer_seed(m))?)
+                });
             }
         }
         MethodConfig::WaveFt(c) => {
