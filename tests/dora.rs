@@ -237,7 +237,7 @@ fn make_layer(c: &Case, dev: Device, seed: u64, store: &mut ParamStore) -> Resul
     let cfg = LoraConfig {
         r: c.r,
         alpha: 3.0,
-        use_rslora: seed % 3 == 0,
+        use_rslora: seed.is_multiple_of(3),
         dropout: c.dropout,
         init: LoraInit::Random,
         dtype: DType::F32,
