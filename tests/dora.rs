@@ -5,88 +5,20 @@
 
 mod common;
 
-use common::assert_close;
+use common::{Base, assert_close, f64s, make_base, mm, to32, tr};
 use peft_kernels::adapters::dora::{DoraLinear, DoraOptions, MergeFormat, NORM_EPS, magnitude_key};
 use peft_kernels::adapters::lora::{LoraConfig, LoraInit, LoraLinear};
 use peft_kernels::autograd::gradcheck::{GradCheckConfig, check_gradient};
 use peft_kernels::autograd::{ParamStore, Tape};
 use peft_kernels::optim::{AdamW, AdamWConfig};
 use peft_kernels::qmatmul::BaseWeight;
-use peft_kernels::quant::{QuantType, QuantizeOptions, QuantizedTensor};
+use peft_kernels::quant::{QuantizeOptions, QuantizedTensor};
 use peft_kernels::{DType, Device, Error, Result, Tensor};
 use proptest::prelude::*;
 use std::cell::RefCell;
 
-#[derive(Clone, Copy, Debug)]
-enum Base {
-    Dense(DType),
-    Nf4 { double: bool, blocksize: usize },
-    Fp4,
-}
-
-fn make_base(base: Base, out: usize, inp: usize, seed: u64, dev: Device) -> Result<BaseWeight> {
-    let w = Tensor::randn(&[out, inp], 0.5, seed, DType::F32, dev)?;
-    Ok(match base {
-        Base::Dense(dt) => BaseWeight::Dense(w.to_dtype(dt)?),
-        Base::Nf4 { double, blocksize } => BaseWeight::Quantized(QuantizedTensor::quantize(
-            &w,
-            &QuantizeOptions {
-                blocksize,
-                double_quant: double,
-                ..Default::default()
-            },
-        )?),
-        Base::Fp4 => BaseWeight::Quantized(QuantizedTensor::quantize(
-            &w,
-            &QuantizeOptions {
-                quant_type: QuantType::Fp4,
-                ..Default::default()
-            },
-        )?),
-    })
-}
-
-fn f64s(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(t.to_device(Device::Cpu)?
-        .to_vec_f32()?
-        .into_iter()
-        .map(f64::from)
-        .collect())
-}
-
-fn to32(v: &[f64]) -> Vec<f32> {
-    v.iter().map(|&v| v as f32).collect()
-}
-
 fn max_abs(v: &[f64]) -> f32 {
     v.iter().fold(1e-6f64, |m, x| m.max(x.abs())) as f32
-}
-
-/// `op(a)[m, k] · op(b)[k, n]` in f64, row-major.
-fn mm(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
-    let mut c = vec![0f64; m * n];
-    for i in 0..m {
-        for p in 0..k {
-            let av = a[i * k + p];
-            if av == 0.0 {
-                continue;
-            }
-            for j in 0..n {
-                c[i * n + j] += av * b[p * n + j];
-            }
-        }
-    }
-    c
-}
-
-fn tr(a: &[f64], m: usize, n: usize) -> Vec<f64> {
-    let mut t = vec![0f64; m * n];
-    for i in 0..m {
-        for j in 0..n {
-            t[j * m + i] = a[i * n + j];
-        }
-    }
-    t
 }
 
 /// f64 reference of one layer call, written from `V = W + s·B·A` (not from the factored form the layer

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::assert_close;
+use common::{Base, assert_close, f64s, make_base, mm, to32, tr};
 use peft_kernels::adapters::load::{
     AdapterLayer, LoadOptions, adapter_from_store, init_adapter, linear_modules, load_adapter,
 };
@@ -25,7 +25,7 @@ use peft_kernels::io::{SafetensorsFile, TensorBytes, write_safetensors};
 use peft_kernels::merge::{MergeOptions, MergeRegistry, merge_into_file};
 use peft_kernels::optim::{AdamW, AdamWConfig};
 use peft_kernels::qmatmul::BaseWeight;
-use peft_kernels::quant::{QuantType, QuantizeOptions, QuantizedTensor};
+use peft_kernels::quant::{QuantizeOptions, QuantizedTensor};
 use peft_kernels::{DType, Device, Error, Result, Tensor};
 use std::path::{Path, PathBuf};
 
@@ -37,75 +37,7 @@ fn err(what: &str) -> impl FnOnce() -> Error + '_ {
     move || Error::InvalidArgument(format!("missing {what}"))
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Base {
-    Dense(DType),
-    Nf4 { double: bool, blocksize: usize },
-    Fp4,
-}
-
-fn make_base(base: Base, out: usize, inp: usize, seed: u64, dev: Device) -> Result<BaseWeight> {
-    let w = Tensor::randn(&[out, inp], 0.5, seed, DType::F32, dev)?;
-    Ok(match base {
-        Base::Dense(dt) => BaseWeight::Dense(w.to_dtype(dt)?),
-        Base::Nf4 { double, blocksize } => BaseWeight::Quantized(QuantizedTensor::quantize(
-            &w,
-            &QuantizeOptions {
-                blocksize,
-                double_quant: double,
-                ..Default::default()
-            },
-        )?),
-        Base::Fp4 => BaseWeight::Quantized(QuantizedTensor::quantize(
-            &w,
-            &QuantizeOptions {
-                quant_type: QuantType::Fp4,
-                ..Default::default()
-            },
-        )?),
-    })
-}
-
 // ---------------------------------------------------------------- f64 helpers
-
-fn f64s(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(t.to_device(Device::Cpu)?
-        .to_vec_f32()?
-        .into_iter()
-        .map(f64::from)
-        .collect())
-}
-
-/// `a [m, k] · b [k, n]`.
-fn mm(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
-    let mut c = vec![0f64; m * n];
-    for i in 0..m {
-        for p in 0..k {
-            let av = a[i * k + p];
-            if av == 0.0 {
-                continue;
-            }
-            for j in 0..n {
-                c[i * n + j] += av * b[p * n + j];
-            }
-        }
-    }
-    c
-}
-
-fn tr(a: &[f64], m: usize, n: usize) -> Vec<f64> {
-    let mut t = vec![0f64; m * n];
-    for i in 0..m {
-        for j in 0..n {
-            t[j * m + i] = a[i * n + j];
-        }
-    }
-    t
-}
-
-fn to32(v: &[f64]) -> Vec<f32> {
-    v.iter().map(|&x| x as f32).collect()
-}
 
 fn scale_of(v: &[f64]) -> f32 {
     v.iter().fold(1e-6f64, |m, x| m.max(x.abs())) as f32

@@ -87,3 +87,77 @@ pub fn matmul_f64(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, ta: bool, 
     }
     c
 }
+
+/// The base weights the layer tests run over.
+#[derive(Clone, Copy, Debug)]
+pub enum Base {
+    Dense(peft_kernels::DType),
+    Nf4 { double: bool, blocksize: usize },
+    Fp4,
+}
+
+/// A random `[out, in]` base weight (std 0.5, seeded), dense or quantized with bitsandbytes' settings.
+pub fn make_base(
+    base: Base,
+    out: usize,
+    inp: usize,
+    seed: u64,
+    dev: Device,
+) -> peft_kernels::Result<peft_kernels::qmatmul::BaseWeight> {
+    use peft_kernels::qmatmul::BaseWeight;
+    use peft_kernels::quant::{QuantType, QuantizeOptions, QuantizedTensor};
+    use peft_kernels::{DType, Tensor};
+    let w = Tensor::randn(&[out, inp], 0.5, seed, DType::F32, dev)?;
+    let q = |opts: QuantizeOptions| QuantizedTensor::quantize(&w, &opts).map(BaseWeight::Quantized);
+    match base {
+        Base::Dense(dt) => Ok(BaseWeight::Dense(w.to_dtype(dt)?)),
+        Base::Nf4 { double, blocksize } => q(QuantizeOptions {
+            blocksize,
+            double_quant: double,
+            ..Default::default()
+        }),
+        Base::Fp4 => q(QuantizeOptions {
+            quant_type: QuantType::Fp4,
+            ..Default::default()
+        }),
+    }
+}
+
+/// A tensor's elements as f64 (downloaded if on a GPU).
+pub fn f64s(t: &peft_kernels::Tensor) -> peft_kernels::Result<Vec<f64>> {
+    Ok(t.to_device(Device::Cpu)?
+        .to_vec_f32()?
+        .into_iter()
+        .map(f64::from)
+        .collect())
+}
+
+/// f64 to f32, elementwise.
+pub fn to32(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+
+/// Row-major `a [m, k] · b [k, n]` in f64.
+pub fn mm(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
+    let mut c = vec![0f64; m * n];
+    for i in 0..m {
+        for p in 0..k {
+            let av = a[i * k + p];
+            for j in 0..n {
+                c[i * n + j] += av * b[p * n + j];
+            }
+        }
+    }
+    c
+}
+
+/// Transpose of a row-major `[m, n]`.
+pub fn tr(a: &[f64], m: usize, n: usize) -> Vec<f64> {
+    let mut t = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            t[j * m + i] = a[i * n + j];
+        }
+    }
+    t
+}
