@@ -55,7 +55,9 @@ fn cpu_time_table() {
         let x = Tensor::randn(&[rows, cols], 0.02, 0, DType::BF16, Device::Cpu).unwrap();
         for dq in [false, true] {
             let q = QuantizedTensor::quantize(&x, &opts(dq)).unwrap();
-            let cases: [Case; 2] = [
+            let scratch =
+                std::cell::RefCell::new(Tensor::zeros(&[rows * cols], DType::BF16, Device::Cpu).unwrap());
+            let cases: [Case; 3] = [
                 (
                     "quantize  ",
                     Box::new(|| drop(QuantizedTensor::quantize(&x, &opts(dq)).unwrap())),
@@ -63,6 +65,10 @@ fn cpu_time_table() {
                 (
                     "dequantize",
                     Box::new(|| drop(q.dequantize(DType::BF16).unwrap())),
+                ),
+                (
+                    "dequantize_into",
+                    Box::new(|| q.dequantize_into(&mut scratch.borrow_mut()).unwrap()),
                 ),
             ];
             for (name, f) in cases {
@@ -112,6 +118,11 @@ fn cpu_benches(c: &mut Criterion) {
         });
         g.bench_function(BenchmarkId::new("cpu_dequantize_bf16_dq", &size), |b| {
             b.iter(|| black_box(&qdq).dequantize(DType::BF16).unwrap())
+        });
+        // Into a reused buffer: no allocation, no fresh pages (a training step's scratch buffer).
+        let mut scratch = Tensor::zeros(&[n], DType::BF16, Device::Cpu).unwrap();
+        g.bench_function(BenchmarkId::new("cpu_dequantize_into_bf16", &size), |b| {
+            b.iter(|| black_box(&q).dequantize_into(&mut scratch).unwrap())
         });
 
         if rows == 4096 {
@@ -201,6 +212,14 @@ fn cuda_benches(c: &mut Criterion) {
                 let d = qs[i % copies].dequantize(DType::BF16).unwrap();
                 dev.synchronize().unwrap();
                 d
+            })
+        });
+        let mut scratch = Tensor::zeros(&[n], DType::BF16, dev).unwrap();
+        g.bench_function(BenchmarkId::new("cuda_dequantize_into_bf16", &size), |b| {
+            b.iter(|| {
+                i += 1;
+                qs[i % copies].dequantize_into(&mut scratch).unwrap();
+                dev.synchronize().unwrap();
             })
         });
         g.bench_function(BenchmarkId::new("cuda_dequantize_bf16_dq", &size), |b| {

@@ -1771,3 +1771,45 @@ fn cli_errors_are_clear_and_leave_no_output() {
         read_raw(&fixture("model_nf4.safetensors"))
     );
 }
+
+/// `dequantize_into` writes every element of an existing (NaN-filled) buffer, bit-identical to
+/// `dequantize`, for every output dtype, with and without double quantization; bad outputs are errors.
+fn dequantize_into_matches(dev: Device) -> Result<()> {
+    for (i, &(out, inp, bs, dq)) in [
+        (33usize, 65usize, 64usize, true),
+        (16, 4096, 4096, false),
+        (7, 9, 32, true),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let w = Tensor::randn(&[out, inp], 1.0, 40 + i as u64, DType::F32, dev)?;
+        let opts = QuantizeOptions {
+            blocksize: bs,
+            double_quant: dq,
+            ..Default::default()
+        };
+        let q = QuantizedTensor::quantize(&w, &opts)?;
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let want = q.dequantize(dt)?.to_vec_f32()?;
+            let mut buf = Tensor::full(&[out * inp], f32::NAN, dt, dev)?;
+            q.dequantize_into(&mut buf)?;
+            let got = buf.to_vec_f32()?;
+            assert!(
+                got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "dequantize_into differs from dequantize ({out}x{inp}, bs {bs}, dq {dq}, {dt})"
+            );
+        }
+        let mut short = Tensor::zeros(&[out * inp - 1], DType::F32, dev)?;
+        assert!(matches!(q.dequantize_into(&mut short), Err(Error::Shape { .. })));
+        let mut ints = Tensor::zeros(&[out, inp], DType::U8, dev)?;
+        assert!(matches!(q.dequantize_into(&mut ints), Err(Error::DType { .. })));
+        if dev.is_cuda() {
+            let mut host = Tensor::zeros(&[out, inp], DType::F32, Device::Cpu)?;
+            assert!(matches!(q.dequantize_into(&mut host), Err(Error::Device { .. })));
+        }
+    }
+    Ok(())
+}
+
+device_test!(dequantize_into_matches);

@@ -1385,6 +1385,20 @@ fn dequantize_typed<T: FastFloat>(
     isa: Isa,
 ) -> Vec<T> {
     let mut out: Vec<T> = zeroed_vec(n);
+    dequantize_typed_into(packed, absmax, lut, bs, isa, &mut out);
+    out
+}
+
+/// The fast path into an existing buffer of exactly `n` elements: no allocation and no fresh pages to
+/// fault in (what a training step that re-dequantizes a weight each step wants).
+fn dequantize_typed_into<T: FastFloat>(
+    packed: &[u8],
+    absmax: &[f32],
+    lut: &[f32; 16],
+    bs: usize,
+    isa: Isa,
+    out: &mut [T],
+) {
     out.par_chunks_mut(TASK)
         .zip(packed.par_chunks(TASK / 2))
         .zip(absmax.par_chunks(TASK / bs))
@@ -1404,7 +1418,6 @@ fn dequantize_typed<T: FastFloat>(
             Isa::Avx2 => unsafe { avx2::dequant_task(p, a, lut, bs, o) },
             _ => dequant_task_portable(p, a, lut, bs, o),
         });
-    out
 }
 
 #[inline(always)]
@@ -1538,6 +1551,36 @@ pub(super) fn absmax_f32(state: &QuantState) -> Result<Vec<f32>> {
             nested_code,
             *nested_blocksize,
         ),
+    }
+}
+
+/// [`QuantizedTensor::dequantize_into`] on the CPU: `out` holds exactly the tensor's elements.
+pub(super) fn dequantize_tensor_into(q: &QuantizedTensor, out: &mut Tensor) -> Result<()> {
+    let st = &q.state;
+    let owned;
+    let absmax: &[f32] = match &st.absmax {
+        Absmax::F32(t) => t.cpu_data::<f32>("absmax")?,
+        Absmax::Double { .. } => {
+            owned = absmax_f32(st)?;
+            &owned
+        }
+    };
+    let packed = q.data.cpu_data::<u8>("packed 4-bit data")?;
+    let (n, qt, bs, isa) = (st.numel(), st.quant_type, st.blocksize, Isa::best());
+    check_sizes(packed.len(), absmax.len(), bs, n)?;
+    isa.check()?;
+    macro_rules! go {
+        ($t:ty) => {{
+            let o = out.cpu_data_mut::<$t>("dequantize_into")?;
+            dequantize_typed_into::<$t>(packed, absmax, qt.code(), bs, isa, o);
+            Ok(())
+        }};
+    }
+    match out.dtype() {
+        DType::F32 => go!(f32),
+        DType::F16 => go!(f16),
+        DType::BF16 => go!(bf16),
+        other => Err(Error::dtype("dequantize_into", "f32, f16 or bf16", other)),
     }
 }
 

@@ -255,10 +255,25 @@ pub(super) fn absmax_f32(state: &QuantState) -> Result<Tensor> {
 
 pub(super) fn dequantize_tensor(q: &QuantizedTensor, dtype: DType) -> Result<Tensor> {
     let st = &q.state;
+    let b = storage(&q.data, "dequantize")?.backend.clone();
+    let mut out = alloc(&b, dtype, st.numel())?;
+    dequantize_to(q, &mut out, dtype)?;
+    Ok(wrap(out, &st.shape, dtype))
+}
+
+/// Dequantizes into existing device memory holding at least `numel` elements of `dtype`.
+pub(super) fn dequantize_into(q: &QuantizedTensor, out: &mut CudaStorage, dtype: DType) -> Result<()> {
+    dequantize_to(q, out, dtype)
+}
+
+fn dequantize_to(q: &QuantizedTensor, out: &mut CudaStorage, dtype: DType) -> Result<()> {
+    let st = &q.state;
     let ps = storage(&q.data, "dequantize")?;
     let b = &ps.backend;
     let n = st.numel();
-    let mut out = alloc(b, dtype, n)?;
+    if out.data.len() < n * dtype.size_in_bytes() {
+        return Err(Error::shape("dequantize_into", "output buffer too small"));
+    }
     let lut = Lut16 {
         v: *st.quant_type.code(),
     };
@@ -316,7 +331,7 @@ pub(super) fn dequantize_tensor(q: &QuantizedTensor, dtype: DType) -> Result<Ten
         DType::F16 => go!(half::f16),
         _ => go!(half::bf16),
     }
-    Ok(wrap(out, &st.shape, dtype))
+    Ok(())
 }
 
 fn kernel_name(base: &str, dt: &str) -> &'static str {

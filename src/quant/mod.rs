@@ -600,6 +600,47 @@ impl QuantizedTensor {
         }
     }
 
+    /// Dequantizes into an existing tensor (its dtype, f32/f16/bf16, is the output dtype; its shape must
+    /// have the original number of elements; same device). No allocation: for loops that re-dequantize
+    /// the same weight every step into one scratch buffer. Bit-identical to [`QuantizedTensor::dequantize`].
+    pub fn dequantize_into(&self, out: &mut Tensor) -> Result<()> {
+        out.dtype().expect_float("dequantize_into")?;
+        if out.numel() != self.numel() {
+            return Err(Error::shape(
+                "dequantize_into",
+                format!(
+                    "output {:?} does not hold the {} elements of {:?}",
+                    out.shape(),
+                    self.numel(),
+                    self.shape()
+                ),
+            ));
+        }
+        if out.device() != self.device() {
+            return Err(Error::device(
+                "dequantize_into",
+                format!(
+                    "quantized tensor on {}, output on {}",
+                    self.device(),
+                    out.device()
+                ),
+            ));
+        }
+        match self.device() {
+            Device::Cpu => cpu::dequantize_tensor_into(self, out),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => {
+                let dtype = out.dtype();
+                match out.storage_mut()? {
+                    crate::tensor::Storage::Cuda(c) => cuda::dequantize_into(self, c, dtype),
+                    _ => Err(Error::device("dequantize_into", "output is not a CUDA tensor")),
+                }
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(Error::CudaUnavailable("this build has no `cuda` feature".into())),
+        }
+    }
+
     /// The per-block absmax as `f32 [nblocks]` on this tensor's device (double quantization decoded).
     pub fn absmax_f32(&self) -> Result<Tensor> {
         match &self.state.absmax {

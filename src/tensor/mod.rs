@@ -109,7 +109,6 @@ impl CpuStorage {
         with_cpu!(self, |v| bytemuck::try_cast_slice(v.as_slice()).ok())
     }
 
-    #[allow(dead_code)] // crate-internal accessor for the op families
     pub(crate) fn typed_mut<T: Element>(&mut self) -> Option<&mut [T]> {
         if self.dtype() != T::DTYPE {
             return None;
@@ -329,7 +328,6 @@ impl Tensor {
 
     // ---------------------------------------------------------------- crate-internal access
 
-    #[allow(dead_code)] // crate-internal accessor for the op families
     pub(crate) fn storage(&self) -> &Storage {
         &self.storage
     }
@@ -346,7 +344,6 @@ impl Tensor {
     }
 
     /// Mutable CPU elements; copies the storage first if another tensor shares it.
-    #[allow(dead_code)] // crate-internal accessor for the op families
     pub(crate) fn cpu_data_mut<T: Element>(&mut self, op: &'static str) -> Result<&mut [T]> {
         let dtype = self.dtype;
         if Arc::get_mut(&mut self.storage).is_none() {
@@ -405,7 +402,6 @@ impl Tensor {
         Ok(())
     }
 
-    #[allow(dead_code)] // crate-internal accessor for the op families
     pub(crate) fn expect_dtype(&self, dtype: DType, op: &'static str) -> Result<()> {
         if self.dtype != dtype {
             return Err(Error::dtype(op, dtype.as_str(), self.dtype));
