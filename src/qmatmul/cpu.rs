@@ -43,7 +43,8 @@
 
 use super::{Algo, BaseWeight, Problem};
 use crate::error::{Error, Result};
-use crate::quant::{Absmax, QuantizedTensor};
+use crate::quant::QuantizedTensor;
+use crate::quant::cpu::Scales;
 use crate::tensor::{DType, Tensor, cpu as tcpu};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -54,42 +55,6 @@ pub(crate) const DECODE_MAX_TOKENS: usize = 16;
 
 // ------------------------------------------------------------------------------------------------
 // Weight views
-
-/// First-level scales of a 4-bit weight.
-#[derive(Clone, Copy)]
-pub(crate) enum Scales<'a> {
-    F32(&'a [f32]),
-    Double {
-        codes: &'a [u8],
-        nested: &'a [f32],
-        offset: f32,
-        code: &'a [f32],
-        /// `log2(nested_blocksize)` (validation requires a power of two): a 64-bit division per
-        /// 64 weights would cost more than the decode itself.
-        nested_shift: u32,
-    },
-}
-
-impl Scales<'_> {
-    /// The f32 absmax of block `b`, exactly as bitsandbytes reconstructs it: for double quantization
-    /// `code[c] * nested_absmax[b / 256]` rounded, then `+ offset` rounded (two roundings, no FMA).
-    #[inline(always)]
-    pub(crate) fn get(&self, b: usize) -> f32 {
-        match *self {
-            Scales::F32(a) => a[b],
-            Scales::Double {
-                codes,
-                nested,
-                offset,
-                code,
-                nested_shift,
-            } => {
-                let m = code[codes[b] as usize] * nested[b >> nested_shift];
-                m + offset
-            }
-        }
-    }
-}
 
 /// A 4-bit weight `[rows, cols]` on the host.
 #[derive(Clone, Copy)]
@@ -105,22 +70,7 @@ pub(crate) struct Q4<'a> {
 impl<'a> Q4<'a> {
     pub(crate) fn new(q: &'a QuantizedTensor) -> Result<Q4<'a>> {
         let op = "qmatmul";
-        let scales = match &q.state.absmax {
-            Absmax::F32(t) => Scales::F32(t.cpu_data::<f32>(op)?),
-            Absmax::Double {
-                codes,
-                nested_absmax,
-                offset,
-                nested_code,
-                nested_blocksize,
-            } => Scales::Double {
-                codes: codes.cpu_data::<u8>(op)?,
-                nested: nested_absmax.cpu_data::<f32>(op)?,
-                offset: *offset,
-                code: nested_code,
-                nested_shift: nested_blocksize.trailing_zeros(),
-            },
-        };
+        let scales = Scales::of(&q.state, op)?;
         Ok(Q4 {
             data: q.data.cpu_data::<u8>(op)?,
             lut: q.state.code,
