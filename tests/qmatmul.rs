@@ -414,6 +414,22 @@ fn dense_forward_backward(dev: Device) -> Result<()> {
     Ok(())
 }
 
+/// Layers of over a million multiply-adds, which the CPU spreads over its thread pool (smaller ones run
+/// on the calling thread, as every other test here does): decode and batch token counts, 4-bit and dense.
+fn pooled_sizes(dev: Device) -> Result<()> {
+    let spec = QSpec::new(QuantType::Nf4, 64, true, 520, 2080, 11);
+    let q = BaseWeight::Quantized(build_q(spec, dev)?);
+    let dense = BaseWeight::Dense(Tensor::randn(&[520, 2080], 0.5, 12, DType::BF16, dev)?);
+    for (w, name) in [(&q, "nf4-dq"), (&dense, "dense bf16")] {
+        for tokens in [1, 3, 17] {
+            let what = format!("{name} [520,2080] t={tokens}");
+            check_forward(dev, w, DType::BF16, tokens, Some(8), true, false, 13, &what)?;
+            check_backward(dev, w, DType::BF16, tokens, Some(8), false, 13, &what)?;
+        }
+    }
+    Ok(())
+}
+
 /// absmax of 1e-30 and 1e30 (finite results), and all-zero blocks.
 fn extreme_scales_and_zero_blocks(dev: Device) -> Result<()> {
     for (lo, dtype) in [(1e-30f32, DType::F32), (1e30, DType::F32), (1e30, DType::BF16)] {
@@ -721,6 +737,7 @@ device_test!(
     quantized_forward_backward,
     quantized_token_counts,
     dense_forward_backward,
+    pooled_sizes,
     extreme_scales_and_zero_blocks,
     algorithms_agree,
     leading_dims,

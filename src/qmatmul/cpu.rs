@@ -425,6 +425,13 @@ pub(crate) fn backward_input(p: &Problem<'_>) -> Result<Tensor> {
 // ------------------------------------------------------------------------------------------------
 // Decode path, forward: y[t, o] = Σ_k W[o, k] x[t, k] (+ u[t]·b[o])
 
+/// Below about a million multiply-adds a GEMV runs on the calling thread: handing it to the rayon pool
+/// wakes the workers and parks the caller, tens of µs on the 2-core dev VM (measured with `perf`: ~40%
+/// of a 512 x 2048 one-token call), more than the second core saves.
+fn inline_is_faster(macs: usize) -> bool {
+    macs < 1 << 20 || threads() == 1
+}
+
 /// Rows per rayon task: ≥ 8 tasks per thread for balance, ≥ 16 rows to amortize setup.
 fn rows_per_task(rows: usize) -> usize {
     (rows / (8 * threads())).clamp(16, 256).next_multiple_of(4)
@@ -458,7 +465,7 @@ pub(crate) fn gemv_fwd(
     // yt[o * n + t]: rows are the parallel dimension, so tasks own contiguous output slices.
     let mut yt = vec![0f32; out * n];
     let rpt = rows_per_task(out);
-    yt.par_chunks_mut(rpt * n).enumerate().for_each(|(ci, yc)| {
+    let task = |(ci, yc): (usize, &mut [f32])| {
         let r0 = ci * rpt;
         let nr = yc.len() / n;
         gemv_fwd_rows(w, isa, q4_simd, &xs, n, inp, r0, nr, yc);
@@ -471,7 +478,12 @@ pub(crate) fn gemv_fwd(
                 }
             }
         }
-    });
+    };
+    if inline_is_faster(out * inp * n) {
+        yt.chunks_mut(rpt * n).enumerate().for_each(task);
+    } else {
+        yt.par_chunks_mut(rpt * n).enumerate().for_each(task);
+    }
     for ti in 0..t {
         for o in 0..out {
             y[ti * out + o] = yt[o * n + ti];
@@ -595,22 +607,25 @@ pub(crate) fn gemv_bwd(
     let nseg = inp.div_ceil(seg);
     let groups = want_tasks.div_ceil(nseg).clamp(1, out.div_ceil(64).max(1));
     let rows_per_group = out.div_ceil(groups);
-    let partials: Vec<Vec<f32>> = (0..nseg * groups)
-        .into_par_iter()
-        .map(|task| {
-            let (s, g) = (task % nseg, task / nseg);
-            let k0 = s * seg;
-            let len = seg.min(inp - k0);
-            let o0 = (g * rows_per_group).min(out);
-            let o1 = ((g + 1) * rows_per_group).min(out);
-            let mut acc = vec![0f32; n * len];
-            gemv_bwd_seg(w, isa, q4_simd, &dyt, n, inp, o0, o1, k0, len, &mut acc);
-            acc
-        })
-        .collect();
+    let inline = inline_is_faster(out * inp * n);
+    let partial = |task: usize| {
+        let (s, g) = (task % nseg, task / nseg);
+        let k0 = s * seg;
+        let len = seg.min(inp - k0);
+        let o0 = (g * rows_per_group).min(out);
+        let o1 = ((g + 1) * rows_per_group).min(out);
+        let mut acc = vec![0f32; n * len];
+        gemv_bwd_seg(w, isa, q4_simd, &dyt, n, inp, o0, o1, k0, len, &mut acc);
+        acc
+    };
+    let partials: Vec<Vec<f32>> = if inline {
+        (0..nseg * groups).map(partial).collect()
+    } else {
+        (0..nseg * groups).into_par_iter().map(partial).collect()
+    };
     // Reduce the row groups, un-permute, add the low-rank term; disjoint column slices per task.
     let dxp = SendPtr(dx.as_mut_ptr());
-    (0..nseg).into_par_iter().for_each(|s| {
+    let reduce = |s: usize| {
         let k0 = s * seg;
         let len = seg.min(inp - k0);
         let mut sum = partials[s].clone();
@@ -641,7 +656,12 @@ pub(crate) fn gemv_bwd(
             let dst = unsafe { std::slice::from_raw_parts_mut(dxp.get().add(ti * inp + k0), len) };
             dst.copy_from_slice(&tmp);
         }
-    });
+    };
+    if inline {
+        (0..nseg).for_each(reduce);
+    } else {
+        (0..nseg).into_par_iter().for_each(reduce);
+    }
 }
 
 /// Rows `[o0, o1)`, columns `[k0, k0 + len)`: `acc[t * len + j] += Σ_o dy[t, o] W[o, k0 + j]`
