@@ -23,7 +23,7 @@
 use super::wavelets::{AxisGeometry, wavelet_filters};
 use crate::error::{Error, Result};
 
-/// One nonzero of the synthesis matrix: ΔW[row, col] += scaling · weight · spectrum[coef].
+/// One nonzero of the synthesis matrix: `ΔW[row, col] += scaling · weight · spectrum[coef]`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct WaveFtEntry {
     pub row: usize,
