@@ -1091,10 +1091,10 @@ mod x86 {
         // has its 16 bytes inside the packed data and x offsets 32c + 32 <= cols; block g >> shift
         // exists. A prefetch never faults.
         unsafe {
-            let code = _mm512_loadu_ps(q.lut.as_ptr());
+            // The table of chunk g's block.
             macro_rules! lut {
                 ($g:expr) => {
-                    _mm512_mul_ps(code, _mm512_set1_ps(q.scales.get(($g) >> shift)))
+                    lut512(q, ($g) >> shift)
                 };
             }
             for (i, y) in yt.iter_mut().enumerate().take(nr) {

@@ -31,6 +31,13 @@ use rayon::prelude::*;
 /// the bar sits above it.
 const STREAM_MIN_BYTES: usize = 64 << 20;
 
+/// Code `i` of a packed 4-bit tensor: element 2j sits in the high nibble of byte j.
+#[inline(always)]
+fn nibble(packed: &[u8], i: usize) -> usize {
+    let b = packed[i / 2];
+    (if i.is_multiple_of(2) { b >> 4 } else { b & 0xF }) as usize
+}
+
 /// Elements per rayon task: a multiple of every blocksize (<= 4096), 16 KiB of packed output.
 const TASK: usize = 1 << 15;
 /// Elements converted to f32 at a time on the portable path (a multiple of every blocksize).
@@ -263,11 +270,7 @@ pub fn dequantize_reference<T: Element>(
     check_sizes(packed.len(), absmax.len(), blocksize, n)?;
     let lut = qt.code();
     Ok((0..n)
-        .map(|i| {
-            let b = packed[i / 2];
-            let c = if i % 2 == 0 { b >> 4 } else { b & 0xF };
-            T::from_f32(lut[c as usize] * absmax[i / blocksize])
-        })
+        .map(|i| T::from_f32(lut[nibble(packed, i)] * absmax[i / blocksize]))
         .collect())
 }
 
@@ -600,7 +603,7 @@ fn to_f32_slice<T: Element>(x: &[T], out: &mut [f32]) {
 mod avx512 {
     //! 16 lanes per vector. Codes come from a branch-free binary search: the thresholds live in one
     //! zmm register and `vpermps` fetches the one each lane must compare against at each level.
-    use super::{Bad, block_ref, code_fast, first_non_finite};
+    use super::{Bad, block_ref, code_fast, first_non_finite, nibble};
     use crate::quant::{FP4_THRESHOLDS, NF4_THRESHOLDS, QuantType};
     use half::{bf16, f16};
     use std::arch::x86_64::*;
@@ -902,16 +905,22 @@ mod avx512 {
         }
     }
 
+    /// True when `vcvtne2ps2bf16` rounds every product `code * am` of a block exactly as `half` does:
+    /// it flushes subnormal inputs, and the smallest nonzero code magnitude is 0.0052 > 2^-8, so an
+    /// absmax of 0 or a finite one of at least 2^-100 keeps every product zero or normal.
+    #[inline(always)]
+    fn hw_bf16_exact(am: f32) -> bool {
+        am == 0.0 || (am.is_finite() && am >= 2f32.powi(-100))
+    }
+
     /// True if this CPU converts f32 to bf16 in hardware (`vcvtne2ps2bf16`).
     pub(super) fn has_bf16() -> bool {
         static B: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *B.get_or_init(|| is_x86_feature_detected!("avx512bf16"))
     }
 
-    /// bf16 output with the hardware conversion, 32 values per instruction. `vcvtne2ps2bf16` rounds to
-    /// nearest even like `half`, but treats subnormal inputs as zero, so it is used only for blocks
-    /// whose every product is zero or normal (absmax 0, or finite and >= 2^-100: the smallest nonzero
-    /// code magnitude is 0.0052 > 2^-8); other blocks take the exact path.
+    /// bf16 output with the hardware conversion, 32 values per instruction, for the blocks where it is
+    /// exact ([`hw_bf16_exact`]); other blocks take the exact path.
     ///
     /// # Safety
     /// The CPU supports AVX-512F, BW, VL and BF16.
@@ -926,7 +935,7 @@ mod avx512 {
         // SAFETY: the array holds 16 floats.
         let lutv = unsafe { _mm512_loadu_ps(lut.as_ptr()) };
         for ((pb, ob), &am) in packed.chunks(bs / 2).zip(out.chunks_mut(bs)).zip(absmax) {
-            if !(am == 0.0 || (am.is_finite() && am >= 2f32.powi(-100))) {
+            if !hw_bf16_exact(am) {
                 // SAFETY: same features; slices are one consistent block.
                 unsafe { dequant_task(pb, std::slice::from_ref(&am), lut, bs, ob) };
                 continue;
@@ -942,9 +951,7 @@ mod avx512 {
                 }
             }
             for i in groups * 32..ob.len() {
-                let b = pb[i / 2];
-                let c = if i % 2 == 0 { b >> 4 } else { b & 0xF };
-                ob[i] = bf16::from_f32(lut[c as usize] * am);
+                ob[i] = bf16::from_f32(lut[nibble(pb, i)] * am);
             }
         }
     }
@@ -970,11 +977,7 @@ mod avx512 {
         out: &mut [bf16],
     ) -> bool {
         let addr = out.as_ptr() as usize;
-        if !addr.is_multiple_of(2)
-            || !absmax
-                .iter()
-                .all(|&a| a == 0.0 || (a.is_finite() && a >= 2f32.powi(-100)))
-        {
+        if !addr.is_multiple_of(2) || !absmax.iter().all(|&a| hw_bf16_exact(a)) {
             return false;
         }
         let n = out.len();
@@ -986,11 +989,7 @@ mod avx512 {
             (0, g) => g,
             (_, g) => g - 1,
         };
-        let scalar = |i: usize| {
-            let b = packed[i / 2];
-            let c = if i.is_multiple_of(2) { b >> 4 } else { b & 0xF };
-            bf16::from_f32(lut[c as usize] * absmax[i / bs])
-        };
+        let scalar = |i: usize| bf16::from_f32(lut[nibble(packed, i)] * absmax[i / bs]);
         let (start, end) = (head.min(n), head.min(n) + 32 * lines);
         for i in (0..start).chain(end..n) {
             out[i] = scalar(i);
@@ -1063,9 +1062,7 @@ mod avx512 {
                 }
             }
             for i in groups * 32..ob.len() {
-                let b = pb[i / 2];
-                let c = if i % 2 == 0 { b >> 4 } else { b & 0xF };
-                ob[i] = T::from_f32(lut[c as usize] * am);
+                ob[i] = T::from_f32(lut[nibble(pb, i)] * am);
             }
         }
     }
@@ -1080,7 +1077,7 @@ mod avx2 {
     //! 8 lanes per vector. NF4/FP4 codes by counting the thresholds below each value (15 / 7 compares,
     //! each a mask subtracted from the count); the table lookup of dequantization is two 8-entry
     //! `vpermps` blended on bit 3 of the code.
-    use super::{AbsBits, Bad, block_ref, code_fast, first_non_finite};
+    use super::{AbsBits, Bad, block_ref, code_fast, first_non_finite, nibble};
     use crate::quant::{FP4_THRESHOLDS, NF4_THRESHOLDS, QuantType};
     use crate::tensor::Element;
     use half::{bf16, f16};
@@ -1315,9 +1312,7 @@ mod avx2 {
                 }
             }
             for i in groups * 16..ob.len() {
-                let b = pb[i / 2];
-                let c = if i % 2 == 0 { b >> 4 } else { b & 0xF };
-                ob[i] = T::from_f32(lut[c as usize] * am);
+                ob[i] = T::from_f32(lut[nibble(pb, i)] * am);
             }
         }
     }
