@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Base, assert_close, f64s, make_base, mm, to32, tr};
+use common::{Base, assert_close, check_param_gradients, f64s, make_base, mm, to32, tr};
 use peft_kernels::adapters::dora::{DoraLinear, DoraOptions, MergeFormat, NORM_EPS, magnitude_key};
 use peft_kernels::adapters::lora::{LoraConfig, LoraInit, LoraLinear};
 use peft_kernels::autograd::gradcheck::{GradCheckConfig, check_gradient};
@@ -580,7 +580,6 @@ fn gradcheck_tape_stack(dev: Device) -> Result<()> {
         Ok((tape.value(loss)?.to_scalar()?, grads))
     };
     let (_, grads) = loss_of(&store)?;
-    let store = RefCell::new(store);
     let gcfg = GradCheckConfig {
         eps: 1e-2,
         rtol: 2e-2,
@@ -588,26 +587,13 @@ fn gradcheck_tape_stack(dev: Device) -> Result<()> {
         max_points: 24,
         seed: 1,
     };
-    for id in [l1.a_id(), l1.b_id(), l1.m_id(), l2.a_id(), l2.b_id(), l2.m_id()] {
-        let at = store.borrow().get(id)?.clone();
-        let analytic = grads
-            .get(id)
-            .ok_or_else(|| Error::InvalidArgument("missing gradient".into()))?
-            .clone();
-        let name = store.borrow().name(id)?.to_string();
-        check_gradient(
-            &name,
-            |p| {
-                store.borrow_mut().set(id, p.clone())?;
-                Ok(loss_of(&store.borrow())?.0)
-            },
-            &at,
-            &analytic,
-            &gcfg,
-        )?;
-        store.borrow_mut().set(id, at)?;
-    }
-    Ok(())
+    check_param_gradients(
+        store,
+        &[l1.a_id(), l1.b_id(), l1.m_id(), l2.a_id(), l2.b_id(), l2.m_id()],
+        &grads,
+        |s| Ok(loss_of(s)?.0),
+        &gcfg,
+    )
 }
 
 /// The factored norm against the exact norm of the materialized `W + s·B·A` (f64), on random rows,

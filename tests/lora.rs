@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::{Base, assert_close, f64s, make_base, mm, tr};
+use common::{Base, assert_close, check_param_gradients, f64s, make_base, mm, tr};
 use peft_kernels::adapters::lora::{LoraConfig, LoraInit, LoraLinear, lora_scaling};
-use peft_kernels::autograd::gradcheck::{GradCheckConfig, check_gradient};
+use peft_kernels::autograd::gradcheck::GradCheckConfig;
 use peft_kernels::autograd::{ParamStore, Tape};
 use peft_kernels::optim::{AdamW, AdamWConfig};
 use peft_kernels::qmatmul::BaseWeight;
@@ -307,7 +307,6 @@ fn gradcheck_two_layer_stack(dev: Device) -> Result<()> {
         Ok((tape.value(loss)?.to_scalar()?, grads))
     };
     let (_, grads) = loss_of(&store)?;
-    let store = std::cell::RefCell::new(store);
     let gcfg = GradCheckConfig {
         eps: 1e-2,
         rtol: 2e-2,
@@ -315,26 +314,13 @@ fn gradcheck_two_layer_stack(dev: Device) -> Result<()> {
         max_points: 24,
         seed: 1,
     };
-    for id in [l1.a_id(), l1.b_id(), l2.a_id(), l2.b_id()] {
-        let at = store.borrow().get(id)?.clone();
-        let analytic = grads
-            .get(id)
-            .ok_or_else(|| Error::InvalidArgument("missing gradient".into()))?
-            .clone();
-        let name = store.borrow().name(id)?.to_string();
-        check_gradient(
-            &name,
-            |p| {
-                store.borrow_mut().set(id, p.clone())?;
-                Ok(loss_of(&store.borrow())?.0)
-            },
-            &at,
-            &analytic,
-            &gcfg,
-        )?;
-        store.borrow_mut().set(id, at)?;
-    }
-    Ok(())
+    check_param_gradients(
+        store,
+        &[l1.a_id(), l1.b_id(), l2.a_id(), l2.b_id()],
+        &grads,
+        |s| Ok(loss_of(s)?.0),
+        &gcfg,
+    )
 }
 
 fn cuda_matches_cpu(dev: Device) -> Result<()> {

@@ -10,13 +10,13 @@
 
 mod common;
 
-use common::{Base, assert_close, f64s, make_base, mm, to32, tr};
+use common::{Base, assert_close, check_param_gradients, f64s, make_base, mm, to32, tr};
 use peft_kernels::adapters::load::{
     AdapterLayer, LoadOptions, adapter_from_store, init_adapter, linear_modules, load_adapter,
 };
 use peft_kernels::adapters::vblora::{VbLoraBank, VbLoraConfig, VbLoraLinear, VbLoraOptions};
 use peft_kernels::adapters::waveft::{WaveFtConfig, WaveFtLinear};
-use peft_kernels::autograd::gradcheck::{GradCheckConfig, check_gradient};
+use peft_kernels::autograd::gradcheck::GradCheckConfig;
 use peft_kernels::autograd::{Backward, Gradients, ParamId, ParamStore, Tape, Var};
 use peft_kernels::io::peft::{
     AdapterConfig, MethodConfig, ModuleNames, PeftAdapter, TargetModules, VBLORA_BANK_KEY,
@@ -454,33 +454,6 @@ fn separated_logits(shape: &[usize], seed: u64, dev: Device) -> Result<Tensor> {
     Tensor::from_vec(data, shape, dev)
 }
 
-fn check_all(
-    store: ParamStore,
-    ids: &[ParamId],
-    grads: &Gradients,
-    loss_of: impl Fn(&ParamStore) -> Result<f32>,
-    cfg: &GradCheckConfig,
-) -> Result<()> {
-    let store = std::cell::RefCell::new(store);
-    for &id in ids {
-        let at = store.borrow().get(id)?.clone();
-        let analytic = grads.get(id).ok_or_else(err("gradient"))?.clone();
-        let name = store.borrow().name(id)?.to_string();
-        check_gradient(
-            &name,
-            |p| {
-                store.borrow_mut().set(id, p.clone())?;
-                loss_of(&store.borrow())
-            },
-            &at,
-            &analytic,
-            cfg,
-        )?;
-        store.borrow_mut().set(id, at)?;
-    }
-    Ok(())
-}
-
 /// VB-LoRA → GELU → VB-LoRA → MSE, one shared bank: finite differences of the bank and of both layers'
 /// logits; the bank's single gradient entry equals the sum of the two layers' own contributions.
 fn gradcheck_shared_bank(dev: Device) -> Result<()> {
@@ -590,7 +563,7 @@ fn gradcheck_shared_bank(dev: Device) -> Result<()> {
         l2.logits_a_id(),
         l2.logits_b_id(),
     ];
-    check_all(store, &ids, &grads, |s| Ok(run(s)?.0), &cfg)
+    check_param_gradients(store, &ids, &grads, |s| Ok(run(s)?.0), &cfg)
 }
 
 /// WaveFT (NF4 base) → GELU → WaveFT (dense base, sym2) → MSE: finite differences of both spectra.
@@ -661,7 +634,7 @@ fn gradcheck_waveft_stack(dev: Device) -> Result<()> {
         max_points: 30,
         seed: 2,
     };
-    check_all(
+    check_param_gradients(
         store,
         &[l1.spectrum_id(), l2.spectrum_id()],
         &grads,

@@ -161,3 +161,35 @@ pub fn tr(a: &[f64], m: usize, n: usize) -> Vec<f64> {
     }
     t
 }
+
+/// Finite differences of `loss_of` for every parameter `ids` of `store` against its analytic gradient in
+/// `grads`, restoring each parameter afterwards.
+pub fn check_param_gradients(
+    store: peft_kernels::autograd::ParamStore,
+    ids: &[peft_kernels::autograd::ParamId],
+    grads: &peft_kernels::autograd::Gradients,
+    loss_of: impl Fn(&peft_kernels::autograd::ParamStore) -> peft_kernels::Result<f32>,
+    cfg: &peft_kernels::autograd::gradcheck::GradCheckConfig,
+) -> peft_kernels::Result<()> {
+    let store = std::cell::RefCell::new(store);
+    for &id in ids {
+        let at = store.borrow().get(id)?.clone();
+        let analytic = grads
+            .get(id)
+            .ok_or_else(|| peft_kernels::Error::InvalidArgument("missing gradient".into()))?
+            .clone();
+        let name = store.borrow().name(id)?.to_string();
+        peft_kernels::autograd::gradcheck::check_gradient(
+            &name,
+            |p| {
+                store.borrow_mut().set(id, p.clone())?;
+                loss_of(&store.borrow())
+            },
+            &at,
+            &analytic,
+            cfg,
+        )?;
+        store.borrow_mut().set(id, at)?;
+    }
+    Ok(())
+}
