@@ -25,7 +25,6 @@
 //! tensor-core paths round the decoded weight (and `u`, `b`, `v`, `a`) to the activation dtype first,
 //! exactly like dequantize-to-bf16-then-GEMM.
 
-pub mod bench;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;

@@ -5,7 +5,9 @@
 //! Own timing loop: warm-up, N iterations, median and min, `Device::synchronize` around each call.
 //! Weights rotate through 1 GiB (CPU) / 200 MiB (CUDA) of copies so caches do not flatter any format.
 
-use peft_kernels::qmatmul::bench::{
+mod harness;
+
+use harness::{
     Case, Op, Runner, default_cases, host_bandwidth_gbps, rotation_bytes, time_median_us, time_stats_us,
 };
 use peft_kernels::{Device, Error, Result};

@@ -6,12 +6,12 @@
 //! `v = s·dy·B` then `linear_backward_input(dy, W, v·a)`. The LoRA weight gradients (dA, dB) are not
 //! part of either. Weights are random codes with random scales: speed does not depend on the values.
 
-use super::{Algo, BaseWeight, LowRankBwd, LowRankFwd, linear_backward_input, linear_forward};
-use crate::device::Device;
-use crate::error::{Error, Result};
-use crate::quant::{Absmax, NESTED_BLOCKSIZE, QuantState, QuantType, QuantizedTensor};
-use crate::rng::Rng;
-use crate::tensor::{DType, Tensor};
+use peft_kernels::qmatmul::{
+    Algo, BaseWeight, LowRankBwd, LowRankFwd, linear_backward_input, linear_forward,
+};
+use peft_kernels::quant::{Absmax, NESTED_BLOCKSIZE, QuantState, QuantType, QuantizedTensor};
+use peft_kernels::rng::Rng;
+use peft_kernels::{DType, Device, Error, Result, Tensor};
 use std::time::Instant;
 
 /// A base-weight format.
@@ -68,7 +68,9 @@ impl std::str::FromStr for Format {
         Format::ALL
             .into_iter()
             .find(|f| f.as_str() == s.to_ascii_lowercase())
-            .ok_or_else(|| Error::invalid(format!("unknown format {s:?} (nf4, nf4-dq, fp4, bf16, f16, f32)")))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("unknown format {s:?} (nf4, nf4-dq, fp4, bf16, f16, f32)"))
+            })
     }
 }
 
@@ -86,7 +88,7 @@ pub fn random_quantized(
     let mut rng = Rng::new(seed);
     let n = out
         .checked_mul(inp)
-        .ok_or_else(|| Error::invalid("weight size overflows"))?;
+        .ok_or_else(|| Error::InvalidArgument("weight size overflows".into()))?;
     let nblocks = n.div_ceil(blocksize);
     let data: Vec<u8> = (0..n.div_ceil(2)).map(|_| rng.next_u64() as u8).collect();
     let absmax = if double_quant {
@@ -294,8 +296,7 @@ impl Case {
 
 /// Prepared operands of a case; `weights` rotate so repeated calls do not hit a warm cache.
 pub struct Runner {
-    pub case: Case,
-    pub device: Device,
+    case: Case,
     weights: Vec<BaseWeight>,
     next: usize,
     act: Tensor,
@@ -330,7 +331,6 @@ impl Runner {
         let b = Tensor::randn(&[case.out, r], 0.02, 9, dt, device)?;
         Ok(Runner {
             case,
-            device,
             weights,
             next: 0,
             act,
