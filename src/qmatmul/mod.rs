@@ -151,13 +151,14 @@ impl BaseWeight {
 
     /// The dense `[out, in]` weight in `dtype` (a float dtype). For 4-bit weights each element is
     /// `code[nibble] * absmax` computed in f32, then rounded once to `dtype` (bitsandbytes semantics).
+    /// On the CPU this is [`QuantizedTensor::dequantize`] (the SIMD dequantizer of `quant`).
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
         dtype.expect_float("dequantize")?;
         self.validate("dequantize")?;
         match self {
             BaseWeight::Dense(t) => t.to_dtype(dtype),
             BaseWeight::Quantized(q) => match self.device() {
-                Device::Cpu => cpu::dequantize(q, dtype),
+                Device::Cpu => q.dequantize(dtype),
                 #[cfg(feature = "cuda")]
                 Device::Cuda(_) => cuda::dequantize(q, dtype),
                 #[cfg(not(feature = "cuda"))]

@@ -342,33 +342,6 @@ fn col_block(n: usize) -> usize {
 // ------------------------------------------------------------------------------------------------
 // Public entry points
 
-pub(crate) fn dequantize(q: &QuantizedTensor, dtype: DType) -> Result<Tensor> {
-    let q4 = Q4::new(q)?;
-    let shape = [q4.rows, q4.cols];
-    // Half outputs are decoded through an L1-sized f32 scratch per chunk, never a full f32 copy.
-    fn go<T: crate::tensor::Element>(q: &Q4<'_>, conv: impl Fn(&[f32], &mut [T]) + Sync) -> Vec<T> {
-        const CH: usize = 1 << 13;
-        let mut out = vec![T::default(); q.rows * q.cols];
-        out.par_chunks_mut(CH).enumerate().for_each_init(
-            || vec![0f32; CH],
-            |buf, (i, c)| {
-                let b = &mut buf[..c.len()];
-                decode_flat(q, i * CH, b);
-                conv(b, c);
-            },
-        );
-        out
-    }
-    use half::slice::HalfFloatSliceExt;
-    let dev = crate::Device::Cpu;
-    match dtype {
-        DType::F32 => Tensor::from_vec(dequantize_f32(&q4), &shape, dev),
-        DType::F16 => Tensor::from_vec(go::<f16>(&q4, |s, d| d.convert_from_f32_slice(s)), &shape, dev),
-        DType::BF16 => Tensor::from_vec(go::<bf16>(&q4, |s, d| d.convert_from_f32_slice(s)), &shape, dev),
-        d => Err(Error::dtype("dequantize", "a float dtype", d)),
-    }
-}
-
 /// All of W as f32 (parallel over 64 Ki-element chunks).
 pub(crate) fn dequantize_f32(q: &Q4<'_>) -> Vec<f32> {
     let n = q.rows * q.cols;

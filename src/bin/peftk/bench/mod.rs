@@ -4,11 +4,13 @@
 //! `memory_bandwidth` line (best-of-5 read and copy over 1 GiB); `bw_frac` = gbps / read bandwidth.
 //! Own timing loop: warm-up, N iterations, median and min, `Device::synchronize` around each call.
 //! Weights rotate through 1 GiB (CPU) / 200 MiB (CUDA) of copies so caches do not flatter any format.
+//! The weight-only rows (`quantize`, `dequantize`, `dequantize_into`; `tokens` 0, `tflops` null)
+//! time the 4-bit conversions themselves; see `harness.rs` for what each case calls.
 
 mod harness;
 
 use harness::{
-    Case, Op, Runner, default_cases, host_bandwidth_gbps, rotation_bytes, time_median_us, time_stats_us,
+    Runner, SHAPES, TOKENS, default_cases, host_bandwidth_gbps, rotation_bytes, time_median_us, time_stats_us,
 };
 use peft_kernels::{Device, Error, Result};
 use std::io::Write;
@@ -17,63 +19,86 @@ use std::io::Write;
 pub struct BenchArgs {
     /// cpu, cuda or cuda:N (default: cuda when available, else cpu).
     #[arg(long)]
-    device: Option<String>,
-    /// Only cases whose name (`forward/nf4/4096x4096/t1/r16/auto`) matches this regex.
-    #[arg(long)]
-    filter: Option<String>,
-    /// Fewer iterations and no 512-token cases (a few seconds).
+    device: Option<Device>,
+    /// Run only the cases whose name matches this regex. Names look like
+    /// `forward/nf4/4096x4096/t1/r16/auto` (op/format/OUTxIN/tokens/LoRA rank/algorithm); ops are
+    /// forward, backward_input, quantize, dequantize and dequantize_into. A filter that matches no case
+    /// is an error.
+    #[arg(long, value_name = "REGEX", value_parser = parse_filter)]
+    filter: Option<regex::Regex>,
+    /// Fewer iterations per case and no 512-token cases (a few seconds).
     #[arg(long)]
     quick: bool,
-    /// Also the 11008x4096 and 4096x11008 shapes (or set PEFT_KERNELS_BENCH_FULL=1).
+    /// Also the two MLP shapes of a 7B-class model, 11008x4096 and 4096x11008, after 4096x4096 (also
+    /// turned on by the environment variable PEFT_KERNELS_BENCH_FULL=1).
     #[arg(long)]
     full: bool,
-    /// Replace the shapes with one `OUTxIN` (e.g. 512x4096).
-    #[arg(long)]
-    shape: Option<String>,
-    /// Replace the token counts with this list (e.g. 1,16).
-    #[arg(long, value_delimiter = ',')]
+    /// Run every case at this one weight shape `OUTxIN` (e.g. 512x4096) instead of the default
+    /// shapes; both sides at least 1.
+    #[arg(long, value_name = "OUTxIN", value_parser = parse_shape)]
+    shape: Option<(usize, usize)>,
+    /// Token counts of the forward and backward cases, comma separated (e.g. 1,16), instead of
+    /// 1,16,512; each at least 1.
+    #[arg(long, value_name = "N,...", value_delimiter = ',', value_parser = parse_tokens)]
     tokens: Option<Vec<usize>>,
-    /// MiB of weight copies to rotate through (default: 1024 on the CPU, 200 on CUDA; 0 = one copy,
-    /// i.e. cache-resident when it fits, to measure compute throughput).
-    #[arg(long)]
+    /// MiB of weight copies each case rotates through, so that every call reads its weight from
+    /// memory rather than cache (default: 1024 on the CPU, 200 on CUDA). 0 = one copy, cache-resident
+    /// when it fits, to measure compute throughput.
+    #[arg(long, value_name = "MIB")]
     rotate_mib: Option<usize>,
 }
 
+fn parse_filter(s: &str) -> std::result::Result<regex::Regex, String> {
+    regex::Regex::new(s).map_err(|e| e.to_string())
+}
+
+fn parse_shape(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (o, i) = s
+        .split_once('x')
+        .and_then(|(o, i)| Some((o.parse::<usize>().ok()?, i.parse::<usize>().ok()?)))
+        .ok_or_else(|| format!("{s:?} is not OUTxIN (e.g. 512x4096)"))?;
+    if o == 0 || i == 0 {
+        return Err(format!("{s:?}: both sides must be at least 1"));
+    }
+    Ok((o, i))
+}
+
+fn parse_tokens(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("token counts must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
-    let device = match &args.device {
-        Some(d) => d.parse::<Device>()?,
-        None => Device::cuda_if_available(),
-    };
+    let device = args.device.unwrap_or_else(Device::cuda_if_available);
     device.check()?;
-    let filter = args
-        .filter
-        .as_deref()
-        .map(regex::Regex::new)
-        .transpose()
-        .map_err(|e| Error::InvalidArgument(format!("--filter: {e}")))?;
     let full = args.full || std::env::var("PEFT_KERNELS_BENCH_FULL").is_ok_and(|v| v == "1");
-    let shape = args
-        .shape
-        .as_deref()
-        .map(|s| {
-            s.split_once('x')
-                .and_then(|(o, i)| Some((o.parse::<usize>().ok()?, i.parse::<usize>().ok()?)))
-                .ok_or_else(|| Error::InvalidArgument(format!("--shape {s:?}: expected OUTxIN")))
-        })
-        .transpose()?;
-    let cases: Vec<Case> = default_cases(device, full, args.quick)
-        .into_iter()
-        .map(|mut c| {
-            if let Some((o, i)) = shape {
-                (c.out, c.inp) = (o, i);
-            }
-            c
-        })
-        .filter(|c| args.tokens.as_ref().is_none_or(|t| t.contains(&c.tokens)) || c.op == Op::Dequantize)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .filter(|c| filter.as_ref().is_none_or(|f| f.is_match(&c.name())))
-        .collect();
+    let mut cases = if args.shape.is_none() && args.tokens.is_none() {
+        default_cases(device, full, args.quick)
+    } else {
+        let shapes = match args.shape {
+            Some(s) => vec![s],
+            None if full => SHAPES.to_vec(),
+            None => SHAPES[..1].to_vec(),
+        };
+        let quick_tokens = &TOKENS[..2];
+        let tokens = args
+            .tokens
+            .as_deref()
+            .unwrap_or(if args.quick { quick_tokens } else { &TOKENS });
+        harness::cases(device, &shapes, tokens)
+    };
+    if let Some(f) = &args.filter {
+        cases.retain(|c| f.is_match(&c.name()));
+        if cases.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "--filter {:?} matches no case (names look like forward/nf4/4096x4096/t1/r16/auto)",
+                f.as_str()
+            )));
+        }
+    }
     let mut stdout = std::io::stdout().lock();
     // CPU: the read bandwidth every GEMV line is compared with (`bw_frac`).
     let mut read_bw = None;
@@ -90,7 +115,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         })?;
     }
     for case in cases {
-        let rot = args.rotate_mib.map_or(rotation_bytes(device), |m| m << 20);
+        let rot = args
+            .rotate_mib
+            .map_or(rotation_bytes(device), |m| m.saturating_mul(1 << 20));
         let mut runner = Runner::new(case, device, rot)?;
         // Iterations: enough for a stable median within ~0.6 s per case (the default run stays under a
         // minute on a 2-core machine).
@@ -113,7 +140,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "median_us": round(us),
             "min_us": round(min_us),
             "gbps": round(case.bytes() / secs / 1e9),
-            "tflops": if case.op == Op::Dequantize { serde_json::Value::Null } else { ((case.flops() / secs / 1e12 * 1e4).round() / 1e4).into() },
+            "tflops": if !case.op.takes_tokens() { serde_json::Value::Null } else { ((case.flops() / secs / 1e12 * 1e4).round() / 1e4).into() },
             "weight_copies": runner.copies(),
             "bw_frac": read_bw.map(|bw| round(case.bytes() / secs / 1e9 / bw)),
         });
