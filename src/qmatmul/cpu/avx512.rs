@@ -10,6 +10,7 @@ use std::arch::x86_64::*;
 /// Number of bytes decoded (a multiple of 16); the caller finishes the tail.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn decode_bytes_avx512(ls: &[f32; 16], bytes: &[u8], dst: &mut [f32]) -> usize {
+    // SAFETY: `ls` is 16 f32, exactly one unaligned 512-bit load; avx512f is enabled on this function.
     let lut = unsafe { _mm512_loadu_ps(ls.as_ptr()) };
     // Interleave (hi[j], lo[j]): permutex2var picks table b for index bit 4.
     let i0 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
@@ -138,7 +139,7 @@ unsafe fn q4_gemv1_avx512<const L: usize>(
     debug_assert!(xs.len() >= q.cols && yt.len() >= nr && c1 <= cpr);
     let data = q.data.as_ptr();
     let xp = xs.as_ptr();
-    // SAFETY (whole body): rows r0..r0+nr exist and c0 <= c < c1 <= cpr, so chunk g = row + c
+    // SAFETY: (whole body) rows r0..r0+nr exist and c0 <= c < c1 <= cpr, so chunk g = row + c
     // has its 16 bytes inside the packed data and x offsets 32c + 32 <= cols; block g >> shift
     // exists. A prefetch never faults.
     unsafe {

@@ -129,22 +129,27 @@ fn gemv_fwd_rows(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY (all calls below): the ISA was detected at runtime; xs holds n*inp, yt holds nr*n
+        // Every call below: the ISA was detected at runtime; xs holds n*inp, yt holds nr*n
         // values and rows r0..r0+nr exist in the weight (checked by the chunking in the caller).
         match (w, isa) {
             (WeightRef::Q4(q), Isa::Avx512) if q4_simd => {
+                // SAFETY: Isa::Avx512 (avx512f) was detected at run time; sizes as stated above.
                 return unsafe { avx512::q4_fwd_avx512_dispatch(q, xs, n, r0, nr, yt) };
             }
             (WeightRef::Q4(q), Isa::Avx2) if q4_simd => {
+                // SAFETY: Isa::Avx2 (avx2 + fma) was detected at run time; sizes as stated above.
                 return unsafe { avx2::q4_fwd_avx2_dispatch(q, xs, n, r0, nr, yt) };
             }
             (WeightRef::BF16(d), Isa::Avx512) => {
+                // SAFETY: Isa::Avx512 (avx512f) was detected at run time; sizes as stated above.
                 return unsafe { avx512::dense_fwd_avx512_dispatch(d, inp, xs, n, r0, nr, yt) };
             }
             (WeightRef::F16(d), Isa::Avx512) => {
+                // SAFETY: Isa::Avx512 (avx512f) was detected at run time; sizes as stated above.
                 return unsafe { avx512::dense_fwd_avx512_dispatch(d, inp, xs, n, r0, nr, yt) };
             }
             (WeightRef::F32(d), Isa::Avx512) => {
+                // SAFETY: Isa::Avx512 (avx512f) was detected at run time; sizes as stated above.
                 return unsafe { avx512::dense_fwd_avx512_dispatch(d, inp, xs, n, r0, nr, yt) };
             }
             _ => {}
@@ -267,22 +272,27 @@ fn gemv_bwd_seg(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY (all calls below): ISA detected at runtime; acc holds n*len, dyt holds out*n values,
+        // Every call below: ISA detected at runtime; acc holds n*len, dyt holds out*n values,
         // rows o0..o1 and columns k0..k0+len exist; for 4-bit k0 and len are multiples of 32.
         match (w, isa) {
             (WeightRef::Q4(q), Isa::Avx512) if q4_simd => {
+                // SAFETY: Isa::Avx512 (avx512f) was detected at run time; sizes as stated above.
                 return unsafe { avx512::q4_bwd_avx512_dispatch(q, dyt, n, o0, o1, k0, len, acc) };
             }
             (WeightRef::Q4(q), Isa::Avx2) if q4_simd => {
+                // SAFETY: Isa::Avx2 (avx2 + fma) was detected at run time; sizes as stated above.
                 return unsafe { avx2::q4_bwd_avx2_dispatch(q, dyt, n, o0, o1, k0, len, acc) };
             }
             (WeightRef::BF16(d), Isa::Avx512) => {
+                // SAFETY: Isa::Avx512 (avx512f) was detected at run time; sizes as stated above.
                 return unsafe { avx512::dense_bwd_avx512_dispatch(d, inp, dyt, n, o0, o1, k0, len, acc) };
             }
             (WeightRef::F16(d), Isa::Avx512) => {
+                // SAFETY: Isa::Avx512 (avx512f) was detected at run time; sizes as stated above.
                 return unsafe { avx512::dense_bwd_avx512_dispatch(d, inp, dyt, n, o0, o1, k0, len, acc) };
             }
             (WeightRef::F32(d), Isa::Avx512) => {
+                // SAFETY: Isa::Avx512 (avx512f) was detected at run time; sizes as stated above.
                 return unsafe { avx512::dense_bwd_avx512_dispatch(d, inp, dyt, n, o0, o1, k0, len, acc) };
             }
             _ => {}
