@@ -11,8 +11,8 @@
 //! * double quantization touches n/64 absmax values: < 0.3 ms.
 //!
 //! Measured (2 shared vCPUs, AVX-512): quantize 7-9 ms, dequantize ~8 ms of CPU time, of which ~3.7 ms is
-//! the kernel zeroing the fresh output pages; the AVX2 path is ~4x slower at quantize. README.md has the
-//! comparison with bitsandbytes.
+//! the kernel zeroing the fresh output pages; the AVX2 path is ~4x slower at quantize.
+//! `docs/performance.md` has the comparison with bitsandbytes.
 //!
 //! Files: `reference.rs` (the scalar oracle), `double_quant.rs` (the absmax's 8-bit double
 //! quantization), `portable.rs` (shared scalar pieces and the portable quantizer), `avx512.rs` and
