@@ -369,6 +369,14 @@ pub(super) fn weight_tproj(base: &BaseWeight, ct: &Tensor) -> Result<Tensor> {
     Ok(wrap(y, &[r, inp], DType::F32))
 }
 
+/// The dtypes of Pᵀ that `dora_norm_assemble_*` is instantiated for: every activation dtype.
+fn check_pt_dtype(d: DType, op: &'static str) -> Result<()> {
+    match d {
+        DType::F32 | DType::F16 | DType::BF16 => Ok(()),
+        other => Err(Error::dtype(op, "Pᵀ in f32, f16 or bf16", other)),
+    }
+}
+
 /// `n` and, with `m`, `m / max(n, eps)` (both f32 `[out]`); Pᵀ in f32, f16 or bf16.
 fn norm_assemble(
     wsq: &Tensor,
@@ -380,9 +388,11 @@ fn norm_assemble(
 ) -> Result<(Tensor, Option<Tensor>)> {
     let op = "dora norm_assemble";
     let (out, r) = b32.dims2(op)?;
+    // Pᵀ comes in the GEMV's (activation) dtype: dora_norm_assemble_{f32,f16,bf16} read it as is.
+    check_pt_dtype(pt.dtype(), op)?;
     let (ws, ps, bs, gs) = (
         f32_cuda(wsq, op)?,
-        f32_cuda(pt, op)?,
+        cuda_of(pt, op)?,
         f32_cuda(b32, op)?,
         f32_cuda(gram, op)?,
     );
@@ -653,4 +663,19 @@ pub(super) fn scale_rows(x: &Tensor, f: &Tensor) -> Result<Tensor> {
         unsafe { l.launch(grid_1d((rows * cols).min(1 << 22), 256)?) }?;
     }
     Ok(wrap(y, &[rows, cols], DType::F32))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `norm()` hands `norm_assemble` Pᵀ in the activation dtype: every float dtype passes the
+    /// launcher's dtype check (it used to demand f32, failing every half-precision DoRA forward).
+    #[test]
+    fn norm_assemble_takes_pt_in_every_activation_dtype() {
+        for d in [DType::F32, DType::F16, DType::BF16] {
+            assert!(check_pt_dtype(d, "test").is_ok(), "{d}");
+        }
+        assert!(check_pt_dtype(DType::U8, "test").is_err());
+    }
 }
