@@ -31,7 +31,7 @@ use crate::tensor::{DType, Tensor};
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 pub mod io;
 
 /// The 4-bit code book.
