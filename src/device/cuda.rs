@@ -191,6 +191,11 @@ impl CudaBackend {
     }
 }
 
+/// Waits for the work queued on device `ordinal`.
+pub(crate) fn synchronize(ordinal: usize) -> Result<()> {
+    backend(ordinal)?.synchronize()
+}
+
 /// A 1-D launch over `n` items with `threads` per block.
 pub(crate) fn grid_1d(n: usize, threads: u32) -> Result<LaunchConfig> {
     let blocks = n.div_ceil(threads as usize).max(1);

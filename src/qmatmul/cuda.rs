@@ -396,46 +396,30 @@ fn launch_tiled(
             // {f16, bf16} and A = aux; grid (ceil(N/128), ceil(M/128), splits) with splits *
             // kt_per_split >= ceil(K/32), so every output tile and k-tile is covered; static shared
             // memory 40 KB < 48 KB.
+            let launch = if p.bwd {
+                k::qmatmul::q4_gemm_mma_bwd::<T, A>
+            } else {
+                k::qmatmul::q4_gemm_mma_fwd::<T, A>
+            };
             unsafe {
-                if p.bwd {
-                    k::qmatmul::q4_gemm_mma_bwd::<T, A>(
-                        b,
-                        cfg,
-                        p.dq,
-                        args.0,
-                        args.1,
-                        args.2,
-                        args.3,
-                        args.4,
-                        args.5,
-                        &mut yv,
-                        wsv.as_mut(),
-                        m64,
-                        n64,
-                        k64,
-                        in64,
-                        kt_per32,
-                    )
-                } else {
-                    k::qmatmul::q4_gemm_mma_fwd::<T, A>(
-                        b,
-                        cfg,
-                        p.dq,
-                        args.0,
-                        args.1,
-                        args.2,
-                        args.3,
-                        args.4,
-                        args.5,
-                        &mut yv,
-                        wsv.as_mut(),
-                        m64,
-                        n64,
-                        k64,
-                        in64,
-                        kt_per32,
-                    )
-                }
+                launch(
+                    b,
+                    cfg,
+                    p.dq,
+                    args.0,
+                    args.1,
+                    args.2,
+                    args.3,
+                    args.4,
+                    args.5,
+                    &mut yv,
+                    wsv.as_mut(),
+                    m64,
+                    n64,
+                    k64,
+                    in64,
+                    kt_per32,
+                )
             }?;
         }
         if let Some(w) = ws.as_ref() {

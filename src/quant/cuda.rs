@@ -5,7 +5,7 @@ use crate::device::cuda::kernels::{self as k, Q4Params};
 use crate::device::cuda::{CudaBackend, grid_1d};
 use crate::error::{Error, Result};
 use crate::tensor::cuda::{CudaStorage, alloc, storage, typed, wrap};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Storage, Tensor};
 use cudarc::driver::LaunchConfig;
 use std::sync::Arc;
 
@@ -243,9 +243,13 @@ pub(super) fn dequantize_tensor(q: &QuantizedTensor, dtype: DType) -> Result<Ten
     Ok(wrap(out, &st.shape, dtype))
 }
 
-/// Dequantizes into existing device memory holding at least `numel` elements of `dtype`.
-pub(super) fn dequantize_into(q: &QuantizedTensor, out: &mut CudaStorage, dtype: DType) -> Result<()> {
-    dequantize_to(q, out, dtype)
+/// Dequantizes into an existing CUDA tensor holding at least `numel` elements (of its dtype).
+pub(super) fn dequantize_tensor_into(q: &QuantizedTensor, out: &mut Tensor) -> Result<()> {
+    let dtype = out.dtype();
+    match out.storage_mut()? {
+        Storage::Cuda(c) => dequantize_to(q, c, dtype),
+        Storage::Cpu(_) => Err(Error::device("dequantize_into", "output is not a CUDA tensor")),
+    }
 }
 
 fn dequantize_to(q: &QuantizedTensor, out: &mut CudaStorage, dtype: DType) -> Result<()> {
