@@ -20,6 +20,7 @@
 //! Run: `cargo bench --bench dora` (add `--features cuda` on a GPU machine).
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use peft_kernels::adapters::AdapterLinear;
 use peft_kernels::adapters::dora::{DoraContext, DoraLinear, DoraOptions};
 use peft_kernels::adapters::lora::{LoraConfig, LoraContext, LoraInit, LoraLinear};
 use peft_kernels::autograd::ParamStore;
