@@ -12,9 +12,6 @@ mod common;
 
 use common::{Base, assert_close, check_param_gradients, f64s, make_base, mm, to32, tr};
 use peft_kernels::adapters::AdapterLinear;
-use peft_kernels::adapters::load::{
-    LoadOptions, adapter_from_store, init_adapter, linear_modules, load_adapter,
-};
 use peft_kernels::adapters::vblora::{VbLoraBank, VbLoraConfig, VbLoraLinear, VbLoraOptions};
 use peft_kernels::adapters::waveft::{WaveFtConfig, WaveFtLinear};
 use peft_kernels::autograd::gradcheck::GradCheckConfig;
@@ -23,8 +20,11 @@ use peft_kernels::io::peft::{
     AdapterConfig, MethodConfig, ModuleNames, PeftAdapter, TargetModules, VBLORA_BANK_KEY,
 };
 use peft_kernels::io::{SafetensorsFile, TensorBytes, write_safetensors};
-use peft_kernels::merge::{MergeOptions, MergeRegistry, merge_into_file};
 use peft_kernels::optim::{AdamW, AdamWConfig};
+use peft_kernels::peft_model::load::{
+    LoadOptions, adapter_from_store, init_adapter, linear_modules, load_adapter,
+};
+use peft_kernels::peft_model::merge::{MergeOptions, MergeRegistry, merge_into_file};
 use peft_kernels::qmatmul::BaseWeight;
 use peft_kernels::quant::{QuantizeOptions, QuantizedTensor};
 use peft_kernels::{DType, Device, Error, Result, Tensor};
@@ -1434,7 +1434,7 @@ fn save_round_trip() -> Result<()> {
                     .num_vectors;
                 let wk = format!("{stem}_topk_weights");
                 let expand = |a: &PeftAdapter| {
-                    peft_kernels::io::peft::vblora_expand_topk(&a.tensors[k], &a.tensors[&wk], nv)?
+                    peft_kernels::adapters::vblora::vblora_expand_topk(&a.tensors[k], &a.tensors[&wk], nv)?
                         .to_vec_f32()
                 };
                 let (eb, et) = (expand(&back)?, expand(&adapter)?);
@@ -1659,7 +1659,7 @@ fn tinylm_configs() -> Vec<(&'static str, AdapterConfig)> {
 /// a planted random linear map of a fixed input batch (which the adapter can partly represent); returns the
 /// losses.
 fn train_layers(
-    model: &peft_kernels::adapters::load::AdapterModel,
+    model: &peft_kernels::peft_model::load::AdapterModel,
     store: &mut ParamStore,
     steps: u64,
     lr: f32,

@@ -3,7 +3,6 @@
 
 pub mod dora;
 pub mod linear;
-pub mod load;
 pub mod lora;
 pub mod vblora;
 pub mod waveft;

@@ -17,16 +17,16 @@
 //! Per method (each a `Box<dyn` [`AdapterLinear`]`>`): LoRA → [`LoraLinear`], WaveFT → [`WaveFtLinear`] (per-layer
 //! `n_frequency` from the file, checked against `n_frequency_pattern` / `proportional_parameters`),
 //! VB-LoRA → [`VbLoraLinear`] on one [`VbLoraBank`], DoRA → [`DoraLinear`]. Not built (clear errors):
-//! LoRA on embeddings, `lora_bias`, 4-bit bases with `fan_in_fan_out`; merge those with [`crate::merge`]
+//! LoRA on embeddings, `lora_bias`, 4-bit bases with `fan_in_fan_out`; merge those with [`crate::peft_model::merge`]
 //! instead.
 
-use super::AdapterLinear;
-use super::dora::{DoraLinear, DoraOptions};
-use super::lora::{LoraConfig as LoraLayerConfig, LoraInit, LoraLinear};
-use super::vblora::{
-    BANK_KEY, VbLoraBank, VbLoraConfig as VbLoraSettings, VbLoraLinear, VbLoraOptions, logits_key,
+use crate::adapters::AdapterLinear;
+use crate::adapters::dora::{DoraLinear, DoraOptions};
+use crate::adapters::lora::{LoraConfig as LoraLayerConfig, LoraInit, LoraLinear};
+use crate::adapters::vblora::{
+    BANK_KEY, VbLoraBank, VbLoraConfig, VbLoraLinear, VbLoraOptions, logits_key, vblora_compress_topk,
 };
-use super::waveft::{WaveFtConfig as WaveFtSettings, WaveFtLinear, spectrum_key};
+use crate::adapters::waveft::{WaveFtConfig, WaveFtLinear, proportional_n_frequency, spectrum_key};
 use crate::autograd::{ParamId, ParamStore};
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -143,7 +143,7 @@ impl AdapterModel {
                 self.layers.iter().map(|l| l.name().to_string()).collect(),
             ));
         }
-        file_form(PeftAdapter { config, tensors })
+        to_file_form(PeftAdapter { config, tensors })
     }
 
     /// Writes the adapter directory (`adapter_config.json` + `adapter_model.safetensors`, each atomically)
@@ -284,7 +284,7 @@ pub fn load_adapter(
                 .get(BANK_KEY)
                 .ok_or_else(|| Error::invalid(format!("VB-LoRA adapter without {BANK_KEY:?}")))?;
             let id = store.insert(BANK_KEY, t.to_device(opts.device)?)?;
-            Some(VbLoraBank::from_param(&vb_settings(c), id, store)?)
+            Some(VbLoraBank::from_param(&VbLoraConfig::from(c), id, store)?)
         }
         _ => None,
     };
@@ -346,41 +346,26 @@ fn check_proportional(
     modules: &[AdapterModule],
     bases: &[(BaseWeight, Option<Tensor>)],
 ) -> Result<()> {
-    let layers: Vec<(String, usize, usize)> = modules
+    let c = config
+        .waveft()
+        .ok_or_else(|| Error::invalid("proportional_parameters needs a WaveFT config"))?;
+    let cells: Vec<(usize, usize)> = bases
         .iter()
-        .zip(bases)
-        .map(|(m, (w, _))| (m.name.clone(), w.in_features(), w.out_features()))
+        .map(|(w, _)| (w.out_features(), w.in_features()))
         .collect();
-    for ((name, want), m) in config.proportional_n_frequency(&layers)?.into_iter().zip(modules) {
+    for (want, m) in proportional_n_frequency(c.n_frequency, &cells)?
+        .into_iter()
+        .zip(modules)
+    {
         if m.n_frequency != Some(want) {
             return Err(Error::invalid(format!(
-                "module {name:?}: the spectrum has {:?} coefficients, but proportional_parameters over these \
+                "module {:?}: the spectrum has {:?} coefficients, but proportional_parameters over these \
                  base layers gives {want} (adapter trained on another base model?)",
-                m.n_frequency
+                m.name, m.n_frequency
             )));
         }
     }
     Ok(())
-}
-
-fn vb_settings(c: &crate::io::peft::VbLoraConfig) -> VbLoraSettings {
-    VbLoraSettings {
-        r: c.r,
-        num_vectors: c.num_vectors,
-        vector_length: c.vector_length,
-        topk: c.topk,
-    }
-}
-
-fn waveft_settings(c: &crate::io::peft::WaveFtConfig, n_frequency: usize) -> WaveFtSettings {
-    WaveFtSettings {
-        n_frequency,
-        scaling: c.scaling as f32,
-        wavelet_family: c.wavelet_family.clone(),
-        use_idwt: c.use_idwt,
-        // torch's manual_seed takes the seed modulo 2^64 (two's complement for negative values).
-        random_loc_seed: c.random_loc_seed as u64,
-    }
 }
 
 fn dropout_of(p: f64, what: &str, module: &str) -> Result<f32> {
@@ -453,40 +438,22 @@ pub fn build_layer(
                 &m.name,
                 base,
                 bias,
-                &waveft_settings(c, n),
+                &WaveFtConfig {
+                    n_frequency: n,
+                    ..c.into()
+                },
                 s,
                 store,
             )?)
         }
         MethodConfig::VbLora(c) => {
             let bank = bank.ok_or_else(|| Error::invalid("VB-LoRA layer without a vector bank"))?;
-            let logits =
-                |store: &mut ParamStore, full: Part, idx: Part, w: Part, ab: &str| -> Result<ParamId> {
-                    let t = if m.key(full).is_some() {
-                        adapter.module_tensor(&m.name, full)?.clone()
-                    } else {
-                        crate::io::peft::vblora_expand_topk(
-                            adapter.module_tensor(&m.name, idx)?,
-                            adapter.module_tensor(&m.name, w)?,
-                            c.num_vectors,
-                        )?
-                    };
-                    store.insert(logits_key(&m.name, ab), t.to_device(opts.device)?)
-                };
-            let la = logits(
-                store,
-                Part::VbLogitsA,
-                Part::VbTopkIndicesA,
-                Part::VbTopkWeightsA,
-                "A",
-            )?;
-            let lb = logits(
-                store,
-                Part::VbLogitsB,
-                Part::VbTopkIndicesB,
-                Part::VbTopkWeightsB,
-                "B",
-            )?;
+            let mut logits = |ab: &str| -> Result<ParamId> {
+                let t = super::vblora_logits(adapter, m, ab, c.num_vectors)?;
+                store.insert(logits_key(&m.name, ab), t.to_device(opts.device)?)
+            };
+            let la = logits("A")?;
+            let lb = logits("B")?;
             let dropout = dropout_of(c.vblora_dropout, "vblora_dropout", &m.name)?;
             Box::new(VbLoraLinear::from_params(
                 &m.name, base, bias, bank, la, lb, dropout, store,
@@ -635,20 +602,18 @@ pub fn init_adapter(
         }
         MethodConfig::WaveFt(c) => {
             let ns: Vec<usize> = if c.proportional_parameters {
-                let l: Vec<(String, usize, usize)> =
-                    dims.iter().map(|(m, o, i)| (m.clone(), *i, *o)).collect();
-                config
-                    .proportional_n_frequency(&l)?
-                    .into_iter()
-                    .map(|(_, n)| n)
-                    .collect()
+                let cells: Vec<(usize, usize)> = dims.iter().map(|(_, o, i)| (*o, *i)).collect();
+                proportional_n_frequency(c.n_frequency, &cells)?
             } else {
                 dims.iter()
                     .map(|(m, _, _)| config.n_frequency_for(m).unwrap_or(c.n_frequency))
                     .collect()
             };
             for (((m, _, _), (w, bias)), n) in dims.iter().zip(bases).zip(ns) {
-                let cfg = waveft_settings(c, n);
+                let cfg = WaveFtConfig {
+                    n_frequency: n,
+                    ..c.into()
+                };
                 layers.push(Box::new(WaveFtLinear::new(
                     m,
                     w,
@@ -662,7 +627,7 @@ pub fn init_adapter(
         }
         MethodConfig::VbLora(c) => {
             let bound = c.init_vector_bank_bound as f32;
-            let b = VbLoraBank::new(&vb_settings(c), bound, store, seed, opts.device)?;
+            let b = VbLoraBank::new(&VbLoraConfig::from(c), bound, store, seed, opts.device)?;
             let lo = VbLoraOptions {
                 dropout: c.vblora_dropout as f32,
                 init_logits_std: c.init_logits_std as f32,
@@ -730,12 +695,13 @@ pub fn adapter_from_store(config: &AdapterConfig, store: &ParamStore) -> Result<
         modules.dedup();
         config.target_modules = Some(TargetModules::Names(modules));
     }
-    file_form(PeftAdapter { config, tensors })
+    to_file_form(PeftAdapter { config, tensors })
 }
 
 /// The adapter in the form its config says it is stored (VB-LoRA `save_only_topk_weights`: full logits
-/// become `_topk_indices` + `_topk_weights`, as PEFT saves them), validated.
-fn file_form(mut adapter: PeftAdapter) -> Result<PeftAdapter> {
+/// become `_topk_indices` + `_topk_weights`, as PEFT saves them), validated: what
+/// [`PeftAdapter::save`] writes as is.
+pub fn to_file_form(mut adapter: PeftAdapter) -> Result<PeftAdapter> {
     if let Some(c) = adapter.config.vblora().filter(|c| c.save_only_topk_weights) {
         let topk = c.topk;
         let full: Vec<String> = adapter
@@ -753,7 +719,7 @@ fn file_form(mut adapter: PeftAdapter) -> Result<PeftAdapter> {
                 .remove(&k)
                 .ok_or_else(|| Error::invalid("logits vanished"))?;
             // torch.topk's order, ties included (what PEFT's own save writes).
-            let (idx, w) = super::vblora::vblora_topk_for_save(&logits.to_dtype(DType::F32)?, topk)?;
+            let (idx, w) = vblora_compress_topk(&logits, topk)?;
             adapter.tensors.insert(format!("{k}_topk_indices"), idx);
             adapter.tensors.insert(format!("{k}_topk_weights"), w);
         }
