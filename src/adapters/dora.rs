@@ -164,6 +164,28 @@ pub struct DoraGrads {
     pub dm: Tensor,
 }
 
+/// The inputs of the training forward product (f32 except `xd`, which is in the activation dtype).
+struct FwdParts<'a> {
+    xd: &'a Tensor,
+    base: &'a BaseWeight,
+    u: &'a Tensor,
+    b32: &'a Tensor,
+    a32: &'a Tensor,
+    m32: &'a Tensor,
+    w_sq: &'a Tensor,
+    scaling: f32,
+    algo: crate::qmatmul::Algo,
+}
+
+/// A forward product with the norm fused in: the product g multiplies, n, g = m / n, Pᵀ and G.
+struct Fused {
+    zc: Tensor,
+    n: Tensor,
+    g: Tensor,
+    pt: Tensor,
+    gram: Tensor,
+}
+
 /// Results of the norm computation.
 struct NormParts {
     n: Tensor,
@@ -397,16 +419,7 @@ impl DoraLinear {
             (Some(c), None) => Some(c.clone()),
             _ => None,
         };
-        // CPU: the r rows of A ride along as extra rows of the forward product, which already decodes
-        // (or reads) all of W, so Pᵀ = A·Wᵀ costs r/tokens of its FLOPs instead of a separate pass over
-        // W (≈ 3% against ≈ 15% of a 512-token step at 4096²), where that does not push a 4-bit product
-        // from the decode GEMV to the panel path (see `cpu::fuse_norm_rows`). On CUDA (tile
-        // granularity, tensor-core GEMV) the separate GEMV is kept.
         let dev = x2.device();
-        let fuse_norm = cached.is_none()
-            && dev.is_cpu()
-            && x2.dtype() == DType::F32
-            && cpu::fuse_norm_rows(self.base(), x2.dims()[0], self.rank());
         let (a32, b32) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
         let xd = self.lb().dropped(&x2, mask_seed)?;
         // u = s·drop(x)·Aᵀ in f32: [tokens, r].
@@ -415,31 +428,40 @@ impl DoraLinear {
             .matmul_t(&a32, false, true)?
             .scale(self.scaling())?;
         let lr = Some(LowRankFwd { u: &u, b: &b32 });
-        // The product g multiplies: [x_c | u]·[W | B]ᵀ (x_c = x, or drop(x) with dropout), plus Pᵀ
-        // when fused.
-        let (zc, pt) = if fuse_norm {
-            let (z, pt) = cpu::forward_with_rows(&xd, self.base(), &u, &b32, &a32, self.lb().algo())?;
-            (z, Some(pt))
-        } else {
-            (
-                linear_forward(&xd, self.base(), None, lr, self.lb().algo())?,
-                None,
-            )
-        };
-        let (n, g, parts) = match (cached, pt) {
-            (Some(c), _) => (c.n, c.g, None),
-            (None, Some(pt)) => {
+        // The product g multiplies: [x_c | u]·[W | B]ᵀ (x_c = x, or drop(x) with dropout). Where the
+        // backend fuses the norm into that product (`cpu::fused_forward`), it returns the norm as well.
+        let fused = match cached {
+            Some(_) => None,
+            None => {
                 let m32 = m.to_dtype(DType::F32)?;
-                let gram = a32.matmul_t(&a32, false, true)?;
-                let (n, g) = cpu::norm_assemble(&self.w_sq, &pt, &b32, &gram, Some(&m32), self.scaling())?;
-                let g = g.ok_or_else(|| Error::invalid("internal: norm without scale"))?;
-                (n, g, self.opts.full_norm_gradient.then_some((pt, gram)))
+                let parts = FwdParts {
+                    xd: &xd,
+                    base: self.base(),
+                    u: &u,
+                    b32: &b32,
+                    a32: &a32,
+                    m32: &m32,
+                    w_sq: &self.w_sq,
+                    scaling: self.scaling(),
+                    algo: self.lb().algo(),
+                };
+                cpu::fused_forward(&parts)?
             }
-            (None, None) => {
-                let p = norm_parts(&self.lora, &self.w_sq, a, b, Some(m), x2.dtype())?;
-                let g =
-                    p.g.ok_or_else(|| Error::invalid("internal: norm without scale"))?;
-                (p.n, g, self.opts.full_norm_gradient.then_some((p.pt, p.gram)))
+        };
+        let full = self.opts.full_norm_gradient;
+        let (zc, n, g, parts) = match (cached, fused) {
+            (_, Some(f)) => (f.zc, f.n, f.g, full.then_some((f.pt, f.gram))),
+            (cached, None) => {
+                let zc = linear_forward(&xd, self.base(), None, lr, self.lb().algo())?;
+                match cached {
+                    Some(c) => (zc, c.n, c.g, None),
+                    None => {
+                        let p = norm_parts(&self.lora, &self.w_sq, a, b, Some(m), x2.dtype())?;
+                        let g =
+                            p.g.ok_or_else(|| Error::invalid("internal: norm without scale"))?;
+                        (zc, p.n, g, full.then_some((p.pt, p.gram)))
+                    }
+                }
             }
         };
         let tokens = x2.dims()[0];
