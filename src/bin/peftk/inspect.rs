@@ -53,7 +53,7 @@ pub struct Report {
 pub fn run(a: Args) -> Result<()> {
     if a.path.is_dir() {
         // A PEFT adapter directory: method, ranks, scalings, trainable parameters.
-        print!("{}", peft_kernels::io::peft::inspect_adapter(&a.path)?);
+        print!("{}", peft_kernels::peft_model::inspect::inspect_adapter(&a.path)?);
         return Ok(());
     }
     print!("{}", inspect_path(&a.path)?.render());
