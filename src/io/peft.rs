@@ -1503,6 +1503,12 @@ impl PeftAdapter {
     pub fn load(dir: impl AsRef<Path>, device: Device) -> Result<Self> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
+            if dir.exists() {
+                return Err(Error::invalid(format!(
+                    "{}: not a directory; give the adapter directory (holding {CONFIG_NAME} and {WEIGHTS_NAME})",
+                    dir.display()
+                )));
+            }
             return Err(Error::io(
                 dir,
                 std::io::Error::new(std::io::ErrorKind::NotFound, "adapter directory not found"),
