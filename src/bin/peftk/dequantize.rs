@@ -40,7 +40,9 @@ pub fn parse_float_dtype(s: &str) -> std::result::Result<DType, String> {
     if d.is_float() {
         Ok(d)
     } else {
-        Err(format!("{d} is not a float dtype: expected f32, f16 or bf16"))
+        Err(format!(
+            "--dtype must be f32, f16 or bf16 (a float dtype), not {d}"
+        ))
     }
 }
 
