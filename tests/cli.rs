@@ -894,3 +894,36 @@ fn double_quant_round_trips_drift_like_bitsandbytes() {
     }
     println!("absmax codes changed over 3 rounds: {changed_codes} of {nblocks}");
 }
+
+/// Config errors show JSON values as JSON, not as Rust debug output (`Int("-4")`, `Some("[…]")`).
+#[test]
+fn config_errors_show_json_not_debug_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = copy_adapter(&dir.path().join("a"));
+    let cfg = adapter.join("adapter_config.json");
+    let orig = std::fs::read_to_string(&cfg).unwrap();
+    let with = |from: &str, to: &str| {
+        assert!(orig.contains(from), "{from}");
+        std::fs::write(&cfg, orig.replacen(from, to, 1)).unwrap();
+        let (code, _, err) = run(["inspect".as_ref(), adapter.as_os_str()]);
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            !err.contains("Int(") && !err.contains("Some(") && !err.contains("Float("),
+            "{err}"
+        );
+        err
+    };
+    let err = with("\"rank_pattern\": {}", "\"rank_pattern\": {\"q_proj\": -4}");
+    assert!(err.contains("got -4"), "{err}");
+    let err = with(
+        "\"layers_to_transform\": null",
+        "\"layers_to_transform\": [1, \"x\"]",
+    );
+    assert!(err.contains("got \"x\""), "{err}");
+    // A module the config does not target: its settings are printed plainly.
+    let err = with("\"exclude_modules\": [", "\"exclude_modules\": [\"v_proj\", ");
+    assert!(
+        err.contains("does not target") && err.contains("target_modules=[\""),
+        "{err}"
+    );
+}

@@ -790,14 +790,13 @@ impl AdapterConfig {
                     rank_pattern: obj.patterns("rank_pattern", |k, v| {
                         json_usize(v).ok_or_else(|| {
                             cfg_err(format!(
-                                "rank_pattern[{k:?}] must be a non-negative integer, got {v:?}"
+                                "rank_pattern[{k:?}] must be a non-negative integer, got {v}"
                             ))
                         })
                     })?,
                     alpha_pattern: obj.patterns("alpha_pattern", |k, v| {
-                        v.as_f64().ok_or_else(|| {
-                            cfg_err(format!("alpha_pattern[{k:?}] must be a number, got {v:?}"))
-                        })
+                        v.as_f64()
+                            .ok_or_else(|| cfg_err(format!("alpha_pattern[{k:?}] must be a number, got {v}")))
                     })?,
                     lora_dropout: obj.f64_or("lora_dropout", d.lora_dropout)?,
                     init_lora_weights: match obj.get("init_lora_weights") {
@@ -825,7 +824,7 @@ impl AdapterConfig {
                     n_frequency_pattern: obj.patterns("n_frequency_pattern", |k, v| {
                         json_usize(v).ok_or_else(|| {
                             cfg_err(format!(
-                                "n_frequency_pattern[{k:?}] must be a non-negative integer, got {v:?}"
+                                "n_frequency_pattern[{k:?}] must be a non-negative integer, got {v}"
                             ))
                         })
                     })?,
@@ -871,7 +870,7 @@ impl AdapterConfig {
                     .iter()
                     .map(|v| {
                         v.as_i64().ok_or_else(|| {
-                            cfg_err(format!("layers_to_transform entries must be integers, got {v:?}"))
+                            cfg_err(format!("layers_to_transform entries must be integers, got {v}"))
                         })
                     })
                     .collect::<Result<_>>()?,
@@ -1158,8 +1157,9 @@ impl Obj<'_> {
     fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => json_usize(v)
-                .ok_or_else(|| cfg_err(format!("{key} must be a non-negative integer, got {v:?}"))),
+            Some(v) => {
+                json_usize(v).ok_or_else(|| cfg_err(format!("{key} must be a non-negative integer, got {v}")))
+            }
         }
     }
 
@@ -1168,7 +1168,7 @@ impl Obj<'_> {
             None => Ok(default),
             Some(v) => v
                 .as_i64()
-                .ok_or_else(|| cfg_err(format!("{key} must be an integer, got {v:?}"))),
+                .ok_or_else(|| cfg_err(format!("{key} must be an integer, got {v}"))),
         }
     }
 
@@ -1770,12 +1770,18 @@ fn analyze(cfg: &AdapterConfig, tensors: &BTreeMap<String, Tensor>) -> Result<Ad
         let is_embedding = parts.contains_key(&Part::EmbeddingA) || parts.contains_key(&Part::EmbeddingB);
         if cfg.target_modules.is_some() && !cfg.targets(&name, !is_embedding) {
             return Err(ferr(format!(
-                "adapter tensors for module {name:?}, which the config does not target (target_modules={:?}, \
-                 exclude_modules={:?}, modules_to_save={:?}, layers_to_transform={:?})",
-                cfg.target_modules.as_ref().map(describe_targets),
-                cfg.exclude_modules.as_ref().map(describe_names),
-                cfg.modules_to_save,
+                "adapter tensors for module {name:?}, which the config does not target (target_modules={}, \
+                 exclude_modules={}, modules_to_save={}, layers_to_transform={})",
+                cfg.target_modules
+                    .as_ref()
+                    .map_or("none".into(), describe_targets),
+                cfg.exclude_modules.as_ref().map_or("none".into(), describe_names),
+                cfg.modules_to_save
+                    .as_ref()
+                    .map_or("none".into(), |v| format!("{v:?}")),
                 cfg.layers_to_transform
+                    .as_ref()
+                    .map_or("none".into(), |v| format!("{:?}", v.as_slice()))
             )));
         }
         for (part, key) in &parts {
