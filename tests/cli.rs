@@ -823,6 +823,12 @@ fn dequantize_streams_its_output() {
         kib <= budget,
         "peak {kib} KiB over {budget} KiB: the output is not streamed"
     );
+    // Stricter: the input pages of used tensors are released, so at most about half the map is resident.
+    let strict = base_kib + (1.3 * largest as f64) as u64 + input_kib / 2;
+    assert!(
+        kib <= strict,
+        "peak {kib} KiB over {strict} KiB: the input map is not released"
+    );
 }
 
 fn peak_kib(args: &[std::ffi::OsString]) -> u64 {

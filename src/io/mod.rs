@@ -130,6 +130,31 @@ impl SafetensorsFile {
         Ok((info.dtype, info.shape.clone(), data))
     }
 
+    /// Drops the pages of tensor `name` from this process's resident set, after its bytes were used
+    /// (streaming writers call it so that the input map does not accumulate in memory). The pages stay
+    /// in the page cache and are mapped again, with the same bytes, if the tensor is read later. A no-op
+    /// for an unknown name and off Unix.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(info) = self.header.info(name) {
+            const PAGE: usize = 4096;
+            let (begin, end) = info.data_offsets;
+            // Whole pages inside the tensor only (neighbours keep theirs).
+            let start = (self.data_start + begin).next_multiple_of(PAGE);
+            let stop = (self.data_start + end).min(self.mmap.len()) / PAGE * PAGE;
+            if stop > start {
+                // SAFETY: the map is a read-only MAP_SHARED mapping of a file (memmap2's `Mmap::map`):
+                // MADV_DONTNEED only drops page-table entries, and the next access maps the same file
+                // bytes again from the page cache, so no outstanding borrow of the map ever observes
+                // different data. The range is page-aligned and inside the map.
+                let _ = unsafe {
+                    self.mmap
+                        .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, stop - start)
+                };
+            }
+        }
+    }
+
     /// Loads one tensor onto `device`. Fails for dtypes the crate does not support.
     pub fn load(&self, name: &str, device: Device) -> Result<Tensor> {
         let (dtype, shape, data) = self.raw(name)?;

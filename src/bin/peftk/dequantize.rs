@@ -80,6 +80,9 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
         out_dtype.insert(q, (a.dtype.unwrap_or(w.dtype()), w.shape().to_vec()));
+        for c in qio::companion_names(&file, q) {
+            file.release(&c);
+        }
     }
     let mut specs = Vec::new();
     for name in file.names() {
@@ -101,10 +104,21 @@ pub fn run(a: Args) -> Result<()> {
         });
     }
     let bar = ProgressBar::new(names.len() as u64);
+    // The input pages of each tensor are released once used: of the map, only about one tensor stays
+    // resident (a passed-through tensor is released when the next one is produced, after its write).
+    let mut written: Option<String> = None;
     write_safetensors_streaming(&a.output, specs, file.metadata().cloned(), |s| {
+        if let Some(prev) = written.replace(s.name.clone()) {
+            file.release(&prev);
+        }
         Ok(match out_dtype.get(s.name.as_str()) {
             Some((dt, _)) => {
-                let t = qio::load_quantized(&file, &s.name, a.device)?.dequantize(*dt)?;
+                let q = qio::load_quantized(&file, &s.name, a.device)?;
+                for c in qio::companion_names(&file, &s.name) {
+                    file.release(&c);
+                }
+                let t = q.dequantize(*dt)?;
+                drop(q);
                 bar.inc(1);
                 Payload::Tensor(t)
             }

@@ -157,6 +157,7 @@ pub fn run(a: Args) -> Result<()> {
     for (name, _) in &todo {
         bar.set_message(name.clone());
         let t = file.load(name, a.device)?;
+        file.release(name);
         let q = QuantizedTensor::quantize(
             &t,
             &QuantizeOptions {
@@ -202,7 +203,13 @@ pub fn run(a: Args) -> Result<()> {
         dtype: v.dtype,
         shape: v.shape.clone(),
     }));
+    // A passed-through tensor's input pages are released after it was written (when the next one is
+    // produced), so the input map does not accumulate in memory.
+    let mut written: Option<String> = None;
     write_safetensors_streaming(&a.output, specs, file.metadata().cloned(), |s| {
+        if let Some(prev) = written.replace(s.name.clone()) {
+            file.release(&prev);
+        }
         Ok(match quantized.remove(&s.name) {
             Some(t) => t.data,
             None => Cow::Borrowed(file.raw(&s.name)?.2),
