@@ -11,7 +11,7 @@
 //   once, exactly like a decode step. dora_norm_prep computes G = A·Aᵀ (and A in the GEMV's dtype)
 //   before it, dora_norm_assemble turns (‖W‖², Pᵀ, B, G) into n after it: three launches per step.
 //
-// Napkin math (H200, 4.3 TB/s; see shared/reference/performance-anchors.md §2.4), 8192×8192 NF4, r = 16:
+// Napkin math (H200, 4.3 TB/s measured copy bandwidth), 8192×8192 NF4, r = 16:
 //   W read by the GEMV: 37.7 MB → 8.8 µs floor. Pᵀ: 8192×16 f32 = 0.5 MB written, 0.5 MB read by the
 //   assembly; B 0.5 MB; ‖W‖² 32 KB. Assembly: 8192 rows × (16 + 256) FMAs = 2.2 MFLOP, ≈ 1 MB moved:
 //   well under 1 µs of traffic, so the norm step is one W read plus three small launches. PEFT instead

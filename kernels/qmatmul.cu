@@ -22,7 +22,7 @@
 //                      low-rank term as extra K-tiles ([x | u]·[W | b]ᵀ).
 //   splitk_reduce_*, add_bias_*
 //
-// Napkin math (H200: 4.3 TB/s, ~790 TFLOP/s bf16; see shared/reference/performance-anchors.md):
+// Napkin math (H200: 4.3 TB/s copy, ~790 TFLOP/s dense bf16, both measured; spec 4.8 TB/s, 989 TFLOP/s):
 //   8192x8192 NF4 GEMV: 37.7 MB -> 8.8 us floor; r=16 LoRA adds 0.5 MB. The mma GEMV issues per 2
 //   weights ~1 BFE + 1 LDS + 1 FMUL (+ 1/2 CVT) per weight: ~3.5 ops/weight against a budget of ~4.4
 //   at full bandwidth, so it should sit near (not at) the floor. Tensor-core work is negligible.

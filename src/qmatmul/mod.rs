@@ -6,7 +6,8 @@
 //! Why the low-rank term is an argument and not a second matmul: added in the same pass (CPU: in the
 //! same row loop; CUDA: in the same launch, as extra K-tiles of `[x | u]·[W | b]ᵀ`), it costs a few
 //! percent of the FLOPs and no extra traffic over `y`, instead of re-reading and re-writing `y`
-//! (≈13% of a training step at 4096 tokens, see `shared/reference/performance-anchors.md` §2.3).
+//! (run unfused at 4096 tokens × 4096², re-reading x and re-writing y is ~101 MB of traffic, ≈13% of
+//! the 174 µs bf16 GEMM floor on an H200).
 //!
 //! Algorithms ([`Algo`]):
 //! - `Fused`: 4-bit decode inside the matmul. CPU: a LUT-decode GEMV for ≤ 16 tokens (no dense copy of
@@ -25,7 +26,6 @@
 //! tensor-core paths round the decoded weight (and `u`, `b`, `v`, `a`) to the activation dtype first,
 //! exactly like dequantize-to-bf16-then-GEMM.
 
-pub mod bench;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
@@ -152,13 +152,14 @@ impl BaseWeight {
 
     /// The dense `[out, in]` weight in `dtype` (a float dtype). For 4-bit weights each element is
     /// `code[nibble] * absmax` computed in f32, then rounded once to `dtype` (bitsandbytes semantics).
+    /// On the CPU this is [`QuantizedTensor::dequantize`] (the SIMD dequantizer of `quant`).
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
         dtype.expect_float("dequantize")?;
         self.validate("dequantize")?;
         match self {
             BaseWeight::Dense(t) => t.to_dtype(dtype),
             BaseWeight::Quantized(q) => match self.device() {
-                Device::Cpu => cpu::dequantize(q, dtype),
+                Device::Cpu => q.dequantize(dtype),
                 #[cfg(feature = "cuda")]
                 Device::Cuda(_) => cuda::dequantize(q, dtype),
                 #[cfg(not(feature = "cuda"))]

@@ -1,9 +1,10 @@
 //! 4-bit NF4/FP4 quantization, byte-for-byte compatible with bitsandbytes >= 0.50.
 //!
-//! Layout (see `../shared/reference/nf4-bitsandbytes.md`): the tensor is flattened row-major and cut
-//! into blocks of `blocksize` consecutive elements; each block has an f32 absmax; element `2j` goes in
-//! the high nibble of byte `j`. With double quantization the absmax vector is itself quantized to
-//! 8-bit codes of the signed dynamic map over blocks of 256, after subtracting its mean (`offset`).
+//! Layout (bitsandbytes `functional.py` `quantize_4bit`, `csrc/kernels.cu` `kQuantizeBlockwise`): the
+//! tensor is flattened row-major and cut into blocks of `blocksize` consecutive elements; each block
+//! has an f32 absmax; element `2j` goes in the high nibble of byte `j`. With double quantization the
+//! absmax vector is itself quantized to 8-bit codes of the signed dynamic map over blocks of 256,
+//! after subtracting its mean (`offset`).
 //!
 //! # Semantics (the CUDA kernels of bitsandbytes, reproduced exactly on every device)
 //!

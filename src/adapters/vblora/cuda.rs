@@ -157,6 +157,7 @@ pub(crate) fn compose_backward(
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
+            // SAFETY: arguments, grid and output zeroing as listed above for vblora_dlogits.
             unsafe { l.launch(cfg) }?;
         }
         dlogits = dl.data;
@@ -184,6 +185,7 @@ pub(crate) fn compose_backward(
             block_dim: (threads as u32, 1, 1),
             shared_mem_bytes: 0,
         };
+        // SAFETY: arguments and grid as listed above for vblora_dbank.
         unsafe { l.launch(cfg) }?;
     }
     let dl_tensor = wrap(
