@@ -1805,3 +1805,68 @@ fn pattern_map_order_comes_from_the_file() {
     assert_eq!(b.rank_for("x.q_proj"), Some(3));
     assert_eq!(PeftType::VbLora.as_str(), "VBLORA");
 }
+
+// ------------------------------------------------------------------------------------------------
+// Fuzz corpus of the adapter loader: every seed, and random mutations of the valid ones (config and
+// weights separately), through the fuzz entry point
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn adapter_fuzz_corpus_never_panics() {
+    use peft_kernels::peft_model::fuzz::{adapter_input, fuzz_load_adapter, split_adapter_input};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/load_adapter");
+    let seeds: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    assert!(seeds.len() >= 20, "seed corpus missing");
+    let mut valid = Vec::new();
+    for (name, s) in &seeds {
+        let r = fuzz_load_adapter(s);
+        // The fixtures PEFT wrote load, save and reload; the damaged seeds do not load.
+        if name.starts_with("valid_") {
+            assert_eq!(r, 2, "{name}");
+            valid.push(s.clone());
+        }
+    }
+    assert_eq!(fuzz_load_adapter(&[]), 0);
+    let mut rng = peft_kernels::rng::Rng::new(0xada9);
+    for i in 0..300 {
+        let (cfg, w) = split_adapter_input(&valid[i % valid.len()]);
+        let (mut cfg, mut w) = (cfg.to_vec(), w.to_vec());
+        for _ in 0..1 + rng.below(4) {
+            // The config as text (digits, brackets, quotes), or the weights' header (mostly).
+            let header_end = match w.first_chunk::<8>() {
+                Some(n) => (u64::from_le_bytes(*n) as usize).saturating_add(8).min(w.len()),
+                None => w.len(),
+            };
+            let (target, limit) = if rng.below(2) == 0 {
+                let n = cfg.len();
+                (&mut cfg, n)
+            } else {
+                let n = if rng.below(4) == 0 { w.len() } else { header_end };
+                (&mut w, n)
+            };
+            if target.is_empty() {
+                continue;
+            }
+            let at = (rng.below(limit.max(1) as u64) as usize).min(target.len() - 1);
+            match rng.below(5) {
+                0 => target[at] = b"0123456789-.eE[]{},:\"nul"[rng.below(24) as usize],
+                1 => target[at] ^= 1 << rng.below(8),
+                2 => {
+                    target.remove(at);
+                }
+                3 => target.insert(at, rng.next_u64() as u8),
+                _ => target.truncate(at.max(1)),
+            }
+        }
+        fuzz_load_adapter(&adapter_input(&cfg, &w));
+    }
+}

@@ -7,6 +7,8 @@
 //! * [`merge`]: merge an adapter into the base checkpoint's weights, file to file (`peftk merge`).
 //! * [`inspect`]: a human-readable summary of an adapter directory (`peftk inspect-adapter`).
 
+#[doc(hidden)]
+pub mod fuzz;
 pub mod inspect;
 pub mod load;
 pub mod merge;

@@ -116,6 +116,12 @@ impl PeftAdapter {
     pub fn load(dir: impl AsRef<Path>, device: Device) -> Result<Self> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
+            if dir.exists() {
+                return Err(Error::invalid(format!(
+                    "{}: not a directory; give the adapter directory (holding {CONFIG_NAME} and {WEIGHTS_NAME})",
+                    dir.display()
+                )));
+            }
             return Err(Error::io(
                 dir,
                 std::io::Error::new(std::io::ErrorKind::NotFound, "adapter directory not found"),
@@ -352,12 +358,18 @@ fn analyze(cfg: &AdapterConfig, tensors: &BTreeMap<String, Tensor>) -> Result<Ad
         let is_embedding = parts.contains_key(&Part::EmbeddingA) || parts.contains_key(&Part::EmbeddingB);
         if cfg.target_modules.is_some() && !cfg.targets(&name, !is_embedding) {
             return Err(ferr(format!(
-                "adapter tensors for module {name:?}, which the config does not target (target_modules={:?}, \
-                 exclude_modules={:?}, modules_to_save={:?}, layers_to_transform={:?})",
-                cfg.target_modules.as_ref().map(describe_targets),
-                cfg.exclude_modules.as_ref().map(describe_names),
-                cfg.modules_to_save,
+                "adapter tensors for module {name:?}, which the config does not target (target_modules={}, \
+                 exclude_modules={}, modules_to_save={}, layers_to_transform={})",
+                cfg.target_modules
+                    .as_ref()
+                    .map_or("none".into(), describe_targets),
+                cfg.exclude_modules.as_ref().map_or("none".into(), describe_names),
+                cfg.modules_to_save
+                    .as_ref()
+                    .map_or("none".into(), |v| format!("{v:?}")),
                 cfg.layers_to_transform
+                    .as_ref()
+                    .map_or("none".into(), |v| format!("{:?}", v.as_slice()))
             )));
         }
         for (part, key) in &parts {

@@ -675,13 +675,13 @@ impl AdapterConfig {
                     rank_pattern: obj.patterns("rank_pattern", |k, v| {
                         json_usize(v).ok_or_else(|| {
                             cfg_err(format!(
-                                "rank_pattern[{k:?}] must be a non-negative integer, got {v:?}"
+                                "rank_pattern[{k:?}] must be a non-negative integer, got {v}"
                             ))
                         })
                     })?,
                     alpha_pattern: obj.patterns("alpha_pattern", |k, v| {
                         v.as_f64().ok_or_else(|| {
-                            cfg_err(format!("alpha_pattern[{k:?}] must be a number, got {v:?}"))
+                            cfg_err(format!("alpha_pattern[{k:?}] must be a number, got {v}"))
                         })
                     })?,
                     lora_dropout: obj.f64_or("lora_dropout", d.lora_dropout)?,
@@ -710,7 +710,7 @@ impl AdapterConfig {
                     n_frequency_pattern: obj.patterns("n_frequency_pattern", |k, v| {
                         json_usize(v).ok_or_else(|| {
                             cfg_err(format!(
-                                "n_frequency_pattern[{k:?}] must be a non-negative integer, got {v:?}"
+                                "n_frequency_pattern[{k:?}] must be a non-negative integer, got {v}"
                             ))
                         })
                     })?,
@@ -756,7 +756,7 @@ impl AdapterConfig {
                     .iter()
                     .map(|v| {
                         v.as_i64().ok_or_else(|| {
-                            cfg_err(format!("layers_to_transform entries must be integers, got {v:?}"))
+                            cfg_err(format!("layers_to_transform entries must be integers, got {v}"))
                         })
                     })
                     .collect::<Result<_>>()?,
@@ -1044,7 +1044,7 @@ impl Obj<'_> {
         match self.get(key) {
             None => Ok(default),
             Some(v) => json_usize(v)
-                .ok_or_else(|| cfg_err(format!("{key} must be a non-negative integer, got {v:?}"))),
+                .ok_or_else(|| cfg_err(format!("{key} must be a non-negative integer, got {v}"))),
         }
     }
 
@@ -1053,7 +1053,7 @@ impl Obj<'_> {
             None => Ok(default),
             Some(v) => v
                 .as_i64()
-                .ok_or_else(|| cfg_err(format!("{key} must be an integer, got {v:?}"))),
+                .ok_or_else(|| cfg_err(format!("{key} must be an integer, got {v}"))),
         }
     }
 
