@@ -153,35 +153,6 @@ __device__ __forceinline__ void adam_bnb32_impl(T* __restrict__ p, const float* 
     }
 }
 
-// bitsandbytes' dQuantize<0> (= quantize_2D for these maps): 7-step binary search over the sorted code,
-// then a midpoint test against the neighbour on x's side.
-__device__ __forceinline__ unsigned char quantize_8bit(const float* code, float x) {
-    int pivot = 127, upper_pivot = 255, lower_pivot = 0;
-    float lower = -1.0f, upper = 1.0f;
-    float val = code[pivot];
-#pragma unroll
-    for (int i = 64; i > 0; i >>= 1) {
-        if (x > val) {
-            lower_pivot = pivot;
-            lower = val;
-            pivot += i;
-        } else {
-            upper_pivot = pivot;
-            upper = val;
-            pivot -= i;
-        }
-        val = code[pivot];
-    }
-    if (upper_pivot == 255) upper = code[upper_pivot];
-    if (lower_pivot == 0) lower = code[lower_pivot];
-    if (x > val) {
-        const float mid = __fmul_rn(__fadd_rn(upper, val), 0.5f);
-        return (unsigned char)(x > mid ? upper_pivot : pivot);
-    }
-    const float mid = __fmul_rn(__fadd_rn(lower, val), 0.5f);
-    return (unsigned char)(x < mid ? lower_pivot : pivot);
-}
-
 // One thread block of 256 threads per quantization block of 256 elements (grid-stride over blocks).
 // A block is [base, base + 256) of one tensor; `absmax` index b. Max over |state| with a warp shuffle
 // reduction and one shared-memory step across the 8 warps (max is exact in any order).
