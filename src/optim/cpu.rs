@@ -97,7 +97,7 @@ pub(crate) fn adam_bnb32<T: Element>(p: &mut [T], g: &[f32], m: &mut [f32], v: &
 /// char`).
 #[inline(always)]
 fn encode_signed(t: &Tables, x: f32, m: f32) -> u8 {
-    let c = crate::quant::cpu::quantize_8bit_fast(&t.thr_m, x);
+    let c = t.lut_m.encode(x);
     if t.code_m[c as usize].is_sign_negative() != m.is_sign_negative() {
         if m > 0.0 {
             c.wrapping_add(1)
@@ -149,7 +149,7 @@ fn block8<T: Element>(
     }
     for i in 0..n {
         cm[i] = encode_signed(t, m[i] / mx_m, m[i]);
-        cv[i] = crate::quant::cpu::quantize_8bit_fast(&t.thr_v, v[i] / mx_v);
+        cv[i] = t.lut_v.encode(v[i] / mx_v);
     }
     *absmax.0 = mx_m;
     *absmax.1 = mx_v;

@@ -55,26 +55,165 @@ pub fn dynamic_map_unsigned() -> &'static [f32; 256] {
     &DYNAMIC_MAP_UNSIGNED
 }
 
-/// Both codes and their nearest-code decision thresholds (see `quant::cpu::thresholds_8bit`).
+/// Lowest and highest biased f32 exponents with their own rows in [`Lut`]: |x| in [2^-40, 2). Every
+/// threshold of both maps has magnitude above 2^-40 (the smallest is ~1.6e-7), so all smaller
+/// magnitudes share the code of the lowest row; one row above `E_HI` holds |x| >= 2, inf and NaN.
+const E_LO: u32 = 87;
+const E_HI: u32 = 127;
+/// Mantissa bits of the bucket index: buckets of 2^-7 relative width, narrower than the closest two
+/// thresholds of either map (relative spacing >= 0.7%), so each bucket holds at most one threshold
+/// (checked when the table is built).
+const MANT_BITS: u32 = 7;
+const ROWS: usize = (E_HI + 2 - E_LO) as usize;
+const PER_SIGN: usize = ROWS << MANT_BITS;
+
+/// bitsandbytes' nearest-code search (`dQuantize<0>`, equivalently the count of decision thresholds
+/// below `x`) as one bucket lookup and one comparison: the bucket of `x` (sign, exponent, top 7
+/// mantissa bits) gives the code at its low end and the one threshold inside it, if any. Two table
+/// loads instead of eight dependent ones, so the compiler can vectorize it with gathers.
+pub(crate) struct Lut {
+    base: Vec<u8>,
+    thr: Vec<f32>,
+}
+
+#[inline(always)]
+fn bucket(x: f32) -> usize {
+    let b = x.to_bits();
+    let e = ((b >> 23) & 0xff).clamp(E_LO, E_HI + 1);
+    (b >> 31) as usize * PER_SIGN + ((((e - E_LO) << MANT_BITS) | ((b >> (23 - MANT_BITS)) & 127)) as usize)
+}
+
+impl Lut {
+    /// The table of a strictly increasing code, from its thresholds; `None` if some bucket holds two
+    /// thresholds (then the binary search must be used).
+    fn new(thr: &[f32; 256]) -> Option<Lut> {
+        let count = |x: f32| crate::quant::cpu::quantize_8bit_fast(thr, x) as usize;
+        let mut lut = Lut {
+            base: vec![0; 2 * PER_SIGN],
+            thr: vec![f32::INFINITY; 2 * PER_SIGN],
+        };
+        for sign in 0..2u32 {
+            for row in 0..ROWS as u32 {
+                for m in 0..128u32 {
+                    let lo_bits = ((row + E_LO) << 23) | (m << (23 - MANT_BITS)); // the magnitude
+                    let hi_bits = lo_bits | ((1 << (23 - MANT_BITS)) - 1);
+                    let idx = sign as usize * PER_SIGN + ((row << MANT_BITS) | m) as usize;
+                    let (mut lo, mut hi) = (f32::from_bits(lo_bits), f32::from_bits(hi_bits));
+                    if row == 0 {
+                        lo = 0.0; // the lowest row also holds every smaller magnitude, down to 0
+                    }
+                    if row as usize == ROWS - 1 {
+                        hi = f32::INFINITY; // and the highest every larger one
+                    }
+                    let (min, max) = if sign == 0 { (lo, hi) } else { (-hi, -lo) };
+                    let (c_min, c_max) = (count(min), count(max));
+                    lut.base[idx] = c_min as u8;
+                    match c_max - c_min {
+                        0 => {}
+                        1 => lut.thr[idx] = thr[c_min],
+                        _ => return None,
+                    }
+                }
+            }
+        }
+        Some(lut)
+    }
+
+    /// The nearest code of `x` (NaN: code 0, like the search).
+    #[inline(always)]
+    pub(crate) fn encode(&self, x: f32) -> u8 {
+        let i = bucket(x);
+        let c = self.base[i] + (x > self.thr[i]) as u8;
+        if x.is_nan() { 0 } else { c }
+    }
+}
+
+/// Both codes and their nearest-code lookup tables.
 pub(crate) struct Tables {
     pub code_m: [f32; 256],
     pub code_v: [f32; 256],
-    pub thr_m: [f32; 256],
-    pub thr_v: [f32; 256],
+    pub lut_m: Lut,
+    pub lut_v: Lut,
 }
 
 /// The process-wide tables.
 pub(crate) fn tables() -> &'static Tables {
     static T: std::sync::OnceLock<Tables> = std::sync::OnceLock::new();
-    T.get_or_init(|| Tables {
-        code_m: *dynamic_map(),
-        code_v: DYNAMIC_MAP_UNSIGNED,
-        thr_m: crate::quant::cpu::thresholds_8bit(dynamic_map()),
-        thr_v: crate::quant::cpu::thresholds_8bit(&DYNAMIC_MAP_UNSIGNED),
+    T.get_or_init(|| {
+        let lut = |c: &[f32; 256]| {
+            Lut::new(&crate::quant::cpu::thresholds_8bit(c)).expect("at most one threshold per bucket")
+        };
+        Tables {
+            code_m: *dynamic_map(),
+            code_v: DYNAMIC_MAP_UNSIGNED,
+            lut_m: lut(dynamic_map()),
+            lut_v: lut(&DYNAMIC_MAP_UNSIGNED),
+        }
     })
 }
 
 /// Number of absmax blocks of an `n`-element tensor.
 pub fn nblocks(n: usize) -> usize {
     n.div_ceil(BLOCK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::cpu::quantize_8bit_ref;
+    use crate::rng::Rng;
+
+    /// The bucket lookup against bitsandbytes' binary search: at every bucket edge and its neighbours,
+    /// at every midpoint of the map and its neighbours, on random values of every magnitude, and on
+    /// the special values.
+    #[test]
+    fn lut_matches_binary_search() {
+        let t = tables();
+        for (code, lut) in [(&t.code_m, &t.lut_m), (&t.code_v, &t.lut_v)] {
+            let check = |x: f32| {
+                assert_eq!(
+                    lut.encode(x),
+                    quantize_8bit_ref(code, x),
+                    "x = {x:e} ({:#x})",
+                    x.to_bits()
+                )
+            };
+            let near = |x: f32| {
+                for d in -2i32..=2 {
+                    check(f32::from_bits(x.to_bits().wrapping_add_signed(d)));
+                }
+            };
+            for sign in 0..2u32 {
+                for e in 0..256u32 {
+                    for m in 0..128u32 {
+                        near(f32::from_bits((sign << 31) | (e << 23) | (m << 16)));
+                    }
+                }
+            }
+            for k in 0..255 {
+                near((code[k] + code[k + 1]) * 0.5);
+                near(code[k]);
+            }
+            let mut rng = Rng::new(5);
+            for _ in 0..200_000 {
+                let mag = 2f32.powi(-(rng.below(45) as i32));
+                check(rng.uniform_range(-1.0, 1.0) * mag);
+            }
+            for x in [
+                0.0,
+                -0.0,
+                1.0,
+                -1.0,
+                f32::NAN,
+                -f32::NAN,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                f32::MIN_POSITIVE,
+                3.0,
+                -3.0,
+            ] {
+                check(x);
+            }
+        }
+    }
 }
