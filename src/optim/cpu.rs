@@ -109,6 +109,23 @@ fn encode_signed(t: &Tables, x: f32, m: f32) -> u8 {
     }
 }
 
+/// `max(-FLT_MAX, |x_0|, |x_1|, ...)` as the kernel's `fmaxf` chain computes it (a NaN operand is
+/// ignored), in 16 independent lanes so that it vectorizes; max is exact, so the order does not matter.
+#[inline(always)]
+fn block_absmax(x: &[f32]) -> f32 {
+    let mut lanes = [-f32::MAX; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for j in 0..16 {
+            lanes[j] = lanes[j].max(c[j].abs());
+        }
+    }
+    for (j, &r) in chunks.remainder().iter().enumerate() {
+        lanes[j] = lanes[j].max(r.abs());
+    }
+    lanes.iter().fold(-f32::MAX, |a, &b| a.max(b))
+}
+
 /// One quantization block (at most 256 elements): dequantize, update the moments (a non-finite gradient
 /// zeroes both and skips the parameter), the new block absmax, the parameter, requantize.
 #[inline(always)]
@@ -127,8 +144,6 @@ fn block8<T: Element>(
     let mut m = [0f32; BLOCK];
     let mut v = [0f32; BLOCK];
     let (m, v) = (&mut m[..n], &mut v[..n]);
-    // -FLT_MAX, then fmaxf (which, like f32::max, ignores a NaN operand).
-    let (mut mx_m, mut mx_v) = (-f32::MAX, -f32::MAX);
     for i in 0..n {
         let gi = g[i];
         let fin = gi.is_finite();
@@ -139,9 +154,8 @@ fn block8<T: Element>(
         let mi = mi * s.beta1 + s.w1 * gz;
         m[i] = if fin { mi } else { 0.0 };
         v[i] = if fin { vi } else { 0.0 };
-        mx_m = mx_m.max(m[i].abs());
-        mx_v = mx_v.max(v[i].abs());
     }
+    let (mx_m, mx_v) = (block_absmax(m), block_absmax(v));
     for i in 0..n {
         if g[i].is_finite() {
             p[i] = T::from_f32(bnb_param(p[i].to_f32(), m[i], v[i], s));

@@ -66,21 +66,26 @@ const E_HI: u32 = 127;
 const MANT_BITS: u32 = 7;
 const ROWS: usize = (E_HI + 2 - E_LO) as usize;
 const PER_SIGN: usize = ROWS << MANT_BITS;
+/// Table length: both signs, rounded up to a power of two so that a masked index needs no bounds check
+/// (which would stop the loop from vectorizing).
+const LEN: usize = (2 * PER_SIGN).next_power_of_two();
 
 /// bitsandbytes' nearest-code search (`dQuantize<0>`, equivalently the count of decision thresholds
 /// below `x`) as one bucket lookup and one comparison: the bucket of `x` (sign, exponent, top 7
 /// mantissa bits) gives the code at its low end and the one threshold inside it, if any. Two table
 /// loads instead of eight dependent ones, so the compiler can vectorize it with gathers.
 pub(crate) struct Lut {
-    base: Vec<u8>,
-    thr: Vec<f32>,
+    base: Box<[u8; LEN]>,
+    thr: Box<[f32; LEN]>,
 }
 
 #[inline(always)]
 fn bucket(x: f32) -> usize {
     let b = x.to_bits();
     let e = ((b >> 23) & 0xff).clamp(E_LO, E_HI + 1);
-    (b >> 31) as usize * PER_SIGN + ((((e - E_LO) << MANT_BITS) | ((b >> (23 - MANT_BITS)) & 127)) as usize)
+    let i = (b >> 31) as usize * PER_SIGN
+        + ((((e - E_LO) << MANT_BITS) | ((b >> (23 - MANT_BITS)) & 127)) as usize);
+    i & (LEN - 1) // i < 2 * PER_SIGN <= LEN already: the mask only tells the compiler
 }
 
 impl Lut {
@@ -89,8 +94,8 @@ impl Lut {
     fn new(thr: &[f32; 256]) -> Option<Lut> {
         let count = |x: f32| crate::quant::cpu::quantize_8bit_fast(thr, x) as usize;
         let mut lut = Lut {
-            base: vec![0; 2 * PER_SIGN],
-            thr: vec![f32::INFINITY; 2 * PER_SIGN],
+            base: Box::new([0; LEN]),
+            thr: Box::new([f32::INFINITY; LEN]),
         };
         for sign in 0..2u32 {
             for row in 0..ROWS as u32 {
