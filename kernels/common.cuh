@@ -48,6 +48,36 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return scratch[0];
 }
 
+// bitsandbytes' dQuantize<0> (csrc/kernels.cu; quantize_2D is the same search for its optimizer maps):
+// 7-step binary search over the sorted 256-entry code, then a midpoint test against the neighbour on
+// x's side. Used by the double quantization (nf4.cu) and the 8-bit optimizer states (optim.cu).
+__device__ __forceinline__ uint8_t quantize_8bit(const float* code, float x) {
+    int pivot = 127, upper_pivot = 255, lower_pivot = 0;
+    float lower = -1.0f, upper = 1.0f;
+    float val = code[pivot];
+    for (int i = 64; i > 0; i >>= 1) {
+        if (x > val) {
+            lower_pivot = pivot;
+            lower = val;
+            pivot += i;
+        } else {
+            upper_pivot = pivot;
+            upper = val;
+            pivot -= i;
+        }
+        val = code[pivot];
+    }
+    if (upper_pivot == 255) upper = code[upper_pivot];
+    if (lower_pivot == 0) lower = code[lower_pivot];
+    if (x > val) {
+        const float midpoint = __fmul_rn(__fadd_rn(upper, val), 0.5f);
+        return (uint8_t)(x > midpoint ? upper_pivot : pivot);
+    } else {
+        const float midpoint = __fmul_rn(__fadd_rn(lower, val), 0.5f);
+        return (uint8_t)(x < midpoint ? lower_pivot : pivot);
+    }
+}
+
 // Grid-stride loop over [0, n).
 #define GRID_STRIDE(i, n) \
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)

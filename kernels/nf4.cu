@@ -61,34 +61,6 @@ __device__ __forceinline__ uint32_t fp4_code(float x) {
 
 template <int QT> __device__ __forceinline__ uint32_t code4(float x) { return QT == 0 ? nf4_code(x) : fp4_code(x); }
 
-// bitsandbytes' dQuantize<0>: binary search over the sorted 256-entry code, then a midpoint test.
-__device__ __forceinline__ uint8_t quantize_8bit(const float* code, float x) {
-    int pivot = 127, upper_pivot = 255, lower_pivot = 0;
-    float lower = -1.0f, upper = 1.0f;
-    float val = code[pivot];
-    for (int i = 64; i > 0; i >>= 1) {
-        if (x > val) {
-            lower_pivot = pivot;
-            lower = val;
-            pivot += i;
-        } else {
-            upper_pivot = pivot;
-            upper = val;
-            pivot -= i;
-        }
-        val = code[pivot];
-    }
-    if (upper_pivot == 255) upper = code[upper_pivot];
-    if (lower_pivot == 0) lower = code[lower_pivot];
-    if (x > val) {
-        const float midpoint = __fmul_rn(__fadd_rn(upper, val), 0.5f);
-        return (uint8_t)(x > midpoint ? upper_pivot : pivot);
-    } else {
-        const float midpoint = __fmul_rn(__fadd_rn(lower, val), 0.5f);
-        return (uint8_t)(x < midpoint ? lower_pivot : pivot);
-    }
-}
-
 // ------------------------------------------------------------------------------------------------
 // Quantize: one thread per 8 consecutive elements (one 16-byte load for bf16/f16, two for f32; one
 // 4-byte store of packed codes). A quant block of bs elements is bs/8 consecutive threads; the block
