@@ -23,6 +23,7 @@ pub mod device;
 pub mod error;
 pub mod io;
 pub mod merge;
+pub mod nn;
 pub mod optim;
 pub mod qmatmul;
 pub mod quant;
