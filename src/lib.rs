@@ -24,6 +24,7 @@ pub mod error;
 pub mod io;
 pub mod merge;
 pub mod models;
+pub mod nn;
 pub mod optim;
 pub mod qmatmul;
 pub mod quant;

@@ -53,7 +53,7 @@ fn dtype_index(d: DType) -> Result<usize> {
 }
 
 fn act_kernel(fwd: bool, act: Activation, dtype: DType) -> Result<&'static str> {
-    const FWD: [[&str; 3]; 4] = [
+    const FWD: [[&str; 3]; 5] = [
         ["act_fwd_relu_f32", "act_fwd_relu_f16", "act_fwd_relu_bf16"],
         ["act_fwd_gelu_f32", "act_fwd_gelu_f16", "act_fwd_gelu_bf16"],
         [
@@ -62,8 +62,9 @@ fn act_kernel(fwd: bool, act: Activation, dtype: DType) -> Result<&'static str> 
             "act_fwd_gelu_erf_bf16",
         ],
         ["act_fwd_silu_f32", "act_fwd_silu_f16", "act_fwd_silu_bf16"],
+        ["act_fwd_tanh_f32", "act_fwd_tanh_f16", "act_fwd_tanh_bf16"],
     ];
-    const BWD: [[&str; 3]; 4] = [
+    const BWD: [[&str; 3]; 5] = [
         ["act_bwd_relu_f32", "act_bwd_relu_f16", "act_bwd_relu_bf16"],
         ["act_bwd_gelu_f32", "act_bwd_gelu_f16", "act_bwd_gelu_bf16"],
         [
@@ -72,6 +73,7 @@ fn act_kernel(fwd: bool, act: Activation, dtype: DType) -> Result<&'static str> 
             "act_bwd_gelu_erf_bf16",
         ],
         ["act_bwd_silu_f32", "act_bwd_silu_f16", "act_bwd_silu_bf16"],
+        ["act_bwd_tanh_f32", "act_bwd_tanh_f16", "act_bwd_tanh_bf16"],
     ];
     let a = act as usize;
     let d = dtype_index(dtype)?;
