@@ -18,6 +18,7 @@
 //! ```
 
 pub mod adapters;
+pub mod attention;
 pub mod autograd;
 pub mod device;
 pub mod error;
