@@ -13,7 +13,9 @@
 use criterion::{Criterion, criterion_group, criterion_main};
 use peft_kernels::autograd::ParamStore;
 use peft_kernels::io::peft::{AdapterConfig, LoraConfig, MethodConfig, TargetModules};
-use peft_kernels::models::{self, BertBatch, BertForSequenceClassification, ModelLoadOptions, QuantizeOnLoad};
+use peft_kernels::models::{
+    self, BertBatch, BertForSequenceClassification, ModelLoadOptions, QuantizeOnLoad,
+};
 use peft_kernels::optim::{AdamW, AdamWConfig};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,7 +24,8 @@ fn demo() -> Option<PathBuf> {
     let root = std::env::var_os("PEFT_KERNELS_DEMO_DIR")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/peft-kernels/demo")))?;
-    (root.join("minilm/model.safetensors").exists() && root.join("sentiment/imdb.json").exists()).then_some(root)
+    (root.join("minilm/model.safetensors").exists() && root.join("sentiment/imdb.json").exists())
+        .then_some(root)
 }
 
 fn adapter_config(dora: bool) -> AdapterConfig {
@@ -82,7 +85,9 @@ fn bench(c: &mut Criterion) {
     let (b, labels) = batch(&root);
     println!("batch {} x {} tokens ({} real)", b.batch, b.seq, b.num_tokens());
     let mut g = c.benchmark_group("models");
-    g.sample_size(10).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(10));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(10));
     for (name, q, dora, ckpt) in [
         ("lora", false, false, false),
         ("dora", false, true, false),

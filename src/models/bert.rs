@@ -75,7 +75,7 @@ pub struct BertLayer {
 /// A dropout seed for `(step, layer, site)` (SplitMix64 finalizer of the mixed words).
 fn site_seed(step: u64, layer: usize, site: u64) -> u64 {
     let mut z = step
-        ^ (layer as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ (layer as u64).wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
         ^ site.wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -135,7 +135,9 @@ impl BertLayer {
         let k = self.key.forward_t(tape, store, x, seed)?;
         let v = self.value.forward_t(tape, store, x, seed)?;
         let mut cfg = AttentionConfig::new(d.batch, d.seq, s.heads, s.head_dim);
-        cfg.dropout = site(0).filter(|_| s.attn_dropout > 0.0).map(|sd| (s.attn_dropout, sd));
+        cfg.dropout = site(0)
+            .filter(|_| s.attn_dropout > 0.0)
+            .map(|sd| (s.attn_dropout, sd));
         let ctx = tape.attention(q, k, v, Some(mask), &cfg)?;
         let a = self.attn_out.forward_t(tape, store, ctx, seed)?;
         let a = maybe_dropout(tape, a, s.hidden_dropout, site(1))?;
@@ -191,11 +193,17 @@ impl BertModel {
         let c = config;
         let (h, dt, dev) = (c.hidden_size, opts.dtype, opts.device);
         if !dt.is_float() {
-            return Err(Error::invalid(format!("BERT activations must be a float dtype, got {dt}")));
+            return Err(Error::invalid(format!(
+                "BERT activations must be a float dtype, got {dt}"
+            )));
         }
         let linear = |module: &str, out: usize, inp: usize| -> Result<LinearSlot> {
             let name = under(prefix, module);
-            let q = opts.quantize.as_ref().filter(|q| q.selects(&name)).map(|q| &q.options);
+            let q = opts
+                .quantize
+                .as_ref()
+                .filter(|q| q.selects(&name))
+                .map(|q| &q.options);
             let (w, b) = ckpt.linear(&stored_module(ckpt, &name, prefix), out, inp, q, opts)?;
             Ok(LinearSlot::frozen(name, w, Some(b), opts.algo))
         };
@@ -292,7 +300,8 @@ impl BertModel {
 
     /// Bytes of the frozen weights (embeddings, LayerNorms, linears as stored: 4-bit or dense, biases).
     pub fn frozen_bytes(&self) -> usize {
-        let mut n = self.word.size_in_bytes() + self.position.size_in_bytes() + self.token_type.size_in_bytes();
+        let mut n =
+            self.word.size_in_bytes() + self.position.size_in_bytes() + self.token_type.size_in_bytes();
         n += 2 * self.emb_ln.weight.size_in_bytes();
         for l in &self.layers {
             n += 2 * (l.attn_ln.weight.size_in_bytes() + l.out_ln.weight.size_in_bytes());
@@ -314,7 +323,12 @@ impl BertModel {
     /// `exclude_modules`, `layers_to_transform`, `rank_pattern`, `alpha_pattern` as PEFT resolves them
     /// over transformers' module names), initialized as `get_peft_model` does from `seed`. Returns the
     /// adapted module names.
-    pub fn init_adapter(&mut self, config: &AdapterConfig, store: &mut ParamStore, seed: u64) -> Result<Vec<String>> {
+    pub fn init_adapter(
+        &mut self,
+        config: &AdapterConfig,
+        store: &mut ParamStore,
+        seed: u64,
+    ) -> Result<Vec<String>> {
         if self.linears().iter().any(|s| s.adapter().is_some()) {
             return Err(Error::invalid("the model already has adapters"));
         }
@@ -325,7 +339,9 @@ impl BertModel {
             .map(|s| (s.name().to_string(), s.base().clone(), s.bias().cloned()))
             .collect();
         if bases.is_empty() {
-            return Err(Error::invalid("no linear of the model matches the config's target_modules"));
+            return Err(Error::invalid(
+                "no linear of the model matches the config's target_modules",
+            ));
         }
         let lo = self.load_options();
         let (layers, bank) = init_layers(config, bases, store, seed, &lo)?;
@@ -356,7 +372,10 @@ impl BertModel {
                     Error::invalid(format!(
                         "the adapter has module {:?}, which is not a linear of this model (names like {:?})",
                         m.name,
-                        self.linears().first().map(|s| s.name().to_string()).unwrap_or_default()
+                        self.linears()
+                            .first()
+                            .map(|s| s.name().to_string())
+                            .unwrap_or_default()
                     ))
                 })?;
             if let Some(want) = m.base_weight_shape() {
@@ -364,7 +383,10 @@ impl BertModel {
                 if got != want {
                     return Err(Error::shape(
                         "attach_adapter",
-                        format!("module {:?}: base weight is {got:?}, the adapter needs {want:?}", m.name),
+                        format!(
+                            "module {:?}: base weight is {got:?}, the adapter needs {want:?}",
+                            m.name
+                        ),
                     ));
                 }
             }
@@ -394,7 +416,9 @@ impl BertModel {
             }
         }
         if let Some(n) = by_name.keys().next() {
-            return Err(Error::invalid(format!("adapter layer {n:?} has no slot in the model")));
+            return Err(Error::invalid(format!(
+                "adapter layer {n:?} has no slot in the model"
+            )));
         }
         self.bank = bank;
         Ok(names)
@@ -402,7 +426,10 @@ impl BertModel {
 
     /// The adapter layers, by module name.
     pub fn adapter_layers(&self) -> Vec<&AdapterLayer> {
-        self.linears().into_iter().filter_map(LinearSlot::adapter).collect()
+        self.linears()
+            .into_iter()
+            .filter_map(LinearSlot::adapter)
+            .collect()
     }
 
     fn check_batch(&self, b: &BertBatch) -> Result<()> {
@@ -413,7 +440,11 @@ impl BertModel {
                 b.seq, self.config.max_position_embeddings
             )));
         }
-        if let Some(&t) = b.token_type_ids.iter().find(|&&t| t as usize >= self.config.type_vocab_size) {
+        if let Some(&t) = b
+            .token_type_ids
+            .iter()
+            .find(|&&t| t as usize >= self.config.type_vocab_size)
+        {
             return Err(Error::invalid(format!(
                 "token type {t} >= type_vocab_size {}",
                 self.config.type_vocab_size
@@ -430,7 +461,12 @@ impl BertModel {
         let p = tape.embedding(&self.position, &positions)?;
         let x = tape.add(w, t)?;
         let x = tape.add(x, p)?;
-        let x = tape.layer_norm(x, &self.emb_ln.weight, &self.emb_ln.bias, self.config.layer_norm_eps)?;
+        let x = tape.layer_norm(
+            x,
+            &self.emb_ln.weight,
+            &self.emb_ln.bias,
+            self.config.layer_norm_eps,
+        )?;
         maybe_dropout(
             tape,
             x,
@@ -441,7 +477,13 @@ impl BertModel {
 
     /// The last hidden state `[batch*seq, hidden]` on `tape`. `seed`: `Some(step seed)` for training
     /// (dropout), `None` for evaluation.
-    pub fn forward_t(&self, tape: &mut Tape, store: &ParamStore, b: &BertBatch, seed: Option<u64>) -> Result<Var> {
+    pub fn forward_t(
+        &self,
+        tape: &mut Tape,
+        store: &ParamStore,
+        b: &BertBatch,
+        seed: Option<u64>,
+    ) -> Result<Var> {
         self.check_batch(b)?;
         let d = Dims {
             batch: b.batch,
@@ -460,7 +502,14 @@ impl BertModel {
     }
 
     /// The pooler output `tanh(dense(hidden[CLS]))` `[batch, hidden]` from the last hidden state.
-    pub fn pool_t(&self, tape: &mut Tape, store: &ParamStore, hidden: Var, b: &BertBatch, seed: Option<u64>) -> Result<Var> {
+    pub fn pool_t(
+        &self,
+        tape: &mut Tape,
+        store: &ParamStore,
+        hidden: Var,
+        b: &BertBatch,
+        seed: Option<u64>,
+    ) -> Result<Var> {
         let pooler = self
             .pooler
             .as_ref()
@@ -539,7 +588,13 @@ struct CheckpointOp {
 const CHECKPOINT_INPUT: &str = "\u{0}checkpoint.input";
 
 impl Backward for CheckpointOp {
-    fn backward(&self, g: &Tensor, inputs: &[&Tensor], _out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+    fn backward(
+        &self,
+        g: &Tensor,
+        inputs: &[&Tensor],
+        _out: &Tensor,
+        needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
         let x = inputs
             .first()
             .ok_or_else(|| Error::invalid("checkpoint: no input"))?;
@@ -547,12 +602,22 @@ impl Backward for CheckpointOp {
         let xid = store.insert(CHECKPOINT_INPUT, (*x).clone())?;
         let mut tape = Tape::new();
         let xv = tape.param(&store, xid)?;
-        let y = self.layer.forward_t(&mut tape, &store, xv, &self.mask, self.d, self.seed)?;
+        let y = self
+            .layer
+            .forward_t(&mut tape, &store, xv, &self.mask, self.d, self.seed)?;
         let mut grads = tape.backward_with(y, g.clone())?;
         let mut out = Vec::with_capacity(inputs.len());
-        out.push(grads.remove(xid).filter(|_| needs.first().copied().unwrap_or(false)));
+        out.push(
+            grads
+                .remove(xid)
+                .filter(|_| needs.first().copied().unwrap_or(false)),
+        );
         for (i, id) in self.params.iter().enumerate() {
-            out.push(grads.remove(*id).filter(|_| needs.get(i + 1).copied().unwrap_or(false)));
+            out.push(
+                grads
+                    .remove(*id)
+                    .filter(|_| needs.get(i + 1).copied().unwrap_or(false)),
+            );
         }
         Ok(out)
     }
@@ -620,7 +685,13 @@ impl BertForSequenceClassification {
     }
 
     /// Logits `[batch, num_labels]` on `tape`.
-    pub fn forward_t(&self, tape: &mut Tape, store: &ParamStore, b: &BertBatch, seed: Option<u64>) -> Result<Var> {
+    pub fn forward_t(
+        &self,
+        tape: &mut Tape,
+        store: &ParamStore,
+        b: &BertBatch,
+        seed: Option<u64>,
+    ) -> Result<Var> {
         let hidden = self.bert.forward_t(tape, store, b, seed)?;
         let pooled = self.bert.pool_t(tape, store, hidden, b, seed)?;
         let pooled = maybe_dropout(
@@ -663,7 +734,12 @@ impl BertForSequenceClassification {
 
     /// Attaches fresh adapters (see [`BertModel::init_adapter`]); the config's `modules_to_save` must
     /// name the classifier (PEFT's SEQ_CLS default `["classifier", "score"]`), which is always trained.
-    pub fn init_adapter(&mut self, config: &AdapterConfig, store: &mut ParamStore, seed: u64) -> Result<Vec<String>> {
+    pub fn init_adapter(
+        &mut self,
+        config: &AdapterConfig,
+        store: &mut ParamStore,
+        seed: u64,
+    ) -> Result<Vec<String>> {
         check_modules_to_save(config)?;
         self.bert.init_adapter(config, store, seed)
     }
@@ -671,7 +747,11 @@ impl BertForSequenceClassification {
     /// Loads a PEFT adapter directory saved for `BertForSequenceClassification` (by PEFT or by
     /// [`BertForSequenceClassification::save_adapter`]): its layers, and the trained classifier copy
     /// (`base_model.model.classifier.weight` / `.bias`), which replaces the current classifier values.
-    pub fn load_adapter(&mut self, dir: impl AsRef<std::path::Path>, store: &mut ParamStore) -> Result<PeftAdapter> {
+    pub fn load_adapter(
+        &mut self,
+        dir: impl AsRef<std::path::Path>,
+        store: &mut ParamStore,
+    ) -> Result<PeftAdapter> {
         let adapter = PeftAdapter::load(dir, self.bert.opts.device)?;
         check_modules_to_save(&adapter.config)?;
         let layout = adapter.layout()?;
@@ -690,11 +770,18 @@ impl BertForSequenceClassification {
                     )));
                 }
             };
-            let t = adapter.tensors[&e.key].to_device(self.bert.opts.device)?.to_dtype(DType::F32)?;
+            let t = adapter.tensors[&e.key]
+                .to_device(self.bert.opts.device)?
+                .to_dtype(DType::F32)?;
             if t.shape() != store.get(id)?.shape() {
                 return Err(Error::shape(
                     "load_adapter",
-                    format!("{:?} is {:?}, the classifier has {:?}", e.key, t.shape(), store.get(id)?.shape()),
+                    format!(
+                        "{:?} is {:?}, the classifier has {:?}",
+                        e.key,
+                        t.shape(),
+                        store.get(id)?.shape()
+                    ),
                 ));
             }
             store.set(id, t)?;
@@ -715,8 +802,10 @@ impl BertForSequenceClassification {
         check_modules_to_save(config)?;
         let mut a = crate::adapters::load::adapter_from_store(config, store)?;
         for id in self.classifier.param_ids() {
-            a.tensors
-                .insert(store.name(id)?.to_string(), store.get(id)?.to_device(Device::Cpu)?);
+            a.tensors.insert(
+                store.name(id)?.to_string(),
+                store.get(id)?.to_device(Device::Cpu)?,
+            );
         }
         a.layout()?;
         Ok(a)
@@ -724,13 +813,22 @@ impl BertForSequenceClassification {
 
     /// Writes the adapter directory (`adapter_config.json` + `adapter_model.safetensors`) that
     /// `PeftModel.from_pretrained(BertForSequenceClassification, dir)` loads.
-    pub fn save_adapter(&self, config: &AdapterConfig, store: &ParamStore, dir: impl AsRef<std::path::Path>) -> Result<()> {
+    pub fn save_adapter(
+        &self,
+        config: &AdapterConfig,
+        store: &ParamStore,
+        dir: impl AsRef<std::path::Path>,
+    ) -> Result<()> {
         self.to_peft(config, store)?.save(dir)
     }
 }
 
 fn check_modules_to_save(config: &AdapterConfig) -> Result<()> {
-    if config.modules_to_save.as_ref().is_some_and(|m| m.iter().any(|n| n == "classifier")) {
+    if config
+        .modules_to_save
+        .as_ref()
+        .is_some_and(|m| m.iter().any(|n| n == "classifier"))
+    {
         Ok(())
     } else {
         Err(Error::invalid(

@@ -94,7 +94,9 @@ pub fn activation_from_name(name: &str) -> Result<Activation> {
         other => {
             return Err(Error::format(
                 ctx(),
-                format!("hidden_act {other:?} is not supported (gelu, gelu_new, gelu_pytorch_tanh, relu, silu)"),
+                format!(
+                    "hidden_act {other:?} is not supported (gelu, gelu_new, gelu_pytorch_tanh, relu, silu)"
+                ),
             ));
         }
     })
@@ -124,7 +126,12 @@ impl BertConfig {
         let act = match v.get("hidden_act") {
             None => Activation::GeluErf,
             Some(Value::String(s)) => activation_from_name(s)?,
-            Some(x) => return Err(Error::format(ctx(), format!("hidden_act must be a string, got {x}"))),
+            Some(x) => {
+                return Err(Error::format(
+                    ctx(),
+                    format!("hidden_act must be a string, got {x}"),
+                ));
+            }
         };
         let id2label = v.get("id2label").and_then(Value::as_object).map(|m| m.len());
         let num_labels = match v.get("num_labels") {
@@ -180,7 +187,10 @@ impl BertConfig {
         }
         // The head is initialized from the config alone (not checked against a file): keep it sane.
         if self.num_labels > 1 << 16 {
-            return Err(Error::format(ctx(), format!("num_labels = {} is implausibly large", self.num_labels)));
+            return Err(Error::format(
+                ctx(),
+                format!("num_labels = {} is implausibly large", self.num_labels),
+            ));
         }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::format(

@@ -81,7 +81,13 @@ impl LinearSlot {
 
     /// Records `x·Wᵀ + b` (+ the adapter's update) on `tape`. `dropout_seed`: the step seed in training
     /// (adapter dropout on), `None` in evaluation.
-    pub fn forward_t(&self, tape: &mut Tape, store: &ParamStore, x: Var, dropout_seed: Option<u64>) -> Result<Var> {
+    pub fn forward_t(
+        &self,
+        tape: &mut Tape,
+        store: &ParamStore,
+        x: Var,
+        dropout_seed: Option<u64>,
+    ) -> Result<Var> {
         match self {
             LinearSlot::Adapter(l) => l.forward_t(tape, store, x, dropout_seed),
             LinearSlot::Frozen { base, bias, algo, .. } => {
@@ -106,7 +112,13 @@ struct FrozenLinearOp {
 }
 
 impl Backward for FrozenLinearOp {
-    fn backward(&self, g: &Tensor, _inputs: &[&Tensor], _out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+    fn backward(
+        &self,
+        g: &Tensor,
+        _inputs: &[&Tensor],
+        _out: &Tensor,
+        needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
         Ok(vec![if needs.first().copied().unwrap_or(false) {
             Some(linear_backward_input(g, &self.base, None, self.algo)?)
         } else {
@@ -139,12 +151,19 @@ impl TrainedLinear {
     ) -> Result<TrainedLinear> {
         let name = name.into();
         let [out, _] = weight.shape() else {
-            return Err(Error::shape("TrainedLinear", format!("{name}: weight {:?} is not 2-D", weight.shape())));
+            return Err(Error::shape(
+                "TrainedLinear",
+                format!("{name}: weight {:?} is not 2-D", weight.shape()),
+            ));
         };
         if bias.shape() != [*out] {
             return Err(Error::shape(
                 "TrainedLinear",
-                format!("{name}: bias {:?} does not match weight {:?}", bias.shape(), weight.shape()),
+                format!(
+                    "{name}: bias {:?} does not match weight {:?}",
+                    bias.shape(),
+                    weight.shape()
+                ),
             ));
         }
         let weight = store.insert(format!("{key_prefix}.weight"), weight)?;
@@ -169,7 +188,13 @@ impl TrainedLinear {
         let dt = tape.value(x)?.dtype();
         let wt = tape.value(w)?.to_dtype(dt)?;
         let bt = tape.value(b)?.to_dtype(dt)?;
-        let y = linear_forward(tape.value(x)?, &BaseWeight::Dense(wt), Some(&bt), None, Algo::Auto)?;
+        let y = linear_forward(
+            tape.value(x)?,
+            &BaseWeight::Dense(wt),
+            Some(&bt),
+            None,
+            Algo::Auto,
+        )?;
         tape.record(&[x, w, b], y, Box::new(TrainedLinearOp))
     }
 }
@@ -177,14 +202,25 @@ impl TrainedLinear {
 struct TrainedLinearOp;
 
 impl Backward for TrainedLinearOp {
-    fn backward(&self, g: &Tensor, inputs: &[&Tensor], _out: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+    fn backward(
+        &self,
+        g: &Tensor,
+        inputs: &[&Tensor],
+        _out: &Tensor,
+        needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
         let [x, w, _] = inputs else {
             return Err(Error::invalid("trained_linear: expected inputs [x, W, b]"));
         };
         let need = |i: usize| needs.get(i).copied().unwrap_or(false);
         let g32 = g.to_dtype(DType::F32)?;
         let dx = if need(0) {
-            Some(linear_backward_input(g, &BaseWeight::Dense(w.to_dtype(g.dtype())?), None, Algo::Auto)?)
+            Some(linear_backward_input(
+                g,
+                &BaseWeight::Dense(w.to_dtype(g.dtype())?),
+                None,
+                Algo::Auto,
+            )?)
         } else {
             None
         };

@@ -131,7 +131,10 @@ impl Checkpoint {
                     .ok_or_else(|| Error::format(&ctx, format!("weight_map[{tensor:?}] is not a string")))?;
                 // Shards live next to the index: no paths that leave the directory.
                 if file.contains('/') || file.contains('\\') || file == ".." || file.is_empty() {
-                    return Err(Error::format(&ctx, format!("shard name {file:?} is not a plain file name")));
+                    return Err(Error::format(
+                        &ctx,
+                        format!("shard name {file:?} is not a plain file name"),
+                    ));
                 }
                 let i = match shard_of.get(file) {
                     Some(&i) => i,
@@ -216,9 +219,10 @@ impl Checkpoint {
 
     /// Whether the stored tensor `stored` is a bitsandbytes 4-bit weight.
     pub fn is_4bit(&self, stored: &str) -> bool {
-        ["nf4", "fp4"]
-            .iter()
-            .any(|qt| self.index.contains_key(&format!("{stored}{QUANT_STATE_SUFFIX}{qt}")))
+        ["nf4", "fp4"].iter().any(|qt| {
+            self.index
+                .contains_key(&format!("{stored}{QUANT_STATE_SUFFIX}{qt}"))
+        })
     }
 
     /// Loads stored tensor `stored` as a float tensor of `shape` in `dtype` on `device`.
@@ -267,7 +271,11 @@ impl Checkpoint {
             if q.shape() != [out, inp] {
                 return Err(Error::format(
                     ctx(),
-                    format!("4-bit tensor {wname:?} has shape {:?}, the config needs {:?}", q.shape(), [out, inp]),
+                    format!(
+                        "4-bit tensor {wname:?} has shape {:?}, the config needs {:?}",
+                        q.shape(),
+                        [out, inp]
+                    ),
                 ));
             }
             BaseWeight::Quantized(q)

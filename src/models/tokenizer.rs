@@ -20,17 +20,28 @@ pub struct BertBatch {
 impl BertBatch {
     /// A batch from padded rows: `ids[b][t]`, `mask[b][t]` (0/1), optional `token_types[b][t]` (zeros
     /// when `None`). Every row must have the same length.
-    pub fn from_rows(ids: &[Vec<u32>], mask: &[Vec<u8>], token_types: Option<&[Vec<u32>]>) -> Result<BertBatch> {
+    pub fn from_rows(
+        ids: &[Vec<u32>],
+        mask: &[Vec<u8>],
+        token_types: Option<&[Vec<u32>]>,
+    ) -> Result<BertBatch> {
         let batch = ids.len();
         let seq = ids.first().map_or(0, Vec::len);
         let rows_ok = |n: usize| n == seq;
-        if mask.len() != batch || !ids.iter().all(|r| rows_ok(r.len())) || !mask.iter().all(|r| rows_ok(r.len())) {
-            return Err(Error::invalid("BertBatch::from_rows: ragged rows or mask/ids count mismatch"));
+        if mask.len() != batch
+            || !ids.iter().all(|r| rows_ok(r.len()))
+            || !mask.iter().all(|r| rows_ok(r.len()))
+        {
+            return Err(Error::invalid(
+                "BertBatch::from_rows: ragged rows or mask/ids count mismatch",
+            ));
         }
         let token_type_ids = match token_types {
             Some(tt) => {
                 if tt.len() != batch || !tt.iter().all(|r| rows_ok(r.len())) {
-                    return Err(Error::invalid("BertBatch::from_rows: token types do not match the ids"));
+                    return Err(Error::invalid(
+                        "BertBatch::from_rows: token types do not match the ids",
+                    ));
                 }
                 tt.concat()
             }
@@ -49,7 +60,10 @@ impl BertBatch {
 
     /// Checks lengths and the mask values (ids are checked against the vocabulary by the model).
     pub fn validate(&self) -> Result<()> {
-        let n = self.batch.checked_mul(self.seq).ok_or_else(|| Error::invalid("batch * seq overflows"))?;
+        let n = self
+            .batch
+            .checked_mul(self.seq)
+            .ok_or_else(|| Error::invalid("batch * seq overflows"))?;
         if n == 0 {
             return Err(Error::invalid("empty batch"));
         }
@@ -85,7 +99,9 @@ pub struct BertTokenizer {
 
 impl std::fmt::Debug for BertTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BertTokenizer").field("pad_id", &self.pad_id).finish()
+        f.debug_struct("BertTokenizer")
+            .field("pad_id", &self.pad_id)
+            .finish()
     }
 }
 
@@ -98,7 +114,10 @@ impl BertTokenizer {
     pub fn from_file(path: impl AsRef<Path>) -> Result<BertTokenizer> {
         let path = path.as_ref();
         if !path.exists() {
-            return Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)));
+            return Err(Error::io(
+                path,
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ));
         }
         let mut tok = Tokenizer::from_file(path).map_err(|e| tok_err(path, e))?;
         tok.with_padding(None);
@@ -117,7 +136,9 @@ impl BertTokenizer {
     /// Token ids of one text with `[CLS]`/`[SEP]`, truncated to `max_len` tokens (specials included).
     pub fn encode(&self, text: &str, max_len: usize) -> Result<(Vec<u32>, Vec<u32>)> {
         if max_len < 2 {
-            return Err(Error::invalid(format!("max_len {max_len} leaves no room for [CLS] and [SEP]")));
+            return Err(Error::invalid(format!(
+                "max_len {max_len} leaves no room for [CLS] and [SEP]"
+            )));
         }
         let mut tok = self.tok.clone();
         tok.with_truncation(Some(TruncationParams {
@@ -150,9 +171,12 @@ impl BertTokenizer {
         };
         for (ids, types) in &encoded {
             let pad = seq - ids.len();
-            b.input_ids.extend(ids.iter().copied().chain(std::iter::repeat_n(self.pad_id, pad)));
-            b.token_type_ids.extend(types.iter().copied().chain(std::iter::repeat_n(0, pad)));
-            b.attention_mask.extend(std::iter::repeat_n(1u8, ids.len()).chain(std::iter::repeat_n(0, pad)));
+            b.input_ids
+                .extend(ids.iter().copied().chain(std::iter::repeat_n(self.pad_id, pad)));
+            b.token_type_ids
+                .extend(types.iter().copied().chain(std::iter::repeat_n(0, pad)));
+            b.attention_mask
+                .extend(std::iter::repeat_n(1u8, ids.len()).chain(std::iter::repeat_n(0, pad)));
         }
         b.validate()?;
         Ok(b)
