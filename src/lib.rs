@@ -18,10 +18,13 @@
 //! ```
 
 pub mod adapters;
+pub mod attention;
 pub mod autograd;
 pub mod device;
 pub mod error;
 pub mod io;
+pub mod models;
+pub mod nn;
 pub mod optim;
 pub mod peft_model;
 pub mod qmatmul;

@@ -680,9 +680,8 @@ impl AdapterConfig {
                         })
                     })?,
                     alpha_pattern: obj.patterns("alpha_pattern", |k, v| {
-                        v.as_f64().ok_or_else(|| {
-                            cfg_err(format!("alpha_pattern[{k:?}] must be a number, got {v}"))
-                        })
+                        v.as_f64()
+                            .ok_or_else(|| cfg_err(format!("alpha_pattern[{k:?}] must be a number, got {v}")))
                     })?,
                     lora_dropout: obj.f64_or("lora_dropout", d.lora_dropout)?,
                     init_lora_weights: match obj.get("init_lora_weights") {
@@ -1043,8 +1042,9 @@ impl Obj<'_> {
     fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => json_usize(v)
-                .ok_or_else(|| cfg_err(format!("{key} must be a non-negative integer, got {v}"))),
+            Some(v) => {
+                json_usize(v).ok_or_else(|| cfg_err(format!("{key} must be a non-negative integer, got {v}")))
+            }
         }
     }
 
