@@ -21,6 +21,7 @@
 #define ACT_GELU_TANH 1
 #define ACT_GELU_ERF 2
 #define ACT_SILU 3
+#define ACT_TANH 4
 
 // Same constants as the CPU twin: kBeta = sqrt(2/pi), kKappa = 0.044715, 1/sqrt(2*pi).
 #define GELU_BETA 0.7978845608028654f
@@ -36,6 +37,7 @@ __device__ __forceinline__ float act_forward(float x) {
         return 0.5f * x * (1.f + tanhf(inner));
     }
     if (A == ACT_GELU_ERF) return 0.5f * x * (1.f + erff(x * INV_SQRT_2));
+    if (A == ACT_TANH) return tanhf(x);
     return x / (1.f + expf(-x));  // silu
 }
 
@@ -52,6 +54,10 @@ __device__ __forceinline__ float act_derivative(float x) {
         const float cdf = 0.5f * (1.f + erff(x * INV_SQRT_2));
         const float pdf = expf(-0.5f * x * x) * INV_SQRT_2PI;
         return cdf + x * pdf;
+    }
+    if (A == ACT_TANH) {
+        const float t = tanhf(x);
+        return 1.f - t * t;
     }
     const float s = 1.f / (1.f + expf(-x));
     return s * (1.f + x * (1.f - s));
@@ -83,7 +89,8 @@ __device__ __forceinline__ void act_bwd_impl(const T* __restrict__ x, const T* _
     ACT(relu, ACT_RELU, TN, T)            \
     ACT(gelu, ACT_GELU_TANH, TN, T)       \
     ACT(gelu_erf, ACT_GELU_ERF, TN, T)    \
-    ACT(silu, ACT_SILU, TN, T)
+    ACT(silu, ACT_SILU, TN, T)            \
+    ACT(tanh, ACT_TANH, TN, T)
 ACT_ALL(f32, float)
 ACT_ALL(f16, f16)
 ACT_ALL(bf16, bf16)
@@ -168,8 +175,9 @@ MSE_BWD(bf16, bf16)
 
 // ------------------------------------------------------------------------------------------ cross-entropy
 
-// Online log-sum-exp state (m = running max, s = sum of exp(x - m)). -inf entries contribute nothing;
-// the guards keep exp(-inf - -inf) = exp(NaN) out of rows that start with -inf logits.
+// Online log-sum-exp state (m = running max, s = sum of exp(x - m)) over finite and -inf logits only
+// (ce_fwd_impl flags NaN and +inf separately). -inf entries contribute nothing; the guards keep
+// exp(-inf - -inf) = exp(NaN) out of rows that start with -inf logits.
 __device__ __forceinline__ void lse_combine(float& m, float& s, float om, float os) {
     const float M = fmaxf(m, om);
     const float a = (m == -INFINITY) ? 0.f : s * expf(m - M);
@@ -201,16 +209,25 @@ __device__ __forceinline__ void ce_fwd_impl(const T* __restrict__ logits, const 
     }
     const T* x = logits + row * C;
     float m = -INFINITY, s = 0.f;
+    // A NaN or +inf logit makes the whole row NaN in torch (log_softmax computes x - max, and
+    // inf - inf is NaN). Such values are flagged here and kept out of the online state, so neither a
+    // reset of s nor lse_combine can drop them; the flag is OR-ed over the block below.
+    int bad = 0;
     for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
         const float v = to_f32(x[j]);
+        if (isnan(v) || v == INFINITY) {
+            bad = 1;
+            continue;
+        }
         if (v == -INFINITY) continue;
         if (v > m) {
             s = (m == -INFINITY ? 0.f : s * expf(m - v)) + 1.f;
             m = v;
         } else {
-            s += expf(v - m);  // NaN v lands here and propagates, like torch
+            s += expf(v - m);
         }
     }
+    bad = __syncthreads_or(bad);  // every thread of the block reaches this (ignored rows left above)
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const float om = __shfl_xor_sync(0xffffffffu, m, o);
@@ -234,9 +251,10 @@ __device__ __forceinline__ void ce_fwd_impl(const T* __restrict__ logits, const 
             lse_combine(m, s, om, os);
         }
         if (lane == 0) {
-            // All -inf row: shift 0, s = 0, ls = -inf, loss NaN (the CPU twin agrees).
-            const float shift = (m == -INFINITY) ? 0.f : m;
-            const float ls = logf(s);
+            // All -inf row: shift 0, s = 0, ls = -inf, loss NaN. A NaN or +inf logit: shift and ls NaN,
+            // so the loss and every gradient of the row are NaN. Both as torch and the CPU twin.
+            const float shift = bad ? NAN : (m == -INFINITY) ? 0.f : m;
+            const float ls = bad ? NAN : logf(s);
             stats[2 * row] = shift;
             stats[2 * row + 1] = ls;
             row_loss[row] = (shift - to_f32(x[t])) + ls;

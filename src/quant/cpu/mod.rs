@@ -26,8 +26,8 @@ mod double_quant;
 mod portable;
 mod reference;
 
-pub(crate) use double_quant::double_quant_decode;
 pub use double_quant::{double_quant, quantize_8bit};
+pub(crate) use double_quant::{double_quant_decode, quantize_8bit_fast, thresholds_8bit};
 use portable::{AbsBits, quant_task_portable};
 pub use reference::{
     absmax_mean, code_ref, dequantize_reference, double_quant_reference, fp4_code_ref, nf4_code_ref,
