@@ -300,6 +300,10 @@ pub fn load_adapter(
     })
 }
 
+/// Adapter layers built for a model's linears, in the order asked for, and the VB-LoRA bank if the
+/// method has one.
+pub type BuiltLayers = (Vec<Box<dyn AdapterLinear>>, Option<VbLoraBank>);
+
 /// The layers of `adapter` for `modules` (its layout's modules) on already-loaded `bases` (one `(weight,
 /// bias)` per module, same order; e.g. a model's own linears): checks WaveFT's `proportional_parameters`,
 /// inserts the VB-LoRA bank and every layer's parameters into `store` (file keys) and sets `opts.algo`.
@@ -310,7 +314,7 @@ pub fn build_layers(
     bases: Vec<(BaseWeight, Option<Tensor>)>,
     store: &mut ParamStore,
     opts: &LoadOptions,
-) -> Result<(Vec<Box<dyn AdapterLinear>>, Option<VbLoraBank>)> {
+) -> Result<BuiltLayers> {
     if modules.len() != bases.len() {
         return Err(Error::invalid(format!(
             "build_layers: {} modules but {} bases",
@@ -581,7 +585,7 @@ pub fn init_layers(
     store: &mut ParamStore,
     seed: u64,
     opts: &LoadOptions,
-) -> Result<(Vec<Box<dyn AdapterLinear>>, Option<VbLoraBank>)> {
+) -> Result<BuiltLayers> {
     config.validate()?;
     let dims: Vec<(String, usize, usize)> = bases
         .iter()
