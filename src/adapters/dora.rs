@@ -55,12 +55,15 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "dora/cuda_stub.rs"]
+mod cuda;
 
 use super::AdapterLinear;
 use super::linear::{LinearBase, Shapes, TapeLinear, adapter_linear_common, check_merged};
 use crate::adapters::lora::{LoraConfig, LoraLinear, lora_key};
 use crate::autograd::{ParamId, ParamStore};
-use crate::device::Device;
+use crate::device::on_device;
 use crate::error::{Error, Result};
 use crate::io::peft::AdapterMethod;
 use crate::qmatmul::{BaseWeight, LowRankBwd, LowRankFwd, linear_backward_input, linear_forward};
@@ -69,21 +72,6 @@ use crate::tensor::{DType, Tensor};
 
 /// Norms below this are treated as this value in every division (torch `F.normalize`'s eps).
 pub const NORM_EPS: f32 = 1e-12;
-
-/// Calls `cpu::$f` or `cuda::$f` by device.
-macro_rules! on_device {
-    ($dev:expr, $f:ident($($arg:expr),* $(,)?)) => {
-        match $dev {
-            Device::Cpu => cpu::$f($($arg),*),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(_) => cuda::$f($($arg),*),
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => {
-                Err(Error::CudaUnavailable("this build of peft-kernels has no `cuda` feature".into()))
-            }
-        }
-    };
-}
 
 /// DoRA-specific settings (the rest is [`LoraConfig`]; `use_dora` is implied).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

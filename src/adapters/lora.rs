@@ -18,7 +18,7 @@
 //!
 //! Two ways to use the layer: [`LoraLinear::forward`] / [`LoraLinear::backward`] without a tape (what a
 //! host framework such as candle or burn calls from its own autograd), or [`LoraLinear::forward_t`],
-//! which records the op on a [`Tape`].
+//! which records the op on a [`crate::autograd::Tape`].
 
 use super::AdapterLinear;
 use super::linear::{LinearBase, Shapes, TapeLinear, adapter_linear_common, check_devices};

@@ -75,13 +75,9 @@ impl From<&crate::io::peft::VbLoraConfig> for VbLoraConfig {
 
 impl Default for VbLoraConfig {
     /// PEFT's defaults: `r=4, num_vectors=256, vector_length=256, topk=2`.
+    /// (those of the file config, [`crate::io::peft::VbLoraConfig`]).
     fn default() -> Self {
-        VbLoraConfig {
-            r: 4,
-            num_vectors: 256,
-            vector_length: 256,
-            topk: 2,
-        }
+        (&crate::io::peft::VbLoraConfig::default()).into()
     }
 }
 

@@ -82,14 +82,9 @@ impl From<&crate::io::peft::WaveFtConfig> for WaveFtConfig {
 impl Default for WaveFtConfig {
     /// PEFT's defaults: `n_frequency=2592, scaling=25.0, wavelet_family="db1", use_idwt=True,
     /// random_loc_seed=777`.
+    /// (those of the file config, [`crate::io::peft::WaveFtConfig`]).
     fn default() -> Self {
-        WaveFtConfig {
-            n_frequency: 2592,
-            scaling: 25.0,
-            wavelet_family: "db1".into(),
-            use_idwt: true,
-            random_loc_seed: 777,
-        }
+        (&crate::io::peft::WaveFtConfig::default()).into()
     }
 }
 
