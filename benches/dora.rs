@@ -27,6 +27,7 @@ mod harness;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use harness::{Format, random_weight, time_median_us};
+use peft_kernels::adapters::AdapterLinear;
 use peft_kernels::adapters::dora::{DoraContext, DoraLinear, DoraOptions};
 use peft_kernels::adapters::lora::{LoraConfig, LoraContext, LoraInit, LoraLinear};
 use peft_kernels::autograd::ParamStore;

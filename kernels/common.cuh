@@ -7,6 +7,10 @@
 typedef __nv_bfloat16 bf16;
 typedef __half f16;
 
+// Marks a kernel pointer parameter that may be null (an absent optional operand the kernel tests for).
+// It expands to nothing; build.rs reads it and gives the Rust launcher an Option for that parameter.
+#define NULLABLE
+
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(f16 x) { return __half2float(x); }
 __device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
@@ -42,6 +46,36 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     if (threadIdx.x == 0) scratch[0] = v;
     __syncthreads();
     return scratch[0];
+}
+
+// bitsandbytes' dQuantize<0> (csrc/kernels.cu; quantize_2D is the same search for its optimizer maps):
+// 7-step binary search over the sorted 256-entry code, then a midpoint test against the neighbour on
+// x's side. Used by the double quantization (nf4.cu) and the 8-bit optimizer states (optim.cu).
+__device__ __forceinline__ uint8_t quantize_8bit(const float* code, float x) {
+    int pivot = 127, upper_pivot = 255, lower_pivot = 0;
+    float lower = -1.0f, upper = 1.0f;
+    float val = code[pivot];
+    for (int i = 64; i > 0; i >>= 1) {
+        if (x > val) {
+            lower_pivot = pivot;
+            lower = val;
+            pivot += i;
+        } else {
+            upper_pivot = pivot;
+            upper = val;
+            pivot -= i;
+        }
+        val = code[pivot];
+    }
+    if (upper_pivot == 255) upper = code[upper_pivot];
+    if (lower_pivot == 0) lower = code[lower_pivot];
+    if (x > val) {
+        const float midpoint = __fmul_rn(__fadd_rn(upper, val), 0.5f);
+        return (uint8_t)(x > midpoint ? upper_pivot : pivot);
+    } else {
+        const float midpoint = __fmul_rn(__fadd_rn(lower, val), 0.5f);
+        return (uint8_t)(x < midpoint ? lower_pivot : pivot);
+    }
 }
 
 // Grid-stride loop over [0, n).

@@ -23,6 +23,22 @@ impl Rng {
         }
     }
 
+    /// The generator's internal state (for checkpoints); [`Rng::from_state`] continues the stream.
+    pub fn state(&self) -> [u64; 4] {
+        self.s
+    }
+
+    /// A generator that continues from a saved [`Rng::state`]. Errors on the all-zero state, which
+    /// xoshiro256++ never reaches (it would emit zeros forever).
+    pub fn from_state(s: [u64; 4]) -> crate::error::Result<Self> {
+        if s == [0; 4] {
+            return Err(crate::error::Error::invalid(
+                "Rng::from_state: the all-zero state is invalid",
+            ));
+        }
+        Ok(Rng { s })
+    }
+
     /// The next 64 random bits.
     #[inline]
     pub fn next_u64(&mut self) -> u64 {

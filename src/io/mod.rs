@@ -11,8 +11,6 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-#[doc(hidden)]
-pub mod fuzz;
 pub mod output;
 pub mod peft;
 

@@ -26,6 +26,13 @@
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+pub mod eightbit;
+pub mod schedule;
+mod state;
+mod train;
+
+pub use schedule::{Schedule, ScheduleKind};
+pub use train::{META_FILE, OptimConfig, OptimKind, Optimizer, Resume, STATE_FILE, StateTensors, StepReport};
 
 use crate::autograd::{Gradients, ParamId, ParamStore};
 use crate::device::Device;
@@ -36,7 +43,7 @@ use std::collections::BTreeMap;
 
 /// Hyperparameters of [`AdamW`]. `Default` is `torch.optim.AdamW`'s: lr 1e-3, betas (0.9, 0.999),
 /// eps 1e-8, weight decay 0.01.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct AdamWConfig {
     /// Learning rate (>= 0).
     pub lr: f32,
@@ -105,7 +112,7 @@ pub(crate) struct AdamWScalars {
 }
 
 impl AdamWScalars {
-    fn new(cfg: &AdamWConfig, step: u64) -> Self {
+    pub(crate) fn new(cfg: &AdamWConfig, step: u64) -> Self {
         let (lr, b1, b2) = (cfg.lr as f64, cfg.beta1 as f64, cfg.beta2 as f64);
         // β^t with an integer exponent; t beyond i32 saturates (β^t is 0 long before).
         let t = step.min(i32::MAX as u64) as i32;
@@ -119,6 +126,46 @@ impl AdamWScalars {
             neg_step: (-(lr / bc1)) as f32,
             bc2_sqrt: bc2.sqrt() as f32,
             eps: cfg.eps,
+        }
+    }
+}
+
+/// The per-step scalars of bitsandbytes' Adam kernels (csrc/kernels.cu, `kOptimizer32bit2State` and
+/// `kOptimizerStatic8bit2StateBlockwise`), in f32 as the kernels compute them; only the powers `β^t` are
+/// taken in f64 and rounded once (the kernels' `powf`/`__powf`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BnbScalars {
+    pub beta1: f32,
+    /// `1 - β1`
+    pub w1: f32,
+    pub beta2: f32,
+    /// `1 - β2`
+    pub w2: f32,
+    /// `-lr·c2 / c1` with `c1 = 1 - β1^t`, `c2 = sqrt(1 - β2^t)`
+    pub step_size: f32,
+    /// `c2·eps`
+    pub eps_c2: f32,
+    /// `1 - lr·wd`
+    pub decay: f32,
+    /// `wd > 0` (the kernels skip the multiply otherwise)
+    pub weight_decay: bool,
+}
+
+impl BnbScalars {
+    pub(crate) fn new(cfg: &AdamWConfig, step: u64) -> Self {
+        let t = step.min(i32::MAX as u64) as f64;
+        let (b1, b2, lr) = (cfg.beta1, cfg.beta2, cfg.lr);
+        let c1 = 1.0f32 - (b1 as f64).powf(t) as f32;
+        let c2 = (1.0f32 - (b2 as f64).powf(t) as f32).sqrt();
+        BnbScalars {
+            beta1: b1,
+            w1: 1.0 - b1,
+            beta2: b2,
+            w2: 1.0 - b2,
+            step_size: (-lr * c2) / c1,
+            eps_c2: c2 * cfg.eps,
+            decay: 1.0 - lr * cfg.weight_decay,
+            weight_decay: cfg.weight_decay > 0.0,
         }
     }
 }
@@ -201,37 +248,7 @@ impl AdamW {
     pub fn step(&mut self, store: &mut ParamStore, grads: &Gradients) -> Result<()> {
         self.cfg.validate()?;
         for (id, g) in grads.iter() {
-            let p = store.get(id)?;
-            let name = store.name(id)?;
-            if !store.is_trainable(id) {
-                return Err(Error::invalid(format!(
-                    "AdamW: gradient for frozen parameter {name:?}"
-                )));
-            }
-            if g.dtype() != DType::F32 {
-                return Err(Error::dtype("AdamW gradient", "f32", g.dtype()));
-            }
-            p.dtype().expect_float("AdamW")?;
-            if g.shape() != p.shape() {
-                return Err(Error::shape(
-                    "AdamW",
-                    format!(
-                        "gradient {:?} for parameter {name:?} of shape {:?}",
-                        g.shape(),
-                        p.shape()
-                    ),
-                ));
-            }
-            if g.device() != p.device() {
-                return Err(Error::device(
-                    "AdamW",
-                    format!(
-                        "gradient on {} for parameter {name:?} on {}",
-                        g.device(),
-                        p.device()
-                    ),
-                ));
-            }
+            train::check_grad(store, id, g)?;
         }
         // Moments for new parameters, and moments moved after `ParamStore::to_device`, are prepared
         // before the first update so that an allocation failure also leaves everything untouched.
@@ -274,7 +291,13 @@ impl AdamW {
 }
 
 /// One fused update of a parameter tensor on its device.
-fn update(p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, s: &AdamWScalars) -> Result<()> {
+pub(crate) fn update(
+    p: &mut Tensor,
+    g: &Tensor,
+    m: &mut Tensor,
+    v: &mut Tensor,
+    s: &AdamWScalars,
+) -> Result<()> {
     match p.device() {
         Device::Cpu => {
             let g = g.cpu_data::<f32>("AdamW")?;

@@ -29,8 +29,11 @@
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub.rs"]
+pub(crate) mod cuda;
 
-use crate::device::Device;
+use crate::device::{Device, on_device};
 use crate::error::{Error, Result};
 use crate::quant::{Absmax, BLOCKSIZES, QuantizedTensor};
 use crate::tensor::{DType, Tensor};
@@ -159,13 +162,9 @@ impl BaseWeight {
         match self {
             BaseWeight::Dense(t) => t.to_dtype(dtype),
             BaseWeight::Quantized(q) => match self.device() {
+                // The CPU path is quant's SIMD dequantizer (the same one `QuantizedTensor::dequantize` uses).
                 Device::Cpu => q.dequantize(dtype),
-                #[cfg(feature = "cuda")]
                 Device::Cuda(_) => cuda::dequantize(q, dtype),
-                #[cfg(not(feature = "cuda"))]
-                Device::Cuda(_) => Err(Error::CudaUnavailable(
-                    "this build of peft-kernels has no `cuda` feature".into(),
-                )),
             },
         }
     }
@@ -490,17 +489,7 @@ pub fn linear_forward(
         rank,
         algo,
     };
-    let y = match dev {
-        Device::Cpu => cpu::forward(&p)?,
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::forward(&p)?,
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => {
-            return Err(Error::CudaUnavailable(
-                "this build of peft-kernels has no `cuda` feature".into(),
-            ));
-        }
-    };
+    let y = on_device!(dev, forward(&p))?;
     y.reshape(&out_shape)
 }
 
@@ -537,16 +526,6 @@ pub fn linear_backward_input(
         rank,
         algo,
     };
-    let dx = match dev {
-        Device::Cpu => cpu::backward_input(&p)?,
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::backward_input(&p)?,
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => {
-            return Err(Error::CudaUnavailable(
-                "this build of peft-kernels has no `cuda` feature".into(),
-            ));
-        }
-    };
+    let dx = on_device!(dev, backward_input(&p))?;
     dx.reshape(&out_shape)
 }

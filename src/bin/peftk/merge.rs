@@ -2,11 +2,12 @@
 
 use crate::inspect::escape;
 use clap::Args;
-use peft_kernels::adapters::load::linear_modules;
 use peft_kernels::adapters::waveft::{WaveFtConfig, WaveFtLayer};
 use peft_kernels::io::SafetensorsFile;
-use peft_kernels::io::peft::{MethodConfig, PeftAdapter, VBLORA_BANK_KEY, inspect_adapter};
-use peft_kernels::merge::{MergeOptions, MergeRegistry, merge_into_file};
+use peft_kernels::io::peft::{MethodConfig, PeftAdapter, VBLORA_BANK_KEY};
+use peft_kernels::peft_model::inspect::inspect_adapter;
+use peft_kernels::peft_model::load::linear_modules;
+use peft_kernels::peft_model::merge::{MergeOptions, MergeRegistry, merge_into_file};
 use peft_kernels::{DType, Device, Error, Result};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -169,10 +170,7 @@ fn sparse_details(adapter: &PeftAdapter, base: Option<&SafetensorsFile>) -> Resu
                     Some((o, i)) => {
                         let wc = WaveFtConfig {
                             n_frequency: n,
-                            scaling: c.scaling as f32,
-                            wavelet_family: c.wavelet_family.clone(),
-                            use_idwt: c.use_idwt,
-                            random_loc_seed: c.random_loc_seed as u64,
+                            ..c.into()
                         };
                         let nnz = WaveFtLayer::new(o, i, &wc, Device::Cpu)
                             .map(|l| l.positions().nnz().to_string())

@@ -18,26 +18,29 @@ use rayon::prelude::*;
 /// as in the search. `tests/nf4.rs` checks the equivalence at every boundary and on random inputs.
 fn dynamic_thresholds() -> &'static [f32; 256] {
     static T: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
-    T.get_or_init(|| {
-        let c = dynamic_map();
-        let mut t = [f32::INFINITY; 256];
-        for k in 0..255 {
-            let m = (c[k] + c[k + 1]) * 0.5;
-            t[k] = if k % 2 == 0 {
-                m
-            } else if m > 0.0 {
-                f32::from_bits(m.to_bits() - 1)
-            } else {
-                f32::from_bits(m.to_bits() + 1)
-            };
-        }
-        t
-    })
+    T.get_or_init(|| thresholds_8bit(dynamic_map()))
+}
+
+/// The thresholds of [`dynamic_thresholds`] for any strictly increasing 256-entry code (the same proof
+/// holds; the 8-bit optimizer states use it for the unsigned dynamic map too).
+pub(crate) fn thresholds_8bit(c: &[f32; 256]) -> [f32; 256] {
+    let mut t = [f32::INFINITY; 256];
+    for k in 0..255 {
+        let m = (c[k] + c[k + 1]) * 0.5;
+        t[k] = if k % 2 == 0 {
+            m
+        } else if m > 0.0 {
+            f32::from_bits(m.to_bits() - 1)
+        } else {
+            f32::from_bits(m.to_bits() + 1)
+        };
+    }
+    t
 }
 
 /// `dQuantize<0>` over the dynamic map by a branch-free binary search on [`dynamic_thresholds`].
 #[inline(always)]
-fn quantize_8bit_fast(t: &[f32; 256], x: f32) -> u8 {
+pub(crate) fn quantize_8bit_fast(t: &[f32; 256], x: f32) -> u8 {
     let mut i = 0usize;
     for step in [128, 64, 32, 16, 8, 4, 2, 1] {
         i += step * (x > t[i + step - 1]) as usize;

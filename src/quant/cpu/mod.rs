@@ -26,7 +26,7 @@ mod double_quant;
 mod portable;
 mod reference;
 
-pub(crate) use double_quant::double_quant_decode;
+pub(crate) use double_quant::{double_quant_decode, quantize_8bit_fast, thresholds_8bit};
 pub use double_quant::{double_quant, quantize_8bit};
 use portable::{AbsBits, quant_task_portable};
 pub use reference::{

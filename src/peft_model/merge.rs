@@ -36,13 +36,12 @@
 //! Re-quantizing is lossy (one more NF4/FP4 rounding of the merged weight), exactly like PEFT's merge into
 //! a `Linear4bit`.
 
-use crate::adapters::vblora::{VbLoraConfig as VbLoraSettings, VbLoraLayer};
+use crate::adapters::vblora::VbLoraLayer;
 use crate::adapters::waveft::{WaveFtConfig, WaveFtLayer};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::io::peft::{
     AdapterMethod, AdapterModule, ExtraKind, LayerKind, Part, PeftAdapter, VBLORA_BANK_KEY,
-    vblora_expand_topk,
 };
 use crate::io::{
     SafetensorsFile, TensorBytes, TensorSpec, from_st_dtype, to_st_dtype, write_safetensors_streaming,
@@ -273,11 +272,7 @@ impl WaveFtMerge {
             .ok_or_else(|| Error::invalid(format!("module {:?}: no WaveFT spectrum", module.name)))?;
         let cfg = WaveFtConfig {
             n_frequency: n,
-            scaling: module.scaling as f32,
-            wavelet_family: c.wavelet_family.clone(),
-            use_idwt: c.use_idwt,
-            // torch's manual_seed takes the seed modulo 2^64 (two's complement for negative values).
-            random_loc_seed: c.random_loc_seed as u64,
+            ..c.into()
         };
         WaveFtLayer::new(out, inp, &cfg, device).map_err(|e| match e {
             Error::InvalidArgument(m) => Error::InvalidArgument(format!("module {:?}: {m}", module.name)),
@@ -301,10 +296,7 @@ impl MergeMethod for WaveFtMerge {
         let (out, inp) = out_in(module, base_shape)?;
         let cfg = WaveFtConfig {
             n_frequency: module.n_frequency.unwrap_or(0),
-            scaling: module.scaling as f32,
-            wavelet_family: c.wavelet_family.clone(),
-            use_idwt: c.use_idwt,
-            random_loc_seed: c.random_loc_seed as u64,
+            ..c.into()
         };
         cfg.validate(out, inp).map_err(|e| match e {
             Error::InvalidArgument(m) => Error::InvalidArgument(format!("module {:?}: {m}", module.name)),
@@ -325,7 +317,7 @@ impl MergeMethod for WaveFtMerge {
 
 /// VB-LoRA: `W + B·A` with A and B composed from the shared bank and the module's logits, stored in full
 /// or in PEFT's `save_only_topk_weights` form (rebuilt as PEFT does on load,
-/// [`crate::io::peft::vblora_expand_topk`]). `fan_in_fan_out` adds `(B·A)ᵀ`.
+/// [`crate::adapters::vblora::vblora_expand_topk`]). `fan_in_fan_out` adds `(B·A)ᵀ`.
 pub struct VbLoraMerge;
 
 impl VbLoraMerge {
@@ -333,27 +325,19 @@ impl VbLoraMerge {
     fn tensors(
         adapter: &PeftAdapter,
         module: &AdapterModule,
-        c: &VbLoraSettings,
+        num_vectors: usize,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let bank = adapter
             .tensors
             .get(VBLORA_BANK_KEY)
             .ok_or_else(|| Error::invalid(format!("VB-LoRA adapter without {VBLORA_BANK_KEY:?}")))?
             .to_dtype(DType::F32)?;
-        let logits = |full: Part, idx: Part, w: Part| -> Result<Tensor> {
-            let t = if module.key(full).is_some() {
-                adapter.module_tensor(&module.name, full)?.to_dtype(DType::F32)?
-            } else {
-                vblora_expand_topk(
-                    adapter.module_tensor(&module.name, idx)?,
-                    adapter.module_tensor(&module.name, w)?,
-                    c.num_vectors,
-                )?
-            };
-            t.to_device(bank.device())
+        let logits = |ab: &str| -> Result<Tensor> {
+            super::vblora_logits(adapter, module, ab, num_vectors)?
+                .to_dtype(DType::F32)?
+                .to_device(bank.device())
         };
-        let la = logits(Part::VbLogitsA, Part::VbTopkIndicesA, Part::VbTopkWeightsA)?;
-        let lb = logits(Part::VbLogitsB, Part::VbTopkIndicesB, Part::VbTopkWeightsB)?;
+        let (la, lb) = (logits("A")?, logits("B")?);
         Ok((bank, la, lb))
     }
 }
@@ -365,17 +349,8 @@ impl MergeMethod for VbLoraMerge {
             .vblora()
             .ok_or_else(|| Error::invalid("VB-LoRA merge on an adapter whose config is not VB-LoRA"))?;
         let (out, inp) = out_in(module, weight.shape())?;
-        let layer = VbLoraLayer::new(
-            out,
-            inp,
-            &VbLoraSettings {
-                r: c.r,
-                num_vectors: c.num_vectors,
-                vector_length: c.vector_length,
-                topk: c.topk,
-            },
-        )?;
-        let (bank, la, lb) = Self::tensors(adapter, module, layer.config())?;
+        let layer = VbLoraLayer::new(out, inp, &c.into())?;
+        let (bank, la, lb) = Self::tensors(adapter, module, c.num_vectors)?;
         let delta = layer.delta_weight(&bank, &la, &lb)?;
         let delta = if module.fan_in_fan_out { delta.t()? } else { delta };
         let mut w = weight.to_dtype(DType::F32)?;

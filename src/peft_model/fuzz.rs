@@ -1,8 +1,9 @@
-//! Fuzzing entry points for the file loaders that take more than one file (the single-file 4-bit
-//! loader has its own, `quant::io::fuzz_load`).
+//! Fuzzing entry point for the PEFT adapter loader, which takes two files (the single-file 4-bit loader
+//! has its own, `quant::io::fuzz_load`).
 
 use crate::device::Device;
-use crate::io::peft::{CONFIG_NAME, PeftAdapter, WEIGHTS_NAME, inspect_adapter};
+use crate::io::peft::{CONFIG_NAME, PeftAdapter, WEIGHTS_NAME};
+use crate::peft_model::inspect::inspect_adapter;
 
 /// Packs an adapter directory into one fuzz input: the config's length (u32, little-endian), the
 /// `adapter_config.json` bytes, then the `adapter_model.safetensors` bytes.
