@@ -724,6 +724,15 @@ fn inspect_shows_adapter_details_and_warns_on_non_positive_alpha() {
                 "{err}"
             );
         }
+        // A non-positive alpha_pattern entry warns too.
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let patched = text.replacen("\"alpha_pattern\": {}", "\"alpha_pattern\": {\"q_proj\": -2}", 1);
+        assert_ne!(patched, text);
+        std::fs::write(&cfg, patched).unwrap();
+        let (code, _, err) = run(["inspect".as_ref(), adapter.as_os_str()]);
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains("alpha_pattern[\"q_proj\"] = -2"), "{err}");
+        std::fs::write(&cfg, text).unwrap();
         let out = dir.path().join("merged.safetensors");
         let (code, _, err) = run([
             "merge".as_ref(),

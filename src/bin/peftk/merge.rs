@@ -44,14 +44,25 @@ pub struct MergeArgs {
 
 /// Warns (PEFT accepts it, so it is not an error) about a LoRA scaling that flips or zeroes the update.
 fn warn_alpha(adapter: &PeftAdapter) {
-    if let MethodConfig::Lora(c) = &adapter.config.method
-        && c.lora_alpha <= 0.0
-    {
+    let MethodConfig::Lora(c) = &adapter.config.method else {
+        return;
+    };
+    let effect = |a: f64| if a == 0.0 { "zero" } else { "negated" };
+    if c.lora_alpha <= 0.0 {
         eprintln!(
             "peftk: warning: lora_alpha = {} is not positive: the LoRA update is {} (PEFT accepts this)",
             c.lora_alpha,
-            if c.lora_alpha == 0.0 { "zero" } else { "negated" }
+            effect(c.lora_alpha)
         );
+    }
+    for (pattern, &a) in c.alpha_pattern.iter() {
+        if a <= 0.0 {
+            eprintln!(
+                "peftk: warning: alpha_pattern[{pattern:?}] = {a} is not positive: the LoRA update of the \
+                 modules it matches is {} (PEFT accepts this)",
+                effect(a)
+            );
+        }
     }
 }
 
