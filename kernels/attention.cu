@@ -8,7 +8,8 @@
 // t); kv head of query head h is h / (H / KVH). Scores, softmax and all accumulation are f32; f16/bf16
 // are converted on load and rounded once on store.
 //
-// Kernels (this file is the SIMT path: every dtype, head_dim <= 128; the host rejects larger heads):
+// Kernels (SIMT path: every dtype, head_dim <= 128; the host rejects larger heads; see the end of the
+// file for the tensor-core forward):
 //   attn_fwd_<T>      grid (B*H, ceil(Sq/16)), 128 threads. 4 warps x 4 query rows; Q rows in shared
 //                     memory, K/V tiles of 32 keys in shared memory (f32, rows padded to 129 floats so
 //                     that lane j reading key j's row is conflict-free). Per row and tile: lane j scores
@@ -37,10 +38,11 @@
 //   seq 2048, head_dim 128, causal: forward 4*S^2*D/2 = 1.07 GFLOP per (batch, head) (half the tiles
 //   skipped), 2 MB of q/k/v/o at bf16 -> 512 FLOP/byte. FA-2 reports ~70% of peak (A100) for forward;
 //   part 2's goal of 40% needs the mma path, not this one.
-// STATUS: this file has the SIMT path only. The tensor-core (mma.sync m16n8k16, ldmatrix) forward and
-// backward for bf16/f16 are not written yet; f16/bf16 run here with f32 math.
+// STATUS: forward has a tensor-core path (attn_fwd_mma_*, below) for f16/bf16 with head_dim 32/64/128;
+// the backward is SIMT only (f16/bf16 run it with f32 math): an mma.sync backward is not written yet.
 
 #include "common.cuh"
+#include "mma.cuh"
 #include <math.h>
 
 #define ATT_DMAX 128
@@ -295,3 +297,190 @@ __device__ void attn_bwd_impl(const T* __restrict__ q, const T* __restrict__ k, 
 ATTN(f32, float)
 ATTN(f16, f16)
 ATTN(bf16, bf16)
+
+// ------------------------------------------------------------------------------------------------
+// Tensor-core forward (f16/bf16, head_dim D in {32, 64, 128}): FA-2's forward with mma.sync m16n8k16.
+//
+// Block = 4 warps = 64 query rows (warp w: rows 16w..16w+15, fragment rows g and g+8), key tiles of 64.
+// Q stays in registers as A fragments (D/16 k-steps x 4 regs, loaded once from global). K and V tiles
+// live in shared memory as [key][D + 8] T (row stride (D+8)*2 bytes = 16 mod 128: the 8 row addresses
+// of every ldmatrix hit distinct 16-byte bank groups). S = Q·Kᵀ: K rows are B fragments directly
+// (ldmatrix, as qmatmul's forward); O += P·V: P is re-packed from the S accumulators into A fragments
+// (the C layout of n-tiles 2kk, 2kk+1 is the A layout of k-step kk), V through ldmatrix.trans.
+// Softmax statistics per fragment row: max over the quad (lanes 4g..4g+3) by shuffles; the row sum l is
+// kept per thread and reduced over the quad at the end. P is rounded to T for the P·V product (as FA-2).
+// Shared memory: 2 x 64 x (D+8) x 2 B = 34.8 KB at D = 128. Registers at D = 128: O 64 + S 32 + Q 32.
+#define MMA_BQ 64
+#define MMA_BK 64
+
+template <typename T, int D>
+__device__ void attn_fwd_mma_impl(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                  const uint8_t* __restrict__ mask_in, int has_mask, T* __restrict__ out,
+                                  float* __restrict__ lse, int Sq, int Sk, int H, int KVH, float scale, int causal,
+                                  uint64_t threshold, float drop_scale, uint64_t seed) {
+    constexpr int PAD = D + 8;
+    constexpr int KS = D / 16;  // k-steps of Q·Kᵀ
+    constexpr int NT = D / 8;   // n-tiles of O
+    __shared__ __align__(16) T Ks[MMA_BK * PAD];
+    __shared__ __align__(16) T Vs[MMA_BK * PAD];
+    const uint8_t* mask = has_mask ? mask_in : nullptr;
+    const int b = blockIdx.x / H, h = blockIdx.x % H, kvh = h / (H / KVH);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, cq = lane & 3;
+    const int i0 = blockIdx.y * MMA_BQ;
+    const int64_t qstride = (int64_t)H * D, kstride = (int64_t)KVH * D;
+    const T* qb = q + (int64_t)b * Sq * qstride + (int64_t)h * D;
+    const T* kb = k + (int64_t)b * Sk * kstride + (int64_t)kvh * D;
+    const T* vb = v + (int64_t)b * Sk * kstride + (int64_t)kvh * D;
+    // The thread's two query rows (fragment rows g and g + 8 of its warp).
+    const int rows[2] = {i0 + warp * 16 + gq, i0 + warp * 16 + gq + 8};
+
+    uint32_t qf[KS][4];
+#pragma unroll
+    for (int ks = 0; ks < KS; ks++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int i = rows[e & 1], d = ks * 16 + 2 * cq + (e >> 1) * 8;
+            qf[ks][e] = i < Sq ? *reinterpret_cast<const uint32_t*>(qb + (int64_t)i * qstride + d) : 0u;
+        }
+    float o[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[n][e] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+    int kend = Sk;
+    if (causal) {
+        const int64_t last = (int64_t)min(i0 + MMA_BQ, Sq) - 1 + Sk - Sq + 1;
+        kend = (int)max((int64_t)0, min((int64_t)Sk, last));
+    }
+    for (int j0 = 0; j0 < kend; j0 += MMA_BK) {
+        __syncthreads();  // the previous tile is consumed
+        // 16-byte chunks: MMA_BK rows x D/8 chunks each for K and V (D % 8 == 0 and the row offsets are
+        // multiples of 8 elements, so every chunk is 16-byte aligned in global memory).
+        for (int e = tid; e < MMA_BK * (D / 8); e += blockDim.x) {
+            const int jj = e / (D / 8), d = (e % (D / 8)) * 8;
+            uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
+            if (j0 + jj < Sk) {
+                kv4 = *reinterpret_cast<const uint4*>(kb + (int64_t)(j0 + jj) * kstride + d);
+                vv4 = *reinterpret_cast<const uint4*>(vb + (int64_t)(j0 + jj) * kstride + d);
+            }
+            *reinterpret_cast<uint4*>(&Ks[jj * PAD + d]) = kv4;
+            *reinterpret_cast<uint4*>(&Vs[jj * PAD + d]) = vv4;
+        }
+        __syncthreads();
+        // S = Q·Kᵀ for the warp's 16 rows x 64 keys: 8 n-tiles.
+        float s[MMA_BK / 8][4];
+#pragma unroll
+        for (int n = 0; n < MMA_BK / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[n][e] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < KS; ks++)
+#pragma unroll
+            for (int p = 0; p < MMA_BK / 16; p++) {
+                uint32_t t4[4];
+                const int nr = p * 16 + (lane & 7) + (lane >> 4) * 8;
+                const int kc = ks * 16 + ((lane >> 3) & 1) * 8;
+                ldmatrix_x4(t4, &Ks[nr * PAD + kc]);
+                const uint32_t b0[2] = {t4[0], t4[1]}, b1[2] = {t4[2], t4[3]};
+                mma16816<T>(s[2 * p], qf[ks], b0);
+                mma16816<T>(s[2 * p + 1], qf[ks], b1);
+            }
+        // Scale, mask, online softmax. Element (n, e): row rows[e >> 1], key j0 + 8n + 2cq + (e & 1).
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < MMA_BK / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = j0 + 8 * n + 2 * cq + (e & 1), r = e >> 1;
+                const bool vis = rows[r] < Sq && att_visible(mask, b, Sq, Sk, rows[r], j, causal);
+                s[n][e] = vis ? s[n][e] * scale : -INFINITY;
+                mx[r] = fmaxf(mx[r], s[n][e]);
+            }
+        float corr[2], base[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            const float mnew = fmaxf(m[r], mx[r]);
+            base[r] = mnew == -INFINITY ? 0.f : mnew;  // nothing visible yet: every p and corr is 0
+            corr[r] = expf(m[r] - base[r]);
+            m[r] = mnew;
+            l[r] *= corr[r];
+        }
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) o[n][e] *= corr[e >> 1];
+        // P (dropped) as A fragments of the 4 k-steps over the tile's keys, then O += P·V.
+#pragma unroll
+        for (int kk = 0; kk < MMA_BK / 16; kk++) {
+            float pv[2][4];
+#pragma unroll
+            for (int hn = 0; hn < 2; hn++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int n = 2 * kk + hn, r = e >> 1;
+                    const int j = j0 + 8 * n + 2 * cq + (e & 1);
+                    const float p = expf(s[n][e] - base[r]);
+                    l[r] += p;
+                    const float keep =
+                        (threshold != 0 && rows[r] < Sq && j < Sk)
+                            ? att_keep(threshold, drop_scale, seed, b, h, H, rows[r], Sq, j, Sk)
+                            : 1.f;
+                    pv[hn][e] = p * keep;
+                }
+            uint32_t af[4];
+            af[0] = Vec2<T>::pack(pv[0][0], pv[0][1]);
+            af[1] = Vec2<T>::pack(pv[0][2], pv[0][3]);
+            af[2] = Vec2<T>::pack(pv[1][0], pv[1][1]);
+            af[3] = Vec2<T>::pack(pv[1][2], pv[1][3]);
+#pragma unroll
+            for (int p = 0; p < D / 16; p++) {
+                uint32_t t4[4];
+                const int kr = kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+                const int nc = p * 16 + (lane >> 4) * 8;
+                ldmatrix_x4_trans(t4, &Vs[kr * PAD + nc]);
+                const uint32_t b0[2] = {t4[0], t4[1]}, b1[2] = {t4[2], t4[3]};
+                mma16816<T>(o[2 * p], af, b0);
+                mma16816<T>(o[2 * p + 1], af, b1);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int i = rows[r];
+        if (i >= Sq) continue;
+        const bool empty = l[r] == 0.f;  // l >= 1 once a key was visible (its max term is exp(0))
+        const float inv = empty ? 0.f : 1.f / l[r];
+        T* orow = out + ((int64_t)b * Sq + i) * qstride + (int64_t)h * D;
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+            *reinterpret_cast<uint32_t*>(orow + 8 * n + 2 * cq) =
+                Vec2<T>::pack(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+        if (cq == 0) lse[((int64_t)b * H + h) * Sq + i] = empty ? INFINITY : m[r] + logf(l[r]);
+    }
+}
+
+#define ATTN_MMA(TN, T, D)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(128)                                                           \
+        attn_fwd_mma_##TN##_d##D(const T* q, const T* k, const T* v, const uint8_t* mask, int has_mask, T* out,  \
+                                 float* lse, int Sq, int Sk, int H, int KVH, int Dr, float scale, int causal,    \
+                                 uint64_t threshold, float drop_scale, uint64_t seed) {                          \
+        (void)Dr; /* == D; the host passes the SIMT kernel's argument list */                                    \
+        attn_fwd_mma_impl<T, D>(q, k, v, mask, has_mask, out, lse, Sq, Sk, H, KVH, scale, causal, threshold,    \
+                                drop_scale, seed);                                                               \
+    }
+
+ATTN_MMA(f16, f16, 32)
+ATTN_MMA(f16, f16, 64)
+ATTN_MMA(f16, f16, 128)
+ATTN_MMA(bf16, bf16, 32)
+ATTN_MMA(bf16, bf16, 64)
+ATTN_MMA(bf16, bf16, 128)

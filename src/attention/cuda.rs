@@ -15,6 +15,21 @@ const DMAX: usize = 128;
 /// Query rows per forward block (`FWD_ROWS`) and keys per backward block (`ATT_BK`).
 const FWD_ROWS: usize = 16;
 const BWD_KEYS: usize = 32;
+/// Query rows per tensor-core forward block (`MMA_BQ`).
+const MMA_ROWS: usize = 64;
+
+/// The tensor-core forward kernel for f16/bf16 at head_dim 32, 64 or 128 (None: the SIMT kernel).
+fn mma_forward(dtype: DType, head_dim: usize) -> Option<&'static str> {
+    Some(match (dtype, head_dim) {
+        (DType::F16, 32) => "attn_fwd_mma_f16_d32",
+        (DType::F16, 64) => "attn_fwd_mma_f16_d64",
+        (DType::F16, 128) => "attn_fwd_mma_f16_d128",
+        (DType::BF16, 32) => "attn_fwd_mma_bf16_d32",
+        (DType::BF16, 64) => "attn_fwd_mma_bf16_d64",
+        (DType::BF16, 128) => "attn_fwd_mma_bf16_d128",
+        _ => return None,
+    })
+}
 
 fn cs(t: &Tensor) -> Result<&CudaStorage> {
     match t.storage() {
@@ -138,8 +153,16 @@ pub(crate) fn forward(
     let mut lse = alloc(&b, DType::F32, cfg.lse_len())?;
     if cfg.lse_len() > 0 {
         let (mask, has_mask) = mask_on(&b, key_mask)?;
-        let f = kernel(&b, "fwd", dtype)?;
-        let launch = grid(cfg.batch * cfg.num_heads, cfg.seq_q.div_ceil(FWD_ROWS))?;
+        let (f, launch) = match mma_forward(dtype, cfg.head_dim) {
+            Some(name) => (
+                b.func("attention", name)?,
+                grid(cfg.batch * cfg.num_heads, cfg.seq_q.div_ceil(MMA_ROWS))?,
+            ),
+            None => (
+                kernel(&b, "fwd", dtype)?,
+                grid(cfg.batch * cfg.num_heads, cfg.seq_q.div_ceil(FWD_ROWS))?,
+            ),
+        };
         let mut l = b.stream.launch_builder(&f);
         l.arg(&cs(q)?.data)
             .arg(&cs(k)?.data)
@@ -149,13 +172,15 @@ pub(crate) fn forward(
             .arg(&mut out.data)
             .arg(&mut lse.data);
         p.push(&mut l);
-        // SAFETY: attn_fwd_<T>(const T* q [B*Sq, H*D], const T* k, v [B*Sk, KVH*D], const uint8* mask
-        // [B*Sk] (read only when has_mask), int has_mask, T* out [B*Sq, H*D], float* lse [B*H*Sq], int Sq,
-        // Sk, H, KVH, D, float scale, int causal, uint64 threshold, float drop_scale, uint64 seed). The
-        // shapes were checked against cfg by check_inputs (and the mask length), D <= 128 and every size
-        // fits an int (dims); T matches dtype (the kernel name). Block (b*H + h, tile) writes exactly the
-        // out rows i0..i0+16 (< Sq) of head h and their lse entries; blockDim 128 = 4 warps as the kernel
-        // expects; shared memory is static (~41 KB < 48 KB).
+        // SAFETY: attn_fwd_<T> and attn_fwd_mma_<T>_d<D> (same parameter list; the mma kernels only for
+        // f16/bf16 and their template D) take (const T* q [B*Sq, H*D], const T* k, v [B*Sk, KVH*D], const
+        // uint8* mask [B*Sk] (read only when has_mask), int has_mask, T* out [B*Sq, H*D], float* lse
+        // [B*H*Sq], int Sq, Sk, H, KVH, D, float scale, int causal, uint64 threshold, float drop_scale,
+        // uint64 seed). The shapes were checked against cfg by check_inputs (and the mask length), D <=
+        // 128 and every size fits an int (dims); T matches dtype (the kernel name). Block (b*H + h, tile)
+        // writes exactly the out rows of its tile (16 or 64 rows, < Sq) of head h and their lse entries;
+        // blockDim 128 = 4 warps as both kernels expect; shared memory is static (<= 41 KB < 48 KB). The
+        // mma kernel's 16-byte K/V loads are aligned: fresh allocations, row offsets multiples of D.
         unsafe { l.launch(launch) }?;
     }
     Ok((
