@@ -19,11 +19,18 @@
 //!
 //! Run: `cargo bench --bench dora` (add `--features cuda` on a GPU machine).
 
+// The case list, weights and timing loop that `peftk bench` uses, compiled into this bench too (it is
+// not library API).
+#[allow(dead_code)]
+#[path = "../src/bin/peftk/bench/harness.rs"]
+mod harness;
+
 use criterion::{Criterion, criterion_group, criterion_main};
+use harness::{Format, random_weight, time_median_us};
+use peft_kernels::adapters::AdapterLinear;
 use peft_kernels::adapters::dora::{DoraContext, DoraLinear, DoraOptions};
 use peft_kernels::adapters::lora::{LoraConfig, LoraContext, LoraInit, LoraLinear};
 use peft_kernels::autograd::ParamStore;
-use peft_kernels::qmatmul::bench::{Format, random_weight, time_median_us};
 use peft_kernels::qmatmul::{Algo, BaseWeight, linear_forward};
 use peft_kernels::{DType, Device, Result, Tensor};
 use std::time::Duration;

@@ -11,12 +11,16 @@
 //!
 //! Run: `cargo bench --bench qlinear` (add `--features cuda` on a GPU machine).
 
+// The case list, weights and timing loop that `peftk bench` uses, compiled into this bench too (it is
+// not library API).
+#[allow(dead_code)]
+#[path = "../src/bin/peftk/bench/harness.rs"]
+mod harness;
+
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use harness::{Case, Format, Runner, default_cases, host_bandwidth_gbps, rotation_bytes, time_median_us};
 use peft_kernels::Device;
 use peft_kernels::qmatmul::Algo;
-use peft_kernels::qmatmul::bench::{
-    Case, Format, Runner, default_cases, host_bandwidth_gbps, rotation_bytes, time_median_us,
-};
 use std::collections::BTreeMap;
 use std::time::Duration;
 

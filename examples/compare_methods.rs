@@ -11,11 +11,12 @@
 //! LoRA-style methods; WaveFT's sparse wavelet coefficients suit localized updates, and it shows.
 
 use clap::Parser;
+use peft_kernels::adapters::AdapterLinear;
 use peft_kernels::adapters::dora::{DoraLinear, DoraOptions};
 use peft_kernels::adapters::lora::{LoraConfig, LoraLinear};
 use peft_kernels::adapters::vblora::{VbLoraBank, VbLoraConfig, VbLoraLinear, VbLoraOptions};
 use peft_kernels::adapters::waveft::{WaveFtConfig, WaveFtLinear};
-use peft_kernels::autograd::{ParamStore, Tape, Var};
+use peft_kernels::autograd::{ParamStore, Tape};
 use peft_kernels::optim::{AdamW, AdamWConfig};
 use peft_kernels::qmatmul::BaseWeight;
 use peft_kernels::quant::{QuantizeOptions, QuantizedTensor};
@@ -68,23 +69,8 @@ struct Args {
 const DIMS: [usize; 4] = [256, 768, 768, 128];
 const PLANTED_RANK: usize = 4;
 
-enum Layer {
-    Lora(LoraLinear),
-    Dora(DoraLinear),
-    WaveFt(Box<WaveFtLinear>),
-    VbLora(VbLoraLinear),
-}
-
-impl Layer {
-    fn forward_t(&self, tape: &mut Tape, store: &ParamStore, x: Var, seed: Option<u64>) -> Result<Var> {
-        match self {
-            Layer::Lora(l) => l.forward_t(tape, store, x, seed),
-            Layer::Dora(l) => l.forward_t(tape, store, x, seed),
-            Layer::WaveFt(l) => l.forward_t(tape, store, x, seed),
-            Layer::VbLora(l) => l.forward_t(tape, store, x, seed),
-        }
-    }
-}
+/// One slot per layer, whatever the method.
+type Layer = Box<dyn AdapterLinear>;
 
 struct Method {
     name: &'static str,
@@ -104,12 +90,12 @@ fn build(
         alpha: 16.0,
         ..LoraConfig::default()
     };
-    let mut layers = Vec::new();
+    let mut layers: Vec<Layer> = Vec::new();
     let m = match method {
         0 => {
             for (l, b) in bases.iter().enumerate() {
                 let name = format!("mlp.{l}");
-                layers.push(Layer::Lora(LoraLinear::new(
+                layers.push(Box::new(LoraLinear::new(
                     &name,
                     b.clone(),
                     None,
@@ -136,7 +122,7 @@ fn build(
                     seed + l as u64,
                     DoraOptions::default(),
                 )?;
-                layers.push(Layer::Dora(layer));
+                layers.push(Box::new(layer));
             }
             Method {
                 name: "DoRA",
@@ -153,7 +139,7 @@ fn build(
                     ..WaveFtConfig::default()
                 };
                 let layer = WaveFtLinear::new(&name, b.clone(), None, &cfg, true, store, seed + l as u64)?;
-                layers.push(Layer::WaveFt(Box::new(layer)));
+                layers.push(Box::new(layer));
             }
             Method {
                 name: "WaveFT",
@@ -180,7 +166,7 @@ fn build(
                     store,
                     seed + l as u64,
                 )?;
-                layers.push(Layer::VbLora(layer));
+                layers.push(Box::new(layer));
             }
             Method {
                 name: "VB-LoRA",

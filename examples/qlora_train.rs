@@ -11,6 +11,7 @@
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
+use peft_kernels::adapters::AdapterLinear;
 use peft_kernels::adapters::lora::{LoraConfig, LoraLinear};
 use peft_kernels::autograd::{ParamStore, Tape};
 use peft_kernels::optim::{AdamW, AdamWConfig};

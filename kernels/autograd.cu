@@ -168,8 +168,9 @@ MSE_BWD(bf16, bf16)
 
 // ------------------------------------------------------------------------------------------ cross-entropy
 
-// Online log-sum-exp state (m = running max, s = sum of exp(x - m)). -inf entries contribute nothing;
-// the guards keep exp(-inf - -inf) = exp(NaN) out of rows that start with -inf logits.
+// Online log-sum-exp state (m = running max, s = sum of exp(x - m)) over finite and -inf logits only
+// (ce_fwd_impl flags NaN and +inf separately). -inf entries contribute nothing; the guards keep
+// exp(-inf - -inf) = exp(NaN) out of rows that start with -inf logits.
 __device__ __forceinline__ void lse_combine(float& m, float& s, float om, float os) {
     const float M = fmaxf(m, om);
     const float a = (m == -INFINITY) ? 0.f : s * expf(m - M);
@@ -201,16 +202,25 @@ __device__ __forceinline__ void ce_fwd_impl(const T* __restrict__ logits, const 
     }
     const T* x = logits + row * C;
     float m = -INFINITY, s = 0.f;
+    // A NaN or +inf logit makes the whole row NaN in torch (log_softmax computes x - max, and
+    // inf - inf is NaN). Such values are flagged here and kept out of the online state, so neither a
+    // reset of s nor lse_combine can drop them; the flag is OR-ed over the block below.
+    int bad = 0;
     for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
         const float v = to_f32(x[j]);
+        if (isnan(v) || v == INFINITY) {
+            bad = 1;
+            continue;
+        }
         if (v == -INFINITY) continue;
         if (v > m) {
             s = (m == -INFINITY ? 0.f : s * expf(m - v)) + 1.f;
             m = v;
         } else {
-            s += expf(v - m);  // NaN v lands here and propagates, like torch
+            s += expf(v - m);
         }
     }
+    bad = __syncthreads_or(bad);  // every thread of the block reaches this (ignored rows left above)
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const float om = __shfl_xor_sync(0xffffffffu, m, o);
@@ -234,9 +244,10 @@ __device__ __forceinline__ void ce_fwd_impl(const T* __restrict__ logits, const 
             lse_combine(m, s, om, os);
         }
         if (lane == 0) {
-            // All -inf row: shift 0, s = 0, ls = -inf, loss NaN (the CPU twin agrees).
-            const float shift = (m == -INFINITY) ? 0.f : m;
-            const float ls = logf(s);
+            // All -inf row: shift 0, s = 0, ls = -inf, loss NaN. A NaN or +inf logit: shift and ls NaN,
+            // so the loss and every gradient of the row are NaN. Both as torch and the CPU twin.
+            const float shift = bad ? NAN : (m == -INFINITY) ? 0.f : m;
+            const float ls = bad ? NAN : logf(s);
             stats[2 * row] = shift;
             stats[2 * row + 1] = ls;
             row_loss[row] = (shift - to_f32(x[t])) + ls;

@@ -7,6 +7,10 @@
 typedef __nv_bfloat16 bf16;
 typedef __half f16;
 
+// Marks a kernel pointer parameter that may be null (an absent optional operand the kernel tests for).
+// It expands to nothing; build.rs reads it and gives the Rust launcher an Option for that parameter.
+#define NULLABLE
+
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(f16 x) { return __half2float(x); }
 __device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }

@@ -11,79 +11,16 @@
 //   once, exactly like a decode step. dora_norm_prep computes G = A·Aᵀ (and A in the GEMV's dtype)
 //   before it, dora_norm_assemble turns (‖W‖², Pᵀ, B, G) into n after it: three launches per step.
 //
-// Napkin math (H200, 4.3 TB/s; see shared/reference/performance-anchors.md §2.4), 8192×8192 NF4, r = 16:
+// Napkin math (H200, 4.3 TB/s measured copy bandwidth), 8192×8192 NF4, r = 16:
 //   W read by the GEMV: 37.7 MB → 8.8 µs floor. Pᵀ: 8192×16 f32 = 0.5 MB written, 0.5 MB read by the
 //   assembly; B 0.5 MB; ‖W‖² 32 KB. Assembly: 8192 rows × (16 + 256) FMAs = 2.2 MFLOP, ≈ 1 MB moved:
 //   well under 1 µs of traffic, so the norm step is one W read plus three small launches. PEFT instead
 //   dequantizes W and materializes B·A (2 × 268 MB at bf16) every step: ≥ 0.8 GB, ≥ 190 µs.
-#include "common.cuh"
+#include "q4.cuh"
 
 // Below this, n is treated as this value in divisions (torch.nn.functional.normalize's eps): a zero row
 // gives a finite scale. Must equal NORM_EPS in src/adapters/dora.rs.
 #define DORA_NORM_EPS 1e-12f
-
-struct Lut16 {
-    float v[16];
-};
-struct Lut256 {
-    float v[256];
-};
-
-// ------------------------------------------------------------------------------------------------
-// 4-bit decode (bitsandbytes layout, same rules as kernels/qmatmul.cu): flat element f of W lives in
-// byte f / 2, high nibble for even f; its block is f >> bs_log2; the value is code[nib] * absmax in f32.
-// Double quant: absmax[b] = (ncode[codes[b]] * nested[b / nested_bs]) + offset with two roundings.
-
-template <bool DQ>
-__device__ __forceinline__ float q4_scale(const float* __restrict__ absmax, const uint8_t* __restrict__ codes,
-                                          const float* __restrict__ nested, const float* s_ncode, float offset,
-                                          int nested_bs, int64_t b) {
-    if (DQ) return __fadd_rn(__fmul_rn(s_ncode[__ldg(codes + b)], __ldg(nested + b / nested_bs)), offset);
-    return __ldg(absmax + b);
-}
-
-// Loads the code books into shared memory; every thread of the block must call it (it synchronizes).
-template <bool DQ>
-__device__ __forceinline__ void load_luts(float* s_lut, float* s_ncode, const Lut16& lut, const Lut256& ncode) {
-    for (int i = threadIdx.x + threadIdx.y * blockDim.x; i < 16; i += blockDim.x * blockDim.y) s_lut[i] = lut.v[i];
-    if (DQ)
-        for (int i = threadIdx.x + threadIdx.y * blockDim.x; i < 256; i += blockDim.x * blockDim.y)
-            s_ncode[i] = ncode.v[i];
-    __syncthreads();
-}
-
-// Decodes element f, caching the scale of the last block seen (consecutive f mostly share a block).
-template <bool DQ>
-struct Q4Reader {
-    const uint8_t* __restrict__ data;
-    const float* __restrict__ absmax;
-    const uint8_t* __restrict__ codes;
-    const float* __restrict__ nested;
-    const float* s_lut;
-    const float* s_ncode;
-    float offset;
-    int nested_bs;
-    int bs_log2;
-    int64_t cur_b;
-    float cur_s;
-
-    __device__ __forceinline__ float get(int64_t f) {
-        const int64_t b = f >> bs_log2;
-        if (b != cur_b) {
-            cur_b = b;
-            cur_s = q4_scale<DQ>(absmax, codes, nested, s_ncode, offset, nested_bs, b);
-        }
-        const uint32_t byte = __ldg(data + (f >> 1));
-        const uint32_t nib = (f & 1) ? (byte & 15u) : (byte >> 4);
-        return s_lut[nib] * cur_s;
-    }
-};
-
-#define Q4_PARAMS                                                                                         \
-    const uint8_t *data, const float *absmax, const uint8_t *codes, const float *nested, float offset,  \
-        int nested_bs, const __grid_constant__ Lut16 lut, const __grid_constant__ Lut256 ncode, int bs_log2
-#define Q4_READER(DQ) \
-    Q4Reader<DQ> { data, absmax, codes, nested, s_lut, s_ncode, offset, nested_bs, bs_log2, -1, 0.f }
 
 // ------------------------------------------------------------------------------------------------
 // ‖W_i‖² of a 4-bit W, once per layer. One warp per row; lane l decodes the 8 consecutive elements
@@ -95,7 +32,7 @@ struct Q4Reader {
 
 template <bool DQ>
 __device__ void q4_row_sq_norms_impl(const uint8_t* data, const float* absmax, const uint8_t* codes,
-                                     const float* nested, float offset, int nested_bs, const Lut16& lut,
+                                     const float* nested, float offset, int nested_log2, const Lut16& lut,
                                      const Lut256& ncode, int bs_log2, float* __restrict__ out, int64_t rows,
                                      int64_t cols) {
     __shared__ float s_lut[16];
@@ -121,8 +58,7 @@ __device__ void q4_row_sq_norms_impl(const uint8_t* data, const float* absmax, c
 
 #define ROW_SQ(DQ)                                                                                          \
     extern "C" __global__ void dora_q4_row_sq_norms_dq##DQ(Q4_PARAMS, float* out, int64_t rows, int64_t cols) { \
-        q4_row_sq_norms_impl<DQ>(data, absmax, codes, nested, offset, nested_bs, lut, ncode, bs_log2, out, rows,  \
-                                 cols);                                                                      \
+        q4_row_sq_norms_impl<DQ>(Q4_ARGS, out, rows, cols);                                                  \
     }
 ROW_SQ(0)
 ROW_SQ(1)
@@ -161,7 +97,7 @@ __device__ void norm_prep_impl(const float* __restrict__ a, float* __restrict__ 
 }
 
 #define NORM_PREP(TN, T)                                                                                   \
-    extern "C" __global__ void dora_norm_prep_##TN(const float* a, float* gram, T* a_t, int r, int64_t in) { \
+    extern "C" __global__ void dora_norm_prep_##TN(const float* a, float* gram, NULLABLE T* a_t, int r, int64_t in) { \
         norm_prep_impl<T>(a, gram, a_t, r, in);                                                            \
     }
 NORM_PREP(f32, float)
@@ -203,8 +139,9 @@ __device__ void norm_assemble_impl(const float* __restrict__ wsq, const P* __res
 
 #define NORM_ASSEMBLE(PN, P)                                                                                \
     extern "C" __global__ void dora_norm_assemble_##PN(const float* wsq, const P* pt, const float* b,        \
-                                                       const float* gram, const float* m, float* n_out,     \
-                                                       float* scale_out, float s, int64_t out, int r) {    \
+                                                       const float* gram, NULLABLE const float* m,          \
+                                                       float* n_out, NULLABLE float* scale_out, float s,    \
+                                                       int64_t out, int r) {                                \
         norm_assemble_impl<P>(wsq, pt, b, gram, m, n_out, scale_out, s, out, r);                            \
     }
 NORM_ASSEMBLE(f32, float)
@@ -236,8 +173,8 @@ __device__ void scale_cols_impl(const T* __restrict__ z, const float* __restrict
 }
 
 #define SCALE_COLS(TN, T)                                                                                    \
-    extern "C" __global__ void dora_scale_cols_##TN(const T* z, const float* c, const float* bias, const T* add, \
-                                                    T* y, int64_t rows, int64_t cols) {                       \
+    extern "C" __global__ void dora_scale_cols_##TN(const T* z, const float* c, NULLABLE const float* bias,      \
+                                                    NULLABLE const T* add, T* y, int64_t rows, int64_t cols) {  \
         scale_cols_impl<T>(z, c, bias, add, y, rows, cols);                                                   \
     }
 SCALE_COLS(f32, float)
@@ -284,7 +221,7 @@ __device__ void colsum_impl(const T* __restrict__ dy, const T* __restrict__ z, c
 
 #define COLSUM(TN, T, DN, D)                                                                                  \
     extern "C" __global__ void dora_colsum_##TN##_##DN(const T* dy, const T* z, const float* g, const float* n, \
-                                                       float* dm, D* dz, int64_t rows, int64_t cols) {         \
+                                                       float* dm, NULLABLE D* dz, int64_t rows, int64_t cols) { \
         colsum_impl<T, D>(dy, z, g, n, dm, dz, rows, cols);                                                    \
     }
 COLSUM(f32, float, f32, float)
@@ -332,7 +269,7 @@ extern "C" __global__ void dora_full_norm_grad(const float* __restrict__ dm, con
 
 template <bool DQ>
 __device__ void q4_tgemv_impl(const uint8_t* data, const float* absmax, const uint8_t* codes, const float* nested,
-                              float offset, int nested_bs, const Lut16& lut, const Lut256& ncode, int bs_log2,
+                              float offset, int nested_log2, const Lut16& lut, const Lut256& ncode, int bs_log2,
                               const float* __restrict__ ct, float* __restrict__ ws, int64_t out, int64_t in, int r,
                               int64_t rows_per_group) {
     __shared__ float s_lut[16];
@@ -374,8 +311,7 @@ __device__ void q4_tgemv_impl(const uint8_t* data, const float* absmax, const ui
 #define TGEMV(DQ)                                                                                             \
     extern "C" __global__ void dora_q4_tgemv_dq##DQ(Q4_PARAMS, const float* ct, float* ws, int64_t out,       \
                                                     int64_t in, int r, int64_t rows_per_group) {              \
-        q4_tgemv_impl<DQ>(data, absmax, codes, nested, offset, nested_bs, lut, ncode, bs_log2, ct, ws, out, in, r, \
-                          rows_per_group);                                                                     \
+        q4_tgemv_impl<DQ>(Q4_ARGS, ct, ws, out, in, r, rows_per_group);                                       \
     }
 TGEMV(0)
 TGEMV(1)

@@ -11,14 +11,7 @@
 //   quantize   reads 2n = 134 MB, writes n/2 + n/16 = 38 MB  -> 172 MB, ~40 us at 4.3 TB/s
 //   dequantize reads n/2 + n/16 = 38 MB, writes 2n = 134 MB -> 172 MB, ~40 us
 // Both are pure streaming kernels: ~10 flops per element, no reuse, so the target is copy bandwidth.
-#include "common.cuh"
-
-struct Lut16 {
-    float v[16];
-};
-struct Lut256 {
-    float v[256];
-};
+#include "q4.cuh"
 
 // ------------------------------------------------------------------------------------------------
 // Code choice (bitsandbytes' CUDA device functions; the thresholds are its literals, rounded by nvcc)
@@ -238,13 +231,8 @@ __device__ __forceinline__ void dequantize_impl(const uint8_t* __restrict__ pack
     const int64_t e0 = t * 32;
     if (e0 >= n) return;
     const int64_t b = e0 >> log2_bs;
-    float am;
-    if (DQ) {
-        // (code[q] * absmax2) + offset, two roundings, exactly as bitsandbytes and the CPU path.
-        am = __fadd_rn(__fmul_rn(sdcode[qabsmax[b]], __ldg(absmax2 + (b >> log2_nbs))), offset);
-    } else {
-        am = __ldg(absmax + b);
-    }
+    // (code[q] * absmax2) + offset, two roundings, exactly as bitsandbytes and the CPU path.
+    const float am = q4_absmax<DQ>(absmax, qabsmax, absmax2, sdcode, offset, log2_nbs, b);
     if (e0 + 32 <= n) {
         // 16-byte aligned: packed + 16 t from a cudaMalloc base.
         const uint4 q = __ldg(reinterpret_cast<const uint4*>(packed + 16 * t));
@@ -261,11 +249,7 @@ __device__ __forceinline__ void dequantize_impl(const uint8_t* __restrict__ pack
             store8<T>(out + e0 + 8 * k, o);  // (e0 + 8k) * sizeof(T) is a multiple of 16
         }
     } else {
-        for (int64_t i = e0; i < n; i++) {
-            const uint32_t byte = packed[i >> 1];
-            const uint32_t c = (i & 1) ? (byte & 0xFu) : (byte >> 4);
-            out[i] = from_f32<T>(__fmul_rn(slut[c], am));
-        }
+        for (int64_t i = e0; i < n; i++) out[i] = from_f32<T>(__fmul_rn(slut[q4_nibble(packed, i)], am));
     }
 }
 
@@ -341,5 +325,5 @@ extern "C" __global__ void dq_quantize(const float* __restrict__ absmax, const f
 extern "C" __global__ void dq_decode(const uint8_t* __restrict__ codes, const float* __restrict__ absmax2,
                                      Lut256 dcode, float offset, int log2_nbs, float* __restrict__ out,
                                      int64_t nb) {
-    GRID_STRIDE(i, nb) out[i] = __fadd_rn(__fmul_rn(dcode.v[codes[i]], absmax2[i >> log2_nbs]), offset);
+    GRID_STRIDE(i, nb) out[i] = q4_absmax<true>(nullptr, codes, absmax2, dcode.v, offset, log2_nbs, i);
 }

@@ -22,41 +22,17 @@
 //                      low-rank term as extra K-tiles ([x | u]·[W | b]ᵀ).
 //   splitk_reduce_*, add_bias_*
 //
-// Napkin math (H200: 4.3 TB/s, ~790 TFLOP/s bf16; see shared/reference/performance-anchors.md):
+// Napkin math (H200: 4.3 TB/s copy, ~790 TFLOP/s dense bf16, both measured; spec 4.8 TB/s, 989 TFLOP/s):
 //   8192x8192 NF4 GEMV: 37.7 MB -> 8.8 us floor; r=16 LoRA adds 0.5 MB. The mma GEMV issues per 2
 //   weights ~1 BFE + 1 LDS + 1 FMUL (+ 1/2 CVT) per weight: ~3.5 ops/weight against a budget of ~4.4
 //   at full bandwidth, so it should sit near (not at) the floor. Tensor-core work is negligible.
 //   4096 tokens x 4096x4096: 137 GFLOP -> 174 us floor; W decode is 16.8 M weights once per
 //   (M-tile) = 32 M-tiles x 16.8 M = 0.5 G decodes ~ 2-3% of the mma time.
-#include "common.cuh"
+#include "q4.cuh"
 #include "mma.cuh"
 
-struct Lut16 {
-    float v[16];
-};
-struct Lut256 {
-    float v[256];
-};
-
 // ------------------------------------------------------------------------------------------------
-// Decode helpers
-
-template <bool DQ>
-__device__ __forceinline__ float q4_absmax(const float* __restrict__ absmax, const uint8_t* __restrict__ codes,
-                                           const float* __restrict__ nested, const float* s_ncode, float offset,
-                                           int nested_log2, int64_t b) {
-    if (DQ) return __fadd_rn(__fmul_rn(s_ncode[__ldg(codes + b)], __ldg(nested + (b >> nested_log2))), offset);
-    return __ldg(absmax + b);
-}
-
-// Loads the code books into shared memory; every thread of the block must call it.
-template <bool DQ>
-__device__ __forceinline__ void load_luts(float* s_lut, float* s_ncode, const Lut16& lut, const Lut256& ncode) {
-    for (int i = threadIdx.x; i < 16; i += blockDim.x) s_lut[i] = lut.v[i];
-    if (DQ)
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) s_ncode[i] = ncode.v[i];
-    __syncthreads();
-}
+// Decode helpers: the code books, q4_absmax, q4_nibble and load_luts live in q4.cuh.
 
 // 8 activations of type T as f32 (16 or 32 bytes, aligned).
 __device__ __forceinline__ void load8(const float* p, float* o) {
@@ -104,22 +80,14 @@ __device__ void dequant_impl(const uint8_t* __restrict__ data, const float* __re
                 reinterpret_cast<uint4*>(out + f0)[0] = reinterpret_cast<const uint4*>(v)[0];
             }
         } else {
-            for (int64_t f = f0; f < n; f++) {
-                const uint8_t byte = data[f >> 1];
-                const uint32_t nib = (f & 1) ? (byte & 15u) : (byte >> 4);
-                out[f] = from_f32<T>(s_lut[nib] * s);
-            }
+            for (int64_t f = f0; f < n; f++) out[f] = from_f32<T>(s_lut[q4_nibble(data, f)] * s);
         }
     }
 }
 
 #define DEQUANT(TN, T, DQ)                                                                                    \
-    extern "C" __global__ void q4_dequant_##TN##_dq##DQ(const uint8_t* data, const float* absmax,              \
-                                                        const uint8_t* codes, const float* nested, float offset, \
-                                                        int nested_log2, const __grid_constant__ Lut16 lut,      \
-                                                        const __grid_constant__ Lut256 ncode, int bs_log2, T* out, \
-                                                        int64_t n) {                                           \
-        dequant_impl<T, DQ>(data, absmax, codes, nested, offset, nested_log2, lut, ncode, bs_log2, out, n);      \
+    extern "C" __global__ void q4_dequant_##TN##_dq##DQ(Q4_PARAMS, T* out, int64_t n) {                        \
+        dequant_impl<T, DQ>(Q4_ARGS, out, n);                                                                  \
     }
 DEQUANT(f32, float, 0)
 DEQUANT(f32, float, 1)
@@ -184,9 +152,7 @@ __device__ void gemv_simt_impl(const T* __restrict__ x, const uint8_t* __restric
     } else {
         for (int64_t k = lane; k < in; k += 32) {
             const int64_t f = row * in + k;
-            const uint8_t byte = __ldg(data + (f >> 1));
-            const uint32_t nib = (f & 1) ? (byte & 15u) : (byte >> 4);
-            const float w = s_lut[nib] *
+            const float w = s_lut[q4_nibble(data, f)] *
                             q4_absmax<DQ>(absmax, codes, nested, s_ncode, offset, nested_log2, f >> bs_log2);
 #pragma unroll
             for (int t = 0; t < MAXT; t++)
@@ -210,13 +176,13 @@ __device__ void gemv_simt_impl(const T* __restrict__ x, const uint8_t* __restric
     }
 }
 
+// The parameters of both decode GEMVs. bias, u and bl are null when absent (r = 0 without u).
+#define GEMV_PARAMS(T, A)                                                                                     \
+    const T *x, Q4_PARAMS, NULLABLE const A *bias, NULLABLE const A *u, NULLABLE const A *bl, int r, T *y,     \
+        int nt, int64_t out, int64_t in
 #define GEMV_SIMT(TN, T, AN, A, DQ, AL)                                                                        \
-    extern "C" __global__ void q4_gemv_simt_##TN##_##AN##_dq##DQ##_al##AL(                                     \
-        const T* x, const uint8_t* data, const float* absmax, const uint8_t* codes, const float* nested,       \
-        float offset, int nested_log2, const __grid_constant__ Lut16 lut, const __grid_constant__ Lut256 ncode,  \
-        int bs_log2, const A* bias, const A* u, const A* bl, int r, T* y, int nt, int64_t out, int64_t in) {   \
-        gemv_simt_impl<T, A, DQ, AL>(x, data, absmax, codes, nested, offset, nested_log2, lut, ncode, bs_log2,  \
-                                     bias, u, bl, r, y, nt, out, in);                                         \
+    extern "C" __global__ void q4_gemv_simt_##TN##_##AN##_dq##DQ##_al##AL(GEMV_PARAMS(T, A)) {                 \
+        gemv_simt_impl<T, A, DQ, AL>(x, Q4_ARGS, bias, u, bl, r, y, nt, out, in);                                \
     }
 #define GEMV_SIMT_DQAL(TN, T, AN, A) \
     GEMV_SIMT(TN, T, AN, A, 0, 0) GEMV_SIMT(TN, T, AN, A, 0, 1) GEMV_SIMT(TN, T, AN, A, 1, 0) GEMV_SIMT(TN, T, AN, A, 1, 1)
@@ -342,12 +308,9 @@ __device__ void gemv_mma_impl(const T* __restrict__ x, const uint8_t* __restrict
 }
 
 #define GEMV_MMA(TN, T, AN, A, DQ, NT)                                                                        \
-    extern "C" __global__ void __launch_bounds__(256) q4_gemv_mma_##TN##_##AN##_dq##DQ##_nt##NT(             \
-        const T* x, const uint8_t* data, const float* absmax, const uint8_t* codes, const float* nested,       \
-        float offset, int nested_log2, const __grid_constant__ Lut16 lut, const __grid_constant__ Lut256 ncode,  \
-        int bs_log2, const A* bias, const A* u, const A* bl, int r, T* y, int nt, int64_t out, int64_t in) {   \
-        gemv_mma_impl<T, A, DQ, NT>(x, data, absmax, codes, nested, offset, nested_log2, lut, ncode, bs_log2,   \
-                                    bias, u, bl, r, y, nt, out, in);                                          \
+    extern "C" __global__ void __launch_bounds__(256)                                                          \
+        q4_gemv_mma_##TN##_##AN##_dq##DQ##_nt##NT(GEMV_PARAMS(T, A)) {                                         \
+        gemv_mma_impl<T, A, DQ, NT>(x, Q4_ARGS, bias, u, bl, r, y, nt, out, in);                                 \
     }
 #define GEMV_MMA_ALL(TN, T, AN, A) \
     GEMV_MMA(TN, T, AN, A, 0, 1) GEMV_MMA(TN, T, AN, A, 0, 2) GEMV_MMA(TN, T, AN, A, 1, 1) GEMV_MMA(TN, T, AN, A, 1, 2)
@@ -588,12 +551,9 @@ __device__ void gemm_mma_impl(const T* __restrict__ act, const uint8_t* __restri
 
 #define GEMM_MMA(DIR, BWDV, TN, T, AN, A, DQ)                                                                 \
     extern "C" __global__ void __launch_bounds__(256) q4_gemm_mma_##DIR##_##TN##_##AN##_dq##DQ(               \
-        const T* act, const uint8_t* data, const float* absmax, const uint8_t* codes, const float* nested,     \
-        float offset, int nested_log2, const __grid_constant__ Lut16 lut, const __grid_constant__ Lut256 ncode,  \
-        int bs_log2, const A* bias, const A* act2, const A* b2, int r, T* y, float* ws, int64_t M, int64_t N,  \
-        int64_t K, int64_t in, int kt_per_split) {                                                            \
-        gemm_mma_impl<T, A, DQ, BWDV>(act, data, absmax, codes, nested, offset, nested_log2, lut, ncode,        \
-                                      bs_log2, bias, act2, b2, r, y, ws, M, N, K, in, kt_per_split);          \
+        const T* act, Q4_PARAMS, NULLABLE const A* bias, NULLABLE const A* act2, NULLABLE const A* b2, int r,    \
+        T* y, NULLABLE float* ws, int64_t M, int64_t N, int64_t K, int64_t in, int kt_per_split) {              \
+        gemm_mma_impl<T, A, DQ, BWDV>(act, Q4_ARGS, bias, act2, b2, r, y, ws, M, N, K, in, kt_per_split);        \
     }
 #define GEMM_MMA_ALL(TN, T, AN, A)                                                                            \
     GEMM_MMA(fwd, false, TN, T, AN, A, 0) GEMM_MMA(fwd, false, TN, T, AN, A, 1)                              \
@@ -622,8 +582,8 @@ __device__ void add_bias_impl(T* __restrict__ y, const A* __restrict__ bias, int
     GRID_STRIDE(i, M * N) y[i] = from_f32<T>(to_f32(y[i]) + to_f32(bias[i % N]));
 }
 #define EPI(TN, T, AN, A)                                                                                    \
-    extern "C" __global__ void splitk_reduce_##TN##_##AN(const float* ws, const A* bias, T* y, int64_t M,    \
-                                                         int64_t N, int splits) {                            \
+    extern "C" __global__ void splitk_reduce_##TN##_##AN(const float* ws, NULLABLE const A* bias, T* y,      \
+                                                         int64_t M, int64_t N, int splits) {                 \
         splitk_reduce_impl<T, A>(ws, bias, y, M, N, splits);                                                 \
     }                                                                                                        \
     extern "C" __global__ void add_bias_##TN##_##AN(T* y, const A* bias, int64_t M, int64_t N) {             \

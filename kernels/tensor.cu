@@ -1,6 +1,8 @@
 // Elementwise, cast, reduction and transpose kernels for the safe tensor API (src/tensor/).
-// All are memory bound: bytes moved = n * (sizeof(in) + sizeof(out)); arithmetic is in f32 with one
-// rounding per output, matching src/tensor/cpu.rs exactly for add/sub/mul/affine/cast.
+// All are memory bound: bytes moved = n * (sizeof(in) + sizeof(out)); arithmetic is in f32, rounded
+// like src/tensor/cpu.rs (bit-identical for add/sub/mul/affine/axpy/cast): affine and axpy round the
+// product and the sum separately (__fmul_rn/__fadd_rn), because nvcc would otherwise contract them into
+// one fma.rn.f32 while Rust never contracts.
 #include "common.cuh"
 
 template <typename S, typename D>
@@ -33,11 +35,11 @@ BINARY_ALL(bf16, bf16)
 #define AFFINE(TN, T)                                                                                  \
     extern "C" __global__ void affine_##TN(const T* __restrict__ x, T* __restrict__ o, float alpha,    \
                                            float beta, int64_t n) {                                    \
-        GRID_STRIDE(i, n) o[i] = from_f32<T>(to_f32(x[i]) * alpha + beta);                             \
+        GRID_STRIDE(i, n) o[i] = from_f32<T>(__fadd_rn(__fmul_rn(to_f32(x[i]), alpha), beta));         \
     }                                                                                                  \
     extern "C" __global__ void axpy_##TN(T* __restrict__ y, const T* __restrict__ x, float alpha,      \
                                          int64_t n) {                                                  \
-        GRID_STRIDE(i, n) y[i] = from_f32<T>(to_f32(y[i]) + alpha * to_f32(x[i]));                     \
+        GRID_STRIDE(i, n) y[i] = from_f32<T>(__fadd_rn(to_f32(y[i]), __fmul_rn(alpha, to_f32(x[i])))); \
     }
 AFFINE(f32, float)
 AFFINE(f16, f16)

@@ -293,6 +293,80 @@ fn cross_entropy_hand_computed(dev: Device) -> Result<()> {
     Ok(())
 }
 
+/// NaN and infinite logits as `torch.nn.functional.cross_entropy` treats them (checked with torch
+/// 2.x: a NaN or a +inf anywhere in a row gives a NaN loss and an all-NaN gradient row, because
+/// log_softmax computes `x - max` and `inf - inf` is NaN; -inf logits are plain zero probabilities; an
+/// all -inf row is NaN). The wide rows put the special value on a CUDA thread whose first element it
+/// is and which later sees finite values, and split two +inf over threads.
+fn cross_entropy_nan_and_inf(dev: Device) -> Result<()> {
+    let (inf, nan) = (f32::INFINITY, f32::NAN);
+    let mut rows: Vec<(Vec<f32>, bool)> = vec![
+        (vec![0.0, nan, 1.0], true),
+        (vec![inf, inf, 0.0], true),
+        (vec![inf, 0.0, 0.0], true),
+        (vec![inf, -inf, 0.0], true),
+        (vec![nan, -inf, 0.0], true),
+        (vec![-inf, -inf, -inf], true),
+        (vec![-inf, -inf, 0.0], false),
+        (vec![-inf, 2.0, 0.5], false),
+    ];
+    let wide: Vec<f32> = Rng::new(9).normal_vec(700);
+    for (pos, v) in [
+        (&[5usize][..], nan),
+        (&[3, 259][..], inf),
+        (&[3, 4][..], inf),
+        (&[600][..], inf),
+    ] {
+        let mut r = wide.clone();
+        for &p in pos {
+            r[p] = v;
+        }
+        r[1] = -inf;
+        rows.push((r, true));
+    }
+    for (row, bad) in &rows {
+        let c = row.len();
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let x = Tensor::from_slice(row, &[1, c], dev)?.to_dtype(dtype)?;
+            let g = Tensor::from_slice(&[1.0f32], &[1], dev)?;
+            for t in [0u32, 1, (c - 1) as u32] {
+                let what = format!("{:?}.. target {t} {dtype}", &row[..3]);
+                let (loss, saved) = ops::cross_entropy_forward(&x, &[t], None)?;
+                let loss = loss.to_scalar()?;
+                let grad = ops::cross_entropy_backward(&x, &saved, &g)?.to_vec_f32()?;
+                if *bad {
+                    assert!(loss.is_nan(), "{what}: loss {loss}, want NaN");
+                    assert!(grad.iter().all(|d| d.is_nan()), "{what}: grad {:?}", &grad[..3]);
+                    continue;
+                }
+                // Finite maximum: the f64 oracle (exp(-inf) = 0), a -inf target gives +inf.
+                let r64: Vec<f64> = x.to_vec_f32()?.iter().map(|&v| v as f64).collect();
+                let want = ce64(&r64, &[t], c);
+                if want.is_infinite() {
+                    assert_eq!(loss, f32::INFINITY, "{what}");
+                } else {
+                    assert_close(&[loss], &[want as f32], 1e-6, 1e-7, &what);
+                }
+                let m = r64.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = r64.iter().map(|&v| (v - m).exp()).sum();
+                let want_g: Vec<f32> = r64
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &v)| ((v - m).exp() / z - if j == t as usize { 1.0 } else { 0.0 }) as f32)
+                    .collect();
+                // The gradient is stored in the logits' dtype: one rounding to it.
+                let tol = match dtype {
+                    DType::F32 => 1e-5,
+                    DType::F16 => 1e-3,
+                    _ => 8e-3,
+                };
+                assert_close(&grad, &want_g, tol, 1e-7, &format!("{what} grad"));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn cross_entropy_gradient(dev: Device) -> Result<()> {
     for (n, c) in [(1usize, 1usize), (3, 5), (17, 301), (2, 1000)] {
         let lv: Vec<f32> = Rng::new((n * c) as u64)
@@ -933,6 +1007,7 @@ device_test!(
     activation_half_storage_rounds_once,
     mse_value_and_gradient,
     cross_entropy_hand_computed,
+    cross_entropy_nan_and_inf,
     cross_entropy_gradient,
     cross_entropy_ignore_index,
     loss_input_errors,

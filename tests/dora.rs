@@ -6,6 +6,7 @@
 mod common;
 
 use common::{Base, assert_close, check_param_gradients, f64s, make_base, mm, to32, tr};
+use peft_kernels::adapters::AdapterLinear;
 use peft_kernels::adapters::dora::{DoraLinear, DoraOptions, MergeFormat, NORM_EPS, magnitude_key};
 use peft_kernels::adapters::lora::{LoraConfig, LoraInit, LoraLinear};
 use peft_kernels::autograd::gradcheck::{GradCheckConfig, check_gradient};

@@ -4,6 +4,7 @@
 mod common;
 
 use common::{Base, assert_close, check_param_gradients, f64s, make_base, mm, tr};
+use peft_kernels::adapters::AdapterLinear;
 use peft_kernels::adapters::lora::{LoraConfig, LoraInit, LoraLinear, lora_scaling};
 use peft_kernels::autograd::gradcheck::GradCheckConfig;
 use peft_kernels::autograd::{ParamStore, Tape};

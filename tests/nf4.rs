@@ -1635,11 +1635,13 @@ fn cli_quantize_matches_bitsandbytes_and_round_trips() {
             .cloned()
     );
 
-    // Default selection: every 2-D float `*.weight` (the embedding too, not the 1-D norm).
+    // The default selection (linears only) plus the embedding and the head (not the 1-D norm).
     let (ok, log) = peftk(&[
         "quantize",
         &fp,
         &p("all.safetensors"),
+        "--include",
+        "lm_head|embed_tokens",
         "--blocksize",
         "32",
         "--quant-type",
@@ -1762,14 +1764,25 @@ fn cli_errors_are_clear_and_leave_no_output() {
         assert!(!ok && log.contains(expect), "{args:?}: {log}");
     }
     assert!(!Path::new(&p("x.safetensors")).exists());
-    // Quantizing an already-quantized checkpoint passes its 4-bit weights through unchanged.
+    // Quantizing an already-quantized checkpoint passes its 4-bit weights through unchanged, and with
+    // nothing left to quantize it is an error rather than a silent copy.
     let nf4 = fixture("model_nf4.safetensors").to_string_lossy().to_string();
     let (ok, log) = peftk(&["quantize", &nf4, &p("again.safetensors"), "--only", "lm_head"]);
+    assert!(!ok && log.contains("already bitsandbytes 4-bit"), "{log}");
+    let (ok, log) = peftk(&[
+        "quantize",
+        &nf4,
+        &p("again.safetensors"),
+        "--include",
+        "embed_tokens",
+    ]);
     assert!(ok, "{log}");
-    assert_eq!(
-        read_raw(Path::new(&p("again.safetensors"))),
-        read_raw(&fixture("model_nf4.safetensors"))
-    );
+    let again = read_raw(Path::new(&p("again.safetensors")));
+    for (k, v) in read_raw(&fixture("model_nf4.safetensors")) {
+        if k.starts_with("lm_head") || k.contains("mlp") {
+            assert_eq!(again[&k], v, "{k}");
+        }
+    }
 }
 
 /// `dequantize_into` writes every element of an existing (NaN-filled) buffer, bit-identical to

@@ -9,14 +9,17 @@
 
 mod common;
 
+use peft_kernels::adapters::vblora::{vblora_compress_topk, vblora_expand_topk};
+use peft_kernels::adapters::waveft::proportional_n_frequency;
 use peft_kernels::io::peft::{
     AdapterConfig, AdapterMethod, CONFIG_NAME, ExtraKind, InitLoraWeights, LoraConfig, MethodConfig,
     ModuleNames, OneOrMany, Part, PatternMap, PeftAdapter, PeftType, TargetModules, VBLORA_BANK_KEY,
-    VbLoraConfig, WEIGHTS_NAME, WaveFtConfig, inspect_adapter, module_key, vblora_compress_topk,
-    vblora_expand_topk, vblora_index_dtype,
+    VbLoraConfig, WEIGHTS_NAME, WaveFtConfig, module_key, vblora_index_dtype,
 };
 use peft_kernels::io::{SafetensorsFile, TensorBytes, write_safetensors};
-use peft_kernels::merge::{
+use peft_kernels::peft_model::inspect::inspect_adapter;
+use peft_kernels::peft_model::load::to_file_form;
+use peft_kernels::peft_model::merge::{
     MergeMethod, MergeOptions, MergeRegistry, lora_delta, merge_dora, merge_into_file, merge_lora,
 };
 use peft_kernels::{DType, Device, Error, Result, Tensor};
@@ -571,11 +574,13 @@ fn waveft_n_frequency_resolution() {
             )
         })
         .collect();
-    let got = c.proportional_n_frequency(&layers).unwrap();
-    for (name, n) in got {
+    let budget = c.waveft().unwrap().n_frequency;
+    let cells: Vec<(usize, usize)> = layers.iter().map(|(_, i, o)| (*o, *i)).collect();
+    let got = proportional_n_frequency(budget, &cells).unwrap();
+    for ((name, _, _), n) in layers.iter().zip(got) {
         assert_eq!(n as u64, v["allocation"][&name].as_u64().unwrap(), "{name}");
     }
-    assert!(c.proportional_n_frequency(&[]).is_err());
+    assert!(proportional_n_frequency(budget, &[]).is_err());
 }
 
 // =============================================================================================== files
@@ -655,7 +660,10 @@ fn vblora_topk_files_follow_peft() {
         assert_eq!(vblora_index_dtype(nv), want);
         let full = vblora_adapter(nv, true);
         let dir = tmpdir();
-        full.save(dir.path()).unwrap(); // full logits are converted to the top-k form on save
+        // Saved as is, full logits contradict save_only_topk_weights; to_file_form converts them as PEFT
+        // does on save.
+        assert!(full.save(dir.path()).is_err());
+        to_file_form(full.clone()).unwrap().save(dir.path()).unwrap();
         let f = SafetensorsFile::open(dir.path().join(WEIGHTS_NAME)).unwrap();
         let key = module_key("layers.0.self_attn.q_proj", "vblora_logits_A_topk_indices");
         let (dt, shape, _) = f.raw(&key).unwrap();
@@ -705,7 +713,7 @@ fn vblora_topk_files_follow_peft() {
         );
     }
     // Index out of range is rejected.
-    let mut a = vblora_adapter(300, true);
+    let mut a = to_file_form(vblora_adapter(300, true)).unwrap();
     let saved = tmpdir();
     a.save(saved.path()).unwrap();
     a = PeftAdapter::load(saved.path(), Device::Cpu).unwrap();
@@ -992,7 +1000,7 @@ fn roundtrip_export() {
         );
         meta(&dir, serde_json::json!({"kind": "fixture", "fixture": case}));
     }
-    let v = vblora_adapter(300, true);
+    let v = to_file_form(vblora_adapter(300, true)).unwrap();
     let dir = root.join("vblora_int16");
     v.save(&dir).unwrap();
     // What PEFT must hold after loading: the logits expanded from the top-k form, and the bank.
@@ -1796,4 +1804,69 @@ fn pattern_map_order_comes_from_the_file() {
     assert_eq!(a.rank_for("x.q_proj"), Some(2));
     assert_eq!(b.rank_for("x.q_proj"), Some(3));
     assert_eq!(PeftType::VbLora.as_str(), "VBLORA");
+}
+
+// ------------------------------------------------------------------------------------------------
+// Fuzz corpus of the adapter loader: every seed, and random mutations of the valid ones (config and
+// weights separately), through the fuzz entry point
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn adapter_fuzz_corpus_never_panics() {
+    use peft_kernels::peft_model::fuzz::{adapter_input, fuzz_load_adapter, split_adapter_input};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/load_adapter");
+    let seeds: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    assert!(seeds.len() >= 20, "seed corpus missing");
+    let mut valid = Vec::new();
+    for (name, s) in &seeds {
+        let r = fuzz_load_adapter(s);
+        // The fixtures PEFT wrote load, save and reload; the damaged seeds do not load.
+        if name.starts_with("valid_") {
+            assert_eq!(r, 2, "{name}");
+            valid.push(s.clone());
+        }
+    }
+    assert_eq!(fuzz_load_adapter(&[]), 0);
+    let mut rng = peft_kernels::rng::Rng::new(0xada9);
+    for i in 0..300 {
+        let (cfg, w) = split_adapter_input(&valid[i % valid.len()]);
+        let (mut cfg, mut w) = (cfg.to_vec(), w.to_vec());
+        for _ in 0..1 + rng.below(4) {
+            // The config as text (digits, brackets, quotes), or the weights' header (mostly).
+            let header_end = match w.first_chunk::<8>() {
+                Some(n) => (u64::from_le_bytes(*n) as usize).saturating_add(8).min(w.len()),
+                None => w.len(),
+            };
+            let (target, limit) = if rng.below(2) == 0 {
+                let n = cfg.len();
+                (&mut cfg, n)
+            } else {
+                let n = if rng.below(4) == 0 { w.len() } else { header_end };
+                (&mut w, n)
+            };
+            if target.is_empty() {
+                continue;
+            }
+            let at = (rng.below(limit.max(1) as u64) as usize).min(target.len() - 1);
+            match rng.below(5) {
+                0 => target[at] = b"0123456789-.eE[]{},:\"nul"[rng.below(24) as usize],
+                1 => target[at] ^= 1 << rng.below(8),
+                2 => {
+                    target.remove(at);
+                }
+                3 => target.insert(at, rng.next_u64() as u8),
+                _ => target.truncate(at.max(1)),
+            }
+        }
+        fuzz_load_adapter(&adapter_input(&cfg, &w));
+    }
 }

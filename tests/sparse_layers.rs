@@ -11,9 +11,7 @@
 mod common;
 
 use common::{Base, assert_close, check_param_gradients, f64s, make_base, mm, to32, tr};
-use peft_kernels::adapters::load::{
-    AdapterLayer, LoadOptions, adapter_from_store, init_adapter, linear_modules, load_adapter,
-};
+use peft_kernels::adapters::AdapterLinear;
 use peft_kernels::adapters::vblora::{VbLoraBank, VbLoraConfig, VbLoraLinear, VbLoraOptions};
 use peft_kernels::adapters::waveft::{WaveFtConfig, WaveFtLinear};
 use peft_kernels::autograd::gradcheck::GradCheckConfig;
@@ -22,8 +20,11 @@ use peft_kernels::io::peft::{
     AdapterConfig, MethodConfig, ModuleNames, PeftAdapter, TargetModules, VBLORA_BANK_KEY,
 };
 use peft_kernels::io::{SafetensorsFile, TensorBytes, write_safetensors};
-use peft_kernels::merge::{MergeOptions, MergeRegistry, merge_into_file};
 use peft_kernels::optim::{AdamW, AdamWConfig};
+use peft_kernels::peft_model::load::{
+    LoadOptions, adapter_from_store, init_adapter, linear_modules, load_adapter,
+};
+use peft_kernels::peft_model::merge::{MergeOptions, MergeRegistry, merge_into_file};
 use peft_kernels::qmatmul::BaseWeight;
 use peft_kernels::quant::{QuantizeOptions, QuantizedTensor};
 use peft_kernels::{DType, Device, Error, Result, Tensor};
@@ -1092,13 +1093,16 @@ fn peft_fixture(name: &str, dev: Device) -> Result<()> {
     if !topk {
         for layer in model.layers() {
             let m = layer.name();
-            let pairs: Vec<(ParamId, String)> = match layer {
-                AdapterLayer::WaveFt(l) => vec![(l.spectrum_id(), format!("{m}.dspectrum"))],
-                AdapterLayer::VbLora(l) => vec![
+            let any = layer.as_any();
+            let pairs: Vec<(ParamId, String)> = if let Some(l) = any.downcast_ref::<WaveFtLinear>() {
+                vec![(l.spectrum_id(), format!("{m}.dspectrum"))]
+            } else if let Some(l) = any.downcast_ref::<VbLoraLinear>() {
+                vec![
                     (l.logits_a_id(), format!("{m}.dlogits_A")),
                     (l.logits_b_id(), format!("{m}.dlogits_B")),
-                ],
-                AdapterLayer::Lora(_) | AdapterLayer::Dora(_) => vec![],
+                ]
+            } else {
+                vec![]
             };
             for (id, key) in pairs {
                 let g = grads.get(id).ok_or_else(err("gradient"))?;
@@ -1196,24 +1200,24 @@ fn peft_mlp(name: &str, dev: Device) -> Result<()> {
         let grads = tape.backward_with(h, st.load(&format!("{last}.dy"), dev)?)?;
         for layer in model.layers() {
             let m = layer.name();
-            match layer {
-                AdapterLayer::WaveFt(l) => {
+            let any = layer.as_any();
+            if let Some(l) = any.downcast_ref::<WaveFtLinear>() {
+                close_peft(
+                    &grads.get(l.spectrum_id()).ok_or_else(err("g"))?.to_vec_f32()?,
+                    &st.load(&format!("{m}.dspectrum"), Device::Cpu)?.to_vec_f32()?,
+                    &format!("{name} {m} dspectrum"),
+                );
+            } else {
+                let l = any
+                    .downcast_ref::<VbLoraLinear>()
+                    .ok_or_else(err("a WaveFT or VB-LoRA layer"))?;
+                for (id, k) in [(l.logits_a_id(), "dlogits_A"), (l.logits_b_id(), "dlogits_B")] {
                     close_peft(
-                        &grads.get(l.spectrum_id()).ok_or_else(err("g"))?.to_vec_f32()?,
-                        &st.load(&format!("{m}.dspectrum"), Device::Cpu)?.to_vec_f32()?,
-                        &format!("{name} {m} dspectrum"),
+                        &grads.get(id).ok_or_else(err("g"))?.to_vec_f32()?,
+                        &st.load(&format!("{m}.{k}"), Device::Cpu)?.to_vec_f32()?,
+                        &format!("{name} {m} {k}"),
                     );
                 }
-                AdapterLayer::VbLora(l) => {
-                    for (id, k) in [(l.logits_a_id(), "dlogits_A"), (l.logits_b_id(), "dlogits_B")] {
-                        close_peft(
-                            &grads.get(id).ok_or_else(err("g"))?.to_vec_f32()?,
-                            &st.load(&format!("{m}.{k}"), Device::Cpu)?.to_vec_f32()?,
-                            &format!("{name} {m} {k}"),
-                        );
-                    }
-                }
-                AdapterLayer::Lora(_) | AdapterLayer::Dora(_) => unreachable!(),
             }
         }
         if let Some(b) = model.bank() {
@@ -1430,7 +1434,7 @@ fn save_round_trip() -> Result<()> {
                     .num_vectors;
                 let wk = format!("{stem}_topk_weights");
                 let expand = |a: &PeftAdapter| {
-                    peft_kernels::io::peft::vblora_expand_topk(&a.tensors[k], &a.tensors[&wk], nv)?
+                    peft_kernels::adapters::vblora::vblora_expand_topk(&a.tensors[k], &a.tensors[&wk], nv)?
                         .to_vec_f32()
                 };
                 let (eb, et) = (expand(&back)?, expand(&adapter)?);
@@ -1655,7 +1659,7 @@ fn tinylm_configs() -> Vec<(&'static str, AdapterConfig)> {
 /// a planted random linear map of a fixed input batch (which the adapter can partly represent); returns the
 /// losses.
 fn train_layers(
-    model: &peft_kernels::adapters::load::AdapterModel,
+    model: &peft_kernels::peft_model::load::AdapterModel,
     store: &mut ParamStore,
     steps: u64,
     lr: f32,
@@ -1752,9 +1756,10 @@ fn trained_adapters_export() -> Result<()> {
         );
         if name == "waveft" {
             for l in model.layers() {
-                let AdapterLayer::WaveFt(w) = l else {
-                    unreachable!()
-                };
+                let w = l
+                    .as_any()
+                    .downcast_ref::<WaveFtLinear>()
+                    .ok_or_else(err("a WaveFT layer"))?;
                 let want = if l.name().ends_with("up_proj") { 30 } else { 12 };
                 assert_eq!(w.config().n_frequency, want, "{}", l.name());
                 // init_weights=true: a zero spectrum, an identity adapter.
@@ -1830,9 +1835,10 @@ fn trained_adapters_export() -> Result<()> {
                 TensorBytes::from_tensor(store2.get(model2.bank().ok_or_else(err("bank"))?.id())?)?,
             )];
             for l in model2.layers() {
-                let AdapterLayer::VbLora(v) = l else {
-                    unreachable!()
-                };
+                let v = l
+                    .as_any()
+                    .downcast_ref::<VbLoraLinear>()
+                    .ok_or_else(err("a VB-LoRA layer"))?;
                 expect.push((
                     format!("{}.vblora_logits_A", l.name()),
                     TensorBytes::from_tensor(store2.get(v.logits_a_id())?)?,

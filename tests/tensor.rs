@@ -101,6 +101,43 @@ fn elementwise(dev: Device) -> Result<()> {
     Ok(())
 }
 
+/// `affine` and `add_scaled_` round the product and the sum separately (two f32 roundings, like the
+/// CPU and plain Rust f32 arithmetic), never as one fused multiply-add: bits are compared with a
+/// non-power-of-two alpha and a nonzero beta, on values where an FMA gives other bits.
+fn affine_and_axpy_round_twice(dev: Device) -> Result<()> {
+    let (alpha, beta) = (0.3f32, 1.7f32);
+    let n = 4099;
+    let xv: Vec<f32> = Tensor::randn(&[n], 3.0, 11, DType::F32, Device::Cpu)?.to_vec_f32()?;
+    let yv: Vec<f32> = Tensor::randn(&[n], 3.0, 12, DType::F32, Device::Cpu)?.to_vec_f32()?;
+    let affine: Vec<f32> = xv.iter().map(|&x| x * alpha + beta).collect();
+    let axpy: Vec<f32> = yv.iter().zip(&xv).map(|(&y, &x)| y + alpha * x).collect();
+    // The test can fail: a fused multiply-add differs from the two roundings somewhere.
+    assert!(xv.iter().zip(&affine).any(|(&x, &a)| x.mul_add(alpha, beta) != a));
+    assert!(
+        xv.iter()
+            .zip(yv.iter().zip(&axpy))
+            .any(|(&x, (&y, &a))| alpha.mul_add(x, y) != a)
+    );
+    for &dt in &FLOATS {
+        let x = Tensor::from_slice(&xv, &[n], dev)?.to_dtype(dt)?;
+        let mut y = Tensor::from_slice(&yv, &[n], dev)?.to_dtype(dt)?;
+        // The oracle from the dtype-rounded inputs, rounded once more to the dtype.
+        let (xr, yr) = (x.to_vec_f32()?, y.to_vec_f32()?);
+        let want_affine: Vec<f32> = xr.iter().map(|&x| x * alpha + beta).collect();
+        let want_axpy: Vec<f32> = yr.iter().zip(&xr).map(|(&y, &x)| y + alpha * x).collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let got = x.affine(alpha, beta)?.to_vec_f32()?;
+        assert_eq!(bits(&got), bits(&round_to(&want_affine, dt)), "affine {dt}");
+        y.add_scaled_(&x, alpha)?;
+        assert_eq!(
+            bits(&y.to_vec_f32()?),
+            bits(&round_to(&want_axpy, dt)),
+            "axpy {dt}"
+        );
+    }
+    Ok(())
+}
+
 fn reductions(dev: Device) -> Result<()> {
     for &dt in &FLOATS {
         for &(rows, cols) in &[(1usize, 1usize), (3, 33), (17, 1000), (5, 0)] {
@@ -310,6 +347,7 @@ device_test!(dropout);
 device_test!(
     casts,
     elementwise,
+    affine_and_axpy_round_twice,
     reductions,
     transpose,
     matmul,

@@ -56,11 +56,14 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 
+use super::AdapterLinear;
+use super::linear::{LinearBase, Shapes, TapeLinear, adapter_linear_common, check_merged};
 use crate::adapters::lora::{LoraConfig, LoraLinear, lora_key};
-use crate::autograd::{Backward, ParamId, ParamStore, Tape, Var};
+use crate::autograd::{ParamId, ParamStore};
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::qmatmul::{Algo, BaseWeight, LowRankBwd, LowRankFwd, linear_backward_input, linear_forward};
+use crate::io::peft::AdapterMethod;
+use crate::qmatmul::{BaseWeight, LowRankBwd, LowRankFwd, linear_backward_input, linear_forward};
 use crate::quant::{QuantizeOptions, QuantizedTensor};
 use crate::tensor::{DType, Tensor};
 
@@ -119,7 +122,6 @@ pub struct DoraLinear {
     /// `‖W_i‖²`, f32 `[out]`, computed once (W is frozen).
     w_sq: Tensor,
     opts: DoraOptions,
-    algo: Algo,
     eval: Option<EvalScale>,
     merge_norm: Option<Tensor>,
 }
@@ -137,8 +139,7 @@ pub struct DoraContext {
     /// `(Pᵀ, G)` for the full norm gradient (None when detached or when the eval cache was used); Pᵀ is
     /// in the compute dtype of the product (f32 on the CPU).
     parts: Option<(Tensor, Tensor)>,
-    in_shape: Vec<usize>,
-    out_shape: Vec<usize>,
+    shapes: Shapes,
     mask_seed: Option<u64>,
 }
 
@@ -161,6 +162,28 @@ pub struct DoraGrads {
     pub da: Tensor,
     pub db: Tensor,
     pub dm: Tensor,
+}
+
+/// The inputs of the training forward product (f32 except `xd`, which is in the activation dtype).
+struct FwdParts<'a> {
+    xd: &'a Tensor,
+    base: &'a BaseWeight,
+    u: &'a Tensor,
+    b32: &'a Tensor,
+    a32: &'a Tensor,
+    m32: &'a Tensor,
+    w_sq: &'a Tensor,
+    scaling: f32,
+    algo: crate::qmatmul::Algo,
+}
+
+/// A forward product with the norm fused in: the product g multiplies, n, g = m / n, Pᵀ and G.
+struct Fused {
+    zc: Tensor,
+    n: Tensor,
+    g: Tensor,
+    pt: Tensor,
+    gram: Tensor,
 }
 
 /// Results of the norm computation.
@@ -215,7 +238,6 @@ impl DoraLinear {
             m,
             w_sq,
             opts,
-            algo: Algo::Auto,
             eval: None,
             merge_norm: None,
         })
@@ -258,7 +280,6 @@ impl DoraLinear {
             m,
             w_sq,
             opts,
-            algo: Algo::Auto,
             eval: None,
             merge_norm: None,
         })
@@ -267,18 +288,6 @@ impl DoraLinear {
     /// The LoRA part (base weight, A, B, scaling, dropout).
     pub fn lora(&self) -> &LoraLinear {
         &self.lora
-    }
-    /// The module path.
-    pub fn name(&self) -> &str {
-        self.lora.name()
-    }
-    /// The frozen base weight.
-    pub fn base(&self) -> &BaseWeight {
-        self.lora.base()
-    }
-    /// The frozen bias, if any.
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.lora.bias()
     }
     /// The parameter id of A (`[r, in]`).
     pub fn a_id(&self) -> ParamId {
@@ -312,31 +321,13 @@ impl DoraLinear {
     pub fn set_full_norm_gradient(&mut self, on: bool) {
         self.opts.full_norm_gradient = on;
     }
-    /// Input features.
-    pub fn in_features(&self) -> usize {
-        self.lora.in_features()
-    }
-    /// Output features.
-    pub fn out_features(&self) -> usize {
-        self.lora.out_features()
-    }
     /// `‖W_i‖²` of the frozen base weight (f32 `[out]`).
     pub fn base_row_sq_norms(&self) -> &Tensor {
         &self.w_sq
     }
-    /// Chooses the matmul implementation of the products with W in the forward and backward passes
-    /// (default [`Algo::Auto`]). The norm always uses the fused decode kernels.
-    pub fn set_algo(&mut self, algo: Algo) {
-        self.algo = algo;
-        self.lora.set_algo(algo);
-    }
     /// The seed of this layer's dropout mask for a step seed (see [`LoraLinear::mask_seed`]).
     pub fn mask_seed(&self, step_seed: Option<u64>) -> Option<u64> {
         self.lora.mask_seed(step_seed)
-    }
-    /// Trainable parameters (elements of A, B and m).
-    pub fn num_trainable_params(&self) -> usize {
-        self.lora.num_trainable_params() + self.out_features()
     }
 
     /// `n = ‖W + s·B·A‖_row` (f32 `[out]`) for the current A and B, computed in f32.
@@ -356,6 +347,12 @@ impl DoraLinear {
     /// (evaluation), skipping the per-call norm, like PEFT's `DoraCaching`. The cache is not tied to
     /// the parameter values: call it again (or [`DoraLinear::clear_eval_cache`]) after A, B or m change.
     pub fn cache_eval_scale(&mut self, store: &ParamStore) -> Result<()> {
+        self.eval = Some(self.eval_scale_f32(store)?);
+        Ok(())
+    }
+
+    /// `n` and `g = m / n` of the current parameters, f32 path.
+    fn eval_scale_f32(&self, store: &ParamStore) -> Result<EvalScale> {
         let (a, b, m) = (
             store.get(self.a_id())?,
             store.get(self.b_id())?,
@@ -364,8 +361,7 @@ impl DoraLinear {
         let p = norm_parts(&self.lora, &self.w_sq, a, b, Some(m), DType::F32)?;
         let g =
             p.g.ok_or_else(|| Error::invalid("internal: norm without scale"))?;
-        self.eval = Some(EvalScale { n: p.n, g });
-        Ok(())
+        Ok(EvalScale { n: p.n, g })
     }
 
     /// Drops the evaluation cache (training always recomputes the norm).
@@ -378,24 +374,8 @@ impl DoraLinear {
         self.eval.as_ref().map(|e| &e.g)
     }
 
-    fn flatten(&self, x: &Tensor, features: usize, what: &'static str) -> Result<Tensor> {
-        match x.shape() {
-            [.., f] if *f == features => {
-                let rows = x.numel() / features.max(1);
-                x.reshape(&[rows, features])
-            }
-            s => Err(Error::shape(
-                what,
-                format!("{}: expected [.., {features}], got {s:?}", self.name()),
-            )),
-        }
-    }
-
-    fn dropped(&self, x2: &Tensor, mask_seed: Option<u64>) -> Result<Tensor> {
-        match mask_seed {
-            Some(seed) => x2.dropout(self.dropout(), seed),
-            None => Ok(x2.clone()),
-        }
+    fn lb(&self) -> &LinearBase {
+        &self.lora.lb
     }
 
     /// Forward pass. `dropout_seed` is `Some(step seed)` in training and `None` in evaluation (where the
@@ -422,7 +402,7 @@ impl DoraLinear {
         x: &Tensor,
         dropout_seed: Option<u64>,
     ) -> Result<(Tensor, DoraContext)> {
-        let x2 = self.flatten(x, self.in_features(), "DoraLinear::forward")?;
+        let (x2, shapes) = self.lb().flatten_input(x, "DoraLinear::forward")?;
         if x2.device() != self.base().device() {
             return Err(Error::device(
                 "DoraLinear::forward",
@@ -439,46 +419,49 @@ impl DoraLinear {
             (Some(c), None) => Some(c.clone()),
             _ => None,
         };
-        // CPU: the r rows of A ride along as extra rows of the forward product, which already decodes
-        // (or reads) all of W, so Pᵀ = A·Wᵀ costs r/tokens of its FLOPs instead of a separate pass over
-        // W (≈ 3% against ≈ 15% of a 512-token step at 4096²), where that does not push a 4-bit product
-        // from the decode GEMV to the panel path (see `cpu::fuse_norm_rows`). On CUDA (tile
-        // granularity, tensor-core GEMV) the separate GEMV is kept.
         let dev = x2.device();
-        let fuse_norm = cached.is_none()
-            && dev.is_cpu()
-            && x2.dtype() == DType::F32
-            && cpu::fuse_norm_rows(self.base(), x2.dims()[0], self.rank());
         let (a32, b32) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
-        let xd = self.dropped(&x2, mask_seed)?;
+        let xd = self.lb().dropped(&x2, mask_seed)?;
         // u = s·drop(x)·Aᵀ in f32: [tokens, r].
         let u = xd
             .to_dtype(DType::F32)?
             .matmul_t(&a32, false, true)?
             .scale(self.scaling())?;
         let lr = Some(LowRankFwd { u: &u, b: &b32 });
-        // The product g multiplies: [x_c | u]·[W | B]ᵀ (x_c = x, or drop(x) with dropout), plus Pᵀ
-        // when fused.
-        let (zc, pt) = if fuse_norm {
-            let (z, pt) = cpu::forward_with_rows(&xd, self.base(), &u, &b32, &a32, self.algo)?;
-            (z, Some(pt))
-        } else {
-            (linear_forward(&xd, self.base(), None, lr, self.algo)?, None)
-        };
-        let (n, g, parts) = match (cached, pt) {
-            (Some(c), _) => (c.n, c.g, None),
-            (None, Some(pt)) => {
+        // The product g multiplies: [x_c | u]·[W | B]ᵀ (x_c = x, or drop(x) with dropout). Where the
+        // backend fuses the norm into that product (`cpu::fused_forward`), it returns the norm as well.
+        let fused = match cached {
+            Some(_) => None,
+            None => {
                 let m32 = m.to_dtype(DType::F32)?;
-                let gram = a32.matmul_t(&a32, false, true)?;
-                let (n, g) = cpu::norm_assemble(&self.w_sq, &pt, &b32, &gram, Some(&m32), self.scaling())?;
-                let g = g.ok_or_else(|| Error::invalid("internal: norm without scale"))?;
-                (n, g, self.opts.full_norm_gradient.then_some((pt, gram)))
+                let parts = FwdParts {
+                    xd: &xd,
+                    base: self.base(),
+                    u: &u,
+                    b32: &b32,
+                    a32: &a32,
+                    m32: &m32,
+                    w_sq: &self.w_sq,
+                    scaling: self.scaling(),
+                    algo: self.lb().algo(),
+                };
+                cpu::fused_forward(&parts)?
             }
-            (None, None) => {
-                let p = norm_parts(&self.lora, &self.w_sq, a, b, Some(m), x2.dtype())?;
-                let g =
-                    p.g.ok_or_else(|| Error::invalid("internal: norm without scale"))?;
-                (p.n, g, self.opts.full_norm_gradient.then_some((p.pt, p.gram)))
+        };
+        let full = self.opts.full_norm_gradient;
+        let (zc, n, g, parts) = match (cached, fused) {
+            (_, Some(f)) => (f.zc, f.n, f.g, full.then_some((f.pt, f.gram))),
+            (cached, None) => {
+                let zc = linear_forward(&xd, self.base(), None, lr, self.lb().algo())?;
+                match cached {
+                    Some(c) => (zc, c.n, c.g, None),
+                    None => {
+                        let p = norm_parts(&self.lora, &self.w_sq, a, b, Some(m), x2.dtype())?;
+                        let g =
+                            p.g.ok_or_else(|| Error::invalid("internal: norm without scale"))?;
+                        (zc, p.n, g, full.then_some((p.pt, p.gram)))
+                    }
+                }
             }
         };
         let tokens = x2.dims()[0];
@@ -490,14 +473,12 @@ impl DoraLinear {
             }
             // (W·x + b + lr) + (g - 1) ⊙ (W·xd + lr).
             Some(_) => {
-                let clean = linear_forward(&x2, self.base(), self.bias(), lr, self.algo)?;
+                let clean = linear_forward(&x2, self.base(), self.bias(), lr, self.lb().algo())?;
                 let gm1 = g.affine(1.0, -1.0)?;
                 on_device!(dev, scale_cols(&zc, tokens, &gm1, None, Some(&clean)))?
             }
         };
-        let mut out_shape = x.shape()[..x.rank() - 1].to_vec();
-        out_shape.push(self.out_features());
-        let y = y.reshape(&out_shape)?;
+        let y = y.reshape(&shapes.output)?;
         let ctx = DoraContext {
             x: x2,
             u,
@@ -505,8 +486,7 @@ impl DoraLinear {
             n,
             g,
             parts,
-            in_shape: x.shape().to_vec(),
-            out_shape,
+            shapes,
             mask_seed,
         };
         Ok((y, ctx))
@@ -535,17 +515,8 @@ impl DoraLinear {
         dy: &Tensor,
         need_dx: bool,
     ) -> Result<(Option<Tensor>, Tensor, Tensor, Tensor)> {
-        if dy.shape() != ctx.out_shape.as_slice() {
-            return Err(Error::shape(
-                "DoraLinear::backward",
-                format!(
-                    "{}: dy {:?} does not match the output {:?}",
-                    self.name(),
-                    dy.shape(),
-                    ctx.out_shape
-                ),
-            ));
-        }
+        let what = "DoraLinear::backward";
+        let dy2 = self.lb().flatten_dy(dy, &ctx.shapes, what)?;
         if dy.device() != ctx.zc.device() {
             return Err(Error::device(
                 "DoraLinear::backward",
@@ -559,9 +530,7 @@ impl DoraLinear {
         }
         let dev = ctx.zc.device();
         let s = self.scaling();
-        let dy2 = self
-            .flatten(dy, self.out_features(), "DoraLinear::backward")?
-            .to_dtype(ctx.zc.dtype())?;
+        let dy2 = dy2.to_dtype(ctx.zc.dtype())?;
         let (a32, b32) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
         // dm = Σ_t dy ⊙ z / n in one pass over dy and z. dz = dy ⊙ g is materialized (in the same pass)
         // only for the fused dx product; the rank-r gradients scale [out, r] matrices by g instead:
@@ -575,31 +544,36 @@ impl DoraLinear {
         // v = s·dy·(g ⊙ B): [tokens, r];  dA = vᵀ·drop(x): [r, tokens]·[tokens, in].
         let gb = on_device!(dev, scale_rows(&b32, &ctx.g))?;
         let v = dy32.matmul(&gb)?.scale(s)?;
-        let xd32 = self.dropped(&ctx.x, ctx.mask_seed)?.to_dtype(DType::F32)?;
+        let xd32 = self.lb().dropped(&ctx.x, ctx.mask_seed)?.to_dtype(DType::F32)?;
         let mut da = v.matmul_t(&xd32, true, false)?;
         let dx = if need_dx {
             let dx = match ctx.mask_seed {
                 // dx = dz·W + v·A: one fused K-concatenated product.
                 None => {
                     let dz = dz.ok_or_else(|| Error::invalid("internal: colsum without dz"))?;
-                    linear_backward_input(&dz, self.base(), Some(LowRankBwd { v: &v, a: &a32 }), self.algo)?
+                    linear_backward_input(
+                        &dz,
+                        self.base(),
+                        Some(LowRankBwd { v: &v, a: &a32 }),
+                        self.lb().algo(),
+                    )?
                 }
                 // dx = dy·W + drop((dy ⊙ (g - 1))·W + v·A).
                 Some(seed) => {
-                    let clean = linear_backward_input(&dy2, self.base(), None, self.algo)?;
+                    let clean = linear_backward_input(&dy2, self.base(), None, self.lb().algo())?;
                     let gm1 = ctx.g.affine(1.0, -1.0)?;
                     let dyg = on_device!(dev, scale_cols(&dy2, dy2.dims()[0], &gm1, None, None))?;
                     let adapter = linear_backward_input(
                         &dyg,
                         self.base(),
                         Some(LowRankBwd { v: &v, a: &a32 }),
-                        self.algo,
+                        self.lb().algo(),
                     )?
                     .dropout(self.dropout(), seed)?;
                     clean.add(&adapter)?
                 }
             };
-            Some(dx.reshape(&ctx.in_shape)?)
+            Some(dx.reshape(&ctx.shapes.input)?)
         } else {
             None
         };
@@ -626,53 +600,12 @@ impl DoraLinear {
         Ok((dx, da, db, dm))
     }
 
-    /// Records the layer on `tape`: inputs `x`, A, B and m (parameter Vars, so their gradients land in
-    /// the tape's [`crate::autograd::Gradients`]).
-    pub fn forward_t(
-        &self,
-        tape: &mut Tape,
-        store: &ParamStore,
-        x: Var,
-        dropout_seed: Option<u64>,
-    ) -> Result<Var> {
-        let av = tape.param(store, self.a_id())?;
-        let bv = tape.param(store, self.b_id())?;
-        let mv = tape.param(store, self.m)?;
-        let (y, ctx) = self.forward_with(
-            tape.value(av)?,
-            tape.value(bv)?,
-            tape.value(mv)?,
-            tape.value(x)?,
-            dropout_seed,
-        )?;
-        let op = DoraOp {
-            layer: self.clone(),
-            ctx,
-        };
-        tape.record(&[x, av, bv, mv], y, Box::new(op))
-    }
-
-    /// `s·B·A` as a dense f32 `[out, in]` tensor.
-    pub fn delta_weight(&self, store: &ParamStore) -> Result<Tensor> {
-        self.lora.delta_weight(store)
-    }
-
     /// The merged weight `W' = (m / n) ⊙ (W + s·B·A)` (rows scaled), as PEFT's `merge_and_unload`
     /// computes it: dense in a dtype, or re-quantized with the 4-bit base's settings. The norm of this
     /// merge is cached for [`DoraLinear::unmerge`] (PEFT caches it the same way: unmerging needs the norm
     /// of the unmerged weight). The layer itself is unchanged.
     pub fn merge(&mut self, store: &ParamStore, format: MergeFormat) -> Result<BaseWeight> {
-        let (a, b, m) = (
-            store.get(self.a_id())?,
-            store.get(self.b_id())?,
-            store.get(self.m)?,
-        );
-        let p = norm_parts(&self.lora, &self.w_sq, a, b, Some(m), DType::F32)?;
-        let g =
-            p.g.ok_or_else(|| Error::invalid("internal: norm without scale"))?;
-        let w = self.base().dequantize(DType::F32)?;
-        let delta = self.delta_weight(store)?;
-        let merged = on_device!(w.device(), merge_rows(&w, &delta, &g, false))?;
+        let (merged, n) = self.merged_f32(store)?;
         let out = match (format, self.base()) {
             (MergeFormat::Dense(dt), _) => {
                 dt.expect_float("DoraLinear::merge")?;
@@ -697,8 +630,17 @@ impl DoraLinear {
                 )));
             }
         };
-        self.merge_norm = Some(p.n);
+        self.merge_norm = Some(n);
         Ok(out)
+    }
+
+    /// `(m / n) ⊙ (W + s·B·A)` (f32 `[out, in]`) and the norm n it used.
+    fn merged_f32(&self, store: &ParamStore) -> Result<(Tensor, Tensor)> {
+        let EvalScale { n, g } = self.eval_scale_f32(store)?;
+        let w = self.base().dequantize(DType::F32)?;
+        let delta = self.lora.delta_weight(store)?;
+        let merged = on_device!(w.device(), merge_rows(&w, &delta, &g, false))?;
+        Ok((merged, n))
     }
 
     /// The norm cached by the last [`DoraLinear::merge`].
@@ -714,29 +656,16 @@ impl DoraLinear {
             .merge_norm
             .as_ref()
             .ok_or_else(|| Error::invalid(format!("{}: unmerge without a previous merge", self.name())))?;
-        let (out, inp) = (self.out_features(), self.in_features());
-        if merged.out_features() != out || merged.in_features() != inp {
-            return Err(Error::shape(
-                "DoraLinear::unmerge",
-                format!(
-                    "{}: merged weight [{}, {}] is not [{out}, {inp}]",
-                    self.name(),
-                    merged.out_features(),
-                    merged.in_features()
-                ),
-            ));
-        }
-        if merged.device() != self.base().device() {
-            return Err(Error::device(
-                "DoraLinear::unmerge",
-                format!("{}: merged weight on another device", self.name()),
-            ));
-        }
+        self.unmerge_with(store, merged, n)
+    }
+
+    fn unmerge_with(&self, store: &ParamStore, merged: &BaseWeight, n: &Tensor) -> Result<Tensor> {
+        check_merged(self.lb(), merged)?;
         let m32 = store.get(self.m)?.to_dtype(DType::F32)?;
         let dev = m32.device();
         let g = on_device!(dev, scale_of(&m32, n))?;
         let w = merged.dequantize(DType::F32)?;
-        let delta = self.delta_weight(store)?;
+        let delta = self.lora.delta_weight(store)?;
         on_device!(dev, merge_rows(&w, &delta, &g, true))
     }
 }
@@ -762,30 +691,70 @@ fn norm_parts(
     Ok(NormParts { n, g, pt, gram })
 }
 
-/// The tape record of one [`DoraLinear`] call.
-struct DoraOp {
-    layer: DoraLinear,
-    ctx: DoraContext,
-}
+impl TapeLinear for DoraLinear {
+    type Ctx = DoraContext;
+    const OP: &'static str = "dora_linear";
 
-impl Backward for DoraOp {
-    fn backward(
+    fn tape_params(&self) -> Vec<ParamId> {
+        vec![self.a_id(), self.b_id(), self.m]
+    }
+    fn forward_values(
         &self,
-        grad_output: &Tensor,
-        inputs: &[&Tensor],
-        _output: &Tensor,
+        params: &[&Tensor],
+        x: &Tensor,
+        dropout_seed: Option<u64>,
+    ) -> Result<(Tensor, DoraContext)> {
+        let [a, b, m] = params else {
+            return Err(Error::invalid("DoraLinear: expected parameters [A, B, m]"));
+        };
+        self.forward_with(a, b, m, x, dropout_seed)
+    }
+    fn backward_values(
+        &self,
+        params: &[&Tensor],
+        ctx: &DoraContext,
+        dy: &Tensor,
         needs: &[bool],
     ) -> Result<Vec<Option<Tensor>>> {
-        let [_, a, b, _] = inputs else {
-            return Err(Error::invalid("DoraOp: expected inputs [x, A, B, m]"));
+        let [a, b, _] = params else {
+            return Err(Error::invalid("DoraLinear: expected parameters [A, B, m]"));
         };
         let need_dx = needs.first().copied().unwrap_or(false);
-        let (dx, da, db, dm) = self.layer.backward_with(a, b, &self.ctx, grad_output, need_dx)?;
-        let want = |i: usize, g: Tensor| needs.get(i).copied().unwrap_or(false).then_some(g);
-        Ok(vec![dx, want(1, da), want(2, db), want(3, dm)])
+        let (dx, da, db, dm) = self.backward_with(a, b, ctx, dy, need_dx)?;
+        Ok(vec![dx, Some(da), Some(db), Some(dm)])
     }
+}
 
-    fn name(&self) -> &'static str {
-        "dora_linear"
+impl AdapterLinear for DoraLinear {
+    adapter_linear_common!(lora.lb);
+
+    fn method(&self) -> Option<AdapterMethod> {
+        Some(AdapterMethod::Dora)
+    }
+    fn param_ids(&self) -> Vec<ParamId> {
+        vec![self.a_id(), self.b_id(), self.m]
+    }
+    /// Elements of A, B and m.
+    fn num_trainable_params(&self) -> usize {
+        self.lora.num_trainable_params() + self.out_features()
+    }
+    /// DoRA's update is multiplicative: `ΔW = (m / n) ⊙ (W + s·B·A) - W`.
+    fn delta_weight(&self, store: &ParamStore) -> Result<Tensor> {
+        self.merged_f32(store)?
+            .0
+            .sub(&self.base().dequantize(DType::F32)?)
+    }
+    /// [`DoraLinear::merge`]'s dense f32 merge, cast once to `dtype`.
+    fn merged_weight(&self, store: &ParamStore, dtype: DType) -> Result<Tensor> {
+        dtype.expect_float("DoraLinear::merged_weight")?;
+        self.merged_f32(store)?.0.to_dtype(dtype)
+    }
+    /// [`DoraLinear::unmerge`] with the norm of the last [`DoraLinear::merge`], or else the norm a merge
+    /// of the current parameters uses.
+    fn unmerged_weight(&self, store: &ParamStore, merged: &BaseWeight) -> Result<Tensor> {
+        match &self.merge_norm {
+            Some(n) => self.unmerge_with(store, merged, n),
+            None => self.unmerge_with(store, merged, &self.merged_f32(store)?.1),
+        }
     }
 }

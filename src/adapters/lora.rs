@@ -20,9 +20,12 @@
 //! host framework such as candle or burn calls from its own autograd), or [`LoraLinear::forward_t`],
 //! which records the op on a [`Tape`].
 
-use crate::autograd::{Backward, ParamId, ParamStore, Tape, Var};
+use super::AdapterLinear;
+use super::linear::{LinearBase, Shapes, TapeLinear, adapter_linear_common, check_devices};
+use crate::autograd::{ParamId, ParamStore};
 use crate::error::{Error, Result};
-use crate::qmatmul::{Algo, BaseWeight, LowRankBwd, LowRankFwd, linear_backward_input, linear_forward};
+use crate::io::peft::AdapterMethod;
+use crate::qmatmul::{BaseWeight, LowRankBwd, LowRankFwd, linear_backward_input, linear_forward};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
 
@@ -112,15 +115,11 @@ pub fn lora_key(module: &str, suffix: &str) -> String {
 /// A linear layer with a frozen (possibly 4-bit) base weight and a trainable low-rank update.
 #[derive(Clone, Debug)]
 pub struct LoraLinear {
-    name: String,
-    base: BaseWeight,
-    bias: Option<Tensor>,
+    pub(super) lb: LinearBase,
     a: ParamId,
     b: ParamId,
     r: usize,
     scaling: f32,
-    dropout: f32,
-    algo: Algo,
 }
 
 /// What the forward pass keeps for the backward pass: the input and `u = s·drop(x)·Aᵀ` (`[tokens, r]`,
@@ -129,8 +128,7 @@ pub struct LoraLinear {
 pub struct LoraContext {
     x: Tensor,
     u: Tensor,
-    in_shape: Vec<usize>,
-    out_shape: Vec<usize>,
+    shapes: Shapes,
     mask_seed: Option<u64>,
 }
 
@@ -192,65 +190,33 @@ impl LoraLinear {
         dropout: f32,
         store: &ParamStore,
     ) -> Result<Self> {
+        let op = "LoraLinear";
         let (out, inp) = (base.out_features(), base.in_features());
         let (at, bt) = (store.get(a)?, store.get(b)?);
         let r = match (at.shape(), bt.shape()) {
             ([r, i], [o, r2]) if *i == inp && *o == out && r == r2 && *r > 0 => *r,
             (sa, sb) => {
                 return Err(Error::shape(
-                    "LoraLinear",
+                    op,
                     format!(
                         "{name}: lora_A {sa:?} and lora_B {sb:?} do not fit a [{out}, {inp}] base weight"
                     ),
                 ));
             }
         };
-        if let Some(bias) = &bias
-            && bias.shape() != [out]
-        {
-            return Err(Error::shape(
-                "LoraLinear",
-                format!("{name}: bias {:?} is not [{out}]", bias.shape()),
-            ));
-        }
-        for t in [at, bt].into_iter().chain(bias.as_ref()) {
-            if t.device() != base.device() {
-                return Err(Error::device(
-                    "LoraLinear",
-                    format!("{name}: parameters and base weight on different devices"),
-                ));
-            }
-        }
-        if !scaling.is_finite() || !(0.0..1.0).contains(&dropout) {
-            return Err(Error::invalid(format!(
-                "{name}: scaling {scaling} / dropout {dropout} out of range"
-            )));
+        check_devices(op, name, &base, [("lora_A", Some(at)), ("lora_B", Some(bt))])?;
+        if !scaling.is_finite() {
+            return Err(Error::invalid(format!("{name}: scaling {scaling} is not finite")));
         }
         Ok(LoraLinear {
-            name: name.to_string(),
-            base,
-            bias,
+            lb: LinearBase::new(op, name, base, bias, dropout, "dropout")?,
             a,
             b,
             r,
             scaling,
-            dropout,
-            algo: Algo::Auto,
         })
     }
 
-    /// The module path.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-    /// The frozen base weight.
-    pub fn base(&self) -> &BaseWeight {
-        &self.base
-    }
-    /// The frozen bias, if any.
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
-    }
     /// The parameter id of A (`[r, in]`).
     pub fn a_id(&self) -> ParamId {
         self.a
@@ -269,43 +235,12 @@ impl LoraLinear {
     }
     /// The dropout probability of the adapter branch.
     pub fn dropout(&self) -> f32 {
-        self.dropout
-    }
-    /// Input features.
-    pub fn in_features(&self) -> usize {
-        self.base.in_features()
-    }
-    /// Output features.
-    pub fn out_features(&self) -> usize {
-        self.base.out_features()
-    }
-    /// Chooses the matmul implementation (default [`Algo::Auto`]).
-    pub fn set_algo(&mut self, algo: Algo) {
-        self.algo = algo;
+        self.lb.dropout()
     }
 
-    /// The seed of this layer's dropout mask for a step seed: the step seed mixed with the layer name, so
-    /// layers draw independent masks. `None` when dropout is off or in evaluation. The mask itself is
-    /// `Tensor::dropout(p, seed)` of the flattened `[tokens, in]` input.
+    /// The seed of this layer's dropout mask for a step seed (see [`LinearBase::mask_seed`]).
     pub fn mask_seed(&self, step_seed: Option<u64>) -> Option<u64> {
-        let s = step_seed.filter(|_| self.dropout > 0.0)?;
-        let h = self.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-        });
-        Some(s ^ h)
-    }
-
-    fn flatten(&self, x: &Tensor, features: usize, what: &'static str) -> Result<Tensor> {
-        match x.shape() {
-            [.., f] if *f == features => {
-                let rows = x.numel() / features.max(1);
-                x.reshape(&[rows, features])
-            }
-            s => Err(Error::shape(
-                what,
-                format!("{}: expected [.., {features}], got {s:?}", self.name),
-            )),
-        }
+        self.lb.mask_seed(step_seed)
     }
 
     /// Forward pass. `dropout_seed` is `Some(step seed)` in training (dropout active) and `None` in
@@ -326,42 +261,25 @@ impl LoraLinear {
         x: &Tensor,
         dropout_seed: Option<u64>,
     ) -> Result<(Tensor, LoraContext)> {
-        let x2 = self.flatten(x, self.in_features(), "LoraLinear::forward")?;
+        let (x2, shapes) = self.lb.flatten_input(x, "LoraLinear::forward")?;
         let mask_seed = self.mask_seed(dropout_seed);
-        let xd = self.dropped(&x2, mask_seed)?;
+        let xd = self.lb.dropped(&x2, mask_seed)?;
         // u = s·drop(x)·Aᵀ in f32: [tokens, r], the only adapter activation we keep.
         let u = xd
             .to_dtype(DType::F32)?
             .matmul_t(&a.to_dtype(DType::F32)?, false, true)?
             .scale(self.scaling)?;
         let b32 = b.to_dtype(DType::F32)?;
-        let y = linear_forward(
-            &x2,
-            &self.base,
-            self.bias.as_ref(),
-            Some(LowRankFwd { u: &u, b: &b32 }),
-            self.algo,
-        )?;
-        let mut out_shape = x.shape()[..x.rank() - 1].to_vec();
-        out_shape.push(self.out_features());
-        let y = y.reshape(&out_shape)?;
+        let y = low_rank_forward(&self.lb, &x2, &u, &b32)?.reshape(&shapes.output)?;
         Ok((
             y,
             LoraContext {
                 x: x2,
                 u,
-                in_shape: x.shape().to_vec(),
-                out_shape,
+                shapes,
                 mask_seed,
             },
         ))
-    }
-
-    fn dropped(&self, x2: &Tensor, mask_seed: Option<u64>) -> Result<Tensor> {
-        match mask_seed {
-            Some(seed) => x2.dropout(self.dropout, seed),
-            None => Ok(x2.clone()),
-        }
     }
 
     /// Backward pass: gradients of A and B (f32) and, when `need_dx`, of the input.
@@ -384,66 +302,24 @@ impl LoraLinear {
         dy: &Tensor,
         need_dx: bool,
     ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
-        if dy.shape() != ctx.out_shape.as_slice() {
-            return Err(Error::shape(
-                "LoraLinear::backward",
-                format!(
-                    "{}: dy {:?} does not match the output {:?}",
-                    self.name,
-                    dy.shape(),
-                    ctx.out_shape
-                ),
-            ));
-        }
-        let dy2 = self.flatten(dy, self.out_features(), "LoraLinear::backward")?;
+        let dy2 = self.lb.flatten_dy(dy, &ctx.shapes, "LoraLinear::backward")?;
         let dy32 = dy2.to_dtype(DType::F32)?;
         let (a32, b32) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
         // dB = dyᵀ·u: [out, tokens]·[tokens, r]  (u already carries s).
         let db = dy32.matmul_t(&ctx.u, true, false)?;
         // v = s·dy·B: [tokens, r];  dA = vᵀ·drop(x): [r, tokens]·[tokens, in].
         let v = dy32.matmul(&b32)?.scale(self.scaling)?;
-        let xd = self.dropped(&ctx.x, ctx.mask_seed)?.to_dtype(DType::F32)?;
+        let xd = self.lb.dropped(&ctx.x, ctx.mask_seed)?.to_dtype(DType::F32)?;
         let da = v.matmul_t(&xd, true, false)?;
         let dx = if need_dx {
-            let dx = match ctx.mask_seed {
-                // No dropout: one fused K-concatenated product [dy | v]·[W ; A].
-                None => {
-                    linear_backward_input(&dy2, &self.base, Some(LowRankBwd { v: &v, a: &a32 }), self.algo)?
-                }
-                // Dropout: the adapter term goes back through the same mask.
-                Some(seed) => {
-                    let base = linear_backward_input(&dy2, &self.base, None, self.algo)?;
-                    let adapter = v
-                        .matmul(&a32)?
-                        .dropout(self.dropout, seed)?
-                        .to_dtype(base.dtype())?;
-                    base.add(&adapter)?
-                }
-            };
-            Some(dx.reshape(&ctx.in_shape)?)
+            Some(
+                low_rank_backward_input(&self.lb, &dy2, &v, &a32, ctx.mask_seed)?
+                    .reshape(&ctx.shapes.input)?,
+            )
         } else {
             None
         };
         Ok((dx, da, db))
-    }
-
-    /// Records the layer on `tape`: inputs `x`, A and B (as parameter Vars, so their gradients land in
-    /// the tape's [`crate::autograd::Gradients`]).
-    pub fn forward_t(
-        &self,
-        tape: &mut Tape,
-        store: &ParamStore,
-        x: Var,
-        dropout_seed: Option<u64>,
-    ) -> Result<Var> {
-        let av = tape.param(store, self.a)?;
-        let bv = tape.param(store, self.b)?;
-        let (y, ctx) = self.forward_with(tape.value(av)?, tape.value(bv)?, tape.value(x)?, dropout_seed)?;
-        let op = LoraOp {
-            layer: self.clone(),
-            ctx,
-        };
-        tape.record(&[x, av, bv], y, Box::new(op))
     }
 
     /// `s·B·A` as a dense f32 `[out, in]` tensor (for merging).
@@ -452,43 +328,90 @@ impl LoraLinear {
         let b = store.get(self.b)?.to_dtype(DType::F32)?;
         b.matmul(&a)?.scale(self.scaling)
     }
+}
 
-    /// `W + s·B·A` in `dtype` (the base is dequantized first if it is 4-bit).
-    pub fn merged_weight(&self, store: &ParamStore, dtype: DType) -> Result<Tensor> {
-        let w = self.base.dequantize(DType::F32)?;
-        w.add(&self.delta_weight(store)?)?.to_dtype(dtype)
-    }
+/// `x·Wᵀ + b + u·Bᵀ` as one K-concatenated product `[x | u]·[W | B]ᵀ` (LoRA and VB-LoRA).
+pub(crate) fn low_rank_forward(lb: &LinearBase, x2: &Tensor, u: &Tensor, b32: &Tensor) -> Result<Tensor> {
+    linear_forward(
+        x2,
+        lb.base(),
+        lb.bias(),
+        Some(LowRankFwd { u, b: b32 }),
+        lb.algo(),
+    )
+}
 
-    /// Trainable parameters (elements of A and B).
-    pub fn num_trainable_params(&self) -> usize {
-        self.r * (self.in_features() + self.out_features())
+/// The input gradient `dy·W + drop(v·A)` of a low-rank layer (LoRA and VB-LoRA): without dropout one
+/// fused K-concatenated product `[dy | v]·[W ; A]`; with dropout the adapter term goes back through the
+/// same mask.
+pub(crate) fn low_rank_backward_input(
+    lb: &LinearBase,
+    dy2: &Tensor,
+    v: &Tensor,
+    a32: &Tensor,
+    mask_seed: Option<u64>,
+) -> Result<Tensor> {
+    match mask_seed {
+        None => linear_backward_input(dy2, lb.base(), Some(LowRankBwd { v, a: a32 }), lb.algo()),
+        Some(seed) => {
+            let base = lb.base_backward_input(dy2)?;
+            let adapter = v
+                .matmul(a32)?
+                .dropout(lb.dropout(), seed)?
+                .to_dtype(base.dtype())?;
+            base.add(&adapter)
+        }
     }
 }
 
-/// The tape record of one [`LoraLinear`] call.
-struct LoraOp {
-    layer: LoraLinear,
-    ctx: LoraContext,
-}
+impl TapeLinear for LoraLinear {
+    type Ctx = LoraContext;
+    const OP: &'static str = "lora_linear";
 
-impl Backward for LoraOp {
-    fn backward(
+    fn tape_params(&self) -> Vec<ParamId> {
+        vec![self.a, self.b]
+    }
+    fn forward_values(
         &self,
-        grad_output: &Tensor,
-        inputs: &[&Tensor],
-        _output: &Tensor,
+        params: &[&Tensor],
+        x: &Tensor,
+        dropout_seed: Option<u64>,
+    ) -> Result<(Tensor, LoraContext)> {
+        let [a, b] = params else {
+            return Err(Error::invalid("LoraLinear: expected parameters [A, B]"));
+        };
+        self.forward_with(a, b, x, dropout_seed)
+    }
+    fn backward_values(
+        &self,
+        params: &[&Tensor],
+        ctx: &LoraContext,
+        dy: &Tensor,
         needs: &[bool],
     ) -> Result<Vec<Option<Tensor>>> {
-        let [_, a, b] = inputs else {
-            return Err(Error::invalid("LoraOp: expected inputs [x, A, B]"));
+        let [a, b] = params else {
+            return Err(Error::invalid("LoraLinear: expected parameters [A, B]"));
         };
         let need_dx = needs.first().copied().unwrap_or(false);
-        let (dx, da, db) = self.layer.backward_with(a, b, &self.ctx, grad_output, need_dx)?;
-        let want = |i: usize, g: Tensor| needs.get(i).copied().unwrap_or(false).then_some(g);
-        Ok(vec![dx, want(1, da), want(2, db)])
+        let (dx, da, db) = self.backward_with(a, b, ctx, dy, need_dx)?;
+        Ok(vec![dx, Some(da), Some(db)])
     }
+}
 
-    fn name(&self) -> &'static str {
-        "lora_linear"
+impl AdapterLinear for LoraLinear {
+    adapter_linear_common!(lb);
+
+    fn method(&self) -> Option<AdapterMethod> {
+        Some(AdapterMethod::Lora)
+    }
+    fn param_ids(&self) -> Vec<ParamId> {
+        vec![self.a, self.b]
+    }
+    /// Elements of A and B.
+    fn num_trainable_params(&self) -> usize {
+        self.r * (self.in_features() + self.out_features())
+    }
+    fn delta_weight(&self, store: &ParamStore) -> Result<Tensor> {
+        LoraLinear::delta_weight(self, store)
     }
 }

@@ -61,6 +61,18 @@ pub struct VbLoraConfig {
     pub topk: usize,
 }
 
+/// The tensor-shaping part of a PEFT adapter file's VB-LoRA config.
+impl From<&crate::io::peft::VbLoraConfig> for VbLoraConfig {
+    fn from(c: &crate::io::peft::VbLoraConfig) -> Self {
+        VbLoraConfig {
+            r: c.r,
+            num_vectors: c.num_vectors,
+            vector_length: c.vector_length,
+            topk: c.topk,
+        }
+    }
+}
+
 impl Default for VbLoraConfig {
     /// PEFT's defaults: `r=4, num_vectors=256, vector_length=256, topk=2`.
     fn default() -> Self {
@@ -304,9 +316,8 @@ pub fn vblora_topk_for_save(logits: &Tensor, topk: usize) -> Result<(Tensor, Ten
     ))
 }
 
-/// Logits `[.., V]` (f32, on `device`) rebuilt from a top-k checkpoint as PEFT does on load:
-/// `w_last = 1 - Σ w` (f32), logits = `log(w)` at the indices and `-inf` elsewhere. `indices` is an
-/// integer tensor (u8, i32 or i64) `[.., k]`, `weights` f32 `[.., k-1]`.
+/// Logits `[rows, V]` (f32, on `device`) rebuilt from a 2-D top-k checkpoint as PEFT does on load
+/// ([`vblora_expand_topk`] with f32 weights and `k <= num_vectors` required).
 pub fn vblora_logits_from_topk(
     indices: &Tensor,
     weights: &Tensor,
@@ -314,57 +325,17 @@ pub fn vblora_logits_from_topk(
     device: Device,
 ) -> Result<Tensor> {
     let op = "vblora_logits_from_topk";
-    let idx: Vec<i64> = match indices.dtype() {
-        DType::U8 => indices.to_vec::<u8>()?.into_iter().map(i64::from).collect(),
-        DType::I32 => indices.to_vec::<i32>()?.into_iter().map(i64::from).collect(),
-        DType::I64 => indices.to_vec::<i64>()?,
-        other => return Err(Error::dtype(op, "integer indices (u8, i32, i64)", other)),
-    };
     if weights.dtype() != DType::F32 {
         return Err(Error::dtype(op, "f32 weights", weights.dtype()));
     }
-    let (rows, k) = indices.dims2(op)?;
-    let (wrows, km1) = weights.dims2(op)?;
-    if k == 0
-        || wrows != rows
-        || km1 + 1 != k
-        || indices.shape()[..indices.rank() - 1] != weights.shape()[..weights.rank() - 1]
-    {
-        return Err(Error::shape(
-            op,
-            format!(
-                "indices {:?} and weights {:?} must be [.., k] and [.., k-1]",
-                indices.shape(),
-                weights.shape()
-            ),
-        ));
-    }
+    let (_, k) = indices.dims2(op)?;
+    weights.dims2(op)?;
     if k > num_vectors {
         return Err(Error::invalid(format!(
             "{op}: k = {k} exceeds num_vectors {num_vectors}"
         )));
     }
-    let w = weights.to_vec::<f32>()?;
-    let mut logits = vec![f32::NEG_INFINITY; rows * num_vectors];
-    for row in 0..rows {
-        let wr = &w[row * km1..(row + 1) * km1];
-        let last = 1.0f32 - wr.iter().fold(0f32, |a, &b| a + b);
-        for j in 0..k {
-            let i = idx[row * k + j];
-            if i < 0 || i as usize >= num_vectors {
-                return Err(Error::invalid(format!(
-                    "{op}: index {i} outside 0..{num_vectors}"
-                )));
-            }
-            let wj = if j < km1 { wr[j] } else { last };
-            logits[row * num_vectors + i as usize] = wj.ln();
-        }
-    }
-    let mut shape = indices.shape().to_vec();
-    if let Some(l) = shape.last_mut() {
-        *l = num_vectors;
-    }
-    Tensor::from_vec(logits, &shape, device)
+    vblora_expand_topk(indices, weights, num_vectors)?.to_device(device)
 }
 
 /// The index dtype PEFT writes for `_topk_indices`.
@@ -739,4 +710,65 @@ impl VbLoraLayer {
         let (a, b) = self.compose_ab(bank, logits_a, logits_b)?;
         b.matmul(&a)
     }
+}
+
+// ------------------------------------------------------------------------------ save_only_topk_weights
+
+/// Rebuilds VB-LoRA logits from the `save_only_topk_weights` form, as PEFT does on load: the stored
+/// weights are the softmax of the top-k logits without its last column; the last weight is `1 - sum`, the
+/// logits are `ln(w)` at the indices and `-inf` elsewhere. `indices`: integer `[.., k]`; `weights`: float
+/// `[.., k-1]`. Returns f32 `[.., num_vectors]` on the indices' device. Computed in f32 like PEFT.
+pub fn vblora_expand_topk(indices: &Tensor, weights: &Tensor, num_vectors: usize) -> Result<Tensor> {
+    let op = "vblora_expand_topk";
+    let (si, sw) = (indices.shape(), weights.shape());
+    let k = *si
+        .last()
+        .ok_or_else(|| Error::shape(op, "indices must have at least 1 dim"))?;
+    if k == 0 || sw.len() != si.len() || sw[..sw.len() - 1] != si[..si.len() - 1] || sw[sw.len() - 1] + 1 != k
+    {
+        return Err(Error::shape(
+            op,
+            format!("indices {si:?} and weights {sw:?} do not form a top-k pair"),
+        ));
+    }
+    weights.dtype().expect_float(op)?;
+    let idx = crate::io::peft::int_values(indices)?;
+    let w = weights.to_vec_f32()?;
+    let rows = idx.len() / k;
+    let mut out = vec![f32::NEG_INFINITY; rows * num_vectors];
+    for row in 0..rows {
+        let ws = &w[row * (k - 1)..(row + 1) * (k - 1)];
+        let last = 1.0f32 - ws.iter().sum::<f32>();
+        for j in 0..k {
+            let v = idx[row * k + j];
+            if v < 0 || v as u64 >= num_vectors as u64 {
+                return Err(Error::invalid(format!(
+                    "{op}: index {v} outside [0, {num_vectors})"
+                )));
+            }
+            let wj = if j + 1 < k { ws[j] } else { last };
+            out[row * num_vectors + v as usize] = wj.ln();
+        }
+    }
+    let mut shape = si[..si.len() - 1].to_vec();
+    shape.push(num_vectors);
+    Tensor::from_vec(out, &shape, indices.device())
+}
+
+/// The `save_only_topk_weights` form of VB-LoRA logits `[.., num_vectors]`, as PEFT writes it: the indices
+/// of the `topk` largest logits (descending; ties to the lower index) as I64, and the softmax over those
+/// logits without its last column, f32 `[.., topk - 1]`.
+pub fn vblora_compress_topk(logits: &Tensor, topk: usize) -> Result<(Tensor, Tensor)> {
+    let op = "vblora_compress_topk";
+    let n = *logits
+        .shape()
+        .last()
+        .ok_or_else(|| Error::shape(op, "logits must have at least 1 dim"))?;
+    if topk == 0 || topk > n {
+        return Err(Error::invalid(format!("{op}: topk {topk} must be in [1, {n}]")));
+    }
+    // torch.topk's exact selection and tie order (see `cpu::select`), so a file written from these equals
+    // the one PEFT would write from the same logits.
+    let (idx, w) = vblora_topk_for_save(&logits.to_dtype(DType::F32)?, topk)?;
+    Ok((idx.to_device(logits.device())?, w.to_device(logits.device())?))
 }

@@ -64,6 +64,21 @@ pub struct WaveFtConfig {
     pub random_loc_seed: u64,
 }
 
+/// The per-layer settings of a PEFT adapter file's WaveFT config, with the config-level `n_frequency`
+/// (override it with the layer's: `WaveFtConfig { n_frequency, ..(&file_config).into() }`).
+impl From<&crate::io::peft::WaveFtConfig> for WaveFtConfig {
+    fn from(c: &crate::io::peft::WaveFtConfig) -> Self {
+        WaveFtConfig {
+            n_frequency: c.n_frequency,
+            scaling: c.scaling as f32,
+            wavelet_family: c.wavelet_family.clone(),
+            use_idwt: c.use_idwt,
+            // torch's manual_seed takes the seed modulo 2^64 (two's complement for negative values).
+            random_loc_seed: c.random_loc_seed as u64,
+        }
+    }
+}
+
 impl Default for WaveFtConfig {
     /// PEFT's defaults: `n_frequency=2592, scaling=25.0, wavelet_family="db1", use_idwt=True,
     /// random_loc_seed=777`.
@@ -139,6 +154,31 @@ impl WaveFtConfig {
     }
 }
 
+/// WaveFT `proportional_parameters` (PEFT's `_calculate_proportional_parameters`): the budget
+/// `n_frequency · L` split over the `L` targeted layers (`(out, in)` each) in proportion to `out·in`,
+/// `max(1, round_half_even(out·in / Σ out·in · budget))`. Pass every layer PEFT would target, in any
+/// order; the result is in the same order.
+pub fn proportional_n_frequency(n_frequency: usize, layers: &[(usize, usize)]) -> Result<Vec<usize>> {
+    if layers.is_empty() {
+        return Err(Error::invalid(
+            "no target modules found for proportional parameter allocation (as PEFT)",
+        ));
+    }
+    let total: u128 = layers.iter().map(|&(o, i)| o as u128 * i as u128).sum();
+    if total == 0 {
+        return Err(Error::invalid("all targeted layers are empty"));
+    }
+    let budget = (n_frequency as u128 * layers.len() as u128) as f64;
+    Ok(layers
+        .iter()
+        .map(|&(o, i)| {
+            // Python: max(1, round((i*o) / total_sum * total_budget)), round half to even.
+            let ratio = (o as u128 * i as u128) as f64 / total as f64;
+            (ratio * budget).round_ties_even().max(1.0) as usize
+        })
+        .collect())
+}
+
 /// Per-layer `n_frequency` as PEFT's `WaveFTModel._create_and_replace` assigns it, for target layers
 /// `(module name, out, in)` (module names as in the model, e.g. `model.layers.0.self_attn.q_proj`):
 /// - `proportional_parameters`: the budget `n_frequency · num_layers` split by `out·in`,
@@ -152,21 +192,8 @@ pub fn waveft_n_frequencies(
     proportional_parameters: bool,
 ) -> Result<Vec<usize>> {
     if proportional_parameters {
-        if modules.is_empty() {
-            return Err(Error::invalid(
-                "No target modules found for proportional parameter allocation (as PEFT)",
-            ));
-        }
-        let total: f64 = modules.iter().map(|&(_, o, i)| o as f64 * i as f64).sum();
-        let budget = (n_frequency * modules.len()) as f64;
-        return Ok(modules
-            .iter()
-            .map(|&(_, o, i)| {
-                // Python: max(1, round((i*o) / total_sum * total_budget)), round half to even.
-                let ratio = (i as f64 * o as f64) / total;
-                ((ratio * budget).round_ties_even() as usize).max(1)
-            })
-            .collect());
+        let cells: Vec<(usize, usize)> = modules.iter().map(|&(_, o, i)| (o, i)).collect();
+        return proportional_n_frequency(n_frequency, &cells);
     }
     // PEFT iterates the pattern dict in insertion order; a BTreeMap iterates sorted. With one match per
     // module (the normal case) the order does not matter.

@@ -165,11 +165,20 @@ pub(crate) fn cross_entropy<T: Element>(logits: &[T], targets: &[i32], c: usize)
             if t < 0 {
                 return 0.0;
             }
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x.to_f32()));
-            // A row of -inf logits has no finite maximum; its sum below is 0 and its log -inf.
-            let shift = if max.is_finite() { max } else { 0.0 };
-            let sum: f64 = row.iter().map(|&x| ((x.to_f32() - shift).exp()) as f64).sum();
-            let ls = sum.ln() as f32;
+            // torch's log_softmax computes x - max: a NaN or +inf logit (inf - inf = NaN) makes the
+            // whole row NaN, so such a row gets NaN statistics (NaN loss and gradients), as on CUDA.
+            let (max, bad) = row.iter().fold((f32::NEG_INFINITY, false), |(m, bad), &x| {
+                let x = x.to_f32();
+                (m.max(x), bad || x.is_nan() || x == f32::INFINITY)
+            });
+            let (shift, ls) = if bad {
+                (f32::NAN, f32::NAN)
+            } else {
+                // A row of -inf logits has no finite maximum; its sum below is 0 and its log -inf.
+                let shift = if max == f32::NEG_INFINITY { 0.0 } else { max };
+                let sum: f64 = row.iter().map(|&x| ((x.to_f32() - shift).exp()) as f64).sum();
+                (shift, sum.ln() as f32)
+            };
             st[0] = shift;
             st[1] = ls;
             (shift - row[t as usize].to_f32()) as f64 + ls as f64

@@ -2,12 +2,11 @@
 //! `ops.rs`; this file only checks what the launches themselves need (grid limits, sizes).
 
 use super::ops::Activation;
-use crate::device::cuda::{CudaBackend, grid_1d};
+use crate::device::cuda::{CudaBackend, KernelElem, grid_1d, kernels as k};
 use crate::error::{Error, Result};
-use crate::tensor::cuda::{CudaStorage, alloc, wrap};
-use crate::tensor::{DType, Storage, Tensor};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-use half::{bf16, f16};
+use crate::tensor::cuda::{alloc, storage, typed, wrap};
+use crate::tensor::{DType, Tensor};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
 use std::sync::Arc;
 
 /// Threads per block of every kernel here.
@@ -15,72 +14,6 @@ const THREADS: u32 = 256;
 /// Maximum blocks of the stage-1 reductions: enough to fill any current GPU (132 SMs x 8 blocks),
 /// few enough that the stage-2 block sums them in a few µs.
 const MAX_PARTIALS: usize = 1024;
-
-macro_rules! typed {
-    ($dtype:expr, |$t:ident| $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F16 => {
-                type $t = f16;
-                $body
-            }
-            DType::BF16 => {
-                type $t = bf16;
-                $body
-            }
-            other => Err(Error::dtype("autograd (cuda)", "a float dtype", other)),
-        }
-    };
-}
-
-pub(crate) fn storage<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a CudaStorage> {
-    match t.storage() {
-        Storage::Cuda(c) => Ok(c),
-        Storage::Cpu(_) => Err(Error::device(op, "expected a CUDA tensor, got a CPU tensor")),
-    }
-}
-
-fn dtype_index(d: DType) -> Result<usize> {
-    match d {
-        DType::F32 => Ok(0),
-        DType::F16 => Ok(1),
-        DType::BF16 => Ok(2),
-        other => Err(Error::dtype("autograd (cuda)", "a float dtype", other)),
-    }
-}
-
-fn act_kernel(fwd: bool, act: Activation, dtype: DType) -> Result<&'static str> {
-    const FWD: [[&str; 3]; 4] = [
-        ["act_fwd_relu_f32", "act_fwd_relu_f16", "act_fwd_relu_bf16"],
-        ["act_fwd_gelu_f32", "act_fwd_gelu_f16", "act_fwd_gelu_bf16"],
-        [
-            "act_fwd_gelu_erf_f32",
-            "act_fwd_gelu_erf_f16",
-            "act_fwd_gelu_erf_bf16",
-        ],
-        ["act_fwd_silu_f32", "act_fwd_silu_f16", "act_fwd_silu_bf16"],
-    ];
-    const BWD: [[&str; 3]; 4] = [
-        ["act_bwd_relu_f32", "act_bwd_relu_f16", "act_bwd_relu_bf16"],
-        ["act_bwd_gelu_f32", "act_bwd_gelu_f16", "act_bwd_gelu_bf16"],
-        [
-            "act_bwd_gelu_erf_f32",
-            "act_bwd_gelu_erf_f16",
-            "act_bwd_gelu_erf_bf16",
-        ],
-        ["act_bwd_silu_f32", "act_bwd_silu_f16", "act_bwd_silu_bf16"],
-    ];
-    let a = act as usize;
-    let d = dtype_index(dtype)?;
-    Ok(if fwd { FWD[a][d] } else { BWD[a][d] })
-}
-
-fn by_dtype(names: [&'static str; 3], dtype: DType) -> Result<&'static str> {
-    Ok(names[dtype_index(dtype)?])
-}
 
 /// Grid of a grid-stride elementwise kernel: one thread per element up to a cap, so huge tensors loop
 /// instead of launching millions of blocks.
@@ -100,20 +33,61 @@ pub(crate) fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     let (n, dtype) = (x.numel(), x.dtype());
     let mut out = alloc(b, dtype, n)?;
     if n > 0 {
-        let f = b.func("autograd", act_kernel(true, act, dtype)?)?;
         let n64 = n as i64;
-        typed!(dtype, |T| {
-            let xv = xs.view::<T>()?;
-            let mut yv = out.view_mut::<T>()?;
-            let mut l = b.stream.launch_builder(&f);
-            l.arg(&xv).arg(&mut yv).arg(&n64);
+        typed!(dtype, "activation", |T| {
+            let (xv, mut yv) = (xs.view::<T>()?, out.view_mut::<T>()?);
             // SAFETY: act_fwd_<act>_<T>(const T* x, T* y, int64 n) reads x[0..n) and writes y[0..n);
             // both buffers hold n elements of T (x is a tensor of n elements, y was allocated for n).
-            unsafe { l.launch(elementwise_grid(n)?) }?;
-            Ok(())
+            unsafe { act_fwd::<T>(b, act, elementwise_grid(n)?, &xv, &mut yv, n64) }
         })?;
     }
     Ok(wrap(out, x.shape(), dtype))
+}
+
+/// `act_fwd_<act>_<T>`: one generated launcher per activation.
+///
+/// # Safety
+/// As the generated launchers: x and y hold n elements.
+unsafe fn act_fwd<T: KernelElem>(
+    b: &CudaBackend,
+    act: Activation,
+    cfg: LaunchConfig,
+    x: &CudaView<'_, T>,
+    y: &mut CudaViewMut<'_, T>,
+    n: i64,
+) -> Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match act {
+            Activation::Relu => k::autograd::act_fwd_relu::<T>(b, cfg, x, y, n),
+            Activation::Gelu => k::autograd::act_fwd_gelu::<T>(b, cfg, x, y, n),
+            Activation::GeluErf => k::autograd::act_fwd_gelu_erf::<T>(b, cfg, x, y, n),
+            Activation::Silu => k::autograd::act_fwd_silu::<T>(b, cfg, x, y, n),
+        }
+    }
+}
+
+/// `act_bwd_<act>_<T>`: one generated launcher per activation.
+///
+/// # Safety
+/// As the generated launchers: x, dy and dx hold n elements.
+unsafe fn act_bwd<T: KernelElem>(
+    b: &CudaBackend,
+    act: Activation,
+    cfg: LaunchConfig,
+    (x, dy): (&CudaView<'_, T>, &CudaView<'_, T>),
+    dx: &mut CudaViewMut<'_, T>,
+    n: i64,
+) -> Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match act {
+            Activation::Relu => k::autograd::act_bwd_relu::<T>(b, cfg, x, dy, dx, n),
+            Activation::Gelu => k::autograd::act_bwd_gelu::<T>(b, cfg, x, dy, dx, n),
+            Activation::GeluErf => k::autograd::act_bwd_gelu_erf::<T>(b, cfg, x, dy, dx, n),
+            Activation::Silu => k::autograd::act_bwd_silu::<T>(b, cfg, x, dy, dx, n),
+        }
+    }
 }
 
 pub(crate) fn activation_backward(x: &Tensor, dy: &Tensor, act: Activation) -> Result<Tensor> {
@@ -125,18 +99,13 @@ pub(crate) fn activation_backward(x: &Tensor, dy: &Tensor, act: Activation) -> R
     let (n, dtype) = (x.numel(), x.dtype());
     let mut out = alloc(b, dtype, n)?;
     if n > 0 {
-        let f = b.func("autograd", act_kernel(false, act, dtype)?)?;
         let n64 = n as i64;
-        typed!(dtype, |T| {
-            let xv = xs.view::<T>()?;
-            let dyv = dys.view::<T>()?;
+        typed!(dtype, "activation_backward", |T| {
+            let (xv, dyv) = (xs.view::<T>()?, dys.view::<T>()?);
             let mut dxv = out.view_mut::<T>()?;
-            let mut l = b.stream.launch_builder(&f);
-            l.arg(&xv).arg(&dyv).arg(&mut dxv).arg(&n64);
             // SAFETY: act_bwd_<act>_<T>(const T* x, const T* dy, T* dx, int64 n); x and dy have the
             // same shape and dtype (checked by the caller), so all three buffers hold n elements.
-            unsafe { l.launch(elementwise_grid(n)?) }?;
-            Ok(())
+            unsafe { act_bwd::<T>(b, act, elementwise_grid(n)?, (&xv, &dyv), &mut dxv, n64) }
         })?;
     }
     Ok(wrap(out, x.shape(), dtype))
@@ -145,21 +114,15 @@ pub(crate) fn activation_backward(x: &Tensor, dy: &Tensor, act: Activation) -> R
 /// Stage 2 of a reduction: `out[0] = scale * Σ partials` as a fresh f32 `[1]` tensor.
 fn finalize(b: &Arc<CudaBackend>, partials: &CudaSlice<f32>, count: usize, scale: f32) -> Result<Tensor> {
     let mut out = alloc(b, DType::F32, 1)?;
-    let f = b.func("autograd", "finalize_sum")?;
     let count64 = count as i64;
-    {
-        let mut ov = out.view_mut::<f32>()?;
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(partials).arg(&count64).arg(&scale).arg(&mut ov);
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: finalize_sum(const float* partials, int64 count, float scale, float* out) reads
-        // partials[0..count) (the slice holds at least `count`, checked by callers) and writes out[0].
-        unsafe { l.launch(cfg) }?;
-    }
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: finalize_sum(const float* partials, int64 count, float scale, float* out) reads
+    // partials[0..count) (the slice holds at least `count`, checked by callers) and writes out[0].
+    unsafe { k::autograd::finalize_sum(b, cfg, &partials.as_view(), count64, scale, &mut out.view_mut()?) }?;
     Ok(wrap(out, &[1], DType::F32))
 }
 
@@ -171,25 +134,18 @@ pub(crate) fn mse_loss(p: &Tensor, t: &Tensor) -> Result<Tensor> {
     let blocks = partial_blocks(n);
     // SAFETY: the partials are fully written by the stage-1 kernel below (one per block).
     let mut partials = unsafe { b.stream.alloc::<f32>(blocks) }?;
-    let f = b.func(
-        "autograd",
-        by_dtype(["mse_partial_f32", "mse_partial_f16", "mse_partial_bf16"], dtype)?,
-    )?;
     let n64 = n as i64;
-    typed!(dtype, |T| {
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    typed!(dtype, "mse_loss", |T| {
         let (pv, tv) = (ps.view::<T>()?, ts.view::<T>()?);
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(&pv).arg(&tv).arg(&mut partials).arg(&n64);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: mse_partial_<T>(const T* p, const T* t, float* partials, int64 n) reads p[0..n),
         // t[0..n) (same shape, checked by the caller) and writes partials[blockIdx.x] for each of
         // the `blocks` blocks; the partials buffer holds `blocks` floats.
-        unsafe { l.launch(cfg) }?;
-        Ok(())
+        unsafe { k::autograd::mse_partial::<T>(b, cfg, &pv, &tv, &mut partials.as_view_mut(), n64) }
     })?;
     finalize(b, &partials, blocks, (1.0f64 / n as f64) as f32)
 }
@@ -205,27 +161,16 @@ pub(crate) fn mse_loss_backward(p: &Tensor, t: &Tensor, g: &Tensor) -> Result<Te
     let (n, dtype) = (p.numel(), p.dtype());
     let mut out = alloc(b, dtype, n)?;
     if n > 0 {
-        let f = b.func(
-            "autograd",
-            by_dtype(["mse_bwd_f32", "mse_bwd_f16", "mse_bwd_bf16"], dtype)?,
-        )?;
         let n64 = n as i64;
         let two_over_n = (2.0f64 / n as f64) as f32;
-        typed!(dtype, |T| {
+        typed!(dtype, "mse_loss_backward", |T| {
             let (pv, tv, gv) = (ps.view::<T>()?, ts.view::<T>()?, gs.view::<f32>()?);
             let mut dv = out.view_mut::<T>()?;
-            let mut l = b.stream.launch_builder(&f);
-            l.arg(&pv)
-                .arg(&tv)
-                .arg(&gv)
-                .arg(&two_over_n)
-                .arg(&mut dv)
-                .arg(&n64);
+            let cfg = elementwise_grid(n)?;
             // SAFETY: mse_bwd_<T>(const T* p, const T* t, const float* g, float, T* dp, int64 n):
             // p, t and dp hold n elements; g is the 1-element f32 upstream gradient (checked by the
             // caller) and only g[0] is read.
-            unsafe { l.launch(elementwise_grid(n)?) }?;
-            Ok(())
+            unsafe { k::autograd::mse_bwd::<T>(b, cfg, &pv, &tv, &gv, two_over_n, &mut dv, n64) }
         })?;
     }
     Ok(wrap(out, p.shape(), dtype))
@@ -255,28 +200,20 @@ pub(crate) fn cross_entropy(
     // SAFETY: both buffers are fully written by ce_fwd (one element per row).
     let mut row_loss = unsafe { b.stream.alloc::<f32>(n.max(1)) }?;
     let mut stats = alloc(b, DType::F32, 2 * n)?;
-    let f = b.func(
-        "autograd",
-        by_dtype(["ce_fwd_f32", "ce_fwd_f16", "ce_fwd_bf16"], dtype)?,
-    )?;
     let c64 = c as i64;
-    typed!(dtype, |T| {
-        let lv = ls.view::<T>()?;
-        let tv = ts.view::<i32>()?;
+    let cfg = LaunchConfig {
+        grid_dim: (n as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    typed!(dtype, "cross_entropy", |T| {
+        let (lv, tv) = (ls.view::<T>()?, ts.view::<i32>()?);
         let mut sv = stats.view_mut::<f32>()?;
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(&lv).arg(&tv).arg(&mut row_loss).arg(&mut sv).arg(&c64);
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: ce_fwd_<T>(const T* logits [n*c], const int* targets [n], float* row_loss [n],
         // float* stats [2n], int64 c), one block per row (n blocks, n <= i32::MAX checked above,
         // n > 0 checked by the caller). Targets are in [0, c) or negative for ignored rows, which
         // return before reading the row (checked by the caller), so x[t] stays inside the row.
-        unsafe { l.launch(cfg) }?;
-        Ok(())
+        unsafe { k::autograd::ce_fwd::<T>(b, cfg, &lv, &tv, &mut row_loss.as_view_mut(), &mut sv, c64) }
     })?;
     let loss = finalize(b, &row_loss, n, inv_count)?;
     Ok((loss, wrap(stats, &[n, 2], DType::F32)))
@@ -306,36 +243,21 @@ pub(crate) fn cross_entropy_backward(
         if n > i32::MAX as usize {
             return Err(Error::invalid(format!("{op}: {n} rows exceed one CUDA grid")));
         }
-        let f = b.func(
-            "autograd",
-            by_dtype(["ce_bwd_f32", "ce_bwd_f16", "ce_bwd_bf16"], dtype)?,
-        )?;
         let c64 = c as i64;
-        typed!(dtype, |T| {
-            let lv = ls.view::<T>()?;
-            let tv = ts.view::<i32>()?;
-            let sv = ss.view::<f32>()?;
-            let gv = gs.view::<f32>()?;
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        typed!(dtype, op, |T| {
+            let (lv, tv) = (ls.view::<T>()?, ts.view::<i32>()?);
+            let (sv, gv) = (ss.view::<f32>()?, gs.view::<f32>()?);
             let mut dv = out.view_mut::<T>()?;
-            let mut l = b.stream.launch_builder(&f);
-            l.arg(&lv)
-                .arg(&tv)
-                .arg(&sv)
-                .arg(&gv)
-                .arg(&inv_count)
-                .arg(&mut dv)
-                .arg(&c64);
-            let cfg = LaunchConfig {
-                grid_dim: (n as u32, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
             // SAFETY: ce_bwd_<T>(const T* logits [n*c], const int* targets [n], const float* stats [2n],
             // const float* g [1], float inv_count, T* dx [n*c], int64 c), one block per row; every
             // buffer has the size in brackets (checked by the caller: shapes of logits, targets and
             // stats, and the 1-element gradient).
-            unsafe { l.launch(cfg) }?;
-            Ok(())
+            unsafe { k::autograd::ce_bwd::<T>(b, cfg, &lv, &tv, &sv, &gv, inv_count, &mut dv, c64) }
         })?;
     }
     Ok(wrap(out, logits.shape(), dtype))
@@ -351,7 +273,6 @@ pub(crate) fn sum_squares(gs: &[&Tensor]) -> Result<f64> {
     let blocks: Vec<usize> = gs.iter().map(|g| partial_blocks(g.numel())).collect();
     let total: usize = blocks.iter().sum();
     let mut partials = b.stream.alloc_zeros::<f32>(total)?;
-    let f = b.func("autograd", "sumsq_partial_f32")?;
     let mut off = 0;
     for (g, &nb) in gs.iter().zip(&blocks) {
         let s = storage(g, "global_norm")?;
@@ -367,8 +288,6 @@ pub(crate) fn sum_squares(gs: &[&Tensor]) -> Result<f64> {
             .try_slice_mut(off..off + nb)
             .ok_or_else(|| Error::device("global_norm", "partials slice out of range"))?;
         let n64 = n as i64;
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(&gv).arg(&mut pv).arg(&n64);
         let cfg = LaunchConfig {
             grid_dim: (nb as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
@@ -377,7 +296,7 @@ pub(crate) fn sum_squares(gs: &[&Tensor]) -> Result<f64> {
         // SAFETY: sumsq_partial_f32(const float* x, float* partials, int64 n) reads x[0..n) (an f32
         // tensor of n elements, dtype checked by the caller) and writes partials[0..nb), the slice
         // reserved for this tensor.
-        unsafe { l.launch(cfg) }?;
+        unsafe { k::autograd::sumsq_partial_f32(&b, cfg, &gv, &mut pv, n64) }?;
         off += nb;
     }
     let out = finalize(&b, &partials, total, 1.0)?;

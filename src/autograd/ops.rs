@@ -7,7 +7,6 @@
 
 use super::Backward;
 use super::cpu;
-#[cfg(feature = "cuda")]
 use super::cuda;
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -94,10 +93,7 @@ pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     x.dtype().expect_float(op)?;
     match x.device() {
         Device::Cpu => cpu_float!(x, op, |v: T| vec_tensor(cpu::activation::<T>(v, act), x.shape())),
-        #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::activation(x, act),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(Error::CudaUnavailable("built without the `cuda` feature".into())),
     }
 }
 
@@ -110,10 +106,7 @@ pub fn activation_backward(x: &Tensor, grad_y: &Tensor, act: Activation) -> Resu
             let dy = grad_y.cpu_data::<T>(op)?;
             vec_tensor(cpu::activation_backward::<T>(v, dy, act), x.shape())
         }),
-        #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::activation_backward(x, grad_y, act),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(Error::CudaUnavailable("built without the `cuda` feature".into())),
     }
 }
 
@@ -131,10 +124,7 @@ pub fn mse_loss(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
             let sum = cpu_float!(pred, op, |p: T| cpu::mse_sum::<T>(p, target.cpu_data::<T>(op)?));
             Tensor::from_vec(vec![(sum / n as f64) as f32], &[1], Device::Cpu)
         }
-        #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::mse_loss(pred, target),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(Error::CudaUnavailable("built without the `cuda` feature".into())),
     }
 }
 
@@ -157,10 +147,7 @@ pub fn mse_loss_backward(pred: &Tensor, target: &Tensor, grad_loss: &Tensor) -> 
                 vec_tensor(cpu::mse_backward::<T>(p, t, scale), pred.shape())
             })
         }
-        #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::mse_loss_backward(pred, target, grad_loss),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(Error::CudaUnavailable("built without the `cuda` feature".into())),
     }
 }
 
@@ -265,12 +252,7 @@ pub fn cross_entropy_forward(
                 Tensor::from_vec(stats, &[n, 2], Device::Cpu)?,
             )
         }
-        #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::cross_entropy(logits, &targets_dev, n, c, inv_count)?,
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => {
-            return Err(Error::CudaUnavailable("built without the `cuda` feature".into()));
-        }
     };
     Ok((
         loss,
@@ -321,7 +303,6 @@ pub fn cross_entropy_backward(
                 )
             })
         }
-        #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::cross_entropy_backward(
             logits,
             &saved.targets_dev,
@@ -330,23 +311,11 @@ pub fn cross_entropy_backward(
             (n, c),
             saved.inv_count,
         ),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(Error::CudaUnavailable("built without the `cuda` feature".into())),
     }
 }
 
-#[cfg(feature = "cuda")]
 pub(crate) fn sum_squares_cuda(gs: &[&Tensor]) -> Result<f64> {
     cuda::sum_squares(gs)
-}
-
-#[cfg(not(feature = "cuda"))]
-pub(crate) fn sum_squares_cuda(gs: &[&Tensor]) -> Result<f64> {
-    if gs.is_empty() {
-        Ok(0.0)
-    } else {
-        Err(Error::CudaUnavailable("built without the `cuda` feature".into()))
-    }
 }
 
 // ---------------------------------------------------------------------------------- tape records

@@ -1,17 +1,76 @@
-//! The CUDA backend: one context, stream, cuBLAS handle and module cache per device ordinal.
+//! The CUDA backend: one context, stream, cuBLAS handle and module cache per device ordinal, and the
+//! typed kernel launchers.
 //!
 //! Layering follows cudarc: its `sys` (raw FFI) and `result` (checked calls) layers stay inside cudarc;
-//! this module owns the safe per-device state, and the `cuda.rs` file of each op family launches its
-//! kernels through [`CudaBackend::func`].
+//! this module owns the safe per-device state. The `cuda.rs` file of each op family launches its
+//! kernels only through [`kernels`]: launchers that build.rs generates from the `extern "C" __global__`
+//! signatures in `kernels/*.cu` (see build/kernel_sigs.rs), one per kernel family, so an argument in
+//! the wrong order or of the wrong type is a compile error instead of undefined behaviour on the GPU.
 
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-mod generated {
+/// The generated typed launchers: `kernels::<file>::<family>(backend, cfg, [variant flags,] args…)`,
+/// the kernel-module id [`kernels::Module`] and the parameter-group structs (`kernels::Q4Params`).
+pub(crate) mod kernels {
+    use super::{CudaBackend, KernelElem, NULL_PTR, no_kernel};
+    use crate::error::Result;
+    use cudarc::driver::{CudaView, CudaViewMut, LaunchArgs, LaunchConfig, PushKernelArg};
+
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+use kernels::Module;
+
+/// An element type a kernel family is instantiated for; `NAME` is its token in kernel names
+/// (`ce_fwd_bf16`).
+pub(crate) trait KernelElem: DeviceRepr {
+    const NAME: &'static str;
+}
+
+impl KernelElem for f32 {
+    const NAME: &'static str = "f32";
+}
+impl KernelElem for half::f16 {
+    const NAME: &'static str = "f16";
+}
+impl KernelElem for half::bf16 {
+    const NAME: &'static str = "bf16";
+}
+
+/// The null device pointer pushed for an absent `NULLABLE` operand (the kernels test for it).
+static NULL_PTR: u64 = 0;
+
+/// The error of a generated launcher asked for an instantiation its .cu file does not have.
+fn no_kernel(family: &str, types: &[&str], flags: &[u32]) -> Error {
+    Error::device(
+        "cuda",
+        format!("no kernel {family} for element types {types:?} and variant flags {flags:?}"),
+    )
+}
+
+/// A kernel module: the typed [`Module`] the generated launchers pass, or (only until
+/// `src/optim/cuda.rs` moves to the generated `kernels::optim::adamw`) its name as a string.
+pub(crate) trait ModuleRef {
+    fn module(self) -> Result<Module>;
+}
+
+impl ModuleRef for Module {
+    fn module(self) -> Result<Module> {
+        Ok(self)
+    }
+}
+
+impl ModuleRef for &str {
+    fn module(self) -> Result<Module> {
+        Module::ALL
+            .into_iter()
+            .find(|m| m.name() == self)
+            .ok_or_else(|| Error::device("cuda", format!("no kernel module named {self}")))
+    }
 }
 
 /// Per-device state. Shared by every tensor on that device through an `Arc`.
@@ -20,8 +79,8 @@ pub(crate) struct CudaBackend {
     pub(crate) ctx: Arc<CudaContext>,
     pub(crate) stream: Arc<CudaStream>,
     blas: OnceLock<std::result::Result<CudaBlas, String>>,
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
+    modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<(Module, &'static str), CudaFunction>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -72,7 +131,9 @@ pub(crate) fn backend(ordinal: usize) -> Result<Arc<CudaBackend>> {
 
 impl CudaBackend {
     /// The kernel `name` from the fatbin built from `kernels/<module>.cu`, loaded once and cached.
-    pub(crate) fn func(&self, module: &'static str, name: &'static str) -> Result<CudaFunction> {
+    /// Only the generated launchers call it, with names taken from the kernel signatures.
+    pub(crate) fn func(&self, module: impl ModuleRef, name: &'static str) -> Result<CudaFunction> {
+        let module = module.module()?;
         let mut fns = self
             .functions
             .lock()
@@ -86,23 +147,19 @@ impl CudaBackend {
         Ok(f)
     }
 
-    fn module(&self, module: &'static str) -> Result<Arc<CudaModule>> {
+    fn module(&self, module: Module) -> Result<Arc<CudaModule>> {
         let mut mods = self
             .modules
             .lock()
             .map_err(|_| Error::device("cuda", "module cache poisoned"))?;
-        if let Some(m) = mods.get(module) {
+        if let Some(m) = mods.get(&module) {
             return Ok(m.clone());
         }
-        let image = generated::MODULES
-            .iter()
-            .find(|(n, _)| *n == module)
-            .map(|(_, bytes)| *bytes)
-            .ok_or_else(|| Error::device("cuda", format!("no kernel module named {module}")))?;
         // The driver parses the fatbin in place; an owned copy keeps it alive and 8-byte aligned.
         let m = self
             .ctx
-            .load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))?;
+            .load_module(cudarc::nvrtc::Ptx::from_binary(module.image().to_vec()))
+            .map_err(|e| Error::device("cuda", format!("loading kernels/{}.cu: {e}", module.name())))?;
         mods.insert(module, m.clone());
         Ok(m)
     }
@@ -134,6 +191,11 @@ impl CudaBackend {
     }
 }
 
+/// Waits for the work queued on device `ordinal`.
+pub(crate) fn synchronize(ordinal: usize) -> Result<()> {
+    backend(ordinal)?.synchronize()
+}
+
 /// A 1-D launch over `n` items with `threads` per block.
 pub(crate) fn grid_1d(n: usize, threads: u32) -> Result<LaunchConfig> {
     let blocks = n.div_ceil(threads as usize).max(1);
@@ -145,4 +207,49 @@ pub(crate) fn grid_1d(n: usize, threads: u32) -> Result<LaunchConfig> {
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kernels::{KERNELS, Module};
+
+    /// The kernel names in a fatbin: its SASS ELF images have a `.text.<name>` section per kernel
+    /// (C++-mangled `_Z…` names are device functions nvcc did not inline).
+    fn compiled_kernels(image: &[u8]) -> Vec<String> {
+        let pat = b".text.";
+        let mut out = Vec::new();
+        let mut i = 0;
+        while let Some(p) = image[i..].windows(pat.len()).position(|w| w == pat) {
+            let start = i + p + pat.len();
+            let end = image[start..]
+                .iter()
+                .position(|&c| c == 0)
+                .map_or(image.len(), |e| start + e);
+            let name = String::from_utf8_lossy(&image[start..end]).into_owned();
+            if !name.starts_with("_Z") && !name.is_empty() && !out.contains(&name) {
+                out.push(name);
+            }
+            i = start;
+        }
+        out
+    }
+
+    /// build.rs's preprocessor reproduces exactly the kernel names nvcc compiled, so every generated
+    /// launcher asks for a kernel that exists, and every compiled kernel has a launcher. Runs without
+    /// a GPU: it reads the embedded fatbins.
+    #[test]
+    fn generated_kernel_names_match_the_fatbins() {
+        for m in Module::ALL {
+            let mut compiled = compiled_kernels(m.image());
+            compiled.sort();
+            let mut read: Vec<String> = KERNELS
+                .iter()
+                .filter(|(km, _)| *km == m)
+                .map(|(_, n)| n.to_string())
+                .collect();
+            read.sort();
+            assert!(!read.is_empty(), "{}: no kernels read", m.name());
+            assert_eq!(read, compiled, "kernels/{}.cu", m.name());
+        }
+    }
 }

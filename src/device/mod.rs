@@ -5,6 +5,11 @@
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+// Without the feature, `cuda` is a stub with the same functions, each saying CUDA is unavailable
+// (candle's dummy_cuda_backend.rs pattern): dispatch code has no `cfg(not(feature = "cuda"))` arms.
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub.rs"]
+pub(crate) mod cuda;
 
 use crate::error::{Error, Result};
 
@@ -63,10 +68,7 @@ impl Device {
     pub fn synchronize(&self) -> Result<()> {
         match *self {
             Device::Cpu => Ok(()),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(ordinal) => cuda::backend(ordinal)?.synchronize(),
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => self.check(),
+            Device::Cuda(ordinal) => cuda::synchronize(ordinal),
         }
     }
 }
@@ -100,12 +102,25 @@ impl std::str::FromStr for Device {
 
 /// Number of usable CUDA devices: 0 without the `cuda` feature, without libcuda, or without a GPU.
 pub fn cuda_device_count() -> usize {
-    #[cfg(feature = "cuda")]
-    {
-        cuda::device_count()
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        0
-    }
+    cuda::device_count()
 }
+
+/// The error of every CUDA entry point in a build without the `cuda` feature (the `cuda_stub.rs`
+/// modules return it).
+#[cfg_attr(feature = "cuda", allow(dead_code))]
+pub(crate) fn cuda_unavailable() -> Error {
+    Error::CudaUnavailable("this build of peft-kernels has no `cuda` feature".into())
+}
+
+/// `$dev`-dispatch of an op family: `on_device!(dev, f(args))` calls the caller's `cpu::f(args)` or
+/// `cuda::f(args)`. Every family's `cuda` module exists in every build (its `cuda_stub.rs` without
+/// the `cuda` feature), so the dispatch needs no `cfg`.
+macro_rules! on_device {
+    ($dev:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $dev {
+            $crate::device::Device::Cpu => cpu::$f($($arg),*),
+            $crate::device::Device::Cuda(_) => cuda::$f($($arg),*),
+        }
+    };
+}
+pub(crate) use on_device;

@@ -1,6 +1,7 @@
-//! File I/O shared by every format: memory-mapped safetensors reading, atomic safetensors and JSON
-//! writing (temp file in the target directory, fsync, then rename, so a crash never leaves a
-//! half-written file), and dtype mapping.
+//! File I/O shared by every format: memory-mapped safetensors reading, atomic streaming safetensors
+//! and JSON writing through [`output::AtomicOutput`] (temp file in the target directory, fsync, then
+//! rename, so a crash never leaves a half-written file; non-regular destinations refused, symlinks
+//! written through, modes kept; see [`output`]), and dtype mapping.
 
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -8,10 +9,12 @@ use crate::tensor::{DType, Tensor};
 use safetensors::{Dtype as StDtype, SafeTensors};
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
+pub mod output;
 pub mod peft;
+
+pub use output::{TensorSpec, write_safetensors_streaming};
 
 /// Maps a crate dtype to the safetensors dtype.
 pub fn to_st_dtype(d: DType) -> StDtype {
@@ -55,14 +58,21 @@ impl SafetensorsFile {
     /// Opens and validates `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
+        // A directory, FIFO or device is refused before it is opened (a FIFO would block forever).
+        output::check_input(&path)?;
         let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
         // SAFETY: the map is read-only. Another process truncating the file while it is mapped could
         // fault; that is the documented contract of every mmap-based safetensors loader.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
         let (names, metadata, header, data_start) = {
             // Full validation (offsets within the file, no overlaps) happens here, once.
-            let st = SafeTensors::deserialize(&mmap)
-                .map_err(|e| Error::format(path.display().to_string(), e.to_string()))?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+                let msg = match sniff_format(&mmap) {
+                    Some(what) => format!("not a safetensors file: {what}"),
+                    None => format!("not a valid safetensors file: {e}"),
+                };
+                Error::format(path.display().to_string(), msg)
+            })?;
             let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
             names.sort();
             let (n, meta) = SafeTensors::read_metadata(&mmap)
@@ -118,6 +128,31 @@ impl SafetensorsFile {
         Ok((info.dtype, info.shape.clone(), data))
     }
 
+    /// Drops the pages of tensor `name` from this process's resident set, after its bytes were used
+    /// (streaming writers call it so that the input map does not accumulate in memory). The pages stay
+    /// in the page cache and are mapped again, with the same bytes, if the tensor is read later. A no-op
+    /// for an unknown name and off Unix.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(info) = self.header.info(name) {
+            const PAGE: usize = 4096;
+            let (begin, end) = info.data_offsets;
+            // Whole pages inside the tensor only (neighbours keep theirs).
+            let start = (self.data_start + begin).next_multiple_of(PAGE);
+            let stop = (self.data_start + end).min(self.mmap.len()) / PAGE * PAGE;
+            if stop > start {
+                // SAFETY: the map is a read-only MAP_SHARED mapping of a file (memmap2's `Mmap::map`):
+                // MADV_DONTNEED only drops page-table entries, and the next access maps the same file
+                // bytes again from the page cache, so no outstanding borrow of the map ever observes
+                // different data. The range is page-aligned and inside the map.
+                let _ = unsafe {
+                    self.mmap
+                        .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, stop - start)
+                };
+            }
+        }
+    }
+
     /// Loads one tensor onto `device`. Fails for dtypes the crate does not support.
     pub fn load(&self, name: &str, device: Device) -> Result<Tensor> {
         let (dtype, shape, data) = self.raw(name)?;
@@ -145,6 +180,19 @@ impl<'a> TensorBytes<'a> {
         })
     }
 
+    /// The bytes of a [`Tensor`], borrowed when it lives on the CPU (no copy), downloaded otherwise.
+    pub fn view(t: &Tensor) -> Result<TensorBytes<'_>> {
+        match t.storage() {
+            crate::tensor::Storage::Cpu(s) => Ok(TensorBytes::borrowed(
+                to_st_dtype(t.dtype()),
+                t.shape().to_vec(),
+                s.as_bytes(),
+            )),
+            #[cfg(feature = "cuda")]
+            _ => TensorBytes::from_tensor(t),
+        }
+    }
+
     /// Borrowed raw bytes (used to pass tensors through unchanged).
     pub fn borrowed(dtype: StDtype, shape: Vec<usize>, data: &'a [u8]) -> TensorBytes<'a> {
         TensorBytes {
@@ -170,45 +218,94 @@ impl safetensors::View for &TensorBytes<'_> {
     }
 }
 
-/// Writes a safetensors file atomically (temp file + fsync + rename).
+/// What a file that is not safetensors looks like, from its first bytes, if recognisable.
+pub fn sniff_format(bytes: &[u8]) -> Option<&'static str> {
+    let head = &bytes[..bytes.len().min(16)];
+    let trimmed: Vec<u8> = head.iter().copied().skip_while(u8::is_ascii_whitespace).collect();
+    Some(if bytes.is_empty() {
+        "the file is empty"
+    } else if bytes.len() < 8 {
+        "the file is shorter than a safetensors header"
+    } else if head.starts_with(b"GGUF") {
+        "looks like GGUF (llama.cpp); convert it to safetensors first"
+    } else if head.starts_with(b"PK\x03\x04") {
+        "looks like a zip archive (a PyTorch `torch.save` .bin/.pt checkpoint?); pickles are not supported, \
+         convert it with safetensors.torch.save_file"
+    } else if head.first() == Some(&0x80) && head.get(1).is_some_and(|p| (2..=5).contains(p)) {
+        "looks like a Python pickle (a PyTorch .bin/.pt checkpoint?); pickles are not supported, convert it \
+         with safetensors.torch.save_file"
+    } else if trimmed.first() == Some(&b'{') {
+        "looks like JSON (a config file?)"
+    } else if head
+        .iter()
+        .all(|c| c.is_ascii_graphic() || c.is_ascii_whitespace())
+    {
+        "looks like a text file"
+    } else if head.starts_with(b"\x89HDF") {
+        "looks like HDF5 (a Keras .h5 checkpoint?)"
+    } else if head.starts_with(b"\x93NUMPY") {
+        "looks like a NumPy .npy array"
+    } else {
+        let n = u64::from_le_bytes(bytes[..8].try_into().ok()?);
+        if n > (bytes.len() as u64).saturating_sub(8) {
+            "the first 8 bytes, read as the header length, exceed the file size (not a safetensors file, \
+             or truncated)"
+        } else {
+            return None;
+        }
+    })
+}
+
+/// Checks that a tensor's byte length matches its shape and dtype.
+fn check_len(name: &str, t: &TensorBytes<'_>) -> Result<()> {
+    let want = t.shape.iter().product::<usize>() * t.dtype.bitsize() / 8;
+    if want != t.data.len() {
+        return Err(Error::shape(
+            "write_safetensors",
+            format!(
+                "tensor {name:?}: shape {:?} of {:?} needs {want} bytes, got {}",
+                t.shape,
+                t.dtype,
+                t.data.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes a safetensors file atomically (see [`output`]): the header first, then each tensor, with
+/// the same layout as `safetensors::serialize` and no copy of the whole file in memory.
 pub fn write_safetensors(
     path: impl AsRef<Path>,
     tensors: &[(String, TensorBytes<'_>)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
     let path = path.as_ref();
+    let mut by_name = HashMap::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let want = t.shape.iter().product::<usize>() * t.dtype.bitsize() / 8;
-        if want != t.data.len() {
-            return Err(Error::shape(
-                "write_safetensors",
-                format!(
-                    "tensor {name:?}: shape {:?} of {:?} needs {want} bytes, got {}",
-                    t.shape,
-                    t.dtype,
-                    t.data.len()
-                ),
-            ));
+        check_len(name, t)?;
+        if by_name.insert(name.as_str(), t).is_some() {
+            return Err(Error::invalid(format!(
+                "{}: tensor name {name:?} would be written twice",
+                path.display()
+            )));
         }
     }
-    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), metadata)
-        .map_err(|e| Error::format(path.display().to_string(), e.to_string()))?;
-    atomic_write(path, &bytes)
+    let specs = tensors
+        .iter()
+        .map(|(name, t)| TensorSpec {
+            name: name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        })
+        .collect();
+    write_safetensors_streaming(path, specs, metadata, |s| {
+        Ok(Cow::Borrowed(&by_name[s.name.as_str()].data[..]))
+    })?;
+    Ok(())
 }
 
-/// Writes `bytes` to `path` atomically: a temp file in the same directory, fsync, rename.
+/// Writes `bytes` to `path` atomically (see [`output`]).
 pub fn atomic_write(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
-    let path = path.as_ref();
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".peftk-tmp-")
-        .tempfile_in(&dir)
-        .map_err(|e| Error::io(&dir, e))?;
-    tmp.write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;
-    tmp.as_file().sync_all().map_err(|e| Error::io(tmp.path(), e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
+    output::write_atomic(path.as_ref(), bytes)
 }

@@ -15,131 +15,20 @@
 //! Dense weights: cuBLAS for the product and for the low-rank term (beta = 1), a small bias kernel.
 
 use super::{Algo, BaseWeight, Problem};
-use crate::device::cuda::{CudaBackend, grid_1d};
+use crate::device::cuda::kernels::{self as k, Q4Params};
+use crate::device::cuda::{CudaBackend, KernelElem, grid_1d};
 use crate::error::{Error, Result};
-use crate::quant::{Absmax, QuantizedTensor};
-use crate::tensor::cuda::{CudaStorage, alloc, gemm_rowmajor, wrap};
-use crate::tensor::{DType, MatmulDims, Storage, Tensor};
-use cudarc::driver::{CudaView, LaunchArgs, LaunchConfig, PushKernelArg};
+use crate::quant::QuantizedTensor;
+use crate::quant::cuda::q4_params;
+use crate::tensor::cuda::{CudaStorage, alloc, gemm_rowmajor, storage, typed, wrap};
+use crate::tensor::{DType, MatmulDims, Tensor};
+use cudarc::driver::{CudaView, LaunchConfig};
 use half::{bf16, f16};
 use std::sync::Arc;
 
-/// A null device pointer for absent optional operands (the kernels test for it).
-static NULL: u64 = 0;
-
-fn cuda_of<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a CudaStorage> {
-    match t.storage() {
-        Storage::Cuda(c) => Ok(c),
-        Storage::Cpu(_) => Err(Error::device(op, "expected a CUDA tensor, got a CPU tensor")),
-    }
-}
-
-/// Kernel names are `&'static str` for the backend's function cache; this interns the combinations.
-fn kname(name: String) -> &'static str {
-    use std::collections::HashSet;
-    use std::sync::{Mutex, OnceLock};
-    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-    let set = NAMES.get_or_init(|| Mutex::new(HashSet::new()));
-    let mut set = match set.lock() {
-        Ok(s) => s,
-        Err(p) => p.into_inner(),
-    };
-    if let Some(s) = set.get(name.as_str()) {
-        return s;
-    }
-    let leaked: &'static str = Box::leak(name.into_boxed_str());
-    set.insert(leaked);
-    leaked
-}
-
-/// The device parts of a 4-bit weight, pushed as the common kernel arguments
-/// `(data, absmax, codes, nested, offset, nested_log2, lut, ncode, bs_log2)`.
-struct Q4Dev<'a> {
-    data: &'a CudaStorage,
-    absmax: Option<&'a CudaStorage>,
-    codes: Option<&'a CudaStorage>,
-    nested: Option<&'a CudaStorage>,
-    offset: f32,
-    nested_log2: i32,
-    lut: [f32; 16],
-    ncode: [f32; 256],
-    bs_log2: i32,
-    dq: bool,
-    rows: usize,
-    cols: usize,
-}
-
-impl<'a> Q4Dev<'a> {
-    fn new(q: &'a QuantizedTensor) -> Result<Q4Dev<'a>> {
-        let op = "qmatmul";
-        let st = &q.state;
-        let mut d = Q4Dev {
-            data: cuda_of(&q.data, op)?,
-            absmax: None,
-            codes: None,
-            nested: None,
-            offset: 0.0,
-            nested_log2: 0,
-            lut: st.code,
-            ncode: [0.0; 256],
-            // Validation restricts blocksizes to powers of two in 32..=4096.
-            bs_log2: st.blocksize.trailing_zeros() as i32,
-            dq: false,
-            rows: st.shape[0],
-            cols: st.shape[1],
-        };
-        match &st.absmax {
-            Absmax::F32(t) => d.absmax = Some(cuda_of(t, op)?),
-            Absmax::Double {
-                codes,
-                nested_absmax,
-                offset,
-                nested_code,
-                nested_blocksize,
-            } => {
-                d.dq = true;
-                d.codes = Some(cuda_of(codes, op)?);
-                d.nested = Some(cuda_of(nested_absmax, op)?);
-                d.offset = *offset;
-                // Validation requires a power of two: the kernels shift instead of dividing.
-                d.nested_log2 = nested_blocksize.trailing_zeros() as i32;
-                d.ncode.copy_from_slice(nested_code);
-            }
-        }
-        Ok(d)
-    }
-
-    fn push<'b>(&'b self, l: &mut LaunchArgs<'b>) {
-        l.arg(&self.data.data);
-        match self.absmax {
-            Some(a) => l.arg(&a.data),
-            None => l.arg(&NULL),
-        };
-        match self.codes {
-            Some(c) => l.arg(&c.data),
-            None => l.arg(&NULL),
-        };
-        match self.nested {
-            Some(n) => l.arg(&n.data),
-            None => l.arg(&NULL),
-        };
-        l.arg(&self.offset)
-            .arg(&self.nested_log2)
-            .arg(&self.lut)
-            .arg(&self.ncode)
-            .arg(&self.bs_log2);
-    }
-
-    fn dq(&self) -> u8 {
-        self.dq as u8
-    }
-}
-
-fn push_opt<'b>(l: &mut LaunchArgs<'b>, t: Option<&'b CudaStorage>) {
-    match t {
-        Some(s) => l.arg(&s.data),
-        None => l.arg(&NULL),
-    };
+/// A typed view of an optional operand.
+fn view_opt<T: KernelElem>(t: Option<&CudaStorage>) -> Result<Option<CudaView<'_, T>>> {
+    t.map(|s| s.view::<T>()).transpose()
 }
 
 /// The dtype of the auxiliary operands (bias, low-rank factors) inside the kernels: the activation
@@ -169,17 +58,19 @@ fn i32_of(v: usize, what: &str) -> Result<i32> {
 // Entry points
 
 pub(crate) fn dequantize(q: &QuantizedTensor, dtype: DType) -> Result<Tensor> {
-    let qd = Q4Dev::new(q)?;
-    let b = qd.data.backend.clone();
-    let n = qd.rows * qd.cols;
+    let (q4, dq) = q4_params(q)?;
+    let b = storage(&q.data, "dequantize")?.backend.clone();
+    let (rows, cols) = (q.state.shape[0], q.state.shape[1]);
+    let n = rows * cols;
     let mut out = alloc(&b, dtype, n)?;
-    launch_dequant(&b, &qd, dtype, &mut out, n)?;
-    Ok(wrap(out, &[qd.rows, qd.cols], dtype))
+    launch_dequant(&b, &q4, dq, dtype, &mut out, n)?;
+    Ok(wrap(out, &[rows, cols], dtype))
 }
 
 fn launch_dequant(
     b: &Arc<CudaBackend>,
-    qd: &Q4Dev<'_>,
+    q4: &Q4Params<'_>,
+    dq: u32,
     dtype: DType,
     out: &mut CudaStorage,
     n: usize,
@@ -187,21 +78,14 @@ fn launch_dequant(
     if n == 0 {
         return Ok(());
     }
-    let f = b.func(
-        "qmatmul",
-        kname(format!("q4_dequant_{}_dq{}", dtype.as_str(), qd.dq())),
-    )?;
     let n64 = i64_of(n);
     // One thread per 8 weights; the grid-stride loop covers the rest beyond 2^20 blocks.
     let cfg = grid_1d(n.div_ceil(8).min(256 << 20), 256)?;
-    let mut l = b.stream.launch_builder(&f);
-    qd.push(&mut l);
-    l.arg(&mut out.data).arg(&n64);
-    // SAFETY: q4_dequant_<T>_dq<D>(data u8[(n+1)/2], absmax f32[nblocks] | null, codes u8[nblocks] | null,
-    // nested f32[..] | null, float, int, Lut16, Lut256, int bs_log2, T* out[n], int64 n). The weight was
-    // validated (byte, block and nested counts match n and the blocksize); out holds n elements of dtype.
-    unsafe { l.launch(cfg) }?;
-    Ok(())
+    typed!(dtype, "dequantize", |T| {
+        // SAFETY: q4_dequant_<T>_dq<D>(Q4_PARAMS, T* out [n], int64 n). The weight was validated
+        // (byte, block and nested counts match n and the blocksize); out holds n elements of dtype.
+        unsafe { k::qmatmul::q4_dequant::<T>(b, cfg, dq, q4, &mut out.view_mut()?, n64) }
+    })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -216,7 +100,7 @@ pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
     let op = "linear_forward";
     let x = p.act;
     let dt = x.dtype();
-    let xs = cuda_of(x, op)?;
+    let xs = storage(x, op)?;
     let b = xs.backend.clone();
     let (t, out, inp) = (p.tokens, p.out, p.inp);
     let (u, bl) = match p.low_rank {
@@ -245,11 +129,11 @@ pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
         // Dense product into y, then y += u·bᵀ (cuBLAS, beta = 1), then the bias.
         let scratch;
         let w_dense: &CudaStorage = match p.w {
-            BaseWeight::Dense(w) => cuda_of(w, op)?,
+            BaseWeight::Dense(w) => storage(w, op)?,
             BaseWeight::Quantized(q) => {
-                let qd = Q4Dev::new(q)?;
+                let (q4, dq) = q4_params(q)?;
                 let mut s = alloc(&b, dt, out * inp)?;
-                launch_dequant(&b, &qd, dt, &mut s, out * inp)?;
+                launch_dequant(&b, &q4, dq, dt, &mut s, out * inp)?;
                 scratch = s;
                 &scratch
             }
@@ -271,7 +155,7 @@ pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
                 trans_a: false,
                 trans_b: true,
             };
-            gemm_any(&b, dt, cuda_of(&u, op)?, cuda_of(&bl, op)?, &mut y, d, 1.0)?;
+            gemm_any(&b, dt, storage(&u, op)?, storage(&bl, op)?, &mut y, d, 1.0)?;
         }
         if let Some(bias) = p.bias {
             add_bias(&b, dt, &mut y, bias, t, out)?;
@@ -281,64 +165,67 @@ pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
     let BaseWeight::Quantized(q) = p.w else {
         return Err(Error::device(op, "internal: fused path without a 4-bit weight"));
     };
-    let qd = Q4Dev::new(q)?;
+    let (q4, dq) = q4_params(q)?;
     let aux = aux_dtype(dt, &[p.bias, u, bl]);
     let (bias_c, u_c, b_c) = (cast_opt(p.bias, aux)?, cast_opt(u, aux)?, cast_opt(bl, aux)?);
-    let bias_s = bias_c.as_ref().map(|t| cuda_of(t, op)).transpose()?;
-    let u_s = u_c.as_ref().map(|t| cuda_of(t, op)).transpose()?;
-    let b_s = b_c.as_ref().map(|t| cuda_of(t, op)).transpose()?;
+    let bias_s = bias_c.as_ref().map(|t| storage(t, op)).transpose()?;
+    let u_s = u_c.as_ref().map(|t| storage(t, op)).transpose()?;
+    let b_s = b_c.as_ref().map(|t| storage(t, op)).transpose()?;
     let r = i32_of(if u_s.is_some() { p.rank } else { 0 }, "rank")?;
     let (nt, out64, in64) = (i32_of(t, "tokens")?, i64_of(out), i64_of(inp));
-    let (ds, da) = (dt.as_str(), aux.as_str());
     match path {
         Path::GemvSimt | Path::GemvMma => {
-            let (name, cfg) = if path == Path::GemvMma {
-                let ntiles = if t <= 8 { 1 } else { 2 };
-                (
-                    format!("q4_gemv_mma_{ds}_{da}_dq{}_nt{ntiles}", qd.dq()),
-                    LaunchConfig {
-                        grid_dim: (
-                            u32::try_from(out.div_ceil(16)).map_err(|_| Error::invalid("out too large"))?,
-                            1,
-                            1,
-                        ),
-                        block_dim: (256, 1, 1),
-                        shared_mem_bytes: 0,
-                    },
-                )
-            } else {
-                (
-                    format!("q4_gemv_simt_{ds}_{da}_dq{}_al{}", qd.dq(), (inp % 32 == 0) as u8),
-                    LaunchConfig {
-                        grid_dim: (
-                            u32::try_from(out.div_ceil(4)).map_err(|_| Error::invalid("out too large"))?,
-                            1,
-                            1,
-                        ),
-                        block_dim: (128, 1, 1),
-                        shared_mem_bytes: 0,
-                    },
-                )
+            let rows_per_block = if path == Path::GemvMma { 16 } else { 4 };
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    u32::try_from(out.div_ceil(rows_per_block))
+                        .map_err(|_| Error::invalid("out too large"))?,
+                    1,
+                    1,
+                ),
+                block_dim: (if path == Path::GemvMma { 256 } else { 128 }, 1, 1),
+                shared_mem_bytes: 0,
             };
-            let f = b.func("qmatmul", kname(name))?;
-            let mut l = b.stream.launch_builder(&f);
-            l.arg(&xs.data);
-            qd.push(&mut l);
-            push_opt(&mut l, bias_s);
-            push_opt(&mut l, u_s);
-            push_opt(&mut l, b_s);
-            l.arg(&r).arg(&mut y.data).arg(&nt).arg(&out64).arg(&in64);
-            // SAFETY: q4_gemv_{mma,simt}_<T>_<A>_dq<D>_*(const T* x [nt*in], <q4 args>, const A* bias [out] | null,
-            // const A* u [nt*r] | null, const A* b [out*r] | null, int r, T* y [nt*out], int nt, int64 out,
-            // int64 in). Shapes were validated in linear_forward; bias/u/b were cast to A = aux; nt <= 16
-            // (<= 8 * n-tiles for mma); the mma variant needs in % 32 == 0 (checked for Path::GemvMma).
-            // Grid: one warp per row (simt, 4 rows per block) or 16 rows per block (mma), covering `out`.
-            unsafe { l.launch(cfg) }?;
+            let ntiles = if t <= 8 { 1 } else { 2 };
+            let aligned = (inp % 32 == 0) as u32;
+            typed!(dt, op, |T| typed!(aux, op, |A| {
+                let x = xs.view::<T>()?;
+                let (bias_v, u_v, b_v) = (view_opt::<A>(bias_s)?, view_opt::<A>(u_s)?, view_opt::<A>(b_s)?);
+                let mut yv = y.view_mut::<T>()?;
+                let low = (bias_v.as_ref(), u_v.as_ref(), b_v.as_ref());
+                // SAFETY: q4_gemv_{mma,simt}_<T>_<A>_dq<D>_*(const T* x [nt*in], Q4_PARAMS, const A* bias
+                // [out] | null, const A* u [nt*r] | null, const A* b [out*r] | null, int r, T* y [nt*out],
+                // int nt, int64 out, int64 in). Shapes were validated in linear_forward; bias/u/b were cast
+                // to A = aux; nt <= 16 (<= 8 * n-tiles for mma); the mma variant needs in % 32 == 0
+                // (checked for Path::GemvMma). Grid: one warp per row (simt, 4 rows per block) or 16 rows
+                // per block (mma), covering `out`.
+                unsafe {
+                    if path == Path::GemvMma {
+                        k::qmatmul::q4_gemv_mma::<T, A>(
+                            &b, cfg, dq, ntiles, &x, &q4, low.0, low.1, low.2, r, &mut yv, nt, out64, in64,
+                        )
+                    } else {
+                        k::qmatmul::q4_gemv_simt::<T, A>(
+                            &b, cfg, dq, aligned, &x, &q4, low.0, low.1, low.2, r, &mut yv, nt, out64, in64,
+                        )
+                    }
+                }
+            }))?;
         }
         Path::Tiled => {
-            launch_tiled(
-                &b, false, dt, aux, xs, &qd, bias_s, u_s, b_s, r, &mut y, t, out, inp, inp,
-            )?;
+            let tiled = Tiled {
+                bwd: false,
+                dt,
+                aux,
+                act: xs,
+                q4: &q4,
+                dq,
+                bias: bias_s,
+                act2: u_s,
+                b2: b_s,
+                r,
+            };
+            launch_tiled(&b, &tiled, &mut y, t, out, inp, inp)?;
         }
         Path::Baseline => {
             return Err(Error::device(
@@ -354,7 +241,7 @@ pub(crate) fn backward_input(p: &Problem<'_>) -> Result<Tensor> {
     let op = "linear_backward_input";
     let dy = p.act;
     let dt = dy.dtype();
-    let ds_ = cuda_of(dy, op)?;
+    let ds_ = storage(dy, op)?;
     let b = ds_.backend.clone();
     let (t, out, inp) = (p.tokens, p.out, p.inp);
     let (v, a) = match p.low_rank {
@@ -374,11 +261,11 @@ pub(crate) fn backward_input(p: &Problem<'_>) -> Result<Tensor> {
     if !fused {
         let scratch;
         let w_dense: &CudaStorage = match p.w {
-            BaseWeight::Dense(w) => cuda_of(w, op)?,
+            BaseWeight::Dense(w) => storage(w, op)?,
             BaseWeight::Quantized(q) => {
-                let qd = Q4Dev::new(q)?;
+                let (q4, dq) = q4_params(q)?;
                 let mut s = alloc(&b, dt, out * inp)?;
-                launch_dequant(&b, &qd, dt, &mut s, out * inp)?;
+                launch_dequant(&b, &q4, dq, dt, &mut s, out * inp)?;
                 scratch = s;
                 &scratch
             }
@@ -400,39 +287,55 @@ pub(crate) fn backward_input(p: &Problem<'_>) -> Result<Tensor> {
                 trans_a: false,
                 trans_b: false,
             };
-            gemm_any(&b, dt, cuda_of(&v, op)?, cuda_of(&a, op)?, &mut dx, d, 1.0)?;
+            gemm_any(&b, dt, storage(&v, op)?, storage(&a, op)?, &mut dx, d, 1.0)?;
         }
         return Ok(wrap(dx, &[t, inp], dt));
     }
     let BaseWeight::Quantized(q) = p.w else {
         return Err(Error::device(op, "internal: fused path without a 4-bit weight"));
     };
-    let qd = Q4Dev::new(q)?;
+    let (q4, dq) = q4_params(q)?;
     let aux = aux_dtype(dt, &[v, a]);
     let (v_c, a_c) = (cast_opt(v, aux)?, cast_opt(a, aux)?);
-    let v_s = v_c.as_ref().map(|t| cuda_of(t, op)).transpose()?;
-    let a_s = a_c.as_ref().map(|t| cuda_of(t, op)).transpose()?;
+    let v_s = v_c.as_ref().map(|t| storage(t, op)).transpose()?;
+    let a_s = a_c.as_ref().map(|t| storage(t, op)).transpose()?;
     let r = i32_of(if v_s.is_some() { p.rank } else { 0 }, "rank")?;
-    launch_tiled(
-        &b, true, dt, aux, ds_, &qd, None, v_s, a_s, r, &mut dx, t, inp, out, inp,
-    )?;
+    let tiled = Tiled {
+        bwd: true,
+        dt,
+        aux,
+        act: ds_,
+        q4: &q4,
+        dq,
+        bias: None,
+        act2: v_s,
+        b2: a_s,
+        r,
+    };
+    launch_tiled(&b, &tiled, &mut dx, t, inp, out, inp)?;
     Ok(wrap(dx, &[t, inp], dt))
+}
+
+/// The operands of one `q4_gemm_mma_{fwd,bwd}` launch.
+struct Tiled<'a> {
+    bwd: bool,
+    /// Activation (T) and auxiliary (A) dtypes.
+    dt: DType,
+    aux: DType,
+    act: &'a CudaStorage,
+    q4: &'a Q4Params<'a>,
+    dq: u32,
+    bias: Option<&'a CudaStorage>,
+    act2: Option<&'a CudaStorage>,
+    b2: Option<&'a CudaStorage>,
+    r: i32,
 }
 
 /// `C[M, N] = Act[M, K]·B + Act2·B2 (+ bias)` through `q4_gemm_mma_{fwd,bwd}`, with split-K when the
 /// output has fewer 128x128 tiles than 2x the SMs (few tokens).
-#[allow(clippy::too_many_arguments)]
 fn launch_tiled(
     b: &Arc<CudaBackend>,
-    bwd: bool,
-    dt: DType,
-    aux: DType,
-    act: &CudaStorage,
-    qd: &Q4Dev<'_>,
-    bias: Option<&CudaStorage>,
-    act2: Option<&CudaStorage>,
-    b2: Option<&CudaStorage>,
-    r: i32,
+    p: &Tiled<'_>,
     y: &mut CudaStorage,
     m: usize,
     n: usize,
@@ -442,6 +345,7 @@ fn launch_tiled(
     const BM: usize = 128;
     const BN: usize = 128;
     const BK: usize = 32;
+    let op = "q4_gemm_mma";
     let gx = n.div_ceil(BN);
     let gy = m.div_ceil(BM);
     if gy > 65535 || gx > i32::MAX as usize {
@@ -464,61 +368,80 @@ fn launch_tiled(
     } else {
         None
     };
-    let dir = if bwd { "bwd" } else { "fwd" };
-    let f = b.func(
-        "qmatmul",
-        kname(format!(
-            "q4_gemm_mma_{dir}_{}_{}_dq{}",
-            dt.as_str(),
-            aux.as_str(),
-            qd.dq()
-        )),
-    )?;
     let (m64, n64, k64, in64) = (i64_of(m), i64_of(n), i64_of(k), i64_of(inp));
     let kt_per32 = i32_of(kt_per, "k-tiles per split")?;
+    let s32 = i32_of(splits, "splits")?;
     let cfg = LaunchConfig {
         grid_dim: (gx as u32, gy as u32, splits as u32),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    {
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(&act.data);
-        qd.push(&mut l);
-        push_opt(&mut l, if ws.is_some() { None } else { bias });
-        push_opt(&mut l, act2);
-        push_opt(&mut l, b2);
-        l.arg(&r);
-        l.arg(&mut y.data);
-        match ws.as_mut() {
-            Some(w) => l.arg(&mut w.data),
-            None => l.arg(&NULL),
-        };
-        l.arg(&m64).arg(&n64).arg(&k64).arg(&in64).arg(&kt_per32);
-        // SAFETY: q4_gemm_mma_<dir>_<T>_<A>_dq<D>(const T* act [M*K], <q4 args>, const A* bias [N] | null,
-        // const A* act2 [M*r] | null, const A* b2 (fwd [N*r], bwd [r*N]) | null, int r, T* y [M*N],
-        // float* ws [splits*M*N] | null, int64 M, N, K, in, int kt_per_split). The callers guarantee
-        // in % 32 == 0 and K % 8 == 0 (fwd: K = in; bwd: K = out, checked), dtypes T in {f16, bf16} and
-        // A = aux; grid (ceil(N/128), ceil(M/128), splits) with splits * kt_per_split >= ceil(K/32), so
-        // every output tile and k-tile is covered; static shared memory 40 KB < 48 KB.
-        unsafe { l.launch(cfg) }?;
-    }
-    if let Some(w) = ws {
-        let f = b.func(
-            "qmatmul",
-            kname(format!("splitk_reduce_{}_{}", dt.as_str(), aux.as_str())),
-        )?;
-        let s32 = i32_of(splits, "splits")?;
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(&w.data);
-        push_opt(&mut l, bias);
-        l.arg(&mut y.data).arg(&m64).arg(&n64).arg(&s32);
-        // SAFETY: splitk_reduce_<T>_<A>(const float* ws [splits*M*N], const A* bias [N] | null, T* y [M*N],
-        // int64 M, int64 N, int splits); ws was fully written by the split kernels above (every split
-        // writes every valid (m, n) of its tiles).
-        unsafe { l.launch(grid_1d((m * n).min(1 << 24), 256)?) }?;
-    }
-    Ok(())
+    typed!(p.dt, op, |T| typed!(p.aux, op, |A| {
+        let act = p.act.view::<T>()?;
+        let (bias, act2, b2) = (
+            view_opt::<A>(p.bias)?,
+            view_opt::<A>(p.act2)?,
+            view_opt::<A>(p.b2)?,
+        );
+        // With split-K the bias is added by splitk_reduce, not by the split kernels.
+        let kernel_bias = if ws.is_some() { None } else { bias.as_ref() };
+        {
+            let mut yv = y.view_mut::<T>()?;
+            let mut wsv = ws.as_mut().map(|w| w.view_mut::<f32>()).transpose()?;
+            let args = (&act, p.q4, kernel_bias, act2.as_ref(), b2.as_ref(), p.r);
+            // SAFETY: q4_gemm_mma_<dir>_<T>_<A>_dq<D>(const T* act [M*K], Q4_PARAMS, const A* bias [N] |
+            // null, const A* act2 [M*r] | null, const A* b2 (fwd [N*r], bwd [r*N]) | null, int r, T* y
+            // [M*N], float* ws [splits*M*N] | null, int64 M, N, K, in, int kt_per_split). The callers
+            // guarantee in % 32 == 0 and K % 8 == 0 (fwd: K = in; bwd: K = out, checked), dtypes T in
+            // {f16, bf16} and A = aux; grid (ceil(N/128), ceil(M/128), splits) with splits *
+            // kt_per_split >= ceil(K/32), so every output tile and k-tile is covered; static shared
+            // memory 40 KB < 48 KB.
+            let launch = if p.bwd {
+                k::qmatmul::q4_gemm_mma_bwd::<T, A>
+            } else {
+                k::qmatmul::q4_gemm_mma_fwd::<T, A>
+            };
+            unsafe {
+                launch(
+                    b,
+                    cfg,
+                    p.dq,
+                    args.0,
+                    args.1,
+                    args.2,
+                    args.3,
+                    args.4,
+                    args.5,
+                    &mut yv,
+                    wsv.as_mut(),
+                    m64,
+                    n64,
+                    k64,
+                    in64,
+                    kt_per32,
+                )
+            }?;
+        }
+        if let Some(w) = ws.as_ref() {
+            let cfg = grid_1d((m * n).min(1 << 24), 256)?;
+            // SAFETY: splitk_reduce_<T>_<A>(const float* ws [splits*M*N], const A* bias [N] | null, T* y
+            // [M*N], int64 M, int64 N, int splits); ws was fully written by the split kernels above
+            // (every split writes every valid (m, n) of its tiles).
+            unsafe {
+                k::qmatmul::splitk_reduce::<T, A>(
+                    b,
+                    cfg,
+                    &w.view()?,
+                    bias.as_ref(),
+                    &mut y.view_mut()?,
+                    m64,
+                    n64,
+                    s32,
+                )
+            }?;
+        }
+        Ok(())
+    }))
 }
 
 /// `c = op(a)·op(b) + beta·c` on row-major device buffers of dtype `dt` (cuBLAS).
@@ -556,16 +479,12 @@ fn add_bias(
 ) -> Result<()> {
     let aux = if bias.dtype() == dt { dt } else { DType::F32 };
     let bias = bias.to_dtype(aux)?;
-    let bs = cuda_of(&bias, "linear_forward")?;
-    let f = b.func(
-        "qmatmul",
-        kname(format!("add_bias_{}_{}", dt.as_str(), aux.as_str())),
-    )?;
+    let bs = storage(&bias, "linear_forward")?;
     let (m64, n64) = (i64_of(m), i64_of(n));
-    let mut l = b.stream.launch_builder(&f);
-    l.arg(&mut y.data).arg(&bs.data).arg(&m64).arg(&n64);
-    // SAFETY: add_bias_<T>_<A>(T* y [M*N], const A* bias [N], int64 M, int64 N); bias has N elements
-    // (validated) of dtype A; y holds M*N of dtype T.
-    unsafe { l.launch(grid_1d((m * n).min(1 << 24), 256)?) }?;
-    Ok(())
+    let cfg = grid_1d((m * n).min(1 << 24), 256)?;
+    typed!(dt, "linear_forward", |T| typed!(aux, "linear_forward", |A| {
+        // SAFETY: add_bias_<T>_<A>(T* y [M*N], const A* bias [N], int64 M, int64 N); bias has N
+        // elements (validated) of dtype A; y holds M*N of dtype T.
+        unsafe { k::qmatmul::add_bias::<T, A>(b, cfg, &mut y.view_mut()?, &bs.view()?, m64, n64) }
+    }))
 }

@@ -6,7 +6,8 @@
 //! Why the low-rank term is an argument and not a second matmul: added in the same pass (CPU: in the
 //! same row loop; CUDA: in the same launch, as extra K-tiles of `[x | u]·[W | b]ᵀ`), it costs a few
 //! percent of the FLOPs and no extra traffic over `y`, instead of re-reading and re-writing `y`
-//! (≈13% of a training step at 4096 tokens, see `shared/reference/performance-anchors.md` §2.3).
+//! (run unfused at 4096 tokens × 4096², re-reading x and re-writing y is ~101 MB of traffic, ≈13% of
+//! the 174 µs bf16 GEMM floor on an H200).
 //!
 //! Algorithms ([`Algo`]):
 //! - `Fused`: 4-bit decode inside the matmul. CPU: a LUT-decode GEMV for ≤ 16 tokens (no dense copy of
@@ -25,12 +26,14 @@
 //! tensor-core paths round the decoded weight (and `u`, `b`, `v`, `a`) to the activation dtype first,
 //! exactly like dequantize-to-bf16-then-GEMM.
 
-pub mod bench;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub.rs"]
+pub(crate) mod cuda;
 
-use crate::device::Device;
+use crate::device::{Device, on_device};
 use crate::error::{Error, Result};
 use crate::quant::{Absmax, BLOCKSIZES, QuantizedTensor};
 use crate::tensor::{DType, Tensor};
@@ -152,19 +155,16 @@ impl BaseWeight {
 
     /// The dense `[out, in]` weight in `dtype` (a float dtype). For 4-bit weights each element is
     /// `code[nibble] * absmax` computed in f32, then rounded once to `dtype` (bitsandbytes semantics).
+    /// On the CPU this is [`QuantizedTensor::dequantize`] (the SIMD dequantizer of `quant`).
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
         dtype.expect_float("dequantize")?;
         self.validate("dequantize")?;
         match self {
             BaseWeight::Dense(t) => t.to_dtype(dtype),
             BaseWeight::Quantized(q) => match self.device() {
-                Device::Cpu => cpu::dequantize(q, dtype),
-                #[cfg(feature = "cuda")]
+                // The CPU path is quant's SIMD dequantizer (the same one `QuantizedTensor::dequantize` uses).
+                Device::Cpu => q.dequantize(dtype),
                 Device::Cuda(_) => cuda::dequantize(q, dtype),
-                #[cfg(not(feature = "cuda"))]
-                Device::Cuda(_) => Err(Error::CudaUnavailable(
-                    "this build of peft-kernels has no `cuda` feature".into(),
-                )),
             },
         }
     }
@@ -489,17 +489,7 @@ pub fn linear_forward(
         rank,
         algo,
     };
-    let y = match dev {
-        Device::Cpu => cpu::forward(&p)?,
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::forward(&p)?,
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => {
-            return Err(Error::CudaUnavailable(
-                "this build of peft-kernels has no `cuda` feature".into(),
-            ));
-        }
-    };
+    let y = on_device!(dev, forward(&p))?;
     y.reshape(&out_shape)
 }
 
@@ -536,16 +526,6 @@ pub fn linear_backward_input(
         rank,
         algo,
     };
-    let dx = match dev {
-        Device::Cpu => cpu::backward_input(&p)?,
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::backward_input(&p)?,
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => {
-            return Err(Error::CudaUnavailable(
-                "this build of peft-kernels has no `cuda` feature".into(),
-            ));
-        }
-    };
+    let dx = on_device!(dev, backward_input(&p))?;
     dx.reshape(&out_shape)
 }

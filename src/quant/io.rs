@@ -219,7 +219,7 @@ pub fn parse_quant_state_json(bytes: &[u8], what: &str) -> Result<QuantStateJson
             if !off32.is_finite() {
                 return Err(Error::format(
                     ctx(),
-                    format!("nested_offset {off} is not a finite f32"),
+                    format!("nested_offset {off:e} is not a finite f32"),
                 ));
             }
             Some((nbs, off32))
@@ -385,7 +385,10 @@ fn load_from(src: &impl RawSource, name: &str, device: Device) -> Result<Quantiz
     if dt != StDtype::U8 {
         return Err(ctx(format!("{qs_key:?} must be uint8 (JSON bytes), got {dt:?}")));
     }
-    let js = parse_quant_state_json(bytes, name)?;
+    let js = parse_quant_state_json(bytes, name).map_err(|e| match e {
+        Error::Format { context, msg } => Error::format(format!("{}: {context}", src.context()), msg),
+        e => e,
+    })?;
     let suffix_qt = if qs_key.ends_with("nf4") {
         QuantType::Nf4
     } else {

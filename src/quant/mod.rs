@@ -1,9 +1,10 @@
 //! 4-bit NF4/FP4 quantization, byte-for-byte compatible with bitsandbytes >= 0.50.
 //!
-//! Layout (see `../shared/reference/nf4-bitsandbytes.md`): the tensor is flattened row-major and cut
-//! into blocks of `blocksize` consecutive elements; each block has an f32 absmax; element `2j` goes in
-//! the high nibble of byte `j`. With double quantization the absmax vector is itself quantized to
-//! 8-bit codes of the signed dynamic map over blocks of 256, after subtracting its mean (`offset`).
+//! Layout (bitsandbytes `functional.py` `quantize_4bit`, `csrc/kernels.cu` `kQuantizeBlockwise`): the
+//! tensor is flattened row-major and cut into blocks of `blocksize` consecutive elements; each block
+//! has an f32 absmax; element `2j` goes in the high nibble of byte `j`. With double quantization the
+//! absmax vector is itself quantized to 8-bit codes of the signed dynamic map over blocks of 256,
+//! after subtracting its mean (`offset`).
 //!
 //! # Semantics (the CUDA kernels of bitsandbytes, reproduced exactly on every device)
 //!
@@ -25,13 +26,16 @@
 //! CPU (`cpu.rs`: a scalar reference and a rayon + SIMD fast path) and CUDA (`kernels/nf4.cu`) produce
 //! identical bytes; `tests/nf4.rs` checks both against bitsandbytes' own output.
 
-use crate::device::Device;
+use crate::device::{Device, on_device};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub.rs"]
+pub(crate) mod cuda;
 pub mod io;
 
 /// The 4-bit code book.
@@ -538,13 +542,7 @@ impl QuantizedTensor {
                 format!("tensor '{}' is too large", opts.name),
             ));
         }
-        let (data, absmax) = match t.device() {
-            Device::Cpu => cpu::quantize_tensor(t, opts)?,
-            #[cfg(feature = "cuda")]
-            Device::Cuda(_) => cuda::quantize_tensor(t, opts)?,
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => return Err(Error::CudaUnavailable("this build has no `cuda` feature".into())),
-        };
+        let (data, absmax) = on_device!(t.device(), quantize_tensor(t, opts))?;
         let state = QuantState {
             quant_type: opts.quant_type,
             blocksize: opts.blocksize,
@@ -591,13 +589,7 @@ impl QuantizedTensor {
     /// Dequantizes to `dtype` (f32, f16 or bf16) with the original shape, on this tensor's device.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
         dtype.expect_float("dequantize")?;
-        match self.device() {
-            Device::Cpu => cpu::dequantize_tensor(self, dtype),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(_) => cuda::dequantize_tensor(self, dtype),
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => Err(Error::CudaUnavailable("this build has no `cuda` feature".into())),
-        }
+        on_device!(self.device(), dequantize_tensor(self, dtype))
     }
 
     /// Dequantizes into an existing tensor (its dtype, f32/f16/bf16, is the output dtype; its shape must
@@ -626,19 +618,7 @@ impl QuantizedTensor {
                 ),
             ));
         }
-        match self.device() {
-            Device::Cpu => cpu::dequantize_tensor_into(self, out),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(_) => {
-                let dtype = out.dtype();
-                match out.storage_mut()? {
-                    crate::tensor::Storage::Cuda(c) => cuda::dequantize_into(self, c, dtype),
-                    _ => Err(Error::device("dequantize_into", "output is not a CUDA tensor")),
-                }
-            }
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => Err(Error::CudaUnavailable("this build has no `cuda` feature".into())),
-        }
+        on_device!(self.device(), dequantize_tensor_into(self, out))
     }
 
     /// The per-block absmax as `f32 [nblocks]` on this tensor's device (double quantization decoded).
@@ -650,10 +630,7 @@ impl QuantizedTensor {
                     let v = cpu::absmax_f32(&self.state)?;
                     Tensor::from_vec(v, &[self.state.nblocks()], Device::Cpu)
                 }
-                #[cfg(feature = "cuda")]
                 Device::Cuda(_) => cuda::absmax_f32(&self.state),
-                #[cfg(not(feature = "cuda"))]
-                Device::Cuda(_) => Err(Error::CudaUnavailable("this build has no `cuda` feature".into())),
             },
         }
     }

@@ -2,11 +2,10 @@
 //! matmul goes through cuBLAS (f32 accumulation for f16/bf16).
 
 use super::{BinaryOp, CpuStorage, DType, MatmulDims, RowReduce, Storage, Tensor};
-use crate::device::cuda::{CudaBackend, backend, grid_1d};
+use crate::device::cuda::{CudaBackend, backend, grid_1d, kernels as k};
 use crate::error::{Error, Result};
 use cudarc::cublas::{Gemm, GemmConfig, sys::cublasOperation_t};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
-use half::{bf16, f16};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig};
 use std::sync::Arc;
 
 /// Device bytes of one tensor plus the backend that owns them. Typed views are made on demand from
@@ -107,64 +106,46 @@ pub(crate) fn upload(ordinal: usize, s: &CpuStorage, shape: &[usize]) -> Result<
     Ok(wrap(CudaStorage { data, backend: b }, shape, s.dtype()))
 }
 
-fn suffix(d: DType) -> &'static str {
-    d.as_str()
-}
-
-/// Kernel names are `&'static str` for the function cache; this interns the few combinations.
-fn kname(parts: &[&str]) -> &'static str {
-    use std::collections::HashSet;
-    use std::sync::{Mutex, OnceLock};
-    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-    let name = parts.join("_");
-    let set = NAMES.get_or_init(|| Mutex::new(HashSet::new()));
-    let mut set = match set.lock() {
-        Ok(s) => s,
-        Err(p) => p.into_inner(),
-    };
-    if let Some(s) = set.get(name.as_str()) {
-        return s;
+/// The CUDA storage of `t`, or the error every CUDA launcher gives for a tensor on another device.
+pub(crate) fn storage<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a CudaStorage> {
+    match t.storage() {
+        Storage::Cuda(c) => Ok(c),
+        Storage::Cpu(_) => Err(Error::device(op, "expected a CUDA tensor, got a CPU tensor")),
     }
-    let leaked: &'static str = Box::leak(name.into_boxed_str());
-    set.insert(leaked);
-    leaked
 }
 
-/// Launches `f(src, dst, n)` style elementwise kernels with typed views chosen by dtype.
+/// Runs `$body` with the type alias `$t` bound to the element type of a float dtype (`f32`, `f16` or
+/// `bf16`), the way every CUDA launcher picks a generic kernel family's instantiation; other dtypes
+/// are an error naming `$op`.
 macro_rules! typed {
-    ($dtype:expr, |$t:ident| $body:expr) => {
+    ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {
         match $dtype {
-            DType::F32 => {
+            $crate::tensor::DType::F32 => {
                 type $t = f32;
                 $body
             }
-            DType::F16 => {
-                type $t = f16;
+            $crate::tensor::DType::F16 => {
+                type $t = half::f16;
                 $body
             }
-            DType::BF16 => {
-                type $t = bf16;
+            $crate::tensor::DType::BF16 => {
+                type $t = half::bf16;
                 $body
             }
-            other => Err(Error::dtype("cuda", "a float dtype", other)),
+            other => Err($crate::error::Error::dtype($op, "a float dtype", other)),
         }
     };
 }
+pub(crate) use typed;
 
 pub(crate) fn cast(c: &CudaStorage, from: DType, to: DType, shape: &[usize]) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     let b = &c.backend;
     let mut out = alloc(b, to, n)?;
-    let f = b.func("tensor", kname(&["cast", suffix(from), suffix(to)]))?;
     let n64 = n as i64;
-    typed!(from, |S| typed!(to, |D| {
-        let src = c.view::<S>()?;
-        let mut dst = out.view_mut::<D>()?;
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(&src).arg(&mut dst).arg(&n64);
-        // SAFETY: cast_<from>_<to>(const S*, D*, int64 n) reads and writes n elements; both views hold n.
-        unsafe { l.launch(grid_1d(n, 256)?) }?;
-        Ok(())
+    typed!(from, "cast", |S| typed!(to, "cast", |D| {
+        // SAFETY: cast_<S>_<D>(const S* x, D* y, int64 n) reads and writes n elements; both views hold n.
+        unsafe { k::tensor::cast::<S, D>(b, grid_1d(n, 256)?, &c.view()?, &mut out.view_mut()?, n64) }
     }))?;
     Ok(wrap(out, shape, to))
 }
@@ -179,16 +160,19 @@ pub(crate) fn binary(
     let n: usize = shape.iter().product();
     let b = &a.backend;
     let mut out = alloc(b, dtype, n)?;
-    let f = b.func("tensor", kname(&["binary", op.name(), suffix(dtype)]))?;
     let n64 = n as i64;
-    typed!(dtype, |T| {
+    typed!(dtype, op.name(), |T| {
         let (x, y) = (a.view::<T>()?, bs.view::<T>()?);
         let mut o = out.view_mut::<T>()?;
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(&x).arg(&y).arg(&mut o).arg(&n64);
+        let cfg = grid_1d(n, 256)?;
         // SAFETY: binary_<op>_<T>(const T*, const T*, T*, int64 n); all three views hold n elements.
-        unsafe { l.launch(grid_1d(n, 256)?) }?;
-        Ok(())
+        unsafe {
+            match op {
+                BinaryOp::Add => k::tensor::binary_add::<T>(b, cfg, &x, &y, &mut o, n64),
+                BinaryOp::Sub => k::tensor::binary_sub::<T>(b, cfg, &x, &y, &mut o, n64),
+                BinaryOp::Mul => k::tensor::binary_mul::<T>(b, cfg, &x, &y, &mut o, n64),
+            }
+        }
     })?;
     Ok(wrap(out, shape, dtype))
 }
@@ -203,32 +187,22 @@ pub(crate) fn affine(
     let n: usize = shape.iter().product();
     let b = &c.backend;
     let mut out = alloc(b, dtype, n)?;
-    let f = b.func("tensor", kname(&["affine", suffix(dtype)]))?;
     let n64 = n as i64;
-    typed!(dtype, |T| {
-        let x = c.view::<T>()?;
-        let mut o = out.view_mut::<T>()?;
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(&x).arg(&mut o).arg(&alpha).arg(&beta).arg(&n64);
+    typed!(dtype, "affine", |T| {
+        let cfg = grid_1d(n, 256)?;
         // SAFETY: affine_<T>(const T*, T*, float, float, int64 n); both views hold n elements.
-        unsafe { l.launch(grid_1d(n, 256)?) }?;
-        Ok(())
+        unsafe { k::tensor::affine::<T>(b, cfg, &c.view()?, &mut out.view_mut()?, alpha, beta, n64) }
     })?;
     Ok(wrap(out, shape, dtype))
 }
 
 pub(crate) fn axpy(a: &mut CudaStorage, x: &CudaStorage, alpha: f32, dtype: DType, n: usize) -> Result<()> {
     let b = a.backend.clone();
-    let f = b.func("tensor", kname(&["axpy", suffix(dtype)]))?;
     let n64 = n as i64;
-    typed!(dtype, |T| {
-        let xv = x.view::<T>()?;
-        let mut av = a.view_mut::<T>()?;
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(&mut av).arg(&xv).arg(&alpha).arg(&n64);
+    typed!(dtype, "axpy", |T| {
+        let cfg = grid_1d(n, 256)?;
         // SAFETY: axpy_<T>(T* y, const T* x, float alpha, int64 n); both views hold n elements.
-        unsafe { l.launch(grid_1d(n, 256)?) }?;
-        Ok(())
+        unsafe { k::tensor::axpy::<T>(&b, cfg, &mut a.view_mut()?, &x.view()?, alpha, n64) }
     })
 }
 
@@ -243,22 +217,13 @@ pub(crate) fn dropout(
     let n: usize = shape.iter().product();
     let b = &c.backend;
     let mut out = alloc(b, dtype, n)?;
-    let f = b.func("tensor", kname(&["dropout", suffix(dtype)]))?;
     let n64 = n as i64;
-    typed!(dtype, |T| {
-        let x = c.view::<T>()?;
-        let mut o = out.view_mut::<T>()?;
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(&x)
-            .arg(&mut o)
-            .arg(&threshold)
-            .arg(&scale)
-            .arg(&seed)
-            .arg(&n64);
+    typed!(dtype, "dropout", |T| {
+        let cfg = grid_1d(n, 256)?;
+        let (x, mut o) = (c.view::<T>()?, out.view_mut::<T>()?);
         // SAFETY: dropout_<T>(const T*, T*, uint64 threshold, float scale, uint64 seed, int64 n); both
         // views hold n elements.
-        unsafe { l.launch(grid_1d(n, 256)?) }?;
-        Ok(())
+        unsafe { k::tensor::dropout::<T>(b, cfg, &x, &mut o, threshold, scale, seed, n64) }
     })?;
     Ok(wrap(out, shape, dtype))
 }
@@ -276,7 +241,6 @@ pub(crate) fn row_reduce(
     if rows == 0 {
         return Ok(wrap(out, out_shape, DType::F32));
     }
-    let f = b.func("tensor", kname(&["row_reduce", suffix(dtype)]))?;
     let (rows64, cols64) = (rows as i64, cols as i64);
     let mode: i32 = match op {
         RowReduce::Sum => 0,
@@ -289,14 +253,10 @@ pub(crate) fn row_reduce(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    typed!(dtype, |T| {
-        let x = c.view::<T>()?;
-        let mut o = out.view_mut::<f32>()?;
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(&x).arg(&mut o).arg(&rows64).arg(&cols64).arg(&mode);
+    typed!(dtype, "row_reduce", |T| {
+        let (x, mut o) = (c.view::<T>()?, out.view_mut::<f32>()?);
         // SAFETY: row_reduce_<T>(const T* x [rows*cols], float* out [rows], int64, int64, int mode).
-        unsafe { l.launch(cfg) }?;
-        Ok(())
+        unsafe { k::tensor::row_reduce::<T>(b, cfg, &x, &mut o, rows64, cols64, mode) }
     })?;
     Ok(wrap(out, out_shape, DType::F32))
 }
@@ -307,14 +267,6 @@ pub(crate) fn transpose(c: &CudaStorage, dtype: DType, m: usize, n: usize) -> Re
     if m * n == 0 {
         return Ok(wrap(out, &[n, m], dtype));
     }
-    let size = dtype.size_in_bytes();
-    let name = match size {
-        1 => "transpose_b1",
-        2 => "transpose_b2",
-        4 => "transpose_b4",
-        _ => "transpose_b8",
-    };
-    let f = b.func("tensor", name)?;
     let (m64, n64) = (m as i64, n as i64);
     // 32x32 tiles through shared memory, 32x8 threads.
     let cfg = LaunchConfig {
@@ -327,13 +279,17 @@ pub(crate) fn transpose(c: &CudaStorage, dtype: DType, m: usize, n: usize) -> Re
             "transpose: {m} rows exceed the CUDA grid"
         )));
     }
-    let src = &c.data;
-    let dst = &mut out.data;
-    let mut l = b.stream.launch_builder(&f);
-    l.arg(src).arg(dst).arg(&m64).arg(&n64);
-    // SAFETY: transpose_b<size>(const void* src [m*n], void* dst [n*m], int64 m, int64 n) moves elements
-    // of `size` bytes; both buffers hold m*n*size bytes.
-    unsafe { l.launch(cfg) }?;
+    // SAFETY: transpose_b<size>(const E* src [m*n], E* dst [n*m], int64 m, int64 n) moves elements of
+    // `size` bytes (E = the unsigned integer of that size); both buffers hold m*n*size bytes, so the
+    // views of E hold m*n elements.
+    unsafe {
+        match dtype.size_in_bytes() {
+            1 => k::tensor::transpose_b1(b, cfg, &c.view()?, &mut out.view_mut()?, m64, n64),
+            2 => k::tensor::transpose_b2(b, cfg, &c.view()?, &mut out.view_mut()?, m64, n64),
+            4 => k::tensor::transpose_b4(b, cfg, &c.view()?, &mut out.view_mut()?, m64, n64),
+            _ => k::tensor::transpose_b8(b, cfg, &c.view()?, &mut out.view_mut()?, m64, n64),
+        }
+    }?;
     Ok(wrap(out, &[n, m], dtype))
 }
 
@@ -347,7 +303,7 @@ pub(crate) fn matmul(
 ) -> Result<Tensor> {
     let b = &a.backend;
     let mut out = alloc(b, dtype, d.m * d.n)?;
-    typed!(dtype, |T| {
+    typed!(dtype, "matmul", |T| {
         let x = a.view::<T>()?;
         let y = bs.view::<T>()?;
         let mut o = out.view_mut::<T>()?;

@@ -10,6 +10,9 @@
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub.rs"]
+pub(crate) mod cuda;
 mod dtype;
 
 pub use dtype::{DType, Element};
@@ -207,10 +210,7 @@ impl Tensor {
         let n = numel_of(shape)?;
         match device {
             Device::Cpu => Tensor::from_cpu_storage(CpuStorage::zeros(dtype, n), shape),
-            #[cfg(feature = "cuda")]
             Device::Cuda(o) => cuda::zeros(o, shape, dtype),
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => unreachable_without_cuda(),
         }
     }
 
@@ -734,11 +734,4 @@ pub(crate) enum RowReduce {
     Sum,
     SumSquares,
     Norm,
-}
-
-#[cfg(not(feature = "cuda"))]
-fn unreachable_without_cuda<T>() -> Result<T> {
-    Err(Error::CudaUnavailable(
-        "this build of peft-kernels has no `cuda` feature".into(),
-    ))
 }

@@ -10,8 +10,9 @@ use peft_kernels::Device;
 /// The CUDA device to test on, or `None` (after printing why) when there is none.
 pub fn cuda_device() -> Option<Device> {
     // Fresh CUDA outputs are filled with NaN bytes so that unwritten elements fail comparisons.
-    // SAFETY (std::env::set_var is unsafe in edition 2024): set before any CUDA work in this process;
-    // every test sets the same value, so concurrent writers agree.
+    // SAFETY: set_var (unsafe in edition 2024) races only with reads outside std's environment lock,
+    // such as the CUDA driver's getenv: this runs before any CUDA work in this process, and every test
+    // sets the same value, so concurrent writers agree.
     unsafe { std::env::set_var("PEFT_KERNELS_POISON", "1") };
     if peft_kernels::cuda_device_count() > 0 {
         return Some(Device::Cuda(0));

@@ -1,21 +1,15 @@
 //! CUDA launches of `kernels/vblora.cu` (the CPU twins are in `cpu.rs`).
 
 use super::Layout;
-use crate::device::cuda::{CudaBackend, grid_1d};
+use crate::device::cuda::{CudaBackend, grid_1d, kernels as k};
 use crate::error::{Error, Result};
-use crate::tensor::cuda::{CudaStorage, alloc, wrap};
-use crate::tensor::{DType, Storage, Tensor};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use crate::tensor::cuda::{CudaStorage, alloc, storage, wrap};
+use crate::tensor::{DType, Tensor};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 use std::sync::Arc;
 
 fn cs(t: &Tensor) -> Result<&CudaStorage> {
-    match t.storage() {
-        Storage::Cuda(c) => Ok(c),
-        Storage::Cpu(_) => Err(Error::device(
-            "vblora",
-            "expected a CUDA tensor, got a CPU tensor",
-        )),
-    }
+    storage(t, "vblora")
 }
 
 fn layout_r(layout: Layout) -> i64 {
@@ -44,26 +38,29 @@ fn select(b: &Arc<CudaBackend>, logits: &Tensor, rows: usize, v: usize, k: usize
     if rows > 0 {
         let mut sv = alloc(b, DType::F32, rows * v)?;
         let mut si = alloc(b, DType::I32, rows * v)?;
-        let f = b.func("vblora", "vblora_select")?;
         let (rows64, v32, k32) = (rows as i64, v as i32, k as i32);
         let lv = cs(logits)?.view::<f32>()?;
         let (mut svv, mut siv) = (sv.view_mut::<f32>()?, si.view_mut::<i32>()?);
         let (mut iv, mut wv) = (idx.view_mut::<i32>()?, w.view_mut::<f32>()?);
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(&lv)
-            .arg(&rows64)
-            .arg(&v32)
-            .arg(&k32)
-            .arg(&mut svv)
-            .arg(&mut siv)
-            .arg(&mut iv)
-            .arg(&mut wv)
-            .arg(&mut flag);
         // SAFETY: vblora_select(const float* logits [rows*V], int64 rows, int V, int k, float* sv
         // [rows*V], int* si [rows*V], int* idx [rows*k], float* w [rows*k], int* flag [1]); all buffers
         // have those sizes (logits checked by the caller, the rest allocated above); 1 <= k <= V; a
         // thread owns one row (grid-stride) and only touches that row's slices.
-        unsafe { l.launch(grid_1d(rows, 128)?) }?;
+        unsafe {
+            k::vblora::vblora_select(
+                b,
+                grid_1d(rows, 128)?,
+                &lv,
+                rows64,
+                v32,
+                k32,
+                &mut svv,
+                &mut siv,
+                &mut iv,
+                &mut wv,
+                &mut flag.as_view_mut(),
+            )
+        }?;
     }
     Ok(Selected { idx, w, flag })
 }
@@ -83,24 +80,27 @@ pub(crate) fn compose(
     let sel = select(&b, logits, rows, v, k)?;
     let mut out = alloc(&b, DType::F32, rows * len)?;
     if rows * len > 0 {
-        let f = b.func("vblora", "vblora_compose")?;
         let (len64, rows64, k32, lr) = (len as i64, rows as i64, k as i32, layout_r(layout));
         let (bv, iv, wv) = (bs.view::<f32>()?, sel.idx.view::<i32>()?, sel.w.view::<f32>()?);
         let mut ov = out.view_mut::<f32>()?;
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(&bv)
-            .arg(&len64)
-            .arg(&iv)
-            .arg(&wv)
-            .arg(&k32)
-            .arg(&rows64)
-            .arg(&lr)
-            .arg(&mut ov);
         // SAFETY: vblora_compose(const float* bank [V*L], int64 L, const int* idx [rows*k], const float* w
         // [rows*k], int k, int64 rows, int64 layout_r, float* out [rows*L]); idx entries < V (top-k of a
         // V-wide row); out_index is a bijection of [rows, L] onto itself for both layouts (for B,
         // rows = (out/L)·r); grid-stride over rows*L.
-        unsafe { l.launch(grid_1d(rows * len, 256)?) }?;
+        unsafe {
+            k::vblora::vblora_compose(
+                &b,
+                grid_1d(rows * len, 256)?,
+                &bv,
+                len64,
+                &iv,
+                &wv,
+                k32,
+                rows64,
+                lr,
+                &mut ov,
+            )
+        }?;
     }
     Ok(wrap(out, shape, DType::F32))
 }
@@ -129,62 +129,41 @@ pub(crate) fn compose_backward(
         sel.w.view::<f32>()?,
     );
     if rows > 0 {
-        let f = b.func("vblora", "vblora_dlogits")?;
         let mut dl = CudaStorage {
             data: dlogits,
             backend: b.clone(),
         };
         {
             let mut dv = dl.view_mut::<f32>()?;
-            let mut l = b.stream.launch_builder(&f);
-            l.arg(&bv)
-                .arg(&len64)
-                .arg(&gv)
-                .arg(&iv)
-                .arg(&wv)
-                .arg(&k32)
-                .arg(&rows64)
-                .arg(&v32)
-                .arg(&lr)
-                .arg(&mut dv);
-            // SAFETY: vblora_dlogits(const float* bank [V*L], int64 L, const float* grad [rows*L], const
-            // int* idx [rows*k], const float* w [rows*k], int k, int64 rows, int V, int64 layout_r,
-            // float* dlogits [rows*V], zeroed); one warp per row (8 per block, grid-stride), each row
-            // writes only its own V-wide slice at the k distinct selected indices.
             let blocks = rows.div_ceil(8).min(1 << 20) as u32;
             let cfg = LaunchConfig {
                 grid_dim: (blocks, 1, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            unsafe { l.launch(cfg) }?;
+            // SAFETY: vblora_dlogits(const float* bank [V*L], int64 L, const float* grad [rows*L], const
+            // int* idx [rows*k], const float* w [rows*k], int k, int64 rows, int V, int64 layout_r,
+            // float* dlogits [rows*V], zeroed); one warp per row (8 per block, grid-stride), each row
+            // writes only its own V-wide slice at the k distinct selected indices.
+            unsafe {
+                k::vblora::vblora_dlogits(&b, cfg, &bv, len64, &gv, &iv, &wv, k32, rows64, v32, lr, &mut dv)
+            }?;
         }
         dlogits = dl.data;
     }
     if v * len > 0 {
-        let f = b.func("vblora", "vblora_dbank")?;
         let mut dbv = dbank.view_mut::<f32>()?;
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(&gv)
-            .arg(&iv)
-            .arg(&wv)
-            .arg(&k32)
-            .arg(&rows64)
-            .arg(&len64)
-            .arg(&v32)
-            .arg(&lr)
-            .arg(&mut dbv);
-        // SAFETY: vblora_dbank(const float* grad [rows*L], const int* idx [rows*k], const float* w
-        // [rows*k], int k, int64 rows, int64 L, int V, int64 layout_r, float* dbank [V*L]); one block per
-        // bank row (grid-stride over V), threads over L; every dbank element is written exactly once;
-        // the 1024-entry shared tile matches DBANK_TILE.
         let threads = len.clamp(32, 256).div_ceil(32) * 32;
         let cfg = LaunchConfig {
             grid_dim: (v.min(65535) as u32, 1, 1),
             block_dim: (threads as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        unsafe { l.launch(cfg) }?;
+        // SAFETY: vblora_dbank(const float* grad [rows*L], const int* idx [rows*k], const float* w
+        // [rows*k], int k, int64 rows, int64 L, int V, int64 layout_r, float* dbank [V*L]); one block per
+        // bank row (grid-stride over V), threads over L; every dbank element is written exactly once;
+        // the 1024-entry shared tile matches DBANK_TILE.
+        unsafe { k::vblora::vblora_dbank(&b, cfg, &gv, &iv, &wv, k32, rows64, len64, v32, lr, &mut dbv) }?;
     }
     let dl_tensor = wrap(
         CudaStorage {

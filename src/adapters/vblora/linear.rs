@@ -18,10 +18,16 @@
 //! function of a seed, regenerated in the backward pass (as in [`crate::adapters::lora`]).
 
 use super::{BANK_KEY, VbLoraConfig, VbLoraLayer};
-use crate::autograd::{Backward, ParamId, ParamStore, Tape, Var};
+use crate::adapters::AdapterLinear;
+use crate::adapters::linear::{
+    LinearBase, Shapes, TapeLinear, adapter_linear_common, check_devices, with_name,
+};
+use crate::adapters::lora::{low_rank_backward_input, low_rank_forward};
+use crate::autograd::{ParamId, ParamStore};
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::qmatmul::{Algo, BaseWeight, LowRankBwd, LowRankFwd, linear_backward_input, linear_forward};
+use crate::io::peft::AdapterMethod;
+use crate::qmatmul::BaseWeight;
 use crate::tensor::{DType, Tensor};
 
 /// PEFT's key of `module`'s logits: `base_model.model.<module>.vblora_logits_<ab>` (`ab` is `"A"` or
@@ -108,15 +114,11 @@ impl Default for VbLoraOptions {
 /// A linear layer with a frozen (possibly 4-bit) base weight and a VB-LoRA update.
 #[derive(Clone, Debug)]
 pub struct VbLoraLinear {
-    name: String,
-    base: BaseWeight,
-    bias: Option<Tensor>,
+    lb: LinearBase,
     layer: VbLoraLayer,
     bank: ParamId,
     logits_a: ParamId,
     logits_b: ParamId,
-    dropout: f32,
-    algo: Algo,
 }
 
 /// What the forward pass keeps: the input, `u = drop(x)·Aᵀ` (`[tokens, r]` f32) and the composed A, B.
@@ -126,8 +128,7 @@ pub struct VbLoraContext {
     u: Tensor,
     a: Tensor,
     b: Tensor,
-    in_shape: Vec<usize>,
-    out_shape: Vec<usize>,
+    shapes: Shapes,
     mask_seed: Option<u64>,
 }
 
@@ -219,64 +220,24 @@ impl VbLoraLinear {
                 ),
             ));
         }
-        if let Some(b) = &bias
-            && b.shape() != [out]
-        {
-            return Err(Error::shape(
-                op,
-                format!("{name}: bias {:?} is not [{out}]", b.shape()),
-            ));
+        for t in [bt, la, lb] {
+            t.dtype().expect_float(op)?;
         }
-        for (t, what) in [
-            (Some(bt), "bank"),
-            (Some(la), "logits_A"),
-            (Some(lb), "logits_B"),
-            (bias.as_ref(), "bias"),
-        ] {
-            if let Some(t) = t {
-                t.dtype().expect_float(op)?;
-                if t.device() != base.device() {
-                    return Err(Error::device(
-                        op,
-                        format!(
-                            "{name}: {what} on {} but the base weight on {}",
-                            t.device(),
-                            base.device()
-                        ),
-                    ));
-                }
-            }
-        }
-        if !(0.0..1.0).contains(&dropout) {
-            return Err(Error::invalid(format!(
-                "{name}: vblora_dropout {dropout} is not in [0, 1)"
-            )));
-        }
+        check_devices(
+            op,
+            name,
+            &base,
+            [("bank", Some(bt)), ("logits_A", Some(la)), ("logits_B", Some(lb))],
+        )?;
         Ok(VbLoraLinear {
-            name: name.to_string(),
-            base,
-            bias,
+            lb: LinearBase::new(op, name, base, bias, dropout, "vblora_dropout")?,
             layer,
             bank: bank.id(),
             logits_a,
             logits_b,
-            dropout,
-            algo: Algo::Auto,
         })
     }
 
-    /// The module path.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-    /// The frozen base weight.
-    pub fn base(&self) -> &BaseWeight {
-        &self.base
-    }
-    /// The frozen bias, if any.
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
-    }
     /// Shapes and settings.
     pub fn layer(&self) -> &VbLoraLayer {
         &self.layer
@@ -295,52 +256,12 @@ impl VbLoraLinear {
     }
     /// The dropout probability of the adapter branch.
     pub fn dropout(&self) -> f32 {
-        self.dropout
-    }
-    /// Input features.
-    pub fn in_features(&self) -> usize {
-        self.base.in_features()
-    }
-    /// Output features.
-    pub fn out_features(&self) -> usize {
-        self.base.out_features()
-    }
-    /// Chooses the base matmul implementation (default [`Algo::Auto`]).
-    pub fn set_algo(&mut self, algo: Algo) {
-        self.algo = algo;
-    }
-    /// Trainable parameters of this layer (the logits; the shared bank is counted once, elsewhere).
-    pub fn num_trainable_params(&self) -> usize {
-        let [a0, a1, a2] = self.layer.logits_a_shape();
-        let [b0, b1, b2] = self.layer.logits_b_shape();
-        a0 * a1 * a2 + b0 * b1 * b2
+        self.lb.dropout()
     }
 
-    /// The seed of this layer's dropout mask for a step seed (the step seed mixed with the layer name,
-    /// as [`crate::adapters::lora::LoraLinear::mask_seed`]); `None` when dropout is off or in evaluation.
+    /// The seed of this layer's dropout mask for a step seed (see [`LinearBase::mask_seed`]).
     pub fn mask_seed(&self, step_seed: Option<u64>) -> Option<u64> {
-        let s = step_seed.filter(|_| self.dropout > 0.0)?;
-        let h = self.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-        });
-        Some(s ^ h)
-    }
-
-    fn flatten(&self, x: &Tensor, features: usize, what: &'static str) -> Result<Tensor> {
-        match x.shape() {
-            [.., f] if *f == features => x.reshape(&[x.numel() / features.max(1), features]),
-            s => Err(Error::shape(
-                what,
-                format!("{}: expected [.., {features}], got {s:?}", self.name),
-            )),
-        }
-    }
-
-    fn dropped(&self, x2: &Tensor, mask_seed: Option<u64>) -> Result<Tensor> {
-        match mask_seed {
-            Some(seed) => x2.dropout(self.dropout, seed),
-            None => Ok(x2.clone()),
-        }
+        self.lb.mask_seed(step_seed)
     }
 
     /// `(A [r, in], B [out, r])`, f32, composed from the current bank and logits.
@@ -369,21 +290,12 @@ impl VbLoraLinear {
         x: &Tensor,
         dropout_seed: Option<u64>,
     ) -> Result<(Tensor, VbLoraContext)> {
-        let x2 = self.flatten(x, self.in_features(), "VbLoraLinear::forward")?;
+        let (x2, shapes) = self.lb.flatten_input(x, "VbLoraLinear::forward")?;
         let mask_seed = self.mask_seed(dropout_seed);
-        let xd = self.dropped(&x2, mask_seed)?;
+        let xd = self.lb.dropped(&x2, mask_seed)?;
         // u = drop(x)·Aᵀ in f32 (PEFT casts x to the bank's dtype): [tokens, r].
         let u = xd.to_dtype(DType::F32)?.matmul_t(&a, false, true)?;
-        let y = linear_forward(
-            &x2,
-            &self.base,
-            self.bias.as_ref(),
-            Some(LowRankFwd { u: &u, b: &b }),
-            self.algo,
-        )?;
-        let mut out_shape = x.shape()[..x.rank() - 1].to_vec();
-        out_shape.push(self.out_features());
-        let y = y.reshape(&out_shape)?;
+        let y = low_rank_forward(&self.lb, &x2, &u, &b)?.reshape(&shapes.output)?;
         Ok((
             y,
             VbLoraContext {
@@ -391,8 +303,7 @@ impl VbLoraLinear {
                 u,
                 a,
                 b,
-                in_shape: x.shape().to_vec(),
-                out_shape,
+                shapes,
                 mask_seed,
             },
         ))
@@ -439,41 +350,18 @@ impl VbLoraLinear {
         need_dx: bool,
         need_params: bool,
     ) -> Result<(Option<Tensor>, Option<(Tensor, Tensor, Tensor)>)> {
-        if dy.shape() != ctx.out_shape.as_slice() {
-            return Err(Error::shape(
-                "VbLoraLinear::backward",
-                format!(
-                    "{}: dy {:?} does not match the output {:?}",
-                    self.name,
-                    dy.shape(),
-                    ctx.out_shape
-                ),
-            ));
-        }
-        dy.dtype().expect_float("VbLoraLinear::backward")?;
-        let dy2 = self
-            .flatten(dy, self.out_features(), "VbLoraLinear::backward")?
-            .to_dtype(ctx.x.dtype())?;
+        let what = "VbLoraLinear::backward";
+        let dy2 = self.lb.flatten_dy(dy, &ctx.shapes, what)?;
+        dy.dtype().expect_float(what)?;
+        let dy2 = dy2.to_dtype(ctx.x.dtype())?;
         let dy32 = dy2.to_dtype(DType::F32)?;
         // v = dy·B: [tokens, r] (needed by dx and dA).
         let v = dy32.matmul(&ctx.b)?;
         let dx = if need_dx {
-            let dx = match ctx.mask_seed {
-                // No dropout: one fused K-concatenated product [dy | v]·[W ; A].
-                None => {
-                    linear_backward_input(&dy2, &self.base, Some(LowRankBwd { v: &v, a: &ctx.a }), self.algo)?
-                }
-                // Dropout: the adapter term goes back through the same mask.
-                Some(seed) => {
-                    let base = linear_backward_input(&dy2, &self.base, None, self.algo)?;
-                    let adapter = v
-                        .matmul(&ctx.a)?
-                        .dropout(self.dropout, seed)?
-                        .to_dtype(base.dtype())?;
-                    base.add(&adapter)?
-                }
-            };
-            Some(dx.reshape(&ctx.in_shape)?)
+            Some(
+                low_rank_backward_input(&self.lb, &dy2, &v, &ctx.a, ctx.mask_seed)?
+                    .reshape(&ctx.shapes.input)?,
+            )
         } else {
             None
         };
@@ -482,38 +370,14 @@ impl VbLoraLinear {
         }
         // dB = dyᵀ·u: [out, tokens]·[tokens, r];  dA = vᵀ·drop(x): [r, tokens]·[tokens, in].
         let db = dy32.matmul_t(&ctx.u, true, false)?;
-        let xd = self.dropped(&ctx.x, ctx.mask_seed)?.to_dtype(DType::F32)?;
+        let xd = self.lb.dropped(&ctx.x, ctx.mask_seed)?.to_dtype(DType::F32)?;
         let da = v.matmul_t(&xd, true, false)?;
         let f = |t: &Tensor| t.to_dtype(DType::F32);
         let grads = self
             .layer
             .compose_backward(&f(bank)?, &f(la)?, &f(lb)?, &da, &db)
-            .map_err(|e| with_name(&self.name, e))?;
+            .map_err(|e| self.lb.named(e))?;
         Ok((dx, Some(grads)))
-    }
-
-    /// Records the layer on `tape`: inputs `x`, the bank and both logits (parameter Vars). Every layer
-    /// takes its own Var of the shared bank; the tape sums their gradients into the bank's one entry.
-    pub fn forward_t(
-        &self,
-        tape: &mut Tape,
-        store: &ParamStore,
-        x: Var,
-        dropout_seed: Option<u64>,
-    ) -> Result<Var> {
-        let bv = tape.param(store, self.bank)?;
-        let av = tape.param(store, self.logits_a)?;
-        let cv = tape.param(store, self.logits_b)?;
-        let f = |t: &Tensor| t.to_dtype(DType::F32);
-        let (a, b) =
-            self.layer
-                .compose_ab(&f(tape.value(bv)?)?, &f(tape.value(av)?)?, &f(tape.value(cv)?)?)?;
-        let (y, ctx) = self.forward_with(a, b, tape.value(x)?, dropout_seed)?;
-        let op = VbLoraOp {
-            layer: self.clone(),
-            ctx,
-        };
-        tape.record(&[x, bv, av, cv], y, Box::new(op))
     }
 
     /// Dense `ΔW = B·A` `[out, in]` f32 (for merging).
@@ -521,58 +385,73 @@ impl VbLoraLinear {
         let (a, b) = self.compose_ab(store)?;
         b.matmul(&a)
     }
+}
 
-    /// `W + B·A` in `dtype` (the base is dequantized first if it is 4-bit).
-    pub fn merged_weight(&self, store: &ParamStore, dtype: DType) -> Result<Tensor> {
-        let w = self.base.dequantize(DType::F32)?;
-        w.add(&self.delta_weight(store)?)?.to_dtype(dtype)
+impl TapeLinear for VbLoraLinear {
+    type Ctx = VbLoraContext;
+    const OP: &'static str = "vblora_linear";
+
+    /// The shared bank and both logits. Every layer takes its own tape Var of the bank; the tape sums
+    /// their gradients into the bank's one entry.
+    fn tape_params(&self) -> Vec<ParamId> {
+        vec![self.bank, self.logits_a, self.logits_b]
     }
-}
-
-fn with_name(name: &str, e: Error) -> Error {
-    match e {
-        Error::InvalidArgument(m) => Error::InvalidArgument(format!("{name}: {m}")),
-        e => e,
-    }
-}
-
-/// The tape record of one [`VbLoraLinear`] call.
-struct VbLoraOp {
-    layer: VbLoraLinear,
-    ctx: VbLoraContext,
-}
-
-impl Backward for VbLoraOp {
-    fn backward(
+    fn forward_values(
         &self,
-        grad_output: &Tensor,
-        inputs: &[&Tensor],
-        _output: &Tensor,
+        params: &[&Tensor],
+        x: &Tensor,
+        dropout_seed: Option<u64>,
+    ) -> Result<(Tensor, VbLoraContext)> {
+        let [bank, la, lb] = params else {
+            return Err(Error::invalid(
+                "VbLoraLinear: expected parameters [bank, logits_A, logits_B]",
+            ));
+        };
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let (a, b) = self.layer.compose_ab(&f(bank)?, &f(la)?, &f(lb)?)?;
+        self.forward_with(a, b, x, dropout_seed)
+    }
+    /// The parameter gradients only when one of them is needed (so a frozen top-k checkpoint, whose
+    /// logits hold -inf, can still pass gradients to x).
+    fn backward_values(
+        &self,
+        params: &[&Tensor],
+        ctx: &VbLoraContext,
+        dy: &Tensor,
         needs: &[bool],
     ) -> Result<Vec<Option<Tensor>>> {
-        let [_, bank, la, lb] = inputs else {
+        let [bank, la, lb] = params else {
             return Err(Error::invalid(
-                "VbLoraOp: expected inputs [x, bank, logits_A, logits_B]",
+                "VbLoraLinear: expected parameters [bank, logits_A, logits_B]",
             ));
         };
         let need = |i: usize| needs.get(i).copied().unwrap_or(false);
         let need_params = need(1) || need(2) || need(3);
-        let (dx, grads) =
-            self.layer
-                .backward_with(bank, la, lb, &self.ctx, grad_output, need(0), need_params)?;
-        let (dla, dlb, dbank) = match grads {
-            Some((a, b, k)) => (Some(a), Some(b), Some(k)),
-            None => (None, None, None),
-        };
-        Ok(vec![
-            dx,
-            dbank.filter(|_| need(1)),
-            dla.filter(|_| need(2)),
-            dlb.filter(|_| need(3)),
-        ])
+        let (dx, grads) = self.backward_with(bank, la, lb, ctx, dy, need(0), need_params)?;
+        Ok(match grads {
+            Some((dla, dlb, dbank)) => vec![dx, Some(dbank), Some(dla), Some(dlb)],
+            None => vec![dx, None, None, None],
+        })
     }
+}
 
-    fn name(&self) -> &'static str {
-        "vblora_linear"
+impl AdapterLinear for VbLoraLinear {
+    adapter_linear_common!(lb);
+
+    fn method(&self) -> Option<AdapterMethod> {
+        Some(AdapterMethod::VbLora)
+    }
+    /// The logits (not the shared bank).
+    fn param_ids(&self) -> Vec<ParamId> {
+        vec![self.logits_a, self.logits_b]
+    }
+    /// The logits (the shared bank is counted once, elsewhere).
+    fn num_trainable_params(&self) -> usize {
+        let [a0, a1, a2] = self.layer.logits_a_shape();
+        let [b0, b1, b2] = self.layer.logits_b_shape();
+        a0 * a1 * a2 + b0 * b1 * b2
+    }
+    fn delta_weight(&self, store: &ParamStore) -> Result<Tensor> {
+        VbLoraLinear::delta_weight(self, store)
     }
 }

@@ -3,12 +3,11 @@
 use super::WaveFtPositions;
 use super::structure::HostStructure;
 use crate::device::Device;
-use crate::device::cuda::{CudaBackend, grid_1d};
+use crate::device::cuda::{CudaBackend, grid_1d, kernels as k};
 use crate::error::{Error, Result};
-use crate::tensor::cuda::{CudaStorage, alloc, wrap};
+use crate::tensor::cuda::{CudaStorage, alloc, storage, typed, wrap};
 use crate::tensor::{DType, Storage, Tensor};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
-use half::{bf16, f16};
+use cudarc::driver::LaunchConfig;
 use std::sync::Arc;
 
 /// Tokens per block step of `waveft_spmm_*` (`SPMM_TOK` in the kernel).
@@ -53,13 +52,7 @@ impl DeviceStructure {
 }
 
 fn cs(t: &Tensor) -> Result<&CudaStorage> {
-    match t.storage() {
-        Storage::Cuda(c) => Ok(c),
-        Storage::Cpu(_) => Err(Error::device(
-            "waveft",
-            "expected a CUDA tensor, got a CPU tensor",
-        )),
-    }
+    storage(t, "waveft")
 }
 
 fn structure(pos: &WaveFtPositions) -> Result<&DeviceStructure> {
@@ -70,26 +63,6 @@ fn structure(pos: &WaveFtPositions) -> Result<&DeviceStructure> {
 
 fn i64_of(n: usize, what: &str) -> Result<i64> {
     i64::try_from(n).map_err(|_| Error::invalid(format!("waveft: {what} = {n} exceeds i64")))
-}
-
-macro_rules! typed {
-    ($dtype:expr, |$t:ident| $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F16 => {
-                type $t = f16;
-                $body
-            }
-            DType::BF16 => {
-                type $t = bf16;
-                $body
-            }
-            other => Err(Error::dtype("waveft", "a float dtype", other)),
-        }
-    };
 }
 
 /// (v_row, v_col): the scaled values of every nonzero of ΔW in row and in column order.
@@ -105,7 +78,6 @@ fn synth(
     if nnz == 0 {
         return Ok((v_row, v_col));
     }
-    let f = b.func("waveft", "waveft_synth")?;
     let nnz64 = i64_of(nnz, "nnz")?;
     let (s, sp, sc, sw, cp) = (
         cs(spectrum)?.view::<f32>()?,
@@ -116,22 +88,26 @@ fn synth(
     );
     {
         let (mut vr, mut vc) = (v_row.view_mut::<f32>()?, v_col.view_mut::<f32>()?);
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(&s)
-            .arg(&sp)
-            .arg(&sc)
-            .arg(&sw)
-            .arg(&cp)
-            .arg(&scaling)
-            .arg(&mut vr)
-            .arg(&mut vc)
-            .arg(&nnz64);
         // SAFETY: waveft_synth(const float* spectrum [n], const int* syn_ptr [nnz+1], const int*
         // syn_coef [E], const float* syn_w [E], const int* col_perm [nnz], float, float* v_row [nnz],
         // float* v_col [nnz], int64 nnz). The structure arrays were built together on the host (syn_ptr
-        // ends at E, coefficients < n = spectrum length checked by the caller, col_perm entries < nnz); the outputs
-        // hold nnz floats; grid-stride over nnz.
-        unsafe { l.launch(grid_1d(nnz, 256)?) }?;
+        // ends at E, coefficients < n = spectrum length checked by the caller, col_perm entries < nnz);
+        // the outputs hold nnz floats; grid-stride over nnz.
+        unsafe {
+            k::waveft::waveft_synth(
+                b,
+                grid_1d(nnz, 256)?,
+                &s,
+                &sp,
+                &sc,
+                &sw,
+                &cp,
+                scaling,
+                &mut vr,
+                &mut vc,
+                nnz64,
+            )
+        }?;
     }
     Ok((v_row, v_col))
 }
@@ -154,13 +130,6 @@ fn spmm(
     if tokens == 0 || n_dim == 0 {
         return Ok(());
     }
-    let name = match dtype {
-        DType::F32 => "waveft_spmm_f32",
-        DType::F16 => "waveft_spmm_f16",
-        DType::BF16 => "waveft_spmm_bf16",
-        other => return Err(Error::dtype("waveft", "a float dtype", other)),
-    };
-    let f = b.func("waveft", name)?;
     let gx = n_dim.div_ceil(128);
     if gx > i32::MAX as usize {
         return Err(Error::invalid(format!(
@@ -183,26 +152,15 @@ fn spmm(
         cs(idx)?.view::<i32>()?,
         vals.view::<f32>()?,
     );
-    typed!(dtype, |T| {
+    typed!(dtype, "waveft", |T| {
         let xv = x.view::<T>()?;
         let mut yv = y.view_mut::<T>()?;
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(&xv)
-            .arg(&t64)
-            .arg(&k64)
-            .arg(&pv)
-            .arg(&iv)
-            .arg(&vv)
-            .arg(&mut yv)
-            .arg(&n64)
-            .arg(&acc);
         // SAFETY: waveft_spmm_<T>(const T* x [tokens*k_dim], int64 tokens, int64 k_dim, const int* ptr
         // [n_dim+1], const int* idx [nnz], const float* vals [nnz], T* y [tokens*n_dim], int64 n_dim, int
         // accumulate). The tensors' shapes were checked by the caller; ptr is a CSR over n_dim rows
         // whose idx entries are < k_dim (built on the host); threads with r >= n_dim return; token
         // groups stride by gridDim.y·8 < tokens bound.
-        unsafe { l.launch(cfg) }?;
-        Ok(())
+        unsafe { k::waveft::waveft_spmm::<T>(b, cfg, &xv, t64, k64, &pv, &iv, &vv, &mut yv, n64, acc) }
     })
 }
 
@@ -286,13 +244,6 @@ pub(crate) fn backward(
     if nnz > 0 {
         let xt = x.reshape(&[tokens, pos.inp])?.t()?;
         let dyt = dy.reshape(&[tokens, pos.out])?.t()?;
-        let name = match x.dtype() {
-            DType::F32 => "waveft_sddmm_f32",
-            DType::F16 => "waveft_sddmm_f16",
-            DType::BF16 => "waveft_sddmm_bf16",
-            other => return Err(Error::dtype("waveft", "a float dtype", other)),
-        };
-        let f = b.func("waveft", name)?;
         // 8 warps per block, one warp per position, grid-stride beyond 2^20 blocks.
         let blocks = nnz.div_ceil(8).min(1 << 20);
         let cfg = LaunchConfig {
@@ -302,27 +253,17 @@ pub(crate) fn backward(
         };
         let (t64, nnz64) = (i64_of(tokens, "tokens")?, i64_of(nnz, "nnz")?);
         let (pr, pc) = (cs(&d.pos_row)?.view::<i32>()?, cs(&d.pos_col)?.view::<i32>()?);
-        typed!(x.dtype(), |T| {
+        typed!(x.dtype(), "waveft", |T| {
             let (a, bb) = (cs(&dyt)?.view::<T>()?, cs(&xt)?.view::<T>()?);
             let mut gv = g.view_mut::<f32>()?;
-            let mut l = b.stream.launch_builder(&f);
-            l.arg(&a)
-                .arg(&bb)
-                .arg(&t64)
-                .arg(&pr)
-                .arg(&pc)
-                .arg(&nnz64)
-                .arg(&mut gv);
             // SAFETY: waveft_sddmm_<T>(const T* dyT [out*tokens], const T* xT [in*tokens], int64 tokens,
             // const int* pos_row [nnz], const int* pos_col [nnz], int64 nnz, float* g [nnz]); rows < out
             // and cols < in by construction of the structure; warps stride over nnz.
-            unsafe { l.launch(cfg) }?;
-            Ok(())
+            unsafe { k::waveft::waveft_sddmm::<T>(&b, cfg, &a, &bb, t64, &pr, &pc, nnz64, &mut gv) }
         })?;
     }
     let mut ds = alloc(&b, DType::F32, n)?;
     {
-        let f = b.func("waveft", "waveft_analysis")?;
         let n64 = i64_of(n, "n")?;
         let (gv, ap, apos, aw) = (
             g.view::<f32>()?,
@@ -331,18 +272,12 @@ pub(crate) fn backward(
             cs(&d.ana_w)?.view::<f32>()?,
         );
         let mut dv = ds.view_mut::<f32>()?;
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(&gv)
-            .arg(&ap)
-            .arg(&apos)
-            .arg(&aw)
-            .arg(&scaling)
-            .arg(&mut dv)
-            .arg(&n64);
         // SAFETY: waveft_analysis(const float* g [nnz], const int* ana_ptr [n+1], const int* ana_pos [E],
         // const float* ana_w [E], float, float* dspectrum [n], int64 n); ana_pos entries < nnz by
         // construction; grid-stride over n.
-        unsafe { l.launch(grid_1d(n, 256)?) }?;
+        unsafe {
+            k::waveft::waveft_analysis(&b, grid_1d(n, 256)?, &gv, &ap, &apos, &aw, scaling, &mut dv, n64)
+        }?;
     }
     if let Some(dx) = dx {
         let dys = cs(dy)?;

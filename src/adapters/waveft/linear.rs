@@ -15,9 +15,14 @@
 //! PEFT's WaveFT has no dropout (its layer applies none), so neither does this one.
 
 use super::{SPECTRUM_KEY, WaveFtConfig, WaveFtLayer};
-use crate::autograd::{Backward, ParamId, ParamStore, Tape, Var};
+use crate::adapters::AdapterLinear;
+use crate::adapters::linear::{
+    LinearBase, Shapes, TapeLinear, adapter_linear_common, check_devices, with_name,
+};
+use crate::autograd::{ParamId, ParamStore};
 use crate::error::{Error, Result};
-use crate::qmatmul::{Algo, BaseWeight, linear_backward_input, linear_forward};
+use crate::io::peft::AdapterMethod;
+use crate::qmatmul::BaseWeight;
 use crate::tensor::{DType, Tensor};
 
 /// PEFT's key of `module`'s spectrum: `base_model.model.<module>.waveft_spectrum`.
@@ -28,20 +33,16 @@ pub fn spectrum_key(module: &str) -> String {
 /// A linear layer with a frozen (possibly 4-bit) base weight and a trainable WaveFT spectrum.
 #[derive(Clone, Debug)]
 pub struct WaveFtLinear {
-    name: String,
-    base: BaseWeight,
-    bias: Option<Tensor>,
+    lb: LinearBase,
     layer: WaveFtLayer,
     spectrum: ParamId,
-    algo: Algo,
 }
 
 /// What the forward pass keeps: the flattened input (the spectrum is read again from the store / tape).
 #[derive(Clone, Debug)]
 pub struct WaveFtContext {
     x: Tensor,
-    in_shape: Vec<usize>,
-    out_shape: Vec<usize>,
+    shapes: Shapes,
 }
 
 /// Gradients of one backward pass.
@@ -126,55 +127,17 @@ impl WaveFtLinear {
             ));
         }
         s.dtype().expect_float(op)?;
-        if let Some(b) = &bias
-            && b.shape() != [out]
-        {
-            return Err(Error::shape(
-                op,
-                format!("{name}: bias {:?} is not [{out}]", b.shape()),
-            ));
-        }
-        for (t, what) in [(Some(s), "spectrum"), (bias.as_ref(), "bias")] {
-            if let Some(t) = t
-                && t.device() != base.device()
-            {
-                return Err(Error::device(
-                    op,
-                    format!(
-                        "{name}: {what} on {} but the base weight on {}",
-                        t.device(),
-                        base.device()
-                    ),
-                ));
-            }
-        }
-        let layer = if layer.positions().device() == base.device() {
+        check_devices(op, name, &base, [("spectrum", Some(s))])?;
+        let lb = LinearBase::new(op, name, base, bias, 0.0, "dropout")?;
+        let dev = lb.base().device();
+        let layer = if layer.positions().device() == dev {
             layer
         } else {
-            layer.to_device(base.device())?
+            layer.to_device(dev)?
         };
-        Ok(WaveFtLinear {
-            name: name.to_string(),
-            base,
-            bias,
-            layer,
-            spectrum,
-            algo: Algo::Auto,
-        })
+        Ok(WaveFtLinear { lb, layer, spectrum })
     }
 
-    /// The module path.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-    /// The frozen base weight.
-    pub fn base(&self) -> &BaseWeight {
-        &self.base
-    }
-    /// The frozen bias, if any.
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
-    }
     /// The adapter geometry and structure.
     pub fn layer(&self) -> &WaveFtLayer {
         &self.layer
@@ -187,33 +150,6 @@ impl WaveFtLinear {
     pub fn spectrum_id(&self) -> ParamId {
         self.spectrum
     }
-    /// Input features.
-    pub fn in_features(&self) -> usize {
-        self.base.in_features()
-    }
-    /// Output features.
-    pub fn out_features(&self) -> usize {
-        self.base.out_features()
-    }
-    /// Chooses the base matmul implementation (default [`Algo::Auto`]).
-    pub fn set_algo(&mut self, algo: Algo) {
-        self.algo = algo;
-    }
-    /// Trainable parameters (the spectrum length).
-    pub fn num_trainable_params(&self) -> usize {
-        self.layer.config().n_frequency
-    }
-
-    fn flatten(&self, x: &Tensor, features: usize, what: &'static str) -> Result<Tensor> {
-        match x.shape() {
-            [.., f] if *f == features => x.reshape(&[x.numel() / features.max(1), features]),
-            s => Err(Error::shape(
-                what,
-                format!("{}: expected [.., {features}], got {s:?}", self.name),
-            )),
-        }
-    }
-
     /// Forward pass. `dropout_seed` is accepted for a uniform layer API and ignored: PEFT's WaveFT has
     /// no dropout. Returns the output (x's dtype and leading shape) and the backward context.
     pub fn forward(
@@ -227,21 +163,12 @@ impl WaveFtLinear {
     }
 
     fn forward_with(&self, spectrum: &Tensor, x: &Tensor) -> Result<(Tensor, WaveFtContext)> {
-        let x2 = self.flatten(x, self.in_features(), "WaveFtLinear::forward")?;
+        let (x2, shapes) = self.lb.flatten_input(x, "WaveFtLinear::forward")?;
         let s32 = spectrum.to_dtype(DType::F32)?;
-        let mut y = linear_forward(&x2, &self.base, self.bias.as_ref(), None, self.algo)?;
+        let mut y = self.lb.base_forward(&x2)?;
         self.layer.forward_delta_add(&x2, &s32, &mut y)?;
-        let mut out_shape = x.shape()[..x.rank() - 1].to_vec();
-        out_shape.push(self.out_features());
-        let y = y.reshape(&out_shape)?;
-        Ok((
-            y,
-            WaveFtContext {
-                x: x2,
-                in_shape: x.shape().to_vec(),
-                out_shape,
-            },
-        ))
+        let y = y.reshape(&shapes.output)?;
+        Ok((y, WaveFtContext { x: x2, shapes }))
     }
 
     /// Backward pass: `dspectrum` (f32) and, when `need_dx`, the input gradient (base + adapter).
@@ -263,28 +190,17 @@ impl WaveFtLinear {
         dy: &Tensor,
         need_dx: bool,
     ) -> Result<WaveFtGrads> {
-        if dy.shape() != ctx.out_shape.as_slice() {
-            return Err(Error::shape(
-                "WaveFtLinear::backward",
-                format!(
-                    "{}: dy {:?} does not match the output {:?}",
-                    self.name,
-                    dy.shape(),
-                    ctx.out_shape
-                ),
-            ));
-        }
-        dy.dtype().expect_float("WaveFtLinear::backward")?;
-        let dy2 = self
-            .flatten(dy, self.out_features(), "WaveFtLinear::backward")?
-            .to_dtype(ctx.x.dtype())?;
+        let what = "WaveFtLinear::backward";
+        let dy2 = self.lb.flatten_dy(dy, &ctx.shapes, what)?;
+        dy.dtype().expect_float(what)?;
+        let dy2 = dy2.to_dtype(ctx.x.dtype())?;
         let s32 = spectrum.to_dtype(DType::F32)?;
         if need_dx {
             // dx = dy·W (fused 4-bit kernel), then += dy·ΔW in place while dspectrum is reduced.
-            let mut dx = linear_backward_input(&dy2, &self.base, None, self.algo)?;
+            let mut dx = self.lb.base_backward_input(&dy2)?;
             let ds = self.layer.backward_delta_add_dx(&ctx.x, &dy2, &s32, &mut dx)?;
             Ok(WaveFtGrads {
-                dx: Some(dx.reshape(&ctx.in_shape)?),
+                dx: Some(dx.reshape(&ctx.shapes.input)?),
                 dspectrum: ds,
             })
         } else {
@@ -296,71 +212,62 @@ impl WaveFtLinear {
         }
     }
 
-    /// Records the layer on `tape`: inputs `x` and the spectrum (a parameter Var, so its gradient lands
-    /// in the tape's [`crate::autograd::Gradients`]).
-    pub fn forward_t(
-        &self,
-        tape: &mut Tape,
-        store: &ParamStore,
-        x: Var,
-        dropout_seed: Option<u64>,
-    ) -> Result<Var> {
-        let _ = dropout_seed;
-        let sv = tape.param(store, self.spectrum)?;
-        let (y, ctx) = self.forward_with(tape.value(sv)?, tape.value(x)?)?;
-        let op = WaveFtOp {
-            layer: self.clone(),
-            ctx,
-        };
-        tape.record(&[x, sv], y, Box::new(op))
-    }
-
     /// Dense ΔW `[out, in]` f32 (for merging).
     pub fn delta_weight(&self, store: &ParamStore) -> Result<Tensor> {
         self.layer
             .delta_weight(&store.get(self.spectrum)?.to_dtype(DType::F32)?)
     }
+}
 
-    /// `W + ΔW` in `dtype` (the base is dequantized first if it is 4-bit).
-    pub fn merged_weight(&self, store: &ParamStore, dtype: DType) -> Result<Tensor> {
-        let w = self.base.dequantize(DType::F32)?;
-        w.add(&self.delta_weight(store)?)?.to_dtype(dtype)
+impl TapeLinear for WaveFtLinear {
+    type Ctx = WaveFtContext;
+    const OP: &'static str = "waveft_linear";
+
+    fn tape_params(&self) -> Vec<ParamId> {
+        vec![self.spectrum]
     }
-}
-
-fn with_name(name: &str, e: Error) -> Error {
-    match e {
-        Error::InvalidArgument(m) => Error::InvalidArgument(format!("{name}: {m}")),
-        e => e,
-    }
-}
-
-/// The tape record of one [`WaveFtLinear`] call.
-struct WaveFtOp {
-    layer: WaveFtLinear,
-    ctx: WaveFtContext,
-}
-
-impl Backward for WaveFtOp {
-    fn backward(
+    /// `dropout_seed` is ignored: PEFT's WaveFT has no dropout.
+    fn forward_values(
         &self,
-        grad_output: &Tensor,
-        inputs: &[&Tensor],
-        _output: &Tensor,
+        params: &[&Tensor],
+        x: &Tensor,
+        _dropout_seed: Option<u64>,
+    ) -> Result<(Tensor, WaveFtContext)> {
+        let [spectrum] = params else {
+            return Err(Error::invalid("WaveFtLinear: expected parameters [spectrum]"));
+        };
+        self.forward_with(spectrum, x)
+    }
+    fn backward_values(
+        &self,
+        params: &[&Tensor],
+        ctx: &WaveFtContext,
+        dy: &Tensor,
         needs: &[bool],
     ) -> Result<Vec<Option<Tensor>>> {
-        let [_, spectrum] = inputs else {
-            return Err(Error::invalid("WaveFtOp: expected inputs [x, spectrum]"));
+        let [spectrum] = params else {
+            return Err(Error::invalid("WaveFtLinear: expected parameters [spectrum]"));
         };
         let need_dx = needs.first().copied().unwrap_or(false);
-        let g = self
-            .layer
-            .backward_with(spectrum, &self.ctx, grad_output, need_dx)?;
-        let want_s = needs.get(1).copied().unwrap_or(false);
-        Ok(vec![g.dx, want_s.then_some(g.dspectrum)])
+        let g = self.backward_with(spectrum, ctx, dy, need_dx)?;
+        Ok(vec![g.dx, Some(g.dspectrum)])
     }
+}
 
-    fn name(&self) -> &'static str {
-        "waveft_linear"
+impl AdapterLinear for WaveFtLinear {
+    adapter_linear_common!(lb);
+
+    fn method(&self) -> Option<AdapterMethod> {
+        Some(AdapterMethod::WaveFt)
+    }
+    fn param_ids(&self) -> Vec<ParamId> {
+        vec![self.spectrum]
+    }
+    /// The spectrum length.
+    fn num_trainable_params(&self) -> usize {
+        self.layer.config().n_frequency
+    }
+    fn delta_weight(&self, store: &ParamStore) -> Result<Tensor> {
+        WaveFtLinear::delta_weight(self, store)
     }
 }

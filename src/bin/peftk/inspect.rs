@@ -7,6 +7,7 @@
 use peft_kernels::io::SafetensorsFile;
 use peft_kernels::quant::{QuantizedTensor, io as qio};
 use peft_kernels::{Device, Error, Result};
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,32 @@ use std::path::{Path, PathBuf};
 pub struct Args {
     /// A safetensors file, or a PEFT adapter directory.
     pub path: PathBuf,
+    /// With an adapter directory: its base checkpoint (.safetensors, dense or bitsandbytes 4-bit), for
+    /// per-layer shapes and, for WaveFT, the density and the nonzeros of ΔW.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+}
+
+/// `s` with every control character (C0, DEL, C1) and bidirectional-override character escaped, so that
+/// names and metadata from a crafted file cannot drive the terminal. Newlines are kept only if
+/// `keep_newlines`.
+pub fn escape(s: &str, keep_newlines: bool) -> Cow<'_, str> {
+    let bad = |c: char| {
+        (c.is_control() && !(keep_newlines && c == '\n'))
+            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(bad) {
+        return Cow::Borrowed(s);
+    }
+    let mut o = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if bad(c) {
+            o.extend(c.escape_default());
+        } else {
+            o.push(c);
+        }
+    }
+    Cow::Owned(o)
 }
 
 /// One stored tensor: name, dtype, shape, bytes.
@@ -52,11 +79,30 @@ pub struct Report {
 
 pub fn run(a: Args) -> Result<()> {
     if a.path.is_dir() {
-        // A PEFT adapter directory: method, ranks, scalings, trainable parameters.
-        print!("{}", peft_kernels::io::peft::inspect_adapter(&a.path)?);
-        return Ok(());
+        // A PEFT adapter directory: method, ranks, scalings, trainable parameters, method details.
+        return crate::merge::run_inspect_adapter(&crate::merge::InspectAdapterArgs {
+            dir: a.path,
+            base: a.base,
+        });
     }
-    print!("{}", inspect_path(&a.path)?.render());
+    if a.base.is_some() {
+        return Err(Error::InvalidArgument(
+            "--base only applies when inspecting a PEFT adapter directory".into(),
+        ));
+    }
+    let report = inspect_path(&a.path)?;
+    print!("{}", report.render());
+    let invalid: usize = report
+        .sections
+        .iter()
+        .map(|s| s.quantized.iter().filter(|q| q.weight.is_err()).count())
+        .sum();
+    if invalid > 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{}: {invalid} bitsandbytes 4-bit weight(s) are INVALID (see above)",
+            a.path.display()
+        )));
+    }
     Ok(())
 }
 
@@ -134,21 +180,54 @@ fn shape(s: &[usize]) -> String {
     )
 }
 
+/// Rows of cells printed with each column as wide as its widest cell (`>` in `align` right-aligns).
+fn table(o: &mut String, indent: &str, align: &[bool], rows: &[Vec<String>]) {
+    let cols = align.len();
+    let mut w = vec![0usize; cols];
+    for r in rows {
+        for (i, c) in r.iter().enumerate().take(cols) {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    for r in rows {
+        let mut line = String::from(indent);
+        for (i, c) in r.iter().enumerate() {
+            if i > 0 {
+                line.push(' ');
+            }
+            let pad = w.get(i).copied().unwrap_or(0).saturating_sub(c.chars().count());
+            if i == r.len() - 1 && !align.get(i).copied().unwrap_or(false) {
+                line.push_str(c);
+            } else if align.get(i).copied().unwrap_or(false) {
+                line.push_str(&" ".repeat(pad));
+                line.push_str(c);
+            } else {
+                line.push_str(c);
+                line.push_str(&" ".repeat(pad));
+            }
+        }
+        let _ = writeln!(o, "{}", line.trim_end());
+    }
+}
+
 impl Report {
     pub fn render(&self) -> String {
+        let e = |s: &str| escape(s, false).into_owned();
         let mut o = String::new();
         for sec in &self.sections {
-            let _ = writeln!(o, "{}", sec.title);
+            let _ = writeln!(o, "{}", e(&sec.title));
             for n in &sec.notes {
-                let _ = writeln!(o, "  {n}");
+                let _ = writeln!(o, "  {}", e(n));
             }
             if !sec.quantized.is_empty() {
                 let _ = writeln!(o, "\n  bitsandbytes 4-bit weights ({}):", sec.quantized.len());
-                let _ = writeln!(
-                    o,
-                    "  {:<44} {:<5} {:>5} {:<3} {:<9} {:<16} {:>11} {:>7} {:>7}",
-                    "name", "type", "block", "dq", "dtype", "shape", "bytes", "bits/w", "bytes/w"
-                );
+                let mut rows = vec![
+                    [
+                        "name", "type", "block", "dq", "dtype", "shape", "bytes", "bits/w", "bytes/w",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                ];
                 let (mut qb, mut qw) = (0usize, 0usize);
                 for q in &sec.quantized {
                     match &q.weight {
@@ -156,35 +235,34 @@ impl Report {
                             let st = w.state();
                             qb += w.size_in_bytes();
                             qw += w.numel();
-                            let _ = writeln!(
-                                o,
-                                "  {:<44} {:<5} {:>5} {:<3} {:<9} {:<16} {:>11} {:>7.3} {:>7.4}",
-                                q.name,
-                                st.quant_type.as_str(),
-                                st.blocksize,
-                                if st.is_double() { "yes" } else { "no" },
-                                st.dtype.torch_name(),
+                            rows.push(vec![
+                                e(&q.name),
+                                st.quant_type.as_str().into(),
+                                st.blocksize.to_string(),
+                                if st.is_double() { "yes" } else { "no" }.into(),
+                                st.dtype.torch_name().into(),
                                 shape(&st.shape),
                                 human(w.size_in_bytes()),
-                                w.bits_per_weight(),
-                                w.bits_per_weight() / 8.0
-                            );
+                                format!("{:.3}", w.bits_per_weight()),
+                                format!("{:.4}", w.bits_per_weight() / 8.0),
+                            ]);
                         }
-                        Err(e) => {
-                            let _ = writeln!(o, "  {:<44} INVALID: {e}", q.name);
-                        }
+                        Err(err) => rows.push(vec![e(&q.name), format!("INVALID: {}", e(&err.to_string()))]),
                     }
                     for p in &q.parts {
-                        let _ = writeln!(
-                            o,
-                            "      {:<52} {:<5} {:<16} {:>11}",
-                            p.name,
-                            p.dtype,
+                        rows.push(vec![
+                            format!("    {}", e(&p.name)),
+                            p.dtype.clone(),
+                            String::new(),
+                            String::new(),
+                            String::new(),
                             shape(&p.shape),
-                            human(p.bytes)
-                        );
+                            human(p.bytes),
+                        ]);
                     }
                 }
+                let align = [false, false, true, false, false, false, true, true, true];
+                table(&mut o, "  ", &align, &rows);
                 if qw > 0 {
                     let _ = writeln!(
                         o,
@@ -198,21 +276,11 @@ impl Report {
             }
             if !sec.plain.is_empty() {
                 let _ = writeln!(o, "\n  other tensors ({}):", sec.plain.len());
-                let _ = writeln!(
-                    o,
-                    "  {:<44} {:<5} {:<16} {:>11}",
-                    "name", "dtype", "shape", "bytes"
-                );
+                let mut rows = vec![["name", "dtype", "shape", "bytes"].map(String::from).to_vec()];
                 for p in &sec.plain {
-                    let _ = writeln!(
-                        o,
-                        "  {:<44} {:<5} {:<16} {:>11}",
-                        p.name,
-                        p.dtype,
-                        shape(&p.shape),
-                        human(p.bytes)
-                    );
+                    rows.push(vec![e(&p.name), p.dtype.clone(), shape(&p.shape), human(p.bytes)]);
                 }
+                table(&mut o, "  ", &[false, false, false, true], &rows);
             }
         }
         o

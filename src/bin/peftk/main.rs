@@ -22,12 +22,14 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Quantize the linear weights of a safetensors checkpoint to bitsandbytes NF4/FP4.
+    /// Quantize the linear-layer weights of a safetensors checkpoint to bitsandbytes NF4/FP4 (by default
+    /// the ones transformers quantizes: not embeddings, lm_head or norms).
     Quantize(quantize::Args),
     /// Dequantize every bitsandbytes 4-bit weight of a safetensors checkpoint.
     Dequantize(dequantize::Args),
     /// Describe a safetensors file (tensors, 4-bit quant states, bytes per weight) or a PEFT adapter
-    /// directory (method, rank per layer, scaling, trainable parameters).
+    /// directory (method, rank per layer, scaling, trainable parameters; WaveFT / VB-LoRA details).
+    /// Exits with status 1 if a 4-bit weight is invalid.
     Inspect(inspect::Args),
     /// Merge a PEFT adapter into a base safetensors checkpoint (dense or bitsandbytes 4-bit).
     Merge(merge::MergeArgs),
@@ -38,8 +40,42 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// On SIGINT, SIGTERM or SIGHUP, removes the temp files of outputs being written and exits with
+/// status 128 + the signal number (the shell's convention). SIGKILL cannot be caught: its leftovers
+/// are swept by the next write to the same directory (see `peft_kernels::io::output`).
+fn remove_temps_on_signals() {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+        Ok(mut signals) => {
+            std::thread::spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    peft_kernels::io::output::remove_pending_temps_and_exit(sig);
+                }
+            });
+        }
+        Err(e) => eprintln!(
+            "peftk: warning: cannot install signal handlers ({e}); an interrupted write may leave a temp file"
+        ),
+    }
+}
+
+/// The error and its causes, one per line, skipping a cause whose text the message already shows.
+fn render_error(e: &peft_kernels::Error) -> String {
+    let mut msg = format!("peftk: error: {e}");
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(&format!("\n  caused by: {text}"));
+        }
+        src = s.source();
+    }
+    msg
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    remove_temps_on_signals();
     let result = match cli.command {
         Command::Quantize(a) => quantize::run(a),
         Command::Dequantize(a) => dequantize::run(a),
@@ -51,13 +87,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = format!("peftk: error: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!("\n  caused by: {s}"));
-                src = s.source();
-            }
-            eprintln!("{msg}");
+            eprintln!("{}", inspect::escape(&render_error(&e), true));
             ExitCode::FAILURE
         }
     }

@@ -1,11 +1,13 @@
 //! `peftk merge` and `peftk inspect-adapter`.
 
+use crate::inspect::escape;
 use clap::Args;
-use peft_kernels::adapters::load::linear_modules;
 use peft_kernels::adapters::waveft::{WaveFtConfig, WaveFtLayer};
 use peft_kernels::io::SafetensorsFile;
-use peft_kernels::io::peft::{MethodConfig, PeftAdapter, VBLORA_BANK_KEY, inspect_adapter};
-use peft_kernels::merge::{MergeOptions, MergeRegistry, merge_into_file};
+use peft_kernels::io::peft::{MethodConfig, PeftAdapter, VBLORA_BANK_KEY};
+use peft_kernels::peft_model::inspect::inspect_adapter;
+use peft_kernels::peft_model::load::linear_modules;
+use peft_kernels::peft_model::merge::{MergeOptions, MergeRegistry, merge_into_file};
 use peft_kernels::{DType, Device, Error, Result};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -19,36 +21,54 @@ pub struct MergeArgs {
     /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
     pub adapter: PathBuf,
-    /// Output checkpoint (written atomically; nothing is written on error).
+    /// Output checkpoint: written to a temp file, then renamed over OUT (nothing is written on error; a
+    /// symlink is written through to its target; an existing file keeps its mode). Must be a regular file
+    /// and neither the base nor a file of the adapter.
     #[arg(long)]
     pub out: PathBuf,
     /// Dtype of the merged weights: f32, f16 or bf16 (default: the base weight's dtype). Other tensors
     /// are copied unchanged.
-    #[arg(long)]
-    pub dtype: Option<String>,
+    #[arg(long, value_parser = crate::dequantize::parse_float_dtype)]
+    pub dtype: Option<DType>,
     /// Re-quantize merged weights of a 4-bit base with the same quant-state settings.
     #[arg(long)]
     pub requantize: bool,
     /// Device for the merge math: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: Device,
+    /// Allow OUT to be a file of the adapter (it is replaced only once the merge is complete). The base
+    /// itself is never overwritten.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Warns (PEFT accepts it, so it is not an error) about a LoRA scaling that flips or zeroes the update.
+fn warn_alpha(adapter: &PeftAdapter) {
+    if let MethodConfig::Lora(c) = &adapter.config.method
+        && c.lora_alpha <= 0.0
+    {
+        eprintln!(
+            "peftk: warning: lora_alpha = {} is not positive: the LoRA update is {} (PEFT accepts this)",
+            c.lora_alpha,
+            if c.lora_alpha == 0.0 { "zero" } else { "negated" }
+        );
+    }
 }
 
 pub fn run(args: &MergeArgs) -> Result<()> {
-    let device: Device = args.device.parse()?;
-    let dtype = match args.dtype.as_deref() {
-        None => None,
-        Some(s) => {
-            let d: DType = s.parse()?;
-            if !d.is_float() {
-                return Err(Error::InvalidArgument(format!(
-                    "--dtype must be f32, f16 or bf16, got {s:?}"
-                )));
-            }
-            Some(d)
-        }
-    };
+    let (device, dtype) = (args.device, args.dtype);
+    device.check()?;
+    if !args.adapter.is_dir() {
+        peft_kernels::io::output::check_input(&args.adapter)?;
+        return Err(Error::InvalidArgument(format!(
+            "--adapter {}: is a file; give the adapter directory (holding adapter_config.json and \
+             adapter_model.safetensors)",
+            args.adapter.display()
+        )));
+    }
+    peft_kernels::io::output::check_output(&args.out, &[&args.base, &args.adapter], args.force)?;
     let adapter = PeftAdapter::load(&args.adapter, device)?;
+    warn_alpha(&adapter);
     let opts = MergeOptions {
         dtype,
         requantize: args.requantize,
@@ -79,10 +99,12 @@ pub struct InspectAdapterArgs {
 }
 
 pub fn run_inspect_adapter(args: &InspectAdapterArgs) -> Result<()> {
-    print!("{}", inspect_adapter(&args.dir)?);
+    // Names come from the files: control characters are escaped before they reach the terminal.
+    print!("{}", escape(&inspect_adapter(&args.dir)?, true));
     let adapter = PeftAdapter::load(&args.dir, Device::Cpu)?;
+    warn_alpha(&adapter);
     let base = args.base.as_ref().map(SafetensorsFile::open).transpose()?;
-    print!("{}", sparse_details(&adapter, base.as_ref())?);
+    print!("{}", escape(&sparse_details(&adapter, base.as_ref())?, true));
     Ok(())
 }
 
@@ -137,10 +159,7 @@ fn sparse_details(adapter: &PeftAdapter, base: Option<&SafetensorsFile>) -> Resu
                     Some((o, i)) => {
                         let wc = WaveFtConfig {
                             n_frequency: n,
-                            scaling: c.scaling as f32,
-                            wavelet_family: c.wavelet_family.clone(),
-                            use_idwt: c.use_idwt,
-                            random_loc_seed: c.random_loc_seed as u64,
+                            ..c.into()
                         };
                         let nnz = WaveFtLayer::new(o, i, &wc, Device::Cpu)
                             .map(|l| l.positions().nnz().to_string())

@@ -465,6 +465,50 @@ pub(crate) fn py_float_repr(f: f64) -> String {
     format!("{sign}{body}")
 }
 
+/// Compact one-line JSON (as Python's `json.dumps(v)` without spaces), for error messages: `-4`, not
+/// `Int("-4")`. Long values are cut after 80 characters.
+impl std::fmt::Display for Json {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn compact(v: &Json, out: &mut String) {
+            match v {
+                Json::Null => out.push_str("null"),
+                Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+                Json::Int(s) => out.push_str(s),
+                Json::Float(x) => out.push_str(&py_float_repr(*x)),
+                Json::Str(s) => write_str(s, out),
+                Json::List(items) => {
+                    out.push('[');
+                    for (i, x) in items.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        compact(x, out);
+                    }
+                    out.push(']');
+                }
+                Json::Dict(items) => {
+                    out.push('{');
+                    for (i, (k, x)) in items.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        write_str(k, out);
+                        out.push(':');
+                        compact(x, out);
+                    }
+                    out.push('}');
+                }
+            }
+        }
+        let mut s = String::new();
+        compact(self, &mut s);
+        match s.char_indices().nth(80) {
+            Some((i, _)) => write!(f, "{}…", &s[..i]),
+            None => f.write_str(&s),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,21 +36,20 @@
 //! Re-quantizing is lossy (one more NF4/FP4 rounding of the merged weight), exactly like PEFT's merge into
 //! a `Linear4bit`.
 
-use crate::adapters::vblora::{VbLoraConfig as VbLoraSettings, VbLoraLayer};
+use crate::adapters::vblora::VbLoraLayer;
 use crate::adapters::waveft::{WaveFtConfig, WaveFtLayer};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::io::peft::{
     AdapterMethod, AdapterModule, ExtraKind, LayerKind, Part, PeftAdapter, VBLORA_BANK_KEY,
-    vblora_expand_topk,
 };
-use crate::io::{SafetensorsFile, TensorBytes, from_st_dtype, to_st_dtype};
+use crate::io::{
+    SafetensorsFile, TensorBytes, TensorSpec, from_st_dtype, to_st_dtype, write_safetensors_streaming,
+};
 use crate::tensor::{DType, Tensor};
-use safetensors::Dtype as StDtype;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 // =============================================================================================== math
@@ -273,11 +272,7 @@ impl WaveFtMerge {
             .ok_or_else(|| Error::invalid(format!("module {:?}: no WaveFT spectrum", module.name)))?;
         let cfg = WaveFtConfig {
             n_frequency: n,
-            scaling: module.scaling as f32,
-            wavelet_family: c.wavelet_family.clone(),
-            use_idwt: c.use_idwt,
-            // torch's manual_seed takes the seed modulo 2^64 (two's complement for negative values).
-            random_loc_seed: c.random_loc_seed as u64,
+            ..c.into()
         };
         WaveFtLayer::new(out, inp, &cfg, device).map_err(|e| match e {
             Error::InvalidArgument(m) => Error::InvalidArgument(format!("module {:?}: {m}", module.name)),
@@ -301,10 +296,7 @@ impl MergeMethod for WaveFtMerge {
         let (out, inp) = out_in(module, base_shape)?;
         let cfg = WaveFtConfig {
             n_frequency: module.n_frequency.unwrap_or(0),
-            scaling: module.scaling as f32,
-            wavelet_family: c.wavelet_family.clone(),
-            use_idwt: c.use_idwt,
-            random_loc_seed: c.random_loc_seed as u64,
+            ..c.into()
         };
         cfg.validate(out, inp).map_err(|e| match e {
             Error::InvalidArgument(m) => Error::InvalidArgument(format!("module {:?}: {m}", module.name)),
@@ -325,7 +317,7 @@ impl MergeMethod for WaveFtMerge {
 
 /// VB-LoRA: `W + B·A` with A and B composed from the shared bank and the module's logits, stored in full
 /// or in PEFT's `save_only_topk_weights` form (rebuilt as PEFT does on load,
-/// [`crate::io::peft::vblora_expand_topk`]). `fan_in_fan_out` adds `(B·A)ᵀ`.
+/// [`crate::adapters::vblora::vblora_expand_topk`]). `fan_in_fan_out` adds `(B·A)ᵀ`.
 pub struct VbLoraMerge;
 
 impl VbLoraMerge {
@@ -333,27 +325,19 @@ impl VbLoraMerge {
     fn tensors(
         adapter: &PeftAdapter,
         module: &AdapterModule,
-        c: &VbLoraSettings,
+        num_vectors: usize,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let bank = adapter
             .tensors
             .get(VBLORA_BANK_KEY)
             .ok_or_else(|| Error::invalid(format!("VB-LoRA adapter without {VBLORA_BANK_KEY:?}")))?
             .to_dtype(DType::F32)?;
-        let logits = |full: Part, idx: Part, w: Part| -> Result<Tensor> {
-            let t = if module.key(full).is_some() {
-                adapter.module_tensor(&module.name, full)?.to_dtype(DType::F32)?
-            } else {
-                vblora_expand_topk(
-                    adapter.module_tensor(&module.name, idx)?,
-                    adapter.module_tensor(&module.name, w)?,
-                    c.num_vectors,
-                )?
-            };
-            t.to_device(bank.device())
+        let logits = |ab: &str| -> Result<Tensor> {
+            super::vblora_logits(adapter, module, ab, num_vectors)?
+                .to_dtype(DType::F32)?
+                .to_device(bank.device())
         };
-        let la = logits(Part::VbLogitsA, Part::VbTopkIndicesA, Part::VbTopkWeightsA)?;
-        let lb = logits(Part::VbLogitsB, Part::VbTopkIndicesB, Part::VbTopkWeightsB)?;
+        let (la, lb) = (logits("A")?, logits("B")?);
         Ok((bank, la, lb))
     }
 }
@@ -365,17 +349,8 @@ impl MergeMethod for VbLoraMerge {
             .vblora()
             .ok_or_else(|| Error::invalid("VB-LoRA merge on an adapter whose config is not VB-LoRA"))?;
         let (out, inp) = out_in(module, weight.shape())?;
-        let layer = VbLoraLayer::new(
-            out,
-            inp,
-            &VbLoraSettings {
-                r: c.r,
-                num_vectors: c.num_vectors,
-                vector_length: c.vector_length,
-                topk: c.topk,
-            },
-        )?;
-        let (bank, la, lb) = Self::tensors(adapter, module, layer.config())?;
+        let layer = VbLoraLayer::new(out, inp, &c.into())?;
+        let (bank, la, lb) = Self::tensors(adapter, module, c.num_vectors)?;
         let delta = layer.delta_weight(&bank, &la, &lb)?;
         let delta = if module.fan_in_fan_out { delta.t()? } else { delta };
         let mut w = weight.to_dtype(DType::F32)?;
@@ -543,9 +518,7 @@ pub fn merge_into_file(
     registry: &MergeRegistry,
 ) -> Result<MergeReport> {
     let (base, out) = (base.as_ref(), out.as_ref());
-    if let (Ok(a), Ok(b)) = (base.canonicalize(), out.canonicalize())
-        && a == b
-    {
+    if crate::io::output::same_file(base, out) {
         return Err(Error::invalid(
             "the output path must differ from the base checkpoint",
         ));
@@ -730,15 +703,15 @@ pub fn merge_into_file(
             Source::Merged { module, dtype } => (to_st_dtype(*dtype), bases[*module].shape().to_vec()),
             Source::Ready(t) => (t.dtype, t.shape.clone()),
         };
-        entries.push(Entry {
+        entries.push(TensorSpec {
             name: name.clone(),
             dtype,
             shape,
         });
     }
     let metadata = file.metadata().cloned();
-    report.bytes_written = write_streaming(out, &entries, metadata, |i| {
-        let name = &entries[i].name;
+    report.bytes_written = write_safetensors_streaming(out, entries, metadata, |e| {
+        let name = &e.name;
         Ok(match &sources[name] {
             Source::Copy => Cow::Borrowed(file.raw(name)?.2),
             Source::Ready(t) => Cow::Borrowed(&t.data[..]),
@@ -934,88 +907,4 @@ mod fourbit {
             .and_then(|s| DType::from_torch_name(s).map_err(|e| bad(e.to_string())))?;
         Ok((shape, dtype))
     }
-}
-
-// =============================================================================================== writer
-
-struct Entry {
-    name: String,
-    dtype: StDtype,
-    shape: Vec<usize>,
-}
-
-/// Writes a safetensors file whose tensors are produced one at a time by `produce(i)` (in `entries`
-/// order), into a temp file in the target directory that is fsynced and renamed only when every tensor
-/// was produced with the announced size. Returns the file size.
-fn write_streaming<'a>(
-    path: &Path,
-    entries: &[Entry],
-    metadata: Option<HashMap<String, String>>,
-    mut produce: impl FnMut(usize) -> Result<Cow<'a, [u8]>>,
-) -> Result<u64> {
-    let mut header = serde_json::Map::new();
-    if let Some(meta) = metadata {
-        let m: serde_json::Map<String, serde_json::Value> = meta
-            .into_iter()
-            .map(|(k, v)| (k, serde_json::Value::String(v)))
-            .collect();
-        header.insert("__metadata__".into(), serde_json::Value::Object(m));
-    }
-    let mut offset = 0usize;
-    let mut sizes = Vec::with_capacity(entries.len());
-    for e in entries {
-        let numel: usize = e.shape.iter().product();
-        let bits = numel
-            .checked_mul(e.dtype.bitsize())
-            .ok_or_else(|| Error::shape("write", format!("{}: tensor too large", e.name)))?;
-        let size = bits.div_ceil(8);
-        header.insert(
-            e.name.clone(),
-            serde_json::json!({
-                "dtype": e.dtype,
-                "shape": e.shape,
-                "data_offsets": [offset, offset + size],
-            }),
-        );
-        sizes.push(size);
-        offset += size;
-    }
-    let mut head = serde_json::to_string(&header).map_err(|e| Error::invalid(e.to_string()))?;
-    // Pad so the data starts 8-byte aligned, as the safetensors crate does.
-    while (head.len() + 8) % 8 != 0 {
-        head.push(' ');
-    }
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".peftk-tmp-")
-        .tempfile_in(&dir)
-        .map_err(|e| Error::io(&dir, e))?;
-    {
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
-        let io = |e| Error::io(path, e);
-        w.write_all(&(head.len() as u64).to_le_bytes()).map_err(io)?;
-        w.write_all(head.as_bytes()).map_err(io)?;
-        for (i, e) in entries.iter().enumerate() {
-            let bytes = produce(i)?;
-            if bytes.len() != sizes[i] {
-                return Err(Error::shape(
-                    "write",
-                    format!(
-                        "{}: produced {} bytes, expected {}",
-                        e.name,
-                        bytes.len(),
-                        sizes[i]
-                    ),
-                ));
-            }
-            w.write_all(&bytes).map_err(io)?;
-        }
-        w.flush().map_err(io)?;
-    }
-    tmp.as_file().sync_all().map_err(|e| Error::io(tmp.path(), e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok((8 + head.len() + offset) as u64)
 }

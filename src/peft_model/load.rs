@@ -14,19 +14,20 @@
 //! top-k, as PEFT does; usable for inference, refused for training, as in PEFT) and compressed again on
 //! save.
 //!
-//! Per method ([`AdapterLayer`]): LoRA → [`LoraLinear`], WaveFT → [`WaveFtLinear`] (per-layer
+//! Per method (each a `Box<dyn` [`AdapterLinear`]`>`): LoRA → [`LoraLinear`], WaveFT → [`WaveFtLinear`] (per-layer
 //! `n_frequency` from the file, checked against `n_frequency_pattern` / `proportional_parameters`),
 //! VB-LoRA → [`VbLoraLinear`] on one [`VbLoraBank`], DoRA → [`DoraLinear`]. Not built (clear errors):
-//! LoRA on embeddings, `lora_bias`, 4-bit bases with `fan_in_fan_out`; merge those with [`crate::merge`]
+//! LoRA on embeddings, `lora_bias`, 4-bit bases with `fan_in_fan_out`; merge those with [`crate::peft_model::merge`]
 //! instead.
 
-use super::dora::{DoraLinear, DoraOptions, MergeFormat};
-use super::lora::{LoraConfig as LoraLayerConfig, LoraInit, LoraLinear};
-use super::vblora::{
-    BANK_KEY, VbLoraBank, VbLoraConfig as VbLoraSettings, VbLoraLinear, VbLoraOptions, logits_key,
+use crate::adapters::AdapterLinear;
+use crate::adapters::dora::{DoraLinear, DoraOptions};
+use crate::adapters::lora::{LoraConfig as LoraLayerConfig, LoraInit, LoraLinear};
+use crate::adapters::vblora::{
+    BANK_KEY, VbLoraBank, VbLoraConfig, VbLoraLinear, VbLoraOptions, logits_key, vblora_compress_topk,
 };
-use super::waveft::{WaveFtConfig as WaveFtSettings, WaveFtLinear, spectrum_key};
-use crate::autograd::{ParamId, ParamStore, Tape, Var};
+use crate::adapters::waveft::{WaveFtConfig, WaveFtLinear, proportional_n_frequency, spectrum_key};
+use crate::autograd::{ParamId, ParamStore};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::io::SafetensorsFile;
@@ -39,152 +40,6 @@ use crate::quant::io::{QUANT_STATE_SUFFIX, load_quantized, parse_quant_state_jso
 use crate::tensor::{DType, Tensor};
 use std::collections::BTreeMap;
 use std::path::Path;
-
-/// One adapted linear layer of any method.
-#[derive(Clone, Debug)]
-pub enum AdapterLayer {
-    Lora(LoraLinear),
-    /// Boxed: the layer carries the base's row norms and its eval cache.
-    Dora(Box<DoraLinear>),
-    /// Boxed: the layer carries its precomputed sparse structure.
-    WaveFt(Box<WaveFtLinear>),
-    VbLora(VbLoraLinear),
-}
-
-impl AdapterLayer {
-    /// The module path.
-    pub fn name(&self) -> &str {
-        match self {
-            AdapterLayer::Lora(l) => l.name(),
-            AdapterLayer::Dora(l) => l.name(),
-            AdapterLayer::WaveFt(l) => l.name(),
-            AdapterLayer::VbLora(l) => l.name(),
-        }
-    }
-
-    /// The method.
-    pub fn method(&self) -> AdapterMethod {
-        match self {
-            AdapterLayer::Lora(_) => AdapterMethod::Lora,
-            AdapterLayer::Dora(_) => AdapterMethod::Dora,
-            AdapterLayer::WaveFt(_) => AdapterMethod::WaveFt,
-            AdapterLayer::VbLora(_) => AdapterMethod::VbLora,
-        }
-    }
-
-    /// The frozen base weight (`[out, in]`).
-    pub fn base(&self) -> &BaseWeight {
-        match self {
-            AdapterLayer::Lora(l) => l.base(),
-            AdapterLayer::Dora(l) => l.base(),
-            AdapterLayer::WaveFt(l) => l.base(),
-            AdapterLayer::VbLora(l) => l.base(),
-        }
-    }
-
-    /// The frozen bias, if any.
-    pub fn bias(&self) -> Option<&Tensor> {
-        match self {
-            AdapterLayer::Lora(l) => l.bias(),
-            AdapterLayer::Dora(l) => l.bias(),
-            AdapterLayer::WaveFt(l) => l.bias(),
-            AdapterLayer::VbLora(l) => l.bias(),
-        }
-    }
-
-    /// Input features.
-    pub fn in_features(&self) -> usize {
-        self.base().in_features()
-    }
-
-    /// Output features.
-    pub fn out_features(&self) -> usize {
-        self.base().out_features()
-    }
-
-    /// The layer's own trainable parameters (a VB-LoRA layer's logits; not the shared bank).
-    pub fn param_ids(&self) -> Vec<ParamId> {
-        match self {
-            AdapterLayer::Lora(l) => vec![l.a_id(), l.b_id()],
-            AdapterLayer::Dora(l) => vec![l.a_id(), l.b_id(), l.m_id()],
-            AdapterLayer::WaveFt(l) => vec![l.spectrum_id()],
-            AdapterLayer::VbLora(l) => vec![l.logits_a_id(), l.logits_b_id()],
-        }
-    }
-
-    /// Trainable elements of this layer (the shared VB-LoRA bank not included).
-    pub fn num_trainable_params(&self) -> usize {
-        match self {
-            AdapterLayer::Lora(l) => l.num_trainable_params(),
-            AdapterLayer::Dora(l) => l.num_trainable_params(),
-            AdapterLayer::WaveFt(l) => l.num_trainable_params(),
-            AdapterLayer::VbLora(l) => l.num_trainable_params(),
-        }
-    }
-
-    /// Chooses the base matmul implementation.
-    pub fn set_algo(&mut self, algo: Algo) {
-        match self {
-            AdapterLayer::Lora(l) => l.set_algo(algo),
-            AdapterLayer::Dora(l) => l.set_algo(algo),
-            AdapterLayer::WaveFt(l) => l.set_algo(algo),
-            AdapterLayer::VbLora(l) => l.set_algo(algo),
-        }
-    }
-
-    /// Records the layer on `tape` (see each layer's `forward_t`). `dropout_seed`: `Some(step seed)` in
-    /// training, `None` in evaluation.
-    pub fn forward_t(
-        &self,
-        tape: &mut Tape,
-        store: &ParamStore,
-        x: Var,
-        dropout_seed: Option<u64>,
-    ) -> Result<Var> {
-        match self {
-            AdapterLayer::Lora(l) => l.forward_t(tape, store, x, dropout_seed),
-            AdapterLayer::Dora(l) => l.forward_t(tape, store, x, dropout_seed),
-            AdapterLayer::WaveFt(l) => l.forward_t(tape, store, x, dropout_seed),
-            AdapterLayer::VbLora(l) => l.forward_t(tape, store, x, dropout_seed),
-        }
-    }
-
-    /// The output in evaluation (no dropout, no backward context kept).
-    pub fn forward_eval(&self, store: &ParamStore, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            AdapterLayer::Lora(l) => l.forward(store, x, None)?.0,
-            AdapterLayer::Dora(l) => l.forward(store, x, None)?.0,
-            AdapterLayer::WaveFt(l) => l.forward(store, x, None)?.0,
-            AdapterLayer::VbLora(l) => l.forward(store, x, None)?.0,
-        })
-    }
-
-    /// The dense update `ΔW` `[out, in]` (f32).
-    pub fn delta_weight(&self, store: &ParamStore) -> Result<Tensor> {
-        match self {
-            AdapterLayer::Lora(l) => l.delta_weight(store),
-            // DoRA's update is multiplicative: ΔW = (m/n)·(W + sBA) - W.
-            AdapterLayer::Dora(_) => self
-                .merged_weight(store, DType::F32)?
-                .sub(&self.base().dequantize(DType::F32)?),
-            AdapterLayer::WaveFt(l) => l.delta_weight(store),
-            AdapterLayer::VbLora(l) => l.delta_weight(store),
-        }
-    }
-
-    /// `W + ΔW` `[out, in]` in `dtype` (4-bit bases dequantized first).
-    pub fn merged_weight(&self, store: &ParamStore, dtype: DType) -> Result<Tensor> {
-        match self {
-            AdapterLayer::Lora(l) => l.merged_weight(store, dtype),
-            AdapterLayer::Dora(l) => match (**l).clone().merge(store, MergeFormat::Dense(dtype))? {
-                BaseWeight::Dense(w) => Ok(w),
-                BaseWeight::Quantized(_) => Err(Error::invalid("DoRA dense merge returned a 4-bit weight")),
-            },
-            AdapterLayer::WaveFt(l) => l.merged_weight(store, dtype),
-            AdapterLayer::VbLora(l) => l.merged_weight(store, dtype),
-        }
-    }
-}
 
 /// How [`load_adapter`] / [`init_adapter`] place the model.
 #[derive(Clone, Copy, Debug)]
@@ -213,7 +68,7 @@ impl Default for LoadOptions {
 #[derive(Clone, Debug)]
 pub struct AdapterModel {
     config: AdapterConfig,
-    layers: Vec<AdapterLayer>,
+    layers: Vec<Box<dyn AdapterLinear>>,
     bank: Option<VbLoraBank>,
     /// Adapter-file tensors that are not layer parameters (trained biases, `modules_to_save` copies),
     /// by adapter key, kept to be written back unchanged.
@@ -229,21 +84,21 @@ impl AdapterModel {
     }
 
     /// Every adapted layer, sorted by module name.
-    pub fn layers(&self) -> &[AdapterLayer] {
+    pub fn layers(&self) -> &[Box<dyn AdapterLinear>] {
         &self.layers
     }
 
-    /// Mutable access to the layers (e.g. [`AdapterLayer::set_algo`]).
-    pub fn layers_mut(&mut self) -> &mut [AdapterLayer] {
+    /// Mutable access to the layers (e.g. [`AdapterLinear::set_algo`]).
+    pub fn layers_mut(&mut self) -> &mut [Box<dyn AdapterLinear>] {
         &mut self.layers
     }
 
     /// The layer of module `name`.
-    pub fn layer(&self, name: &str) -> Option<&AdapterLayer> {
+    pub fn layer(&self, name: &str) -> Option<&dyn AdapterLinear> {
         self.layers
             .binary_search_by(|l| l.name().cmp(name))
             .ok()
-            .map(|i| &self.layers[i])
+            .map(|i| &*self.layers[i])
     }
 
     /// The shared VB-LoRA bank, for a VB-LoRA adapter.
@@ -288,7 +143,7 @@ impl AdapterModel {
                 self.layers.iter().map(|l| l.name().to_string()).collect(),
             ));
         }
-        file_form(PeftAdapter { config, tensors })
+        to_file_form(PeftAdapter { config, tensors })
     }
 
     /// Writes the adapter directory (`adapter_config.json` + `adapter_model.safetensors`, each atomically)
@@ -429,7 +284,7 @@ pub fn load_adapter(
                 .get(BANK_KEY)
                 .ok_or_else(|| Error::invalid(format!("VB-LoRA adapter without {BANK_KEY:?}")))?;
             let id = store.insert(BANK_KEY, t.to_device(opts.device)?)?;
-            Some(VbLoraBank::from_param(&vb_settings(c), id, store)?)
+            Some(VbLoraBank::from_param(&VbLoraConfig::from(c), id, store)?)
         }
         _ => None,
     };
@@ -491,41 +346,26 @@ fn check_proportional(
     modules: &[AdapterModule],
     bases: &[(BaseWeight, Option<Tensor>)],
 ) -> Result<()> {
-    let layers: Vec<(String, usize, usize)> = modules
+    let c = config
+        .waveft()
+        .ok_or_else(|| Error::invalid("proportional_parameters needs a WaveFT config"))?;
+    let cells: Vec<(usize, usize)> = bases
         .iter()
-        .zip(bases)
-        .map(|(m, (w, _))| (m.name.clone(), w.in_features(), w.out_features()))
+        .map(|(w, _)| (w.out_features(), w.in_features()))
         .collect();
-    for ((name, want), m) in config.proportional_n_frequency(&layers)?.into_iter().zip(modules) {
+    for (want, m) in proportional_n_frequency(c.n_frequency, &cells)?
+        .into_iter()
+        .zip(modules)
+    {
         if m.n_frequency != Some(want) {
             return Err(Error::invalid(format!(
-                "module {name:?}: the spectrum has {:?} coefficients, but proportional_parameters over these \
+                "module {:?}: the spectrum has {:?} coefficients, but proportional_parameters over these \
                  base layers gives {want} (adapter trained on another base model?)",
-                m.n_frequency
+                m.name, m.n_frequency
             )));
         }
     }
     Ok(())
-}
-
-fn vb_settings(c: &crate::io::peft::VbLoraConfig) -> VbLoraSettings {
-    VbLoraSettings {
-        r: c.r,
-        num_vectors: c.num_vectors,
-        vector_length: c.vector_length,
-        topk: c.topk,
-    }
-}
-
-fn waveft_settings(c: &crate::io::peft::WaveFtConfig, n_frequency: usize) -> WaveFtSettings {
-    WaveFtSettings {
-        n_frequency,
-        scaling: c.scaling as f32,
-        wavelet_family: c.wavelet_family.clone(),
-        use_idwt: c.use_idwt,
-        // torch's manual_seed takes the seed modulo 2^64 (two's complement for negative values).
-        random_loc_seed: c.random_loc_seed as u64,
-    }
 }
 
 fn dropout_of(p: f64, what: &str, module: &str) -> Result<f32> {
@@ -548,7 +388,7 @@ pub fn build_layer(
     bank: Option<&VbLoraBank>,
     store: &mut ParamStore,
     opts: &LoadOptions,
-) -> Result<AdapterLayer> {
+) -> Result<Box<dyn AdapterLinear>> {
     check_supported(m)?;
     let insert = |store: &mut ParamStore, part: Part, key: String| -> Result<ParamId> {
         let t = adapter.module_tensor(&m.name, part)?.to_device(opts.device)?;
@@ -565,7 +405,7 @@ pub fn build_layer(
                     Part::Magnitude,
                     module_key(&m.name, Part::Magnitude.suffix()),
                 )?;
-                return Ok(AdapterLayer::Dora(Box::new(DoraLinear::from_params(
+                return Ok(Box::new(DoraLinear::from_params(
                     &m.name,
                     base,
                     bias,
@@ -576,9 +416,9 @@ pub fn build_layer(
                     dropout,
                     store,
                     DoraOptions::default(),
-                )?)));
+                )?));
             }
-            AdapterLayer::Lora(LoraLinear::from_params(
+            Box::new(LoraLinear::from_params(
                 &m.name,
                 base,
                 bias,
@@ -594,46 +434,28 @@ pub fn build_layer(
                 .n_frequency
                 .ok_or_else(|| Error::invalid(format!("module {:?}: no waveft_spectrum", m.name)))?;
             let s = insert(store, Part::WaveFtSpectrum, spectrum_key(&m.name))?;
-            AdapterLayer::WaveFt(Box::new(WaveFtLinear::from_params(
+            Box::new(WaveFtLinear::from_params(
                 &m.name,
                 base,
                 bias,
-                &waveft_settings(c, n),
+                &WaveFtConfig {
+                    n_frequency: n,
+                    ..c.into()
+                },
                 s,
                 store,
-            )?))
+            )?)
         }
         MethodConfig::VbLora(c) => {
             let bank = bank.ok_or_else(|| Error::invalid("VB-LoRA layer without a vector bank"))?;
-            let logits =
-                |store: &mut ParamStore, full: Part, idx: Part, w: Part, ab: &str| -> Result<ParamId> {
-                    let t = if m.key(full).is_some() {
-                        adapter.module_tensor(&m.name, full)?.clone()
-                    } else {
-                        crate::io::peft::vblora_expand_topk(
-                            adapter.module_tensor(&m.name, idx)?,
-                            adapter.module_tensor(&m.name, w)?,
-                            c.num_vectors,
-                        )?
-                    };
-                    store.insert(logits_key(&m.name, ab), t.to_device(opts.device)?)
-                };
-            let la = logits(
-                store,
-                Part::VbLogitsA,
-                Part::VbTopkIndicesA,
-                Part::VbTopkWeightsA,
-                "A",
-            )?;
-            let lb = logits(
-                store,
-                Part::VbLogitsB,
-                Part::VbTopkIndicesB,
-                Part::VbTopkWeightsB,
-                "B",
-            )?;
+            let mut logits = |ab: &str| -> Result<ParamId> {
+                let t = super::vblora_logits(adapter, m, ab, c.num_vectors)?;
+                store.insert(logits_key(&m.name, ab), t.to_device(opts.device)?)
+            };
+            let la = logits("A")?;
+            let lb = logits("B")?;
             let dropout = dropout_of(c.vblora_dropout, "vblora_dropout", &m.name)?;
-            AdapterLayer::VbLora(VbLoraLinear::from_params(
+            Box::new(VbLoraLinear::from_params(
                 &m.name, base, bias, bank, la, lb, dropout, store,
             )?)
         }
@@ -763,7 +585,7 @@ pub fn init_adapter(
                     dtype: DType::F32,
                 };
                 layers.push(if c.use_dora {
-                    AdapterLayer::Dora(Box::new(DoraLinear::new(
+                    Box::new(DoraLinear::new(
                         m,
                         w,
                         bias,
@@ -771,29 +593,28 @@ pub fn init_adapter(
                         store,
                         layer_seed(m),
                         DoraOptions::default(),
-                    )?))
+                    )?)
                 } else {
-                    AdapterLayer::Lora(LoraLinear::new(m, w, bias, &lc, store, layer_seed(m))?)
+                    Box::new(LoraLinear::new(m, w, bias, &lc, store, layer_seed(m))?)
+                        as Box<dyn AdapterLinear>
                 });
             }
         }
         MethodConfig::WaveFt(c) => {
             let ns: Vec<usize> = if c.proportional_parameters {
-                let l: Vec<(String, usize, usize)> =
-                    dims.iter().map(|(m, o, i)| (m.clone(), *i, *o)).collect();
-                config
-                    .proportional_n_frequency(&l)?
-                    .into_iter()
-                    .map(|(_, n)| n)
-                    .collect()
+                let cells: Vec<(usize, usize)> = dims.iter().map(|(_, o, i)| (*o, *i)).collect();
+                proportional_n_frequency(c.n_frequency, &cells)?
             } else {
                 dims.iter()
                     .map(|(m, _, _)| config.n_frequency_for(m).unwrap_or(c.n_frequency))
                     .collect()
             };
             for (((m, _, _), (w, bias)), n) in dims.iter().zip(bases).zip(ns) {
-                let cfg = waveft_settings(c, n);
-                layers.push(AdapterLayer::WaveFt(Box::new(WaveFtLinear::new(
+                let cfg = WaveFtConfig {
+                    n_frequency: n,
+                    ..c.into()
+                };
+                layers.push(Box::new(WaveFtLinear::new(
                     m,
                     w,
                     bias,
@@ -801,18 +622,18 @@ pub fn init_adapter(
                     c.init_weights,
                     store,
                     layer_seed(m),
-                )?)));
+                )?));
             }
         }
         MethodConfig::VbLora(c) => {
             let bound = c.init_vector_bank_bound as f32;
-            let b = VbLoraBank::new(&vb_settings(c), bound, store, seed, opts.device)?;
+            let b = VbLoraBank::new(&VbLoraConfig::from(c), bound, store, seed, opts.device)?;
             let lo = VbLoraOptions {
                 dropout: c.vblora_dropout as f32,
                 init_logits_std: c.init_logits_std as f32,
             };
             for ((m, _, _), (w, bias)) in dims.iter().zip(bases) {
-                layers.push(AdapterLayer::VbLora(VbLoraLinear::new(
+                layers.push(Box::new(VbLoraLinear::new(
                     m,
                     w,
                     bias,
@@ -874,12 +695,13 @@ pub fn adapter_from_store(config: &AdapterConfig, store: &ParamStore) -> Result<
         modules.dedup();
         config.target_modules = Some(TargetModules::Names(modules));
     }
-    file_form(PeftAdapter { config, tensors })
+    to_file_form(PeftAdapter { config, tensors })
 }
 
 /// The adapter in the form its config says it is stored (VB-LoRA `save_only_topk_weights`: full logits
-/// become `_topk_indices` + `_topk_weights`, as PEFT saves them), validated.
-fn file_form(mut adapter: PeftAdapter) -> Result<PeftAdapter> {
+/// become `_topk_indices` + `_topk_weights`, as PEFT saves them), validated: what
+/// [`PeftAdapter::save`] writes as is.
+pub fn to_file_form(mut adapter: PeftAdapter) -> Result<PeftAdapter> {
     if let Some(c) = adapter.config.vblora().filter(|c| c.save_only_topk_weights) {
         let topk = c.topk;
         let full: Vec<String> = adapter
@@ -897,7 +719,7 @@ fn file_form(mut adapter: PeftAdapter) -> Result<PeftAdapter> {
                 .remove(&k)
                 .ok_or_else(|| Error::invalid("logits vanished"))?;
             // torch.topk's order, ties included (what PEFT's own save writes).
-            let (idx, w) = super::vblora::vblora_topk_for_save(&logits.to_dtype(DType::F32)?, topk)?;
+            let (idx, w) = vblora_compress_topk(&logits, topk)?;
             adapter.tensors.insert(format!("{k}_topk_indices"), idx);
             adapter.tensors.insert(format!("{k}_topk_weights"), w);
         }

@@ -5,13 +5,20 @@
 //! `Tensor::matmul_t`) then `linear_forward(x, W, bias = None, u·bᵀ)`. A "backward_input" case is
 //! `v = s·dy·B` then `linear_backward_input(dy, W, v·a)`. The LoRA weight gradients (dA, dB) are not
 //! part of either. Weights are random codes with random scales: speed does not depend on the values.
+//!
+//! The weight-only cases (no tokens) time the conversions of `quant`: `quantize` (a bf16 `[out, in]`
+//! weight to the case's 4-bit format), `dequantize` (`BaseWeight::dequantize` into a fresh tensor,
+//! whose first-touch page faults are part of what a caller pays) and `dequantize_into` (into one
+//! preallocated tensor, reused by every call).
 
-use super::{Algo, BaseWeight, LowRankBwd, LowRankFwd, linear_backward_input, linear_forward};
-use crate::device::Device;
-use crate::error::{Error, Result};
-use crate::quant::{Absmax, NESTED_BLOCKSIZE, QuantState, QuantType, QuantizedTensor};
-use crate::rng::Rng;
-use crate::tensor::{DType, Tensor};
+use peft_kernels::qmatmul::{
+    Algo, BaseWeight, LowRankBwd, LowRankFwd, linear_backward_input, linear_forward,
+};
+use peft_kernels::quant::{
+    Absmax, NESTED_BLOCKSIZE, QuantState, QuantType, QuantizeOptions, QuantizedTensor,
+};
+use peft_kernels::rng::Rng;
+use peft_kernels::{DType, Device, Error, Result, Tensor};
 use std::time::Instant;
 
 /// A base-weight format.
@@ -68,7 +75,9 @@ impl std::str::FromStr for Format {
         Format::ALL
             .into_iter()
             .find(|f| f.as_str() == s.to_ascii_lowercase())
-            .ok_or_else(|| Error::invalid(format!("unknown format {s:?} (nf4, nf4-dq, fp4, bf16, f16, f32)")))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("unknown format {s:?} (nf4, nf4-dq, fp4, bf16, f16, f32)"))
+            })
     }
 }
 
@@ -86,7 +95,7 @@ pub fn random_quantized(
     let mut rng = Rng::new(seed);
     let n = out
         .checked_mul(inp)
-        .ok_or_else(|| Error::invalid("weight size overflows"))?;
+        .ok_or_else(|| Error::InvalidArgument("weight size overflows".into()))?;
     let nblocks = n.div_ceil(blocksize);
     let data: Vec<u8> = (0..n.div_ceil(2)).map(|_| rng.next_u64() as u8).collect();
     let absmax = if double_quant {
@@ -206,8 +215,12 @@ pub enum Op {
     Forward,
     /// LoRA projection `v = s·dy·B` + `linear_backward_input` with `v·a`.
     BackwardInput,
-    /// `BaseWeight::dequantize` to the activation dtype.
+    /// `BaseWeight::dequantize` to the activation dtype (a fresh output tensor per call).
     Dequantize,
+    /// `QuantizedTensor::dequantize_into` one preallocated output tensor of the activation dtype.
+    DequantizeInto,
+    /// `QuantizedTensor::quantize` of a bf16 weight to the case's 4-bit format.
+    Quantize,
 }
 
 impl Op {
@@ -216,8 +229,36 @@ impl Op {
             Op::Forward => "forward",
             Op::BackwardInput => "backward_input",
             Op::Dequantize => "dequantize",
+            Op::DequantizeInto => "dequantize_into",
+            Op::Quantize => "quantize",
         }
     }
+
+    /// Forward and backward-input take activations (tokens); the other ops convert a weight.
+    pub fn takes_tokens(self) -> bool {
+        matches!(self, Op::Forward | Op::BackwardInput)
+    }
+}
+
+/// bitsandbytes' defaults for a 4-bit `format` (blocksize 64; double quantization for `nf4-dq`).
+fn quantize_options(format: Format) -> Result<QuantizeOptions> {
+    let (quant_type, double_quant) = match format {
+        Format::Nf4 => (QuantType::Nf4, false),
+        Format::Nf4Dq => (QuantType::Nf4, true),
+        Format::Fp4 => (QuantType::Fp4, false),
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "{} is not a 4-bit format",
+                other.as_str()
+            )));
+        }
+    };
+    Ok(QuantizeOptions {
+        quant_type,
+        blocksize: 64,
+        double_quant,
+        ..Default::default()
+    })
 }
 
 /// One benchmark configuration.
@@ -272,7 +313,7 @@ impl Case {
             self.rank as f64,
         );
         match self.op {
-            Op::Dequantize => self.weight_bytes() + o * i * e,
+            Op::Dequantize | Op::DequantizeInto | Op::Quantize => self.weight_bytes() + o * i * e,
             Op::Forward | Op::BackwardInput => self.weight_bytes() + t * (o + i) * e + r * (o + i) * e,
         }
     }
@@ -286,17 +327,19 @@ impl Case {
             self.rank as f64,
         );
         match self.op {
-            Op::Dequantize => 0.0,
+            Op::Dequantize | Op::DequantizeInto | Op::Quantize => 0.0,
             Op::Forward | Op::BackwardInput => 2.0 * t * o * i + 2.0 * t * r * (o + i),
         }
     }
 }
 
-/// Prepared operands of a case; `weights` rotate so repeated calls do not hit a warm cache.
+/// Prepared operands of a case; `weights` rotate so repeated calls do not hit a warm cache (for
+/// `quantize` they are the dense bf16 inputs).
 pub struct Runner {
-    pub case: Case,
-    pub device: Device,
+    case: Case,
     weights: Vec<BaseWeight>,
+    /// The reused output of `dequantize_into`.
+    out: Option<Tensor>,
     next: usize,
     act: Tensor,
     a: Tensor,
@@ -307,7 +350,18 @@ pub struct Runner {
 impl Runner {
     /// Builds the operands. `min_footprint` bytes of weight copies are rotated through (at least one).
     pub fn new(case: Case, device: Device, min_footprint: usize) -> Result<Runner> {
-        let w0 = random_weight(case.format, case.out, case.inp, 1, device)?;
+        let w0 = if case.op == Op::Quantize {
+            quantize_options(case.format)?;
+            BaseWeight::Dense(Tensor::randn(
+                &[case.out, case.inp],
+                0.02,
+                1,
+                DType::BF16,
+                device,
+            )?)
+        } else {
+            random_weight(case.format, case.out, case.inp, 1, device)?
+        };
         // Above 16 tokens the product is compute-bound (≥ 64 FLOP per weight byte): where the weight
         // comes from does not matter, and one copy saves the setup time.
         let min_footprint = if case.tokens > 16 { 0 } else { min_footprint };
@@ -328,10 +382,15 @@ impl Runner {
         let r = case.rank;
         let a = Tensor::randn(&[r, case.inp], 0.02, 8, dt, device)?;
         let b = Tensor::randn(&[case.out, r], 0.02, 9, dt, device)?;
+        let out = if case.op == Op::DequantizeInto {
+            Some(Tensor::zeros(&[case.out, case.inp], dt, device)?)
+        } else {
+            None
+        };
         Ok(Runner {
             case,
-            device,
             weights,
+            out,
             next: 0,
             act,
             a,
@@ -345,26 +404,38 @@ impl Runner {
         self.weights.len()
     }
 
-    /// One call of the case (asynchronous on CUDA: synchronize before reading a clock).
-    pub fn run(&mut self) -> Result<Tensor> {
+    /// One call of the case (asynchronous on CUDA: synchronize before reading a clock). Returns the
+    /// result tensor (the packed codes for `quantize`; none for `dequantize_into`).
+    pub fn run(&mut self) -> Result<Option<Tensor>> {
         let w = &self.weights[self.next];
         self.next = (self.next + 1) % self.weights.len();
         let c = self.case;
+        let wrong = || Error::InvalidArgument(format!("{}: operands of another case", c.name()));
         match c.op {
-            Op::Dequantize => w.dequantize(c.format.act_dtype()),
+            Op::Dequantize => w.dequantize(c.format.act_dtype()).map(Some),
+            Op::DequantizeInto => match (w, self.out.as_mut()) {
+                (BaseWeight::Quantized(q), Some(out)) => q.dequantize_into(out).map(|()| None),
+                _ => Err(wrong()),
+            },
+            Op::Quantize => match w {
+                BaseWeight::Dense(x) => {
+                    QuantizedTensor::quantize(x, &quantize_options(c.format)?).map(|q| Some(q.data))
+                }
+                BaseWeight::Quantized(_) => Err(wrong()),
+            },
             Op::Forward => {
                 if c.rank == 0 {
-                    return linear_forward(&self.act, w, None, None, c.algo);
+                    return linear_forward(&self.act, w, None, None, c.algo).map(Some);
                 }
                 let u = self.act.matmul_t(&self.a, false, true)?.scale(self.scale)?;
-                linear_forward(&self.act, w, None, Some(LowRankFwd { u: &u, b: &self.b }), c.algo)
+                linear_forward(&self.act, w, None, Some(LowRankFwd { u: &u, b: &self.b }), c.algo).map(Some)
             }
             Op::BackwardInput => {
                 if c.rank == 0 {
-                    return linear_backward_input(&self.act, w, None, c.algo);
+                    return linear_backward_input(&self.act, w, None, c.algo).map(Some);
                 }
                 let v = self.act.matmul(&self.b)?.scale(self.scale)?;
-                linear_backward_input(&self.act, w, Some(LowRankBwd { v: &v, a: &self.a }), c.algo)
+                linear_backward_input(&self.act, w, Some(LowRankBwd { v: &v, a: &self.a }), c.algo).map(Some)
             }
         }
     }
@@ -453,26 +524,39 @@ pub const TOKENS: [usize; 3] = [1, 16, 512];
 /// LoRA rank of the benchmark.
 pub const RANK: usize = 16;
 
-/// The default case list: every shape (only 4096×4096 unless `full`), token count and op, for the
-/// 4-bit formats against dense bf16 and f32. 4-bit cases run twice at > 16 tokens on CUDA (fused and
-/// dequant+GEMM), and on the CPU the 512-token cases too (panels vs dequantize-all).
+/// The default case list: [`cases`] over [`SHAPES`] (only 4096×4096 unless `full`) and [`TOKENS`]
+/// (without 512 when `quick`), plus the GPU-sized cases on CUDA.
 pub fn default_cases(device: Device, full: bool, quick: bool) -> Vec<Case> {
     let shapes: &[(usize, usize)] = if full { &SHAPES } else { &SHAPES[..1] };
     let tokens: &[usize] = if quick { &TOKENS[..2] } else { &TOKENS };
+    let mut v = cases(device, shapes, tokens);
+    if device.is_cuda() {
+        v.extend(gpu_cases());
+    }
+    v
+}
+
+/// Every shape, token count and op for the 4-bit formats against dense bf16 and f32, and the
+/// weight-only ops (quantize, dequantize, dequantize_into) of the 4-bit formats. 4-bit cases run twice
+/// at > 16 tokens on CUDA (fused and dequant+GEMM), and on the CPU the 512-token cases too (panels vs
+/// dequantize-all).
+pub fn cases(device: Device, shapes: &[(usize, usize)], tokens: &[usize]) -> Vec<Case> {
     let formats = [Format::Nf4, Format::Nf4Dq, Format::Fp4, Format::Bf16, Format::F32];
     let mut v = Vec::new();
     for &(out, inp) in shapes {
         for f in formats {
             if f.is_quantized() {
-                v.push(Case {
-                    op: Op::Dequantize,
-                    format: f,
-                    out,
-                    inp,
-                    tokens: 0,
-                    rank: 0,
-                    algo: Algo::Auto,
-                });
+                for op in [Op::Quantize, Op::Dequantize, Op::DequantizeInto] {
+                    v.push(Case {
+                        op,
+                        format: f,
+                        out,
+                        inp,
+                        tokens: 0,
+                        rank: 0,
+                        algo: Algo::Auto,
+                    });
+                }
             }
         }
         for &t in tokens {
@@ -498,37 +582,40 @@ pub fn default_cases(device: Device, full: bool, quick: bool) -> Vec<Case> {
             }
         }
     }
-    if device.is_cuda() {
-        // The GPU-sized cases of the task: an 8192² GEMV and a 4096-token training step.
-        for f in [Format::Nf4, Format::Nf4Dq, Format::Bf16] {
-            for t in [1, 16] {
+    v
+}
+
+/// The GPU-sized cases: an 8192² GEMV and a 4096-token training step.
+fn gpu_cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    for f in [Format::Nf4, Format::Nf4Dq, Format::Bf16] {
+        for t in [1, 16] {
+            v.push(Case {
+                op: Op::Forward,
+                format: f,
+                out: 8192,
+                inp: 8192,
+                tokens: t,
+                rank: RANK,
+                algo: Algo::Auto,
+            });
+        }
+        for op in [Op::Forward, Op::BackwardInput] {
+            let algos: &[Algo] = if f.is_quantized() {
+                &[Algo::Fused, Algo::DequantGemm]
+            } else {
+                &[Algo::Auto]
+            };
+            for &algo in algos {
                 v.push(Case {
-                    op: Op::Forward,
+                    op,
                     format: f,
-                    out: 8192,
-                    inp: 8192,
-                    tokens: t,
+                    out: 4096,
+                    inp: 4096,
+                    tokens: 4096,
                     rank: RANK,
-                    algo: Algo::Auto,
+                    algo,
                 });
-            }
-            for op in [Op::Forward, Op::BackwardInput] {
-                let algos: &[Algo] = if f.is_quantized() {
-                    &[Algo::Fused, Algo::DequantGemm]
-                } else {
-                    &[Algo::Auto]
-                };
-                for &algo in algos {
-                    v.push(Case {
-                        op,
-                        format: f,
-                        out: 4096,
-                        inp: 4096,
-                        tokens: 4096,
-                        rank: RANK,
-                        algo,
-                    });
-                }
             }
         }
     }
@@ -541,4 +628,59 @@ pub fn default_cases(device: Device, full: bool, quick: bool) -> Vec<Case> {
 /// 256 MiB one). CUDA: 4× the 50 MB L2.
 pub fn rotation_bytes(device: Device) -> usize {
     if device.is_cuda() { 200 << 20 } else { 1 << 30 }
+}
+
+#[cfg(test)]
+#[allow(unused_imports)] // the benches compile this file too, without its tests
+mod tests {
+    use super::*;
+
+    /// The weight-only rows do what they are named for: `dequantize_into` writes exactly what
+    /// `dequantize` returns for the same weight, and `quantize` produces bitsandbytes' codes.
+    #[test]
+    fn weight_only_cases_compute_what_they_name() -> Result<()> {
+        for (format, qt) in [
+            (Format::Nf4, QuantType::Nf4),
+            (Format::Nf4Dq, QuantType::Nf4),
+            (Format::Fp4, QuantType::Fp4),
+        ] {
+            let case = |op| Case {
+                op,
+                format,
+                out: 6,
+                inp: 160,
+                tokens: 0,
+                rank: 0,
+                algo: Algo::Auto,
+            };
+            let fresh = Runner::new(case(Op::Dequantize), Device::Cpu, 0)?.run()?;
+            let fresh = fresh.expect("dequantize returns its output");
+            let mut into = Runner::new(case(Op::DequantizeInto), Device::Cpu, 0)?;
+            assert!(into.run()?.is_none());
+            let out = into.out.as_ref().expect("dequantize_into has an output");
+            assert_eq!(out.to_bytes()?, fresh.to_bytes()?, "{format:?}");
+            assert_eq!((out.shape(), out.dtype()), (&[6, 160][..], DType::BF16));
+
+            let mut quant = Runner::new(case(Op::Quantize), Device::Cpu, 0)?;
+            let codes = quant.run()?.expect("quantize returns the codes");
+            let BaseWeight::Dense(x) = &quant.weights[0] else {
+                panic!("quantize input is dense");
+            };
+            let x = x.to_vec::<half::bf16>()?;
+            let (want, _) = peft_kernels::quant::cpu::quantize_reference(&x, qt, 64)?;
+            assert_eq!(codes.to_vec::<u8>()?, want, "{format:?}");
+        }
+        // A dense format has no 4-bit conversion to time.
+        let dense = Case {
+            op: Op::Quantize,
+            format: Format::Bf16,
+            out: 2,
+            inp: 64,
+            tokens: 0,
+            rank: 0,
+            algo: Algo::Auto,
+        };
+        assert!(Runner::new(dense, Device::Cpu, 0).is_err());
+        Ok(())
+    }
 }

@@ -1,0 +1,226 @@
+//! Batch path (> [`DECODE_MAX_TOKENS`](super::DECODE_MAX_TOKENS) tokens): the weight dequantized in
+//! L2-sized panels, each multiplied with the `gemm` crate.
+
+use super::{SendPtr, WeightRef, decode_flat, gemm_f32};
+use crate::tensor::cpu as tcpu;
+use rayon::prelude::*;
+
+/// y[t, o] = x·Wᵀ (+ u·bᵀ). f32 dense W goes straight to gemm; other formats in decoded row panels.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dense_gemm_fwd(
+    x: &[f32],
+    w: &WeightRef<'_>,
+    t: usize,
+    out: usize,
+    inp: usize,
+    y: &mut [f32],
+    lr: Option<(&[f32], &[f32])>,
+    rank: usize,
+) {
+    if let WeightRef::F32(wf) = w {
+        let par = tcpu::gemm_parallelism(t, out, inp);
+        // SAFETY: x is [t, inp], wf is [out, inp] read transposed (rs 1, cs inp), y is [t, out].
+        unsafe {
+            gemm_f32(
+                t,
+                out,
+                inp,
+                y.as_mut_ptr(),
+                out,
+                false,
+                x.as_ptr(),
+                inp,
+                1,
+                wf.as_ptr(),
+                1,
+                inp,
+                par,
+            );
+            if let Some((u, b)) = lr {
+                gemm_f32(
+                    t,
+                    out,
+                    rank,
+                    y.as_mut_ptr(),
+                    out,
+                    true,
+                    u.as_ptr(),
+                    rank,
+                    1,
+                    b.as_ptr(),
+                    1,
+                    rank,
+                    par,
+                );
+            }
+        }
+        return;
+    }
+    // Panel of P rows: P × inp f32 ≤ ~2 MiB (one L2), at least 32 rows for an efficient gemm.
+    let p = ((1usize << 19) / inp.max(1)).clamp(32, 256).next_multiple_of(16);
+    let np = out.div_ceil(p);
+    let yp = SendPtr(y.as_mut_ptr());
+    (0..np)
+        .into_par_iter()
+        .for_each_init(Vec::new, |buf: &mut Vec<f32>, pi| {
+            let o0 = pi * p;
+            let rows = p.min(out - o0);
+            buf.resize(rows * inp, 0.0);
+            decode_rows(w, o0, inp, buf);
+            // SAFETY: this task writes only the columns o0..o0+rows of y ([t, out], row stride out);
+            // panels are disjoint. buf is [rows, inp] read transposed; u [t, rank]; b rows o0.. of [out, rank].
+            unsafe {
+                let dst = yp.get().add(o0);
+                gemm_f32(
+                    t,
+                    rows,
+                    inp,
+                    dst,
+                    out,
+                    false,
+                    x.as_ptr(),
+                    inp,
+                    1,
+                    buf.as_ptr(),
+                    1,
+                    inp,
+                    gemm::Parallelism::None,
+                );
+                if let Some((u, b)) = lr {
+                    let bp = b.as_ptr().add(o0 * rank);
+                    gemm_f32(
+                        t,
+                        rows,
+                        rank,
+                        dst,
+                        out,
+                        true,
+                        u.as_ptr(),
+                        rank,
+                        1,
+                        bp,
+                        1,
+                        rank,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+        });
+}
+
+/// Rows `[o0, o0 + rows)` of W into `buf` ([rows, inp], f32).
+fn decode_rows(w: &WeightRef<'_>, o0: usize, inp: usize, buf: &mut [f32]) {
+    match w {
+        // Contiguous flat range: one call decodes the whole panel.
+        WeightRef::Q4(q) => decode_flat(q, o0 * inp, buf),
+        _ => {
+            for (i, r) in buf.chunks_mut(inp).enumerate() {
+                w.decode_row_seg(o0 + i, inp, 0, r);
+            }
+        }
+    }
+}
+
+/// dx[t, k] = dy·W (+ v·a). Column panels of W so that tasks own disjoint column slices of dx.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dense_gemm_bwd(
+    dy: &[f32],
+    w: &WeightRef<'_>,
+    t: usize,
+    out: usize,
+    inp: usize,
+    dx: &mut [f32],
+    lr: Option<(&[f32], &[f32])>,
+    rank: usize,
+) {
+    if let WeightRef::F32(wf) = w {
+        let par = tcpu::gemm_parallelism(t, inp, out);
+        // SAFETY: dy [t, out], wf [out, inp], dx [t, inp]; v [t, rank], a [rank, inp].
+        unsafe {
+            gemm_f32(
+                t,
+                inp,
+                out,
+                dx.as_mut_ptr(),
+                inp,
+                false,
+                dy.as_ptr(),
+                out,
+                1,
+                wf.as_ptr(),
+                inp,
+                1,
+                par,
+            );
+            if let Some((v, a)) = lr {
+                gemm_f32(
+                    t,
+                    inp,
+                    rank,
+                    dx.as_mut_ptr(),
+                    inp,
+                    true,
+                    v.as_ptr(),
+                    rank,
+                    1,
+                    a.as_ptr(),
+                    inp,
+                    1,
+                    par,
+                );
+            }
+        }
+        return;
+    }
+    // Column panel: out × kc f32 ≤ ~2 MiB.
+    let kc = ((1usize << 19) / out.max(1)).clamp(32, 512).next_multiple_of(32);
+    let np = inp.div_ceil(kc);
+    let dxp = SendPtr(dx.as_mut_ptr());
+    (0..np)
+        .into_par_iter()
+        .for_each_init(Vec::new, |buf: &mut Vec<f32>, pi| {
+            let k0 = pi * kc;
+            let cols = kc.min(inp - k0);
+            buf.resize(out * cols, 0.0);
+            for (o, r) in buf.chunks_mut(cols).enumerate() {
+                w.decode_row_seg(o, inp, k0, r);
+            }
+            // SAFETY: this task writes only the columns k0..k0+cols of dx ([t, inp]); panels are disjoint.
+            // buf is [out, cols]; a is [rank, inp] (columns k0.. with row stride inp).
+            unsafe {
+                let dst = dxp.get().add(k0);
+                gemm_f32(
+                    t,
+                    cols,
+                    out,
+                    dst,
+                    inp,
+                    false,
+                    dy.as_ptr(),
+                    out,
+                    1,
+                    buf.as_ptr(),
+                    cols,
+                    1,
+                    gemm::Parallelism::None,
+                );
+                if let Some((v, a)) = lr {
+                    gemm_f32(
+                        t,
+                        cols,
+                        rank,
+                        dst,
+                        inp,
+                        true,
+                        v.as_ptr(),
+                        rank,
+                        1,
+                        a.as_ptr().add(k0),
+                        inp,
+                        1,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+        });
+}
