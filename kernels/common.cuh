@@ -78,6 +78,15 @@ __device__ __forceinline__ uint8_t quantize_8bit(const float* code, float x) {
     }
 }
 
+// The dropout mask hash, bit-identical to src/tensor/mod.rs::dropout_hash (a pure function of (seed,
+// index), so backward passes regenerate masks instead of storing them).
+__device__ __forceinline__ uint32_t dropout_hash(uint64_t seed, uint64_t i) {
+    uint64_t z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return (uint32_t)((z ^ (z >> 31)) >> 32);
+}
+
 // Grid-stride loop over [0, n).
 #define GRID_STRIDE(i, n) \
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)

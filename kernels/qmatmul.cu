@@ -29,25 +29,10 @@
 //   4096 tokens x 4096x4096: 137 GFLOP -> 174 us floor; W decode is 16.8 M weights once per
 //   (M-tile) = 32 M-tiles x 16.8 M = 0.5 G decodes ~ 2-3% of the mma time.
 #include "q4.cuh"
+#include "mma.cuh"
 
 // ------------------------------------------------------------------------------------------------
 // Decode helpers: the code books, q4_absmax, q4_nibble and load_luts live in q4.cuh.
-
-template <typename T> struct Vec2;
-template <> struct Vec2<f16> {
-    typedef __half2 type;
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        __half2 h = __floats2half2_rn(lo, hi);  // .x (low 16 bits) = lo
-        return *reinterpret_cast<uint32_t*>(&h);
-    }
-};
-template <> struct Vec2<bf16> {
-    typedef __nv_bfloat162 type;
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-        return *reinterpret_cast<uint32_t*>(&h);
-    }
-};
 
 // 8 activations of type T as f32 (16 or 32 bytes, aligned).
 __device__ __forceinline__ void load8(const float* p, float* o) {
@@ -210,37 +195,6 @@ GEMV_SIMT_DQAL(bf16, bf16, f32, float)
 // ------------------------------------------------------------------------------------------------
 // Tensor-core primitives (sm_80+)
 
-template <typename T>
-__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint32_t* b);
-template <>
-__device__ __forceinline__ void mma16816<bf16>(float* c, const uint32_t* a, const uint32_t* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-template <>
-__device__ __forceinline__ void mma16816<f16>(float* c, const uint32_t* a, const uint32_t* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* smem) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* smem) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
 // 16-byte async copy; src_bytes = 0 zero-fills the destination without reading src.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
     const unsigned a = (unsigned)__cvta_generic_to_shared(smem);

@@ -45,14 +45,7 @@ AFFINE(f32, float)
 AFFINE(f16, f16)
 AFFINE(bf16, bf16)
 
-// Reproducible inverted dropout: the mask is a pure function of (seed, index), bit-identical to
-// src/tensor/mod.rs::dropout_hash, so backward passes regenerate it instead of storing it.
-__device__ __forceinline__ uint32_t dropout_hash(uint64_t seed, uint64_t i) {
-    uint64_t z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return (uint32_t)((z ^ (z >> 31)) >> 32);
-}
+// Reproducible inverted dropout: the mask is dropout_hash (common.cuh) of (seed, index).
 #define DROPOUT(TN, T)                                                                                 \
     extern "C" __global__ void dropout_##TN(const T* __restrict__ x, T* __restrict__ o,                \
                                             uint64_t threshold, float scale, uint64_t seed, int64_t n) { \

@@ -87,9 +87,22 @@ impl<'a> Masking<'a> {
         }
     }
 
+    /// Row `i` may only see keys `0..limit(i)` under the causal mask (all keys without it).
     #[inline]
-    fn visible(&self, b: usize, i: usize, j: usize) -> bool {
-        self.key_mask.is_none_or(|m| m[b * self.cfg.seq_k + j] != 0) && self.cfg.causal_ok(i, j)
+    fn limit(&self, i: usize) -> usize {
+        let (sq, sk) = (self.cfg.seq_q, self.cfg.seq_k);
+        if self.cfg.causal {
+            (i + sk + 1).saturating_sub(sq).min(sk)
+        } else {
+            sk
+        }
+    }
+
+    /// The key mask of sequence `b` (None: every key is real).
+    #[inline]
+    fn keys(&self, b: usize) -> Option<&'a [u8]> {
+        let sk = self.cfg.seq_k;
+        self.key_mask.map(|m| &m[b * sk..(b + 1) * sk])
     }
 
     /// The dropout multiplier (0 or 1/(1-p); 1 without dropout) of probability (b, h, i, j).
@@ -200,25 +213,33 @@ pub(crate) fn forward(
 /// row's log-sum-exp over the visible keys (`+inf` when none is visible: the row becomes all zeros).
 fn softmax_row(row: &mut [f32], m: &Masking, b: usize, h: usize, i: usize) -> f32 {
     let scale = m.cfg.scale;
+    let (head, tail) = row.split_at_mut(m.limit(i));
+    tail.fill(0.0);
+    let keys = m.keys(b);
+    let ok = |j: usize| keys.is_none_or(|k| k[j] != 0);
     let mut mx = f32::NEG_INFINITY;
-    for (j, x) in row.iter_mut().enumerate() {
+    for (j, x) in head.iter_mut().enumerate() {
         *x *= scale;
-        if m.visible(b, i, j) {
+        if ok(j) {
             mx = mx.max(*x);
         }
     }
     if mx == f32::NEG_INFINITY {
-        row.fill(0.0);
+        head.fill(0.0);
         return f32::INFINITY;
     }
     let mut sum = 0f32;
-    for (j, x) in row.iter_mut().enumerate() {
-        *x = if m.visible(b, i, j) { (*x - mx).exp() } else { 0.0 };
+    for (j, x) in head.iter_mut().enumerate() {
+        *x = if ok(j) { (*x - mx).exp() } else { 0.0 };
         sum += *x;
     }
     let inv = 1.0 / sum;
-    for (j, x) in row.iter_mut().enumerate() {
-        *x *= inv * m.keep(b, h, i, j);
+    if m.dropout.is_some() {
+        for (j, x) in head.iter_mut().enumerate() {
+            *x *= inv * m.keep(b, h, i, j);
+        }
+    } else {
+        head.iter_mut().for_each(|x| *x *= inv);
     }
     mx + sum.ln()
 }
@@ -278,13 +299,18 @@ pub(crate) fn backward(
                     .map(|(x, y)| x * y)
                     .sum();
                 let (prow, dprow) = (&mut p[i * sk..(i + 1) * sk], &mut dp[i * sk..(i + 1) * sk]);
-                for j in 0..sk {
-                    let pij = if masking.visible(b, i, j) {
+                let lim = masking.limit(i);
+                prow[lim..].fill(0.0);
+                dprow[lim..].fill(0.0);
+                let keys = masking.keys(b);
+                let drop = masking.dropout.is_some();
+                for j in 0..lim {
+                    let pij = if keys.is_none_or(|k| k[j] != 0) {
                         (prow[j] * cfg.scale - l).exp()
                     } else {
                         0.0
                     };
-                    let keep = masking.keep(b, h, i, j);
+                    let keep = if drop { masking.keep(b, h, i, j) } else { 1.0 };
                     // scale·dS into dp, the dropped-and-scaled probability (for dV) into p.
                     dprow[j] = cfg.scale * pij * (dprow[j] * keep - di);
                     prow[j] = pij * keep;

@@ -178,12 +178,6 @@ impl AttentionConfig {
     pub fn lse_len(&self) -> usize {
         self.batch * self.num_heads * self.seq_q
     }
-
-    /// Whether query `i` may see key `j` under the causal mask (always true without it).
-    #[inline]
-    pub(crate) fn causal_ok(&self, i: usize, j: usize) -> bool {
-        !self.causal || j + self.seq_q <= i + self.seq_k
-    }
 }
 
 /// Attention forward without a tape: `(output [batch*seq_q, num_heads*head_dim] in q's dtype, lse

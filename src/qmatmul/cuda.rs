@@ -401,6 +401,7 @@ fn launch_tiled(
             } else {
                 k::qmatmul::q4_gemm_mma_fwd::<T, A>
             };
+            // SAFETY: the argument list, grid and shared memory are as stated above for both directions.
             unsafe {
                 launch(
                     b,
