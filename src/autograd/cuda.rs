@@ -35,6 +35,7 @@ macro_rules! typed {
         }
     };
 }
+pub(crate) use typed;
 
 pub(crate) fn storage<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a CudaStorage> {
     match t.storage() {
@@ -80,7 +81,7 @@ fn act_kernel(fwd: bool, act: Activation, dtype: DType) -> Result<&'static str> 
     Ok(if fwd { FWD[a][d] } else { BWD[a][d] })
 }
 
-fn by_dtype(names: [&'static str; 3], dtype: DType) -> Result<&'static str> {
+pub(crate) fn by_dtype(names: [&'static str; 3], dtype: DType) -> Result<&'static str> {
     Ok(names[dtype_index(dtype)?])
 }
 
