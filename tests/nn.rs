@@ -447,6 +447,35 @@ fn layer_norm_bad_input(dev: Device) -> Result<()> {
     Ok(())
 }
 
+/// Checks the tape's gradient of `forward`'s loss with respect to parameter `xid` against finite
+/// differences of the same forward on the same device.
+fn check_chain(
+    what: &str,
+    store: ParamStore,
+    xid: ParamId,
+    forward: impl Fn(&ParamStore) -> Result<(Tape, peft_kernels::autograd::Var)>,
+    seed: u64,
+) -> Result<Tensor> {
+    let (tape, loss) = forward(&store)?;
+    let g = tape.backward(loss)?.get(xid).expect("gradient of x").clone();
+    let at = store.get(xid)?.clone();
+    let cell = std::cell::RefCell::new(store);
+    let cfg = GradCheckConfig {
+        eps: 1e-2,
+        rtol: 2e-2,
+        atol: 2e-4,
+        max_points: 150,
+        seed,
+    };
+    let f = |p: &Tensor| {
+        cell.borrow_mut().set(xid, p.clone())?;
+        let (tape, loss) = forward(&cell.borrow())?;
+        tape.value(loss)?.to_scalar()
+    };
+    check_gradient(what, f, &at, &g, &cfg)?;
+    Ok(g)
+}
+
 // ------------------------------------------------------------------------------ composition
 
 /// A BERT-shaped chain on the tape (bias, LayerNorm, tanh, dropout, pooling, row selection), its
@@ -481,28 +510,7 @@ fn bert_like_chain_gradient(dev: Device) -> Result<()> {
         let loss = tape.add(l1, l2)?;
         Ok((tape, loss))
     };
-    let (tape, loss) = forward(&store)?;
-    let grads = tape.backward(loss)?;
-    let g = grads.get(xid).expect("gradient of x").clone();
-    let at = store.get(xid)?.clone();
-    let cell = std::cell::RefCell::new(store);
-    check_gradient(
-        "bert-like chain dx",
-        |p| {
-            cell.borrow_mut().set(xid, p.clone())?;
-            let (tape, loss) = forward(&cell.borrow())?;
-            tape.value(loss)?.to_scalar()
-        },
-        &at,
-        &g,
-        &GradCheckConfig {
-            eps: 1e-2,
-            rtol: 2e-2,
-            atol: 2e-4,
-            max_points: 120,
-            seed: 1,
-        },
-    )?;
+    let g = check_chain("bert-like chain dx", store, xid, forward, 1)?;
     assert!(f64s(&g)?.iter().any(|&v| v != 0.0));
     Ok(())
 }
@@ -798,27 +806,7 @@ fn llama_like_chain_gradient(dev: Device) -> Result<()> {
         let loss = tape.mse_loss(last, &target)?;
         Ok((tape, loss))
     };
-    let (tape, loss) = forward(&store)?;
-    let g = tape.backward(loss)?.get(xid).expect("gradient").clone();
-    let at = store.get(xid)?.clone();
-    let cell = std::cell::RefCell::new(store);
-    check_gradient(
-        "llama-like chain dx",
-        |p| {
-            cell.borrow_mut().set(xid, p.clone())?;
-            let (tape, loss) = forward(&cell.borrow())?;
-            tape.value(loss)?.to_scalar()
-        },
-        &at,
-        &g,
-        &GradCheckConfig {
-            eps: 1e-2,
-            rtol: 2e-2,
-            atol: 2e-4,
-            max_points: 144,
-            seed: 2,
-        },
-    )?;
+    check_chain("llama-like chain dx", store, xid, forward, 2)?;
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //! in `mod.rs`; this file checks what the launches need (grid limits) and uploads the host-side
 //! indices and masks.
 
-use super::InverseIndex;
+use super::{InverseIndex, Norm};
 use crate::autograd::cuda::{by_dtype as pick, storage, typed};
 use crate::error::{Error, Result};
 use crate::tensor::cuda::{alloc, wrap};
@@ -195,50 +195,75 @@ pub(crate) fn add_row(x: &Tensor, row: &Tensor) -> Result<Tensor> {
     Ok(wrap(out, x.shape(), dtype))
 }
 
-/// LayerNorm forward; `w` and `b` are f32 `[h]`. Returns `y` and the f32 `[rows, 2]` statistics.
-pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, bias: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
-    let op = "layer_norm";
-    let (xs, ws, bs) = (storage(x, op)?, storage(w, op)?, storage(bias, op)?);
+/// LayerNorm (with the f32 `[h]` bias) or RMSNorm (without) forward; `w` is f32 `[h]`. Returns `y`
+/// and the f32 statistics (`[rows, 2]` of mean and rstd, or `[rows]` of rstd).
+pub(crate) fn norm_forward(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    eps: f32,
+    norm: Norm,
+) -> Result<(Tensor, Tensor)> {
+    let op = if norm == Norm::Layer {
+        "layer_norm"
+    } else {
+        "rms_norm"
+    };
+    let (xs, ws) = (storage(x, op)?, storage(w, op)?);
+    let bs = bias.map(|b| storage(b, op)).transpose()?;
+    if (norm == Norm::Layer) != bs.is_some() {
+        return Err(Error::invalid(format!("{op}: a bias goes with LayerNorm only")));
+    }
     let b = &xs.backend;
     let dtype = x.dtype();
     let (rows, h) = x.dims2(op)?;
+    let per_row = if norm == Norm::Layer { 2 } else { 1 };
     let mut y = alloc(b, dtype, rows * h)?;
-    let mut stats = alloc(b, DType::F32, 2 * rows)?;
+    let mut stats = alloc(b, DType::F32, per_row * rows)?;
     if rows > 0 {
         let cfg = row_blocks(rows, h, op)?;
-        let f = b.func(
-            "nn",
-            pick(
-                ["layer_norm_fwd_f32", "layer_norm_fwd_f16", "layer_norm_fwd_bf16"],
-                dtype,
-            )?,
-        )?;
+        let names = match norm {
+            Norm::Layer => ["layer_norm_fwd_f32", "layer_norm_fwd_f16", "layer_norm_fwd_bf16"],
+            Norm::Rms => ["rms_norm_fwd_f32", "rms_norm_fwd_f16", "rms_norm_fwd_bf16"],
+        };
+        let f = b.func("nn", pick(names, dtype)?)?;
         let h64 = h as i64;
         typed!(dtype, |T| {
-            let xv = xs.view::<T>()?;
-            let (wv, bv) = (ws.view::<f32>()?, bs.view::<f32>()?);
+            let (xv, wv) = (xs.view::<T>()?, ws.view::<f32>()?);
+            let bv = bs.map(|s| s.view::<f32>()).transpose()?;
             let mut yv = y.view_mut::<T>()?;
             let mut sv = stats.view_mut::<f32>()?;
             let mut l = b.stream.launch_builder(&f);
-            l.arg(&xv)
-                .arg(&wv)
-                .arg(&bv)
-                .arg(&mut yv)
-                .arg(&mut sv)
-                .arg(&h64)
-                .arg(&eps);
+            l.arg(&xv).arg(&wv);
+            if let Some(bv) = &bv {
+                l.arg(bv);
+            }
+            l.arg(&mut yv).arg(&mut sv).arg(&h64).arg(&eps);
             // SAFETY: layer_norm_fwd_<T>(const T* x [rows*h], const float* w [h], const float* b [h],
-            // T* y [rows*h], float* stats [2*rows], int64 h, float eps), one block per row, h >= 1
-            // (checked by the caller, which also converted w and b to f32 [h]).
+            // T* y [rows*h], float* stats [2*rows], int64 h, float eps) and rms_norm_fwd_<T>(the same
+            // without b, stats [rows]); one block per row, h >= 1 (checked by the caller, which also
+            // converted w and b to f32 [h]); the bias is passed exactly for LayerNorm (checked above).
             unsafe { l.launch(cfg) }?;
             Ok(())
         })?;
     }
-    Ok((wrap(y, x.shape(), dtype), wrap(stats, &[rows, 2], DType::F32)))
+    let stats_shape: &[usize] = if per_row == 2 { &[rows, 2] } else { &[rows] };
+    Ok((wrap(y, x.shape(), dtype), wrap(stats, stats_shape, DType::F32)))
 }
 
-pub(crate) fn layer_norm_backward(x: &Tensor, dy: &Tensor, w: &Tensor, stats: &Tensor) -> Result<Tensor> {
-    let op = "layer_norm_backward";
+/// LayerNorm or RMSNorm input gradient from the saved f32 weight and statistics.
+pub(crate) fn norm_backward(
+    x: &Tensor,
+    dy: &Tensor,
+    w: &Tensor,
+    stats: &Tensor,
+    norm: Norm,
+) -> Result<Tensor> {
+    let op = if norm == Norm::Layer {
+        "layer_norm_backward"
+    } else {
+        "rms_norm_backward"
+    };
     let (xs, ds, ws, ss) = (
         storage(x, op)?,
         storage(dy, op)?,
@@ -251,13 +276,11 @@ pub(crate) fn layer_norm_backward(x: &Tensor, dy: &Tensor, w: &Tensor, stats: &T
     let mut dx = alloc(b, dtype, rows * h)?;
     if rows > 0 && h > 0 {
         let cfg = row_blocks(rows, h, op)?;
-        let f = b.func(
-            "nn",
-            pick(
-                ["layer_norm_bwd_f32", "layer_norm_bwd_f16", "layer_norm_bwd_bf16"],
-                dtype,
-            )?,
-        )?;
+        let names = match norm {
+            Norm::Layer => ["layer_norm_bwd_f32", "layer_norm_bwd_f16", "layer_norm_bwd_bf16"],
+            Norm::Rms => ["rms_norm_bwd_f32", "rms_norm_bwd_f16", "rms_norm_bwd_bf16"],
+        };
+        let f = b.func("nn", pick(names, dtype)?)?;
         let h64 = h as i64;
         typed!(dtype, |T| {
             let (xv, dv) = (xs.view::<T>()?, ds.view::<T>()?);
@@ -265,82 +288,9 @@ pub(crate) fn layer_norm_backward(x: &Tensor, dy: &Tensor, w: &Tensor, stats: &T
             let mut ov = dx.view_mut::<T>()?;
             let mut l = b.stream.launch_builder(&f);
             l.arg(&xv).arg(&dv).arg(&wv).arg(&sv).arg(&mut ov).arg(&h64);
-            // SAFETY: layer_norm_bwd_<T>(const T* x [rows*h], const T* dy [rows*h], const float* w [h],
-            // const float* stats [2*rows], T* dx [rows*h], int64 h), one block per row; x and dy have the
-            // same shape and dtype, w is f32 [h] and stats f32 [rows, 2] (checked by the caller).
-            unsafe { l.launch(cfg) }?;
-            Ok(())
-        })?;
-    }
-    Ok(wrap(dx, x.shape(), dtype))
-}
-
-/// RMSNorm forward; `w` is f32 `[h]`. Returns `y` and the f32 `[rows]` of `1/sqrt(mean(x²) + eps)`.
-pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
-    let op = "rms_norm";
-    let (xs, ws) = (storage(x, op)?, storage(w, op)?);
-    let b = &xs.backend;
-    let dtype = x.dtype();
-    let (rows, h) = x.dims2(op)?;
-    let mut y = alloc(b, dtype, rows * h)?;
-    let mut rstd = alloc(b, DType::F32, rows)?;
-    if rows > 0 {
-        let cfg = row_blocks(rows, h, op)?;
-        let f = b.func(
-            "nn",
-            pick(
-                ["rms_norm_fwd_f32", "rms_norm_fwd_f16", "rms_norm_fwd_bf16"],
-                dtype,
-            )?,
-        )?;
-        let h64 = h as i64;
-        typed!(dtype, |T| {
-            let (xv, wv) = (xs.view::<T>()?, ws.view::<f32>()?);
-            let mut yv = y.view_mut::<T>()?;
-            let mut rv = rstd.view_mut::<f32>()?;
-            let mut l = b.stream.launch_builder(&f);
-            l.arg(&xv).arg(&wv).arg(&mut yv).arg(&mut rv).arg(&h64).arg(&eps);
-            // SAFETY: rms_norm_fwd_<T>(const T* x [rows*h], const float* w [h], T* y [rows*h], float*
-            // rstd [rows], int64 h, float eps), one block per row, h >= 1 (checked by the caller, which
-            // also converted w to f32 [h]).
-            unsafe { l.launch(cfg) }?;
-            Ok(())
-        })?;
-    }
-    Ok((wrap(y, x.shape(), dtype), wrap(rstd, &[rows], DType::F32)))
-}
-
-pub(crate) fn rms_norm_backward(x: &Tensor, dy: &Tensor, w: &Tensor, rstd: &Tensor) -> Result<Tensor> {
-    let op = "rms_norm_backward";
-    let (xs, ds, ws, rs) = (
-        storage(x, op)?,
-        storage(dy, op)?,
-        storage(w, op)?,
-        storage(rstd, op)?,
-    );
-    let b = &xs.backend;
-    let dtype = x.dtype();
-    let (rows, h) = x.dims2(op)?;
-    let mut dx = alloc(b, dtype, rows * h)?;
-    if rows > 0 && h > 0 {
-        let cfg = row_blocks(rows, h, op)?;
-        let f = b.func(
-            "nn",
-            pick(
-                ["rms_norm_bwd_f32", "rms_norm_bwd_f16", "rms_norm_bwd_bf16"],
-                dtype,
-            )?,
-        )?;
-        let h64 = h as i64;
-        typed!(dtype, |T| {
-            let (xv, dv) = (xs.view::<T>()?, ds.view::<T>()?);
-            let (wv, rv) = (ws.view::<f32>()?, rs.view::<f32>()?);
-            let mut ov = dx.view_mut::<T>()?;
-            let mut l = b.stream.launch_builder(&f);
-            l.arg(&xv).arg(&dv).arg(&wv).arg(&rv).arg(&mut ov).arg(&h64);
-            // SAFETY: rms_norm_bwd_<T>(const T* x [rows*h], const T* dy [rows*h], const float* w [h],
-            // const float* rstd [rows], T* dx [rows*h], int64 h), one block per row; shapes and dtypes
-            // checked by the caller.
+            // SAFETY: {layer,rms}_norm_bwd_<T>(const T* x [rows*h], const T* dy [rows*h], const float* w
+            // [h], const float* stats [2*rows for LayerNorm, rows for RMSNorm], T* dx [rows*h], int64 h),
+            // one block per row; shapes and dtypes checked by the caller (stats shape per norm kind).
             unsafe { l.launch(cfg) }?;
             Ok(())
         })?;

@@ -287,20 +287,142 @@ pub fn add_row(x: &Tensor, row: &Tensor) -> Result<Tensor> {
     }
 }
 
-// ------------------------------------------------------------------------------ LayerNorm
+// ------------------------------------------------------------------------------ LayerNorm, RMSNorm
 
-/// What [`layer_norm_backward`] needs besides `x` and `dy`: the f32 weight and the per-row f32
-/// `[rows, 2]` statistics `[mean, rstd]` of the forward pass (so the backward never recomputes them).
+/// The two row normalizations; they share validation, dispatch and the saved-state layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Norm {
+    /// torch `layer_norm`: stats `[rows, 2]` of `[mean, rstd]`.
+    Layer,
+    /// transformers `LlamaRMSNorm`: stats `[rows]` of `rstd`.
+    Rms,
+}
+
+impl Norm {
+    fn name(self, backward: bool) -> &'static str {
+        match (self, backward) {
+            (Norm::Layer, false) => "layer_norm",
+            (Norm::Layer, true) => "layer_norm_backward",
+            (Norm::Rms, false) => "rms_norm",
+            (Norm::Rms, true) => "rms_norm_backward",
+        }
+    }
+
+    fn stats_shape(self, rows: usize) -> Vec<usize> {
+        match self {
+            Norm::Layer => vec![rows, 2],
+            Norm::Rms => vec![rows],
+        }
+    }
+}
+
+/// The f32 weight and per-row f32 statistics of a normalization's forward pass, so that the backward
+/// never recomputes them.
 #[derive(Clone, Debug)]
-pub struct LayerNormSaved {
+struct NormSaved {
     weight: Tensor,
     stats: Tensor,
 }
 
+/// What [`layer_norm_backward`] needs besides `x` and `dy`: the f32 weight and the per-row f32
+/// `[rows, 2]` statistics `[mean, rstd]` of the forward pass.
+#[derive(Clone, Debug)]
+pub struct LayerNormSaved(NormSaved);
+
 impl LayerNormSaved {
     /// The per-row `[mean, 1/sqrt(var + eps)]` statistics, f32 `[rows, 2]`.
     pub fn stats(&self) -> &Tensor {
-        &self.stats
+        &self.0.stats
+    }
+}
+
+/// What [`rms_norm_backward`] needs: the f32 weight and the per-row f32 `[rows]` of
+/// `1/sqrt(mean(x²) + eps)`.
+#[derive(Clone, Debug)]
+pub struct RmsNormSaved(NormSaved);
+
+impl RmsNormSaved {
+    /// The per-row `1/sqrt(mean(x²) + eps)`, f32 `[rows]`.
+    pub fn rstd(&self) -> &Tensor {
+        &self.0.stats
+    }
+}
+
+fn norm_forward(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    eps: f32,
+    norm: Norm,
+) -> Result<(Tensor, NormSaved)> {
+    let op = norm.name(false);
+    let (rows, h) = rows_cols(x, op)?;
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(Error::invalid(format!(
+            "{op}: eps must be finite and >= 0, got {eps}"
+        )));
+    }
+    if h == 0 {
+        return Err(Error::shape(op, "the feature dimension is empty"));
+    }
+    let dev = x.device();
+    let w = frozen_row(weight, h, dev, "weight", op)?;
+    let b = bias.map(|b| frozen_row(b, h, dev, "bias", op)).transpose()?;
+    let (y, stats) = match dev {
+        Device::Cpu => {
+            let wv = w.cpu_data::<f32>(op)?;
+            let bv = b.as_ref().map(|b| b.cpu_data::<f32>(op)).transpose()?;
+            let (y, stats) = cpu_float!(x, op, |v: T| {
+                let (y, s) = match bv {
+                    Some(bv) => cpu::layer_norm::<T>(v, wv, bv, eps),
+                    None => cpu::rms_norm::<T>(v, wv, eps),
+                };
+                (Tensor::from_vec(y, x.shape(), Device::Cpu)?, s)
+            });
+            (y, Tensor::from_vec(stats, &norm.stats_shape(rows), Device::Cpu)?)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::norm_forward(x, &w, b.as_ref(), eps, norm)?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => return no_cuda(),
+    };
+    Ok((y, NormSaved { weight: w, stats }))
+}
+
+fn norm_backward(x: &Tensor, dy: &Tensor, saved: &NormSaved, norm: Norm) -> Result<Tensor> {
+    let op = norm.name(true);
+    let (rows, h) = rows_cols(x, op)?;
+    x.check_same_device(dy, op)?;
+    x.check_same_dtype(dy, op)?;
+    x.check_same_shape(dy, op)?;
+    if saved.weight.shape() != [h]
+        || saved.stats.shape() != norm.stats_shape(rows)
+        || saved.stats.device() != x.device()
+    {
+        return Err(Error::shape(
+            op,
+            format!("saved state {:?} does not match input {x:?}", saved.stats),
+        ));
+    }
+    match x.device() {
+        Device::Cpu => {
+            let (w, st) = (
+                saved.weight.cpu_data::<f32>(op)?,
+                saved.stats.cpu_data::<f32>(op)?,
+            );
+            cpu_float!(x, op, |v: T| {
+                let dy = dy.cpu_data::<T>(op)?;
+                let dx = match norm {
+                    Norm::Layer => cpu::layer_norm_backward::<T>(v, dy, w, st),
+                    Norm::Rms => cpu::rms_norm_backward::<T>(v, dy, w, st),
+                };
+                Tensor::from_vec(dx, x.shape(), Device::Cpu)
+            })
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::norm_backward(x, dy, &saved.weight, &saved.stats, norm),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => no_cuda(),
     }
 }
 
@@ -315,30 +437,8 @@ pub fn layer_norm_forward(
     bias: &Tensor,
     eps: f32,
 ) -> Result<(Tensor, LayerNormSaved)> {
-    let op = "layer_norm";
-    let (rows, h) = rows_cols(x, op)?;
-    check_eps(eps, op)?;
-    if h == 0 {
-        return Err(Error::shape(op, "the feature dimension is empty"));
-    }
-    let dev = x.device();
-    let w = frozen_row(weight, h, dev, "weight", op)?;
-    let b = frozen_row(bias, h, dev, "bias", op)?;
-    let (y, stats) = match dev {
-        Device::Cpu => {
-            let (wv, bv) = (w.cpu_data::<f32>(op)?, b.cpu_data::<f32>(op)?);
-            let (y, stats) = cpu_float!(x, op, |v: T| {
-                let (y, s) = cpu::layer_norm::<T>(v, wv, bv, eps);
-                (Tensor::from_vec(y, x.shape(), Device::Cpu)?, s)
-            });
-            (y, Tensor::from_vec(stats, &[rows, 2], Device::Cpu)?)
-        }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::layer_norm(x, &w, &b, eps)?,
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => return no_cuda(),
-    };
-    Ok((y, LayerNormSaved { weight: w, stats }))
+    let (y, saved) = norm_forward(x, weight, Some(bias), eps, Norm::Layer)?;
+    Ok((y, LayerNormSaved(saved)))
 }
 
 /// [`layer_norm_forward`] without the saved state.
@@ -349,90 +449,15 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
 /// LayerNorm input gradient: with `x̂ = (x - mean)·rstd` and `g = dy·weight`,
 /// `dx = rstd·(g - mean(g) - x̂·mean(g·x̂))`, in x's dtype (f32 math).
 pub fn layer_norm_backward(x: &Tensor, dy: &Tensor, saved: &LayerNormSaved) -> Result<Tensor> {
-    let op = "layer_norm_backward";
-    let (rows, h) = rows_cols(x, op)?;
-    x.check_same_device(dy, op)?;
-    x.check_same_dtype(dy, op)?;
-    x.check_same_shape(dy, op)?;
-    if saved.weight.shape() != [h] || saved.stats.shape() != [rows, 2] || saved.stats.device() != x.device() {
-        return Err(Error::shape(
-            op,
-            format!("saved state {:?} does not match input {x:?}", saved.stats),
-        ));
-    }
-    match x.device() {
-        Device::Cpu => {
-            let (w, st) = (
-                saved.weight.cpu_data::<f32>(op)?,
-                saved.stats.cpu_data::<f32>(op)?,
-            );
-            cpu_float!(x, op, |v: T| Tensor::from_vec(
-                cpu::layer_norm_backward::<T>(v, dy.cpu_data::<T>(op)?, w, st),
-                x.shape(),
-                Device::Cpu
-            ))
-        }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::layer_norm_backward(x, dy, &saved.weight, &saved.stats),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => no_cuda(),
-    }
-}
-
-// ------------------------------------------------------------------------------ RMSNorm
-
-/// What [`rms_norm_backward`] needs: the f32 weight and the per-row f32 `[rows]` of
-/// `1/sqrt(mean(x²) + eps)`.
-#[derive(Clone, Debug)]
-pub struct RmsNormSaved {
-    weight: Tensor,
-    rstd: Tensor,
-}
-
-impl RmsNormSaved {
-    /// The per-row `1/sqrt(mean(x²) + eps)`, f32 `[rows]`.
-    pub fn rstd(&self) -> &Tensor {
-        &self.rstd
-    }
-}
-
-fn check_eps(eps: f32, op: &'static str) -> Result<()> {
-    if eps.is_finite() && eps >= 0.0 {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!(
-            "{op}: eps must be finite and >= 0, got {eps}"
-        )))
-    }
+    norm_backward(x, dy, &saved.0, Norm::Layer)
 }
 
 /// RMSNorm over the last dimension of `x [rows, h]` exactly as transformers' `LlamaRMSNorm`: in f32,
 /// `x̂ = x / sqrt(mean(x²) + eps)`, cast back to x's dtype, times the frozen `weight [h]` (any float
 /// dtype on x's device), rounded to x's dtype. Returns `y` and what the backward needs.
 pub fn rms_norm_forward(x: &Tensor, weight: &Tensor, eps: f32) -> Result<(Tensor, RmsNormSaved)> {
-    let op = "rms_norm";
-    let (rows, h) = rows_cols(x, op)?;
-    check_eps(eps, op)?;
-    if h == 0 {
-        return Err(Error::shape(op, "the feature dimension is empty"));
-    }
-    let dev = x.device();
-    let w = frozen_row(weight, h, dev, "weight", op)?;
-    let (y, rstd) = match dev {
-        Device::Cpu => {
-            let wv = w.cpu_data::<f32>(op)?;
-            let (y, r) = cpu_float!(x, op, |v: T| {
-                let (y, r) = cpu::rms_norm::<T>(v, wv, eps);
-                (Tensor::from_vec(y, x.shape(), Device::Cpu)?, r)
-            });
-            (y, Tensor::from_vec(r, &[rows], Device::Cpu)?)
-        }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::rms_norm(x, &w, eps)?,
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => return no_cuda(),
-    };
-    Ok((y, RmsNormSaved { weight: w, rstd }))
+    let (y, saved) = norm_forward(x, weight, None, eps, Norm::Rms)?;
+    Ok((y, RmsNormSaved(saved)))
 }
 
 /// [`rms_norm_forward`] without the saved state.
@@ -443,31 +468,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
 /// RMSNorm input gradient: with `r = 1/sqrt(mean(x²) + eps)`, `x̂ = x·r`, `g = dy·weight`,
 /// `dx = r·(g - x̂·mean(g·x̂))`, in x's dtype (f32 math).
 pub fn rms_norm_backward(x: &Tensor, dy: &Tensor, saved: &RmsNormSaved) -> Result<Tensor> {
-    let op = "rms_norm_backward";
-    let (rows, h) = rows_cols(x, op)?;
-    x.check_same_device(dy, op)?;
-    x.check_same_dtype(dy, op)?;
-    x.check_same_shape(dy, op)?;
-    if saved.weight.shape() != [h] || saved.rstd.shape() != [rows] || saved.rstd.device() != x.device() {
-        return Err(Error::shape(
-            op,
-            format!("saved state {:?} does not match input {x:?}", saved.rstd),
-        ));
-    }
-    match x.device() {
-        Device::Cpu => {
-            let (w, r) = (saved.weight.cpu_data::<f32>(op)?, saved.rstd.cpu_data::<f32>(op)?);
-            cpu_float!(x, op, |v: T| Tensor::from_vec(
-                cpu::rms_norm_backward::<T>(v, dy.cpu_data::<T>(op)?, w, r),
-                x.shape(),
-                Device::Cpu
-            ))
-        }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::rms_norm_backward(x, dy, &saved.weight, &saved.rstd),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => no_cuda(),
-    }
+    norm_backward(x, dy, &saved.0, Norm::Rms)
 }
 
 // ------------------------------------------------------------------------------ RoPE
