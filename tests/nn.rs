@@ -447,6 +447,35 @@ fn layer_norm_bad_input(dev: Device) -> Result<()> {
     Ok(())
 }
 
+/// Checks the tape's gradient of `forward`'s loss with respect to parameter `xid` against finite
+/// differences of the same forward on the same device.
+fn check_chain(
+    what: &str,
+    store: ParamStore,
+    xid: ParamId,
+    forward: impl Fn(&ParamStore) -> Result<(Tape, peft_kernels::autograd::Var)>,
+    seed: u64,
+) -> Result<Tensor> {
+    let (tape, loss) = forward(&store)?;
+    let g = tape.backward(loss)?.get(xid).expect("gradient of x").clone();
+    let at = store.get(xid)?.clone();
+    let cell = std::cell::RefCell::new(store);
+    let cfg = GradCheckConfig {
+        eps: 1e-2,
+        rtol: 2e-2,
+        atol: 2e-4,
+        max_points: 150,
+        seed,
+    };
+    let f = |p: &Tensor| {
+        cell.borrow_mut().set(xid, p.clone())?;
+        let (tape, loss) = forward(&cell.borrow())?;
+        tape.value(loss)?.to_scalar()
+    };
+    check_gradient(what, f, &at, &g, &cfg)?;
+    Ok(g)
+}
+
 // ------------------------------------------------------------------------------ composition
 
 /// A BERT-shaped chain on the tape (bias, LayerNorm, tanh, dropout, pooling, row selection), its
@@ -481,29 +510,303 @@ fn bert_like_chain_gradient(dev: Device) -> Result<()> {
         let loss = tape.add(l1, l2)?;
         Ok((tape, loss))
     };
-    let (tape, loss) = forward(&store)?;
-    let grads = tape.backward(loss)?;
-    let g = grads.get(xid).expect("gradient of x").clone();
-    let at = store.get(xid)?.clone();
-    let cell = std::cell::RefCell::new(store);
-    check_gradient(
-        "bert-like chain dx",
-        |p| {
-            cell.borrow_mut().set(xid, p.clone())?;
-            let (tape, loss) = forward(&cell.borrow())?;
-            tape.value(loss)?.to_scalar()
-        },
-        &at,
-        &g,
-        &GradCheckConfig {
-            eps: 1e-2,
-            rtol: 2e-2,
-            atol: 2e-4,
-            max_points: 120,
-            seed: 1,
-        },
-    )?;
+    let g = check_chain("bert-like chain dx", store, xid, forward, 1)?;
     assert!(f64s(&g)?.iter().any(|&v| v != 0.0));
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------ RMSNorm, RoPE (Llama)
+
+fn rms64(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
+    let h = w.len();
+    x.chunks(h)
+        .flat_map(|row| {
+            let r = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / h as f64 + eps).sqrt();
+            row.iter().zip(w).map(move |(v, w)| v * r * w).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn rms_norm_matches_llama(dev: Device) -> Result<()> {
+    // LlamaRMSNorm([1, 2, 3]) with weight 1, eps 1e-6: x / sqrt(14/3 + 1e-6).
+    let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0], &[1, 3], dev)?;
+    let one = Tensor::full(&[3], 1.0, DType::F32, dev)?;
+    let r = 1.0 / (14.0f64 / 3.0 + 1e-6).sqrt();
+    let want = [r as f32, (2.0 * r) as f32, (3.0 * r) as f32];
+    assert_close(
+        &nn::rms_norm(&x, &one, 1e-6)?.to_vec::<f32>()?,
+        &want,
+        1e-6,
+        0.0,
+        "rms known",
+    );
+    for (k, (rows, h, std)) in [(1usize, 1usize, 1.0f32), (3, 7, 1e-3), (4, 257, 30.0)]
+        .into_iter()
+        .enumerate()
+    {
+        let xv = normal(rows * h, std, 0.1 * std, 100 + k as u64);
+        let wv = normal(h, 0.3, 1.0, 110 + k as u64);
+        let rv = normal(rows * h, 1.0, 0.0, 120 + k as u64);
+        let w = Tensor::from_slice(&wv, &[h], dev)?;
+        let y = nn::rms_norm(&Tensor::from_slice(&xv, &[rows, h], dev)?, &w, 1e-6)?;
+        let want = to32(&rms64(&to64(&xv), &to64(&wv), 1e-6));
+        assert_close(
+            &y.to_vec::<f32>()?,
+            &want,
+            2e-6,
+            1e-7,
+            &format!("rms [{rows}, {h}]"),
+        );
+        let got = tape_grad(dev, &xv, &[rows, h], &rv, |t, x| t.rms_norm(x, &w, 1e-6))?;
+        let w64 = to64(&wv);
+        // Finite differences scale with the input: perturb relative to std.
+        let r64 = to64(&rv);
+        let idx: Vec<usize> = (0..xv.len()).collect();
+        let num = finite_difference_f64(
+            |x| rms64(x, &w64, 1e-6).iter().zip(&r64).map(|(a, b)| a * b).sum(),
+            &to64(&xv),
+            1e-4 * std as f64,
+            &idx,
+        )?;
+        // f32 noise is relative to r·|dy·w| (the terms that cancel, e.g. completely for h = 1).
+        let rms = (xv.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / xv.len() as f64).sqrt();
+        let amax = |v: &[f32]| v.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let scale = amax(&rv) * amax(&wv) / rms as f32;
+        assert_close(
+            &got,
+            &to32(&num),
+            1e-3,
+            1e-5 * scale,
+            &format!("rms grad [{rows}, {h}]"),
+        );
+    }
+    // Half storage: transformers rounds x·r to the dtype, then multiplies by the weight and rounds.
+    let (rows, h) = (5usize, 96usize);
+    for dtype in [DType::F16, DType::BF16] {
+        let xv = rounded(&normal(rows * h, 2.0, 0.0, 130), dtype);
+        let wv = rounded(&normal(h, 0.3, 1.0, 131), dtype);
+        let x = Tensor::from_slice(&xv, &[rows, h], dev)?.to_dtype(dtype)?;
+        let w = Tensor::from_slice(&wv, &[h], dev)?.to_dtype(dtype)?;
+        let (y, saved) = nn::rms_norm_forward(&x, &w, 1e-5)?;
+        assert_eq!(y.dtype(), dtype);
+        let r = saved.rstd().to_vec::<f32>()?;
+        let want: Vec<f32> = (0..rows * h)
+            .map(|i| {
+                let t = rounded(&[xv[i] * r[i / h]], dtype)[0];
+                rounded(&[wv[i % h] * t], dtype)[0]
+            })
+            .collect();
+        assert_eq!(y.to_vec_f32()?, want, "rms {dtype}");
+        let r64: Vec<f32> = (0..rows)
+            .map(|i| {
+                let ms = xv[i * h..(i + 1) * h]
+                    .iter()
+                    .map(|&v| (v as f64).powi(2))
+                    .sum::<f64>()
+                    / h as f64;
+                (1.0 / (ms + 1e-5).sqrt()) as f32
+            })
+            .collect();
+        assert_close(&r, &r64, 2e-6, 0.0, "rms rstd");
+    }
+    let x = Tensor::zeros(&[2, 4], DType::F32, dev)?;
+    assert!(nn::rms_norm(&x, &Tensor::zeros(&[5], DType::F32, dev)?, 1e-5).is_err());
+    assert!(nn::rms_norm(&x, &Tensor::zeros(&[4], DType::F32, dev)?, -1e-5).is_err());
+    Ok(())
+}
+
+/// f64 Llama RoPE of `x [tokens, heads·d]` with the given inverse frequencies (rotate_half layout).
+fn rope64(x: &[f64], pos: &[u32], inv: &[f64], width: usize, inverse: bool) -> Vec<f64> {
+    let half = inv.len();
+    let mut y = vec![0f64; x.len()];
+    for (t, &p) in pos.iter().enumerate() {
+        for head in 0..width / (2 * half) {
+            let base = t * width + head * 2 * half;
+            for i in 0..half {
+                let (c, mut s) = ((p as f64 * inv[i]).cos(), (p as f64 * inv[i]).sin());
+                if inverse {
+                    s = -s;
+                }
+                let (a, b) = (x[base + i], x[base + i + half]);
+                y[base + i] = a * c - b * s;
+                y[base + i + half] = b * c + a * s;
+            }
+        }
+    }
+    y
+}
+
+fn inv_freq64(d: usize, theta: f64) -> Vec<f64> {
+    (0..d / 2)
+        .map(|i| 1.0 / theta.powf(2.0 * i as f64 / d as f64))
+        .collect()
+}
+
+fn rope_cfg(head_dim: usize, theta: f32) -> nn::RopeConfig {
+    nn::RopeConfig {
+        head_dim,
+        theta,
+        scaling: nn::RopeScaling::None,
+    }
+}
+
+fn rope_inv_freq_and_scaling(_dev: Device) -> Result<()> {
+    let cfg = rope_cfg(128, 500_000.0);
+    let inv = cfg.inv_freq()?;
+    assert_close(
+        &inv,
+        &to32(&inv_freq64(128, 500_000.0)),
+        1e-6,
+        0.0,
+        "default inv_freq",
+    );
+    let lin = nn::RopeConfig {
+        scaling: nn::RopeScaling::Linear { factor: 4.0 },
+        ..cfg
+    };
+    let want: Vec<f32> = inv.iter().map(|f| f / 4.0).collect();
+    assert_eq!(lin.inv_freq()?, want);
+    // transformers' _compute_llama3_parameters with Llama 3.1's settings, in f64.
+    let l3 = nn::RopeConfig {
+        scaling: nn::RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        },
+        ..cfg
+    };
+    let (low_wl, high_wl) = (8192.0f64, 2048.0f64);
+    let want: Vec<f64> = inv_freq64(128, 500_000.0)
+        .into_iter()
+        .map(|f| {
+            let wl = 2.0 * std::f64::consts::PI / f;
+            if wl < high_wl {
+                f
+            } else if wl > low_wl {
+                f / 8.0
+            } else {
+                let smooth = (8192.0 / wl - 1.0) / 3.0;
+                (1.0 - smooth) * f / 8.0 + smooth * f
+            }
+        })
+        .collect();
+    let got = l3.inv_freq()?;
+    assert_close(&got, &to32(&want), 1e-5, 0.0, "llama3 inv_freq");
+    // All three regimes occur at these settings.
+    assert_eq!(got[0], inv[0], "high frequency kept");
+    assert_close(&[got[63]], &[inv[63] / 8.0], 1e-6, 0.0, "low frequency divided");
+    assert!((1..63).any(|i| got[i] != inv[i] && (got[i] - inv[i] / 8.0).abs() > 1e-3 * inv[i]));
+    for bad in [
+        rope_cfg(0, 1e4),
+        rope_cfg(7, 1e4),
+        rope_cfg(2048, 1e4),
+        rope_cfg(8, 1.0),
+        rope_cfg(8, f32::NAN),
+    ] {
+        assert!(bad.inv_freq().is_err(), "{bad:?}");
+    }
+    let bad = nn::RopeConfig {
+        scaling: nn::RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 4.0,
+            high_freq_factor: 1.0,
+            original_max_position_embeddings: 8192,
+        },
+        ..cfg
+    };
+    assert!(bad.inv_freq().is_err());
+    Ok(())
+}
+
+fn rope_matches_f64_and_inverts(dev: Device) -> Result<()> {
+    for (heads, d, theta, max_pos, tol) in [
+        (1usize, 2usize, 10_000.0f32, 5u32, 2e-6f32),
+        (3, 16, 10_000.0, 100, 2e-5),
+        (2, 128, 500_000.0, 4000, 2e-3),
+    ] {
+        let tokens = 7;
+        let width = heads * d;
+        let cfg = rope_cfg(d, theta);
+        let inv = cfg.inv_freq()?;
+        let pos: Vec<u32> = (0..tokens as u64)
+            .map(|t| ((t * 7919) % (max_pos as u64 + 1)) as u32)
+            .collect();
+        let xv = normal(tokens * width, 1.0, 0.0, d as u64);
+        let x = Tensor::from_slice(&xv, &[tokens, width], dev)?;
+        let y = nn::rope(&x, &pos, &cfg)?.to_vec::<f32>()?;
+        // Against the f64 rotation with the f64 frequencies: the f32 angle pos·inv_freq is off by up to
+        // pos·ulp(inv_freq), hence the tolerance that grows with the largest position.
+        let want = to32(&rope64(
+            &to64(&xv),
+            &pos,
+            &inv_freq64(d, theta as f64),
+            width,
+            false,
+        ));
+        assert_close(&y, &want, 0.0, tol, &format!("rope heads {heads} d {d}"));
+        // The backward is the inverse rotation: rope_backward(rope(x)) = x.
+        let back = nn::rope_backward(&Tensor::from_slice(&y, &[tokens, width], dev)?, &pos, &cfg)?;
+        assert_close(&back.to_vec::<f32>()?, &xv, 0.0, 1e-5, "rope inverse");
+        // Gradient through the tape against finite differences of the f64 reference (f32 frequencies).
+        let rv = normal(tokens * width, 1.0, 0.0, 77);
+        let got = tape_grad(dev, &xv, &[tokens, width], &rv, |t, x| t.rope(x, &pos, &cfg))?;
+        let inv64 = to64(&inv);
+        let num = numeric_grad(|x| rope64(x, &pos, &inv64, width, false), &xv, &rv)?;
+        // (The reference's angle is f64, the op's f32: the same position-dependent tolerance.)
+        assert_close(&got, &num, 1e-3, tol.max(1e-4), &format!("rope grad d {d}"));
+    }
+    // Half storage: within a couple of roundings of the f64 result.
+    let (tokens, width, d) = (5usize, 64usize, 32usize);
+    let cfg = rope_cfg(d, 10_000.0);
+    let pos = [0u32, 1, 2, 17, 63];
+    let xv = rounded(&normal(tokens * width, 1.0, 0.0, 140), DType::BF16);
+    let want = to32(&rope64(&to64(&xv), &pos, &inv_freq64(d, 10_000.0), width, false));
+    for (dtype, rtol) in [(DType::F16, 3e-3), (DType::BF16, 2e-2)] {
+        let x = Tensor::from_slice(&xv, &[tokens, width], dev)?.to_dtype(dtype)?;
+        let y = nn::rope(&x, &pos, &cfg)?;
+        assert_eq!(y.dtype(), dtype);
+        assert_close(&y.to_vec_f32()?, &want, rtol, rtol, &format!("rope {dtype}"));
+    }
+    let x = Tensor::zeros(&[2, 12], DType::F32, dev)?;
+    assert!(
+        nn::rope(&x, &[0, 1], &rope_cfg(8, 1e4)).is_err(),
+        "12 is not whole heads of 8"
+    );
+    assert!(nn::rope(&x, &[0], &rope_cfg(4, 1e4)).is_err(), "positions");
+    Ok(())
+}
+
+/// A Llama-shaped chain: RMSNorm, RoPE, SiLU, gather of the last tokens; gradient by finite
+/// differences of the same forward on the same device.
+fn llama_like_chain_gradient(dev: Device) -> Result<()> {
+    let (tokens, width) = (6usize, 24usize);
+    let cfg = nn::RopeConfig {
+        head_dim: 8,
+        theta: 10_000.0,
+        scaling: nn::RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 16,
+        },
+    };
+    let w = Tensor::randn(&[width], 0.2, 1, DType::F32, dev)?.affine(1.0, 1.0)?;
+    let target = Tensor::randn(&[2, width], 1.0, 2, DType::F32, dev)?;
+    let pos = [0u32, 1, 2, 0, 1, 40];
+    let mut store = ParamStore::new();
+    let xid = store.insert("x", Tensor::randn(&[tokens, width], 1.0, 3, DType::F32, dev)?)?;
+    let forward = |store: &ParamStore| -> Result<(Tape, peft_kernels::autograd::Var)> {
+        let mut tape = Tape::new();
+        let x = tape.param(store, xid)?;
+        let h = tape.rms_norm(x, &w, 1e-6)?;
+        let h = tape.rope(h, &pos, &cfg)?;
+        let h = tape.silu(h)?;
+        let last = tape.gather_rows(h, &[2, 5])?;
+        let loss = tape.mse_loss(last, &target)?;
+        Ok((tape, loss))
+    };
+    check_chain("llama-like chain dx", store, xid, forward, 2)?;
     Ok(())
 }
 
@@ -520,6 +823,10 @@ device_test!(
     layer_norm_gradient,
     layer_norm_bad_input,
     bert_like_chain_gradient,
+    rms_norm_matches_llama,
+    rope_inv_freq_and_scaling,
+    rope_matches_f64_and_inverts,
+    llama_like_chain_gradient,
 );
 
 // ------------------------------------------------------------------------------ properties (CPU)
@@ -576,6 +883,33 @@ proptest! {
         }
         for (i, (&a, &e)) in dx.iter().zip(&dx_want).enumerate() {
             prop_assert!((a as f64 - e).abs() <= 1e-3 * cond * scale, "dx[{i}] {a} vs {e}");
+        }
+    }
+
+    /// RoPE over odd head counts, head sizes and positions against the f64 rotation, and its backward
+    /// is the inverse.
+    #[test]
+    fn rope_rotates_pairs(
+        heads in 1usize..4,
+        half in 1usize..20,
+        tokens in 1usize..6,
+        seed in 0u64..1000,
+    ) {
+        let d = 2 * half;
+        let width = heads * d;
+        let cfg = rope_cfg(d, 10_000.0);
+        let pos: Vec<u32> = (0..tokens).map(|t| ((seed as usize + 13 * t) % 50) as u32).collect();
+        let xv = normal(tokens * width, 1.0, 0.0, seed);
+        let x = Tensor::from_slice(&xv, &[tokens, width], Device::Cpu).unwrap();
+        let y = nn::rope(&x, &pos, &cfg).unwrap().to_vec::<f32>().unwrap();
+        let want = rope64(&to64(&xv), &pos, &inv_freq64(d, 1e4), width, false);
+        for (i, (&a, &e)) in y.iter().zip(&want).enumerate() {
+            prop_assert!((a as f64 - e).abs() <= 5e-5, "y[{i}] {a} vs {e}");
+        }
+        let yt = Tensor::from_slice(&y, &[tokens, width], Device::Cpu).unwrap();
+        let back = nn::rope_backward(&yt, &pos, &cfg).unwrap().to_vec::<f32>().unwrap();
+        for (i, (&a, &e)) in back.iter().zip(&xv).enumerate() {
+            prop_assert!((a - e).abs() <= 1e-5 * (1.0 + e.abs()), "x[{i}] {a} vs {e}");
         }
     }
 

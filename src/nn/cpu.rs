@@ -239,3 +239,107 @@ pub(crate) fn mean_pool_backward<T: Element>(
         });
     dx
 }
+
+/// RMSNorm of each row as transformers' `LlamaRMSNorm`: `r = 1/sqrt(mean(x²) + eps)` in f32, then
+/// `y = w · round_T(x·r)` rounded to T (transformers casts the normalized value back to the input
+/// dtype before the weight multiply; both roundings are exact no-ops for f32). Returns `y` and `r`.
+pub(crate) fn rms_norm<T: Element>(x: &[T], w: &[f32], eps: f32) -> (Vec<T>, Vec<f32>) {
+    let h = w.len();
+    let rows = x.len().checked_div(h).unwrap_or(0);
+    let mut y = vec![T::default(); x.len()];
+    let mut rstd = vec![0f32; rows];
+    if h == 0 {
+        return (y, rstd);
+    }
+    let inv_h = 1.0 / h as f32;
+    y.par_chunks_mut(h)
+        .zip(x.par_chunks(h).zip(rstd.par_iter_mut()))
+        .with_min_len(rows_per_task(h))
+        .for_each(|(y, (x, rs))| {
+            let r = 1.0 / (lane_sum(x, |v| v * v) * inv_h + eps).sqrt();
+            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                let t = T::from_f32(x.to_f32() * r).to_f32();
+                *y = T::from_f32(w * t);
+            }
+            *rs = r;
+        });
+    (y, rstd)
+}
+
+/// RMSNorm input gradient from the saved `r` per row: with `x̂ = x·r` and `g = dy·w`,
+/// `dx = r·(g - x̂·mean(g·x̂))` (the intermediate rounding of the forward is not differentiated).
+pub(crate) fn rms_norm_backward<T: Element>(x: &[T], dy: &[T], w: &[f32], rstd: &[f32]) -> Vec<T> {
+    let h = w.len();
+    let mut dx = vec![T::default(); x.len()];
+    if h == 0 {
+        return dx;
+    }
+    let inv_h = 1.0 / h as f32;
+    dx.par_chunks_mut(h)
+        .zip(x.par_chunks(h).zip(dy.par_chunks(h)).zip(rstd.par_iter()))
+        .with_min_len(rows_per_task(h))
+        .for_each(|(dx, ((x, dy), &r))| {
+            let mut acc = [0f32; 8];
+            let (cx, cy, cw) = (x.chunks_exact(8), dy.chunks_exact(8), w.chunks_exact(8));
+            let (tx, ty, tw) = (cx.remainder(), cy.remainder(), cw.remainder());
+            for ((cx, cy), cw) in cx.zip(cy).zip(cw) {
+                for k in 0..8 {
+                    acc[k] += cy[k].to_f32() * cw[k] * (cx[k].to_f32() * r);
+                }
+            }
+            let tail: f32 = tx
+                .iter()
+                .zip(ty)
+                .zip(tw)
+                .map(|((&x, &dy), &w)| dy.to_f32() * w * (x.to_f32() * r))
+                .sum();
+            let c = (acc.iter().sum::<f32>() + tail) * inv_h;
+            for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+                let xhat = x.to_f32() * r;
+                *dx = T::from_f32(r * (dy.to_f32() * w - xhat * c));
+            }
+        });
+    dx
+}
+
+/// Rotary position embedding as transformers' Llama (`apply_rotary_pos_emb` with `rotate_half`) over
+/// `x [tokens, heads·head_dim]`, token `t` at position `positions[t]`: for each head and `i <
+/// head_dim/2`, with `f = pos·inv_freq[i]` (f32), `c = round_T(cos f)`, `s = round_T(±sin f)`,
+/// `out[i] = x[i]·c - x[i + half]·s` and `out[i + half] = x[i + half]·c + x[i]·s`, every product and
+/// the sum rounded to T as torch does in T. `negate_sin` gives the transpose (the backward).
+pub(crate) fn rope<T: Element>(
+    x: &[T],
+    positions: &[u32],
+    inv_freq: &[f32],
+    width: usize,
+    negate_sin: bool,
+) -> Vec<T> {
+    let half = inv_freq.len();
+    let mut y = vec![T::default(); x.len()];
+    if half == 0 || width == 0 {
+        return y;
+    }
+    let r = |v: f32| T::from_f32(v).to_f32();
+    y.par_chunks_mut(width)
+        .zip(x.par_chunks(width).zip(positions.par_iter()))
+        .with_min_len(rows_per_task(width))
+        .for_each(|(y, (x, &pos))| {
+            let mut cs = vec![(0f32, 0f32); half];
+            for (cs, &f) in cs.iter_mut().zip(inv_freq) {
+                let f = (pos as f32 * f) as f64;
+                let s = r(f.sin() as f32);
+                *cs = (r(f.cos() as f32), if negate_sin { -s } else { s });
+            }
+            for (y, x) in y.chunks_exact_mut(2 * half).zip(x.chunks_exact(2 * half)) {
+                let (y1, y2) = y.split_at_mut(half);
+                let (x1, x2) = x.split_at(half);
+                for i in 0..half {
+                    let (c, s) = cs[i];
+                    let (a, b) = (x1[i].to_f32(), x2[i].to_f32());
+                    y1[i] = T::from_f32(r(a * c) + r(-b * s));
+                    y2[i] = T::from_f32(r(b * c) + r(a * s));
+                }
+            }
+        });
+    y
+}

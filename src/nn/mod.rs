@@ -1,5 +1,5 @@
 //! Tape ops for transformer models: embedding gathers, LayerNorm, the broadcast bias add, tanh,
-//! dropout, CLS / masked-mean pooling and row selection — each as a plain tensor function (forward and
+//! dropout, CLS / masked-mean pooling and row selection (BERT), RMSNorm and rotary embeddings (Llama) — each as a plain tensor function (forward and
 //! backward side by side, for callers without the tape) and as a [`Tape`] method.
 //!
 //! Activations are token-major 2-D tensors `[batch·seq, features]` (what a linear produces) in
@@ -287,20 +287,142 @@ pub fn add_row(x: &Tensor, row: &Tensor) -> Result<Tensor> {
     }
 }
 
-// ------------------------------------------------------------------------------ LayerNorm
+// ------------------------------------------------------------------------------ LayerNorm, RMSNorm
 
-/// What [`layer_norm_backward`] needs besides `x` and `dy`: the f32 weight and the per-row f32
-/// `[rows, 2]` statistics `[mean, rstd]` of the forward pass (so the backward never recomputes them).
+/// The two row normalizations; they share validation, dispatch and the saved-state layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Norm {
+    /// torch `layer_norm`: stats `[rows, 2]` of `[mean, rstd]`.
+    Layer,
+    /// transformers `LlamaRMSNorm`: stats `[rows]` of `rstd`.
+    Rms,
+}
+
+impl Norm {
+    fn name(self, backward: bool) -> &'static str {
+        match (self, backward) {
+            (Norm::Layer, false) => "layer_norm",
+            (Norm::Layer, true) => "layer_norm_backward",
+            (Norm::Rms, false) => "rms_norm",
+            (Norm::Rms, true) => "rms_norm_backward",
+        }
+    }
+
+    fn stats_shape(self, rows: usize) -> Vec<usize> {
+        match self {
+            Norm::Layer => vec![rows, 2],
+            Norm::Rms => vec![rows],
+        }
+    }
+}
+
+/// The f32 weight and per-row f32 statistics of a normalization's forward pass, so that the backward
+/// never recomputes them.
 #[derive(Clone, Debug)]
-pub struct LayerNormSaved {
+struct NormSaved {
     weight: Tensor,
     stats: Tensor,
 }
 
+/// What [`layer_norm_backward`] needs besides `x` and `dy`: the f32 weight and the per-row f32
+/// `[rows, 2]` statistics `[mean, rstd]` of the forward pass.
+#[derive(Clone, Debug)]
+pub struct LayerNormSaved(NormSaved);
+
 impl LayerNormSaved {
     /// The per-row `[mean, 1/sqrt(var + eps)]` statistics, f32 `[rows, 2]`.
     pub fn stats(&self) -> &Tensor {
-        &self.stats
+        &self.0.stats
+    }
+}
+
+/// What [`rms_norm_backward`] needs: the f32 weight and the per-row f32 `[rows]` of
+/// `1/sqrt(mean(x²) + eps)`.
+#[derive(Clone, Debug)]
+pub struct RmsNormSaved(NormSaved);
+
+impl RmsNormSaved {
+    /// The per-row `1/sqrt(mean(x²) + eps)`, f32 `[rows]`.
+    pub fn rstd(&self) -> &Tensor {
+        &self.0.stats
+    }
+}
+
+fn norm_forward(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    eps: f32,
+    norm: Norm,
+) -> Result<(Tensor, NormSaved)> {
+    let op = norm.name(false);
+    let (rows, h) = rows_cols(x, op)?;
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(Error::invalid(format!(
+            "{op}: eps must be finite and >= 0, got {eps}"
+        )));
+    }
+    if h == 0 {
+        return Err(Error::shape(op, "the feature dimension is empty"));
+    }
+    let dev = x.device();
+    let w = frozen_row(weight, h, dev, "weight", op)?;
+    let b = bias.map(|b| frozen_row(b, h, dev, "bias", op)).transpose()?;
+    let (y, stats) = match dev {
+        Device::Cpu => {
+            let wv = w.cpu_data::<f32>(op)?;
+            let bv = b.as_ref().map(|b| b.cpu_data::<f32>(op)).transpose()?;
+            let (y, stats) = cpu_float!(x, op, |v: T| {
+                let (y, s) = match bv {
+                    Some(bv) => cpu::layer_norm::<T>(v, wv, bv, eps),
+                    None => cpu::rms_norm::<T>(v, wv, eps),
+                };
+                (Tensor::from_vec(y, x.shape(), Device::Cpu)?, s)
+            });
+            (y, Tensor::from_vec(stats, &norm.stats_shape(rows), Device::Cpu)?)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::norm_forward(x, &w, b.as_ref(), eps, norm)?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => return no_cuda(),
+    };
+    Ok((y, NormSaved { weight: w, stats }))
+}
+
+fn norm_backward(x: &Tensor, dy: &Tensor, saved: &NormSaved, norm: Norm) -> Result<Tensor> {
+    let op = norm.name(true);
+    let (rows, h) = rows_cols(x, op)?;
+    x.check_same_device(dy, op)?;
+    x.check_same_dtype(dy, op)?;
+    x.check_same_shape(dy, op)?;
+    if saved.weight.shape() != [h]
+        || saved.stats.shape() != norm.stats_shape(rows)
+        || saved.stats.device() != x.device()
+    {
+        return Err(Error::shape(
+            op,
+            format!("saved state {:?} does not match input {x:?}", saved.stats),
+        ));
+    }
+    match x.device() {
+        Device::Cpu => {
+            let (w, st) = (
+                saved.weight.cpu_data::<f32>(op)?,
+                saved.stats.cpu_data::<f32>(op)?,
+            );
+            cpu_float!(x, op, |v: T| {
+                let dy = dy.cpu_data::<T>(op)?;
+                let dx = match norm {
+                    Norm::Layer => cpu::layer_norm_backward::<T>(v, dy, w, st),
+                    Norm::Rms => cpu::rms_norm_backward::<T>(v, dy, w, st),
+                };
+                Tensor::from_vec(dx, x.shape(), Device::Cpu)
+            })
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::norm_backward(x, dy, &saved.weight, &saved.stats, norm),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => no_cuda(),
     }
 }
 
@@ -315,34 +437,8 @@ pub fn layer_norm_forward(
     bias: &Tensor,
     eps: f32,
 ) -> Result<(Tensor, LayerNormSaved)> {
-    let op = "layer_norm";
-    let (rows, h) = rows_cols(x, op)?;
-    if !(eps.is_finite() && eps >= 0.0) {
-        return Err(Error::invalid(format!(
-            "{op}: eps must be finite and >= 0, got {eps}"
-        )));
-    }
-    if h == 0 {
-        return Err(Error::shape(op, "the feature dimension is empty"));
-    }
-    let dev = x.device();
-    let w = frozen_row(weight, h, dev, "weight", op)?;
-    let b = frozen_row(bias, h, dev, "bias", op)?;
-    let (y, stats) = match dev {
-        Device::Cpu => {
-            let (wv, bv) = (w.cpu_data::<f32>(op)?, b.cpu_data::<f32>(op)?);
-            let (y, stats) = cpu_float!(x, op, |v: T| {
-                let (y, s) = cpu::layer_norm::<T>(v, wv, bv, eps);
-                (Tensor::from_vec(y, x.shape(), Device::Cpu)?, s)
-            });
-            (y, Tensor::from_vec(stats, &[rows, 2], Device::Cpu)?)
-        }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::layer_norm(x, &w, &b, eps)?,
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => return no_cuda(),
-    };
-    Ok((y, LayerNormSaved { weight: w, stats }))
+    let (y, saved) = norm_forward(x, weight, Some(bias), eps, Norm::Layer)?;
+    Ok((y, LayerNormSaved(saved)))
 }
 
 /// [`layer_norm_forward`] without the saved state.
@@ -353,34 +449,184 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
 /// LayerNorm input gradient: with `x̂ = (x - mean)·rstd` and `g = dy·weight`,
 /// `dx = rstd·(g - mean(g) - x̂·mean(g·x̂))`, in x's dtype (f32 math).
 pub fn layer_norm_backward(x: &Tensor, dy: &Tensor, saved: &LayerNormSaved) -> Result<Tensor> {
-    let op = "layer_norm_backward";
-    let (rows, h) = rows_cols(x, op)?;
-    x.check_same_device(dy, op)?;
-    x.check_same_dtype(dy, op)?;
-    x.check_same_shape(dy, op)?;
-    if saved.weight.shape() != [h] || saved.stats.shape() != [rows, 2] || saved.stats.device() != x.device() {
+    norm_backward(x, dy, &saved.0, Norm::Layer)
+}
+
+/// RMSNorm over the last dimension of `x [rows, h]` exactly as transformers' `LlamaRMSNorm`: in f32,
+/// `x̂ = x / sqrt(mean(x²) + eps)`, cast back to x's dtype, times the frozen `weight [h]` (any float
+/// dtype on x's device), rounded to x's dtype. Returns `y` and what the backward needs.
+pub fn rms_norm_forward(x: &Tensor, weight: &Tensor, eps: f32) -> Result<(Tensor, RmsNormSaved)> {
+    let (y, saved) = norm_forward(x, weight, None, eps, Norm::Rms)?;
+    Ok((y, RmsNormSaved(saved)))
+}
+
+/// [`rms_norm_forward`] without the saved state.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    Ok(rms_norm_forward(x, weight, eps)?.0)
+}
+
+/// RMSNorm input gradient: with `r = 1/sqrt(mean(x²) + eps)`, `x̂ = x·r`, `g = dy·weight`,
+/// `dx = r·(g - x̂·mean(g·x̂))`, in x's dtype (f32 math).
+pub fn rms_norm_backward(x: &Tensor, dy: &Tensor, saved: &RmsNormSaved) -> Result<Tensor> {
+    norm_backward(x, dy, &saved.0, Norm::Rms)
+}
+
+// ------------------------------------------------------------------------------ RoPE
+
+/// `rope_scaling` of a Llama-family `config.json` (transformers' `ROPE_INIT_FUNCTIONS`). `dynamic`
+/// (NTK scaling that depends on the sequence length) is not supported.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// `rope_type: "default"` (or no `rope_scaling`).
+    None,
+    /// `rope_type: "linear"`: every inverse frequency divided by `factor` (positions interpolated).
+    Linear {
+        /// The interpolation factor.
+        factor: f32,
+    },
+    /// `rope_type: "llama3"` (Llama 3.1+): low frequencies divided by `factor`, high ones kept, a
+    /// smooth blend in between (transformers' `_compute_llama3_parameters`).
+    Llama3 {
+        /// `factor` (8 for Llama 3.1).
+        factor: f32,
+        /// `low_freq_factor` (1).
+        low_freq_factor: f32,
+        /// `high_freq_factor` (4).
+        high_freq_factor: f32,
+        /// `original_max_position_embeddings` (8192).
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// Rotary embedding settings of one attention projection: `head_dim` (even, at most 1024), the base
+/// `theta` (`rope_theta`, 10000 for Llama 2, 500000 for Llama 3) and the scaling.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeConfig {
+    /// Features per head (the rotated pairs are `i` and `i + head_dim/2`, transformers' `rotate_half`).
+    pub head_dim: usize,
+    /// `rope_theta`.
+    pub theta: f32,
+    /// `rope_scaling`.
+    pub scaling: RopeScaling,
+}
+
+impl RopeConfig {
+    /// The `head_dim/2` inverse frequencies in f32, computed as transformers does in f32:
+    /// `1 / theta^(2i/head_dim)`, then the scaling.
+    pub fn inv_freq(&self) -> Result<Vec<f32>> {
+        let d = self.head_dim;
+        if d == 0 || !d.is_multiple_of(2) || d > 1024 {
+            return Err(Error::invalid(format!(
+                "rope: head_dim must be even and in 2..=1024, got {d}"
+            )));
+        }
+        if !(self.theta.is_finite() && self.theta > 1.0) {
+            return Err(Error::invalid(format!(
+                "rope: theta must be > 1, got {}",
+                self.theta
+            )));
+        }
+        // pow in f64 of the f32 operands, rounded once: within torch's f32 pow by an ulp.
+        let base: Vec<f32> = (0..d / 2)
+            .map(|i| {
+                let e = (2 * i) as f32 / d as f32;
+                1.0 / ((self.theta as f64).powf(e as f64) as f32)
+            })
+            .collect();
+        match self.scaling {
+            RopeScaling::None => Ok(base),
+            RopeScaling::Linear { factor } => {
+                check_factor(factor)?;
+                Ok(base.into_iter().map(|f| f / factor).collect())
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                check_factor(factor)?;
+                if !(low_freq_factor.is_finite()
+                    && high_freq_factor.is_finite()
+                    && high_freq_factor > low_freq_factor
+                    && low_freq_factor > 0.0
+                    && original_max_position_embeddings > 0)
+                {
+                    return Err(Error::invalid(format!(
+                        "rope llama3: need 0 < low_freq_factor < high_freq_factor and a positive original context, got {low_freq_factor}, {high_freq_factor}, {original_max_position_embeddings}"
+                    )));
+                }
+                let old = original_max_position_embeddings as f32;
+                let (low_wl, high_wl) = (old / low_freq_factor, old / high_freq_factor);
+                Ok(base
+                    .into_iter()
+                    .map(|f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        let scaled = if wavelen > low_wl { f / factor } else { f };
+                        if wavelen < high_wl || wavelen > low_wl {
+                            scaled
+                        } else {
+                            let smooth =
+                                (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * scaled / factor + smooth * scaled
+                        }
+                    })
+                    .collect())
+            }
+        }
+    }
+}
+
+fn check_factor(factor: f32) -> Result<()> {
+    if factor.is_finite() && factor > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "rope: scaling factor must be > 0, got {factor}"
+        )))
+    }
+}
+
+fn rope_impl(x: &Tensor, positions: &[u32], cfg: &RopeConfig, backward: bool) -> Result<Tensor> {
+    let op = if backward { "rope_backward" } else { "rope" };
+    let (tokens, width) = rows_cols(x, op)?;
+    let inv_freq = cfg.inv_freq()?;
+    if !width.is_multiple_of(cfg.head_dim) {
         return Err(Error::shape(
             op,
-            format!("saved state {:?} does not match input {x:?}", saved.stats),
+            format!("{width} features are not whole heads of {}", cfg.head_dim),
+        ));
+    }
+    if positions.len() != tokens {
+        return Err(Error::shape(
+            op,
+            format!("{} positions for {tokens} tokens", positions.len()),
         ));
     }
     match x.device() {
-        Device::Cpu => {
-            let (w, st) = (
-                saved.weight.cpu_data::<f32>(op)?,
-                saved.stats.cpu_data::<f32>(op)?,
-            );
-            cpu_float!(x, op, |v: T| Tensor::from_vec(
-                cpu::layer_norm_backward::<T>(v, dy.cpu_data::<T>(op)?, w, st),
-                x.shape(),
-                Device::Cpu
-            ))
-        }
+        Device::Cpu => cpu_float!(x, op, |v: T| Tensor::from_vec(
+            cpu::rope::<T>(v, positions, &inv_freq, width, backward),
+            x.shape(),
+            Device::Cpu
+        )),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::layer_norm_backward(x, dy, &saved.weight, &saved.stats),
+        Device::Cuda(_) => cuda::rope(x, positions, &inv_freq, backward),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => no_cuda(),
     }
+}
+
+/// Rotary position embedding of `x [tokens, heads·head_dim]` (token-major, as a q or k projection
+/// produces it) exactly as transformers' Llama: `x·cos + rotate_half(x)·sin` per head, with cos/sin of
+/// `positions[t]·inv_freq` computed in f32 and cast to x's dtype, and the products and sum rounded to
+/// x's dtype as torch does (no-ops in f32).
+pub fn rope(x: &Tensor, positions: &[u32], cfg: &RopeConfig) -> Result<Tensor> {
+    rope_impl(x, positions, cfg, false)
+}
+
+/// Gradient of [`rope`]: the inverse rotation, `dy·cos - rotate_half(dy)·sin`.
+pub fn rope_backward(dy: &Tensor, positions: &[u32], cfg: &RopeConfig) -> Result<Tensor> {
+    rope_impl(dy, positions, cfg, true)
 }
 
 // ------------------------------------------------------------------------------ tape records
@@ -464,6 +710,23 @@ impl Tape {
         let mask = mask.to_vec();
         let back = move |g: &Tensor, _: &Tensor| mean_pool_backward(g, &mask, batch, seq);
         self.record(&[x], y, unary("mean_pool", back))
+    }
+
+    /// RMSNorm (transformers' `LlamaRMSNorm`) with a frozen `weight [hidden]`; gradient to `x` only.
+    /// See [`rms_norm_forward`].
+    pub fn rms_norm(&mut self, x: Var, weight: &Tensor, eps: f32) -> Result<Var> {
+        let (y, saved) = rms_norm_forward(self.value(x)?, weight, eps)?;
+        let back = move |g: &Tensor, x: &Tensor| rms_norm_backward(x, g, &saved);
+        self.record(&[x], y, unary("rms_norm", back))
+    }
+
+    /// Rotary position embedding of `x [tokens, heads·head_dim]` at `positions [tokens]`, exactly as
+    /// transformers' Llama. See [`rope`].
+    pub fn rope(&mut self, x: Var, positions: &[u32], cfg: &RopeConfig) -> Result<Var> {
+        let y = rope(self.value(x)?, positions, cfg)?;
+        let (positions, cfg) = (positions.to_vec(), *cfg);
+        let back = move |g: &Tensor, _: &Tensor| rope_backward(g, &positions, &cfg);
+        self.record(&[x], y, unary("rope", back))
     }
 
     /// Selected rows (e.g. the last non-pad token of each sequence): `[n, h] -> [idx.len(), h]`. An
