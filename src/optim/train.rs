@@ -9,7 +9,7 @@
 //! use peft_kernels::{DType, Device, Tensor};
 //! let mut store = ParamStore::new();
 //! let w = store.insert("w", Tensor::randn(&[8192], 1.0, 0, DType::BF16, Device::Cpu)?)?;
-//! let target = Tensor::zeros(&[8192], DType::F32, Device::Cpu)?;
+//! let target = Tensor::zeros(&[8192], DType::BF16, Device::Cpu)?;
 //! let mut cfg = OptimConfig { optim: OptimKind::AdamW8bit, grad_accum: 2, grad_clip: Some(1.0), ..Default::default() };
 //! cfg.hyper.lr = 0.05;
 //! cfg.schedule = Schedule { kind: ScheduleKind::Cosine, warmup_steps: 2, total_steps: 50 };
