@@ -21,6 +21,7 @@
 #define ACT_GELU_TANH 1
 #define ACT_GELU_ERF 2
 #define ACT_SILU 3
+#define ACT_TANH 4
 
 // Same constants as the CPU twin: kBeta = sqrt(2/pi), kKappa = 0.044715, 1/sqrt(2*pi).
 #define GELU_BETA 0.7978845608028654f
@@ -36,6 +37,7 @@ __device__ __forceinline__ float act_forward(float x) {
         return 0.5f * x * (1.f + tanhf(inner));
     }
     if (A == ACT_GELU_ERF) return 0.5f * x * (1.f + erff(x * INV_SQRT_2));
+    if (A == ACT_TANH) return tanhf(x);
     return x / (1.f + expf(-x));  // silu
 }
 
@@ -52,6 +54,10 @@ __device__ __forceinline__ float act_derivative(float x) {
         const float cdf = 0.5f * (1.f + erff(x * INV_SQRT_2));
         const float pdf = expf(-0.5f * x * x) * INV_SQRT_2PI;
         return cdf + x * pdf;
+    }
+    if (A == ACT_TANH) {
+        const float t = tanhf(x);
+        return 1.f - t * t;
     }
     const float s = 1.f / (1.f + expf(-x));
     return s * (1.f + x * (1.f - s));
@@ -83,7 +89,8 @@ __device__ __forceinline__ void act_bwd_impl(const T* __restrict__ x, const T* _
     ACT(relu, ACT_RELU, TN, T)            \
     ACT(gelu, ACT_GELU_TANH, TN, T)       \
     ACT(gelu_erf, ACT_GELU_ERF, TN, T)    \
-    ACT(silu, ACT_SILU, TN, T)
+    ACT(silu, ACT_SILU, TN, T)            \
+    ACT(tanh, ACT_TANH, TN, T)
 ACT_ALL(f32, float)
 ACT_ALL(f16, f16)
 ACT_ALL(bf16, bf16)

@@ -18,11 +18,14 @@
 //! ```
 
 pub mod adapters;
+pub mod attention;
 pub mod autograd;
 pub mod device;
 pub mod error;
 pub mod io;
 pub mod merge;
+pub mod models;
+pub mod nn;
 pub mod optim;
 pub mod qmatmul;
 pub mod quant;

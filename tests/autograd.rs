@@ -15,11 +15,12 @@ use peft_kernels::rng::Rng;
 use peft_kernels::{DType, Device, Error, Result, Tensor};
 use proptest::prelude::*;
 
-const ACTS: [Activation; 4] = [
+const ACTS: [Activation; 5] = [
     Activation::Relu,
     Activation::Gelu,
     Activation::GeluErf,
     Activation::Silu,
+    Activation::Tanh,
 ];
 
 // ------------------------------------------------------------------------------ f64 reference math
@@ -59,6 +60,7 @@ fn act64(act: Activation, x: f64) -> f64 {
         }
         Activation::GeluErf => 0.5 * x * (1.0 + erf64(x / std::f64::consts::SQRT_2)),
         Activation::Silu => x / (1.0 + (-x).exp()),
+        Activation::Tanh => x.tanh(),
     }
 }
 

@@ -416,29 +416,7 @@ pub fn load_adapter(
         }
         bases.push((w, bias));
     }
-    if let MethodConfig::WaveFt(c) = &config.method
-        && c.proportional_parameters
-    {
-        check_proportional(&config, &layout.modules, &bases)?;
-    }
-
-    let bank = match &config.method {
-        MethodConfig::VbLora(c) => {
-            let t = adapter
-                .tensors
-                .get(BANK_KEY)
-                .ok_or_else(|| Error::invalid(format!("VB-LoRA adapter without {BANK_KEY:?}")))?;
-            let id = store.insert(BANK_KEY, t.to_device(opts.device)?)?;
-            Some(VbLoraBank::from_param(&vb_settings(c), id, store)?)
-        }
-        _ => None,
-    };
-    let mut layers = Vec::with_capacity(layout.modules.len());
-    for (m, (w, bias)) in layout.modules.iter().zip(bases) {
-        let mut layer = build_layer(adapter, m, w, bias, bank.as_ref(), store, opts)?;
-        layer.set_algo(opts.algo);
-        layers.push(layer);
-    }
+    let (mut layers, bank) = build_layers(adapter, &layout.modules, bases, store, opts)?;
     layers.sort_by(|a, b| a.name().cmp(b.name()));
 
     let mut extras = BTreeMap::new();
@@ -465,6 +443,50 @@ pub fn load_adapter(
         extras,
         replaced,
     })
+}
+
+/// The layers of `adapter` for `modules` (its layout's modules) on already-loaded `bases` (one `(weight,
+/// bias)` per module, same order; e.g. a model's own linears): checks WaveFT's `proportional_parameters`,
+/// inserts the VB-LoRA bank and every layer's parameters into `store` (file keys) and sets `opts.algo`.
+/// Layers come back in `modules` order.
+pub fn build_layers(
+    adapter: &PeftAdapter,
+    modules: &[AdapterModule],
+    bases: Vec<(BaseWeight, Option<Tensor>)>,
+    store: &mut ParamStore,
+    opts: &LoadOptions,
+) -> Result<(Vec<AdapterLayer>, Option<VbLoraBank>)> {
+    if modules.len() != bases.len() {
+        return Err(Error::invalid(format!(
+            "build_layers: {} modules but {} bases",
+            modules.len(),
+            bases.len()
+        )));
+    }
+    let config = &adapter.config;
+    if let MethodConfig::WaveFt(c) = &config.method
+        && c.proportional_parameters
+    {
+        check_proportional(config, modules, &bases)?;
+    }
+    let bank = match &config.method {
+        MethodConfig::VbLora(c) => {
+            let t = adapter
+                .tensors
+                .get(BANK_KEY)
+                .ok_or_else(|| Error::invalid(format!("VB-LoRA adapter without {BANK_KEY:?}")))?;
+            let id = store.insert(BANK_KEY, t.to_device(opts.device)?)?;
+            Some(VbLoraBank::from_param(&vb_settings(c), id, store)?)
+        }
+        _ => None,
+    };
+    let mut layers = Vec::with_capacity(modules.len());
+    for (m, (w, bias)) in modules.iter().zip(bases) {
+        let mut layer = build_layer(adapter, m, w, bias, bank.as_ref(), store, opts)?;
+        layer.set_algo(opts.algo);
+        layers.push(layer);
+    }
+    Ok((layers, bank))
 }
 
 fn check_supported(m: &AdapterModule) -> Result<()> {
@@ -710,22 +732,40 @@ pub fn init_adapter(
             base.path().display()
         )));
     }
-    let ff = config.fan_in_fan_out;
-    // (name, out, in) in the layer's orientation.
-    let dims: Vec<(String, usize, usize)> = targets
-        .iter()
-        .map(|(m, a, b)| {
-            if ff {
-                (m.clone(), *b, *a)
-            } else {
-                (m.clone(), *a, *b)
-            }
-        })
-        .collect();
-    let mut bases = Vec::with_capacity(dims.len());
-    for (m, _, _) in &dims {
-        bases.push(load_base_layer(base, m, ff, opts)?);
+    let mut bases = Vec::with_capacity(targets.len());
+    for (m, _, _) in &targets {
+        // A fan_in_fan_out weight is transposed to the layer's [out, in] here.
+        let (w, bias) = load_base_layer(base, m, config.fan_in_fan_out, opts)?;
+        bases.push((m.clone(), w, bias));
     }
+    let (mut layers, bank) = init_layers(config, bases, store, seed, opts)?;
+    layers.sort_by(|a, b| a.name().cmp(b.name()));
+    Ok(AdapterModel {
+        config: config.clone(),
+        layers,
+        bank,
+        extras: BTreeMap::new(),
+        replaced: BTreeMap::new(),
+    })
+}
+
+/// Fresh layers for `config` (as [`init_adapter`] builds them: per-module rank / alpha / `n_frequency`,
+/// PEFT's initializations drawn from `seed`) on already-loaded bases `(module name, [out, in] weight,
+/// bias)`, e.g. a model's own linears; the caller chose the targets. Parameters go into `store` under their
+/// adapter-file keys; layers come back in `bases` order with `opts.algo` set.
+pub fn init_layers(
+    config: &AdapterConfig,
+    bases: Vec<(String, BaseWeight, Option<Tensor>)>,
+    store: &mut ParamStore,
+    seed: u64,
+    opts: &LoadOptions,
+) -> Result<(Vec<AdapterLayer>, Option<VbLoraBank>)> {
+    config.validate()?;
+    let dims: Vec<(String, usize, usize)> = bases
+        .iter()
+        .map(|(m, w, _)| (m.clone(), w.out_features(), w.in_features()))
+        .collect();
+    let bases: Vec<(BaseWeight, Option<Tensor>)> = bases.into_iter().map(|(_, w, b)| (w, b)).collect();
     // Per-layer seeds: independent streams, stable under adding or removing other targets.
     let layer_seed = |name: &str| {
         name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
@@ -828,14 +868,7 @@ pub fn init_adapter(
     for l in &mut layers {
         l.set_algo(opts.algo);
     }
-    layers.sort_by(|a, b| a.name().cmp(b.name()));
-    Ok(AdapterModel {
-        config: config.clone(),
-        layers,
-        bank,
-        extras: BTreeMap::new(),
-        replaced: BTreeMap::new(),
-    })
+    Ok((layers, bank))
 }
 
 /// A PEFT adapter from every parameter of `store` whose name is one of `config`'s adapter-file keys

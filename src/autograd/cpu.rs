@@ -40,6 +40,7 @@ pub(crate) fn act_forward(act: Activation, x: f32) -> f32 {
         }
         Activation::GeluErf => 0.5 * x * (1.0 + libm::erff(x * FRAC_1_SQRT_2)),
         Activation::Silu => x / (1.0 + (-x).exp()),
+        Activation::Tanh => x.tanh(),
     }
 }
 
@@ -68,6 +69,10 @@ pub(crate) fn act_derivative(act: Activation, x: f32) -> f32 {
         Activation::Silu => {
             let s = 1.0 / (1.0 + (-x).exp());
             s * (1.0 + x * (1.0 - s))
+        }
+        Activation::Tanh => {
+            let t = x.tanh();
+            1.0 - t * t
         }
     }
 }

@@ -63,6 +63,7 @@ unsafe fn act_fwd<T: KernelElem>(
             Activation::Gelu => k::autograd::act_fwd_gelu::<T>(b, cfg, x, y, n),
             Activation::GeluErf => k::autograd::act_fwd_gelu_erf::<T>(b, cfg, x, y, n),
             Activation::Silu => k::autograd::act_fwd_silu::<T>(b, cfg, x, y, n),
+            Activation::Tanh => k::autograd::act_fwd_tanh::<T>(b, cfg, x, y, n),
         }
     }
 }
@@ -86,6 +87,7 @@ unsafe fn act_bwd<T: KernelElem>(
             Activation::Gelu => k::autograd::act_bwd_gelu::<T>(b, cfg, x, dy, dx, n),
             Activation::GeluErf => k::autograd::act_bwd_gelu_erf::<T>(b, cfg, x, dy, dx, n),
             Activation::Silu => k::autograd::act_bwd_silu::<T>(b, cfg, x, dy, dx, n),
+            Activation::Tanh => k::autograd::act_bwd_tanh::<T>(b, cfg, x, dy, dx, n),
         }
     }
 }

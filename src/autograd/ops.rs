@@ -26,16 +26,19 @@ pub enum Activation {
     GeluErf = 2,
     /// `x·sigmoid(x)` (torch `silu`, a.k.a. swish).
     Silu = 3,
+    /// `tanh(x)` (BERT's pooler activation).
+    Tanh = 4,
 }
 
 impl Activation {
-    /// The lowercase name (`relu`, `gelu`, `gelu_erf`, `silu`).
+    /// The lowercase name (`relu`, `gelu`, `gelu_erf`, `silu`, `tanh`).
     pub fn name(self) -> &'static str {
         match self {
             Activation::Relu => "relu",
             Activation::Gelu => "gelu",
             Activation::GeluErf => "gelu_erf",
             Activation::Silu => "silu",
+            Activation::Tanh => "tanh",
         }
     }
 }
@@ -63,6 +66,7 @@ macro_rules! cpu_float {
         }
     };
 }
+pub(crate) use cpu_float;
 
 fn check_pair(a: &Tensor, b: &Tensor, op: &'static str) -> Result<Device> {
     a.dtype().expect_float(op)?;

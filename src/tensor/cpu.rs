@@ -276,3 +276,72 @@ pub(crate) fn matmul(a: &CpuStorage, b: &CpuStorage, d: MatmulDims) -> Result<Cp
         _ => return Err(Error::dtype("matmul", "matching float dtypes", b.dtype())),
     })
 }
+
+/// A raw pointer that tasks writing provably disjoint parts of one buffer may share.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: only used by tasks that write disjoint element sets (documented at each use).
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    /// A method (not a field access) so closures capture the whole `Send + Sync` wrapper.
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` with arbitrary strides (f32, the `gemm` crate).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+    par: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                // SAFETY: the caller guarantees dst addresses an m×n view with row stride dst_rs.
+                unsafe { std::slice::from_raw_parts_mut(dst.add(i * dst_rs), n) }.fill(0.0);
+            }
+        }
+        return;
+    }
+    // SAFETY: the caller guarantees every pointer addresses a matrix of the stated size and strides.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}

@@ -194,3 +194,15 @@ pub fn check_param_gradients(
     }
     Ok(())
 }
+
+/// `v` rounded to `dtype` (f16/bf16 round to nearest even; f32 unchanged), back as f32.
+pub fn rounded(v: &[f32], dtype: peft_kernels::DType) -> Vec<f32> {
+    use peft_kernels::DType;
+    v.iter()
+        .map(|&x| match dtype {
+            DType::F16 => half::f16::from_f32(x).to_f32(),
+            DType::BF16 => half::bf16::from_f32(x).to_f32(),
+            _ => x,
+        })
+        .collect()
+}

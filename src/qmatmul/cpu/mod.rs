@@ -58,6 +58,7 @@ use super::{Algo, BaseWeight, Problem};
 use crate::error::{Error, Result};
 use crate::quant::QuantizedTensor;
 use crate::quant::cpu::Scales;
+pub(crate) use crate::tensor::cpu::{SendPtr, gemm_f32};
 use crate::tensor::{DType, Tensor, cpu as tcpu};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -245,75 +246,6 @@ fn tensor_from_f32(v: Vec<f32>, shape: &[usize], dtype: DType) -> Result<Tensor>
         DType::F16 => Tensor::from_vec(tcpu::from_f32_vec::<f16>(&v), shape, dev),
         DType::BF16 => Tensor::from_vec(tcpu::from_f32_vec::<bf16>(&v), shape, dev),
         d => Err(Error::dtype("qmatmul", "a float dtype", d)),
-    }
-}
-
-/// A raw pointer that tasks writing provably disjoint parts of one buffer may share.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used by tasks that write disjoint element sets (documented at each use).
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    /// A method (not a field access) so closures capture the whole `Send + Sync` wrapper.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` with arbitrary strides (f32, the `gemm` crate).
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_f32(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: *const f32,
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-    rhs_cs: usize,
-    par: gemm::Parallelism,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                // SAFETY: the caller guarantees dst addresses an m×n view with row stride dst_rs.
-                unsafe { std::slice::from_raw_parts_mut(dst.add(i * dst_rs), n) }.fill(0.0);
-            }
-        }
-        return;
-    }
-    // SAFETY: the caller guarantees every pointer addresses a matrix of the stated size and strides.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs,
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs,
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            par,
-        )
     }
 }
 

@@ -1,0 +1,839 @@
+//! BERT (transformers' `models/bert/modeling_bert.py`): `BertModel` (embeddings, post-LayerNorm encoder
+//! layers, tanh pooler) and `BertForSequenceClassification` (pooler → dropout → classifier), on the
+//! autograd tape.
+//!
+//! Every linear is a [`LinearSlot`] under transformers' module name (`bert.encoder.layer.0.attention.self.query`,
+//! `bert.pooler.dense`), so a PEFT config's `target_modules`, `rank_pattern` and `alpha_pattern` select the
+//! same modules as in PEFT. Embedding tables and LayerNorm affines are frozen constants; the classifier is
+//! trained fully (PEFT's `modules_to_save` for SEQ_CLS) and lives in the [`ParamStore`] under the key PEFT
+//! saves it as (`base_model.model.classifier.weight` / `.bias`).
+//!
+//! Training forward: `Some(step seed)` turns on hidden, attention, classifier and adapter dropout, each
+//! mask a hash of the step seed, the layer and the call site (so a recomputation reproduces it); `None` is
+//! evaluation. [`BertModel::set_gradient_checkpointing`] keeps only each layer's input on the tape and
+//! recomputes the layer in backward.
+
+use super::config::BertConfig;
+use super::linear::{LinearSlot, TrainedLinear};
+use super::loader::{Checkpoint, ModelLoadOptions, stored_module};
+use super::tokenizer::BertBatch;
+use crate::adapters::load::{AdapterLayer, LoadOptions, build_layers, init_layers};
+use crate::adapters::vblora::VbLoraBank;
+use crate::attention::AttentionConfig;
+use crate::autograd::{Activation, Backward, ParamId, ParamStore, Tape, Var};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::io::peft::{AdapterConfig, ExtraKind, PeftAdapter};
+use crate::tensor::{DType, Tensor};
+use std::sync::Arc;
+
+/// The PEFT key prefix of every saved tensor.
+const PEFT_PREFIX: &str = "base_model.model.";
+
+/// A frozen LayerNorm affine.
+#[derive(Clone, Debug)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    fn load(ckpt: &Checkpoint, name: &str, h: usize, opts: &ModelLoadOptions) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: ckpt.backbone(&format!("{name}.weight"), &[h], opts.dtype, opts.device)?,
+            bias: ckpt.backbone(&format!("{name}.bias"), &[h], opts.dtype, opts.device)?,
+        })
+    }
+}
+
+/// Per-layer constants.
+#[derive(Clone, Copy, Debug)]
+struct LayerSettings {
+    heads: usize,
+    head_dim: usize,
+    eps: f32,
+    act: Activation,
+    hidden_dropout: f32,
+    attn_dropout: f32,
+}
+
+/// One encoder layer (`BertLayer`).
+#[derive(Clone, Debug)]
+pub struct BertLayer {
+    index: usize,
+    query: LinearSlot,
+    key: LinearSlot,
+    value: LinearSlot,
+    attn_out: LinearSlot,
+    attn_ln: LayerNorm,
+    intermediate: LinearSlot,
+    output: LinearSlot,
+    out_ln: LayerNorm,
+    s: LayerSettings,
+}
+
+/// A dropout seed for `(step, layer, site)` (SplitMix64 finalizer of the mixed words).
+fn site_seed(step: u64, layer: usize, site: u64) -> u64 {
+    let mut z = step
+        ^ (layer as u64).wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ site.wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn maybe_dropout(tape: &mut Tape, x: Var, p: f32, seed: Option<u64>) -> Result<Var> {
+    match seed {
+        Some(s) if p > 0.0 => tape.dropout(x, p, s),
+        _ => Ok(x),
+    }
+}
+
+/// The shape of one forward call.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    batch: usize,
+    seq: usize,
+}
+
+impl BertLayer {
+    fn slots(&self) -> [&LinearSlot; 6] {
+        [
+            &self.query,
+            &self.key,
+            &self.value,
+            &self.attn_out,
+            &self.intermediate,
+            &self.output,
+        ]
+    }
+
+    fn slots_mut(&mut self) -> [&mut LinearSlot; 6] {
+        [
+            &mut self.query,
+            &mut self.key,
+            &mut self.value,
+            &mut self.attn_out,
+            &mut self.intermediate,
+            &mut self.output,
+        ]
+    }
+
+    /// `x [batch*seq, hidden]` → the layer output.
+    fn forward_t(
+        &self,
+        tape: &mut Tape,
+        store: &ParamStore,
+        x: Var,
+        mask: &[u8],
+        d: Dims,
+        seed: Option<u64>,
+    ) -> Result<Var> {
+        let s = &self.s;
+        let site = |k: u64| seed.map(|st| site_seed(st, self.index, k));
+        let q = self.query.forward_t(tape, store, x, seed)?;
+        let k = self.key.forward_t(tape, store, x, seed)?;
+        let v = self.value.forward_t(tape, store, x, seed)?;
+        let mut cfg = AttentionConfig::new(d.batch, d.seq, s.heads, s.head_dim);
+        cfg.dropout = site(0)
+            .filter(|_| s.attn_dropout > 0.0)
+            .map(|sd| (s.attn_dropout, sd));
+        let ctx = tape.attention(q, k, v, Some(mask), &cfg)?;
+        let a = self.attn_out.forward_t(tape, store, ctx, seed)?;
+        let a = maybe_dropout(tape, a, s.hidden_dropout, site(1))?;
+        let h1 = tape.add(a, x)?;
+        let h1 = tape.layer_norm(h1, &self.attn_ln.weight, &self.attn_ln.bias, s.eps)?;
+        let i = self.intermediate.forward_t(tape, store, h1, seed)?;
+        let i = tape.activation(i, s.act)?;
+        let o = self.output.forward_t(tape, store, i, seed)?;
+        let o = maybe_dropout(tape, o, s.hidden_dropout, site(2))?;
+        let h2 = tape.add(o, h1)?;
+        tape.layer_norm(h2, &self.out_ln.weight, &self.out_ln.bias, s.eps)
+    }
+}
+
+/// `BertModel`: embeddings, encoder, optional pooler.
+#[derive(Clone, Debug)]
+pub struct BertModel {
+    config: BertConfig,
+    /// The module-name prefix (`"bert"` inside `BertForSequenceClassification`, `""` for a bare model).
+    prefix: String,
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    emb_ln: LayerNorm,
+    layers: Vec<Arc<BertLayer>>,
+    pooler: Option<LinearSlot>,
+    bank: Option<VbLoraBank>,
+    gradient_checkpointing: bool,
+    opts: ModelLoadOptions,
+}
+
+/// A module name under `prefix`.
+fn under(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+impl BertModel {
+    /// Loads the backbone from `ckpt` (names with or without `bert.`), validating every shape against
+    /// `config`. `prefix` is the module-name prefix the model's linears get (`"bert"` as in
+    /// `BertForSequenceClassification`, or `""`). Linears selected by `opts.quantize` are quantized.
+    pub fn load(
+        ckpt: &Checkpoint,
+        config: &BertConfig,
+        prefix: &str,
+        with_pooler: bool,
+        opts: &ModelLoadOptions,
+    ) -> Result<BertModel> {
+        config.validate()?;
+        let c = config;
+        let (h, dt, dev) = (c.hidden_size, opts.dtype, opts.device);
+        if !dt.is_float() {
+            return Err(Error::invalid(format!(
+                "BERT activations must be a float dtype, got {dt}"
+            )));
+        }
+        let linear = |module: &str, out: usize, inp: usize| -> Result<LinearSlot> {
+            let name = under(prefix, module);
+            let q = opts
+                .quantize
+                .as_ref()
+                .filter(|q| q.selects(&name))
+                .map(|q| &q.options);
+            let (w, b) = ckpt.linear(&stored_module(ckpt, &name, prefix), out, inp, q, opts)?;
+            Ok(LinearSlot::frozen(name, w, Some(b), opts.algo))
+        };
+        let s = LayerSettings {
+            heads: c.num_attention_heads,
+            head_dim: c.head_dim(),
+            eps: c.layer_norm_eps,
+            act: c.hidden_act,
+            hidden_dropout: c.hidden_dropout_prob,
+            attn_dropout: c.attention_probs_dropout_prob,
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let l = format!("encoder.layer.{i}");
+            layers.push(Arc::new(BertLayer {
+                index: i,
+                query: linear(&format!("{l}.attention.self.query"), h, h)?,
+                key: linear(&format!("{l}.attention.self.key"), h, h)?,
+                value: linear(&format!("{l}.attention.self.value"), h, h)?,
+                attn_out: linear(&format!("{l}.attention.output.dense"), h, h)?,
+                attn_ln: LayerNorm::load(ckpt, &format!("{l}.attention.output.LayerNorm"), h, opts)?,
+                intermediate: linear(&format!("{l}.intermediate.dense"), c.intermediate_size, h)?,
+                output: linear(&format!("{l}.output.dense"), h, c.intermediate_size)?,
+                out_ln: LayerNorm::load(ckpt, &format!("{l}.output.LayerNorm"), h, opts)?,
+                s,
+            }));
+        }
+        Ok(BertModel {
+            config: c.clone(),
+            prefix: prefix.to_string(),
+            word: ckpt.backbone("embeddings.word_embeddings.weight", &[c.vocab_size, h], dt, dev)?,
+            position: ckpt.backbone(
+                "embeddings.position_embeddings.weight",
+                &[c.max_position_embeddings, h],
+                dt,
+                dev,
+            )?,
+            token_type: ckpt.backbone(
+                "embeddings.token_type_embeddings.weight",
+                &[c.type_vocab_size, h],
+                dt,
+                dev,
+            )?,
+            emb_ln: LayerNorm::load(ckpt, "embeddings.LayerNorm", h, opts)?,
+            layers,
+            pooler: if with_pooler {
+                Some(linear("pooler.dense", h, h)?)
+            } else {
+                None
+            },
+            bank: None,
+            gradient_checkpointing: false,
+            opts: opts.clone(),
+        })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// The module-name prefix of the linears (`"bert"` inside `BertForSequenceClassification`, `""`
+    /// for a bare `BertModel`).
+    pub fn module_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Recompute each encoder layer in backward instead of keeping its activations (off by default).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
+    }
+
+    /// Whether gradient checkpointing is on.
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
+    }
+
+    /// Every linear slot, in module order (encoder layers, then the pooler).
+    pub fn linears(&self) -> Vec<&LinearSlot> {
+        let mut v: Vec<&LinearSlot> = self.layers.iter().flat_map(|l| l.slots()).collect();
+        v.extend(self.pooler.as_ref());
+        v
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut LinearSlot> {
+        let mut v: Vec<&mut LinearSlot> = self
+            .layers
+            .iter_mut()
+            .flat_map(|l| Arc::make_mut(l).slots_mut())
+            .collect();
+        v.extend(self.pooler.as_mut());
+        v
+    }
+
+    /// Bytes of the frozen weights (embeddings, LayerNorms, linears as stored: 4-bit or dense, biases).
+    pub fn frozen_bytes(&self) -> usize {
+        let mut n =
+            self.word.size_in_bytes() + self.position.size_in_bytes() + self.token_type.size_in_bytes();
+        n += 2 * self.emb_ln.weight.size_in_bytes();
+        for l in &self.layers {
+            n += 2 * (l.attn_ln.weight.size_in_bytes() + l.out_ln.weight.size_in_bytes());
+        }
+        for s in self.linears() {
+            n += s.base().size_in_bytes() + s.bias().map_or(0, Tensor::size_in_bytes);
+        }
+        n
+    }
+
+    /// Every trainable parameter the linears use (adapter parameters and the VB-LoRA bank).
+    pub fn param_ids(&self) -> Vec<ParamId> {
+        let mut v: Vec<ParamId> = self.linears().iter().flat_map(|s| s.param_ids()).collect();
+        v.extend(self.bank.map(|b| b.id()));
+        v
+    }
+
+    /// Attaches fresh adapters from a PEFT config to every linear it targets (`target_modules`,
+    /// `exclude_modules`, `layers_to_transform`, `rank_pattern`, `alpha_pattern` as PEFT resolves them
+    /// over transformers' module names), initialized as `get_peft_model` does from `seed`. Returns the
+    /// adapted module names.
+    pub fn init_adapter(
+        &mut self,
+        config: &AdapterConfig,
+        store: &mut ParamStore,
+        seed: u64,
+    ) -> Result<Vec<String>> {
+        if self.linears().iter().any(|s| s.adapter().is_some()) {
+            return Err(Error::invalid("the model already has adapters"));
+        }
+        let bases: Vec<_> = self
+            .linears()
+            .into_iter()
+            .filter(|s| config.targets(s.name(), true))
+            .map(|s| (s.name().to_string(), s.base().clone(), s.bias().cloned()))
+            .collect();
+        if bases.is_empty() {
+            return Err(Error::invalid(
+                "no linear of the model matches the config's target_modules",
+            ));
+        }
+        let lo = self.load_options();
+        let (layers, bank) = init_layers(config, bases, store, seed, &lo)?;
+        self.install(layers, bank)
+    }
+
+    /// Attaches the layers of a loaded PEFT adapter (every adapted module must be one of the model's
+    /// linears with the adapter's shapes). The adapter's extra tensors are not handled here (see
+    /// [`BertForSequenceClassification::load_adapter`]).
+    pub fn attach_adapter(&mut self, adapter: &PeftAdapter, store: &mut ParamStore) -> Result<Vec<String>> {
+        if self.linears().iter().any(|s| s.adapter().is_some()) {
+            return Err(Error::invalid("the model already has adapters"));
+        }
+        if adapter.config.bias != "none" {
+            return Err(Error::invalid(format!(
+                "adapter bias {:?}: trained base biases are not supported by the BERT model (only \"none\")",
+                adapter.config.bias
+            )));
+        }
+        let layout = adapter.layout()?;
+        let mut bases = Vec::with_capacity(layout.modules.len());
+        for m in &layout.modules {
+            let slot = self
+                .linears()
+                .into_iter()
+                .find(|s| s.name() == m.name)
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "the adapter has module {:?}, which is not a linear of this model (names like {:?})",
+                        m.name,
+                        self.linears()
+                            .first()
+                            .map(|s| s.name().to_string())
+                            .unwrap_or_default()
+                    ))
+                })?;
+            if let Some(want) = m.base_weight_shape() {
+                let got = [slot.base().out_features(), slot.base().in_features()];
+                if got != want {
+                    return Err(Error::shape(
+                        "attach_adapter",
+                        format!(
+                            "module {:?}: base weight is {got:?}, the adapter needs {want:?}",
+                            m.name
+                        ),
+                    ));
+                }
+            }
+            bases.push((slot.base().clone(), slot.bias().cloned()));
+        }
+        let lo = self.load_options();
+        let (layers, bank) = build_layers(adapter, &layout.modules, bases, store, &lo)?;
+        self.install(layers, bank)
+    }
+
+    fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            device: self.opts.device,
+            dtype: Some(self.opts.dtype),
+            algo: self.opts.algo,
+        }
+    }
+
+    fn install(&mut self, layers: Vec<AdapterLayer>, bank: Option<VbLoraBank>) -> Result<Vec<String>> {
+        let mut names = Vec::with_capacity(layers.len());
+        let mut by_name: std::collections::HashMap<String, AdapterLayer> =
+            layers.into_iter().map(|l| (l.name().to_string(), l)).collect();
+        for slot in self.linears_mut() {
+            if let Some(l) = by_name.remove(slot.name()) {
+                names.push(l.name().to_string());
+                *slot = LinearSlot::Adapter(l);
+            }
+        }
+        if let Some(n) = by_name.keys().next() {
+            return Err(Error::invalid(format!(
+                "adapter layer {n:?} has no slot in the model"
+            )));
+        }
+        self.bank = bank;
+        Ok(names)
+    }
+
+    /// The adapter layers, by module name.
+    pub fn adapter_layers(&self) -> Vec<&AdapterLayer> {
+        self.linears()
+            .into_iter()
+            .filter_map(LinearSlot::adapter)
+            .collect()
+    }
+
+    fn check_batch(&self, b: &BertBatch) -> Result<()> {
+        b.validate()?;
+        if b.seq > self.config.max_position_embeddings {
+            return Err(Error::invalid(format!(
+                "sequence length {} exceeds max_position_embeddings {}",
+                b.seq, self.config.max_position_embeddings
+            )));
+        }
+        if let Some(&t) = b
+            .token_type_ids
+            .iter()
+            .find(|&&t| t as usize >= self.config.type_vocab_size)
+        {
+            return Err(Error::invalid(format!(
+                "token type {t} >= type_vocab_size {}",
+                self.config.type_vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records the embeddings: `LayerNorm(word + token_type + position)` then dropout.
+    fn embed(&self, tape: &mut Tape, b: &BertBatch, seed: Option<u64>) -> Result<Var> {
+        let positions: Vec<u32> = (0..b.batch).flat_map(|_| 0..b.seq as u32).collect();
+        let w = tape.embedding(&self.word, &b.input_ids)?;
+        let t = tape.embedding(&self.token_type, &b.token_type_ids)?;
+        let p = tape.embedding(&self.position, &positions)?;
+        let x = tape.add(w, t)?;
+        let x = tape.add(x, p)?;
+        let x = tape.layer_norm(
+            x,
+            &self.emb_ln.weight,
+            &self.emb_ln.bias,
+            self.config.layer_norm_eps,
+        )?;
+        maybe_dropout(
+            tape,
+            x,
+            self.config.hidden_dropout_prob,
+            seed.map(|s| site_seed(s, usize::MAX, 3)),
+        )
+    }
+
+    /// The last hidden state `[batch*seq, hidden]` on `tape`. `seed`: `Some(step seed)` for training
+    /// (dropout), `None` for evaluation.
+    pub fn forward_t(
+        &self,
+        tape: &mut Tape,
+        store: &ParamStore,
+        b: &BertBatch,
+        seed: Option<u64>,
+    ) -> Result<Var> {
+        self.check_batch(b)?;
+        let d = Dims {
+            batch: b.batch,
+            seq: b.seq,
+        };
+        let mut x = self.embed(tape, b, seed)?;
+        for layer in &self.layers {
+            x = if self.gradient_checkpointing {
+                let shared = self.bank.map(|b| b.id());
+                checkpointed(tape, store, layer, shared, x, &b.attention_mask, d, seed)?
+            } else {
+                layer.forward_t(tape, store, x, &b.attention_mask, d, seed)?
+            };
+        }
+        Ok(x)
+    }
+
+    /// The pooler output `tanh(dense(hidden[CLS]))` `[batch, hidden]` from the last hidden state.
+    pub fn pool_t(
+        &self,
+        tape: &mut Tape,
+        store: &ParamStore,
+        hidden: Var,
+        b: &BertBatch,
+        seed: Option<u64>,
+    ) -> Result<Var> {
+        let pooler = self
+            .pooler
+            .as_ref()
+            .ok_or_else(|| Error::invalid("this BertModel was loaded without a pooler"))?;
+        let cls = tape.cls_pool(hidden, b.batch, b.seq)?;
+        let y = pooler.forward_t(tape, store, cls, seed)?;
+        tape.tanh(y)
+    }
+}
+
+/// Records `layer` so that its inner activations are not kept: the forward runs on a private tape, and
+/// the backward runs it again (same dropout masks, from the same seed) and backpropagates through it.
+#[allow(clippy::too_many_arguments)]
+fn checkpointed(
+    tape: &mut Tape,
+    store: &ParamStore,
+    layer: &Arc<BertLayer>,
+    shared: Option<ParamId>,
+    x: Var,
+    mask: &[u8],
+    d: Dims,
+    seed: Option<u64>,
+) -> Result<Var> {
+    let out = {
+        let mut inner = Tape::new();
+        let xi = inner.leaf(tape.value(x)?.clone());
+        let y = layer.forward_t(&mut inner, store, xi, mask, d, seed)?;
+        inner.value(y)?.clone()
+    };
+    let mut inputs = vec![x];
+    // The parameters this layer reads: its adapters' and the shared VB-LoRA bank.
+    let own: Vec<ParamId> = layer
+        .slots()
+        .iter()
+        .flat_map(|s| s.param_ids())
+        .chain(shared)
+        .collect();
+    for &id in &own {
+        inputs.push(tape.param(store, id)?);
+    }
+    tape.record(
+        &inputs,
+        out,
+        Box::new(CheckpointOp {
+            layer: Arc::clone(layer),
+            store: snapshot(store)?,
+            params: own,
+            mask: mask.to_vec(),
+            d,
+            seed,
+        }),
+    )
+}
+
+/// A copy of `store` with the same ids, names, values (shared) and trainable flags.
+fn snapshot(store: &ParamStore) -> Result<ParamStore> {
+    let mut s = ParamStore::new();
+    for (id, name, value) in store.iter() {
+        let nid = s.insert(name, value.clone())?;
+        debug_assert_eq!(nid, id);
+        s.set_trainable(nid, store.is_trainable(id))?;
+    }
+    Ok(s)
+}
+
+struct CheckpointOp {
+    layer: Arc<BertLayer>,
+    store: ParamStore,
+    params: Vec<ParamId>,
+    mask: Vec<u8>,
+    d: Dims,
+    seed: Option<u64>,
+}
+
+/// The name the checkpointed layer's input gets in the recomputation store (not a valid module key).
+const CHECKPOINT_INPUT: &str = "\u{0}checkpoint.input";
+
+impl Backward for CheckpointOp {
+    fn backward(
+        &self,
+        g: &Tensor,
+        inputs: &[&Tensor],
+        _out: &Tensor,
+        needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let x = inputs
+            .first()
+            .ok_or_else(|| Error::invalid("checkpoint: no input"))?;
+        let mut store = snapshot(&self.store)?;
+        let xid = store.insert(CHECKPOINT_INPUT, (*x).clone())?;
+        let mut tape = Tape::new();
+        let xv = tape.param(&store, xid)?;
+        let y = self
+            .layer
+            .forward_t(&mut tape, &store, xv, &self.mask, self.d, self.seed)?;
+        let mut grads = tape.backward_with(y, g.clone())?;
+        let mut out = Vec::with_capacity(inputs.len());
+        out.push(
+            grads
+                .remove(xid)
+                .filter(|_| needs.first().copied().unwrap_or(false)),
+        );
+        for (i, id) in self.params.iter().enumerate() {
+            out.push(
+                grads
+                    .remove(*id)
+                    .filter(|_| needs.get(i + 1).copied().unwrap_or(false)),
+            );
+        }
+        Ok(out)
+    }
+
+    fn name(&self) -> &'static str {
+        "checkpointed_bert_layer"
+    }
+}
+
+/// `BertForSequenceClassification`: BERT, pooler, dropout, classifier `[num_labels, hidden]`.
+#[derive(Clone, Debug)]
+pub struct BertForSequenceClassification {
+    bert: BertModel,
+    classifier: TrainedLinear,
+}
+
+impl BertForSequenceClassification {
+    /// Loads BERT (module prefix `bert`) and the classifier: from the checkpoint if it has
+    /// `classifier.weight` / `.bias` (shapes checked), else initialized as transformers does (weight
+    /// normal(0, initializer_range) from `seed`, bias 0). The classifier's parameters go into `store`.
+    pub fn load(
+        ckpt: &Checkpoint,
+        config: &BertConfig,
+        opts: &ModelLoadOptions,
+        store: &mut ParamStore,
+        seed: u64,
+    ) -> Result<BertForSequenceClassification> {
+        let bert = BertModel::load(ckpt, config, "bert", true, opts)?;
+        let (n, h) = (config.num_labels, config.hidden_size);
+        let (w, b) = if ckpt.names().any(|k| k == "classifier.weight") {
+            (
+                ckpt.load_as("classifier.weight", &[n, h], DType::F32, opts.device)?,
+                ckpt.load_as("classifier.bias", &[n], DType::F32, opts.device)?,
+            )
+        } else {
+            (
+                Tensor::randn(&[n, h], config.initializer_range, seed, DType::F32, opts.device)?,
+                Tensor::zeros(&[n], DType::F32, opts.device)?,
+            )
+        };
+        let classifier = TrainedLinear::new("classifier", &format!("{PEFT_PREFIX}classifier"), w, b, store)?;
+        Ok(BertForSequenceClassification { bert, classifier })
+    }
+
+    /// The backbone.
+    pub fn bert(&self) -> &BertModel {
+        &self.bert
+    }
+
+    /// The backbone, mutable (gradient checkpointing, adapters).
+    pub fn bert_mut(&mut self) -> &mut BertModel {
+        &mut self.bert
+    }
+
+    /// The classifier (trained fully).
+    pub fn classifier(&self) -> &TrainedLinear {
+        &self.classifier
+    }
+
+    /// Every trainable parameter: adapters, the VB-LoRA bank, the classifier.
+    pub fn param_ids(&self) -> Vec<ParamId> {
+        let mut v = self.bert.param_ids();
+        v.extend(self.classifier.param_ids());
+        v
+    }
+
+    /// Logits `[batch, num_labels]` on `tape`.
+    pub fn forward_t(
+        &self,
+        tape: &mut Tape,
+        store: &ParamStore,
+        b: &BertBatch,
+        seed: Option<u64>,
+    ) -> Result<Var> {
+        let hidden = self.bert.forward_t(tape, store, b, seed)?;
+        let pooled = self.bert.pool_t(tape, store, hidden, b, seed)?;
+        let pooled = maybe_dropout(
+            tape,
+            pooled,
+            self.bert.config.classifier_dropout_prob(),
+            seed.map(|s| site_seed(s, usize::MAX, 4)),
+        )?;
+        self.classifier.forward_t(tape, store, pooled)
+    }
+
+    /// One training step: forward with dropout (masks from `seed`), mean cross-entropy against `labels`
+    /// (`< num_labels`, one per sequence), backward, optimizer update of every trainable parameter.
+    /// Returns the loss before the update.
+    pub fn train_step(
+        &self,
+        store: &mut ParamStore,
+        opt: &mut crate::optim::AdamW,
+        b: &BertBatch,
+        labels: &[u32],
+        seed: u64,
+    ) -> Result<f32> {
+        let (loss, grads) = {
+            let mut tape = Tape::new();
+            let logits = self.forward_t(&mut tape, store, b, Some(seed))?;
+            let loss = tape.cross_entropy(logits, labels)?;
+            (tape.value(loss)?.to_scalar()?, tape.backward(loss)?)
+            // The tape is dropped here, before the update (no shared parameter tensors).
+        };
+        opt.step(store, &grads)?;
+        Ok(loss)
+    }
+
+    /// Logits in evaluation (no dropout), as an f32 `[batch, num_labels]` tensor.
+    pub fn logits(&self, store: &ParamStore, b: &BertBatch) -> Result<Tensor> {
+        let mut tape = Tape::new();
+        let y = self.forward_t(&mut tape, store, b, None)?;
+        tape.value(y)?.to_dtype(DType::F32)
+    }
+
+    /// Attaches fresh adapters (see [`BertModel::init_adapter`]); the config's `modules_to_save` must
+    /// name the classifier (PEFT's SEQ_CLS default `["classifier", "score"]`), which is always trained.
+    pub fn init_adapter(
+        &mut self,
+        config: &AdapterConfig,
+        store: &mut ParamStore,
+        seed: u64,
+    ) -> Result<Vec<String>> {
+        check_modules_to_save(config)?;
+        self.bert.init_adapter(config, store, seed)
+    }
+
+    /// Loads a PEFT adapter directory saved for `BertForSequenceClassification` (by PEFT or by
+    /// [`BertForSequenceClassification::save_adapter`]): its layers, and the trained classifier copy
+    /// (`base_model.model.classifier.weight` / `.bias`), which replaces the current classifier values.
+    pub fn load_adapter(
+        &mut self,
+        dir: impl AsRef<std::path::Path>,
+        store: &mut ParamStore,
+    ) -> Result<PeftAdapter> {
+        let adapter = PeftAdapter::load(dir, self.bert.opts.device)?;
+        check_modules_to_save(&adapter.config)?;
+        let layout = adapter.layout()?;
+        let mut found = 0;
+        for e in &layout.extras {
+            if e.kind != ExtraKind::ModulesToSave {
+                continue;
+            }
+            let [wid, bid] = self.classifier.param_ids();
+            let id = match e.base_name.as_str() {
+                "classifier.weight" => wid,
+                "classifier.bias" => bid,
+                other => {
+                    return Err(Error::invalid(format!(
+                        "modules_to_save tensor {other:?} is not part of BertForSequenceClassification"
+                    )));
+                }
+            };
+            let t = adapter.tensors[&e.key]
+                .to_device(self.bert.opts.device)?
+                .to_dtype(DType::F32)?;
+            if t.shape() != store.get(id)?.shape() {
+                return Err(Error::shape(
+                    "load_adapter",
+                    format!(
+                        "{:?} is {:?}, the classifier has {:?}",
+                        e.key,
+                        t.shape(),
+                        store.get(id)?.shape()
+                    ),
+                ));
+            }
+            store.set(id, t)?;
+            found += 1;
+        }
+        if found != 2 {
+            return Err(Error::invalid(
+                "the adapter lists the classifier in modules_to_save but does not store its weight and bias",
+            ));
+        }
+        self.bert.attach_adapter(&adapter, store)?;
+        Ok(adapter)
+    }
+
+    /// The adapter in PEFT's file form: every adapter parameter under its key plus the classifier as
+    /// `base_model.model.classifier.weight` / `.bias` (how PEFT saves `modules_to_save`).
+    pub fn to_peft(&self, config: &AdapterConfig, store: &ParamStore) -> Result<PeftAdapter> {
+        check_modules_to_save(config)?;
+        let mut a = crate::adapters::load::adapter_from_store(config, store)?;
+        for id in self.classifier.param_ids() {
+            a.tensors.insert(
+                store.name(id)?.to_string(),
+                store.get(id)?.to_device(Device::Cpu)?,
+            );
+        }
+        a.layout()?;
+        Ok(a)
+    }
+
+    /// Writes the adapter directory (`adapter_config.json` + `adapter_model.safetensors`) that
+    /// `PeftModel.from_pretrained(BertForSequenceClassification, dir)` loads.
+    pub fn save_adapter(
+        &self,
+        config: &AdapterConfig,
+        store: &ParamStore,
+        dir: impl AsRef<std::path::Path>,
+    ) -> Result<()> {
+        self.to_peft(config, store)?.save(dir)
+    }
+}
+
+fn check_modules_to_save(config: &AdapterConfig) -> Result<()> {
+    if config
+        .modules_to_save
+        .as_ref()
+        .is_some_and(|m| m.iter().any(|n| n == "classifier"))
+    {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "a BertForSequenceClassification adapter must list \"classifier\" in modules_to_save (PEFT's SEQ_CLS \
+             task_type adds it)",
+        ))
+    }
+}

@@ -1,0 +1,111 @@
+//! Pretrained transformers from Hugging Face checkpoint directories, on the autograd tape, with adapters
+//! on any linear.
+//!
+//! [`from_pretrained`] reads `config.json`, dispatches on its `model_type` (an unknown type is a named
+//! error) and loads the weights ([`loader`]: single or sharded safetensors, f32/bf16/f16, with or without
+//! the architecture prefix, every shape validated; optional quantization to NF4/FP4 on load; checkpoints
+//! saved by transformers with `load_in_4bit` stay 4-bit). Models: [`bert`] (`BertModel`,
+//! `BertForSequenceClassification`). [`tokenizer`] wraps the checkpoint's `tokenizer.json`.
+//!
+//! ```no_run
+//! use peft_kernels::autograd::{ParamStore, Tape};
+//! use peft_kernels::models::{self, ModelLoadOptions, QuantizeOnLoad};
+//! let dir = std::path::Path::new("minilm");
+//! let opts = ModelLoadOptions { quantize: Some(QuantizeOnLoad::nf4_dq_all_linear()), ..Default::default() };
+//! let mut store = ParamStore::new();
+//! let model = models::from_pretrained_seq_cls(dir, &opts, &mut store, 0)?;
+//! let tok = models::BertTokenizer::from_file(dir.join("tokenizer.json"))?;
+//! let batch = tok.encode_batch(&["a fine film", "dull"], 64)?;
+//! let logits = model.logits(&store, &batch)?;
+//! # Ok::<(), peft_kernels::Error>(())
+//! ```
+
+pub mod bert;
+pub mod config;
+pub mod linear;
+pub mod loader;
+pub mod tokenizer;
+
+pub use bert::{BertForSequenceClassification, BertModel};
+pub use config::BertConfig;
+pub use linear::{LinearSlot, TrainedLinear};
+pub use loader::{Checkpoint, ModelLoadOptions, QuantizeOnLoad};
+pub use tokenizer::{BertBatch, BertTokenizer};
+
+use crate::autograd::ParamStore;
+use crate::error::{Error, Result};
+use std::path::Path;
+
+/// A loaded backbone, by architecture.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum Model {
+    Bert(BertModel),
+}
+
+fn unknown(ty: &str) -> Error {
+    Error::format(
+        "config.json",
+        format!(
+            "model_type {ty:?} is not supported (supported: {:?})",
+            config::SUPPORTED_MODEL_TYPES
+        ),
+    )
+}
+
+/// The backbone of the checkpoint in `dir` (`BertModel` with its pooler for `model_type` `"bert"`;
+/// module names without prefix, as transformers names a bare `BertModel`'s modules).
+pub fn from_pretrained(dir: impl AsRef<Path>, opts: &ModelLoadOptions) -> Result<Model> {
+    let dir = dir.as_ref();
+    let (ty, json) = config::read_config(dir)?;
+    match ty.as_str() {
+        "bert" => {
+            let c = BertConfig::from_json(&json)?;
+            let ckpt = Checkpoint::open(dir, "bert")?;
+            Ok(Model::Bert(BertModel::load(&ckpt, &c, "", true, opts)?))
+        }
+        other => Err(unknown(other)),
+    }
+}
+
+/// A sequence classifier from the checkpoint in `dir` (`BertForSequenceClassification`; its classifier
+/// from the checkpoint or freshly initialized from `seed`, in `store`).
+pub fn from_pretrained_seq_cls(
+    dir: impl AsRef<Path>,
+    opts: &ModelLoadOptions,
+    store: &mut ParamStore,
+    seed: u64,
+) -> Result<BertForSequenceClassification> {
+    let dir = dir.as_ref();
+    let (ty, json) = config::read_config(dir)?;
+    match ty.as_str() {
+        "bert" => {
+            let c = BertConfig::from_json(&json)?;
+            let ckpt = Checkpoint::open(dir, "bert")?;
+            BertForSequenceClassification::load(&ckpt, &c, opts, store, seed)
+        }
+        other => Err(unknown(other)),
+    }
+}
+
+/// Fuzzing entry point for the model loader: `bytes` is a little-endian `u32` length `n`, `n` bytes of
+/// `config.json`, then a `model.safetensors` file. Both are written to a temporary directory and loaded
+/// as a sequence classifier. Returns whether it loaded. Never panics, whatever the bytes.
+#[doc(hidden)]
+pub fn fuzz_load(bytes: &[u8]) -> bool {
+    let Some((len, rest)) = bytes.split_first_chunk::<4>() else {
+        return false;
+    };
+    let n = (u32::from_le_bytes(*len) as usize).min(rest.len());
+    let (config, weights) = rest.split_at(n);
+    let Ok(dir) = tempfile::tempdir() else {
+        return false;
+    };
+    if std::fs::write(dir.path().join("config.json"), config).is_err()
+        || std::fs::write(dir.path().join("model.safetensors"), weights).is_err()
+    {
+        return false;
+    }
+    let mut store = ParamStore::new();
+    from_pretrained_seq_cls(dir.path(), &ModelLoadOptions::default(), &mut store, 0).is_ok()
+}
