@@ -2,6 +2,7 @@
 
 mod bench;
 mod dequantize;
+mod finetune;
 mod inspect;
 mod merge;
 mod quantize;
@@ -36,6 +37,12 @@ enum Command {
     InspectAdapter(merge::InspectAdapterArgs),
     /// Named microbenchmarks of the kernels, one JSON line each.
     Bench(bench::BenchArgs),
+    /// Fine-tune a BERT sequence classifier with LoRA/QLoRA/DoRA/WaveFT/VB-LoRA (default: the demo).
+    Finetune(finetune::Args),
+    /// Loss, accuracy and macro-F1 of a fine-tuned classifier over a data file.
+    Eval(finetune::EvalArgs),
+    /// Label and probability per input text.
+    Predict(finetune::PredictArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +54,9 @@ fn main() -> ExitCode {
         Command::Merge(a) => merge::run(&a),
         Command::InspectAdapter(a) => merge::run_inspect_adapter(&a),
         Command::Bench(a) => bench::run(a),
+        Command::Finetune(a) => finetune::run(a),
+        Command::Eval(a) => finetune::run_eval(a),
+        Command::Predict(a) => finetune::run_predict(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
