@@ -20,6 +20,7 @@
 pub mod adapters;
 pub mod attention;
 pub mod autograd;
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod io;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod dequantize;
+mod finetune;
 mod inspect;
 mod merge;
 mod quantize;
@@ -38,6 +39,12 @@ enum Command {
     InspectAdapter(merge::InspectAdapterArgs),
     /// Named microbenchmarks of the kernels, one JSON line each.
     Bench(bench::BenchArgs),
+    /// Fine-tune a BERT sequence classifier with LoRA/QLoRA/DoRA/WaveFT/VB-LoRA (default: the demo).
+    Finetune(finetune::Args),
+    /// Loss, accuracy and macro-F1 of a fine-tuned classifier over a data file.
+    Eval(finetune::EvalArgs),
+    /// Label and probability per input text.
+    Predict(finetune::PredictArgs),
 }
 
 /// On SIGINT, SIGTERM or SIGHUP, removes the temp files of outputs being written and exits with
@@ -75,7 +82,11 @@ fn render_error(e: &peft_kernels::Error) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    remove_temps_on_signals();
+    // `finetune` handles SIGINT itself (stop after the current step, then save); every other command
+    // removes its temp files and exits on a signal.
+    if !matches!(cli.command, Command::Finetune(_)) {
+        remove_temps_on_signals();
+    }
     let result = match cli.command {
         Command::Quantize(a) => quantize::run(a),
         Command::Dequantize(a) => dequantize::run(a),
@@ -83,6 +94,9 @@ fn main() -> ExitCode {
         Command::Merge(a) => merge::run(&a),
         Command::InspectAdapter(a) => merge::run_inspect_adapter(&a),
         Command::Bench(a) => bench::run(a),
+        Command::Finetune(a) => finetune::run(a),
+        Command::Eval(a) => finetune::run_eval(a),
+        Command::Predict(a) => finetune::run_predict(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
