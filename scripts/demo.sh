@@ -10,4 +10,4 @@ target/release/peftk finetune --out "$OUT"
 echo
 echo "metrics: $OUT/metrics.jsonl   adapter (PEFT format): $OUT/adapter"
 echo "try:     target/release/peftk predict --adapter $OUT/adapter \"a wonderful phone\" \"broke after a day\""
-echo "compare: target/release/peftk compare --methods head,lora,qlora,dora,qdora,waveft,vblora --seeds 1 (not implemented yet)"
+echo "eval:    target/release/peftk eval --adapter $OUT/adapter --json"
