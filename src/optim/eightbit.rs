@@ -58,24 +58,25 @@ pub fn dynamic_map_unsigned() -> &'static [f32; 256] {
 /// Lowest and highest biased f32 exponents with their own rows in [`Lut`]: |x| in [2^-40, 2). Every
 /// threshold of both maps has magnitude above 2^-40 (the smallest is ~1.6e-7), so all smaller
 /// magnitudes share the code of the lowest row; one row above `E_HI` holds |x| >= 2, inf and NaN.
-const E_LO: u32 = 87;
-const E_HI: u32 = 127;
+pub(crate) const E_LO: u32 = 87;
+pub(crate) const E_HI: u32 = 127;
 /// Mantissa bits of the bucket index: buckets of 2^-7 relative width, narrower than the closest two
 /// thresholds of either map (relative spacing >= 0.7%), so each bucket holds at most one threshold
 /// (checked when the table is built).
-const MANT_BITS: u32 = 7;
+pub(crate) const MANT_BITS: u32 = 7;
 const ROWS: usize = (E_HI + 2 - E_LO) as usize;
-const PER_SIGN: usize = ROWS << MANT_BITS;
+pub(crate) const PER_SIGN: usize = ROWS << MANT_BITS;
 /// Table length: both signs, rounded up to a power of two so that a masked index needs no bounds check
 /// (which would stop the loop from vectorizing).
-const LEN: usize = (2 * PER_SIGN).next_power_of_two();
+pub(crate) const LEN: usize = (2 * PER_SIGN).next_power_of_two();
 
 /// bitsandbytes' nearest-code search (`dQuantize<0>`, equivalently the count of decision thresholds
 /// below `x`) as one bucket lookup and one comparison: the bucket of `x` (sign, exponent, top 7
 /// mantissa bits) gives the code at its low end and the one threshold inside it, if any. Two table
-/// loads instead of eight dependent ones, so the compiler can vectorize it with gathers.
+/// loads instead of eight dependent ones, so the compiler can vectorize it with gathers. The codes are
+/// stored as u32 so that the AVX-512 kernel (`cpu/avx512.rs`) fetches them with a dword gather.
 pub(crate) struct Lut {
-    base: Box<[u8; LEN]>,
+    base: Box<[u32; LEN]>,
     thr: Box<[f32; LEN]>,
 }
 
@@ -112,7 +113,7 @@ impl Lut {
                     }
                     let (min, max) = if sign == 0 { (lo, hi) } else { (-hi, -lo) };
                     let (c_min, c_max) = (count(min), count(max));
-                    lut.base[idx] = c_min as u8;
+                    lut.base[idx] = c_min as u32;
                     match c_max - c_min {
                         0 => {}
                         1 => lut.thr[idx] = thr[c_min],
@@ -128,8 +129,14 @@ impl Lut {
     #[inline(always)]
     pub(crate) fn encode(&self, x: f32) -> u8 {
         let i = bucket(x);
-        let c = self.base[i] + (x > self.thr[i]) as u8;
+        let c = (self.base[i] + (x > self.thr[i]) as u32) as u8;
         if x.is_nan() { 0 } else { c }
+    }
+
+    /// The code table and the threshold table, both [`LEN`] entries indexed by the bucket (see
+    /// [`Lut::encode`]), for the explicit SIMD kernel.
+    pub(crate) fn raw(&self) -> (&[u32; LEN], &[f32; LEN]) {
+        (&self.base, &self.thr)
     }
 }
 
@@ -139,6 +146,9 @@ pub(crate) struct Tables {
     pub code_v: [f32; 256],
     pub lut_m: Lut,
     pub lut_v: Lut,
+    /// Number of codes of the signed map with the sign bit set: `code_m[c].is_sign_negative()` is
+    /// `c < neg_m` (the map is sorted and holds +0.0, not -0.0; checked when the tables are built).
+    pub neg_m: u32,
 }
 
 /// The process-wide tables.
@@ -148,11 +158,18 @@ pub(crate) fn tables() -> &'static Tables {
         let lut = |c: &[f32; 256]| {
             Lut::new(&crate::quant::cpu::thresholds_8bit(c)).expect("at most one threshold per bucket")
         };
+        let code_m = *dynamic_map();
+        let neg_m = code_m.iter().filter(|c| c.is_sign_negative()).count() as u32;
+        assert!(
+            (0..256).all(|c| code_m[c].is_sign_negative() == ((c as u32) < neg_m)),
+            "the signed dynamic map is sorted"
+        );
         Tables {
-            code_m: *dynamic_map(),
+            code_m,
             code_v: DYNAMIC_MAP_UNSIGNED,
             lut_m: lut(dynamic_map()),
             lut_v: lut(&DYNAMIC_MAP_UNSIGNED),
+            neg_m,
         }
     })
 }
