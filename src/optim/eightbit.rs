@@ -76,9 +76,18 @@ pub(crate) const LEN: usize = (2 * PER_SIGN).next_power_of_two();
 /// loads instead of eight dependent ones, so the compiler can vectorize it with gathers. The codes are
 /// stored as u32 so that the AVX-512 kernel (`cpu/avx512.rs`) fetches them with a dword gather.
 pub(crate) struct Lut {
-    base: Box<[u32; LEN]>,
+    base: Box<[u8; LEN]>,
     thr: Box<[f32; LEN]>,
+    /// Both in one word for the SIMD kernel (one gather instead of two): bits 0..16 the low 16 bits of
+    /// the threshold, 16..24 the code, bit 24 set when the bucket holds a threshold. A threshold shares
+    /// its top 16 bits (sign, exponent, 7 mantissa bits) with its bucket, so within the bucket
+    /// `x > thr` is a compare of the low 16 bits (reversed for negative values). Buckets of the clamped
+    /// lowest and highest rows hold no threshold (checked when the table is built).
+    packed: Box<[u32; LEN]>,
 }
+
+/// Flag of [`Lut`]'s packed words: the bucket holds a threshold.
+pub(crate) const PACKED_HAS_THR: u32 = 1 << 24;
 
 #[inline(always)]
 fn bucket(x: f32) -> usize {
@@ -97,6 +106,7 @@ impl Lut {
         let mut lut = Lut {
             base: Box::new([0; LEN]),
             thr: Box::new([f32::INFINITY; LEN]),
+            packed: Box::new([0; LEN]),
         };
         for sign in 0..2u32 {
             for row in 0..ROWS as u32 {
@@ -113,10 +123,19 @@ impl Lut {
                     }
                     let (min, max) = if sign == 0 { (lo, hi) } else { (-hi, -lo) };
                     let (c_min, c_max) = (count(min), count(max));
-                    lut.base[idx] = c_min as u32;
+                    lut.base[idx] = c_min as u8;
+                    lut.packed[idx] = (c_min as u32) << 16;
                     match c_max - c_min {
                         0 => {}
-                        1 => lut.thr[idx] = thr[c_min],
+                        1 => {
+                            let t = thr[c_min];
+                            let top = (sign << 15) | ((row + E_LO) << MANT_BITS) | m;
+                            if row == 0 || row as usize == ROWS - 1 || t.to_bits() >> 16 != top {
+                                return None;
+                            }
+                            lut.thr[idx] = t;
+                            lut.packed[idx] |= PACKED_HAS_THR | (t.to_bits() & 0xffff);
+                        }
                         _ => return None,
                     }
                 }
@@ -129,14 +148,24 @@ impl Lut {
     #[inline(always)]
     pub(crate) fn encode(&self, x: f32) -> u8 {
         let i = bucket(x);
-        let c = (self.base[i] + (x > self.thr[i]) as u32) as u8;
+        let c = self.base[i] + (x > self.thr[i]) as u8;
         if x.is_nan() { 0 } else { c }
     }
 
-    /// The code table and the threshold table, both [`LEN`] entries indexed by the bucket (see
-    /// [`Lut::encode`]), for the explicit SIMD kernel.
-    pub(crate) fn raw(&self) -> (&[u32; LEN], &[f32; LEN]) {
-        (&self.base, &self.thr)
+    /// [`Lut::encode`] through the packed words, as the SIMD kernel decodes them (tested against the
+    /// binary search like `encode`).
+    #[cfg(test)]
+    fn encode_packed(&self, x: f32) -> u8 {
+        let w = self.packed[bucket(x)];
+        let (lx, lt) = (x.to_bits() & 0xffff, w & 0xffff);
+        let above = if x.is_sign_negative() { lx < lt } else { lx > lt };
+        let c = ((w >> 16) & 0xff) as u8 + (w & PACKED_HAS_THR != 0 && above) as u8;
+        if x.is_nan() { 0 } else { c }
+    }
+
+    /// The packed words, [`LEN`] of them indexed by the bucket, for the SIMD kernel.
+    pub(crate) fn packed(&self) -> &[u32; LEN] {
+        &self.packed
     }
 }
 
@@ -193,10 +222,12 @@ mod tests {
         let t = tables();
         for (code, lut) in [(&t.code_m, &t.lut_m), (&t.code_v, &t.lut_v)] {
             let check = |x: f32| {
+                let want = quantize_8bit_ref(code, x);
+                assert_eq!(lut.encode(x), want, "x = {x:e} ({:#x})", x.to_bits());
                 assert_eq!(
-                    lut.encode(x),
-                    quantize_8bit_ref(code, x),
-                    "x = {x:e} ({:#x})",
+                    lut.encode_packed(x),
+                    want,
+                    "packed, x = {x:e} ({:#x})",
                     x.to_bits()
                 )
             };

@@ -4,18 +4,18 @@
 //! the two on every kind of lane, tails included.
 //!
 //! Why explicit: the portable loop leaves the code-table lookups to the auto-vectorizer, which does not
-//! gather bytes, so the nearest-code search ran scalar. Here every lookup is a dword gather from L1/L2
-//! (the 256-entry maps: 1 KB each; the bucket tables of [`Lut`]: 64 KB each, of which a step touches the
-//! few rows its block maxima select). Per 16 elements: 6 gathers (2 dequantizations, code + threshold
-//! for each moment), 3 divides and 1 square root (the parameter update and the two normalizations by
-//! the block maxima, which must stay true divisions for exactness), against 16 B of DRAM traffic per
-//! element (read p, g and two codes, write p and two codes): at 16M elements the step is as
-//! memory-bound as the f32 step (28 B per element).
+//! gather bytes, so the nearest-code search ran scalar. Here the dequantizations are register permutes
+//! of the 256-entry maps ([`lookup256`]) and each nearest-code search is one dword gather of a packed
+//! bucket word of [`Lut`] (64 KB per map, of which a step touches the few rows its block maxima select):
+//! a 16-lane gather is the slowest instruction on Zen 4, so the kernel has 2 per 16 elements. Also per
+//! 16 elements: 3 divides and 1 square root (the parameter update and the two normalizations by the
+//! block maxima, which must stay true divisions for exactness), against 16 B of DRAM traffic per
+//! element (read p, g and two codes, write p and two codes; the f32 step moves 28 B).
 //!
 //! [`Lut`]: crate::optim::eightbit::Lut
 
 use crate::optim::BnbScalars;
-use crate::optim::eightbit::{BLOCK, E_HI, E_LO, Lut, MANT_BITS, PER_SIGN, Tables};
+use crate::optim::eightbit::{BLOCK, E_HI, E_LO, Lut, MANT_BITS, PACKED_HAS_THR, PER_SIGN, Tables};
 use std::arch::x86_64::*;
 
 // The bucket shifts below are written for 7 mantissa bits.
@@ -41,27 +41,51 @@ fn bucket(x: __m512) -> __m512i {
     _mm512_add_epi32(sign, row)
 }
 
-/// [`Lut::encode`] of 16 lanes: the bucket's low code, plus one above the bucket's threshold; NaN gives
-/// code 0. The result lanes are in 0..=255.
+/// [`Lut::encode`] of 16 lanes through the packed words (one gather): the bucket's code, plus one when
+/// the bucket holds a threshold and `x` lies above it (compared on the low 16 bits, which order
+/// magnitudes within the bucket: greater for positive `x`, smaller for negative); NaN gives code 0. The
+/// result lanes are in 0..=255.
 #[target_feature(enable = "avx512f")]
 #[inline]
 fn encode(x: __m512, lut: &Lut) -> __m512i {
-    let (base, thr) = lut.raw();
+    let packed = lut.packed();
+    let bits = _mm512_castps_si512(x);
     let idx = bucket(x);
     // SAFETY: every lane of `idx` is below 2 · PER_SIGN <= LEN (the exponent is clamped to the table's
-    // rows, the mantissa part is 7 bits, the sign adds PER_SIGN), and both tables hold LEN entries.
-    let (c, t) = unsafe {
-        (
-            _mm512_i32gather_epi32::<4>(idx, base.as_ptr() as _),
-            _mm512_i32gather_ps::<4>(idx, thr.as_ptr() as _),
-        )
-    };
-    let c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, t), c, _mm512_set1_epi32(1));
+    // rows, the mantissa part is 7 bits, the sign adds PER_SIGN), and the table holds LEN words.
+    let w = unsafe { _mm512_i32gather_epi32::<4>(idx, packed.as_ptr() as _) };
+    let low = _mm512_set1_epi32(0xffff);
+    let (lx, lt) = (_mm512_and_si512(bits, low), _mm512_and_si512(w, low));
+    let neg = _mm512_cmplt_epi32_mask(bits, _mm512_setzero_si512());
+    let above = (_mm512_cmpgt_epu32_mask(lx, lt) & !neg) | (_mm512_cmplt_epu32_mask(lx, lt) & neg);
+    let has = _mm512_test_epi32_mask(w, _mm512_set1_epi32(PACKED_HAS_THR as i32));
+    let c = _mm512_and_si512(_mm512_srli_epi32::<16>(w), _mm512_set1_epi32(0xff));
+    let c = _mm512_mask_add_epi32(c, above & has, c, _mm512_set1_epi32(1));
     _mm512_mask_mov_epi32(
         c,
         _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x),
         _mm512_setzero_si512(),
     )
+}
+
+/// `table[idx]` for 16 lanes of indices in 0..256 without a gather (Zen 4 retires a 16-lane gather far
+/// slower than the 15 register operations here): `vpermt2ps` picks by the low 5 bits from each of the
+/// 8 register pairs, then bits 5, 6 and 7 choose among the 8 candidates.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn lookup256(idx: __m512i, table: &[f32; 256]) -> __m512 {
+    // SAFETY: 16 · k + 16 <= 256 for every k < 16.
+    let t = |k: usize| unsafe { _mm512_loadu_ps(table.as_ptr().add(16 * k)) };
+    let r = |j: usize| _mm512_permutex2var_ps(t(2 * j), idx, t(2 * j + 1));
+    let bit = |b: i32| _mm512_test_epi32_mask(idx, _mm512_set1_epi32(b));
+    let (b5, b6, b7) = (bit(32), bit(64), bit(128));
+    let s0 = _mm512_mask_blend_ps(b5, r(0), r(1));
+    let s1 = _mm512_mask_blend_ps(b5, r(2), r(3));
+    let s2 = _mm512_mask_blend_ps(b5, r(4), r(5));
+    let s3 = _mm512_mask_blend_ps(b5, r(6), r(7));
+    let u0 = _mm512_mask_blend_ps(b6, s0, s1);
+    let u1 = _mm512_mask_blend_ps(b6, s2, s3);
+    _mm512_mask_blend_ps(b7, u0, u1)
 }
 
 /// The step's scalars, broadcast.
@@ -122,18 +146,15 @@ pub(super) unsafe fn block8(
     for i in (0..n).step_by(16) {
         let k = lane_mask(n, i);
         // SAFETY: the masked loads read lanes i..i+16 of `g`, `cm`, `cv` only where `k` is set, i.e.
-        // below n <= each length (masked-off lanes are never accessed); the gathers index the 256-entry
-        // maps with zero-extended bytes.
-        let (gi, mq, vq) = unsafe {
-            let gi = _mm512_maskz_loadu_ps(k, g.as_ptr().add(i));
-            let ci_m = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, cm.as_ptr().add(i) as *const i8));
-            let ci_v = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, cv.as_ptr().add(i) as *const i8));
+        // below n <= each length (masked-off lanes are never accessed).
+        let (gi, ci_m, ci_v) = unsafe {
             (
-                gi,
-                _mm512_i32gather_ps::<4>(ci_m, t.code_m.as_ptr() as _),
-                _mm512_i32gather_ps::<4>(ci_v, t.code_v.as_ptr() as _),
+                _mm512_maskz_loadu_ps(k, g.as_ptr().add(i)),
+                _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, cm.as_ptr().add(i) as *const i8)),
+                _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, cv.as_ptr().add(i) as *const i8)),
             )
         };
+        let (mq, vq) = (lookup256(ci_m, &t.code_m), lookup256(ci_v, &t.code_v));
         // |g| < inf is false for inf and NaN (ordered compare).
         let f = _mm512_mask_cmp_ps_mask::<_CMP_LT_OQ>(k, _mm512_abs_ps(gi), inf);
         let gz = _mm512_maskz_mov_ps(f, gi);
