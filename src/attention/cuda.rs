@@ -128,51 +128,19 @@ pub(crate) fn forward(
             // memory is static (<= 41 KB < 48 KB). The mma kernel's 16-byte K/V loads are aligned: fresh
             // allocations, row offsets multiples of D.
             unsafe {
+                // The two kernels share their parameter list after the mma kernel's head_dim flag.
+                macro_rules! fwd {
+                    ($f:path $(, $flag:expr)?) => {
+                        $f(
+                            &b, launch, $($flag,)? &qv, &kv, &vv, &mv, has_mask, &mut ov, &mut lv, p.sq, p.sk,
+                            p.h, p.kvh, p.d, p.scale, p.causal, p.threshold, p.drop_scale, p.seed,
+                        )
+                    };
+                }
                 if mma {
-                    k::attention::attn_fwd_mma::<T>(
-                        &b,
-                        launch,
-                        cfg.head_dim as u32,
-                        &qv,
-                        &kv,
-                        &vv,
-                        &mv,
-                        has_mask,
-                        &mut ov,
-                        &mut lv,
-                        p.sq,
-                        p.sk,
-                        p.h,
-                        p.kvh,
-                        p.d,
-                        p.scale,
-                        p.causal,
-                        p.threshold,
-                        p.drop_scale,
-                        p.seed,
-                    )
+                    fwd!(k::attention::attn_fwd_mma::<T>, cfg.head_dim as u32)
                 } else {
-                    k::attention::attn_fwd::<T>(
-                        &b,
-                        launch,
-                        &qv,
-                        &kv,
-                        &vv,
-                        &mv,
-                        has_mask,
-                        &mut ov,
-                        &mut lv,
-                        p.sq,
-                        p.sk,
-                        p.h,
-                        p.kvh,
-                        p.d,
-                        p.scale,
-                        p.causal,
-                        p.threshold,
-                        p.drop_scale,
-                        p.seed,
-                    )
+                    fwd!(k::attention::attn_fwd::<T>)
                 }
             }
         })?;

@@ -19,7 +19,7 @@ use crate::device::cuda::kernels::{self as k, Q4Params};
 use crate::device::cuda::{CudaBackend, KernelElem, grid_1d};
 use crate::error::{Error, Result};
 use crate::quant::QuantizedTensor;
-use crate::quant::cuda::q4_params;
+use crate::quant::cuda::{dequantize_q4, q4_params};
 use crate::tensor::cuda::{CudaStorage, alloc, gemm_rowmajor, storage, typed, wrap};
 use crate::tensor::{DType, MatmulDims, Tensor};
 use cudarc::driver::{CudaView, LaunchConfig};
@@ -63,29 +63,8 @@ pub(crate) fn dequantize(q: &QuantizedTensor, dtype: DType) -> Result<Tensor> {
     let (rows, cols) = (q.state.shape[0], q.state.shape[1]);
     let n = rows * cols;
     let mut out = alloc(&b, dtype, n)?;
-    launch_dequant(&b, &q4, dq, dtype, &mut out, n)?;
+    dequantize_q4(&b, &q4, dq, dtype, &mut out, n)?;
     Ok(wrap(out, &[rows, cols], dtype))
-}
-
-fn launch_dequant(
-    b: &Arc<CudaBackend>,
-    q4: &Q4Params<'_>,
-    dq: u32,
-    dtype: DType,
-    out: &mut CudaStorage,
-    n: usize,
-) -> Result<()> {
-    if n == 0 {
-        return Ok(());
-    }
-    let n64 = i64_of(n);
-    // One thread per 8 weights; the grid-stride loop covers the rest beyond 2^20 blocks.
-    let cfg = grid_1d(n.div_ceil(8).min(256 << 20), 256)?;
-    typed!(dtype, "dequantize", |T| {
-        // SAFETY: q4_dequant_<T>_dq<D>(Q4_PARAMS, T* out [n], int64 n). The weight was validated
-        // (byte, block and nested counts match n and the blocksize); out holds n elements of dtype.
-        unsafe { k::qmatmul::q4_dequant::<T>(b, cfg, dq, q4, &mut out.view_mut()?, n64) }
-    })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,7 +112,7 @@ pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
             BaseWeight::Quantized(q) => {
                 let (q4, dq) = q4_params(q)?;
                 let mut s = alloc(&b, dt, out * inp)?;
-                launch_dequant(&b, &q4, dq, dt, &mut s, out * inp)?;
+                dequantize_q4(&b, &q4, dq, dt, &mut s, out * inp)?;
                 scratch = s;
                 &scratch
             }
@@ -265,7 +244,7 @@ pub(crate) fn backward_input(p: &Problem<'_>) -> Result<Tensor> {
             BaseWeight::Quantized(q) => {
                 let (q4, dq) = q4_params(q)?;
                 let mut s = alloc(&b, dt, out * inp)?;
-                launch_dequant(&b, &q4, dq, dt, &mut s, out * inp)?;
+                dequantize_q4(&b, &q4, dq, dt, &mut s, out * inp)?;
                 scratch = s;
                 &scratch
             }

@@ -253,50 +253,38 @@ pub(super) fn dequantize_tensor_into(q: &QuantizedTensor, out: &mut Tensor) -> R
 }
 
 fn dequantize_to(q: &QuantizedTensor, out: &mut CudaStorage, dtype: DType) -> Result<()> {
-    let st = &q.state;
-    let ps = storage(&q.data, "dequantize")?;
-    let b = &ps.backend;
-    let n = st.numel();
+    let n = q.state.numel();
     if out.data.len() < n * dtype.size_in_bytes() {
         return Err(Error::shape("dequantize_into", "output buffer too small"));
     }
-    let lut = *st.quant_type.code();
-    let (n64, lbs) = (n as i64, log2(st.blocksize));
+    let (q4, dq) = q4_params(q)?;
+    dequantize_q4(&storage(&q.data, "dequantize")?.backend, &q4, dq, dtype, out, n)
+}
+
+/// Dequantizes the 4-bit weight `q4` (`dq`: the double-quantization flag of [`q4_params`]) into the
+/// first `n` elements of `out`, which holds at least `n` elements of `dtype`. The one dequantize
+/// launch of the crate (QuantizedTensor::dequantize and qmatmul's dequantize + cuBLAS path).
+pub(crate) fn dequantize_q4(
+    b: &CudaBackend,
+    q4: &Q4Params<'_>,
+    dq: u32,
+    dtype: DType,
+    out: &mut CudaStorage,
+    n: usize,
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
     // One thread per 32 elements.
     let cfg = grid_1d(n.div_ceil(32), 256)?;
-    let p = ps.view::<u8>()?;
+    let n64 = n as i64;
     typed!(dtype, "dequantize", |T| {
-        let mut o = out.view_mut::<T>()?;
-        match &st.absmax {
-            Absmax::F32(a) => {
-                let av = storage(a, "dequantize")?.view::<f32>()?;
-                // SAFETY: dequantize_4bit_<T>(const uint8* packed [ceil(n/2)], const float* absmax
-                // [ceil(n/bs)], T* out [n], int64 n, int log2_bs, Lut16): thread t handles elements
-                // [32t, 32t + 32) ∩ [0, n), reading packed bytes [16t, 16t + 16) only when 32t + 32 <= n
-                // and absmax[32t / bs]; sizes were validated by QuantizedTensor::from_parts.
-                unsafe { k::nf4::dequantize_4bit::<T>(b, cfg, &p, &av, &mut o, n64, lbs, &lut) }
-            }
-            Absmax::Double {
-                codes,
-                nested_absmax,
-                offset,
-                nested_code,
-                nested_blocksize,
-            } => {
-                let qv = storage(codes, "dequantize")?.view::<u8>()?;
-                let a2 = storage(nested_absmax, "dequantize")?.view::<f32>()?;
-                let dl = dcode_lut(nested_code)?;
-                let lnbs = log2(*nested_blocksize);
-                // SAFETY: dequantize_4bit_dq_<T>(packed [ceil(n/2)], const uint8* qabsmax [nb], const
-                // float* absmax2 [ceil(nb/nbs)], Lut256, float offset, int log2_nbs, T* out [n], int64 n,
-                // int log2_bs, Lut16): as above, with absmax[b] decoded from qabsmax[b] and
-                // absmax2[b >> log2_nbs]; all sizes validated by from_parts.
-                unsafe {
-                    k::nf4::dequantize_4bit_dq::<T>(
-                        b, cfg, &p, &qv, &a2, &dl, *offset, lnbs, &mut o, n64, lbs, &lut,
-                    )
-                }
-            }
-        }
+        // SAFETY: dequantize_4bit_<T>_dq<D>(Q4_PARAMS, T* out [n], int64 n): thread t handles elements
+        // [32t, 32t + 32) ∩ [0, n), reading packed bytes [16t, 16t + 16) only when 32t + 32 <= n and the
+        // absmax (or its code and nested value) of block 32t >> bs_log2. The weight was validated when
+        // it was built (byte, block and nested counts match n and the blocksizes, both powers of two
+        // >= 32 so 32 elements never straddle a block); out holds n elements of dtype (the callers
+        // allocate or check it), and fresh allocations are 16-byte aligned for the vector stores.
+        unsafe { k::nf4::dequantize_4bit::<T>(b, cfg, dq, q4, &mut out.view_mut()?, n64) }
     })
 }
