@@ -67,6 +67,48 @@ pub(crate) fn dequantize(q: &QuantizedTensor, dtype: DType) -> Result<Tensor> {
     Ok(wrap(out, &[rows, cols], dtype))
 }
 
+/// The dequantize + cuBLAS path: `c = act·W` (W dense, or dequantized to the activation dtype into a
+/// scratch buffer; `d` says how W is read), then `c += lr.0·lr.1` with the low-rank pair cast to the
+/// dtype (`d` with `k` = rank, the same transposes).
+fn baseline(
+    b: &Arc<CudaBackend>,
+    p: &Problem<'_>,
+    act: &CudaStorage,
+    c: &mut CudaStorage,
+    d: MatmulDims,
+    lr: (Option<&Tensor>, Option<&Tensor>),
+    op: &'static str,
+) -> Result<()> {
+    let dt = p.act.dtype();
+    let scratch;
+    let w_dense: &CudaStorage = match p.w {
+        BaseWeight::Dense(w) => storage(w, op)?,
+        BaseWeight::Quantized(q) => {
+            let (q4, dq) = q4_params(q)?;
+            let n = p.out * p.inp;
+            let mut s = alloc(b, dt, n)?;
+            dequantize_q4(b, &q4, dq, dt, &mut s, n)?;
+            scratch = s;
+            &scratch
+        }
+    };
+    gemm_any(b, dt, act, w_dense, c, d, 0.0)?;
+    if let (Some(l), Some(r)) = lr {
+        let (l, r) = (l.to_dtype(dt)?, r.to_dtype(dt)?);
+        let d = MatmulDims { k: p.rank, ..d };
+        gemm_any(b, dt, storage(&l, op)?, storage(&r, op)?, c, d, 1.0)?;
+    }
+    Ok(())
+}
+
+/// The low-rank pair of `p` when its rank is positive, else none.
+fn low_rank_pair<'a>(p: &Problem<'a>) -> (Option<&'a Tensor>, Option<&'a Tensor>) {
+    match p.low_rank {
+        Some((l, r)) if p.rank > 0 => (Some(l), Some(r)),
+        _ => (None, None),
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {
     GemvMma,
@@ -82,10 +124,7 @@ pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
     let xs = storage(x, op)?;
     let b = xs.backend.clone();
     let (t, out, inp) = (p.tokens, p.out, p.inp);
-    let (u, bl) = match p.low_rank {
-        Some((u, bl)) if p.rank > 0 => (Some(u), Some(bl)),
-        _ => (None, None),
-    };
+    let (u, bl) = low_rank_pair(p);
     let mut y = alloc(&b, dt, t * out)?;
     if t == 0 || out == 0 {
         return Ok(wrap(y, &[t, out], dt));
@@ -106,17 +145,6 @@ pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
     };
     if path == Path::Baseline {
         // Dense product into y, then y += u·bᵀ (cuBLAS, beta = 1), then the bias.
-        let scratch;
-        let w_dense: &CudaStorage = match p.w {
-            BaseWeight::Dense(w) => storage(w, op)?,
-            BaseWeight::Quantized(q) => {
-                let (q4, dq) = q4_params(q)?;
-                let mut s = alloc(&b, dt, out * inp)?;
-                dequantize_q4(&b, &q4, dq, dt, &mut s, out * inp)?;
-                scratch = s;
-                &scratch
-            }
-        };
         let d = MatmulDims {
             m: t,
             n: out,
@@ -124,18 +152,7 @@ pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
             trans_a: false,
             trans_b: true,
         };
-        gemm_any(&b, dt, xs, w_dense, &mut y, d, 0.0)?;
-        if let (Some(u), Some(bl)) = (u, bl) {
-            let (u, bl) = (u.to_dtype(dt)?, bl.to_dtype(dt)?);
-            let d = MatmulDims {
-                m: t,
-                n: out,
-                k: p.rank,
-                trans_a: false,
-                trans_b: true,
-            };
-            gemm_any(&b, dt, storage(&u, op)?, storage(&bl, op)?, &mut y, d, 1.0)?;
-        }
+        baseline(&b, p, xs, &mut y, d, (u, bl), op)?;
         if let Some(bias) = p.bias {
             add_bias(&b, dt, &mut y, bias, t, out)?;
         }
@@ -223,12 +240,26 @@ pub(crate) fn backward_input(p: &Problem<'_>) -> Result<Tensor> {
     let ds_ = storage(dy, op)?;
     let b = ds_.backend.clone();
     let (t, out, inp) = (p.tokens, p.out, p.inp);
-    let (v, a) = match p.low_rank {
-        Some((v, a)) if p.rank > 0 => (Some(v), Some(a)),
-        _ => (None, None),
-    };
+    let (v, a) = low_rank_pair(p);
     let mut dx = alloc(&b, dt, t * inp)?;
     if t == 0 || inp == 0 {
+        return Ok(wrap(dx, &[t, inp], dt));
+    }
+    let fused = matches!(p.w, BaseWeight::Quantized(_))
+        && p.algo != Algo::DequantGemm
+        && dt != DType::F32
+        && inp % 32 == 0
+        && out % 8 == 0
+        && out > 0;
+    if !fused {
+        let d = MatmulDims {
+            m: t,
+            n: inp,
+            k: out,
+            trans_a: false,
+            trans_b: false,
+        };
+        baseline(&b, p, ds_, &mut dx, d, (v, a), op)?;
         return Ok(wrap(dx, &[t, inp], dt));
     }
     let fused = matches!(p.w, BaseWeight::Quantized(_))

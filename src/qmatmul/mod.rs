@@ -127,29 +127,7 @@ impl BaseWeight {
     pub fn to_device(&self, d: Device) -> Result<Self> {
         Ok(match self {
             BaseWeight::Dense(t) => BaseWeight::Dense(t.to_device(d)?),
-            BaseWeight::Quantized(q) => {
-                let mut state = q.state.clone();
-                state.absmax = match &q.state.absmax {
-                    Absmax::F32(t) => Absmax::F32(t.to_device(d)?),
-                    Absmax::Double {
-                        codes,
-                        nested_absmax,
-                        offset,
-                        nested_code,
-                        nested_blocksize,
-                    } => Absmax::Double {
-                        codes: codes.to_device(d)?,
-                        nested_absmax: nested_absmax.to_device(d)?,
-                        offset: *offset,
-                        nested_code: nested_code.clone(),
-                        nested_blocksize: *nested_blocksize,
-                    },
-                };
-                BaseWeight::Quantized(QuantizedTensor {
-                    data: q.data.to_device(d)?,
-                    state,
-                })
-            }
+            BaseWeight::Quantized(q) => BaseWeight::Quantized(q.to_device(d)?),
         })
     }
 

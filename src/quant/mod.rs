@@ -334,9 +334,10 @@ impl Absmax {
         }
     }
 
-    fn to_device(&self, device: Device) -> Result<Absmax> {
+    /// The same scales with each stored tensor replaced by `f(tensor)`.
+    fn try_map(&self, f: &mut impl FnMut(&Tensor) -> Result<Tensor>) -> Result<Absmax> {
         Ok(match self {
-            Absmax::F32(t) => Absmax::F32(t.to_device(device)?),
+            Absmax::F32(t) => Absmax::F32(f(t)?),
             Absmax::Double {
                 codes,
                 nested_absmax,
@@ -344,8 +345,8 @@ impl Absmax {
                 nested_code,
                 nested_blocksize,
             } => Absmax::Double {
-                codes: codes.to_device(device)?,
-                nested_absmax: nested_absmax.to_device(device)?,
+                codes: f(codes)?,
+                nested_absmax: f(nested_absmax)?,
                 offset: *offset,
                 nested_code: nested_code.clone(),
                 nested_blocksize: *nested_blocksize,
@@ -677,10 +678,16 @@ impl QuantizedTensor {
 
     /// Copies to `device`.
     pub fn to_device(&self, device: Device) -> Result<QuantizedTensor> {
+        self.try_map_tensors(|t| t.to_device(device))
+    }
+
+    /// The same quantized tensor with each stored tensor (the packed data, then the absmax or its
+    /// codes and nested absmax) replaced by `f(tensor)`: device copies, deep copies.
+    pub fn try_map_tensors(&self, mut f: impl FnMut(&Tensor) -> Result<Tensor>) -> Result<QuantizedTensor> {
         Ok(QuantizedTensor {
-            data: self.data.to_device(device)?,
+            data: f(&self.data)?,
             state: QuantState {
-                absmax: self.state.absmax.to_device(device)?,
+                absmax: self.state.absmax.try_map(&mut f)?,
                 ..self.state.clone()
             },
         })

@@ -524,31 +524,22 @@ fn from_f32_slice<T: Element>(f: &[f32], out: &mut [T]) {
 
 pub(super) fn quantize_tensor(t: &Tensor, opts: &QuantizeOptions) -> Result<(Tensor, Absmax)> {
     let isa = Isa::best();
+    macro_rules! go {
+        ($t:ty) => {
+            quantize(
+                t.cpu_data::<$t>("quantize")?,
+                opts.quant_type,
+                opts.blocksize,
+                isa,
+                opts.allow_non_finite,
+                &opts.name,
+            )?
+        };
+    }
     let (packed, absmax) = match t.dtype() {
-        DType::F32 => quantize(
-            t.cpu_data::<f32>("quantize")?,
-            opts.quant_type,
-            opts.blocksize,
-            isa,
-            opts.allow_non_finite,
-            &opts.name,
-        )?,
-        DType::F16 => quantize(
-            t.cpu_data::<f16>("quantize")?,
-            opts.quant_type,
-            opts.blocksize,
-            isa,
-            opts.allow_non_finite,
-            &opts.name,
-        )?,
-        DType::BF16 => quantize(
-            t.cpu_data::<bf16>("quantize")?,
-            opts.quant_type,
-            opts.blocksize,
-            isa,
-            opts.allow_non_finite,
-            &opts.name,
-        )?,
+        DType::F32 => go!(f32),
+        DType::F16 => go!(f16),
+        DType::BF16 => go!(bf16),
         other => return Err(Error::dtype("quantize", "f32, f16 or bf16", other)),
     };
     let nbytes = packed.len();

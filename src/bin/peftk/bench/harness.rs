@@ -182,29 +182,7 @@ fn copy_tensor(t: &Tensor) -> Result<Tensor> {
 fn deep_copy(w: &BaseWeight) -> Result<BaseWeight> {
     Ok(match w {
         BaseWeight::Dense(t) => BaseWeight::Dense(copy_tensor(t)?),
-        BaseWeight::Quantized(q) => {
-            let mut state = q.state.clone();
-            state.absmax = match &q.state.absmax {
-                Absmax::F32(t) => Absmax::F32(copy_tensor(t)?),
-                Absmax::Double {
-                    codes,
-                    nested_absmax,
-                    offset,
-                    nested_code,
-                    nested_blocksize,
-                } => Absmax::Double {
-                    codes: copy_tensor(codes)?,
-                    nested_absmax: copy_tensor(nested_absmax)?,
-                    offset: *offset,
-                    nested_code: nested_code.clone(),
-                    nested_blocksize: *nested_blocksize,
-                },
-            };
-            BaseWeight::Quantized(QuantizedTensor {
-                data: copy_tensor(&q.data)?,
-                state,
-            })
-        }
+        BaseWeight::Quantized(q) => BaseWeight::Quantized(q.try_map_tensors(copy_tensor)?),
     })
 }
 
