@@ -262,45 +262,6 @@ pub(crate) fn backward_input(p: &Problem<'_>) -> Result<Tensor> {
         baseline(&b, p, ds_, &mut dx, d, (v, a), op)?;
         return Ok(wrap(dx, &[t, inp], dt));
     }
-    let fused = matches!(p.w, BaseWeight::Quantized(_))
-        && p.algo != Algo::DequantGemm
-        && dt != DType::F32
-        && inp % 32 == 0
-        && out % 8 == 0
-        && out > 0;
-    if !fused {
-        let scratch;
-        let w_dense: &CudaStorage = match p.w {
-            BaseWeight::Dense(w) => storage(w, op)?,
-            BaseWeight::Quantized(q) => {
-                let (q4, dq) = q4_params(q)?;
-                let mut s = alloc(&b, dt, out * inp)?;
-                dequantize_q4(&b, &q4, dq, dt, &mut s, out * inp)?;
-                scratch = s;
-                &scratch
-            }
-        };
-        let d = MatmulDims {
-            m: t,
-            n: inp,
-            k: out,
-            trans_a: false,
-            trans_b: false,
-        };
-        gemm_any(&b, dt, ds_, w_dense, &mut dx, d, 0.0)?;
-        if let (Some(v), Some(a)) = (v, a) {
-            let (v, a) = (v.to_dtype(dt)?, a.to_dtype(dt)?);
-            let d = MatmulDims {
-                m: t,
-                n: inp,
-                k: p.rank,
-                trans_a: false,
-                trans_b: false,
-            };
-            gemm_any(&b, dt, storage(&v, op)?, storage(&a, op)?, &mut dx, d, 1.0)?;
-        }
-        return Ok(wrap(dx, &[t, inp], dt));
-    }
     let BaseWeight::Quantized(q) = p.w else {
         return Err(Error::device(op, "internal: fused path without a 4-bit weight"));
     };
