@@ -35,7 +35,7 @@ pub(crate) mod cuda;
 
 use crate::device::{Device, on_device};
 use crate::error::{Error, Result};
-use crate::quant::{Absmax, BLOCKSIZES, QuantizedTensor};
+use crate::quant::{Absmax, AbsmaxRef, BLOCKSIZES, QuantizedTensor};
 use crate::tensor::{DType, Tensor};
 
 /// The frozen base weight of a linear layer, logical shape `[out, in]`.
@@ -243,8 +243,8 @@ fn validate_quantized(q: &QuantizedTensor, op: &'static str) -> Result<()> {
         }
         Ok(())
     };
-    match &st.absmax {
-        Absmax::F32(t) => {
+    match st.absmax.view() {
+        AbsmaxRef::F32(t) => {
             if t.dtype() != DType::F32 {
                 return Err(Error::dtype(op, "f32 absmax", t.dtype()));
             }
@@ -256,13 +256,9 @@ fn validate_quantized(q: &QuantizedTensor, op: &'static str) -> Result<()> {
             }
             same_dev(t, "absmax")?;
         }
-        Absmax::Double {
-            codes,
-            nested_absmax,
-            offset,
-            nested_code,
-            nested_blocksize,
-        } => {
+        AbsmaxRef::Double(d) => {
+            let (codes, nested_absmax, nested_code) = (d.codes, d.nested_absmax, d.nested_code);
+            let (offset, nested_blocksize) = (d.offset, d.nested_blocksize);
             if codes.dtype() != DType::U8 {
                 return Err(Error::dtype(op, "u8 absmax codes", codes.dtype()));
             }
@@ -280,7 +276,7 @@ fn validate_quantized(q: &QuantizedTensor, op: &'static str) -> Result<()> {
                     format!("absmax codes have {} entries, expected {nblocks}", codes.numel()),
                 ));
             }
-            let nn = nblocks.div_ceil(*nested_blocksize);
+            let nn = nblocks.div_ceil(nested_blocksize);
             if nested_absmax.numel() != nn {
                 return Err(Error::shape(
                     op,

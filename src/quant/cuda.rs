@@ -1,6 +1,8 @@
 //! CUDA launches of `kernels/nf4.cu`. Same bytes as the CPU path (`cpu.rs`), which is their oracle.
 
-use super::{Absmax, NESTED_BLOCKSIZE, QuantState, QuantType, QuantizeOptions, QuantizedTensor, dynamic_map};
+use super::{
+    Absmax, AbsmaxRef, NESTED_BLOCKSIZE, QuantState, QuantType, QuantizeOptions, QuantizedTensor, dynamic_map,
+};
 use crate::device::cuda::kernels::{self as k, Q4Params};
 use crate::device::cuda::{CudaBackend, grid_1d};
 use crate::error::{Error, Result};
@@ -31,28 +33,23 @@ pub(crate) fn q4_params(q: &QuantizedTensor) -> Result<(Q4Params<'_>, u32)> {
         ncode: [0.0; 256],
         bs_log2: log2(st.blocksize),
     };
-    match &st.absmax {
-        Absmax::F32(t) => {
+    match st.absmax.view() {
+        AbsmaxRef::F32(t) => {
             p.absmax = Some(storage(t, op)?.view()?);
             Ok((p, 0))
         }
-        Absmax::Double {
-            codes,
-            nested_absmax,
-            offset,
-            nested_code,
-            nested_blocksize,
-        } => {
-            if !nested_blocksize.is_power_of_two() {
+        AbsmaxRef::Double(d) => {
+            if !d.nested_blocksize.is_power_of_two() {
                 return Err(Error::invalid(format!(
-                    "{op}: nested blocksize {nested_blocksize} is not a power of two"
+                    "{op}: nested blocksize {} is not a power of two",
+                    d.nested_blocksize
                 )));
             }
-            p.codes = Some(storage(codes, op)?.view()?);
-            p.nested = Some(storage(nested_absmax, op)?.view()?);
-            p.offset = *offset;
-            p.nested_log2 = log2(*nested_blocksize);
-            p.ncode = dcode_lut(nested_code)?;
+            p.codes = Some(storage(d.codes, op)?.view()?);
+            p.nested = Some(storage(d.nested_absmax, op)?.view()?);
+            p.offset = d.offset;
+            p.nested_log2 = log2(d.nested_blocksize);
+            p.ncode = dcode_lut(d.nested_code)?;
             Ok((p, 1))
         }
     }
@@ -208,28 +205,22 @@ fn double_quant(b: &Arc<CudaBackend>, absmax: &CudaStorage, nb: usize) -> Result
 
 /// The f32 absmax of a device quant state (decodes double quantization).
 pub(super) fn absmax_f32(state: &QuantState) -> Result<Tensor> {
-    match &state.absmax {
-        Absmax::F32(t) => Ok(t.clone()),
-        Absmax::Double {
-            codes,
-            nested_absmax,
-            offset,
-            nested_code,
-            nested_blocksize,
-        } => {
-            let cs = storage(codes, "absmax_f32")?;
-            let ns = storage(nested_absmax, "absmax_f32")?;
+    match state.absmax.view() {
+        AbsmaxRef::F32(t) => Ok(t.clone()),
+        AbsmaxRef::Double(d) => {
+            let cs = storage(d.codes, "absmax_f32")?;
+            let ns = storage(d.nested_absmax, "absmax_f32")?;
             let b = &cs.backend;
-            let nb = codes.numel();
+            let nb = d.codes.numel();
             let mut out = alloc(b, DType::F32, nb)?;
-            let lut = dcode_lut(nested_code)?;
+            let lut = dcode_lut(d.nested_code)?;
             let (q, a2) = (cs.view::<u8>()?, ns.view::<f32>()?);
             let mut o = out.view_mut::<f32>()?;
-            let (lnbs, nb64) = (log2(*nested_blocksize), nb as i64);
+            let (lnbs, nb64, offset) = (log2(d.nested_blocksize), nb as i64, d.offset);
             // SAFETY: dq_decode(const uint8* codes [nb], const float* absmax2 [ceil(nb / nbs)], Lut256,
             // float offset, int log2_nbs, float* out [nb], int64 nb): grid-stride over nb; the state
             // was validated, so absmax2 holds ceil(nb / nbs) values and nbs is a power of two.
-            unsafe { k::nf4::dq_decode(b, grid_1d(nb, 256)?, &q, &a2, &lut, *offset, lnbs, &mut o, nb64) }?;
+            unsafe { k::nf4::dq_decode(b, grid_1d(nb, 256)?, &q, &a2, &lut, offset, lnbs, &mut o, nb64) }?;
             Ok(wrap(out, &[nb], DType::F32))
         }
     }
