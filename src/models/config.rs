@@ -7,7 +7,7 @@ use serde_json::Value;
 use std::path::Path;
 
 /// The architectures [`super::from_pretrained`] knows.
-pub const SUPPORTED_MODEL_TYPES: [&str; 1] = ["bert"];
+pub const SUPPORTED_MODEL_TYPES: [&str; 4] = ["bert", "llama", "mistral", "qwen2"];
 
 /// transformers' `BertConfig` (the fields the model uses), read from `config.json`.
 #[derive(Clone, Debug, PartialEq)]
@@ -53,7 +53,7 @@ fn ctx() -> &'static str {
     "config.json"
 }
 
-fn get_usize(v: &Value, key: &str, default: Option<usize>) -> Result<usize> {
+pub(crate) fn get_usize(v: &Value, key: &str, default: Option<usize>) -> Result<usize> {
     match v.get(key) {
         None | Some(Value::Null) => {
             default.ok_or_else(|| Error::format(ctx(), format!("missing required field {key:?}")))
@@ -65,7 +65,7 @@ fn get_usize(v: &Value, key: &str, default: Option<usize>) -> Result<usize> {
     }
 }
 
-fn get_f32(v: &Value, key: &str, default: f32) -> Result<f32> {
+pub(crate) fn get_f32(v: &Value, key: &str, default: f32) -> Result<f32> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(x) => x
@@ -75,7 +75,7 @@ fn get_f32(v: &Value, key: &str, default: f32) -> Result<f32> {
     }
 }
 
-fn probability(v: &Value, key: &str, default: f32) -> Result<f32> {
+pub(crate) fn probability(v: &Value, key: &str, default: f32) -> Result<f32> {
     let p = get_f32(v, key, default)?;
     if (0.0..1.0).contains(&p) {
         Ok(p)

@@ -23,12 +23,14 @@
 pub mod bert;
 pub mod config;
 pub mod linear;
+pub mod llama;
 pub mod loader;
 pub mod tokenizer;
 
 pub use bert::{BertForSequenceClassification, BertModel};
 pub use config::BertConfig;
 pub use linear::{LinearSlot, TrainedLinear};
+pub use llama::{CausalLmTokenizer, LlamaConfig, LlamaForCausalLM, LlamaModel, TokenBatch};
 pub use loader::{Checkpoint, ModelLoadOptions, QuantizeOnLoad};
 pub use tokenizer::{BertBatch, BertTokenizer};
 
@@ -39,8 +41,10 @@ use std::path::Path;
 /// A loaded backbone, by architecture.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
+#[allow(clippy::large_enum_variant)] // one per loaded model
 pub enum Model {
     Bert(BertModel),
+    Llama(LlamaModel),
 }
 
 fn unknown(ty: &str) -> Error {
@@ -63,6 +67,11 @@ pub fn from_pretrained(dir: impl AsRef<Path>, opts: &ModelLoadOptions) -> Result
             let c = BertConfig::from_json(&json)?;
             let ckpt = Checkpoint::open(dir, "bert")?;
             Ok(Model::Bert(BertModel::load(&ckpt, &c, "", true, opts)?))
+        }
+        "llama" | "mistral" | "qwen2" => {
+            let c = LlamaConfig::from_json(&json)?;
+            let ckpt = Checkpoint::open(dir, "model")?;
+            Ok(Model::Llama(LlamaModel::load(&ckpt, &c, "", opts)?))
         }
         other => Err(unknown(other)),
     }
@@ -108,4 +117,22 @@ pub fn fuzz_load(bytes: &[u8]) -> bool {
     }
     let mut store = ParamStore::new();
     from_pretrained_seq_cls(dir.path(), &ModelLoadOptions::default(), &mut store, 0).is_ok()
+}
+
+/// A causal language model from the checkpoint in `dir` (`model_type` `"llama"`, `"mistral"` or
+/// `"qwen2"`: `LlamaForCausalLM` and its siblings).
+pub fn from_pretrained_causal_lm(dir: impl AsRef<Path>, opts: &ModelLoadOptions) -> Result<LlamaForCausalLM> {
+    let dir = dir.as_ref();
+    let (ty, json) = config::read_config(dir)?;
+    match ty.as_str() {
+        "llama" | "mistral" | "qwen2" => {
+            let c = LlamaConfig::from_json(&json)?;
+            let ckpt = Checkpoint::open(dir, "model")?;
+            LlamaForCausalLM::load(&ckpt, &c, opts)
+        }
+        other => Err(Error::format(
+            "config.json",
+            format!("model_type {other:?} is not a causal LM (supported: llama, mistral, qwen2)"),
+        )),
+    }
 }
