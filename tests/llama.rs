@@ -304,6 +304,7 @@ fn quantize_on_load_selects_projections() {
 /// Our store key for a PEFT parameter name (`...lora_A.default.weight`).
 fn our_key(peft_name: &str) -> String {
     peft_name
+        .replace(".modules_to_save.default.", ".")
         .replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
         .replace(".default.weight", ".weight")
 }
@@ -610,3 +611,185 @@ fn silu_mul_matches_f64(dev: Device) -> Result<()> {
 }
 
 device_test!(causal_loss_matches_f64, silu_mul_matches_f64);
+
+#[test]
+fn sequence_classification_matches_transformers_and_peft() {
+    for case in ["llama", "qwen2"] {
+        let io = io(case);
+        let b = fixture_batch(&io);
+        let labels = ints(&io, "cls.labels");
+        let dir = fixture(case).join("seq_cls");
+        let mut store = ParamStore::new();
+        let m =
+            models::from_pretrained_llama_seq_cls(&dir, &ModelLoadOptions::default(), &mut store, 0).unwrap();
+        let got = m.logits(&store, &b).unwrap().to_vec_f32().unwrap();
+        common::assert_close(&got, &floats(&io, "cls.logits"), 1e-4, 1e-5, case);
+        // With a PEFT SEQ_CLS LoRA adapter (score in modules_to_save): logits, loss, every gradient.
+        let mut store = ParamStore::new();
+        let mut m =
+            models::from_pretrained_llama_seq_cls(&dir, &ModelLoadOptions::default(), &mut store, 0).unwrap();
+        m.load_adapter(fixture(case).join("cls_lora"), &mut store)
+            .unwrap();
+        let mut tape = Tape::new();
+        let logits = m.forward_t(&mut tape, &store, &b, None).unwrap();
+        let got = tape.value(logits).unwrap().to_vec_f32().unwrap();
+        common::assert_close(&got, &floats(&io, "cls_lora.logits"), 1e-4, 1e-5, case);
+        let loss = tape.cross_entropy(logits, &labels).unwrap();
+        let want = floats(&io, "cls_lora.loss")[0];
+        assert!((tape.value(loss).unwrap().to_scalar().unwrap() - want).abs() < 1e-5 * want.max(1.0));
+        let grads = tape.backward(loss).unwrap();
+        let mut n = 0;
+        for name in io.names().iter().filter(|n| n.starts_with("cls_lora.grad.")) {
+            let key = our_key(&name["cls_lora.grad.".len()..]);
+            let id = store
+                .find(&key)
+                .unwrap_or_else(|| panic!("{case}: no parameter {key:?}"));
+            let want = floats(&io, name);
+            let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
+            let g = grads
+                .get(id)
+                .unwrap_or_else(|| panic!("{case}: no gradient for {key:?}"));
+            common::assert_close(&g.to_vec_f32().unwrap(), &want, 1e-4, 1e-4 * scale, &key);
+            n += 1;
+        }
+        assert_eq!((n, grads.len()), (2 * 7 * 2 + 1, n), "{case}");
+        // Saved by us, loaded by us: the same logits (score head included).
+        let d = tempfile::tempdir().unwrap();
+        let peft =
+            peft_kernels::io::peft::PeftAdapter::load(fixture(case).join("cls_lora"), Device::Cpu).unwrap();
+        m.save_adapter(&peft.config, &store, d.path()).unwrap();
+        let mut store2 = ParamStore::new();
+        let mut m2 =
+            models::from_pretrained_llama_seq_cls(&dir, &ModelLoadOptions::default(), &mut store2, 9)
+                .unwrap();
+        m2.load_adapter(d.path(), &mut store2).unwrap();
+        assert_eq!(
+            m.logits(&store, &b).unwrap().to_vec_f32().unwrap(),
+            m2.logits(&store2, &b).unwrap().to_vec_f32().unwrap()
+        );
+    }
+}
+
+#[test]
+fn last_token_rows_follow_transformers() {
+    use peft_kernels::models::llama::seq_cls::last_token_rows;
+    let b = TokenBatch::from_rows(
+        &[vec![5, 6, 3, 3], vec![3, 3, 7, 8], vec![3, 3, 3, 3]],
+        &[vec![1; 4], vec![1; 4], vec![1; 4]],
+        None,
+    )
+    .unwrap();
+    assert_eq!(last_token_rows(&b, Some(3)).unwrap(), [1, 7, 8]);
+    assert!(last_token_rows(&b, None).is_err());
+}
+
+// ------------------------------------------------------------------------------ CLI
+
+fn peftk(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_peftk"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "peftk {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn cli_causal_lm_finetune_and_eval() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("llama").join(f), model.join(f)).unwrap();
+    }
+    std::fs::copy(fixture("tokenizer.json"), model.join("tokenizer.json")).unwrap();
+    let texts = fixture("texts.jsonl");
+    let (m, t) = (model.to_str().unwrap(), texts.to_str().unwrap());
+    // No training step: LoRA's B starts at 0, so eval gives the base model's mean token NLL, which
+    // must be transformers' on the same texts.
+    let out0 = d.path().join("out0");
+    let o0 = out0.to_str().unwrap();
+    peftk(&[
+        "finetune",
+        "--task",
+        "causal-lm",
+        "--model",
+        m,
+        "--data",
+        t,
+        "--test",
+        t,
+        "--epochs",
+        "0",
+        "--quantize",
+        "none",
+        "--out",
+        o0,
+        "--quiet",
+    ]);
+    let adapter = out0.join("adapter");
+    let line = peftk(&[
+        "eval",
+        "--task",
+        "causal-lm",
+        "--model",
+        m,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--data",
+        t,
+        "--quantize",
+        "none",
+        "--json",
+    ]);
+    let got: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("texts_expected.json")).unwrap()).unwrap();
+    assert_eq!(got["n"], 5);
+    assert_eq!(got["tokens"], want["tokens"]);
+    let (gl, wl) = (got["loss"].as_f64().unwrap(), want["loss"].as_f64().unwrap());
+    assert!((gl - wl).abs() < 1e-5 * wl, "{gl} vs {wl}");
+    assert!((got["perplexity"].as_f64().unwrap() - wl.exp()).abs() < 1e-4 * wl.exp());
+    // QLoRA (the default NF4) for a few epochs: the training loss falls, metrics per epoch, an adapter.
+    let out1 = d.path().join("out1");
+    peftk(&[
+        "finetune",
+        "--task",
+        "causal-lm",
+        "--model",
+        m,
+        "--data",
+        t,
+        "--split",
+        "0.2",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "2",
+        "--lr",
+        "0.01",
+        "--dropout",
+        "0",
+        "--out",
+        out1.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out1.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    let (first, last) = (
+        lines[0]["loss"].as_f64().unwrap(),
+        lines[3]["loss"].as_f64().unwrap(),
+    );
+    assert!(last < first, "train loss {first} -> {last}");
+    assert!(lines[3]["test_perplexity"].as_f64().unwrap().is_finite());
+    let cfg = std::fs::read_to_string(out1.join("adapter/adapter_config.json")).unwrap();
+    assert!(cfg.contains("CAUSAL_LM") && cfg.contains("down_proj"), "{cfg}");
+}

@@ -20,6 +20,7 @@
 //! # Ok::<(), peft_kernels::Error>(())
 //! ```
 
+pub(crate) mod adapt;
 pub mod bert;
 pub mod config;
 pub mod linear;
@@ -30,7 +31,9 @@ pub mod tokenizer;
 pub use bert::{BertForSequenceClassification, BertModel};
 pub use config::BertConfig;
 pub use linear::{LinearSlot, TrainedLinear};
-pub use llama::{CausalLmTokenizer, LlamaConfig, LlamaForCausalLM, LlamaModel, TokenBatch};
+pub use llama::{
+    CausalLmTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, TokenBatch,
+};
 pub use loader::{Checkpoint, ModelLoadOptions, QuantizeOnLoad};
 pub use tokenizer::{BertBatch, BertTokenizer};
 
@@ -133,6 +136,30 @@ pub fn from_pretrained_causal_lm(dir: impl AsRef<Path>, opts: &ModelLoadOptions)
         other => Err(Error::format(
             "config.json",
             format!("model_type {other:?} is not a causal LM (supported: llama, mistral, qwen2)"),
+        )),
+    }
+}
+
+/// A decoder sequence classifier from the checkpoint in `dir` (`LlamaForSequenceClassification` for
+/// `model_type` `"llama"`, `"mistral"` or `"qwen2"`; the score head from the checkpoint or freshly
+/// initialized from `seed`, in `store`).
+pub fn from_pretrained_llama_seq_cls(
+    dir: impl AsRef<Path>,
+    opts: &ModelLoadOptions,
+    store: &mut ParamStore,
+    seed: u64,
+) -> Result<LlamaForSequenceClassification> {
+    let dir = dir.as_ref();
+    let (ty, json) = config::read_config(dir)?;
+    match ty.as_str() {
+        "llama" | "mistral" | "qwen2" => {
+            let c = LlamaConfig::from_json(&json)?;
+            let ckpt = Checkpoint::open(dir, "model")?;
+            LlamaForSequenceClassification::load(&ckpt, &c, opts, store, seed)
+        }
+        other => Err(Error::format(
+            "config.json",
+            format!("model_type {other:?} is not a decoder (supported: llama, mistral, qwen2)"),
         )),
     }
 }

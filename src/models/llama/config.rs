@@ -5,7 +5,9 @@
 
 use crate::autograd::Activation;
 use crate::error::{Error, Result};
-use crate::models::config::{activation_from_name, get_f32, get_usize, probability};
+use crate::models::config::{
+    activation_from_name, check_sizes, get_f32, get_usize, num_labels_of, probability,
+};
 use crate::nn::{RopeConfig, RopeScaling};
 use serde_json::Value;
 
@@ -208,11 +210,7 @@ impl LlamaConfig {
             }
             LlamaArch::Qwen2 => None,
         };
-        let id2label = v.get("id2label").and_then(Value::as_object).map(|m| m.len());
-        let num_labels = match v.get("num_labels") {
-            Some(x) if !x.is_null() => get_usize(v, "num_labels", None)?,
-            _ => id2label.unwrap_or(2),
-        };
+        let num_labels = num_labels_of(v)?;
         let heads_nz = heads.max(1);
         let c = LlamaConfig {
             arch,
@@ -251,7 +249,7 @@ impl LlamaConfig {
 
     /// Checks the sizes (see [`LlamaConfig::from_json`]).
     pub fn validate(&self) -> Result<()> {
-        for (name, n) in [
+        check_sizes(&[
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
@@ -261,20 +259,7 @@ impl LlamaConfig {
             ("head_dim", self.head_dim),
             ("max_position_embeddings", self.max_position_embeddings),
             ("num_labels", self.num_labels),
-        ] {
-            if n == 0 {
-                return Err(Error::format(ctx(), format!("{name} must be positive")));
-            }
-            if n > 1 << 24 {
-                return Err(Error::format(ctx(), format!("{name} = {n} is implausibly large")));
-            }
-        }
-        if self.num_labels > 1 << 16 {
-            return Err(Error::format(
-                ctx(),
-                format!("num_labels = {} is implausibly large", self.num_labels),
-            ));
-        }
+        ])?;
         if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(Error::format(
                 ctx(),

@@ -13,11 +13,12 @@
 //! (also for left padding); padded keys are masked. A query row with no visible key (a left pad) outputs 0;
 //! its logits are meaningless, as in transformers.
 
-pub mod adapt;
 pub mod config;
+pub mod seq_cls;
 pub mod tokenizer;
 
 pub use config::{LlamaArch, LlamaConfig};
+pub use seq_cls::LlamaForSequenceClassification;
 pub use tokenizer::CausalLmTokenizer;
 
 use super::linear::LinearSlot;
@@ -30,7 +31,6 @@ use crate::autograd::{ParamId, ParamStore, Tape, Var};
 use crate::error::{Error, Result};
 use crate::io::peft::{AdapterConfig, PeftAdapter};
 use crate::nn::RopeConfig;
-use crate::peft_model::load::LoadOptions;
 use crate::qmatmul::BaseWeight;
 use crate::tensor::{DType, Tensor};
 use std::sync::Arc;
@@ -268,14 +268,6 @@ impl LlamaModel {
         v
     }
 
-    fn load_options(&self) -> LoadOptions {
-        LoadOptions {
-            device: self.opts.device,
-            dtype: Some(self.opts.dtype),
-            algo: self.opts.algo,
-        }
-    }
-
     /// Attaches fresh adapters from a PEFT config to every linear it targets (as PEFT resolves
     /// `target_modules`, `exclude_modules`, `layers_to_transform`, `rank_pattern`, `alpha_pattern` over
     /// transformers' module names), initialized as `get_peft_model` does from `seed`. Returns the
@@ -286,8 +278,8 @@ impl LlamaModel {
         store: &mut ParamStore,
         seed: u64,
     ) -> Result<Vec<String>> {
-        let lo = self.load_options();
-        let (names, bank) = adapt::init_into(self.linears_mut(), config, store, seed, &lo)?;
+        let lo = self.opts.adapter_options();
+        let (names, bank) = super::adapt::init_into(self.linears_mut(), config, store, seed, &lo)?;
         self.bank = bank;
         Ok(names)
     }
@@ -295,8 +287,8 @@ impl LlamaModel {
     /// Attaches the layers of a loaded PEFT adapter (every adapted module must be one of the model's
     /// linears with the adapter's shapes).
     pub fn attach_adapter(&mut self, adapter: &PeftAdapter, store: &mut ParamStore) -> Result<Vec<String>> {
-        let lo = self.load_options();
-        let (names, bank) = adapt::attach_into(self.linears_mut(), adapter, store, &lo)?;
+        let lo = self.opts.adapter_options();
+        let (names, bank) = super::adapt::attach_into(self.linears_mut(), adapter, store, &lo)?;
         self.bank = bank;
         Ok(names)
     }

@@ -6,9 +6,20 @@ use crate::adapters::vblora::VbLoraBank;
 use crate::autograd::ParamStore;
 use crate::error::{Error, Result};
 use crate::io::peft::{AdapterConfig, PeftAdapter};
-use crate::models::LinearSlot;
+use crate::models::{LinearSlot, ModelLoadOptions};
 use crate::peft_model::load::{LoadOptions, build_layers, init_layers};
 use std::collections::HashMap;
+
+impl ModelLoadOptions {
+    /// How adapter layers are placed on a model loaded with these options.
+    pub(crate) fn adapter_options(&self) -> LoadOptions {
+        LoadOptions {
+            device: self.device,
+            dtype: Some(self.dtype),
+            algo: self.algo,
+        }
+    }
+}
 
 /// Fresh adapters (as `get_peft_model` initializes them from `seed`) on every slot `config` targets.
 /// Returns the adapted module names and the VB-LoRA bank, if any.
