@@ -122,22 +122,25 @@ pub fn fuzz_load(bytes: &[u8]) -> bool {
     from_pretrained_seq_cls(dir.path(), &ModelLoadOptions::default(), &mut store, 0).is_ok()
 }
 
-/// A causal language model from the checkpoint in `dir` (`model_type` `"llama"`, `"mistral"` or
-/// `"qwen2"`: `LlamaForCausalLM` and its siblings).
-pub fn from_pretrained_causal_lm(dir: impl AsRef<Path>, opts: &ModelLoadOptions) -> Result<LlamaForCausalLM> {
-    let dir = dir.as_ref();
+/// The config and checkpoint of a Llama-family directory (`what` names the model for the error).
+fn llama_checkpoint(dir: &Path, what: &str) -> Result<(LlamaConfig, Checkpoint)> {
     let (ty, json) = config::read_config(dir)?;
     match ty.as_str() {
         "llama" | "mistral" | "qwen2" => {
-            let c = LlamaConfig::from_json(&json)?;
-            let ckpt = Checkpoint::open(dir, "model")?;
-            LlamaForCausalLM::load(&ckpt, &c, opts)
+            Ok((LlamaConfig::from_json(&json)?, Checkpoint::open(dir, "model")?))
         }
         other => Err(Error::format(
             "config.json",
-            format!("model_type {other:?} is not a causal LM (supported: llama, mistral, qwen2)"),
+            format!("model_type {other:?} is not {what} (supported: llama, mistral, qwen2)"),
         )),
     }
+}
+
+/// A causal language model from the checkpoint in `dir` (`model_type` `"llama"`, `"mistral"` or
+/// `"qwen2"`: `LlamaForCausalLM` and its siblings).
+pub fn from_pretrained_causal_lm(dir: impl AsRef<Path>, opts: &ModelLoadOptions) -> Result<LlamaForCausalLM> {
+    let (c, ckpt) = llama_checkpoint(dir.as_ref(), "a causal LM")?;
+    LlamaForCausalLM::load(&ckpt, &c, opts)
 }
 
 /// A decoder sequence classifier from the checkpoint in `dir` (`LlamaForSequenceClassification` for
@@ -149,17 +152,6 @@ pub fn from_pretrained_llama_seq_cls(
     store: &mut ParamStore,
     seed: u64,
 ) -> Result<LlamaForSequenceClassification> {
-    let dir = dir.as_ref();
-    let (ty, json) = config::read_config(dir)?;
-    match ty.as_str() {
-        "llama" | "mistral" | "qwen2" => {
-            let c = LlamaConfig::from_json(&json)?;
-            let ckpt = Checkpoint::open(dir, "model")?;
-            LlamaForSequenceClassification::load(&ckpt, &c, opts, store, seed)
-        }
-        other => Err(Error::format(
-            "config.json",
-            format!("model_type {other:?} is not a decoder (supported: llama, mistral, qwen2)"),
-        )),
-    }
+    let (c, ckpt) = llama_checkpoint(dir.as_ref(), "a decoder")?;
+    LlamaForSequenceClassification::load(&ckpt, &c, opts, store, seed)
 }
