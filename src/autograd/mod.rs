@@ -38,6 +38,7 @@ pub(crate) mod cuda;
 #[cfg(not(feature = "cuda"))]
 #[path = "cuda_stub.rs"]
 pub(crate) mod cuda;
+pub mod decoder;
 pub mod gradcheck;
 pub mod ops;
 pub mod params;

@@ -123,6 +123,9 @@ pub struct Args {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// seq-cls (a BERT classifier) or causal-lm (a Llama/Mistral/Qwen2 decoder on a file of texts).
+    #[arg(long, default_value = "seq-cls")]
+    pub task: String,
 }
 
 fn inv(msg: impl Into<String>) -> Error {
@@ -144,7 +147,7 @@ fn model_dir(m: &Option<PathBuf>) -> Result<PathBuf> {
     }
 }
 
-fn check_device(d: &str) -> Result<()> {
+pub fn check_device(d: &str) -> Result<()> {
     if d == "cpu" {
         Ok(())
     } else {
@@ -182,7 +185,7 @@ pub fn adapter_config(a: &Args) -> Option<AdapterConfig> {
     Some(c)
 }
 
-fn load_opts(quant: Quant, double_quant: bool) -> ModelLoadOptions {
+pub fn load_opts(quant: Quant, double_quant: bool) -> ModelLoadOptions {
     let quantize = match quant {
         Quant::None => None,
         q => {
@@ -348,6 +351,9 @@ pub struct RunSummary {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if a.task == "causal-lm" {
+        return crate::causal_lm::run_finetune(&a);
+    }
     let s = train(&a, None)?;
     println!("{}", serde_json::to_string(&s).unwrap_or_default());
     Ok(())
@@ -535,7 +541,7 @@ fn dir_bytes(d: &Path) -> u64 {
 }
 
 /// Linear warmup over `warmup` steps, then linear decay to 0 at `total` (transformers' "linear").
-fn schedule(lr: f32, step: usize, warmup: usize, total: usize) -> f32 {
+pub fn schedule(lr: f32, step: usize, warmup: usize, total: usize) -> f32 {
     if step < warmup {
         lr * (step + 1) as f32 / warmup as f32
     } else {
@@ -543,7 +549,7 @@ fn schedule(lr: f32, step: usize, warmup: usize, total: usize) -> f32 {
     }
 }
 
-fn median(v: &[f64]) -> f64 {
+pub fn median(v: &[f64]) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
@@ -617,6 +623,9 @@ fn load_trained(
 }
 
 pub fn run_eval(a: EvalArgs) -> Result<()> {
+    if a.task == "causal-lm" {
+        return crate::causal_lm::run_eval(&a);
+    }
     if a.task != "seq-cls" {
         return Err(inv(format!("--task {}: only seq-cls is implemented", a.task)));
     }
