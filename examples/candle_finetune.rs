@@ -3,7 +3,7 @@
 //! candle-nn's AdamW, saved as a PEFT adapter.
 //!
 //! ```sh
-//! cargo run --release --features candle --example candle_finetune [-- --epochs 1 --layers 6]
+//! cargo run --release --features candle --example candle_finetune [-- --epochs 1 --layers 6 --train 2000 --test 1000]
 //! ```
 //!
 //! With the demo (`scripts/fetch-demo.sh`: all-MiniLM-L6-v2 and the UCI sentiment sentences under
@@ -145,6 +145,16 @@ fn demo(root: &Path) -> R<()> {
     )?;
     let tok = peft_kernels::models::tokenizer::BertTokenizer::from_file(root.join("minilm/tokenizer.json"))?;
     let (train, test) = peft_kernels::data::demo_sentiment(root)?;
+    // `--train N` / `--test N`: the first N examples after a fixed shuffle (for a quick run).
+    let mut rng = peft_kernels::rng::Rng::new(1);
+    let head_of = |d: &peft_kernels::data::Dataset, n: usize, rng: &mut peft_kernels::rng::Rng| {
+        let mut idx: Vec<usize> = (0..d.len()).collect();
+        peft_kernels::data::shuffle(&mut idx, rng);
+        idx.truncate(n);
+        d.subset(&idx)
+    };
+    let train = head_of(&train, arg("--train", train.len())?, &mut rng);
+    let test = head_of(&test, arg("--test", test.len())?, &mut rng);
 
     let (heads, hd) = (12, 32);
     let forward = |texts: &[String], seed: Option<u64>| -> R<Tensor> {
@@ -190,8 +200,10 @@ fn demo(root: &Path) -> R<()> {
     vars.extend(head_vars.all_vars());
     let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
     println!(
-        "MiniLM, {n_layers} layers, {} QLoRA linears (NF4-dq base, r=8); {trainable} trainable parameters",
-        adapter.layers().len()
+        "MiniLM, {n_layers} layers, {} QLoRA linears (NF4-dq base, r=8); {trainable} trainable parameters; {} train / {} test sentences",
+        adapter.layers().len(),
+        train.len(),
+        test.len()
     );
     let mut opt = AdamW::new(
         vars,
@@ -203,7 +215,6 @@ fn demo(root: &Path) -> R<()> {
     )?;
     let batch = 16;
     let mut order: Vec<usize> = (0..train.len()).collect();
-    let mut rng = peft_kernels::rng::Rng::new(1);
     let mut step = 0u64;
     for epoch in 0..epochs {
         peft_kernels::data::shuffle(&mut order, &mut rng);
