@@ -112,7 +112,7 @@ fn kernel_launchers() -> Result<Launchers, String> {
     for s in &stems {
         code.push_str(&format!("    /// `kernels/{s}.cu`\n    {},\n", variant(s)));
     }
-    code.push_str("}\n\nimpl Module {\n    /// Every module.\n    pub(crate) const ALL: [Module; ");
+    code.push_str("}\n\nimpl Module {\n    /// Every module (the tests check each one's fatbin).\n    #[cfg_attr(not(test), allow(dead_code))]\n    pub(crate) const ALL: [Module; ");
     code.push_str(&stems.len().to_string());
     code.push_str("] = [");
     for s in &stems {

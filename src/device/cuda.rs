@@ -52,27 +52,6 @@ fn no_kernel(family: &str, types: &[&str], flags: &[u32]) -> Error {
     )
 }
 
-/// A kernel module: the typed [`Module`] the generated launchers pass, or (only until
-/// `src/optim/cuda.rs` moves to the generated `kernels::optim::adamw`) its name as a string.
-pub(crate) trait ModuleRef {
-    fn module(self) -> Result<Module>;
-}
-
-impl ModuleRef for Module {
-    fn module(self) -> Result<Module> {
-        Ok(self)
-    }
-}
-
-impl ModuleRef for &str {
-    fn module(self) -> Result<Module> {
-        Module::ALL
-            .into_iter()
-            .find(|m| m.name() == self)
-            .ok_or_else(|| Error::device("cuda", format!("no kernel module named {self}")))
-    }
-}
-
 /// Per-device state. Shared by every tensor on that device through an `Arc`.
 pub(crate) struct CudaBackend {
     pub(crate) ordinal: usize,
@@ -137,8 +116,7 @@ pub(crate) fn backend(ordinal: usize) -> Result<Arc<CudaBackend>> {
 impl CudaBackend {
     /// The kernel `name` from the fatbin built from `kernels/<module>.cu`, loaded once and cached.
     /// Only the generated launchers call it, with names taken from the kernel signatures.
-    pub(crate) fn func(&self, module: impl ModuleRef, name: &'static str) -> Result<CudaFunction> {
-        let module = module.module()?;
+    pub(crate) fn func(&self, module: Module, name: &'static str) -> Result<CudaFunction> {
         let mut fns = self
             .functions
             .lock()
