@@ -26,7 +26,7 @@ pub mod linear;
 pub mod loader;
 pub mod tokenizer;
 
-pub use bert::{BertForSequenceClassification, BertModel};
+pub use bert::{BertForSequenceClassification, BertModel, MemoryReport};
 pub use config::BertConfig;
 pub use linear::{LinearSlot, TrainedLinear};
 pub use loader::{Checkpoint, ModelLoadOptions, QuantizeOnLoad};
