@@ -632,6 +632,26 @@ impl BertModel {
         self.encode(tape, store, b, &rows, seed, true)
     }
 
+    /// [`BertModel::forward_cls_t`] in evaluation, keeping one layer's activations at a time: each
+    /// layer runs on its own tape, dropped before the next (an evaluation batch holds no graph).
+    fn cls_eval(&self, store: &ParamStore, b: &BertBatch) -> Result<Tensor> {
+        self.check_batch(b)?;
+        let rows = Rows::new(b, true)?;
+        let mut tape = Tape::new();
+        let mut x = self.embed(&mut tape, b, &rows, None)?;
+        let n = self.layers.len();
+        if n == 0 {
+            x = tape.gather_rows(x, &rows.cls_rows())?;
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let v = tape.value(x)?.clone();
+            tape = Tape::new();
+            let xi = tape.leaf(v);
+            x = layer.forward_t(&mut tape, store, xi, &rows, None, i + 1 == n)?;
+        }
+        Ok(tape.value(x)?.clone())
+    }
+
     fn encode(
         &self,
         tape: &mut Tape,
@@ -964,8 +984,11 @@ impl BertForSequenceClassification {
 
     /// Logits in evaluation (no dropout), as an f32 `[batch, num_labels]` tensor.
     pub fn logits(&self, store: &ParamStore, b: &BertBatch) -> Result<Tensor> {
+        let cls = self.bert.cls_eval(store, b)?;
         let mut tape = Tape::new();
-        let y = self.forward_t(&mut tape, store, b, None)?;
+        let c = tape.leaf(cls);
+        let pooled = self.bert.pool_cls_t(&mut tape, store, c, None)?;
+        let y = self.classifier.forward_t(&mut tape, store, pooled)?;
         tape.value(y)?.to_dtype(DType::F32)
     }
 
