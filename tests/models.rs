@@ -676,3 +676,98 @@ fn model_fuzz_corpus_never_panics() {
     }
     assert!(!models::fuzz_load(&[]));
 }
+
+/// Logits and the gradients of every trainable parameter, from the packed `[CLS]` path
+/// (`BertForSequenceClassification::forward_t`) or from the padded hidden state.
+fn logits_and_grads(
+    m: &models::BertForSequenceClassification,
+    store: &ParamStore,
+    b: &BertBatch,
+    labels: &[u32],
+    packed: bool,
+) -> (Vec<f32>, Vec<(peft_kernels::autograd::ParamId, Vec<f32>)>) {
+    let mut tape = Tape::new();
+    let logits = if packed {
+        m.forward_t(&mut tape, store, b, None).unwrap()
+    } else {
+        let h = m.bert().forward_t(&mut tape, store, b, None).unwrap();
+        let p = m.bert().pool_t(&mut tape, store, h, b, None).unwrap();
+        m.classifier().forward_t(&mut tape, store, p).unwrap()
+    };
+    let loss = tape.cross_entropy(logits, labels).unwrap();
+    let g = tape.backward(loss).unwrap();
+    let mut grads: Vec<_> = g.iter().map(|(id, t)| (id, t.to_vec_f32().unwrap())).collect();
+    grads.sort_by_key(|(id, _)| id.index());
+    (tape.value(logits).unwrap().to_vec_f32().unwrap(), grads)
+}
+
+#[test]
+fn packed_cls_path_matches_the_padded_forward_and_backward() {
+    let io = SafetensorsFile::open(fixture("tiny").join("io.safetensors")).unwrap();
+    let b = fixture_batch(&io);
+    assert!(
+        b.attention_mask.contains(&0),
+        "the fixture batch must have padding for this test to mean anything"
+    );
+    let labels = ints(&io, "labels");
+    let mut store = ParamStore::new();
+    let mut m = seq_cls(&fixture("tiny"), &mut store);
+    m.load_adapter(fixture("tiny").join("lora"), &mut store).unwrap();
+    // The fixture batch, and one whose second sequence has its first token masked too (the packed path
+    // keeps every first token as a row).
+    let mut odd = b.clone();
+    odd.attention_mask[b.seq] = 0;
+    for (what, batch) in [("fixture", &b), ("masked first token", &odd)] {
+        let (want_logits, want_grads) = logits_and_grads(&m, &store, batch, &labels, false);
+        for ckpt in [false, true] {
+            m.bert_mut().set_gradient_checkpointing(ckpt);
+            let (logits, grads) = logits_and_grads(&m, &store, batch, &labels, true);
+            let tag = format!("{what}, checkpointing {ckpt}");
+            common::assert_close(&logits, &want_logits, 1e-5, 1e-6, &format!("{tag}: logits"));
+            assert_eq!(grads.len(), want_grads.len(), "{tag}: gradient count");
+            for ((id, g), (wid, w)) in grads.iter().zip(&want_grads) {
+                assert_eq!(id, wid);
+                common::assert_close_scaled(
+                    g,
+                    w,
+                    1e-5,
+                    &format!("{tag}: gradient {}", store.name(*id).unwrap()),
+                );
+            }
+        }
+        m.bert_mut().set_gradient_checkpointing(false);
+    }
+}
+
+#[test]
+fn memory_report_counts_each_kind() {
+    let io = SafetensorsFile::open(fixture("tiny").join("io.safetensors")).unwrap();
+    let b = fixture_batch(&io);
+    let mut store = ParamStore::new();
+    let mut m = seq_cls(&fixture("tiny"), &mut store);
+    m.load_adapter(fixture("tiny").join("lora"), &mut store).unwrap();
+    let r = m.memory_report(&store, &b).unwrap();
+    let elems: usize = m
+        .param_ids()
+        .iter()
+        .map(|&id| store.get(id).unwrap().numel())
+        .sum();
+    assert_eq!(r.trainable, 4 * elems);
+    assert_eq!(r.gradients, 4 * elems);
+    assert_eq!(r.optimizer_state, 8 * elems);
+    assert_eq!(r.weights, m.bert().frozen_bytes());
+    // At least the embeddings' output [tokens, hidden] in f32 stays on the tape.
+    let c = m.bert().config();
+    assert!(r.activations >= b.num_tokens() * c.hidden_size * 4, "{r}");
+    assert_eq!(
+        r.total(),
+        r.weights + r.trainable + r.gradients + r.optimizer_state + r.activations
+    );
+    // A bigger batch keeps more activations.
+    let mut bigger = b.clone();
+    bigger.input_ids.extend_from_slice(&b.input_ids);
+    bigger.token_type_ids.extend_from_slice(&b.token_type_ids);
+    bigger.attention_mask.extend_from_slice(&b.attention_mask);
+    bigger.batch *= 2;
+    assert!(m.memory_report(&store, &bigger).unwrap().activations > r.activations);
+}

@@ -343,6 +343,17 @@ impl Tape {
         Ok(())
     }
 
+    /// Bytes of every value the tape holds except parameters (which the [`ParamStore`] owns): the
+    /// activations it keeps alive until dropped.
+    pub fn value_bytes(&self) -> usize {
+        self.values
+            .iter()
+            .zip(&self.nodes)
+            .filter(|(_, n)| n.param.is_none())
+            .map(|(v, _)| v.size_in_bytes())
+            .sum()
+    }
+
     /// Number of recorded values.
     pub fn len(&self) -> usize {
         self.values.len()

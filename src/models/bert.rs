@@ -96,6 +96,92 @@ struct Dims {
     seq: usize,
 }
 
+/// How the token rows of one forward pass are laid out: the padded batch (`batch*seq` rows), or packed
+/// (only the real tokens, plus each sequence's first token even where it is masked). Linears, LayerNorm,
+/// GELU and dropout are per token, so packing skips the padding's work without changing any real
+/// token's value; attention alone sees the padded layout (gathered in and out). The idea is the
+/// "remove padding" of FasterTransformer / `BetterTransformer`'s nested tensors.
+#[derive(Clone, Debug)]
+struct Rows {
+    mask: Vec<u8>,
+    d: Dims,
+    packing: Option<Packing>,
+}
+
+#[derive(Clone, Debug)]
+struct Packing {
+    /// The padded row (`b*seq + t`) of each packed row, increasing.
+    keep: Vec<u32>,
+    /// The packed row each padded row reads when attention needs the padded layout. A dropped (padding)
+    /// row reads its sequence's first row: as a key it is masked, and its query output is never read.
+    unpack: Vec<u32>,
+    /// The packed row of each sequence's first token.
+    cls: Vec<u32>,
+}
+
+impl Rows {
+    /// The padded layout of `b`, packed when `pack` and the batch has padding.
+    fn new(b: &BertBatch, pack: bool) -> Result<Rows> {
+        let d = Dims {
+            batch: b.batch,
+            seq: b.seq,
+        };
+        let n = b.batch * b.seq;
+        if n > u32::MAX as usize {
+            return Err(Error::invalid(format!("{n} tokens exceed u32 row indices")));
+        }
+        let keep: Vec<u32> = (0..n)
+            .filter(|&r| r % b.seq == 0 || b.attention_mask[r] != 0)
+            .map(|r| r as u32)
+            .collect();
+        let packing = (pack && keep.len() < n).then(|| {
+            let (mut unpack, mut cls) = (Vec::with_capacity(n), Vec::with_capacity(b.batch));
+            let mut next = 0u32;
+            for r in 0..n {
+                if r % b.seq == 0 {
+                    cls.push(next);
+                }
+                if keep.get(next as usize) == Some(&(r as u32)) {
+                    unpack.push(next);
+                    next += 1;
+                } else {
+                    unpack.push(cls[r / b.seq]);
+                }
+            }
+            Packing { keep, unpack, cls }
+        });
+        Ok(Rows {
+            mask: b.attention_mask.clone(),
+            d,
+            packing,
+        })
+    }
+
+    /// The row of each sequence's first token in this layout.
+    fn cls_rows(&self) -> Vec<u32> {
+        match &self.packing {
+            Some(p) => p.cls.clone(),
+            None => (0..self.d.batch).map(|b| (b * self.d.seq) as u32).collect(),
+        }
+    }
+
+    /// `x` in the padded layout.
+    fn unpack(&self, tape: &mut Tape, x: Var) -> Result<Var> {
+        match &self.packing {
+            Some(p) => tape.gather_rows(x, &p.unpack),
+            None => Ok(x),
+        }
+    }
+
+    /// Padded-layout `x` in this layout.
+    fn pack(&self, tape: &mut Tape, x: Var) -> Result<Var> {
+        match &self.packing {
+            Some(p) => tape.gather_rows(x, &p.keep),
+            None => Ok(x),
+        }
+    }
+}
+
 impl BertLayer {
     fn slots(&self) -> [&LinearSlot; 6] {
         [
@@ -119,29 +205,42 @@ impl BertLayer {
         ]
     }
 
-    /// `x [batch*seq, hidden]` → the layer output.
+    /// `x` (rows in `r`'s layout) → the layer output. `cls_only`: queries, and everything after
+    /// attention, only for each sequence's first token (the output is `[batch, hidden]`), which is all a
+    /// CLS-pooled classifier reads of the last layer.
     fn forward_t(
         &self,
         tape: &mut Tape,
         store: &ParamStore,
         x: Var,
-        mask: &[u8],
-        d: Dims,
+        r: &Rows,
         seed: Option<u64>,
+        cls_only: bool,
     ) -> Result<Var> {
         let s = &self.s;
         let site = |k: u64| seed.map(|st| site_seed(st, self.index, k));
-        let q = self.query.forward_t(tape, store, x, seed)?;
+        let xq = if cls_only {
+            tape.gather_rows(x, &r.cls_rows())?
+        } else {
+            x
+        };
+        let q = self.query.forward_t(tape, store, xq, seed)?;
         let k = self.key.forward_t(tape, store, x, seed)?;
         let v = self.value.forward_t(tape, store, x, seed)?;
-        let mut cfg = AttentionConfig::new(d.batch, d.seq, s.heads, s.head_dim);
+        let (k, v) = (r.unpack(tape, k)?, r.unpack(tape, v)?);
+        let q = if cls_only { q } else { r.unpack(tape, q)? };
+        let mut cfg = AttentionConfig::new(r.d.batch, r.d.seq, s.heads, s.head_dim);
+        if cls_only {
+            cfg.seq_q = 1;
+        }
         cfg.dropout = site(0)
             .filter(|_| s.attn_dropout > 0.0)
             .map(|sd| (s.attn_dropout, sd));
-        let ctx = tape.attention(q, k, v, Some(mask), &cfg)?;
+        let ctx = tape.attention(q, k, v, Some(&r.mask), &cfg)?;
+        let ctx = if cls_only { ctx } else { r.pack(tape, ctx)? };
         let a = self.attn_out.forward_t(tape, store, ctx, seed)?;
         let a = maybe_dropout(tape, a, s.hidden_dropout, site(1))?;
-        let h1 = tape.add(a, x)?;
+        let h1 = tape.add(a, xq)?;
         let h1 = tape.layer_norm(h1, &self.attn_ln.weight, &self.attn_ln.bias, s.eps)?;
         let i = self.intermediate.forward_t(tape, store, h1, seed)?;
         let i = tape.activation(i, s.act)?;
@@ -312,6 +411,14 @@ impl BertModel {
         n
     }
 
+    /// Bytes of the VB-LoRA bank in `store` when it is frozen (a trainable bank counts as trainable).
+    fn bank_bytes(&self, store: &ParamStore) -> Result<usize> {
+        match self.bank.map(|b| b.id()) {
+            Some(id) if !store.is_trainable(id) => Ok(store.get(id)?.size_in_bytes()),
+            _ => Ok(0),
+        }
+    }
+
     /// Every trainable parameter the linears use (adapter parameters and the VB-LoRA bank).
     pub fn param_ids(&self) -> Vec<ParamId> {
         let mut v: Vec<ParamId> = self.linears().iter().flat_map(|s| s.param_ids()).collect();
@@ -374,11 +481,22 @@ impl BertModel {
         Ok(())
     }
 
-    /// Records the embeddings: `LayerNorm(word + token_type + position)` then dropout.
-    fn embed(&self, tape: &mut Tape, b: &BertBatch, seed: Option<u64>) -> Result<Var> {
-        let positions: Vec<u32> = (0..b.batch).flat_map(|_| 0..b.seq as u32).collect();
-        let w = tape.embedding(&self.word, &b.input_ids)?;
-        let t = tape.embedding(&self.token_type, &b.token_type_ids)?;
+    /// Records the embeddings of the rows of `r`: `LayerNorm(word + token_type + position)` then dropout.
+    fn embed(&self, tape: &mut Tape, b: &BertBatch, r: &Rows, seed: Option<u64>) -> Result<Var> {
+        let (ids, types, positions): (Vec<u32>, Vec<u32>, Vec<u32>) = match &r.packing {
+            Some(p) => {
+                let at = |v: &[u32]| p.keep.iter().map(|&i| v[i as usize]).collect::<Vec<u32>>();
+                let pos = p.keep.iter().map(|&i| i % b.seq as u32).collect();
+                (at(&b.input_ids), at(&b.token_type_ids), pos)
+            }
+            None => (
+                b.input_ids.clone(),
+                b.token_type_ids.clone(),
+                (0..b.batch).flat_map(|_| 0..b.seq as u32).collect(),
+            ),
+        };
+        let w = tape.embedding(&self.word, &ids)?;
+        let t = tape.embedding(&self.token_type, &types)?;
         let p = tape.embedding(&self.position, &positions)?;
         let x = tape.add(w, t)?;
         let x = tape.add(x, p)?;
@@ -406,17 +524,68 @@ impl BertModel {
         seed: Option<u64>,
     ) -> Result<Var> {
         self.check_batch(b)?;
-        let d = Dims {
-            batch: b.batch,
-            seq: b.seq,
-        };
-        let mut x = self.embed(tape, b, seed)?;
-        for layer in &self.layers {
+        self.encode(tape, store, b, &Arc::new(Rows::new(b, false)?), seed, false)
+    }
+
+    /// The last hidden state of each sequence's first token (`[CLS]`), `[batch, hidden]`: the rows of
+    /// [`BertModel::forward_t`] that [`BertModel::pool_t`] reads, computed without the padding (only
+    /// real tokens go through the linears) and with the last layer for `[CLS]` queries only. The same
+    /// values as `forward_t`'s rows `b*seq` in evaluation; in training the dropout masks differ (they
+    /// are drawn over the packed rows).
+    pub fn forward_cls_t(
+        &self,
+        tape: &mut Tape,
+        store: &ParamStore,
+        b: &BertBatch,
+        seed: Option<u64>,
+    ) -> Result<Var> {
+        self.check_batch(b)?;
+        if self.layers.is_empty() {
+            let h = self.forward_t(tape, store, b, seed)?;
+            return tape.cls_pool(h, b.batch, b.seq);
+        }
+        let rows = Arc::new(Rows::new(b, true)?);
+        self.encode(tape, store, b, &rows, seed, true)
+    }
+
+    /// [`BertModel::forward_cls_t`] in evaluation, keeping one layer's activations at a time: each
+    /// layer runs on its own tape, dropped before the next (an evaluation batch holds no graph).
+    fn cls_eval(&self, store: &ParamStore, b: &BertBatch) -> Result<Tensor> {
+        self.check_batch(b)?;
+        let rows = Rows::new(b, true)?;
+        let mut tape = Tape::new();
+        let mut x = self.embed(&mut tape, b, &rows, None)?;
+        let n = self.layers.len();
+        if n == 0 {
+            x = tape.gather_rows(x, &rows.cls_rows())?;
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let v = tape.value(x)?.clone();
+            tape = Tape::new();
+            let xi = tape.leaf(v);
+            x = layer.forward_t(&mut tape, store, xi, &rows, None, i + 1 == n)?;
+        }
+        Ok(tape.value(x)?.clone())
+    }
+
+    fn encode(
+        &self,
+        tape: &mut Tape,
+        store: &ParamStore,
+        b: &BertBatch,
+        rows: &Arc<Rows>,
+        seed: Option<u64>,
+        cls_last: bool,
+    ) -> Result<Var> {
+        let mut x = self.embed(tape, b, rows, seed)?;
+        let n = self.layers.len();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let cls_only = cls_last && i + 1 == n;
             x = if self.gradient_checkpointing {
                 let shared = self.bank.map(|b| b.id());
-                checkpointed(tape, store, layer, shared, x, &b.attention_mask, d, seed)?
+                checkpointed(tape, store, layer, shared, x, rows, seed, cls_only)?
             } else {
-                layer.forward_t(tape, store, x, &b.attention_mask, d, seed)?
+                layer.forward_t(tape, store, x, rows, seed, cls_only)?
             };
         }
         Ok(x)
@@ -431,11 +600,26 @@ impl BertModel {
         b: &BertBatch,
         seed: Option<u64>,
     ) -> Result<Var> {
+        if self.pooler.is_none() {
+            return Err(Error::invalid("this BertModel was loaded without a pooler"));
+        }
+        let cls = tape.cls_pool(hidden, b.batch, b.seq)?;
+        self.pool_cls_t(tape, store, cls, seed)
+    }
+
+    /// The pooler output `tanh(dense(cls))` from the `[CLS]` rows `[batch, hidden]` (see
+    /// [`BertModel::forward_cls_t`]).
+    pub fn pool_cls_t(
+        &self,
+        tape: &mut Tape,
+        store: &ParamStore,
+        cls: Var,
+        seed: Option<u64>,
+    ) -> Result<Var> {
         let pooler = self
             .pooler
             .as_ref()
             .ok_or_else(|| Error::invalid("this BertModel was loaded without a pooler"))?;
-        let cls = tape.cls_pool(hidden, b.batch, b.seq)?;
         let y = pooler.forward_t(tape, store, cls, seed)?;
         tape.tanh(y)
     }
@@ -450,14 +634,14 @@ fn checkpointed(
     layer: &Arc<BertLayer>,
     shared: Option<ParamId>,
     x: Var,
-    mask: &[u8],
-    d: Dims,
+    rows: &Arc<Rows>,
     seed: Option<u64>,
+    cls_only: bool,
 ) -> Result<Var> {
     let out = {
         let mut inner = Tape::new();
         let xi = inner.leaf(tape.value(x)?.clone());
-        let y = layer.forward_t(&mut inner, store, xi, mask, d, seed)?;
+        let y = layer.forward_t(&mut inner, store, xi, rows, seed, cls_only)?;
         inner.value(y)?.clone()
     };
     let mut inputs = vec![x];
@@ -478,9 +662,9 @@ fn checkpointed(
             layer: Arc::clone(layer),
             store: snapshot(store)?,
             params: own,
-            mask: mask.to_vec(),
-            d,
+            rows: Arc::clone(rows),
             seed,
+            cls_only,
         }),
     )
 }
@@ -500,9 +684,9 @@ struct CheckpointOp {
     layer: Arc<BertLayer>,
     store: ParamStore,
     params: Vec<ParamId>,
-    mask: Vec<u8>,
-    d: Dims,
+    rows: Arc<Rows>,
     seed: Option<u64>,
+    cls_only: bool,
 }
 
 /// The name the checkpointed layer's input gets in the recomputation store (not a valid module key).
@@ -525,7 +709,7 @@ impl Backward for CheckpointOp {
         let xv = tape.param(&store, xid)?;
         let y = self
             .layer
-            .forward_t(&mut tape, &store, xv, &self.mask, self.d, self.seed)?;
+            .forward_t(&mut tape, &store, xv, &self.rows, self.seed, self.cls_only)?;
         let mut grads = tape.backward_with(y, g.clone())?;
         let mut out = Vec::with_capacity(inputs.len());
         out.push(
@@ -545,6 +729,47 @@ impl Backward for CheckpointOp {
 
     fn name(&self) -> &'static str {
         "checkpointed_bert_layer"
+    }
+}
+
+/// The bytes of one training step's memory, by kind ([`BertForSequenceClassification::memory_report`]).
+/// The process's resident set adds the allocator's slack, the tokenizer, the data and the runtime.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryReport {
+    /// Frozen weights as stored: embedding tables, LayerNorm affines, base linears (4-bit codes and
+    /// their quantization state, or dense) and biases.
+    pub weights: usize,
+    /// Trainable parameters (adapters, a VB-LoRA bank, the classifier), as the store holds them.
+    pub trainable: usize,
+    /// Their gradients (f32, one per trainable element).
+    pub gradients: usize,
+    /// AdamW's first and second moments (f32, two per trainable element). An 8-bit optimizer's state
+    /// is smaller: use its own count (`Optimizer::total_state_bytes`) after a step.
+    pub optimizer_state: usize,
+    /// The values one training forward keeps on the tape for backward, parameters excluded.
+    pub activations: usize,
+}
+
+impl MemoryReport {
+    /// The sum of all kinds.
+    pub fn total(&self) -> usize {
+        self.weights + self.trainable + self.gradients + self.optimizer_state + self.activations
+    }
+}
+
+impl std::fmt::Display for MemoryReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mb = |b: usize| b as f64 / 1e6;
+        write!(
+            f,
+            "weights {:.1} MB, trainable {:.2} MB, gradients {:.2} MB, optimizer state {:.2} MB, activations {:.1} MB (total {:.1} MB)",
+            mb(self.weights),
+            mb(self.trainable),
+            mb(self.gradients),
+            mb(self.optimizer_state),
+            mb(self.activations),
+            mb(self.total())
+        )
     }
 }
 
@@ -613,8 +838,8 @@ impl BertForSequenceClassification {
         b: &BertBatch,
         seed: Option<u64>,
     ) -> Result<Var> {
-        let hidden = self.bert.forward_t(tape, store, b, seed)?;
-        let pooled = self.bert.pool_t(tape, store, hidden, b, seed)?;
+        let cls = self.bert.forward_cls_t(tape, store, b, seed)?;
+        let pooled = self.bert.pool_cls_t(tape, store, cls, seed)?;
         let pooled = maybe_dropout(
             tape,
             pooled,
@@ -646,10 +871,40 @@ impl BertForSequenceClassification {
         Ok(loss)
     }
 
+    /// Where the memory of a training step goes, in bytes (see [`MemoryReport`]): frozen weights as
+    /// stored, trainable parameters, their gradients, AdamW's state, and the activations one training
+    /// forward of `b` keeps on the tape (measured by running it).
+    pub fn memory_report(&self, store: &ParamStore, b: &BertBatch) -> Result<MemoryReport> {
+        let mut trainable = 0;
+        let mut elems = 0;
+        for id in self.param_ids() {
+            if store.is_trainable(id) {
+                let t = store.get(id)?;
+                trainable += t.size_in_bytes();
+                elems += t.numel();
+            }
+        }
+        let activations = {
+            let mut tape = Tape::new();
+            self.forward_t(&mut tape, store, b, Some(0))?;
+            tape.value_bytes()
+        };
+        Ok(MemoryReport {
+            weights: self.bert.frozen_bytes() + self.bert.bank_bytes(store)?,
+            trainable,
+            gradients: elems * DType::F32.size_in_bytes(),
+            optimizer_state: 2 * elems * DType::F32.size_in_bytes(),
+            activations,
+        })
+    }
+
     /// Logits in evaluation (no dropout), as an f32 `[batch, num_labels]` tensor.
     pub fn logits(&self, store: &ParamStore, b: &BertBatch) -> Result<Tensor> {
+        let cls = self.bert.cls_eval(store, b)?;
         let mut tape = Tape::new();
-        let y = self.forward_t(&mut tape, store, b, None)?;
+        let c = tape.leaf(cls);
+        let pooled = self.bert.pool_cls_t(&mut tape, store, c, None)?;
+        let y = self.classifier.forward_t(&mut tape, store, pooled)?;
         tape.value(y)?.to_dtype(DType::F32)
     }
 

@@ -28,7 +28,7 @@ pub mod llama;
 pub mod loader;
 pub mod tokenizer;
 
-pub use bert::{BertForSequenceClassification, BertModel};
+pub use bert::{BertForSequenceClassification, BertModel, MemoryReport};
 pub use config::BertConfig;
 pub use linear::{LinearSlot, TrainedLinear};
 pub use llama::{

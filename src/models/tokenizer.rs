@@ -95,6 +95,9 @@ impl BertBatch {
 pub struct BertTokenizer {
     tok: Tokenizer,
     pad_id: u32,
+    /// The last truncating copy made (by `max_len`): cloning a tokenizer copies its whole vocabulary,
+    /// far more than encoding a sentence costs.
+    truncating: std::sync::Mutex<Option<(usize, std::sync::Arc<Tokenizer>)>>,
 }
 
 impl std::fmt::Debug for BertTokenizer {
@@ -125,7 +128,11 @@ impl BertTokenizer {
         let pad_id = tok
             .token_to_id("[PAD]")
             .ok_or_else(|| tok_err(path, "the vocabulary has no [PAD] token"))?;
-        Ok(BertTokenizer { tok, pad_id })
+        Ok(BertTokenizer {
+            tok,
+            pad_id,
+            truncating: std::sync::Mutex::new(None),
+        })
     }
 
     /// The padding id.
@@ -135,6 +142,19 @@ impl BertTokenizer {
 
     /// Token ids of one text with `[CLS]`/`[SEP]`, truncated to `max_len` tokens (specials included).
     pub fn encode(&self, text: &str, max_len: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+        encode_with(self.truncating(max_len)?.as_ref(), text)
+    }
+
+    /// A copy of the tokenizer that truncates to `max_len`, cached for the next call with the same
+    /// `max_len`.
+    fn truncating(&self, max_len: usize) -> Result<std::sync::Arc<Tokenizer>> {
+        // A poisoned lock only means another thread panicked while swapping the cache: take it.
+        let mut cache = self.truncating.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((n, t)) = cache.as_ref()
+            && *n == max_len
+        {
+            return Ok(std::sync::Arc::clone(t));
+        }
         if max_len < 2 {
             return Err(Error::invalid(format!(
                 "max_len {max_len} leaves no room for [CLS] and [SEP]"
@@ -146,10 +166,9 @@ impl BertTokenizer {
             ..Default::default()
         }))
         .map_err(|e| Error::invalid(format!("truncation: {e}")))?;
-        let enc = tok
-            .encode(text, true)
-            .map_err(|e| Error::invalid(format!("tokenizing {text:?}: {e}")))?;
-        Ok((enc.get_ids().to_vec(), enc.get_type_ids().to_vec()))
+        let tok = std::sync::Arc::new(tok);
+        *cache = Some((max_len, std::sync::Arc::clone(&tok)));
+        Ok(tok)
     }
 
     /// A batch: every text encoded and truncated to `max_len`, padded with `[PAD]` to the longest.
@@ -157,9 +176,10 @@ impl BertTokenizer {
         if texts.is_empty() {
             return Err(Error::invalid("encode_batch: no texts"));
         }
+        let tok = self.truncating(max_len)?;
         let encoded: Vec<(Vec<u32>, Vec<u32>)> = texts
             .iter()
-            .map(|t| self.encode(t.as_ref(), max_len))
+            .map(|t| encode_with(&tok, t.as_ref()))
             .collect::<Result<_>>()?;
         let seq = encoded.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
         let mut b = BertBatch {
@@ -181,4 +201,12 @@ impl BertTokenizer {
         b.validate()?;
         Ok(b)
     }
+}
+
+/// Ids and type ids of `text` with the special tokens, under `tok`'s truncation.
+fn encode_with(tok: &Tokenizer, text: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+    let enc = tok
+        .encode(text, true)
+        .map_err(|e| Error::invalid(format!("tokenizing {text:?}: {e}")))?;
+    Ok((enc.get_ids().to_vec(), enc.get_type_ids().to_vec()))
 }

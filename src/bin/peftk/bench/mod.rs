@@ -8,6 +8,7 @@
 //! time the 4-bit conversions themselves; see `harness.rs` for what each case calls.
 
 mod harness;
+mod models;
 
 use harness::{
     Runner, SHAPES, TOKENS, default_cases, host_bandwidth_gbps, rotation_bytes, time_median_us, time_stats_us,
@@ -92,7 +93,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     if let Some(f) = &args.filter {
         cases.retain(|c| f.is_match(&c.name()));
-        if cases.is_empty() {
+        if cases.is_empty() && !models::any_match(f) {
             return Err(Error::InvalidArgument(format!(
                 "--filter {:?} matches no case (names look like forward/nf4/4096x4096/t1/r16/auto)",
                 f.as_str()
@@ -149,6 +150,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             source: e,
         })?;
     }
+    models::run(device, args.quick, args.filter.as_ref(), &mut stdout)?;
     Ok(())
 }
 
