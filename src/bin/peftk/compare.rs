@@ -1,7 +1,7 @@
 //! `peftk compare`: the same recipe with each method (and seed), every run a child `peftk finetune`
 //! process (so peak RSS is per run, not cumulative), then `results.{md,json,csv,svg,png}`.
 
-use crate::finetune::{Method, Quant, Recipe, RunSummary, value_name};
+use crate::finetune::{Method, Quant, Recipe, RunSummary, SUMMARY_FILE, value_name};
 use crate::plot;
 use clap::{Args as ClapArgs, ValueEnum};
 use peft_kernels::{Error, Result};
@@ -79,6 +79,10 @@ pub struct Args {
     /// Output directory: results.{md,json,csv,svg,png} and runs/METHOD-seedS/ (each run's output).
     #[arg(long, default_value = "peftk-compare")]
     pub out: PathBuf,
+    /// Keep the runs that finished before (their OUT/runs/NAME/summary.json) instead of repeating them:
+    /// continues an interrupted comparison, or only rewrites the results when every run is there.
+    #[arg(long)]
+    pub reuse: bool,
     #[command(flatten)]
     pub recipe: Recipe,
 }
@@ -114,14 +118,6 @@ fn io_err(path: &Path, e: std::io::Error) -> Error {
         path: path.to_path_buf(),
         source: e,
     }
-}
-
-/// The 1-minute load average (0 where /proc is missing).
-fn loadavg() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Runs `peftk finetune` for one method and seed in a child process; its summary is the last line
@@ -163,7 +159,7 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-fn row(m: CompareMethod, recipe: &Recipe, runs: Vec<RunSummary>, loads: &[f64]) -> Row {
+fn row(m: CompareMethod, recipe: &Recipe, runs: Vec<RunSummary>) -> Row {
     let col = |f: fn(&RunSummary) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
     let (accuracy_mean, accuracy_std) = mean_std(&col(|r| r.accuracy));
     let (f1_mean, f1_std) = mean_std(&col(|r| r.f1));
@@ -183,7 +179,7 @@ fn row(m: CompareMethod, recipe: &Recipe, runs: Vec<RunSummary>, loads: &[f64]) 
         peak_rss_mb_max: col(|r| r.peak_rss_mb).into_iter().fold(0.0, f64::max),
         optimizer_state_bytes: first.optimizer_state_bytes,
         adapter_bytes: first.adapter_bytes,
-        loadavg_mean: mean_std(loads).0,
+        loadavg_mean: mean_std(&col(|r| r.loadavg_1m)).0,
         runs,
     }
 }
@@ -197,23 +193,31 @@ pub fn run(a: Args) -> Result<()> {
     let mut rows = Vec::new();
     let mut k = 0;
     for &m in &a.methods {
-        let (mut runs, mut loads) = (Vec::new(), Vec::new());
+        let mut runs = Vec::new();
         for s in 0..a.seeds {
             k += 1;
             let mut recipe = a.recipe.clone();
             recipe.seed = a.recipe.seed.wrapping_add(s as u64);
             let name = format!("{}-seed{}", value_name(m), recipe.seed);
-            eprintln!("[{k}/{total}] {name}: {}", m.describe(&recipe));
-            let l0 = loadavg();
-            let r = run_child(m, &recipe, &a.out.join("runs").join(&name))?;
-            loads.push((l0 + loadavg()) / 2.0);
+            let dir = a.out.join("runs").join(&name);
+            let summary = dir.join(SUMMARY_FILE);
+            let r = if a.reuse && summary.exists() {
+                let bytes = std::fs::read(&summary).map_err(|e| io_err(&summary, e))?;
+                let r: RunSummary =
+                    serde_json::from_slice(&bytes).map_err(|e| inv(format!("{}: {e}", summary.display())))?;
+                eprintln!("[{k}/{total}] {name}: reusing {}", summary.display());
+                r
+            } else {
+                eprintln!("[{k}/{total}] {name}: {}", m.describe(&recipe));
+                run_child(m, &recipe, &dir)?
+            };
             eprintln!(
                 "[{k}/{total}] {name}: accuracy {:.4}, macro-F1 {:.4}, {:.1} s training, peak {:.0} MiB",
                 r.accuracy, r.f1, r.train_s, r.peak_rss_mb
             );
             runs.push(r);
         }
-        rows.push(row(m, &a.recipe, runs, &loads));
+        rows.push(row(m, &a.recipe, runs));
     }
     write_results(&a, &rows)?;
     println!("{}", markdown(&a, &rows));

@@ -18,7 +18,7 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 
 mod train;
-pub use train::{RunSummary, run};
+pub use train::{RunSummary, SUMMARY_FILE, run};
 
 /// Adapter method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

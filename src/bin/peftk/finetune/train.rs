@@ -45,12 +45,29 @@ pub struct RunSummary {
     pub optimizer_state_bytes: usize,
     pub adapter_bytes: u64,
     pub optimizer_steps: u64,
+    /// The 1-minute load average, mean of the run's start and end (other processes share the cores).
+    #[serde(default)]
+    pub loadavg_1m: f64,
 }
 
-/// `peftk finetune`: trains, then prints the [`RunSummary`] as one JSON line.
+/// The summary file a run leaves in its output directory (`peftk compare --reuse` reads it).
+pub const SUMMARY_FILE: &str = "summary.json";
+
+/// The 1-minute load average (0 where /proc is missing).
+pub fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `peftk finetune`: trains, then prints the [`RunSummary`] as one JSON line (also written to
+/// `OUT/summary.json`).
 pub fn run(a: Args) -> Result<()> {
     let s = train(&a, None)?;
-    println!("{}", serde_json::to_string(&s).unwrap_or_default());
+    let line = serde_json::to_string(&s).map_err(|e| inv(e.to_string()))?;
+    peft_kernels::io::atomic_write(a.out.join(SUMMARY_FILE), line.as_bytes())?;
+    println!("{line}");
     Ok(())
 }
 
@@ -359,6 +376,7 @@ fn progress_bar(quiet: bool, len: u64, pos: u64) -> ProgressBar {
 /// checkpoint after each epoch, the adapter and the label map.
 pub fn train(a: &Args, stop: Option<Arc<AtomicBool>>) -> Result<RunSummary> {
     let r = &a.recipe;
+    let load0 = loadavg();
     check_device(&r.device)?;
     if r.batch_size == 0 || r.epochs == 0 {
         return Err(inv("--batch-size and --epochs must be >= 1"));
@@ -495,6 +513,7 @@ pub fn train(a: &Args, stop: Option<Arc<AtomicBool>>) -> Result<RunSummary> {
         optimizer_state_bytes: opt.state_bytes(),
         adapter_bytes,
         optimizer_steps: opt.steps(),
+        loadavg_1m: (load0 + loadavg()) / 2.0,
     })
 }
 
