@@ -104,6 +104,8 @@ pub struct Row {
     pub peak_rss_mb_max: f64,
     pub optimizer_state_bytes: usize,
     pub adapter_bytes: u64,
+    /// Optimizer steps of each run (fewer than the recipe's when a run was stopped early).
+    pub optimizer_steps: Vec<u64>,
     /// The 1-minute load average around the runs (other processes on the machine share its cores).
     pub loadavg_mean: f64,
     pub runs: Vec<RunSummary>,
@@ -179,6 +181,7 @@ fn row(m: CompareMethod, recipe: &Recipe, runs: Vec<RunSummary>) -> Row {
         peak_rss_mb_max: col(|r| r.peak_rss_mb).into_iter().fold(0.0, f64::max),
         optimizer_state_bytes: first.optimizer_state_bytes,
         adapter_bytes: first.adapter_bytes,
+        optimizer_steps: runs.iter().map(|r| r.optimizer_steps).collect(),
         loadavg_mean: mean_std(&col(|r| r.loadavg_1m)).0,
         runs,
     }
@@ -273,13 +276,13 @@ fn markdown(a: &Args, rows: &[Row]) -> String {
     let _ = writeln!(s, "Recipe: {}.\n", recipe_line(a));
     let _ = writeln!(
         s,
-        "| method | config | trainable params | accuracy | macro-F1 | train time | median step | peak memory | optimizer state | adapter on disk |"
+        "| method | config | trainable params | accuracy | macro-F1 | train time | median step | optimizer steps | peak memory | optimizer state | adapter on disk |"
     );
-    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {} ({:.2}%) | {} | {} | {:.1} s | {:.0} ms | {:.0} MiB | {} | {} |",
+            "| {} | {} | {} ({:.3}%) | {} | {} | {:.1} s | {:.0} ms | {} | {:.0} MiB | {} | {} |",
             value_name(r.method),
             r.config,
             r.trainable_params,
@@ -288,6 +291,11 @@ fn markdown(a: &Args, rows: &[Row]) -> String {
             pm(r.f1_mean, r.f1_std, r.seeds),
             r.train_s_mean,
             r.step_ms_median_mean,
+            r.optimizer_steps
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
             r.peak_rss_mb_max,
             human_bytes(r.optimizer_state_bytes as f64),
             if r.adapter_bytes == 0 {
@@ -336,6 +344,7 @@ fn write_results(a: &Args, rows: &[Row]) -> Result<()> {
         "peak_rss_mb_max",
         "optimizer_state_bytes",
         "adapter_bytes",
+        "optimizer_steps",
         "loadavg_mean",
     ])
     .map_err(csv_err)?;
@@ -355,6 +364,11 @@ fn write_results(a: &Args, rows: &[Row]) -> Result<()> {
             format!("{:.1}", r.peak_rss_mb_max),
             r.optimizer_state_bytes.to_string(),
             r.adapter_bytes.to_string(),
+            r.optimizer_steps
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(" "),
             format!("{:.2}", r.loadavg_mean),
         ])
         .map_err(csv_err)?;
