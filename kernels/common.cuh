@@ -1,4 +1,5 @@
-// Shared device helpers for every kernel family: float conversions, warp and block reductions.
+// Shared device helpers for every kernel family: float conversions, 8-wide vector loads and stores,
+// warp and block reductions.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -20,6 +21,33 @@ template <> __device__ __forceinline__ float from_f32<float>(float x) { return x
 // Round to nearest even, like the CPU path (half::f16::from_f32 / bf16::from_f32).
 template <> __device__ __forceinline__ f16 from_f32<f16>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16_rn(x); }
+
+// 8 consecutive values as f32, from an address aligned to 8 elements (32 bytes for f32, 16 for halves).
+__device__ __forceinline__ void load8_as_f32(const float* p, float o[8]) {
+    const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
+    o[0] = a.x, o[1] = a.y, o[2] = a.z, o[3] = a.w, o[4] = b.x, o[5] = b.y, o[6] = b.z, o[7] = b.w;
+}
+template <typename H> __device__ __forceinline__ void load8_as_f32(const H* p, float o[8]) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    H h[8];
+    memcpy(h, &u, sizeof(u));
+#pragma unroll
+    for (int j = 0; j < 8; j++) o[j] = to_f32(h[j]);
+}
+
+// 8 f32 values rounded to the element type (from_f32), stored to an address aligned to 8 elements.
+__device__ __forceinline__ void store8_from_f32(float* p, const float o[8]) {
+    *reinterpret_cast<float4*>(p) = make_float4(o[0], o[1], o[2], o[3]);
+    *reinterpret_cast<float4*>(p + 4) = make_float4(o[4], o[5], o[6], o[7]);
+}
+template <typename H> __device__ __forceinline__ void store8_from_f32(H* p, const float o[8]) {
+    H h[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) h[j] = from_f32<H>(o[j]);
+    uint4 u;
+    memcpy(&u, h, sizeof(u));
+    *reinterpret_cast<uint4*>(p) = u;
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

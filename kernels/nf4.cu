@@ -68,38 +68,15 @@ template <int QT> __device__ __forceinline__ uint32_t code4(float x) { return QT
 // (bs >= 512). CUDA blocks have max(256, bs/8) threads, always a multiple of bs/8.
 // ------------------------------------------------------------------------------------------------
 
-template <typename T> __device__ __forceinline__ void load8(const T* __restrict__ x, int64_t i0, int64_t n, float v[8]);
-
-template <> __device__ __forceinline__ void load8<float>(const float* __restrict__ x, int64_t i0, int64_t n, float v[8]) {
+// The 8 elements at i0 (a multiple of 8) as f32; those at or beyond n read as 0. Full groups are one
+// aligned vector load: cudaMalloc bases are 256-byte aligned.
+template <typename T> __device__ __forceinline__ void load8(const T* __restrict__ x, int64_t i0, int64_t n, float v[8]) {
     if (i0 + 8 <= n) {
-        // 32-byte aligned: cudaMalloc bases are 256-byte aligned and i0 is a multiple of 8.
-        const float4 a = *reinterpret_cast<const float4*>(x + i0);
-        const float4 b = *reinterpret_cast<const float4*>(x + i0 + 4);
-        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-    } else {
-#pragma unroll
-        for (int j = 0; j < 8; j++) v[j] = i0 + j < n ? x[i0 + j] : 0.f;
-    }
-}
-
-template <typename H> __device__ __forceinline__ void load8_half(const H* __restrict__ x, int64_t i0, int64_t n, float v[8]) {
-    if (i0 + 8 <= n) {
-        // 16-byte aligned (see above).
-        const uint4 u = *reinterpret_cast<const uint4*>(x + i0);
-        H h[8];
-        memcpy(h, &u, sizeof(u));
-#pragma unroll
-        for (int j = 0; j < 8; j++) v[j] = to_f32(h[j]);
+        load8_as_f32(x + i0, v);
     } else {
 #pragma unroll
         for (int j = 0; j < 8; j++) v[j] = i0 + j < n ? to_f32(x[i0 + j]) : 0.f;
     }
-}
-template <> __device__ __forceinline__ void load8<f16>(const f16* __restrict__ x, int64_t i0, int64_t n, float v[8]) {
-    load8_half(x, i0, n, v);
-}
-template <> __device__ __forceinline__ void load8<bf16>(const bf16* __restrict__ x, int64_t i0, int64_t n, float v[8]) {
-    load8_half(x, i0, n, v);
 }
 
 template <typename T, int QT>
@@ -167,79 +144,48 @@ QUANTIZE(bf16, bf16, fp4, 1)
 // 8 outputs per 16-byte store (f16/bf16: 4 stores; f32: 8). The 16-entry table sits in shared memory
 // (16 distinct words: no bank conflicts). With double quantization the absmax is decoded inline from
 // its 8-bit code (the 256-entry map in shared memory), so no second kernel and no f32 absmax round trip.
+// The one dequantize kernel of the crate: src/quant/cuda.rs launches it for QuantizedTensor::dequantize
+// and for qmatmul's dequantize + cuBLAS path.
 // ------------------------------------------------------------------------------------------------
 
-template <typename T> __device__ __forceinline__ void store8(T* __restrict__ p, const float o[8]);
-
-template <> __device__ __forceinline__ void store8<float>(float* __restrict__ p, const float o[8]) {
-    *reinterpret_cast<float4*>(p) = make_float4(o[0], o[1], o[2], o[3]);
-    *reinterpret_cast<float4*>(p + 4) = make_float4(o[4], o[5], o[6], o[7]);
-}
-
-template <typename H> __device__ __forceinline__ void store8_half(H* __restrict__ p, const float o[8]) {
-    H h[8];
-#pragma unroll
-    for (int j = 0; j < 8; j++) h[j] = from_f32<H>(o[j]);
-    uint4 u;
-    memcpy(&u, h, sizeof(u));
-    *reinterpret_cast<uint4*>(p) = u;
-}
-template <> __device__ __forceinline__ void store8<f16>(f16* __restrict__ p, const float o[8]) { store8_half(p, o); }
-template <> __device__ __forceinline__ void store8<bf16>(bf16* __restrict__ p, const float o[8]) { store8_half(p, o); }
-
 template <typename T, bool DQ>
-__device__ __forceinline__ void dequantize_impl(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
-                                                const uint8_t* __restrict__ qabsmax,
-                                                const float* __restrict__ absmax2, const Lut256* dcode,
-                                                float offset, int log2_nbs, T* __restrict__ out, int64_t n,
-                                                int log2_bs, const Lut16& lut) {
-    __shared__ float slut[16];
-    __shared__ float sdcode[DQ ? 256 : 1];
-    for (int i = threadIdx.x; i < 16; i += blockDim.x) slut[i] = lut.v[i];
-    if (DQ)
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) sdcode[i] = dcode->v[i];
-    __syncthreads();
+__device__ __forceinline__ void dequantize_impl(const uint8_t* __restrict__ data, const float* __restrict__ absmax,
+                                                const uint8_t* __restrict__ codes, const float* __restrict__ nested,
+                                                float offset, int nested_log2, const Lut16& lut,
+                                                const Lut256& ncode, int bs_log2, T* __restrict__ out, int64_t n) {
+    __shared__ float s_lut[16];
+    __shared__ float s_ncode[DQ ? 256 : 1];
+    load_luts<DQ>(s_lut, s_ncode, lut, ncode);
     const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     const int64_t e0 = t * 32;
-    if (e0 >= n) return;
-    const int64_t b = e0 >> log2_bs;
+    if (e0 >= n) return;  // after the only __syncthreads
     // (code[q] * absmax2) + offset, two roundings, exactly as bitsandbytes and the CPU path.
-    const float am = q4_absmax<DQ>(absmax, qabsmax, absmax2, sdcode, offset, log2_nbs, b);
+    const float am = q4_absmax<DQ>(absmax, codes, nested, s_ncode, offset, nested_log2, e0 >> bs_log2);
     if (e0 + 32 <= n) {
-        // 16-byte aligned: packed + 16 t from a cudaMalloc base.
-        const uint4 q = __ldg(reinterpret_cast<const uint4*>(packed + 16 * t));
+        // 16-byte aligned: data + 16 t from a cudaMalloc base.
+        const uint4 q = __ldg(reinterpret_cast<const uint4*>(data + 16 * t));
         const uint32_t w[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
         for (int k = 0; k < 4; k++) {
             float o[8];
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const uint32_t byte = (w[k] >> (8 * j)) & 0xFFu;
-                o[2 * j] = __fmul_rn(slut[byte >> 4], am);
-                o[2 * j + 1] = __fmul_rn(slut[byte & 0xFu], am);
-            }
-            store8<T>(out + e0 + 8 * k, o);  // (e0 + 8k) * sizeof(T) is a multiple of 16
+            q4_decode8(w[k], s_lut, am, o);
+            store8_from_f32(out + e0 + 8 * k, o);  // (e0 + 8k) * sizeof(T) is a multiple of 16
         }
     } else {
-        for (int64_t i = e0; i < n; i++) out[i] = from_f32<T>(__fmul_rn(slut[q4_nibble(packed, i)], am));
+        for (int64_t i = e0; i < n; i++) out[i] = from_f32<T>(__fmul_rn(s_lut[q4_nibble(data, i)], am));
     }
 }
 
-#define DEQUANTIZE(TN, T)                                                                                  \
-    extern "C" __global__ void dequantize_4bit_##TN(const uint8_t* packed, const float* absmax, T* out,     \
-                                                    int64_t n, int log2_bs, Lut16 lut) {                    \
-        dequantize_impl<T, false>(packed, absmax, nullptr, nullptr, nullptr, 0.f, 0, out, n, log2_bs, lut); \
-    }                                                                                                      \
-    extern "C" __global__ void dequantize_4bit_dq_##TN(const uint8_t* packed, const uint8_t* qabsmax,      \
-                                                       const float* absmax2, Lut256 dcode, float offset,   \
-                                                       int log2_nbs, T* out, int64_t n, int log2_bs,       \
-                                                       Lut16 lut) {                                        \
-        dequantize_impl<T, true>(packed, nullptr, qabsmax, absmax2, &dcode, offset, log2_nbs, out, n,      \
-                                 log2_bs, lut);                                                            \
+#define DEQUANTIZE(TN, T, DQ)                                                                              \
+    extern "C" __global__ void dequantize_4bit_##TN##_dq##DQ(Q4_PARAMS, T* out, int64_t n) {              \
+        dequantize_impl<T, DQ>(Q4_ARGS, out, n);                                                           \
     }
-DEQUANTIZE(f32, float)
-DEQUANTIZE(f16, f16)
-DEQUANTIZE(bf16, bf16)
+DEQUANTIZE(f32, float, 0)
+DEQUANTIZE(f32, float, 1)
+DEQUANTIZE(f16, f16, 0)
+DEQUANTIZE(f16, f16, 1)
+DEQUANTIZE(bf16, bf16, 0)
+DEQUANTIZE(bf16, bf16, 1)
 
 // ------------------------------------------------------------------------------------------------
 // Double quantization (n/64 values: tiny next to the 4-bit pass; written for exactness, not speed)

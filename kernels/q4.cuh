@@ -1,6 +1,7 @@
 // The 4-bit weight (NF4/FP4, bitsandbytes layout) as every kernel family reads it: the code books, the
 // absmax decode, the nibble reader and the common kernel parameter list. Used by qmatmul.cu, dora.cu
-// and nf4.cu; the launchers pass these parameters from one Rust struct (src/device/cuda/q4.rs).
+// and nf4.cu; the launchers pass these parameters from one Rust struct (the generated `Q4Params`, filled
+// by src/quant/cuda.rs q4_params).
 //
 // Layout (bitsandbytes functional.py / kernels.cu): W flattened row-major, blocks of 2^bs_log2
 // consecutive elements (bs in 32..4096), element f in byte f / 2, HIGH nibble for even f; the value is
@@ -8,7 +9,7 @@
 // 256-entry nested code book plus one f32 per nested block of 2^nested_log2 codes:
 //   absmax[b] = (ncode[codes[b]] * nested[b >> nested_log2]) + offset
 // with two f32 roundings (__fmul_rn/__fadd_rn stop nvcc from contracting them into an FMA), exactly as
-// bitsandbytes and the CPU twins (src/quant/cpu.rs, src/qmatmul/cpu.rs).
+// bitsandbytes and the CPU twins (src/quant/cpu/, src/qmatmul/cpu/).
 #pragma once
 #include "common.cuh"
 
@@ -33,6 +34,17 @@ __device__ __forceinline__ float q4_absmax(const float* __restrict__ absmax, con
 __device__ __forceinline__ uint32_t q4_nibble(const uint8_t* __restrict__ data, int64_t f) {
     const uint32_t byte = __ldg(data + (f >> 1));
     return (f & 1) ? (byte & 15u) : (byte >> 4);
+}
+
+// The 8 weights of one 4-byte word of packed codes (little endian: byte j holds element 2j in its high
+// nibble and 2j + 1 in its low one) with the absmax `scale` of their block.
+__device__ __forceinline__ void q4_decode8(uint32_t word, const float* s_lut, float scale, float o[8]) {
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const uint32_t byte = (word >> (8 * j)) & 0xFFu;
+        o[2 * j] = __fmul_rn(s_lut[byte >> 4], scale);
+        o[2 * j + 1] = __fmul_rn(s_lut[byte & 0xFu], scale);
+    }
 }
 
 // Loads the code books into shared memory; every thread of the (1-D or 2-D) block must call it: it

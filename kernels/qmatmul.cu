@@ -7,8 +7,6 @@
 // __fmul_rn/__fadd_rn below stop nvcc from contracting), exactly as bitsandbytes.
 //
 // Kernels
-//   q4_dequant_*       W -> dense T (the baseline's scratch, and BaseWeight::dequantize). Memory bound:
-//                      0.5625 B read + sizeof(T) written per weight.
 //   q4_gemv_simt_*     decode path (<= 16 tokens) for every dtype and shape: one warp per output row,
 //                      16-byte loads of 32 codes when in % 32 == 0 (else one code per lane), f32 FMAs,
 //                      bias and u·bᵀ folded into the same warp reduction.
@@ -32,69 +30,8 @@
 #include "mma.cuh"
 
 // ------------------------------------------------------------------------------------------------
-// Decode helpers: the code books, q4_absmax, q4_nibble and load_luts live in q4.cuh.
-
-// 8 activations of type T as f32 (16 or 32 bytes, aligned).
-__device__ __forceinline__ void load8(const float* p, float* o) {
-    float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
-    o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
-}
-template <typename H>
-__device__ __forceinline__ void load8(const H* p, float* o) {
-    uint4 v = *reinterpret_cast<const uint4*>(p);
-    const H* h = reinterpret_cast<const H*>(&v);
-#pragma unroll
-    for (int i = 0; i < 8; i++) o[i] = to_f32(h[i]);
-}
-
-// ------------------------------------------------------------------------------------------------
-// Dequantize: 8 weights (4 bytes) per thread; 8-aligned groups never straddle a block (bs >= 32).
-
-template <typename T, bool DQ>
-__device__ void dequant_impl(const uint8_t* __restrict__ data, const float* __restrict__ absmax,
-                             const uint8_t* __restrict__ codes, const float* __restrict__ nested, float offset,
-                             int nested_log2, const Lut16& lut, const Lut256& ncode, int bs_log2, T* __restrict__ out,
-                             int64_t n) {
-    __shared__ float s_lut[16];
-    __shared__ float s_ncode[DQ ? 256 : 1];
-    load_luts<DQ>(s_lut, s_ncode, lut, ncode);
-    const int64_t groups = (n + 7) / 8;
-    GRID_STRIDE(g, groups) {
-        const int64_t f0 = g * 8;
-        const float s = q4_absmax<DQ>(absmax, codes, nested, s_ncode, offset, nested_log2, f0 >> bs_log2);
-        if (f0 + 8 <= n) {
-            // Bytes 4g..4g+3 exist because (n + 1) / 2 >= 4g + 4 when f0 + 8 <= n; 4-byte aligned.
-            const uint32_t w = __ldg(reinterpret_cast<const unsigned int*>(data) + g);
-            alignas(16) T v[8];
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const uint32_t byte = (w >> (8 * i)) & 0xffu;  // little endian: byte 4g + i
-                v[2 * i] = from_f32<T>(s_lut[byte >> 4] * s);
-                v[2 * i + 1] = from_f32<T>(s_lut[byte & 15u] * s);
-            }
-            // out + f0 is 8 * sizeof(T) aligned (>= 16 bytes): vector stores.
-            if constexpr (sizeof(T) == 4) {
-                reinterpret_cast<uint4*>(out + f0)[0] = reinterpret_cast<const uint4*>(v)[0];
-                reinterpret_cast<uint4*>(out + f0)[1] = reinterpret_cast<const uint4*>(v)[1];
-            } else {
-                reinterpret_cast<uint4*>(out + f0)[0] = reinterpret_cast<const uint4*>(v)[0];
-            }
-        } else {
-            for (int64_t f = f0; f < n; f++) out[f] = from_f32<T>(s_lut[q4_nibble(data, f)] * s);
-        }
-    }
-}
-
-#define DEQUANT(TN, T, DQ)                                                                                    \
-    extern "C" __global__ void q4_dequant_##TN##_dq##DQ(Q4_PARAMS, T* out, int64_t n) {                        \
-        dequant_impl<T, DQ>(Q4_ARGS, out, n);                                                                  \
-    }
-DEQUANT(f32, float, 0)
-DEQUANT(f32, float, 1)
-DEQUANT(f16, f16, 0)
-DEQUANT(f16, f16, 1)
-DEQUANT(bf16, bf16, 0)
-DEQUANT(bf16, bf16, 1)
+// Decode helpers: the code books, q4_absmax, q4_nibble and load_luts live in q4.cuh, load8_as_f32 in
+// common.cuh; the dequantize kernel is nf4.cu's (src/quant/cuda.rs launches it).
 
 // ------------------------------------------------------------------------------------------------
 // SIMT decode GEMV: y[t, row] = sum_k W[row, k] x[t, k] + bias[row] + u[t, :]·b[row, :], t < nt <= 16.
@@ -132,17 +69,12 @@ __device__ void gemv_simt_impl(const T* __restrict__ x, const uint8_t* __restric
             for (int qi = 0; qi < 4; qi++) {
                 // Word qi holds elements 32c + 8qi .. +8 of the row.
                 float w[8];
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const uint32_t byte = (words[qi] >> (8 * e)) & 0xffu;
-                    w[2 * e] = s_lut[byte >> 4] * s;
-                    w[2 * e + 1] = s_lut[byte & 15u] * s;
-                }
+                q4_decode8(words[qi], s_lut, s, w);
 #pragma unroll
                 for (int t = 0; t < MAXT; t++) {
                     if (t < nt) {
                         float xv[8];
-                        load8(x + t * in + (c << 5) + 8 * qi, xv);
+                        load8_as_f32(x + t * in + (c << 5) + 8 * qi, xv);
 #pragma unroll
                         for (int e = 0; e < 8; e++) acc[t] = fmaf(w[e], xv[e], acc[t]);
                     }

@@ -221,14 +221,19 @@ impl DoraLinear {
         let (a, b) = (store.get(lora.a_id())?, store.get(lora.b_id())?);
         let n = norm_parts(&lora, &w_sq, a, b, None, DType::F32)?.n;
         let m = store.insert(key, n.to_dtype(cfg.dtype)?)?;
-        Ok(DoraLinear {
+        Ok(Self::assemble(lora, m, w_sq, opts))
+    }
+
+    /// The layer over a LoRA layer, its magnitude parameter and the base rows' squared norms.
+    fn assemble(lora: LoraLinear, m: ParamId, w_sq: Tensor, opts: DoraOptions) -> Self {
+        DoraLinear {
             lora,
             m,
             w_sq,
             opts,
             eval: None,
             merge_norm: None,
-        })
+        }
     }
 
     /// Wraps parameters that already live in `store` (e.g. loaded from a PEFT adapter file).
@@ -263,14 +268,7 @@ impl DoraLinear {
             ));
         }
         let w_sq = on_device!(lora.base().device(), row_sq_norms(lora.base()))?;
-        Ok(DoraLinear {
-            lora,
-            m,
-            w_sq,
-            opts,
-            eval: None,
-            merge_norm: None,
-        })
+        Ok(Self::assemble(lora, m, w_sq, opts))
     }
 
     /// The LoRA part (base weight, A, B, scaling, dropout).

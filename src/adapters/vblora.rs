@@ -591,14 +591,7 @@ impl VbLoraLayer {
 
     fn check_x(&self, x: &Tensor, dim: usize, what: &str, op: &'static str) -> Result<usize> {
         x.dtype().expect_float(op)?;
-        let (t, d) = x.dims2(op)?;
-        if d != dim {
-            return Err(Error::shape(
-                op,
-                format!("{what} must be [.., {dim}], got {:?}", x.shape()),
-            ));
-        }
-        Ok(t)
+        x.rows_with_cols(dim, what, op)
     }
 
     /// `x·Aᵀ·Bᵀ` for `x [.., in]`: `[.., out]` in x's dtype (computed in f32, as PEFT casts x to the

@@ -403,14 +403,7 @@ impl WaveFtPositions {
                 ),
             ));
         }
-        let (t, d) = x.dims2(op)?;
-        if d != dim {
-            return Err(Error::shape(
-                op,
-                format!("{what} must be [.., {dim}], got {:?}", x.shape()),
-            ));
-        }
-        Ok(t)
+        x.rows_with_cols(dim, what, op)
     }
 }
 

@@ -3,11 +3,11 @@
 //! cast to the dtype).
 
 use super::AttentionConfig;
-use crate::device::cuda::{CudaBackend, backend};
+use crate::device::cuda::{CudaBackend, backend, kernels as k};
 use crate::error::{Error, Result};
-use crate::tensor::cuda::{CudaStorage, alloc, wrap};
-use crate::tensor::{DType, Storage, Tensor, dropout_threshold};
-use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
+use crate::tensor::cuda::{CudaStorage, alloc, storage, typed, wrap};
+use crate::tensor::{DType, Tensor, dropout_threshold};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 use std::sync::Arc;
 
 /// Largest head_dim of the kernels (`ATT_DMAX`).
@@ -18,46 +18,19 @@ const BWD_KEYS: usize = 32;
 /// Query rows per tensor-core forward block (`MMA_BQ`).
 const MMA_ROWS: usize = 64;
 
-/// The tensor-core forward kernel for f16/bf16 at head_dim 32, 64 or 128 (None: the SIMT kernel).
-fn mma_forward(dtype: DType, head_dim: usize) -> Option<&'static str> {
-    Some(match (dtype, head_dim) {
-        (DType::F16, 32) => "attn_fwd_mma_f16_d32",
-        (DType::F16, 64) => "attn_fwd_mma_f16_d64",
-        (DType::F16, 128) => "attn_fwd_mma_f16_d128",
-        (DType::BF16, 32) => "attn_fwd_mma_bf16_d32",
-        (DType::BF16, 64) => "attn_fwd_mma_bf16_d64",
-        (DType::BF16, 128) => "attn_fwd_mma_bf16_d128",
-        _ => return None,
-    })
+/// Whether the tensor-core forward kernel `attn_fwd_mma_<T>_d<head_dim>` exists: f16/bf16 at head_dim
+/// 32, 64 or 128 (otherwise the SIMT kernel `attn_fwd_<T>` runs).
+fn mma_forward(dtype: DType, head_dim: usize) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16) && matches!(head_dim, 32 | 64 | 128)
 }
 
 fn cs(t: &Tensor) -> Result<&CudaStorage> {
-    match t.storage() {
-        Storage::Cuda(c) => Ok(c),
-        Storage::Cpu(_) => Err(Error::device(
-            "attention",
-            "expected a CUDA tensor, got a CPU tensor",
-        )),
-    }
+    storage(t, "attention")
 }
 
-fn kernel(b: &CudaBackend, stem: &str, dtype: DType) -> Result<cudarc::driver::CudaFunction> {
-    let name = match (stem, dtype) {
-        ("fwd", DType::F32) => "attn_fwd_f32",
-        ("fwd", DType::F16) => "attn_fwd_f16",
-        ("fwd", DType::BF16) => "attn_fwd_bf16",
-        ("dot", DType::F32) => "attn_bwd_dot_f32",
-        ("dot", DType::F16) => "attn_bwd_dot_f16",
-        ("dot", DType::BF16) => "attn_bwd_dot_bf16",
-        ("bwd", DType::F32) => "attn_bwd_f32",
-        ("bwd", DType::F16) => "attn_bwd_f16",
-        ("bwd", DType::BF16) => "attn_bwd_bf16",
-        _ => return Err(Error::dtype("attention", "f32, f16 or bf16", dtype)),
-    };
-    b.func("attention", name)
-}
-
-/// The scalar launch arguments shared by forward and backward.
+/// The scalar launch arguments shared by forward and backward: `int Sq, Sk, H, KVH, D, float scale, int
+/// causal, uint64 threshold, float drop_scale, uint64 seed` (the common tail of both kernels' parameter
+/// lists).
 struct Dims {
     sq: i32,
     sk: i32,
@@ -69,23 +42,6 @@ struct Dims {
     threshold: u64,
     drop_scale: f32,
     seed: u64,
-}
-
-impl Dims {
-    /// Appends `int Sq, Sk, H, KVH, D, float scale, int causal, uint64 threshold, float drop_scale,
-    /// uint64 seed` (the common tail of both kernels' parameter lists).
-    fn push<'a>(&'a self, l: &mut LaunchArgs<'a>) {
-        l.arg(&self.sq)
-            .arg(&self.sk)
-            .arg(&self.h)
-            .arg(&self.kvh)
-            .arg(&self.d)
-            .arg(&self.scale)
-            .arg(&self.causal)
-            .arg(&self.threshold)
-            .arg(&self.drop_scale)
-            .arg(&self.seed);
-    }
 }
 
 fn dims(cfg: &AttentionConfig) -> Result<Dims> {
@@ -153,35 +109,41 @@ pub(crate) fn forward(
     let mut lse = alloc(&b, DType::F32, cfg.lse_len())?;
     if cfg.lse_len() > 0 {
         let (mask, has_mask) = mask_on(&b, key_mask)?;
-        let (f, launch) = match mma_forward(dtype, cfg.head_dim) {
-            Some(name) => (
-                b.func("attention", name)?,
-                grid(cfg.batch * cfg.num_heads, cfg.seq_q.div_ceil(MMA_ROWS))?,
-            ),
-            None => (
-                kernel(&b, "fwd", dtype)?,
-                grid(cfg.batch * cfg.num_heads, cfg.seq_q.div_ceil(FWD_ROWS))?,
-            ),
-        };
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(&cs(q)?.data)
-            .arg(&cs(k)?.data)
-            .arg(&cs(v)?.data)
-            .arg(&mask)
-            .arg(&has_mask)
-            .arg(&mut out.data)
-            .arg(&mut lse.data);
-        p.push(&mut l);
-        // SAFETY: attn_fwd_<T> and attn_fwd_mma_<T>_d<D> (same parameter list; the mma kernels only for
-        // f16/bf16 and their template D) take (const T* q [B*Sq, H*D], const T* k, v [B*Sk, KVH*D], const
-        // uint8* mask [B*Sk] (read only when has_mask), int has_mask, T* out [B*Sq, H*D], float* lse
-        // [B*H*Sq], int Sq, Sk, H, KVH, D, float scale, int causal, uint64 threshold, float drop_scale,
-        // uint64 seed). The shapes were checked against cfg by check_inputs (and the mask length), D <=
-        // 128 and every size fits an int (dims); T matches dtype (the kernel name). Block (b*H + h, tile)
-        // writes exactly the out rows of its tile (16 or 64 rows, < Sq) of head h and their lse entries;
-        // blockDim 128 = 4 warps as both kernels expect; shared memory is static (<= 41 KB < 48 KB). The
-        // mma kernel's 16-byte K/V loads are aligned: fresh allocations, row offsets multiples of D.
-        unsafe { l.launch(launch) }?;
+        let mma = mma_forward(dtype, cfg.head_dim);
+        let rows = if mma { MMA_ROWS } else { FWD_ROWS };
+        let launch = grid(cfg.batch * cfg.num_heads, cfg.seq_q.div_ceil(rows))?;
+        let (qs, ks, vs) = (cs(q)?, cs(k)?, cs(v)?);
+        let mv = mask.as_view();
+        typed!(dtype, "attention", |T| {
+            let (qv, kv, vv) = (qs.view::<T>()?, ks.view::<T>()?, vs.view::<T>()?);
+            let (mut ov, mut lv) = (out.view_mut::<T>()?, lse.view_mut::<f32>()?);
+            // SAFETY: attn_fwd_<T> and attn_fwd_mma_<T>_d<D> (same parameter list; the mma kernels only
+            // for f16/bf16 and their template D = head_dim) take (const T* q [B*Sq, H*D], const T* k, v
+            // [B*Sk, KVH*D], const uint8* mask [B*Sk] (read only when has_mask), int has_mask, T* out
+            // [B*Sq, H*D], float* lse [B*H*Sq], int Sq, Sk, H, KVH, D, float scale, int causal, uint64
+            // threshold, float drop_scale, uint64 seed). The shapes were checked against cfg by
+            // check_inputs (and the mask length), D <= 128 and every size fits an int (dims); T matches
+            // dtype. Block (b*H + h, tile) writes exactly the out rows of its tile (16 or 64 rows, < Sq)
+            // of head h and their lse entries; blockDim 128 = 4 warps as both kernels expect; shared
+            // memory is static (<= 41 KB < 48 KB). The mma kernel's 16-byte K/V loads are aligned: fresh
+            // allocations, row offsets multiples of D.
+            unsafe {
+                // The two kernels share their parameter list after the mma kernel's head_dim flag.
+                macro_rules! fwd {
+                    ($f:path $(, $flag:expr)?) => {
+                        $f(
+                            &b, launch, $($flag,)? &qv, &kv, &vv, &mv, has_mask, &mut ov, &mut lv, p.sq, p.sk,
+                            p.h, p.kvh, p.d, p.scale, p.causal, p.threshold, p.drop_scale, p.seed,
+                        )
+                    };
+                }
+                if mma {
+                    fwd!(k::attention::attn_fwd_mma::<T>, cfg.head_dim as u32)
+                } else {
+                    fwd!(k::attention::attn_fwd::<T>)
+                }
+            }
+        })?;
     }
     Ok((
         wrap(out, q.shape(), dtype),
@@ -209,62 +171,79 @@ pub(crate) fn backward(
         backend: b.clone(),
     };
     let mut dk = alloc(&b, dtype, k.numel())?;
-    let mut dv = alloc(&b, dtype, v.numel())?;
+    let mut dv_out = alloc(&b, dtype, v.numel())?;
     let rows = cfg.lse_len();
     if rows > 0 && cfg.seq_k > 0 {
         let mut dvec = alloc(&b, DType::F32, rows)?;
         let tokens = (cfg.batch * cfg.seq_q) as i64;
-        let f = kernel(&b, "dot", dtype)?;
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(&cs(output)?.data)
-            .arg(&cs(grad_out)?.data)
-            .arg(&mut dvec.data)
-            .arg(&tokens)
-            .arg(&p.sq)
-            .arg(&p.h)
-            .arg(&p.d);
         let blocks = rows.div_ceil(8).min(1 << 20);
-        // SAFETY: attn_bwd_dot_<T>(const T* o, const T* dout [B*Sq, H*D] (same shape as q, checked by
-        // attention_backward; dout converted to dtype), float* dvec [B*H*Sq], int64 tokens = B*Sq, int Sq,
-        // H, D); one warp per (token, head), grid-stride, each writes its own dvec entry; 8 warps per block.
-        unsafe {
-            l.launch(LaunchConfig {
-                grid_dim: (blocks as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            })
-        }?;
+        let dot_launch = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let (mask, has_mask) = mask_on(&b, key_mask)?;
-        let f = kernel(&b, "bwd", dtype)?;
         let launch = grid(cfg.batch * cfg.num_kv_heads, cfg.seq_k.div_ceil(BWD_KEYS))?;
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(&cs(q)?.data)
-            .arg(&cs(k)?.data)
-            .arg(&cs(v)?.data)
-            .arg(&cs(grad_out)?.data)
-            .arg(&cs(lse)?.data)
-            .arg(&dvec.data)
-            .arg(&mask)
-            .arg(&has_mask)
-            .arg(&mut dq_acc.data)
-            .arg(&mut dk.data)
-            .arg(&mut dv.data);
-        p.push(&mut l);
-        // SAFETY: attn_bwd_<T>(const T* q, k, v, dout, const float* lse [B*H*Sq] (length checked by
-        // attention_backward), const float* dvec [B*H*Sq], const uint8* mask [B*Sk] or placeholder, int
-        // has_mask, float* dq_acc [B*Sq*H*D] zeroed, T* dk, dv [B*Sk, KVH*D], int Sq, Sk, H, KVH, D, float
-        // scale, int causal, uint64 threshold, float drop_scale, uint64 seed). Block (b*KVH + g, tile)
-        // owns keys tile*32..+32 (< Sk) of kv head g and writes exactly their dk/dv rows; dq_acc is only
-        // updated with atomicAdd; 128 threads = 4 warps x 8 keys as the kernel expects; static shared
-        // memory ~33 KB.
-        unsafe { l.launch(launch) }?;
+        let (qs, ks, vs, os, gs, ls) = (cs(q)?, cs(k)?, cs(v)?, cs(output)?, cs(grad_out)?, cs(lse)?);
+        let mv = mask.as_view();
+        typed!(dtype, "attention", |T| {
+            let (ov, gv) = (os.view::<T>()?, gs.view::<T>()?);
+            {
+                let mut dv = dvec.view_mut::<f32>()?;
+                // SAFETY: attn_bwd_dot_<T>(const T* o, const T* dout [B*Sq, H*D] (same shape as q,
+                // checked by attention_backward; dout converted to dtype), float* dvec [B*H*Sq], int64
+                // tokens = B*Sq, int Sq, H, D); one warp per (token, head), grid-stride, each writes its
+                // own dvec entry; 8 warps per block.
+                unsafe {
+                    k::attention::attn_bwd_dot::<T>(&b, dot_launch, &ov, &gv, &mut dv, tokens, p.sq, p.h, p.d)
+                }?;
+            }
+            let (qv, kv, vv) = (qs.view::<T>()?, ks.view::<T>()?, vs.view::<T>()?);
+            let (lv, dv) = (ls.view::<f32>()?, dvec.view::<f32>()?);
+            let mut dqv = dq_acc.view_mut::<f32>()?;
+            let (mut dkv, mut dvv) = (dk.view_mut::<T>()?, dv_out.view_mut::<T>()?);
+            // SAFETY: attn_bwd_<T>(const T* q, k, v, dout, const float* lse [B*H*Sq] (length checked by
+            // attention_backward), const float* dvec [B*H*Sq], const uint8* mask [B*Sk] or placeholder,
+            // int has_mask, float* dq_acc [B*Sq*H*D] zeroed, T* dk, dv [B*Sk, KVH*D], int Sq, Sk, H, KVH,
+            // D, float scale, int causal, uint64 threshold, float drop_scale, uint64 seed). Block (b*KVH
+            // + g, tile) owns keys tile*32..+32 (< Sk) of kv head g and writes exactly their dk/dv rows;
+            // dq_acc is only updated with atomicAdd; 128 threads = 4 warps x 8 keys as the kernel
+            // expects; static shared memory ~33 KB.
+            unsafe {
+                k::attention::attn_bwd::<T>(
+                    &b,
+                    launch,
+                    &qv,
+                    &kv,
+                    &vv,
+                    &gv,
+                    &lv,
+                    &dv,
+                    &mv,
+                    has_mask,
+                    &mut dqv,
+                    &mut dkv,
+                    &mut dvv,
+                    p.sq,
+                    p.sk,
+                    p.h,
+                    p.kvh,
+                    p.d,
+                    p.scale,
+                    p.causal,
+                    p.threshold,
+                    p.drop_scale,
+                    p.seed,
+                )
+            }
+        })?;
     } else if k.numel() > 0 {
         // No query row (or no key): zero gradients for k and v.
         dk = CudaStorage {
             data: b.stream.alloc_zeros::<u8>(k.numel() * dtype.size_in_bytes())?,
             backend: b.clone(),
         };
-        dv = CudaStorage {
+        dv_out = CudaStorage {
             data: b.stream.alloc_zeros::<u8>(v.numel() * dtype.size_in_bytes())?,
             backend: b.clone(),
         };
@@ -275,5 +254,5 @@ pub(crate) fn backward(
     } else {
         dq.to_dtype(dtype)?
     };
-    Ok((dq, wrap(dk, k.shape(), dtype), wrap(dv, v.shape(), dtype)))
+    Ok((dq, wrap(dk, k.shape(), dtype), wrap(dv_out, v.shape(), dtype)))
 }

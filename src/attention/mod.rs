@@ -32,7 +32,8 @@ pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 
-use crate::autograd::{Backward, Tape, Var};
+use crate::autograd::ops::record_fn;
+use crate::autograd::{Tape, Var};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Storage, Tensor};
@@ -250,44 +251,6 @@ pub fn attention_backward(
     }
 }
 
-/// The tape record of one attention call: the config, the mask and the log-sum-exp (the inputs and the
-/// output are the tape's values).
-struct AttentionBackward {
-    cfg: AttentionConfig,
-    key_mask: Option<Vec<u8>>,
-    lse: Tensor,
-}
-
-impl Backward for AttentionBackward {
-    fn backward(
-        &self,
-        grad_output: &Tensor,
-        inputs: &[&Tensor],
-        output: &Tensor,
-        needs: &[bool],
-    ) -> Result<Vec<Option<Tensor>>> {
-        let [q, k, v] = inputs else {
-            return Err(Error::invalid("attention backward: expected 3 inputs"));
-        };
-        let (dq, dk, dv) = attention_backward(
-            q,
-            k,
-            v,
-            output,
-            &self.lse,
-            grad_output,
-            self.key_mask.as_deref(),
-            &self.cfg,
-        )?;
-        let pick = |t: Tensor, i: usize| needs.get(i).copied().unwrap_or(false).then_some(t);
-        Ok(vec![pick(dq, 0), pick(dk, 1), pick(dv, 2)])
-    }
-
-    fn name(&self) -> &'static str {
-        "attention"
-    }
-}
-
 impl Tape {
     /// Scaled dot-product attention of token-major `q [batch*seq_q, num_heads*head_dim]` and `k`, `v`
     /// `[batch*seq_k, num_kv_heads*head_dim]` (as the linears produce them) to `[batch*seq_q,
@@ -303,14 +266,17 @@ impl Tape {
         cfg: &AttentionConfig,
     ) -> Result<Var> {
         let (out, lse) = attention_forward(self.value(q)?, self.value(k)?, self.value(v)?, key_mask, cfg)?;
-        self.record(
-            &[q, k, v],
-            out,
-            Box::new(AttentionBackward {
-                cfg: cfg.clone(),
-                key_mask: key_mask.map(<[u8]>::to_vec),
-                lse,
-            }),
-        )
+        // The record keeps the config, the mask and the log-sum-exp (the inputs and the output are the
+        // tape's values).
+        let (cfg, key_mask) = (cfg.clone(), key_mask.map(<[u8]>::to_vec));
+        let back = move |g: &Tensor, inputs: &[&Tensor], output: &Tensor, needs: &[bool]| {
+            let [q, k, v] = inputs else {
+                return Err(Error::invalid("attention backward: expected 3 inputs"));
+            };
+            let (dq, dk, dv) = attention_backward(q, k, v, output, &lse, g, key_mask.as_deref(), &cfg)?;
+            let pick = |t: Tensor, i: usize| needs.get(i).copied().unwrap_or(false).then_some(t);
+            Ok(vec![pick(dq, 0), pick(dk, 1), pick(dv, 2)])
+        };
+        self.record(&[q, k, v], out, record_fn("attention", back))
     }
 }

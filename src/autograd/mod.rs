@@ -38,6 +38,7 @@ pub(crate) mod cuda;
 #[cfg(not(feature = "cuda"))]
 #[path = "cuda_stub.rs"]
 pub(crate) mod cuda;
+pub mod decoder;
 pub mod gradcheck;
 pub mod ops;
 pub mod params;
@@ -197,7 +198,11 @@ impl Tape {
     /// `act(x)` for any [`Activation`].
     pub fn activation(&mut self, x: Var, act: Activation) -> Result<Var> {
         let y = ops::activation(self.value(x)?, act)?;
-        self.record(&[x], y, Box::new(ops::ActivationBackward(act)))
+        self.record(
+            &[x],
+            y,
+            ops::unary(act.name(), move |g, x| ops::activation_backward(x, g, act)),
+        )
     }
 
     /// `max(x, 0)`.
@@ -223,27 +228,23 @@ impl Tape {
     /// `a + b` (same shape, dtype and device).
     pub fn add(&mut self, a: Var, b: Var) -> Result<Var> {
         let y = self.value(a)?.add(self.value(b)?)?;
-        self.record(&[a, b], y, Box::new(ops::AddBackward))
+        self.record(&[a, b], y, ops::add_record())
     }
 
     /// `mean((pred - target)²)` over all elements: an f32 `[1]` loss. `target` is a constant of the
     /// same shape, dtype and device as `pred`.
     pub fn mse_loss(&mut self, pred: Var, target: &Tensor) -> Result<Var> {
         let loss = ops::mse_loss(self.value(pred)?, target)?;
-        self.record(
-            &[pred],
-            loss,
-            Box::new(ops::MseBackward {
-                target: target.clone(),
-            }),
-        )
+        let target = target.clone();
+        let back = move |g: &Tensor, x: &Tensor| ops::mse_loss_backward(x, &target, g);
+        self.record(&[pred], loss, ops::unary("mse_loss", back))
     }
 
     /// Mean cross-entropy of logits `[N, C]` against class indices (`targets.len() == N`, each `< C`):
     /// an f32 `[1]` loss, log-sum-exp with the row max subtracted, f32 math for every logits dtype.
     pub fn cross_entropy(&mut self, logits: Var, targets: &[u32]) -> Result<Var> {
         let (loss, saved) = ops::cross_entropy_forward(self.value(logits)?, targets, None)?;
-        self.record(&[logits], loss, Box::new(ops::CrossEntropyBackward { saved }))
+        self.record(&[logits], loss, cross_entropy_record(saved))
     }
 
     /// [`Tape::cross_entropy`] where rows whose target equals `ignore_index` (padding, prompt
@@ -251,7 +252,7 @@ impl Tape {
     /// row is ignored the loss and its gradient are 0 (torch gives NaN).
     pub fn cross_entropy_ignore(&mut self, logits: Var, targets: &[u32], ignore_index: u32) -> Result<Var> {
         let (loss, saved) = ops::cross_entropy_forward(self.value(logits)?, targets, Some(ignore_index))?;
-        self.record(&[logits], loss, Box::new(ops::CrossEntropyBackward { saved }))
+        self.record(&[logits], loss, cross_entropy_record(saved))
     }
 
     /// Gradients of the trainable parameters with respect to `loss`, a 1-element float value
@@ -351,4 +352,11 @@ impl Tape {
     pub fn is_empty(&self) -> bool {
         self.values.is_empty()
     }
+}
+
+/// The tape record of a cross-entropy loss.
+fn cross_entropy_record(saved: CrossEntropySaved) -> Box<dyn Backward> {
+    ops::unary("cross_entropy", move |g, x| {
+        ops::cross_entropy_backward(x, &saved, g)
+    })
 }

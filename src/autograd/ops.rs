@@ -324,96 +324,55 @@ pub(crate) fn sum_squares_cuda(gs: &[&Tensor]) -> Result<f64> {
 
 // ---------------------------------------------------------------------------------- tape records
 
-pub(crate) struct ActivationBackward(pub(crate) Activation);
+/// A tape record given as a closure `f(grad_output, inputs, output, needs)` with the contract of
+/// [`Backward::backward`]; the ops of this crate record their backward this way.
+struct FnRecord<F>(&'static str, F);
 
-impl Backward for ActivationBackward {
+impl<F> Backward for FnRecord<F>
+where
+    F: Fn(&Tensor, &[&Tensor], &Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync,
+{
     fn backward(
         &self,
         grad_output: &Tensor,
         inputs: &[&Tensor],
-        _output: &Tensor,
+        output: &Tensor,
         needs: &[bool],
     ) -> Result<Vec<Option<Tensor>>> {
+        (self.1)(grad_output, inputs, output, needs)
+    }
+
+    fn name(&self) -> &'static str {
+        self.0
+    }
+}
+
+/// A tape record named `name` whose backward is `f(grad_output, inputs, output, needs)`.
+pub(crate) fn record_fn(
+    name: &'static str,
+    f: impl Fn(&Tensor, &[&Tensor], &Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+) -> Box<dyn Backward> {
+    Box::new(FnRecord(name, f))
+}
+
+/// The tape record of a one-input op whose input gradient is `f(dy, x)` (activations, losses, the
+/// nn layers).
+pub(crate) fn unary(
+    name: &'static str,
+    f: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Box<dyn Backward> {
+    record_fn(name, move |g, inputs, _, needs| {
         if !needs[0] {
             return Ok(vec![None]);
         }
-        Ok(vec![Some(activation_backward(inputs[0], grad_output, self.0)?)])
-    }
-
-    fn name(&self) -> &'static str {
-        self.0.name()
-    }
+        Ok(vec![Some(f(g, inputs[0])?)])
+    })
 }
 
-pub(crate) struct AddBackward;
-
-impl Backward for AddBackward {
-    fn backward(
-        &self,
-        grad_output: &Tensor,
-        _inputs: &[&Tensor],
-        _output: &Tensor,
-        needs: &[bool],
-    ) -> Result<Vec<Option<Tensor>>> {
-        // Tensor clones share storage: passing the same gradient to both inputs costs nothing.
-        Ok(needs.iter().map(|&n| n.then(|| grad_output.clone())).collect())
-    }
-
-    fn name(&self) -> &'static str {
-        "add"
-    }
-}
-
-pub(crate) struct MseBackward {
-    pub(crate) target: Tensor,
-}
-
-impl Backward for MseBackward {
-    fn backward(
-        &self,
-        grad_output: &Tensor,
-        inputs: &[&Tensor],
-        _output: &Tensor,
-        needs: &[bool],
-    ) -> Result<Vec<Option<Tensor>>> {
-        if !needs[0] {
-            return Ok(vec![None]);
-        }
-        Ok(vec![Some(mse_loss_backward(
-            inputs[0],
-            &self.target,
-            grad_output,
-        )?)])
-    }
-
-    fn name(&self) -> &'static str {
-        "mse_loss"
-    }
-}
-
-pub(crate) struct CrossEntropyBackward {
-    pub(crate) saved: CrossEntropySaved,
-}
-
-impl Backward for CrossEntropyBackward {
-    fn backward(
-        &self,
-        grad_output: &Tensor,
-        inputs: &[&Tensor],
-        _output: &Tensor,
-        needs: &[bool],
-    ) -> Result<Vec<Option<Tensor>>> {
-        if !needs[0] {
-            return Ok(vec![None]);
-        }
-        Ok(vec![Some(cross_entropy_backward(
-            inputs[0],
-            &self.saved,
-            grad_output,
-        )?)])
-    }
-
-    fn name(&self) -> &'static str {
-        "cross_entropy"
-    }
+/// The tape record of `a + b`: both inputs get the output gradient.
+pub(crate) fn add_record() -> Box<dyn Backward> {
+    // Tensor clones share storage: passing the same gradient to both inputs costs nothing.
+    record_fn("add", |g, _, _, needs| {
+        Ok(needs.iter().map(|&n| n.then(|| g.clone())).collect())
+    })
 }

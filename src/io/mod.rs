@@ -128,6 +128,21 @@ impl SafetensorsFile {
         Ok((info.dtype, info.shape.clone(), data))
     }
 
+    /// The [`TensorSpec`] (name, dtype, shape) of every tensor `keep` accepts, in name order: what a
+    /// streaming writer copies through unchanged.
+    pub fn specs_where(&self, keep: impl Fn(&str) -> bool) -> Result<Vec<TensorSpec>> {
+        let mut specs = Vec::new();
+        for name in self.names.iter().filter(|n| keep(n)) {
+            let (dtype, shape, _) = self.raw(name)?;
+            specs.push(TensorSpec {
+                name: name.clone(),
+                dtype,
+                shape,
+            });
+        }
+        Ok(specs)
+    }
+
     /// Drops the pages of tensor `name` from this process's resident set, after its bytes were used
     /// (streaming writers call it so that the input map does not accumulate in memory). The pages stay
     /// in the page cache and are mapped again, with the same bytes, if the tensor is read later. A no-op

@@ -24,7 +24,6 @@ use crate::autograd::{Activation, Backward, ParamId, ParamStore, Tape, Var};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::io::peft::{AdapterConfig, ExtraKind, PeftAdapter};
-use crate::peft_model::load::{LoadOptions, build_layers, init_layers};
 use crate::tensor::{DType, Tensor};
 use std::sync::Arc;
 
@@ -330,101 +329,18 @@ impl BertModel {
         store: &mut ParamStore,
         seed: u64,
     ) -> Result<Vec<String>> {
-        if self.linears().iter().any(|s| s.adapter().is_some()) {
-            return Err(Error::invalid("the model already has adapters"));
-        }
-        let bases: Vec<_> = self
-            .linears()
-            .into_iter()
-            .filter(|s| config.targets(s.name(), true))
-            .map(|s| (s.name().to_string(), s.base().clone(), s.bias().cloned()))
-            .collect();
-        if bases.is_empty() {
-            return Err(Error::invalid(
-                "no linear of the model matches the config's target_modules",
-            ));
-        }
-        let lo = self.load_options();
-        let (layers, bank) = init_layers(config, bases, store, seed, &lo)?;
-        self.install(layers, bank)
+        let lo = self.opts.adapter_options();
+        let (names, bank) = super::adapt::init_into(self.linears_mut(), config, store, seed, &lo)?;
+        self.bank = bank;
+        Ok(names)
     }
 
     /// Attaches the layers of a loaded PEFT adapter (every adapted module must be one of the model's
     /// linears with the adapter's shapes). The adapter's extra tensors are not handled here (see
     /// [`BertForSequenceClassification::load_adapter`]).
     pub fn attach_adapter(&mut self, adapter: &PeftAdapter, store: &mut ParamStore) -> Result<Vec<String>> {
-        if self.linears().iter().any(|s| s.adapter().is_some()) {
-            return Err(Error::invalid("the model already has adapters"));
-        }
-        if adapter.config.bias != "none" {
-            return Err(Error::invalid(format!(
-                "adapter bias {:?}: trained base biases are not supported by the BERT model (only \"none\")",
-                adapter.config.bias
-            )));
-        }
-        let layout = adapter.layout()?;
-        let mut bases = Vec::with_capacity(layout.modules.len());
-        for m in &layout.modules {
-            let slot = self
-                .linears()
-                .into_iter()
-                .find(|s| s.name() == m.name)
-                .ok_or_else(|| {
-                    Error::invalid(format!(
-                        "the adapter has module {:?}, which is not a linear of this model (names like {:?})",
-                        m.name,
-                        self.linears()
-                            .first()
-                            .map(|s| s.name().to_string())
-                            .unwrap_or_default()
-                    ))
-                })?;
-            if let Some(want) = m.base_weight_shape() {
-                let got = [slot.base().out_features(), slot.base().in_features()];
-                if got != want {
-                    return Err(Error::shape(
-                        "attach_adapter",
-                        format!(
-                            "module {:?}: base weight is {got:?}, the adapter needs {want:?}",
-                            m.name
-                        ),
-                    ));
-                }
-            }
-            bases.push((slot.base().clone(), slot.bias().cloned()));
-        }
-        let lo = self.load_options();
-        let (layers, bank) = build_layers(adapter, &layout.modules, bases, store, &lo)?;
-        self.install(layers, bank)
-    }
-
-    fn load_options(&self) -> LoadOptions {
-        LoadOptions {
-            device: self.opts.device,
-            dtype: Some(self.opts.dtype),
-            algo: self.opts.algo,
-        }
-    }
-
-    fn install(
-        &mut self,
-        layers: Vec<Box<dyn AdapterLinear>>,
-        bank: Option<VbLoraBank>,
-    ) -> Result<Vec<String>> {
-        let mut names = Vec::with_capacity(layers.len());
-        let mut by_name: std::collections::HashMap<String, Box<dyn AdapterLinear>> =
-            layers.into_iter().map(|l| (l.name().to_string(), l)).collect();
-        for slot in self.linears_mut() {
-            if let Some(l) = by_name.remove(slot.name()) {
-                names.push(l.name().to_string());
-                *slot = LinearSlot::Adapter(l);
-            }
-        }
-        if let Some(n) = by_name.keys().next() {
-            return Err(Error::invalid(format!(
-                "adapter layer {n:?} has no slot in the model"
-            )));
-        }
+        let lo = self.opts.adapter_options();
+        let (names, bank) = super::adapt::attach_into(self.linears_mut(), adapter, store, &lo)?;
         self.bank = bank;
         Ok(names)
     }

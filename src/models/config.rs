@@ -7,7 +7,7 @@ use serde_json::Value;
 use std::path::Path;
 
 /// The architectures [`super::from_pretrained`] knows.
-pub const SUPPORTED_MODEL_TYPES: [&str; 1] = ["bert"];
+pub const SUPPORTED_MODEL_TYPES: [&str; 4] = ["bert", "llama", "mistral", "qwen2"];
 
 /// transformers' `BertConfig` (the fields the model uses), read from `config.json`.
 #[derive(Clone, Debug, PartialEq)]
@@ -53,7 +53,7 @@ fn ctx() -> &'static str {
     "config.json"
 }
 
-fn get_usize(v: &Value, key: &str, default: Option<usize>) -> Result<usize> {
+pub(crate) fn get_usize(v: &Value, key: &str, default: Option<usize>) -> Result<usize> {
     match v.get(key) {
         None | Some(Value::Null) => {
             default.ok_or_else(|| Error::format(ctx(), format!("missing required field {key:?}")))
@@ -65,7 +65,7 @@ fn get_usize(v: &Value, key: &str, default: Option<usize>) -> Result<usize> {
     }
 }
 
-fn get_f32(v: &Value, key: &str, default: f32) -> Result<f32> {
+pub(crate) fn get_f32(v: &Value, key: &str, default: f32) -> Result<f32> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(x) => x
@@ -75,13 +75,39 @@ fn get_f32(v: &Value, key: &str, default: f32) -> Result<f32> {
     }
 }
 
-fn probability(v: &Value, key: &str, default: f32) -> Result<f32> {
+pub(crate) fn probability(v: &Value, key: &str, default: f32) -> Result<f32> {
     let p = get_f32(v, key, default)?;
     if (0.0..1.0).contains(&p) {
         Ok(p)
     } else {
         Err(Error::format(ctx(), format!("{key:?} = {p} is not in [0, 1)")))
     }
+}
+
+/// `num_labels`, else the size of `id2label`, else 2 (transformers' `PretrainedConfig`).
+pub(crate) fn num_labels_of(v: &Value) -> Result<usize> {
+    match v.get("num_labels") {
+        Some(x) if !x.is_null() => get_usize(v, "num_labels", None),
+        _ => Ok(v
+            .get("id2label")
+            .and_then(Value::as_object)
+            .map_or(2, |m| m.len())),
+    }
+}
+
+/// Every named size positive and at most 2²⁴ (a cap against absurd sizes from corrupt files: tables
+/// are allocated from these), `num_labels` at most 2¹⁶ (the head is initialized from the config alone).
+pub(crate) fn check_sizes(sizes: &[(&str, usize)]) -> Result<()> {
+    for &(name, n) in sizes {
+        if n == 0 {
+            return Err(Error::format(ctx(), format!("{name} must be positive")));
+        }
+        let cap = if name == "num_labels" { 1 << 16 } else { 1 << 24 };
+        if n > cap {
+            return Err(Error::format(ctx(), format!("{name} = {n} is implausibly large")));
+        }
+    }
+    Ok(())
 }
 
 /// transformers' `ACT2FN` names for the activations the tape has.
@@ -133,11 +159,7 @@ impl BertConfig {
                 ));
             }
         };
-        let id2label = v.get("id2label").and_then(Value::as_object).map(|m| m.len());
-        let num_labels = match v.get("num_labels") {
-            Some(x) if !x.is_null() => get_usize(v, "num_labels", None)?,
-            _ => id2label.unwrap_or(2),
-        };
+        let num_labels = num_labels_of(v)?;
         let classifier_dropout = match v.get("classifier_dropout") {
             None | Some(Value::Null) => None,
             Some(_) => Some(probability(v, "classifier_dropout", 0.0)?),
@@ -167,7 +189,7 @@ impl BertConfig {
 
     /// Checks the sizes (see [`BertConfig::from_json`]).
     pub fn validate(&self) -> Result<()> {
-        for (name, n) in [
+        check_sizes(&[
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
             ("num_hidden_layers", self.num_hidden_layers),
@@ -176,22 +198,7 @@ impl BertConfig {
             ("max_position_embeddings", self.max_position_embeddings),
             ("type_vocab_size", self.type_vocab_size),
             ("num_labels", self.num_labels),
-        ] {
-            if n == 0 {
-                return Err(Error::format(ctx(), format!("{name} must be positive")));
-            }
-            // A cap against absurd sizes from corrupt files (allocation of tables is driven by these).
-            if n > 1 << 24 {
-                return Err(Error::format(ctx(), format!("{name} = {n} is implausibly large")));
-            }
-        }
-        // The head is initialized from the config alone (not checked against a file): keep it sane.
-        if self.num_labels > 1 << 16 {
-            return Err(Error::format(
-                ctx(),
-                format!("num_labels = {} is implausibly large", self.num_labels),
-            ));
-        }
+        ])?;
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::format(
                 ctx(),

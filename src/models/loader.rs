@@ -264,6 +264,20 @@ impl Checkpoint {
         quantize: Option<&QuantizeOptions>,
         opts: &ModelLoadOptions,
     ) -> Result<(BaseWeight, Tensor)> {
+        let base = self.linear_weight(stored_module, out, inp, quantize, opts)?;
+        let bias = self.load_as(&format!("{stored_module}.bias"), &[out], opts.dtype, opts.device)?;
+        Ok((base, bias))
+    }
+
+    /// A linear layer's weight `[out, in]` alone (layers without bias), as [`Checkpoint::linear`] loads it.
+    pub fn linear_weight(
+        &self,
+        stored_module: &str,
+        out: usize,
+        inp: usize,
+        quantize: Option<&QuantizeOptions>,
+        opts: &ModelLoadOptions,
+    ) -> Result<BaseWeight> {
         let wname = format!("{stored_module}.weight");
         let ctx = || self.dir.display().to_string();
         let base = if self.is_4bit(&wname) {
@@ -291,8 +305,7 @@ impl Checkpoint {
                 None => BaseWeight::Dense(self.load_as(&wname, &[out, inp], opts.dtype, opts.device)?),
             }
         };
-        let bias = self.load_as(&format!("{stored_module}.bias"), &[out], opts.dtype, opts.device)?;
-        Ok((base, bias))
+        Ok(base)
     }
 }
 

@@ -20,15 +20,20 @@
 //! # Ok::<(), peft_kernels::Error>(())
 //! ```
 
+pub(crate) mod adapt;
 pub mod bert;
 pub mod config;
 pub mod linear;
+pub mod llama;
 pub mod loader;
 pub mod tokenizer;
 
 pub use bert::{BertForSequenceClassification, BertModel};
 pub use config::BertConfig;
 pub use linear::{LinearSlot, TrainedLinear};
+pub use llama::{
+    CausalLmTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, TokenBatch,
+};
 pub use loader::{Checkpoint, ModelLoadOptions, QuantizeOnLoad};
 pub use tokenizer::{BertBatch, BertTokenizer};
 
@@ -39,8 +44,10 @@ use std::path::Path;
 /// A loaded backbone, by architecture.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
+#[allow(clippy::large_enum_variant)] // one per loaded model
 pub enum Model {
     Bert(BertModel),
+    Llama(LlamaModel),
 }
 
 fn unknown(ty: &str) -> Error {
@@ -63,6 +70,11 @@ pub fn from_pretrained(dir: impl AsRef<Path>, opts: &ModelLoadOptions) -> Result
             let c = BertConfig::from_json(&json)?;
             let ckpt = Checkpoint::open(dir, "bert")?;
             Ok(Model::Bert(BertModel::load(&ckpt, &c, "", true, opts)?))
+        }
+        "llama" | "mistral" | "qwen2" => {
+            let c = LlamaConfig::from_json(&json)?;
+            let ckpt = Checkpoint::open(dir, "model")?;
+            Ok(Model::Llama(LlamaModel::load(&ckpt, &c, "", opts)?))
         }
         other => Err(unknown(other)),
     }
@@ -108,4 +120,38 @@ pub fn fuzz_load(bytes: &[u8]) -> bool {
     }
     let mut store = ParamStore::new();
     from_pretrained_seq_cls(dir.path(), &ModelLoadOptions::default(), &mut store, 0).is_ok()
+}
+
+/// The config and checkpoint of a Llama-family directory (`what` names the model for the error).
+fn llama_checkpoint(dir: &Path, what: &str) -> Result<(LlamaConfig, Checkpoint)> {
+    let (ty, json) = config::read_config(dir)?;
+    match ty.as_str() {
+        "llama" | "mistral" | "qwen2" => {
+            Ok((LlamaConfig::from_json(&json)?, Checkpoint::open(dir, "model")?))
+        }
+        other => Err(Error::format(
+            "config.json",
+            format!("model_type {other:?} is not {what} (supported: llama, mistral, qwen2)"),
+        )),
+    }
+}
+
+/// A causal language model from the checkpoint in `dir` (`model_type` `"llama"`, `"mistral"` or
+/// `"qwen2"`: `LlamaForCausalLM` and its siblings).
+pub fn from_pretrained_causal_lm(dir: impl AsRef<Path>, opts: &ModelLoadOptions) -> Result<LlamaForCausalLM> {
+    let (c, ckpt) = llama_checkpoint(dir.as_ref(), "a causal LM")?;
+    LlamaForCausalLM::load(&ckpt, &c, opts)
+}
+
+/// A decoder sequence classifier from the checkpoint in `dir` (`LlamaForSequenceClassification` for
+/// `model_type` `"llama"`, `"mistral"` or `"qwen2"`; the score head from the checkpoint or freshly
+/// initialized from `seed`, in `store`).
+pub fn from_pretrained_llama_seq_cls(
+    dir: impl AsRef<Path>,
+    opts: &ModelLoadOptions,
+    store: &mut ParamStore,
+    seed: u64,
+) -> Result<LlamaForSequenceClassification> {
+    let (c, ckpt) = llama_checkpoint(dir.as_ref(), "a decoder")?;
+    LlamaForSequenceClassification::load(&ckpt, &c, opts, store, seed)
 }

@@ -3,11 +3,12 @@
 //! indices and masks.
 
 use super::{InverseIndex, Norm};
+use crate::device::cuda::kernels as k;
 use crate::error::{Error, Result};
 use crate::tensor::cuda::{alloc, wrap};
 use crate::tensor::cuda::{storage, typed};
 use crate::tensor::{DType, Tensor};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 /// One block per row (`rows` blocks, `rows >= 1`), threads striding the `h` columns: a warp-multiple
 /// close to `h` for narrow rows, 128 threads up to 1024 columns (MiniLM's 384: 3 per thread), 256 above.
@@ -38,21 +39,14 @@ pub(crate) fn gather_rows(x: &Tensor, idx: &[u32], h: usize) -> Result<Tensor> {
     if m > 0 && h > 0 {
         let cfg = row_blocks(m, h, op)?;
         let idx_d = b.stream.clone_htod(idx)?;
-        let f = b.func(
-            "nn",
-            pick(["gather_rows_f32", "gather_rows_f16", "gather_rows_bf16"], dtype)?,
-        )?;
         let h64 = h as i64;
         typed!(dtype, "nn (cuda)", |T| {
             let xv = xs.view::<T>()?;
             let mut ov = out.view_mut::<T>()?;
-            let mut l = b.stream.launch_builder(&f);
-            l.arg(&xv).arg(&idx_d).arg(&mut ov).arg(&h64);
             // SAFETY: gather_rows_<T>(const T* src, const u32* idx [m], T* out [m*h], int64 h), one
             // block per output row j < m; every idx[j] < the source's row count (checked by the
             // caller), so src[idx[j]*h .. +h) lies inside the source tensor.
-            unsafe { l.launch(cfg) }?;
-            Ok(())
+            unsafe { k::nn::gather_rows::<T>(b, cfg, &xv, &idx_d.as_view(), &mut ov, h64) }
         })?;
     }
     Ok(wrap(out, &[m, h], dtype))
@@ -73,29 +67,16 @@ pub(crate) fn scatter_add_rows(dy: &Tensor, inv: &InverseIndex, n: usize, h: usi
         } else {
             &inv.order
         })?;
-        let f = b.func(
-            "nn",
-            pick(
-                [
-                    "scatter_add_rows_f32",
-                    "scatter_add_rows_f16",
-                    "scatter_add_rows_bf16",
-                ],
-                dtype,
-            )?,
-        )?;
         let h64 = h as i64;
         typed!(dtype, "nn (cuda)", |T| {
             let dv = ds.view::<T>()?;
             let mut ov = out.view_mut::<T>()?;
-            let mut l = b.stream.launch_builder(&f);
-            l.arg(&dv).arg(&offsets).arg(&order).arg(&mut ov).arg(&h64);
+            let (offv, ordv) = (offsets.as_view(), order.as_view());
             // SAFETY: scatter_add_rows_<T>(const T* dy [m*h], const u32* offsets [n+1], const u32* order
             // [m], T* out [n*h], int64 h), one block per output row r < n. offsets is the prefix sum of
             // the counts of each row (offsets[n] = m) and order holds positions < m (InverseIndex), so
             // every dy read is inside its m rows.
-            unsafe { l.launch(cfg) }?;
-            Ok(())
+            unsafe { k::nn::scatter_add_rows::<T>(b, cfg, &dv, &offv, &ordv, &mut ov, h64) }
         })?;
     }
     Ok(wrap(out, &[n, h], dtype))
@@ -141,29 +122,22 @@ pub(crate) fn mean_pool(
     };
     let mask_d = b.stream.clone_htod(mask)?;
     let counts_d = b.stream.clone_htod(counts)?;
-    let names = if backward {
-        ["mean_pool_bwd_f32", "mean_pool_bwd_f16", "mean_pool_bwd_bf16"]
-    } else {
-        ["mean_pool_fwd_f32", "mean_pool_fwd_f16", "mean_pool_fwd_bf16"]
-    };
-    let f = b.func("nn", pick(names, dtype)?)?;
     let (seq64, h64) = (seq as i64, h as i64);
     typed!(dtype, "nn (cuda)", |T| {
         let tv = ts.view::<T>()?;
         let mut ov = out.view_mut::<T>()?;
-        let mut l = b.stream.launch_builder(&f);
-        l.arg(&tv)
-            .arg(&mask_d)
-            .arg(&counts_d)
-            .arg(&mut ov)
-            .arg(&seq64)
-            .arg(&h64);
+        let (mv, cv) = (mask_d.as_view(), counts_d.as_view());
         // SAFETY: mean_pool_{fwd,bwd}_<T>(const T* in, const u8* mask [batch*seq], const float* counts
         // [batch], T* out, int64 seq, int64 h). Forward: in is [batch*seq, h], out [batch, h], grid
         // (batch, ceil(h/256)) with a column bound check. Backward: in is [batch, h], out [batch*seq,
         // h], one block per out row. Sizes are checked by the caller (mask length, rows = batch*seq).
-        unsafe { l.launch(cfg) }?;
-        Ok(())
+        unsafe {
+            if backward {
+                k::nn::mean_pool_bwd::<T>(b, cfg, &tv, &mv, &cv, &mut ov, seq64, h64)
+            } else {
+                k::nn::mean_pool_fwd::<T>(b, cfg, &tv, &mv, &cv, &mut ov, seq64, h64)
+            }
+        }
     })?;
     Ok(wrap(out, &[out_rows, h], dtype))
 }
@@ -177,18 +151,14 @@ pub(crate) fn add_row(x: &Tensor, row: &Tensor) -> Result<Tensor> {
     let mut out = alloc(b, dtype, rows * h)?;
     if rows > 0 && h > 0 {
         let cfg = row_blocks(rows, h, op)?;
-        let f = b.func("nn", pick(["add_row_f32", "add_row_f16", "add_row_bf16"], dtype)?)?;
         let h64 = h as i64;
         typed!(dtype, "nn (cuda)", |T| {
             let xv = xs.view::<T>()?;
             let rv = rs.view::<f32>()?;
             let mut ov = out.view_mut::<T>()?;
-            let mut l = b.stream.launch_builder(&f);
-            l.arg(&xv).arg(&rv).arg(&mut ov).arg(&h64);
             // SAFETY: add_row_<T>(const T* x [rows*h], const float* row [h], T* y [rows*h], int64 h), one
             // block per row; row is an f32 [h] tensor (converted and checked by the caller).
-            unsafe { l.launch(cfg) }?;
-            Ok(())
+            unsafe { k::nn::add_row::<T>(b, cfg, &xv, &rv, &mut ov, h64) }
         })?;
     }
     Ok(wrap(out, x.shape(), dtype))
@@ -221,29 +191,22 @@ pub(crate) fn norm_forward(
     let mut stats = alloc(b, DType::F32, per_row * rows)?;
     if rows > 0 {
         let cfg = row_blocks(rows, h, op)?;
-        let names = match norm {
-            Norm::Layer => ["layer_norm_fwd_f32", "layer_norm_fwd_f16", "layer_norm_fwd_bf16"],
-            Norm::Rms => ["rms_norm_fwd_f32", "rms_norm_fwd_f16", "rms_norm_fwd_bf16"],
-        };
-        let f = b.func("nn", pick(names, dtype)?)?;
         let h64 = h as i64;
         typed!(dtype, "nn (cuda)", |T| {
             let (xv, wv) = (xs.view::<T>()?, ws.view::<f32>()?);
             let bv = bs.map(|s| s.view::<f32>()).transpose()?;
             let mut yv = y.view_mut::<T>()?;
             let mut sv = stats.view_mut::<f32>()?;
-            let mut l = b.stream.launch_builder(&f);
-            l.arg(&xv).arg(&wv);
-            if let Some(bv) = &bv {
-                l.arg(bv);
-            }
-            l.arg(&mut yv).arg(&mut sv).arg(&h64).arg(&eps);
             // SAFETY: layer_norm_fwd_<T>(const T* x [rows*h], const float* w [h], const float* b [h],
             // T* y [rows*h], float* stats [2*rows], int64 h, float eps) and rms_norm_fwd_<T>(the same
             // without b, stats [rows]); one block per row, h >= 1 (checked by the caller, which also
-            // converted w and b to f32 [h]); the bias is passed exactly for LayerNorm (checked above).
-            unsafe { l.launch(cfg) }?;
-            Ok(())
+            // converted w and b to f32 [h]); the bias is present exactly for LayerNorm (checked above).
+            unsafe {
+                match &bv {
+                    Some(bv) => k::nn::layer_norm_fwd::<T>(b, cfg, &xv, &wv, bv, &mut yv, &mut sv, h64, eps),
+                    None => k::nn::rms_norm_fwd::<T>(b, cfg, &xv, &wv, &mut yv, &mut sv, h64, eps),
+                }
+            }
         })?;
     }
     let stats_shape: &[usize] = if per_row == 2 { &[rows, 2] } else { &[rows] };
@@ -275,23 +238,20 @@ pub(crate) fn norm_backward(
     let mut dx = alloc(b, dtype, rows * h)?;
     if rows > 0 && h > 0 {
         let cfg = row_blocks(rows, h, op)?;
-        let names = match norm {
-            Norm::Layer => ["layer_norm_bwd_f32", "layer_norm_bwd_f16", "layer_norm_bwd_bf16"],
-            Norm::Rms => ["rms_norm_bwd_f32", "rms_norm_bwd_f16", "rms_norm_bwd_bf16"],
-        };
-        let f = b.func("nn", pick(names, dtype)?)?;
         let h64 = h as i64;
         typed!(dtype, "nn (cuda)", |T| {
             let (xv, dv) = (xs.view::<T>()?, ds.view::<T>()?);
             let (wv, sv) = (ws.view::<f32>()?, ss.view::<f32>()?);
             let mut ov = dx.view_mut::<T>()?;
-            let mut l = b.stream.launch_builder(&f);
-            l.arg(&xv).arg(&dv).arg(&wv).arg(&sv).arg(&mut ov).arg(&h64);
             // SAFETY: {layer,rms}_norm_bwd_<T>(const T* x [rows*h], const T* dy [rows*h], const float* w
             // [h], const float* stats [2*rows for LayerNorm, rows for RMSNorm], T* dx [rows*h], int64 h),
             // one block per row; shapes and dtypes checked by the caller (stats shape per norm kind).
-            unsafe { l.launch(cfg) }?;
-            Ok(())
+            unsafe {
+                match norm {
+                    Norm::Layer => k::nn::layer_norm_bwd::<T>(b, cfg, &xv, &dv, &wv, &sv, &mut ov, h64),
+                    Norm::Rms => k::nn::rms_norm_bwd::<T>(b, cfg, &xv, &dv, &wv, &sv, &mut ov, h64),
+                }
+            }
         })?;
     }
     Ok(wrap(dx, x.shape(), dtype))
@@ -317,36 +277,17 @@ pub(crate) fn rope(x: &Tensor, positions: &[u32], inv_freq: &[f32], backward: bo
         let cfg = row_blocks(tokens, width / 2, op)?;
         let pos_d = b.stream.clone_htod(positions)?;
         let freq_d = b.stream.clone_htod(inv_freq)?;
-        let f = b.func("nn", pick(["rope_f32", "rope_f16", "rope_bf16"], dtype)?)?;
         let (w64, half64, negate) = (width as i64, half as i64, backward as i32);
         typed!(dtype, "nn (cuda)", |T| {
             let xv = xs.view::<T>()?;
             let mut yv = y.view_mut::<T>()?;
-            let mut l = b.stream.launch_builder(&f);
-            l.arg(&xv)
-                .arg(&pos_d)
-                .arg(&freq_d)
-                .arg(&mut yv)
-                .arg(&w64)
-                .arg(&half64)
-                .arg(&negate);
+            let (pv, fv) = (pos_d.as_view(), freq_d.as_view());
             // SAFETY: rope_<T>(const T* x [tokens*width], const u32* positions [tokens], const float*
             // inv_freq [half], T* y [tokens*width], int64 width, int64 half, int negate), one block per
             // token; half <= 512 (the kernel's shared table, ROPE_MAX_HALF) and width a multiple of
             // 2*half, checked above.
-            unsafe { l.launch(cfg) }?;
-            Ok(())
+            unsafe { k::nn::rope::<T>(b, cfg, &xv, &pv, &fv, &mut yv, w64, half64, negate) }
         })?;
     }
     Ok(wrap(y, x.shape(), dtype))
-}
-
-/// The kernel name of `names` (`[f32, f16, bf16]` instantiations) for `dtype`.
-fn pick(names: [&'static str; 3], dtype: DType) -> Result<&'static str> {
-    match dtype {
-        DType::F32 => Ok(names[0]),
-        DType::F16 => Ok(names[1]),
-        DType::BF16 => Ok(names[2]),
-        other => Err(Error::dtype("nn (cuda)", "a float dtype", other)),
-    }
 }

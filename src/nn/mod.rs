@@ -27,8 +27,8 @@ pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 
-use crate::autograd::ops::cpu_float;
-use crate::autograd::{Activation, Backward, Tape, Var};
+use crate::autograd::ops::{cpu_float, unary};
+use crate::autograd::{Activation, Tape, Var};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
@@ -630,35 +630,6 @@ pub fn rope_backward(dy: &Tensor, positions: &[u32], cfg: &RopeConfig) -> Result
 }
 
 // ------------------------------------------------------------------------------ tape records
-
-/// The backward of a one-input op: `dx = f(dy, x)`.
-struct Unary<F>(&'static str, F);
-
-impl<F: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync> Backward for Unary<F> {
-    fn backward(
-        &self,
-        g: &Tensor,
-        inputs: &[&Tensor],
-        _out: &Tensor,
-        needs: &[bool],
-    ) -> Result<Vec<Option<Tensor>>> {
-        if !needs[0] {
-            return Ok(vec![None]);
-        }
-        Ok(vec![Some((self.1)(g, inputs[0])?)])
-    }
-
-    fn name(&self) -> &'static str {
-        self.0
-    }
-}
-
-fn unary(
-    name: &'static str,
-    f: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
-) -> Box<dyn Backward> {
-    Box::new(Unary(name, f))
-}
 
 impl Tape {
     /// Rows of a frozen table `[vocab, hidden]` gathered by `ids`: `[ids.len(), hidden]` (word,

@@ -1,11 +1,12 @@
-//! Launch of the fused AdamW kernel of `kernels/optim.cu`, one per parameter tensor.
+//! Launches of the fused optimizer kernels of `kernels/optim.cu`, one per parameter tensor, through the
+//! typed launchers generated from the kernels' C signatures (`crate::device::cuda::kernels::optim`).
 
 use super::{AdamWScalars, BnbScalars};
+use crate::device::cuda::kernels as k;
 use crate::error::{Error, Result};
-use crate::tensor::cuda::CudaStorage;
-use crate::tensor::{DType, Storage, Tensor};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
-use half::{bf16, f16};
+use crate::tensor::cuda::{CudaStorage, storage, typed};
+use crate::tensor::{Storage, Tensor};
+use cudarc::driver::LaunchConfig;
 
 const THREADS: u32 = 256;
 /// Grid cap: 4096 blocks x 256 threads x 4 elements = 4M elements per sweep, more than enough to
@@ -16,6 +17,15 @@ fn storage_mut<'a>(t: &'a mut Tensor, what: &'static str) -> Result<&'a mut Cuda
     match t.storage_mut()? {
         Storage::Cuda(c) => Ok(c),
         Storage::Cpu(_) => Err(Error::device(what, "expected a CUDA tensor, got a CPU tensor")),
+    }
+}
+
+/// `blocks` (at least one, at most [`MAX_BLOCKS`]) of [`THREADS`] threads.
+fn grid(blocks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.clamp(1, MAX_BLOCKS) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 
@@ -33,77 +43,26 @@ pub(crate) fn adamw(
         return Ok(());
     }
     let dtype = p.dtype();
-    let name = match dtype {
-        DType::F32 => "adamw_f32",
-        DType::F16 => "adamw_f16",
-        DType::BF16 => "adamw_bf16",
-        other => return Err(Error::dtype("AdamW", "a float parameter", other)),
-    };
-    let gs = match g.storage() {
-        Storage::Cuda(c) => c,
-        Storage::Cpu(_) => return Err(Error::device("AdamW", "gradient on the CPU, parameter on CUDA")),
-    };
+    let gs = storage(g, "AdamW gradient")?;
     let b = gs.backend.clone();
-    let f = b.func("optim", name)?;
-    let n64 = n as i64;
-    let blocks = n.div_ceil(4).div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS);
-    let cfg = LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = grid(n.div_ceil(4).div_ceil(THREADS as usize));
     let gv = gs.view::<f32>()?;
-    let ms = storage_mut(m, "AdamW state m")?;
-    let mut mv = ms.view_mut::<f32>()?;
-    let vs = storage_mut(v, "AdamW state v")?;
-    let mut vv = vs.view_mut::<f32>()?;
+    let mut mv = storage_mut(m, "AdamW state m")?.view_mut::<f32>()?;
+    let mut vv = storage_mut(v, "AdamW state v")?.view_mut::<f32>()?;
     let ps = storage_mut(p, "AdamW parameter")?;
-    macro_rules! launch {
-        ($t:ty) => {{
-            let mut pv = ps.view_mut::<$t>()?;
-            let mut l = b.stream.launch_builder(&f);
-            l.arg(&mut pv)
-                .arg(&gv)
-                .arg(&mut mv)
-                .arg(&mut vv)
-                .arg(&n64)
-                .arg(&s.decay)
-                .arg(&s.w1)
-                .arg(&s.beta2)
-                .arg(&s.w2)
-                .arg(&s.neg_step)
-                .arg(&s.bc2_sqrt)
-                .arg(&s.eps);
-            // SAFETY: adamw_<T>(T* p, const float* g, float* m, float* v, int64 n, 7 x float): p, g,
-            // m and v each hold n elements (the caller checked that the gradient and both moments
-            // have the parameter's element count, dtype f32, on this device). The kernel's vector
-            // path checks pointer alignment itself and falls back to scalar accesses.
-            unsafe { l.launch(cfg) }?;
-        }};
-    }
-    match dtype {
-        DType::F32 => launch!(f32),
-        DType::F16 => launch!(f16),
-        _ => launch!(bf16),
-    }
-    Ok(())
-}
-
-/// The kernel of `family` (`[f32, f16, bf16]` names) for a parameter dtype.
-fn kernel_name(family: [&'static str; 3], dtype: DType) -> Result<&'static str> {
-    match dtype {
-        DType::F32 => Ok(family[0]),
-        DType::F16 => Ok(family[1]),
-        DType::BF16 => Ok(family[2]),
-        other => Err(Error::dtype("AdamW8bit", "a float parameter", other)),
-    }
-}
-
-fn cuda_of<'a>(t: &'a Tensor, what: &'static str) -> Result<&'a CudaStorage> {
-    match t.storage() {
-        Storage::Cuda(c) => Ok(c),
-        Storage::Cpu(_) => Err(Error::device(what, "expected a CUDA tensor, got a CPU tensor")),
-    }
+    typed!(dtype, "AdamW", |T| {
+        let mut pv = ps.view_mut::<T>()?;
+        // SAFETY: adamw_<T>(T* p, const float* g, float* m, float* v, int64 n, 7 x float): p, g, m and v
+        // each hold n elements (the caller checked that the gradient and both moments have the
+        // parameter's element count, dtype f32, on this device). The kernel grid-strides over [0, n) and
+        // its vector path checks pointer alignment itself, falling back to scalar accesses.
+        unsafe {
+            k::optim::adamw::<T>(
+                &b, cfg, &mut pv, &gv, &mut mv, &mut vv, n as i64, s.decay, s.w1, s.beta2, s.w2, s.neg_step,
+                s.bc2_sqrt, s.eps,
+            )
+        }
+    })
 }
 
 /// bitsandbytes' 32-bit Adam (`adam_bnb32_<T>`) on CUDA tensors of `p`'s element count (checked by the
@@ -119,41 +78,39 @@ pub(crate) fn adam_bnb32(
     if n == 0 {
         return Ok(());
     }
-    let name = kernel_name(["adam_bnb32_f32", "adam_bnb32_f16", "adam_bnb32_bf16"], p.dtype())?;
     let dtype = p.dtype();
-    let gs = cuda_of(g, "AdamW8bit gradient")?;
+    let gs = storage(g, "AdamW8bit gradient")?;
     let b = gs.backend.clone();
-    let f = b.func("optim", name)?;
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let n64 = n as i64;
-    let wd = s.weight_decay as i32;
+    let cfg = grid(n.div_ceil(THREADS as usize));
     let gv = gs.view::<f32>()?;
     let mut mv = storage_mut(m, "AdamW8bit state m")?.view_mut::<f32>()?;
     let mut vv = storage_mut(v, "AdamW8bit state v")?.view_mut::<f32>()?;
     let ps = storage_mut(p, "AdamW8bit parameter")?;
-    macro_rules! launch {
-        ($t:ty) => {{
-            let mut pv = ps.view_mut::<$t>()?;
-            let mut l = b.stream.launch_builder(&f);
-            l.arg(&mut pv).arg(&gv).arg(&mut mv).arg(&mut vv).arg(&n64);
-            l.arg(&s.beta1).arg(&s.w1).arg(&s.beta2).arg(&s.w2);
-            l.arg(&s.step_size).arg(&s.eps_c2).arg(&s.decay).arg(&wd);
-            // SAFETY: adam_bnb32_<T>(T* p, const float* g, float* m, float* v, int64 n, 7 x float, int):
-            // p, g, m and v each hold n elements on this device (checked by the caller); the kernel
-            // grid-strides over [0, n).
-            unsafe { l.launch(cfg) }?;
-        }};
-    }
-    match dtype {
-        DType::F32 => launch!(f32),
-        DType::F16 => launch!(f16),
-        _ => launch!(bf16),
-    }
-    Ok(())
+    typed!(dtype, "AdamW8bit", |T| {
+        let mut pv = ps.view_mut::<T>()?;
+        // SAFETY: adam_bnb32_<T>(T* p, const float* g, float* m, float* v, int64 n, 7 x float, int):
+        // p, g, m and v each hold n elements on this device (checked by the caller); the kernel
+        // grid-strides over [0, n).
+        unsafe {
+            k::optim::adam_bnb32::<T>(
+                &b,
+                cfg,
+                &mut pv,
+                &gv,
+                &mut mv,
+                &mut vv,
+                n as i64,
+                s.beta1,
+                s.w1,
+                s.beta2,
+                s.w2,
+                s.step_size,
+                s.eps_c2,
+                s.decay,
+                s.weight_decay as i32,
+            )
+        }
+    })
 }
 
 /// bitsandbytes' blockwise 8-bit Adam (`adam8bit_<T>`): one block of 256 threads per quantization
@@ -171,7 +128,6 @@ pub(crate) fn adam8bit(
         return Ok(());
     }
     let dtype = p.dtype();
-    let name = kernel_name(["adam8bit_f32", "adam8bit_f16", "adam8bit_bf16"], dtype)?;
     let [cm, cv] = codes;
     let [am, av] = absmax;
     let nb = super::eightbit::nblocks(n);
@@ -184,49 +140,50 @@ pub(crate) fn adam8bit(
     let dev = p.device();
     let code_m = Tensor::from_slice(&t.code_m, &[256], dev)?;
     let code_v = Tensor::from_slice(&t.code_v, &[256], dev)?;
-    let gs = cuda_of(g, "AdamW8bit gradient")?;
+    let gs = storage(g, "AdamW8bit gradient")?;
     let b = gs.backend.clone();
-    let f = b.func("optim", name)?;
     let cfg = LaunchConfig {
         grid_dim: (nb.min(1 << 20) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let n64 = n as i64;
-    let wd = s.weight_decay as i32;
     let gv = gs.view::<f32>()?;
-    let cmv_s = cuda_of(&code_m, "AdamW8bit map")?.view::<f32>()?;
-    let cvv_s = cuda_of(&code_v, "AdamW8bit map")?.view::<f32>()?;
+    let cmv_s = storage(&code_m, "AdamW8bit map")?.view::<f32>()?;
+    let cvv_s = storage(&code_v, "AdamW8bit map")?.view::<f32>()?;
     let mut cmv = storage_mut(cm, "AdamW8bit codes m")?.view_mut::<u8>()?;
     let mut cvv = storage_mut(cv, "AdamW8bit codes v")?.view_mut::<u8>()?;
     let mut amv = storage_mut(am, "AdamW8bit absmax m")?.view_mut::<f32>()?;
     let mut avv = storage_mut(av, "AdamW8bit absmax v")?.view_mut::<f32>()?;
     let ps = storage_mut(p, "AdamW8bit parameter")?;
-    macro_rules! launch {
-        ($t:ty) => {{
-            let mut pv = ps.view_mut::<$t>()?;
-            let mut l = b.stream.launch_builder(&f);
-            l.arg(&mut pv)
-                .arg(&gv)
-                .arg(&mut cmv)
-                .arg(&mut cvv)
-                .arg(&mut amv)
-                .arg(&mut avv)
-                .arg(&n64);
-            l.arg(&s.beta1).arg(&s.w1).arg(&s.beta2).arg(&s.w2);
-            l.arg(&s.step_size).arg(&s.eps_c2).arg(&s.decay).arg(&wd);
-            l.arg(&cmv_s).arg(&cvv_s);
-            // SAFETY: adam8bit_<T>(T* p, const float* g, u8* cm, u8* cv, float* am, float* av, int64 n,
-            // 7 x float, int, const float* code_m, const float* code_v): p, g, cm, cv hold n elements,
-            // am and av ceil(n/256) (checked above), both codes 256 floats, all on this device. 256
-            // threads per block, as the kernel's shared-memory code load and reduction require.
-            unsafe { l.launch(cfg) }?;
-        }};
-    }
-    match dtype {
-        DType::F32 => launch!(f32),
-        DType::F16 => launch!(f16),
-        _ => launch!(bf16),
-    }
-    Ok(())
+    typed!(dtype, "AdamW8bit", |T| {
+        let mut pv = ps.view_mut::<T>()?;
+        // SAFETY: adam8bit_<T>(T* p, const float* g, u8* cm, u8* cv, float* am, float* av, int64 n,
+        // 7 x float, int, const float* code_m, const float* code_v): p, g, cm, cv hold n elements, am
+        // and av ceil(n/256) (checked above), both codes 256 floats, all on this device. 256 threads
+        // per block, as the kernel's shared-memory code load and reduction require; the kernel
+        // grid-strides over the quantization blocks.
+        unsafe {
+            k::optim::adam8bit::<T>(
+                &b,
+                cfg,
+                &mut pv,
+                &gv,
+                &mut cmv,
+                &mut cvv,
+                &mut amv,
+                &mut avv,
+                n as i64,
+                s.beta1,
+                s.w1,
+                s.beta2,
+                s.w2,
+                s.step_size,
+                s.eps_c2,
+                s.decay,
+                s.weight_decay as i32,
+                &cmv_s,
+                &cvv_s,
+            )
+        }
+    })
 }

@@ -58,26 +58,36 @@ pub fn dynamic_map_unsigned() -> &'static [f32; 256] {
 /// Lowest and highest biased f32 exponents with their own rows in [`Lut`]: |x| in [2^-40, 2). Every
 /// threshold of both maps has magnitude above 2^-40 (the smallest is ~1.6e-7), so all smaller
 /// magnitudes share the code of the lowest row; one row above `E_HI` holds |x| >= 2, inf and NaN.
-const E_LO: u32 = 87;
-const E_HI: u32 = 127;
+pub(crate) const E_LO: u32 = 87;
+pub(crate) const E_HI: u32 = 127;
 /// Mantissa bits of the bucket index: buckets of 2^-7 relative width, narrower than the closest two
 /// thresholds of either map (relative spacing >= 0.7%), so each bucket holds at most one threshold
 /// (checked when the table is built).
-const MANT_BITS: u32 = 7;
+pub(crate) const MANT_BITS: u32 = 7;
 const ROWS: usize = (E_HI + 2 - E_LO) as usize;
-const PER_SIGN: usize = ROWS << MANT_BITS;
+pub(crate) const PER_SIGN: usize = ROWS << MANT_BITS;
 /// Table length: both signs, rounded up to a power of two so that a masked index needs no bounds check
 /// (which would stop the loop from vectorizing).
-const LEN: usize = (2 * PER_SIGN).next_power_of_two();
+pub(crate) const LEN: usize = (2 * PER_SIGN).next_power_of_two();
 
 /// bitsandbytes' nearest-code search (`dQuantize<0>`, equivalently the count of decision thresholds
 /// below `x`) as one bucket lookup and one comparison: the bucket of `x` (sign, exponent, top 7
 /// mantissa bits) gives the code at its low end and the one threshold inside it, if any. Two table
-/// loads instead of eight dependent ones, so the compiler can vectorize it with gathers.
+/// loads instead of eight dependent ones, so the compiler can vectorize it with gathers. The codes are
+/// stored as u32 so that the AVX-512 kernel (`cpu/avx512.rs`) fetches them with a dword gather.
 pub(crate) struct Lut {
     base: Box<[u8; LEN]>,
     thr: Box<[f32; LEN]>,
+    /// Both in one word for the SIMD kernel (one gather instead of two): bits 0..16 the low 16 bits of
+    /// the threshold, 16..24 the code, bit 24 set when the bucket holds a threshold. A threshold shares
+    /// its top 16 bits (sign, exponent, 7 mantissa bits) with its bucket, so within the bucket
+    /// `x > thr` is a compare of the low 16 bits (reversed for negative values). Buckets of the clamped
+    /// lowest and highest rows hold no threshold (checked when the table is built).
+    packed: Box<[u32; LEN]>,
 }
+
+/// Flag of [`Lut`]'s packed words: the bucket holds a threshold.
+pub(crate) const PACKED_HAS_THR: u32 = 1 << 24;
 
 #[inline(always)]
 fn bucket(x: f32) -> usize {
@@ -96,6 +106,7 @@ impl Lut {
         let mut lut = Lut {
             base: Box::new([0; LEN]),
             thr: Box::new([f32::INFINITY; LEN]),
+            packed: Box::new([0; LEN]),
         };
         for sign in 0..2u32 {
             for row in 0..ROWS as u32 {
@@ -113,9 +124,18 @@ impl Lut {
                     let (min, max) = if sign == 0 { (lo, hi) } else { (-hi, -lo) };
                     let (c_min, c_max) = (count(min), count(max));
                     lut.base[idx] = c_min as u8;
+                    lut.packed[idx] = (c_min as u32) << 16;
                     match c_max - c_min {
                         0 => {}
-                        1 => lut.thr[idx] = thr[c_min],
+                        1 => {
+                            let t = thr[c_min];
+                            let top = (sign << 15) | ((row + E_LO) << MANT_BITS) | m;
+                            if row == 0 || row as usize == ROWS - 1 || t.to_bits() >> 16 != top {
+                                return None;
+                            }
+                            lut.thr[idx] = t;
+                            lut.packed[idx] |= PACKED_HAS_THR | (t.to_bits() & 0xffff);
+                        }
                         _ => return None,
                     }
                 }
@@ -131,6 +151,22 @@ impl Lut {
         let c = self.base[i] + (x > self.thr[i]) as u8;
         if x.is_nan() { 0 } else { c }
     }
+
+    /// [`Lut::encode`] through the packed words, as the SIMD kernel decodes them (tested against the
+    /// binary search like `encode`).
+    #[cfg(test)]
+    fn encode_packed(&self, x: f32) -> u8 {
+        let w = self.packed[bucket(x)];
+        let (lx, lt) = (x.to_bits() & 0xffff, w & 0xffff);
+        let above = if x.is_sign_negative() { lx < lt } else { lx > lt };
+        let c = ((w >> 16) & 0xff) as u8 + (w & PACKED_HAS_THR != 0 && above) as u8;
+        if x.is_nan() { 0 } else { c }
+    }
+
+    /// The packed words, [`LEN`] of them indexed by the bucket, for the SIMD kernel.
+    pub(crate) fn packed(&self) -> &[u32; LEN] {
+        &self.packed
+    }
 }
 
 /// Both codes and their nearest-code lookup tables.
@@ -139,6 +175,9 @@ pub(crate) struct Tables {
     pub code_v: [f32; 256],
     pub lut_m: Lut,
     pub lut_v: Lut,
+    /// Number of codes of the signed map with the sign bit set: `code_m[c].is_sign_negative()` is
+    /// `c < neg_m` (the map is sorted and holds +0.0, not -0.0; checked when the tables are built).
+    pub neg_m: u32,
 }
 
 /// The process-wide tables.
@@ -148,11 +187,18 @@ pub(crate) fn tables() -> &'static Tables {
         let lut = |c: &[f32; 256]| {
             Lut::new(&crate::quant::cpu::thresholds_8bit(c)).expect("at most one threshold per bucket")
         };
+        let code_m = *dynamic_map();
+        let neg_m = code_m.iter().filter(|c| c.is_sign_negative()).count() as u32;
+        assert!(
+            (0..256).all(|c| code_m[c].is_sign_negative() == ((c as u32) < neg_m)),
+            "the signed dynamic map is sorted"
+        );
         Tables {
-            code_m: *dynamic_map(),
+            code_m,
             code_v: DYNAMIC_MAP_UNSIGNED,
             lut_m: lut(dynamic_map()),
             lut_v: lut(&DYNAMIC_MAP_UNSIGNED),
+            neg_m,
         }
     })
 }
@@ -176,10 +222,12 @@ mod tests {
         let t = tables();
         for (code, lut) in [(&t.code_m, &t.lut_m), (&t.code_v, &t.lut_v)] {
             let check = |x: f32| {
+                let want = quantize_8bit_ref(code, x);
+                assert_eq!(lut.encode(x), want, "x = {x:e} ({:#x})", x.to_bits());
                 assert_eq!(
-                    lut.encode(x),
-                    quantize_8bit_ref(code, x),
-                    "x = {x:e} ({:#x})",
+                    lut.encode_packed(x),
+                    want,
+                    "packed, x = {x:e} ({:#x})",
                     x.to_bits()
                 )
             };

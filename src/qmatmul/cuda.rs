@@ -19,7 +19,7 @@ use crate::device::cuda::kernels::{self as k, Q4Params};
 use crate::device::cuda::{CudaBackend, KernelElem, grid_1d};
 use crate::error::{Error, Result};
 use crate::quant::QuantizedTensor;
-use crate::quant::cuda::q4_params;
+use crate::quant::cuda::{dequantize_q4, q4_params};
 use crate::tensor::cuda::{CudaStorage, alloc, gemm_rowmajor, storage, typed, wrap};
 use crate::tensor::{DType, MatmulDims, Tensor};
 use cudarc::driver::{CudaView, LaunchConfig};
@@ -63,29 +63,50 @@ pub(crate) fn dequantize(q: &QuantizedTensor, dtype: DType) -> Result<Tensor> {
     let (rows, cols) = (q.state.shape[0], q.state.shape[1]);
     let n = rows * cols;
     let mut out = alloc(&b, dtype, n)?;
-    launch_dequant(&b, &q4, dq, dtype, &mut out, n)?;
+    dequantize_q4(&b, &q4, dq, dtype, &mut out, n)?;
     Ok(wrap(out, &[rows, cols], dtype))
 }
 
-fn launch_dequant(
+/// The dequantize + cuBLAS path: `c = act·W` (W dense, or dequantized to the activation dtype into a
+/// scratch buffer; `d` says how W is read), then `c += lr.0·lr.1` with the low-rank pair cast to the
+/// dtype (`d` with `k` = rank, the same transposes).
+fn baseline(
     b: &Arc<CudaBackend>,
-    q4: &Q4Params<'_>,
-    dq: u32,
-    dtype: DType,
-    out: &mut CudaStorage,
-    n: usize,
+    p: &Problem<'_>,
+    act: &CudaStorage,
+    c: &mut CudaStorage,
+    d: MatmulDims,
+    lr: (Option<&Tensor>, Option<&Tensor>),
+    op: &'static str,
 ) -> Result<()> {
-    if n == 0 {
-        return Ok(());
+    let dt = p.act.dtype();
+    let scratch;
+    let w_dense: &CudaStorage = match p.w {
+        BaseWeight::Dense(w) => storage(w, op)?,
+        BaseWeight::Quantized(q) => {
+            let (q4, dq) = q4_params(q)?;
+            let n = p.out * p.inp;
+            let mut s = alloc(b, dt, n)?;
+            dequantize_q4(b, &q4, dq, dt, &mut s, n)?;
+            scratch = s;
+            &scratch
+        }
+    };
+    gemm_any(b, dt, act, w_dense, c, d, 0.0)?;
+    if let (Some(l), Some(r)) = lr {
+        let (l, r) = (l.to_dtype(dt)?, r.to_dtype(dt)?);
+        let d = MatmulDims { k: p.rank, ..d };
+        gemm_any(b, dt, storage(&l, op)?, storage(&r, op)?, c, d, 1.0)?;
     }
-    let n64 = i64_of(n);
-    // One thread per 8 weights; the grid-stride loop covers the rest beyond 2^20 blocks.
-    let cfg = grid_1d(n.div_ceil(8).min(256 << 20), 256)?;
-    typed!(dtype, "dequantize", |T| {
-        // SAFETY: q4_dequant_<T>_dq<D>(Q4_PARAMS, T* out [n], int64 n). The weight was validated
-        // (byte, block and nested counts match n and the blocksize); out holds n elements of dtype.
-        unsafe { k::qmatmul::q4_dequant::<T>(b, cfg, dq, q4, &mut out.view_mut()?, n64) }
-    })
+    Ok(())
+}
+
+/// The low-rank pair of `p` when its rank is positive, else none.
+fn low_rank_pair<'a>(p: &Problem<'a>) -> (Option<&'a Tensor>, Option<&'a Tensor>) {
+    match p.low_rank {
+        Some((l, r)) if p.rank > 0 => (Some(l), Some(r)),
+        _ => (None, None),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,10 +124,7 @@ pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
     let xs = storage(x, op)?;
     let b = xs.backend.clone();
     let (t, out, inp) = (p.tokens, p.out, p.inp);
-    let (u, bl) = match p.low_rank {
-        Some((u, bl)) if p.rank > 0 => (Some(u), Some(bl)),
-        _ => (None, None),
-    };
+    let (u, bl) = low_rank_pair(p);
     let mut y = alloc(&b, dt, t * out)?;
     if t == 0 || out == 0 {
         return Ok(wrap(y, &[t, out], dt));
@@ -127,17 +145,6 @@ pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
     };
     if path == Path::Baseline {
         // Dense product into y, then y += u·bᵀ (cuBLAS, beta = 1), then the bias.
-        let scratch;
-        let w_dense: &CudaStorage = match p.w {
-            BaseWeight::Dense(w) => storage(w, op)?,
-            BaseWeight::Quantized(q) => {
-                let (q4, dq) = q4_params(q)?;
-                let mut s = alloc(&b, dt, out * inp)?;
-                launch_dequant(&b, &q4, dq, dt, &mut s, out * inp)?;
-                scratch = s;
-                &scratch
-            }
-        };
         let d = MatmulDims {
             m: t,
             n: out,
@@ -145,18 +152,7 @@ pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
             trans_a: false,
             trans_b: true,
         };
-        gemm_any(&b, dt, xs, w_dense, &mut y, d, 0.0)?;
-        if let (Some(u), Some(bl)) = (u, bl) {
-            let (u, bl) = (u.to_dtype(dt)?, bl.to_dtype(dt)?);
-            let d = MatmulDims {
-                m: t,
-                n: out,
-                k: p.rank,
-                trans_a: false,
-                trans_b: true,
-            };
-            gemm_any(&b, dt, storage(&u, op)?, storage(&bl, op)?, &mut y, d, 1.0)?;
-        }
+        baseline(&b, p, xs, &mut y, d, (u, bl), op)?;
         if let Some(bias) = p.bias {
             add_bias(&b, dt, &mut y, bias, t, out)?;
         }
@@ -244,10 +240,7 @@ pub(crate) fn backward_input(p: &Problem<'_>) -> Result<Tensor> {
     let ds_ = storage(dy, op)?;
     let b = ds_.backend.clone();
     let (t, out, inp) = (p.tokens, p.out, p.inp);
-    let (v, a) = match p.low_rank {
-        Some((v, a)) if p.rank > 0 => (Some(v), Some(a)),
-        _ => (None, None),
-    };
+    let (v, a) = low_rank_pair(p);
     let mut dx = alloc(&b, dt, t * inp)?;
     if t == 0 || inp == 0 {
         return Ok(wrap(dx, &[t, inp], dt));
@@ -259,17 +252,6 @@ pub(crate) fn backward_input(p: &Problem<'_>) -> Result<Tensor> {
         && out % 8 == 0
         && out > 0;
     if !fused {
-        let scratch;
-        let w_dense: &CudaStorage = match p.w {
-            BaseWeight::Dense(w) => storage(w, op)?,
-            BaseWeight::Quantized(q) => {
-                let (q4, dq) = q4_params(q)?;
-                let mut s = alloc(&b, dt, out * inp)?;
-                launch_dequant(&b, &q4, dq, dt, &mut s, out * inp)?;
-                scratch = s;
-                &scratch
-            }
-        };
         let d = MatmulDims {
             m: t,
             n: inp,
@@ -277,18 +259,7 @@ pub(crate) fn backward_input(p: &Problem<'_>) -> Result<Tensor> {
             trans_a: false,
             trans_b: false,
         };
-        gemm_any(&b, dt, ds_, w_dense, &mut dx, d, 0.0)?;
-        if let (Some(v), Some(a)) = (v, a) {
-            let (v, a) = (v.to_dtype(dt)?, a.to_dtype(dt)?);
-            let d = MatmulDims {
-                m: t,
-                n: inp,
-                k: p.rank,
-                trans_a: false,
-                trans_b: false,
-            };
-            gemm_any(&b, dt, storage(&v, op)?, storage(&a, op)?, &mut dx, d, 1.0)?;
-        }
+        baseline(&b, p, ds_, &mut dx, d, (v, a), op)?;
         return Ok(wrap(dx, &[t, inp], dt));
     }
     let BaseWeight::Quantized(q) = p.w else {

@@ -35,7 +35,7 @@ pub(crate) mod cuda;
 
 use crate::device::{Device, on_device};
 use crate::error::{Error, Result};
-use crate::quant::{Absmax, BLOCKSIZES, QuantizedTensor};
+use crate::quant::{Absmax, AbsmaxRef, BLOCKSIZES, QuantizedTensor};
 use crate::tensor::{DType, Tensor};
 
 /// The frozen base weight of a linear layer, logical shape `[out, in]`.
@@ -127,29 +127,7 @@ impl BaseWeight {
     pub fn to_device(&self, d: Device) -> Result<Self> {
         Ok(match self {
             BaseWeight::Dense(t) => BaseWeight::Dense(t.to_device(d)?),
-            BaseWeight::Quantized(q) => {
-                let mut state = q.state.clone();
-                state.absmax = match &q.state.absmax {
-                    Absmax::F32(t) => Absmax::F32(t.to_device(d)?),
-                    Absmax::Double {
-                        codes,
-                        nested_absmax,
-                        offset,
-                        nested_code,
-                        nested_blocksize,
-                    } => Absmax::Double {
-                        codes: codes.to_device(d)?,
-                        nested_absmax: nested_absmax.to_device(d)?,
-                        offset: *offset,
-                        nested_code: nested_code.clone(),
-                        nested_blocksize: *nested_blocksize,
-                    },
-                };
-                BaseWeight::Quantized(QuantizedTensor {
-                    data: q.data.to_device(d)?,
-                    state,
-                })
-            }
+            BaseWeight::Quantized(q) => BaseWeight::Quantized(q.to_device(d)?),
         })
     }
 
@@ -265,8 +243,8 @@ fn validate_quantized(q: &QuantizedTensor, op: &'static str) -> Result<()> {
         }
         Ok(())
     };
-    match &st.absmax {
-        Absmax::F32(t) => {
+    match st.absmax.view() {
+        AbsmaxRef::F32(t) => {
             if t.dtype() != DType::F32 {
                 return Err(Error::dtype(op, "f32 absmax", t.dtype()));
             }
@@ -278,13 +256,9 @@ fn validate_quantized(q: &QuantizedTensor, op: &'static str) -> Result<()> {
             }
             same_dev(t, "absmax")?;
         }
-        Absmax::Double {
-            codes,
-            nested_absmax,
-            offset,
-            nested_code,
-            nested_blocksize,
-        } => {
+        AbsmaxRef::Double(d) => {
+            let (codes, nested_absmax, nested_code) = (d.codes, d.nested_absmax, d.nested_code);
+            let (offset, nested_blocksize) = (d.offset, d.nested_blocksize);
             if codes.dtype() != DType::U8 {
                 return Err(Error::dtype(op, "u8 absmax codes", codes.dtype()));
             }
@@ -302,7 +276,7 @@ fn validate_quantized(q: &QuantizedTensor, op: &'static str) -> Result<()> {
                     format!("absmax codes have {} entries, expected {nblocks}", codes.numel()),
                 ));
             }
-            let nn = nblocks.div_ceil(*nested_blocksize);
+            let nn = nblocks.div_ceil(nested_blocksize);
             if nested_absmax.numel() != nn {
                 return Err(Error::shape(
                     op,

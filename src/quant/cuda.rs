@@ -1,6 +1,8 @@
 //! CUDA launches of `kernels/nf4.cu`. Same bytes as the CPU path (`cpu.rs`), which is their oracle.
 
-use super::{Absmax, NESTED_BLOCKSIZE, QuantState, QuantType, QuantizeOptions, QuantizedTensor, dynamic_map};
+use super::{
+    Absmax, AbsmaxRef, NESTED_BLOCKSIZE, QuantState, QuantType, QuantizeOptions, QuantizedTensor, dynamic_map,
+};
 use crate::device::cuda::kernels::{self as k, Q4Params};
 use crate::device::cuda::{CudaBackend, grid_1d};
 use crate::error::{Error, Result};
@@ -31,28 +33,23 @@ pub(crate) fn q4_params(q: &QuantizedTensor) -> Result<(Q4Params<'_>, u32)> {
         ncode: [0.0; 256],
         bs_log2: log2(st.blocksize),
     };
-    match &st.absmax {
-        Absmax::F32(t) => {
+    match st.absmax.view() {
+        AbsmaxRef::F32(t) => {
             p.absmax = Some(storage(t, op)?.view()?);
             Ok((p, 0))
         }
-        Absmax::Double {
-            codes,
-            nested_absmax,
-            offset,
-            nested_code,
-            nested_blocksize,
-        } => {
-            if !nested_blocksize.is_power_of_two() {
+        AbsmaxRef::Double(d) => {
+            if !d.nested_blocksize.is_power_of_two() {
                 return Err(Error::invalid(format!(
-                    "{op}: nested blocksize {nested_blocksize} is not a power of two"
+                    "{op}: nested blocksize {} is not a power of two",
+                    d.nested_blocksize
                 )));
             }
-            p.codes = Some(storage(codes, op)?.view()?);
-            p.nested = Some(storage(nested_absmax, op)?.view()?);
-            p.offset = *offset;
-            p.nested_log2 = log2(*nested_blocksize);
-            p.ncode = dcode_lut(nested_code)?;
+            p.codes = Some(storage(d.codes, op)?.view()?);
+            p.nested = Some(storage(d.nested_absmax, op)?.view()?);
+            p.offset = d.offset;
+            p.nested_log2 = log2(d.nested_blocksize);
+            p.ncode = dcode_lut(d.nested_code)?;
             Ok((p, 1))
         }
     }
@@ -208,28 +205,22 @@ fn double_quant(b: &Arc<CudaBackend>, absmax: &CudaStorage, nb: usize) -> Result
 
 /// The f32 absmax of a device quant state (decodes double quantization).
 pub(super) fn absmax_f32(state: &QuantState) -> Result<Tensor> {
-    match &state.absmax {
-        Absmax::F32(t) => Ok(t.clone()),
-        Absmax::Double {
-            codes,
-            nested_absmax,
-            offset,
-            nested_code,
-            nested_blocksize,
-        } => {
-            let cs = storage(codes, "absmax_f32")?;
-            let ns = storage(nested_absmax, "absmax_f32")?;
+    match state.absmax.view() {
+        AbsmaxRef::F32(t) => Ok(t.clone()),
+        AbsmaxRef::Double(d) => {
+            let cs = storage(d.codes, "absmax_f32")?;
+            let ns = storage(d.nested_absmax, "absmax_f32")?;
             let b = &cs.backend;
-            let nb = codes.numel();
+            let nb = d.codes.numel();
             let mut out = alloc(b, DType::F32, nb)?;
-            let lut = dcode_lut(nested_code)?;
+            let lut = dcode_lut(d.nested_code)?;
             let (q, a2) = (cs.view::<u8>()?, ns.view::<f32>()?);
             let mut o = out.view_mut::<f32>()?;
-            let (lnbs, nb64) = (log2(*nested_blocksize), nb as i64);
+            let (lnbs, nb64, offset) = (log2(d.nested_blocksize), nb as i64, d.offset);
             // SAFETY: dq_decode(const uint8* codes [nb], const float* absmax2 [ceil(nb / nbs)], Lut256,
             // float offset, int log2_nbs, float* out [nb], int64 nb): grid-stride over nb; the state
             // was validated, so absmax2 holds ceil(nb / nbs) values and nbs is a power of two.
-            unsafe { k::nf4::dq_decode(b, grid_1d(nb, 256)?, &q, &a2, &lut, *offset, lnbs, &mut o, nb64) }?;
+            unsafe { k::nf4::dq_decode(b, grid_1d(nb, 256)?, &q, &a2, &lut, offset, lnbs, &mut o, nb64) }?;
             Ok(wrap(out, &[nb], DType::F32))
         }
     }
@@ -253,50 +244,38 @@ pub(super) fn dequantize_tensor_into(q: &QuantizedTensor, out: &mut Tensor) -> R
 }
 
 fn dequantize_to(q: &QuantizedTensor, out: &mut CudaStorage, dtype: DType) -> Result<()> {
-    let st = &q.state;
-    let ps = storage(&q.data, "dequantize")?;
-    let b = &ps.backend;
-    let n = st.numel();
+    let n = q.state.numel();
     if out.data.len() < n * dtype.size_in_bytes() {
         return Err(Error::shape("dequantize_into", "output buffer too small"));
     }
-    let lut = *st.quant_type.code();
-    let (n64, lbs) = (n as i64, log2(st.blocksize));
+    let (q4, dq) = q4_params(q)?;
+    dequantize_q4(&storage(&q.data, "dequantize")?.backend, &q4, dq, dtype, out, n)
+}
+
+/// Dequantizes the 4-bit weight `q4` (`dq`: the double-quantization flag of [`q4_params`]) into the
+/// first `n` elements of `out`, which holds at least `n` elements of `dtype`. The one dequantize
+/// launch of the crate (QuantizedTensor::dequantize and qmatmul's dequantize + cuBLAS path).
+pub(crate) fn dequantize_q4(
+    b: &CudaBackend,
+    q4: &Q4Params<'_>,
+    dq: u32,
+    dtype: DType,
+    out: &mut CudaStorage,
+    n: usize,
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
     // One thread per 32 elements.
     let cfg = grid_1d(n.div_ceil(32), 256)?;
-    let p = ps.view::<u8>()?;
+    let n64 = n as i64;
     typed!(dtype, "dequantize", |T| {
-        let mut o = out.view_mut::<T>()?;
-        match &st.absmax {
-            Absmax::F32(a) => {
-                let av = storage(a, "dequantize")?.view::<f32>()?;
-                // SAFETY: dequantize_4bit_<T>(const uint8* packed [ceil(n/2)], const float* absmax
-                // [ceil(n/bs)], T* out [n], int64 n, int log2_bs, Lut16): thread t handles elements
-                // [32t, 32t + 32) ∩ [0, n), reading packed bytes [16t, 16t + 16) only when 32t + 32 <= n
-                // and absmax[32t / bs]; sizes were validated by QuantizedTensor::from_parts.
-                unsafe { k::nf4::dequantize_4bit::<T>(b, cfg, &p, &av, &mut o, n64, lbs, &lut) }
-            }
-            Absmax::Double {
-                codes,
-                nested_absmax,
-                offset,
-                nested_code,
-                nested_blocksize,
-            } => {
-                let qv = storage(codes, "dequantize")?.view::<u8>()?;
-                let a2 = storage(nested_absmax, "dequantize")?.view::<f32>()?;
-                let dl = dcode_lut(nested_code)?;
-                let lnbs = log2(*nested_blocksize);
-                // SAFETY: dequantize_4bit_dq_<T>(packed [ceil(n/2)], const uint8* qabsmax [nb], const
-                // float* absmax2 [ceil(nb/nbs)], Lut256, float offset, int log2_nbs, T* out [n], int64 n,
-                // int log2_bs, Lut16): as above, with absmax[b] decoded from qabsmax[b] and
-                // absmax2[b >> log2_nbs]; all sizes validated by from_parts.
-                unsafe {
-                    k::nf4::dequantize_4bit_dq::<T>(
-                        b, cfg, &p, &qv, &a2, &dl, *offset, lnbs, &mut o, n64, lbs, &lut,
-                    )
-                }
-            }
-        }
+        // SAFETY: dequantize_4bit_<T>_dq<D>(Q4_PARAMS, T* out [n], int64 n): thread t handles elements
+        // [32t, 32t + 32) ∩ [0, n), reading packed bytes [16t, 16t + 16) only when 32t + 32 <= n and the
+        // absmax (or its code and nested value) of block 32t >> bs_log2. The weight was validated when
+        // it was built (byte, block and nested counts match n and the blocksizes, both powers of two
+        // >= 32 so 32 elements never straddle a block); out holds n elements of dtype (the callers
+        // allocate or check it), and fresh allocations are 16-byte aligned for the vector stores.
+        unsafe { k::nf4::dequantize_4bit::<T>(b, cfg, dq, q4, &mut out.view_mut()?, n64) }
     })
 }

@@ -325,6 +325,24 @@ pub enum Absmax {
     },
 }
 
+/// [`Absmax`] borrowed, the double-quantization fields in one struct: what the decoders, the kernel
+/// arguments and the validation read.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum AbsmaxRef<'a> {
+    F32(&'a Tensor),
+    Double(NestedRef<'a>),
+}
+
+/// The fields of [`Absmax::Double`], borrowed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NestedRef<'a> {
+    pub(crate) codes: &'a Tensor,
+    pub(crate) nested_absmax: &'a Tensor,
+    pub(crate) offset: f32,
+    pub(crate) nested_code: &'a [f32],
+    pub(crate) nested_blocksize: usize,
+}
+
 impl Absmax {
     /// Device of the stored tensors.
     pub fn device(&self) -> Device {
@@ -334,21 +352,36 @@ impl Absmax {
         }
     }
 
-    fn to_device(&self, device: Device) -> Result<Absmax> {
-        Ok(match self {
-            Absmax::F32(t) => Absmax::F32(t.to_device(device)?),
+    /// The scales borrowed (see [`AbsmaxRef`]).
+    pub(crate) fn view(&self) -> AbsmaxRef<'_> {
+        match self {
+            Absmax::F32(t) => AbsmaxRef::F32(t),
             Absmax::Double {
                 codes,
                 nested_absmax,
                 offset,
                 nested_code,
                 nested_blocksize,
-            } => Absmax::Double {
-                codes: codes.to_device(device)?,
-                nested_absmax: nested_absmax.to_device(device)?,
+            } => AbsmaxRef::Double(NestedRef {
+                codes,
+                nested_absmax,
                 offset: *offset,
-                nested_code: nested_code.clone(),
+                nested_code,
                 nested_blocksize: *nested_blocksize,
+            }),
+        }
+    }
+
+    /// The same scales with each stored tensor replaced by `f(tensor)`.
+    fn try_map(&self, f: &mut impl FnMut(&Tensor) -> Result<Tensor>) -> Result<Absmax> {
+        Ok(match self.view() {
+            AbsmaxRef::F32(t) => Absmax::F32(f(t)?),
+            AbsmaxRef::Double(d) => Absmax::Double {
+                codes: f(d.codes)?,
+                nested_absmax: f(d.nested_absmax)?,
+                offset: d.offset,
+                nested_code: d.nested_code.to_vec(),
+                nested_blocksize: d.nested_blocksize,
             },
         })
     }
@@ -677,10 +710,16 @@ impl QuantizedTensor {
 
     /// Copies to `device`.
     pub fn to_device(&self, device: Device) -> Result<QuantizedTensor> {
+        self.try_map_tensors(|t| t.to_device(device))
+    }
+
+    /// The same quantized tensor with each stored tensor (the packed data, then the absmax or its
+    /// codes and nested absmax) replaced by `f(tensor)`: device copies, deep copies.
+    pub fn try_map_tensors(&self, mut f: impl FnMut(&Tensor) -> Result<Tensor>) -> Result<QuantizedTensor> {
         Ok(QuantizedTensor {
-            data: self.data.to_device(device)?,
+            data: f(&self.data)?,
             state: QuantState {
-                absmax: self.state.absmax.to_device(device)?,
+                absmax: self.state.absmax.try_map(&mut f)?,
                 ..self.state.clone()
             },
         })

@@ -306,6 +306,19 @@ impl Tensor {
         }
     }
 
+    /// The rows of a tensor viewed as 2-D whose last dimension must be `cols`; the error names the
+    /// tensor as `what`.
+    pub(crate) fn rows_with_cols(&self, cols: usize, what: &str, op: &'static str) -> Result<usize> {
+        let (rows, c) = self.dims2(op)?;
+        if c != cols {
+            return Err(Error::shape(
+                op,
+                format!("{what} must be [.., {cols}], got {:?}", self.shape),
+            ));
+        }
+        Ok(rows)
+    }
+
     /// Same data, new shape with the same number of elements.
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         let n = numel_of(shape)?;

@@ -84,17 +84,7 @@ pub fn run(a: Args) -> Result<()> {
             file.release(&c);
         }
     }
-    let mut specs = Vec::new();
-    for name in file.names() {
-        if !companions.contains(name) {
-            let (dtype, shape, _) = file.raw(name)?;
-            specs.push(TensorSpec {
-                name: name.clone(),
-                dtype,
-                shape,
-            });
-        }
-    }
+    let mut specs = file.specs_where(|n| !companions.contains(n))?;
     let passed = specs.len();
     for (q, (dt, shape)) in &out_dtype {
         specs.push(TensorSpec {

@@ -1,6 +1,7 @@
 //! `peftk`: the peft-kernels command line.
 
 mod bench;
+mod causal_lm;
 mod compare;
 mod dequantize;
 mod finetune;

@@ -186,17 +186,7 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     bar.finish_and_clear();
-    let mut specs = Vec::new();
-    for name in file.names() {
-        if !quantized.contains_key(name) {
-            let (dtype, shape, _) = file.raw(name)?;
-            specs.push(TensorSpec {
-                name: name.clone(),
-                dtype,
-                shape,
-            });
-        }
-    }
+    let mut specs = file.specs_where(|n| !quantized.contains_key(n))?;
     let passed = specs.len();
     specs.extend(quantized.iter().map(|(k, v)| TensorSpec {
         name: k.clone(),

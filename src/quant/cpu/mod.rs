@@ -34,7 +34,9 @@ pub use reference::{
     quantize_8bit_ref, quantize_reference,
 };
 
-use super::{Absmax, NESTED_BLOCKSIZE, QuantState, QuantType, QuantizeOptions, QuantizedTensor, dynamic_map};
+use super::{
+    Absmax, AbsmaxRef, NESTED_BLOCKSIZE, QuantState, QuantType, QuantizeOptions, QuantizedTensor, dynamic_map,
+};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Element, Tensor};
@@ -322,20 +324,14 @@ pub(crate) enum Scales<'a> {
 impl<'a> Scales<'a> {
     /// The scales of a validated quant state (see [`QuantState::validate`]), whose tensors are on the host.
     pub(crate) fn of(state: &'a QuantState, op: &'static str) -> Result<Scales<'a>> {
-        Ok(match &state.absmax {
-            Absmax::F32(t) => Scales::F32(t.cpu_data::<f32>(op)?),
-            Absmax::Double {
-                codes,
-                nested_absmax,
-                offset,
-                nested_code,
-                nested_blocksize,
-            } => Scales::Double {
-                codes: codes.cpu_data::<u8>(op)?,
-                nested: nested_absmax.cpu_data::<f32>(op)?,
-                offset: *offset,
-                code: nested_code,
-                nested_shift: nested_blocksize.trailing_zeros(),
+        Ok(match state.absmax.view() {
+            AbsmaxRef::F32(t) => Scales::F32(t.cpu_data::<f32>(op)?),
+            AbsmaxRef::Double(d) => Scales::Double {
+                codes: d.codes.cpu_data::<u8>(op)?,
+                nested: d.nested_absmax.cpu_data::<f32>(op)?,
+                offset: d.offset,
+                code: d.nested_code,
+                nested_shift: d.nested_blocksize.trailing_zeros(),
             },
         })
     }
@@ -524,31 +520,22 @@ fn from_f32_slice<T: Element>(f: &[f32], out: &mut [T]) {
 
 pub(super) fn quantize_tensor(t: &Tensor, opts: &QuantizeOptions) -> Result<(Tensor, Absmax)> {
     let isa = Isa::best();
+    macro_rules! go {
+        ($t:ty) => {
+            quantize(
+                t.cpu_data::<$t>("quantize")?,
+                opts.quant_type,
+                opts.blocksize,
+                isa,
+                opts.allow_non_finite,
+                &opts.name,
+            )?
+        };
+    }
     let (packed, absmax) = match t.dtype() {
-        DType::F32 => quantize(
-            t.cpu_data::<f32>("quantize")?,
-            opts.quant_type,
-            opts.blocksize,
-            isa,
-            opts.allow_non_finite,
-            &opts.name,
-        )?,
-        DType::F16 => quantize(
-            t.cpu_data::<f16>("quantize")?,
-            opts.quant_type,
-            opts.blocksize,
-            isa,
-            opts.allow_non_finite,
-            &opts.name,
-        )?,
-        DType::BF16 => quantize(
-            t.cpu_data::<bf16>("quantize")?,
-            opts.quant_type,
-            opts.blocksize,
-            isa,
-            opts.allow_non_finite,
-            &opts.name,
-        )?,
+        DType::F32 => go!(f32),
+        DType::F16 => go!(f16),
+        DType::BF16 => go!(bf16),
         other => return Err(Error::dtype("quantize", "f32, f16 or bf16", other)),
     };
     let nbytes = packed.len();
@@ -572,20 +559,14 @@ pub(super) fn quantize_tensor(t: &Tensor, opts: &QuantizeOptions) -> Result<(Ten
 
 /// The f32 absmax of a CPU quant state (decoding double quantization).
 pub(super) fn absmax_f32(state: &QuantState) -> Result<Vec<f32>> {
-    match &state.absmax {
-        Absmax::F32(t) => Ok(t.cpu_data::<f32>("absmax")?.to_vec()),
-        Absmax::Double {
-            codes,
-            nested_absmax,
-            offset,
-            nested_code,
-            nested_blocksize,
-        } => super::double_quant_decode_blocks(
-            codes.cpu_data::<u8>("absmax codes")?,
-            nested_absmax.cpu_data::<f32>("nested_absmax")?,
-            *offset,
-            nested_code,
-            *nested_blocksize,
+    match state.absmax.view() {
+        AbsmaxRef::F32(t) => Ok(t.cpu_data::<f32>("absmax")?.to_vec()),
+        AbsmaxRef::Double(d) => super::double_quant_decode_blocks(
+            d.codes.cpu_data::<u8>("absmax codes")?,
+            d.nested_absmax.cpu_data::<f32>("nested_absmax")?,
+            d.offset,
+            d.nested_code,
+            d.nested_blocksize,
         ),
     }
 }

@@ -182,29 +182,7 @@ fn copy_tensor(t: &Tensor) -> Result<Tensor> {
 fn deep_copy(w: &BaseWeight) -> Result<BaseWeight> {
     Ok(match w {
         BaseWeight::Dense(t) => BaseWeight::Dense(copy_tensor(t)?),
-        BaseWeight::Quantized(q) => {
-            let mut state = q.state.clone();
-            state.absmax = match &q.state.absmax {
-                Absmax::F32(t) => Absmax::F32(copy_tensor(t)?),
-                Absmax::Double {
-                    codes,
-                    nested_absmax,
-                    offset,
-                    nested_code,
-                    nested_blocksize,
-                } => Absmax::Double {
-                    codes: copy_tensor(codes)?,
-                    nested_absmax: copy_tensor(nested_absmax)?,
-                    offset: *offset,
-                    nested_code: nested_code.clone(),
-                    nested_blocksize: *nested_blocksize,
-                },
-            };
-            BaseWeight::Quantized(QuantizedTensor {
-                data: copy_tensor(&q.data)?,
-                state,
-            })
-        }
+        BaseWeight::Quantized(q) => BaseWeight::Quantized(q.try_map_tensors(copy_tensor)?),
     })
 }
 
@@ -275,6 +253,26 @@ pub struct Case {
 }
 
 impl Case {
+    /// A case of `op` on an `[out, in]` weight of `format` at `tokens` tokens, LoRA `rank` and `algo`.
+    pub fn new(
+        op: Op,
+        format: Format,
+        (out, inp): (usize, usize),
+        tokens: usize,
+        rank: usize,
+        algo: Algo,
+    ) -> Case {
+        Case {
+            op,
+            format,
+            out,
+            inp,
+            tokens,
+            rank,
+            algo,
+        }
+    }
+
     /// `forward/nf4/4096x4096/t1/r16/auto`: what `--filter` matches against.
     pub fn name(&self) -> String {
         let algo = match self.algo {
@@ -547,15 +545,7 @@ pub fn cases(device: Device, shapes: &[(usize, usize)], tokens: &[usize]) -> Vec
         for f in formats {
             if f.is_quantized() {
                 for op in [Op::Quantize, Op::Dequantize, Op::DequantizeInto] {
-                    v.push(Case {
-                        op,
-                        format: f,
-                        out,
-                        inp,
-                        tokens: 0,
-                        rank: 0,
-                        algo: Algo::Auto,
-                    });
+                    v.push(Case::new(op, f, (out, inp), 0, 0, Algo::Auto));
                 }
             }
         }
@@ -568,15 +558,7 @@ pub fn cases(device: Device, shapes: &[(usize, usize)], tokens: &[usize]) -> Vec
                         &[Algo::Auto]
                     };
                     for &algo in algos {
-                        v.push(Case {
-                            op,
-                            format: f,
-                            out,
-                            inp,
-                            tokens: t,
-                            rank: RANK,
-                            algo,
-                        });
+                        v.push(Case::new(op, f, (out, inp), t, RANK, algo));
                     }
                 }
             }
@@ -590,15 +572,7 @@ fn gpu_cases() -> Vec<Case> {
     let mut v = Vec::new();
     for f in [Format::Nf4, Format::Nf4Dq, Format::Bf16] {
         for t in [1, 16] {
-            v.push(Case {
-                op: Op::Forward,
-                format: f,
-                out: 8192,
-                inp: 8192,
-                tokens: t,
-                rank: RANK,
-                algo: Algo::Auto,
-            });
+            v.push(Case::new(Op::Forward, f, (8192, 8192), t, RANK, Algo::Auto));
         }
         for op in [Op::Forward, Op::BackwardInput] {
             let algos: &[Algo] = if f.is_quantized() {
@@ -607,15 +581,7 @@ fn gpu_cases() -> Vec<Case> {
                 &[Algo::Auto]
             };
             for &algo in algos {
-                v.push(Case {
-                    op,
-                    format: f,
-                    out: 4096,
-                    inp: 4096,
-                    tokens: 4096,
-                    rank: RANK,
-                    algo,
-                });
+                v.push(Case::new(op, f, (4096, 4096), 4096, RANK, algo));
             }
         }
     }
@@ -644,15 +610,7 @@ mod tests {
             (Format::Nf4Dq, QuantType::Nf4),
             (Format::Fp4, QuantType::Fp4),
         ] {
-            let case = |op| Case {
-                op,
-                format,
-                out: 6,
-                inp: 160,
-                tokens: 0,
-                rank: 0,
-                algo: Algo::Auto,
-            };
+            let case = |op| Case::new(op, format, (6, 160), 0, 0, Algo::Auto);
             let fresh = Runner::new(case(Op::Dequantize), Device::Cpu, 0)?.run()?;
             let fresh = fresh.expect("dequantize returns its output");
             let mut into = Runner::new(case(Op::DequantizeInto), Device::Cpu, 0)?;
@@ -671,15 +629,7 @@ mod tests {
             assert_eq!(codes.to_vec::<u8>()?, want, "{format:?}");
         }
         // A dense format has no 4-bit conversion to time.
-        let dense = Case {
-            op: Op::Quantize,
-            format: Format::Bf16,
-            out: 2,
-            inp: 64,
-            tokens: 0,
-            rank: 0,
-            algo: Algo::Auto,
-        };
+        let dense = Case::new(Op::Quantize, Format::Bf16, (2, 64), 0, 0, Algo::Auto);
         assert!(Runner::new(dense, Device::Cpu, 0).is_err());
         Ok(())
     }

@@ -18,7 +18,17 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 
 mod train;
-pub use train::{RunSummary, SUMMARY_FILE, run};
+pub use train::{RunSummary, SUMMARY_FILE, median, run};
+
+/// Linear warmup over `warmup` steps, then linear decay to 0 at `total` (transformers' "linear"; the
+/// causal-LM loop's schedule).
+pub fn schedule(lr: f32, step: usize, warmup: usize, total: usize) -> f32 {
+    if step < warmup {
+        lr * (step + 1) as f32 / warmup as f32
+    } else {
+        lr * (total.saturating_sub(step)) as f32 / (total - warmup).max(1) as f32
+    }
+}
 
 /// Adapter method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -240,6 +250,9 @@ pub struct Args {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// seq-cls (a BERT classifier) or causal-lm (a Llama/Mistral/Qwen2 decoder on a file of texts).
+    #[arg(long, default_value = "seq-cls")]
+    pub task: String,
 }
 
 fn inv(msg: impl Into<String>) -> Error {
@@ -261,7 +274,7 @@ fn model_dir(m: &Option<PathBuf>) -> Result<PathBuf> {
     }
 }
 
-fn check_device(d: &str) -> Result<()> {
+pub fn check_device(d: &str) -> Result<()> {
     if d == "cpu" {
         Ok(())
     } else {
@@ -299,7 +312,7 @@ pub fn adapter_config(method: Method, a: &Recipe) -> Option<AdapterConfig> {
     Some(c)
 }
 
-fn load_opts(quant: Quant, double_quant: bool) -> ModelLoadOptions {
+pub fn load_opts(quant: Quant, double_quant: bool) -> ModelLoadOptions {
     let quantize = match quant {
         Quant::None => None,
         q => {
@@ -510,6 +523,9 @@ fn load_trained(
 }
 
 pub fn run_eval(a: EvalArgs) -> Result<()> {
+    if a.task == "causal-lm" {
+        return crate::causal_lm::run_eval(&a);
+    }
     if a.task != "seq-cls" {
         return Err(inv(format!("--task {}: only seq-cls is implemented", a.task)));
     }

@@ -64,6 +64,9 @@ pub fn loadavg() -> f64 {
 /// `peftk finetune`: trains, then prints the [`RunSummary`] as one JSON line (also written to
 /// `OUT/summary.json`).
 pub fn run(a: Args) -> Result<()> {
+    if a.task == "causal-lm" {
+        return crate::causal_lm::run_finetune(&a);
+    }
     let s = train(&a, None)?;
     let line = serde_json::to_string(&s).map_err(|e| inv(e.to_string()))?;
     peft_kernels::io::atomic_write(a.out.join(SUMMARY_FILE), line.as_bytes())?;

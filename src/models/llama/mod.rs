@@ -1,0 +1,517 @@
+//! The Llama family of decoders (transformers' `models/llama/modeling_llama.py`, and Mistral and Qwen2,
+//! which differ only in biases and defaults): `LlamaModel` (token embedding, pre-RMSNorm decoder layers
+//! with rotary causal grouped-query attention and the SiLU-gated MLP, final RMSNorm) and
+//! `LlamaForCausalLM` (plus the `lm_head`, tied to the embedding with `tie_word_embeddings`), on the
+//! autograd tape.
+//!
+//! Every projection is a [`LinearSlot`] under transformers' module name
+//! (`model.layers.0.self_attn.q_proj` ... `model.layers.0.mlp.down_proj`), so PEFT's `target_modules`,
+//! `rank_pattern` and `alpha_pattern` select the same modules as in PEFT. The embedding, the norms and
+//! the `lm_head` are frozen.
+//!
+//! Positions are `0..seq` in every row, as transformers computes them when no `position_ids` are given
+//! (also for left padding); padded keys are masked. A query row with no visible key (a left pad) outputs 0;
+//! its logits are meaningless, as in transformers.
+
+pub mod config;
+pub mod seq_cls;
+pub mod tokenizer;
+
+pub use config::{LlamaArch, LlamaConfig};
+pub use seq_cls::LlamaForSequenceClassification;
+pub use tokenizer::CausalLmTokenizer;
+
+use super::linear::LinearSlot;
+use super::loader::{Checkpoint, ModelLoadOptions, stored_module};
+use super::tokenizer::BertBatch;
+use crate::adapters::AdapterLinear;
+use crate::adapters::vblora::VbLoraBank;
+use crate::attention::AttentionConfig;
+use crate::autograd::{ParamId, ParamStore, Tape, Var};
+use crate::error::{Error, Result};
+use crate::io::peft::{AdapterConfig, PeftAdapter};
+use crate::nn::RopeConfig;
+use crate::qmatmul::BaseWeight;
+use crate::tensor::{DType, Tensor};
+use std::sync::Arc;
+
+/// A padded batch of token ids (`input_ids`, `attention_mask`; `token_type_ids` are ignored).
+pub type TokenBatch = BertBatch;
+
+/// Per-layer constants.
+#[derive(Clone, Copy, Debug)]
+struct LayerSettings {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f32,
+    rope: RopeConfig,
+    attn_dropout: f32,
+}
+
+/// One decoder layer (`LlamaDecoderLayer`).
+#[derive(Clone, Debug)]
+pub struct LlamaLayer {
+    index: usize,
+    q: LinearSlot,
+    k: LinearSlot,
+    v: LinearSlot,
+    o: LinearSlot,
+    gate: LinearSlot,
+    up: LinearSlot,
+    down: LinearSlot,
+    input_norm: Tensor,
+    post_norm: Tensor,
+    s: LayerSettings,
+}
+
+impl LlamaLayer {
+    fn slots(&self) -> [&LinearSlot; 7] {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+    }
+
+    fn slots_mut(&mut self) -> [&mut LinearSlot; 7] {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+
+    /// `x [batch*seq, hidden]` → the layer output.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_t(
+        &self,
+        tape: &mut Tape,
+        store: &ParamStore,
+        x: Var,
+        mask: &[u8],
+        positions: &[u32],
+        (batch, seq): (usize, usize),
+        seed: Option<u64>,
+    ) -> Result<Var> {
+        let s = &self.s;
+        let h = tape.rms_norm(x, &self.input_norm, s.eps)?;
+        let q = self.q.forward_t(tape, store, h, seed)?;
+        let k = self.k.forward_t(tape, store, h, seed)?;
+        let v = self.v.forward_t(tape, store, h, seed)?;
+        let q = tape.rope(q, positions, &s.rope)?;
+        let k = tape.rope(k, positions, &s.rope)?;
+        let mut cfg = AttentionConfig::new(batch, seq, s.heads, s.head_dim);
+        cfg.num_kv_heads = s.kv_heads;
+        cfg.causal = true;
+        cfg.dropout = seed
+            .filter(|_| s.attn_dropout > 0.0)
+            .map(|st| (s.attn_dropout, layer_seed(st, self.index)));
+        let a = tape.attention(q, k, v, Some(mask), &cfg)?;
+        let a = self.o.forward_t(tape, store, a, seed)?;
+        let x = tape.add(x, a)?;
+        let h = tape.rms_norm(x, &self.post_norm, s.eps)?;
+        let g = self.gate.forward_t(tape, store, h, seed)?;
+        let u = self.up.forward_t(tape, store, h, seed)?;
+        let m = tape.silu_mul(g, u)?;
+        let d = self.down.forward_t(tape, store, m, seed)?;
+        tape.add(x, d)
+    }
+}
+
+/// The attention-dropout seed of a layer in one step (SplitMix64 finalizer).
+fn layer_seed(step: u64, layer: usize) -> u64 {
+    let mut z = step ^ (layer as u64).wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A module name under `prefix`.
+fn under(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+/// `LlamaModel` (also Mistral's and Qwen2's): embedding, decoder layers, final norm.
+#[derive(Clone, Debug)]
+pub struct LlamaModel {
+    config: LlamaConfig,
+    prefix: String,
+    embed: Tensor,
+    layers: Vec<Arc<LlamaLayer>>,
+    norm: Tensor,
+    bank: Option<VbLoraBank>,
+    opts: ModelLoadOptions,
+}
+
+impl LlamaModel {
+    /// Loads the decoder from `ckpt` (names with or without `model.`), every shape validated against
+    /// `config`. `prefix` is the module-name prefix of the linears (`"model"` inside `LlamaForCausalLM`,
+    /// `""` for a bare model). Linears selected by `opts.quantize` are quantized; 4-bit checkpoints stay
+    /// 4-bit.
+    pub fn load(
+        ckpt: &Checkpoint,
+        config: &LlamaConfig,
+        prefix: &str,
+        opts: &ModelLoadOptions,
+    ) -> Result<LlamaModel> {
+        config.validate()?;
+        let c = config;
+        let (h, dt, dev) = (c.hidden_size, opts.dtype, opts.device);
+        if !dt.is_float() {
+            return Err(Error::invalid(format!(
+                "Llama activations must be a float dtype, got {dt}"
+            )));
+        }
+        let linear = |module: &str, out: usize, inp: usize, bias: bool| -> Result<LinearSlot> {
+            let name = under(prefix, module);
+            let q = opts
+                .quantize
+                .as_ref()
+                .filter(|q| q.selects(&name))
+                .map(|q| &q.options);
+            let stored = stored_module(ckpt, &name, prefix);
+            let (w, b) = if bias {
+                let (w, b) = ckpt.linear(&stored, out, inp, q, opts)?;
+                (w, Some(b))
+            } else {
+                (ckpt.linear_weight(&stored, out, inp, q, opts)?, None)
+            };
+            Ok(LinearSlot::frozen(name, w, b, opts.algo))
+        };
+        let s = LayerSettings {
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            eps: c.rms_norm_eps,
+            rope: c.rope(),
+            attn_dropout: c.attention_dropout,
+        };
+        let (qw, kvw, im) = (c.q_width(), c.kv_width(), c.intermediate_size);
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let l = format!("layers.{i}");
+            layers.push(Arc::new(LlamaLayer {
+                index: i,
+                q: linear(&format!("{l}.self_attn.q_proj"), qw, h, c.qkv_bias)?,
+                k: linear(&format!("{l}.self_attn.k_proj"), kvw, h, c.qkv_bias)?,
+                v: linear(&format!("{l}.self_attn.v_proj"), kvw, h, c.qkv_bias)?,
+                o: linear(&format!("{l}.self_attn.o_proj"), h, qw, c.o_bias)?,
+                gate: linear(&format!("{l}.mlp.gate_proj"), im, h, c.mlp_bias)?,
+                up: linear(&format!("{l}.mlp.up_proj"), im, h, c.mlp_bias)?,
+                down: linear(&format!("{l}.mlp.down_proj"), h, im, c.mlp_bias)?,
+                input_norm: ckpt.backbone(&format!("{l}.input_layernorm.weight"), &[h], dt, dev)?,
+                post_norm: ckpt.backbone(&format!("{l}.post_attention_layernorm.weight"), &[h], dt, dev)?,
+                s,
+            }));
+        }
+        Ok(LlamaModel {
+            config: c.clone(),
+            prefix: prefix.to_string(),
+            embed: ckpt.backbone("embed_tokens.weight", &[c.vocab_size, h], dt, dev)?,
+            layers,
+            norm: ckpt.backbone("norm.weight", &[h], dt, dev)?,
+            bank: None,
+            opts: opts.clone(),
+        })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The module-name prefix of the linears (`"model"` inside `LlamaForCausalLM`).
+    pub fn module_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The token embedding table `[vocab, hidden]`.
+    pub fn embed_tokens(&self) -> &Tensor {
+        &self.embed
+    }
+
+    /// Every linear slot, in module order.
+    pub fn linears(&self) -> Vec<&LinearSlot> {
+        self.layers.iter().flat_map(|l| l.slots()).collect()
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut LinearSlot> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| Arc::make_mut(l).slots_mut())
+            .collect()
+    }
+
+    /// Bytes of the frozen weights (embedding, norms, linears as stored: 4-bit or dense, biases).
+    pub fn frozen_bytes(&self) -> usize {
+        let mut n = self.embed.size_in_bytes() + self.norm.size_in_bytes();
+        for l in &self.layers {
+            n += l.input_norm.size_in_bytes() + l.post_norm.size_in_bytes();
+        }
+        for s in self.linears() {
+            n += s.base().size_in_bytes() + s.bias().map_or(0, Tensor::size_in_bytes);
+        }
+        n
+    }
+
+    /// Every trainable parameter of the adapters (and the VB-LoRA bank).
+    pub fn param_ids(&self) -> Vec<ParamId> {
+        let mut v: Vec<ParamId> = self.linears().iter().flat_map(|s| s.param_ids()).collect();
+        v.extend(self.bank.map(|b| b.id()));
+        v
+    }
+
+    /// Attaches fresh adapters from a PEFT config to every linear it targets (as PEFT resolves
+    /// `target_modules`, `exclude_modules`, `layers_to_transform`, `rank_pattern`, `alpha_pattern` over
+    /// transformers' module names), initialized as `get_peft_model` does from `seed`. Returns the
+    /// adapted module names.
+    pub fn init_adapter(
+        &mut self,
+        config: &AdapterConfig,
+        store: &mut ParamStore,
+        seed: u64,
+    ) -> Result<Vec<String>> {
+        let lo = self.opts.adapter_options();
+        let (names, bank) = super::adapt::init_into(self.linears_mut(), config, store, seed, &lo)?;
+        self.bank = bank;
+        Ok(names)
+    }
+
+    /// Attaches the layers of a loaded PEFT adapter (every adapted module must be one of the model's
+    /// linears with the adapter's shapes).
+    pub fn attach_adapter(&mut self, adapter: &PeftAdapter, store: &mut ParamStore) -> Result<Vec<String>> {
+        let lo = self.opts.adapter_options();
+        let (names, bank) = super::adapt::attach_into(self.linears_mut(), adapter, store, &lo)?;
+        self.bank = bank;
+        Ok(names)
+    }
+
+    /// The adapter layers, in module order.
+    pub fn adapter_layers(&self) -> Vec<&dyn AdapterLinear> {
+        self.linears()
+            .into_iter()
+            .filter_map(LinearSlot::adapter)
+            .collect()
+    }
+
+    fn check_batch(&self, b: &TokenBatch) -> Result<()> {
+        b.validate()?;
+        if let Some(&t) = b
+            .input_ids
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            return Err(Error::invalid(format!(
+                "token id {t} >= vocab_size {}",
+                self.config.vocab_size
+            )));
+        }
+        if let Some(w) = self.config.sliding_window
+            && b.seq > w
+        {
+            return Err(Error::invalid(format!(
+                "sequence length {} exceeds the sliding window {w} (sliding-window attention is not implemented)",
+                b.seq
+            )));
+        }
+        Ok(())
+    }
+
+    /// The last hidden state (after the final norm) `[batch*seq, hidden]` on `tape`. `seed`: `Some(step
+    /// seed)` for training (adapter and attention dropout), `None` for evaluation.
+    pub fn forward_t(
+        &self,
+        tape: &mut Tape,
+        store: &ParamStore,
+        b: &TokenBatch,
+        seed: Option<u64>,
+    ) -> Result<Var> {
+        self.check_batch(b)?;
+        let positions: Vec<u32> = (0..b.batch).flat_map(|_| 0..b.seq as u32).collect();
+        let mut x = tape.embedding(&self.embed, &b.input_ids)?;
+        for layer in &self.layers {
+            x = layer.forward_t(
+                tape,
+                store,
+                x,
+                &b.attention_mask,
+                &positions,
+                (b.batch, b.seq),
+                seed,
+            )?;
+        }
+        tape.rms_norm(x, &self.norm, self.config.rms_norm_eps)
+    }
+}
+
+/// `LlamaForCausalLM` (and `MistralForCausalLM`, `Qwen2ForCausalLM`): the decoder and the frozen
+/// `lm_head` `[vocab, hidden]` (the embedding table itself with `tie_word_embeddings`).
+#[derive(Clone, Debug)]
+pub struct LlamaForCausalLM {
+    model: LlamaModel,
+    lm_head: LinearSlot,
+}
+
+impl LlamaForCausalLM {
+    /// Loads the decoder (module prefix `model`) and the `lm_head` from `ckpt`.
+    pub fn load(
+        ckpt: &Checkpoint,
+        config: &LlamaConfig,
+        opts: &ModelLoadOptions,
+    ) -> Result<LlamaForCausalLM> {
+        let model = LlamaModel::load(ckpt, config, "model", opts)?;
+        let head = if config.tie_word_embeddings {
+            model.embed.clone()
+        } else {
+            ckpt.load_as(
+                "lm_head.weight",
+                &[config.vocab_size, config.hidden_size],
+                opts.dtype,
+                opts.device,
+            )?
+        };
+        Ok(LlamaForCausalLM {
+            model,
+            lm_head: LinearSlot::frozen("lm_head", BaseWeight::Dense(head), None, opts.algo),
+        })
+    }
+
+    /// The decoder.
+    pub fn model(&self) -> &LlamaModel {
+        &self.model
+    }
+
+    /// The decoder, mutable (adapters).
+    pub fn model_mut(&mut self) -> &mut LlamaModel {
+        &mut self.model
+    }
+
+    /// The config.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.model.config
+    }
+
+    /// Every trainable parameter.
+    pub fn param_ids(&self) -> Vec<ParamId> {
+        self.model.param_ids()
+    }
+
+    /// Logits `[batch*seq, vocab]` on `tape`.
+    pub fn forward_t(
+        &self,
+        tape: &mut Tape,
+        store: &ParamStore,
+        b: &TokenBatch,
+        seed: Option<u64>,
+    ) -> Result<Var> {
+        let h = self.model.forward_t(tape, store, b, seed)?;
+        self.lm_head.forward_t(tape, store, h, None)
+    }
+
+    /// Logits in evaluation, as an f32 `[batch*seq, vocab]` tensor.
+    pub fn logits(&self, store: &ParamStore, b: &TokenBatch) -> Result<Tensor> {
+        let mut tape = Tape::new();
+        let y = self.forward_t(&mut tape, store, b, None)?;
+        tape.value(y)?.to_dtype(DType::F32)
+    }
+
+    /// The mean next-token NLL of the batch (see [`crate::autograd::decoder::causal_lm_targets`]) and the
+    /// number of tokens it averages, in evaluation.
+    pub fn loss(&self, store: &ParamStore, b: &TokenBatch, loss_mask: Option<&[u8]>) -> Result<(f32, usize)> {
+        let mut tape = Tape::new();
+        let logits = self.forward_t(&mut tape, store, b, None)?;
+        let t = crate::autograd::decoder::causal_lm_targets(
+            &b.input_ids,
+            &b.attention_mask,
+            b.batch,
+            b.seq,
+            loss_mask,
+        )?;
+        let n = t
+            .iter()
+            .filter(|&&x| x != crate::autograd::decoder::IGNORE)
+            .count();
+        let loss = tape.cross_entropy_ignore(logits, &t, crate::autograd::decoder::IGNORE)?;
+        Ok((tape.value(loss)?.to_scalar()?, n))
+    }
+
+    /// One training step: forward (adapter dropout from `seed`), the shifted causal-LM loss, backward,
+    /// optimizer update of every trainable parameter. Returns the loss before the update.
+    pub fn train_step(
+        &self,
+        store: &mut ParamStore,
+        opt: &mut crate::optim::AdamW,
+        b: &TokenBatch,
+        loss_mask: Option<&[u8]>,
+        seed: u64,
+    ) -> Result<f32> {
+        let (loss, grads) = {
+            let mut tape = Tape::new();
+            let logits = self.forward_t(&mut tape, store, b, Some(seed))?;
+            let loss =
+                tape.causal_lm_loss(logits, &b.input_ids, &b.attention_mask, b.batch, b.seq, loss_mask)?;
+            (tape.value(loss)?.to_scalar()?, tape.backward(loss)?)
+        };
+        opt.step(store, &grads)?;
+        Ok(loss)
+    }
+
+    /// Attaches fresh adapters (see [`LlamaModel::init_adapter`]).
+    pub fn init_adapter(
+        &mut self,
+        config: &AdapterConfig,
+        store: &mut ParamStore,
+        seed: u64,
+    ) -> Result<Vec<String>> {
+        check_no_modules_to_save(config)?;
+        self.model.init_adapter(config, store, seed)
+    }
+
+    /// Loads a PEFT adapter directory saved for `LlamaForCausalLM` (by PEFT or by
+    /// [`LlamaForCausalLM::save_adapter`]).
+    pub fn load_adapter(
+        &mut self,
+        dir: impl AsRef<std::path::Path>,
+        store: &mut ParamStore,
+    ) -> Result<PeftAdapter> {
+        let adapter = PeftAdapter::load(dir, self.model.opts.device)?;
+        check_no_modules_to_save(&adapter.config)?;
+        self.model.attach_adapter(&adapter, store)?;
+        Ok(adapter)
+    }
+
+    /// The adapter in PEFT's file form (every adapter parameter under its key).
+    pub fn to_peft(&self, config: &AdapterConfig, store: &ParamStore) -> Result<PeftAdapter> {
+        check_no_modules_to_save(config)?;
+        let a = crate::peft_model::load::adapter_from_store(config, store)?;
+        a.layout()?;
+        Ok(a)
+    }
+
+    /// Writes the adapter directory (`adapter_config.json` + `adapter_model.safetensors`) that
+    /// `PeftModel.from_pretrained(LlamaForCausalLM, dir)` loads.
+    pub fn save_adapter(
+        &self,
+        config: &AdapterConfig,
+        store: &ParamStore,
+        dir: impl AsRef<std::path::Path>,
+    ) -> Result<()> {
+        self.to_peft(config, store)?.save(dir)
+    }
+}
+
+fn check_no_modules_to_save(config: &AdapterConfig) -> Result<()> {
+    match &config.modules_to_save {
+        Some(m) if !m.is_empty() => Err(Error::invalid(format!(
+            "modules_to_save {m:?}: fully trained modules are not supported on LlamaForCausalLM"
+        ))),
+        _ => Ok(()),
+    }
+}
