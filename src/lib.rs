@@ -20,6 +20,8 @@
 pub mod adapters;
 pub mod attention;
 pub mod autograd;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod data;
 pub mod device;
 pub mod error;

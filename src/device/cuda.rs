@@ -91,8 +91,13 @@ impl std::fmt::Debug for CudaBackend {
 
 /// Number of CUDA devices, 0 when libcuda is absent or the driver fails to initialize.
 pub(crate) fn device_count() -> usize {
+    #[cfg(not(feature = "candle-cuda"))]
     // SAFETY: is_culib_present only tries to dlopen libcuda; it has no preconditions.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    let present = unsafe { cudarc::driver::sys::is_culib_present() };
+    // candle's `cuda` feature links libcuda at build time (cudarc `dynamic-linking`).
+    #[cfg(feature = "candle-cuda")]
+    let present = true;
+    if !present {
         return 0;
     }
     CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
@@ -168,8 +173,13 @@ impl CudaBackend {
     pub(crate) fn blas(&self) -> Result<&CudaBlas> {
         self.blas
             .get_or_init(|| {
+                #[cfg(not(feature = "candle-cuda"))]
                 // SAFETY: only dlopens libcublas to see whether it exists.
-                if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                let present = unsafe { cudarc::cublas::sys::is_culib_present() };
+                // With candle's `cuda` feature libcublas is linked at build time.
+                #[cfg(feature = "candle-cuda")]
+                let present = true;
+                if !present {
                     return Err("libcublas was not found (install the CUDA runtime libraries)".into());
                 }
                 CudaBlas::new(self.stream.clone()).map_err(|e| e.to_string())

@@ -1,0 +1,150 @@
+//! The one candle custom op per layer call: [`AdapterOp`] runs our layer's fused forward pass in
+//! `cpu_fwd` / `cuda_fwd` and its backward pass in `bwd`.
+//!
+//! candle's `CustomOp1/2/3` take one to three tensors, a layer reads up to three parameters (DoRA: A, B
+//! and the magnitude; VB-LoRA: the bank and two logit matrices) besides the input. So the op is a
+//! `CustomOp2` of the input and the layer's parameters packed end to end in one flat tensor (candle's
+//! `cat` of the flattened `Var`s, a differentiable candle op): `bwd` returns the input gradient and the
+//! packed parameter gradient, and candle's own backward of `cat` hands each `Var` its slice. A shared
+//! VB-LoRA bank is one `Var` in several layers' packs, so its gradient sums over them.
+
+use super::convert::{
+    contiguous_range, cpu_out, cpu_region, packed_ranges, to_candle, to_candle_err, to_ours, to_ours_parts,
+};
+use crate::adapters::linear::TapeLinear;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use candle_core as cc;
+use std::sync::{Arc, Mutex};
+
+/// One call of a layer: the layer (shared), its parameter shapes in pack order, the dropout step
+/// seed, and the context the forward pass leaves for the backward pass.
+pub(crate) struct AdapterOp<L: TapeLinear> {
+    pub(crate) layer: Arc<L>,
+    pub(crate) shapes: Arc<Vec<Vec<usize>>>,
+    pub(crate) seed: Option<u64>,
+    pub(crate) ctx: Mutex<Option<L::Ctx>>,
+}
+
+impl<L: TapeLinear> AdapterOp<L> {
+    pub(crate) fn new(layer: Arc<L>, shapes: Arc<Vec<Vec<usize>>>, seed: Option<u64>) -> Self {
+        AdapterOp {
+            layer,
+            shapes,
+            seed,
+            ctx: Mutex::new(None),
+        }
+    }
+
+    /// Our forward pass; keeps the context for `bwd`.
+    fn forward(&self, x: &Tensor, params: &[Tensor]) -> Result<Tensor> {
+        let refs: Vec<&Tensor> = params.iter().collect();
+        let (y, ctx) = self.layer.forward_values(&refs, x, self.seed)?;
+        *self.ctx.lock().map_err(|_| poisoned())? = Some(ctx);
+        Ok(y)
+    }
+
+    /// Our backward pass: the input gradient (when the input is tracked) and the packed parameter
+    /// gradient in the pack's dtype and shape.
+    fn backward(
+        &self,
+        x: &cc::Tensor,
+        packed: &cc::Tensor,
+        grad: &cc::Tensor,
+    ) -> Result<(Option<cc::Tensor>, Option<cc::Tensor>)> {
+        let guard = self.ctx.lock().map_err(|_| poisoned())?;
+        let ctx = guard
+            .as_ref()
+            .ok_or_else(|| Error::invalid(format!("{}: backward before forward", L::OP)))?;
+        let dy = to_ours(grad)?;
+        let params = to_ours_parts(packed, &self.shapes)?;
+        let refs: Vec<&Tensor> = params.iter().collect();
+        let need_dx = x.track_op();
+        let mut needs = vec![true; refs.len() + 1];
+        needs[0] = need_dx;
+        let mut grads = self.layer.backward_values(&refs, ctx, &dy, &needs)?.into_iter();
+        let dev = x.device();
+        let dx = match grads.next().flatten().filter(|_| need_dx) {
+            Some(g) => Some(to_candle(&g, dev)?),
+            None => None,
+        };
+        let c = super::convert::from_candle_err;
+        let mut flat = Vec::with_capacity(refs.len());
+        for g in grads {
+            let g = g.ok_or_else(|| Error::invalid(format!("{}: a parameter gradient is missing", L::OP)))?;
+            flat.push(to_candle(&g.reshape(&[g.numel()])?, dev)?);
+        }
+        let dpacked = if flat.len() == 1 {
+            flat.pop().ok_or_else(|| Error::invalid("no gradient"))?
+        } else {
+            cc::Tensor::cat(&flat, 0).map_err(c)?
+        };
+        let dpacked = dpacked
+            .to_dtype(packed.dtype())
+            .and_then(|t| t.reshape(packed.shape()))
+            .map_err(c)?;
+        Ok((dx, Some(dpacked)))
+    }
+}
+
+fn poisoned() -> Error {
+    Error::invalid("candle op: a thread panicked while holding the layer context")
+}
+
+impl<L: TapeLinear> cc::CustomOp2 for AdapterOp<L> {
+    fn name(&self) -> &'static str {
+        L::OP
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &cc::CpuStorage,
+        l1: &cc::Layout,
+        s2: &cc::CpuStorage,
+        l2: &cc::Layout,
+    ) -> cc::Result<(cc::CpuStorage, cc::Shape)> {
+        let run = || -> Result<_> {
+            let x = cpu_region(s1, contiguous_range(l1)?, l1.dims())?;
+            let params = packed_ranges(l2, &self.shapes)?
+                .into_iter()
+                .zip(self.shapes.iter())
+                .map(|(r, s)| cpu_region(s2, r, s))
+                .collect::<Result<Vec<_>>>()?;
+            let y = self.forward(&x, &params)?;
+            Ok((cpu_out(&y)?, cc::Shape::from_dims(y.shape())))
+        };
+        run().map_err(to_candle_err)
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &cc::CudaStorage,
+        l1: &cc::Layout,
+        s2: &cc::CudaStorage,
+        l2: &cc::Layout,
+    ) -> cc::Result<(cc::CudaStorage, cc::Shape)> {
+        use super::cuda::{cuda_out, cuda_region};
+        let run = || -> Result<_> {
+            let x = cuda_region(s1, contiguous_range(l1)?, l1.dims())?;
+            let params = packed_ranges(l2, &self.shapes)?
+                .into_iter()
+                .zip(self.shapes.iter())
+                .map(|(r, s)| cuda_region(s2, r, s))
+                .collect::<Result<Vec<_>>>()?;
+            let y = self.forward(&x, &params)?;
+            Ok((cuda_out(&y, &s1.device)?, cc::Shape::from_dims(y.shape())))
+        };
+        run().map_err(to_candle_err)
+    }
+
+    fn bwd(
+        &self,
+        arg1: &cc::Tensor,
+        arg2: &cc::Tensor,
+        _res: &cc::Tensor,
+        grad_res: &cc::Tensor,
+    ) -> cc::Result<(Option<cc::Tensor>, Option<cc::Tensor>)> {
+        self.backward(arg1, arg2, grad_res).map_err(to_candle_err)
+    }
+}
