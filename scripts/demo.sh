@@ -11,3 +11,4 @@ echo
 echo "metrics: $OUT/metrics.jsonl   adapter (PEFT format): $OUT/adapter"
 echo "try:     target/release/peftk predict --adapter $OUT/adapter \"a wonderful phone\" \"broke after a day\""
 echo "eval:    target/release/peftk eval --adapter $OUT/adapter --json"
+echo "compare: target/release/peftk compare --out peftk-compare   # all seven methods, results.{md,csv,json,svg,png}"

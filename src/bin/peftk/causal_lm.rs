@@ -138,11 +138,11 @@ fn encode(tok: &CausalLmTokenizer, texts: &[String], max_len: usize) -> Result<V
 
 /// The adapter config: the classifier path's method options with PEFT's CAUSAL_LM task.
 fn adapter_config(a: &Args) -> Result<AdapterConfig> {
-    let mut c = finetune::adapter_config(a)
+    let mut c = finetune::adapter_config(a.method, &a.recipe)
         .ok_or_else(|| inv("--method head has no meaning for --task causal-lm (the lm_head stays frozen)"))?;
     c.task_type = Some("CAUSAL_LM".into());
     c.modules_to_save = None;
-    if a.target_modules == BERT_DEFAULT {
+    if a.recipe.target_modules == BERT_DEFAULT {
         c.target_modules = Some(TargetModules::Names(
             DECODER_LINEARS.iter().map(|s| s.to_string()).collect(),
         ));
@@ -152,23 +152,23 @@ fn adapter_config(a: &Args) -> Result<AdapterConfig> {
 
 /// `peftk finetune --task causal-lm`.
 pub fn run_finetune(a: &Args) -> Result<()> {
-    finetune::check_device(&a.device)?;
-    let mdir = a
-        .model
-        .clone()
-        .ok_or_else(|| inv("--task causal-lm needs --model DIR (a Llama, Mistral or Qwen2 checkpoint)"))?;
-    if a.data.is_empty() {
+    finetune::check_device(&a.recipe.device)?;
+    let mdir =
+        a.recipe.model.clone().ok_or_else(|| {
+            inv("--task causal-lm needs --model DIR (a Llama, Mistral or Qwen2 checkpoint)")
+        })?;
+    if a.recipe.data.is_empty() {
         return Err(inv("--task causal-lm needs --data FILE..."));
     }
     let mut train = Vec::new();
-    for p in &a.data {
-        train.extend(read_texts(p, &a.data_args.text_column)?);
+    for p in &a.recipe.data {
+        train.extend(read_texts(p, &a.recipe.data_args.text_column)?);
     }
-    let mut rng = peft_kernels::rng::Rng::new(a.seed ^ 0x5eed);
+    let mut rng = peft_kernels::rng::Rng::new(a.recipe.seed ^ 0x5eed);
     peft_kernels::data::shuffle(&mut train, &mut rng);
-    let test = match (&a.test, a.split) {
+    let test = match (&a.recipe.test, a.recipe.split) {
         (Some(_), Some(_)) => return Err(inv("give --test or --split, not both")),
-        (Some(t), None) => read_texts(t, &a.data_args.text_column)?,
+        (Some(t), None) => read_texts(t, &a.recipe.data_args.text_column)?,
         (None, Some(f)) if f > 0.0 && f < 1.0 => {
             let n =
                 ((train.len() as f64 * f).round() as usize).clamp(1, train.len().saturating_sub(1).max(1));
@@ -177,7 +177,7 @@ pub fn run_finetune(a: &Args) -> Result<()> {
         (None, Some(f)) => return Err(inv(format!("--split {f} is not in (0, 1)"))),
         (None, None) => return Err(inv("no test data: give --test FILE or --split FRACTION")),
     };
-    if let Some(n) = a.limit {
+    if let Some(n) = a.recipe.limit {
         train.truncate(n);
     }
     if train.is_empty() {
@@ -186,27 +186,27 @@ pub fn run_finetune(a: &Args) -> Result<()> {
     let (mut model, tok) = load(&mdir, &finetune::load_opts(a.quantize, a.double_quant))?;
     let pad = tok.pad_id();
     let (etr, ete) = (
-        encode(&tok, &train, a.data_args.max_len)?,
-        encode(&tok, &test, a.data_args.max_len)?,
+        encode(&tok, &train, a.recipe.data_args.max_len)?,
+        encode(&tok, &test, a.recipe.data_args.max_len)?,
     );
     let config = adapter_config(a)?;
     let mut store = ParamStore::new();
-    model.init_adapter(&config, &mut store, a.seed.wrapping_add(1))?;
+    model.init_adapter(&config, &mut store, a.recipe.seed.wrapping_add(1))?;
     let trainable: usize = model
         .param_ids()
         .iter()
         .map(|&id| store.get(id).map(|t| t.numel()))
         .sum::<Result<usize>>()?;
     let mut opt = AdamW::new(AdamWConfig {
-        lr: a.lr,
-        weight_decay: a.weight_decay,
+        lr: a.recipe.lr,
+        weight_decay: a.recipe.weight_decay,
         ..Default::default()
     })?;
     std::fs::create_dir_all(&a.out).map_err(|e| io_err(&a.out, e))?;
     let mpath = a.out.join("metrics.jsonl");
     let mut metrics = std::fs::File::create(&mpath).map_err(|e| io_err(&mpath, e))?;
     let lengths: Vec<usize> = etr.iter().map(Vec::len).collect();
-    let total = (train.len().div_ceil(a.batch_size.max(1)) * a.epochs).max(1);
+    let total = (train.len().div_ceil(a.recipe.batch_size.max(1)) * a.recipe.epochs).max(1);
     let bar = if a.quiet {
         ProgressBar::hidden()
     } else {
@@ -218,15 +218,19 @@ pub fn run_finetune(a: &Args) -> Result<()> {
     );
     let (mut step, mut train_s, mut step_ms, mut tokens) = (0usize, 0f64, Vec::new(), 0usize);
     let mut last = json!({});
-    for epoch in 1..=a.epochs {
-        let batches =
-            peft_kernels::data::bucketed_batches(&lengths, a.batch_size, 50, a.seed ^ (epoch as u64) << 32)?;
+    for epoch in 1..=a.recipe.epochs {
+        let batches = peft_kernels::data::bucketed_batches(
+            &lengths,
+            a.recipe.batch_size,
+            50,
+            a.recipe.seed ^ (epoch as u64) << 32,
+        )?;
         let (mut loss_sum, mut seen) = (0f64, 0usize);
         for idx in batches {
-            opt.set_lr(finetune::schedule(a.lr, step, a.warmup, total));
+            opt.set_lr(finetune::schedule(a.recipe.lr, step, a.recipe.warmup, total));
             let b = batch_of(&etr, &idx, pad)?;
             let t = Instant::now();
-            let seed = a.seed.wrapping_mul(1_000_003) + step as u64;
+            let seed = a.recipe.seed.wrapping_mul(1_000_003) + step as u64;
             let loss = model.train_step(&mut store, &mut opt, &b, None, seed)?;
             let dt = t.elapsed().as_secs_f64();
             train_s += dt;
@@ -243,7 +247,7 @@ pub fn run_finetune(a: &Args) -> Result<()> {
                 k as f64 / dt
             ));
         }
-        let (test_loss, test_tokens) = evaluate(&model, &store, &ete, pad, a.batch_size)?;
+        let (test_loss, test_tokens) = evaluate(&model, &store, &ete, pad, a.recipe.batch_size)?;
         last = json!({
             "epoch": epoch, "step": step, "loss": loss_sum / seen.max(1) as f64, "test_loss": test_loss,
             "test_perplexity": test_loss.exp(), "test_tokens": test_tokens, "train_s": train_s,

@@ -2,10 +2,12 @@
 
 mod bench;
 mod causal_lm;
+mod compare;
 mod dequantize;
 mod finetune;
 mod inspect;
 mod merge;
+mod plot;
 mod quantize;
 
 use clap::{Parser, Subcommand};
@@ -46,6 +48,9 @@ enum Command {
     Eval(finetune::EvalArgs),
     /// Label and probability per input text.
     Predict(finetune::PredictArgs),
+    /// Fine-tune with each method (and seed) under the same recipe, each run in its own process, then
+    /// write results.{md,json,csv} and bar charts (results.svg, results.png).
+    Compare(compare::Args),
 }
 
 /// On SIGINT, SIGTERM or SIGHUP, removes the temp files of outputs being written and exits with
@@ -98,6 +103,7 @@ fn main() -> ExitCode {
         Command::Finetune(a) => finetune::run(a),
         Command::Eval(a) => finetune::run_eval(a),
         Command::Predict(a) => finetune::run_predict(a),
+        Command::Compare(a) => compare::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,7 +4,6 @@
 //! linear, the classifier in `modules_to_save`).
 
 use clap::{Args as ClapArgs, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
 use peft_kernels::autograd::ParamStore;
 use peft_kernels::data::{self, Columns, Dataset, LabelMap};
 use peft_kernels::io::peft::{
@@ -13,15 +12,23 @@ use peft_kernels::io::peft::{
 use peft_kernels::models::{
     self, BertBatch, BertForSequenceClassification, BertTokenizer, ModelLoadOptions, QuantizeOnLoad,
 };
-use peft_kernels::optim::{AdamW, AdamWConfig};
 use peft_kernels::quant::{QuantType, QuantizeOptions};
 use peft_kernels::{Error, Result};
 use serde_json::json;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+
+mod train;
+pub use train::{RunSummary, SUMMARY_FILE, median, run};
+
+/// Linear warmup over `warmup` steps, then linear decay to 0 at `total` (transformers' "linear"; the
+/// causal-LM loop's schedule).
+pub fn schedule(lr: f32, step: usize, warmup: usize, total: usize) -> f32 {
+    if step < warmup {
+        lr * (step + 1) as f32 / warmup as f32
+    } else {
+        lr * (total.saturating_sub(step)) as f32 / (total - warmup).max(1) as f32
+    }
+}
 
 /// Adapter method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -65,9 +72,27 @@ impl DataArgs {
     }
 }
 
-/// `peftk finetune`.
+/// Optimizer (`--optim`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OptimArg {
+    /// torch.optim.AdamW (f32 moments, 8 bytes per trainable parameter).
+    Adamw,
+    /// bitsandbytes AdamW8bit (blockwise 8-bit moments, ~2 bytes per parameter of large tensors).
+    #[value(name = "adamw8bit")]
+    Adamw8bit,
+}
+
+/// Learning-rate schedule (`--schedule`), after `--warmup` steps of linear warmup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ScheduleArg {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+/// The training recipe: everything `peftk finetune` and `peftk compare` share.
 #[derive(ClapArgs, Debug, Clone)]
-pub struct Args {
+pub struct Recipe {
     /// Checkpoint directory (config.json, model.safetensors, tokenizer.json); default: the demo MiniLM.
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -80,13 +105,6 @@ pub struct Args {
     /// Hold out this fraction of the training data as the test set (seeded by --seed).
     #[arg(long)]
     pub split: Option<f64>,
-    #[arg(long, value_enum, default_value = "lora")]
-    pub method: Method,
-    #[arg(long, value_enum, default_value = "nf4")]
-    pub quantize: Quant,
-    /// Double-quantize the 4-bit absmax (QLoRA).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub double_quant: bool,
     /// Adapted linears (names or `.`-suffixes, comma separated).
     #[arg(long, value_delimiter = ',', default_value = "query,key,value,dense")]
     pub target_modules: Vec<String>,
@@ -98,15 +116,39 @@ pub struct Args {
     pub dropout: f64,
     #[arg(long, default_value_t = 3)]
     pub epochs: usize,
+    /// Examples per micro-batch (one forward/backward).
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f32,
-    /// Linear warmup steps (then linear decay to 0, as transformers' default schedule).
+    /// Linear warmup over this many optimizer steps (transformers' schedules: step k of the warmup runs
+    /// at lr·k/warmup).
     #[arg(long, default_value_t = 0)]
     pub warmup: usize,
+    /// After the warmup: constant, linear decay to 0 at the last step (transformers' default), or a
+    /// half cosine to 0.
+    #[arg(long, value_enum, default_value = "linear")]
+    pub schedule: ScheduleArg,
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f32,
+    /// adamw (f32 state) or adamw8bit (bitsandbytes' blockwise 8-bit state).
+    #[arg(long, value_enum, default_value = "adamw")]
+    pub optim: OptimArg,
+    /// Micro-batches per optimizer step (their gradients are averaged; an epoch's last step may average
+    /// fewer).
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Clip the global L2 norm of the gradients to this value before each optimizer step.
+    #[arg(long)]
+    pub grad_clip: Option<f32>,
+    /// CUDA: optimizer state in unified (paged) memory. With --device cpu the state is host memory
+    /// already: accepted, no effect.
+    #[arg(long)]
+    pub paged: bool,
+    /// CUDA: optimizer state and f32 master weights on the host, the update on the CPU. With --device
+    /// cpu: accepted, no effect.
+    #[arg(long)]
+    pub offload_optimizer: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Use only the first N training examples (after shuffling by --seed).
@@ -114,12 +156,97 @@ pub struct Args {
     pub limit: Option<usize>,
     #[command(flatten)]
     pub data_args: DataArgs,
-    /// Output directory: adapter (PEFT format), label_map.json, metrics.jsonl.
-    #[arg(long, default_value = "peftk-out")]
-    pub out: PathBuf,
     /// cpu (cuda needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+}
+
+impl Recipe {
+    /// The recipe as `peftk finetune` flags (how `peftk compare` passes it to each run).
+    pub fn to_cli_args(&self) -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> = Vec::new();
+        let mut put = |k: &str, val: String| {
+            v.push(k.into());
+            v.push(val.into());
+        };
+        if let Some(m) = &self.model {
+            put("--model", m.display().to_string());
+        }
+        if let Some(t) = &self.test {
+            put("--test", t.display().to_string());
+        }
+        if let Some(f) = self.split {
+            put("--split", f.to_string());
+        }
+        put("--target-modules", self.target_modules.join(","));
+        put("--r", self.r.to_string());
+        put("--alpha", self.alpha.to_string());
+        put("--dropout", self.dropout.to_string());
+        put("--epochs", self.epochs.to_string());
+        put("--batch-size", self.batch_size.to_string());
+        put("--lr", self.lr.to_string());
+        put("--warmup", self.warmup.to_string());
+        put("--schedule", value_name(self.schedule));
+        put("--weight-decay", self.weight_decay.to_string());
+        put("--optim", value_name(self.optim));
+        put("--grad-accum", self.grad_accum.to_string());
+        if let Some(c) = self.grad_clip {
+            put("--grad-clip", c.to_string());
+        }
+        put("--seed", self.seed.to_string());
+        if let Some(n) = self.limit {
+            put("--limit", n.to_string());
+        }
+        put("--text-column", self.data_args.text_column.clone());
+        put("--label-column", self.data_args.label_column.clone());
+        put("--max-len", self.data_args.max_len.to_string());
+        put("--device", self.device.clone());
+        if self.paged {
+            v.push("--paged".into());
+        }
+        if self.offload_optimizer {
+            v.push("--offload-optimizer".into());
+        }
+        if !self.data.is_empty() {
+            v.push("--data".into());
+            v.extend(self.data.iter().map(|p| p.as_os_str().to_owned()));
+        }
+        v
+    }
+}
+
+/// The CLI spelling of a value.
+pub fn value_name(v: impl ValueEnum) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_string())
+        .unwrap_or_default()
+}
+
+/// `peftk finetune`.
+#[derive(ClapArgs, Debug, Clone)]
+pub struct Args {
+    #[arg(long, value_enum, default_value = "lora")]
+    pub method: Method,
+    #[arg(long, value_enum, default_value = "nf4")]
+    pub quantize: Quant,
+    /// Double-quantize the 4-bit absmax (QLoRA).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub double_quant: bool,
+    #[command(flatten)]
+    pub recipe: Recipe,
+    /// Output directory: adapter (PEFT format), label_map.json, metrics.jsonl, checkpoint/ (parameters
+    /// and optimizer state after each epoch, for --resume).
+    #[arg(long, default_value = "peftk-out")]
+    pub out: PathBuf,
+    /// Continue from a checkpoint directory (OUT/checkpoint of an earlier run with the same recipe):
+    /// parameters, optimizer state, schedule position and data position are restored, so the result
+    /// equals an uninterrupted run.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Stop after this many optimizer steps in total (as Ctrl-C would: evaluate, save the adapter and
+    /// a checkpoint).
+    #[arg(long)]
+    pub stop_after_steps: Option<u64>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -158,14 +285,14 @@ pub fn check_device(d: &str) -> Result<()> {
 }
 
 /// The adapter config of a method (PEFT's SEQ_CLS task: the classifier in `modules_to_save`).
-pub fn adapter_config(a: &Args) -> Option<AdapterConfig> {
-    let method = match a.method {
+pub fn adapter_config(method: Method, a: &Recipe) -> Option<AdapterConfig> {
+    let config = match method {
         Method::Head => return None,
         Method::Lora | Method::Dora => MethodConfig::Lora(LoraConfig {
             r: a.r,
             lora_alpha: a.alpha,
             lora_dropout: a.dropout,
-            use_dora: a.method == Method::Dora,
+            use_dora: method == Method::Dora,
             ..Default::default()
         }),
         Method::Waveft => MethodConfig::WaveFt(WaveFtConfig {
@@ -178,7 +305,7 @@ pub fn adapter_config(a: &Args) -> Option<AdapterConfig> {
             ..Default::default()
         }),
     };
-    let mut c = AdapterConfig::new(method);
+    let mut c = AdapterConfig::new(config);
     c.task_type = Some("SEQ_CLS".into());
     c.target_modules = Some(TargetModules::Names(a.target_modules.clone()));
     c.modules_to_save = Some(vec!["classifier".into(), "score".into()]);
@@ -303,7 +430,7 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn load_data(a: &Args) -> Result<(Dataset, Dataset)> {
+fn load_data(a: &Recipe) -> Result<(Dataset, Dataset)> {
     let cols = a.data_args.columns();
     let (train, test) = if a.data.is_empty() {
         let (tr, te) = data::demo_sentiment(demo_dir()?)?;
@@ -338,179 +465,6 @@ fn load_data(a: &Args) -> Result<(Dataset, Dataset)> {
     Ok((train, test))
 }
 
-/// Summary of a finished run (one line of `peftk compare`'s table).
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct RunSummary {
-    pub accuracy: f64,
-    pub f1: f64,
-    pub train_s: f64,
-    pub step_ms_median: f64,
-    pub peak_rss_mb: f64,
-    pub trainable_params: usize,
-    pub adapter_bytes: u64,
-}
-
-pub fn run(a: Args) -> Result<()> {
-    if a.task == "causal-lm" {
-        return crate::causal_lm::run_finetune(&a);
-    }
-    let s = train(&a, None)?;
-    println!("{}", serde_json::to_string(&s).unwrap_or_default());
-    Ok(())
-}
-
-/// Trains, evaluating after every epoch; writes `out/metrics.jsonl`, the adapter and the label map.
-pub fn train(a: &Args, stop: Option<Arc<AtomicBool>>) -> Result<RunSummary> {
-    check_device(&a.device)?;
-    let mdir = model_dir(&a.model)?;
-    let (train, test) = load_data(a)?;
-    let tok = BertTokenizer::from_file(mdir.join("tokenizer.json"))?;
-    let pad = tok.pad_id();
-    let (etr, ete) = (
-        encode(&tok, &train, a.data_args.max_len)?,
-        encode(&tok, &test, a.data_args.max_len)?,
-    );
-    let opts = load_opts(a.quantize, a.double_quant);
-    let mut store = ParamStore::new();
-    let n_labels = train.label_map.len();
-    let mut model = load_classifier(&mdir, &opts, &mut store, a.seed, n_labels)?;
-    let config = adapter_config(a);
-    if let Some(c) = &config {
-        model.init_adapter(c, &mut store, a.seed.wrapping_add(1))?;
-    }
-    let ids = model.param_ids();
-    let trainable: usize = ids
-        .iter()
-        .map(|&id| store.get(id).map(|t| t.shape().iter().product::<usize>()))
-        .sum::<Result<usize>>()?;
-    let mut opt = AdamW::new(AdamWConfig {
-        lr: a.lr,
-        weight_decay: a.weight_decay,
-        ..Default::default()
-    })?;
-    std::fs::create_dir_all(&a.out).map_err(|e| Error::Io {
-        path: PathBuf::from(&a.out),
-        source: e,
-    })?;
-    let mpath = a.out.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&mpath).map_err(|e| Error::Io {
-        path: PathBuf::from(&mpath),
-        source: e,
-    })?;
-    let stop = stop.unwrap_or_else(|| {
-        let s = Arc::new(AtomicBool::new(false));
-        let s2 = s.clone();
-        // SIGINT / SIGTERM set the flag; the loop stops after the current step and saves.
-        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            if let Err(e) = signal_hook::flag::register(sig, s2.clone()) {
-                eprintln!("peftk: warning: cannot install a signal handler ({e}); Ctrl-C will not save");
-            }
-        }
-        s
-    });
-    let lengths: Vec<usize> = etr.ids.iter().map(Vec::len).collect();
-    let steps_per_epoch = train.len().div_ceil(a.batch_size);
-    let total = (steps_per_epoch * a.epochs).max(1);
-    let bar = if a.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(total as u64)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let (mut step, mut train_s, mut step_ms) = (0usize, 0.0f64, Vec::new());
-    let mut last = (0.0, 0.0, 0.0);
-    'epochs: for epoch in 1..=a.epochs {
-        let batches = data::bucketed_batches(&lengths, a.batch_size, 50, a.seed ^ (epoch as u64) << 32)?;
-        let (mut loss_sum, mut seen) = (0.0f64, 0usize);
-        for idx in batches {
-            let lr = schedule(a.lr, step, a.warmup, total);
-            opt.set_lr(lr);
-            let b = batch_of(&etr, &idx, pad)?;
-            let labels: Vec<u32> = idx.iter().map(|&i| train.labels[i]).collect();
-            let t = Instant::now();
-            let loss = model.train_step(
-                &mut store,
-                &mut opt,
-                &b,
-                &labels,
-                a.seed.wrapping_mul(1_000_003) + step as u64,
-            )?;
-            let dt = t.elapsed().as_secs_f64();
-            train_s += dt;
-            step_ms.push(dt * 1e3);
-            step += 1;
-            loss_sum += loss as f64 * idx.len() as f64;
-            seen += idx.len();
-            bar.inc(1);
-            bar.set_message(format!(
-                "epoch {epoch} loss {:.4} {:.1} samples/s",
-                loss_sum / seen as f64,
-                idx.len() as f64 / dt
-            ));
-            if stop.load(Ordering::SeqCst) {
-                bar.println("interrupted: saving after the current step");
-                let (l, acc, f1) = evaluate(&model, &store, &ete, &test, pad)?;
-                last = (l, acc, f1);
-                write_metrics(
-                    &mut metrics,
-                    epoch,
-                    step,
-                    loss_sum / seen as f64,
-                    acc,
-                    f1,
-                    train_s,
-                    &step_ms,
-                    trainable,
-                    &opt,
-                    seen,
-                )?;
-                break 'epochs;
-            }
-        }
-        let (_, acc, f1) = evaluate(&model, &store, &ete, &test, pad)?;
-        last = (loss_sum / seen.max(1) as f64, acc, f1);
-        bar.println(format!(
-            "epoch {epoch}: train loss {:.4}, test accuracy {acc:.4}, macro-F1 {f1:.4}, {train_s:.1} s training",
-            last.0
-        ));
-        write_metrics(
-            &mut metrics,
-            epoch,
-            step,
-            last.0,
-            acc,
-            f1,
-            train_s,
-            &step_ms,
-            trainable,
-            &opt,
-            train.len(),
-        )?;
-    }
-    bar.finish_and_clear();
-    train.label_map.save(&a.out)?;
-    let adapter_dir = a.out.join("adapter");
-    let adapter_bytes = if let Some(c) = &config {
-        model.save_adapter(c, &store, &adapter_dir)?;
-        train.label_map.save(&adapter_dir)?;
-        dir_bytes(&adapter_dir)
-    } else {
-        0
-    };
-    Ok(RunSummary {
-        accuracy: last.1,
-        f1: last.2,
-        train_s,
-        step_ms_median: median(&step_ms),
-        peak_rss_mb: peak_rss_mb(),
-        trainable_params: trainable,
-        adapter_bytes,
-    })
-}
-
 fn load_classifier(
     mdir: &Path,
     opts: &ModelLoadOptions,
@@ -527,60 +481,6 @@ fn load_classifier(
         )));
     }
     Ok(m)
-}
-
-fn dir_bytes(d: &Path) -> u64 {
-    std::fs::read_dir(d)
-        .map(|r| {
-            r.flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
-/// Linear warmup over `warmup` steps, then linear decay to 0 at `total` (transformers' "linear").
-pub fn schedule(lr: f32, step: usize, warmup: usize, total: usize) -> f32 {
-    if step < warmup {
-        lr * (step + 1) as f32 / warmup as f32
-    } else {
-        lr * (total.saturating_sub(step)) as f32 / (total - warmup).max(1) as f32
-    }
-}
-
-pub fn median(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[s.len() / 2]
-}
-
-#[allow(clippy::too_many_arguments)]
-fn write_metrics(
-    f: &mut std::fs::File,
-    epoch: usize,
-    step: usize,
-    loss: f64,
-    acc: f64,
-    f1: f64,
-    train_s: f64,
-    step_ms: &[f64],
-    trainable: usize,
-    opt: &AdamW,
-    samples: usize,
-) -> Result<()> {
-    let line = json!({
-        "epoch": epoch, "step": step, "loss": loss, "accuracy": acc, "f1": f1, "train_s": train_s,
-        "step_ms_median": median(step_ms), "samples_per_s": samples as f64 * epoch as f64 / train_s.max(1e-9),
-        "peak_rss_mb": peak_rss_mb(), "trainable_params": trainable, "optimizer_state_bytes": opt.state_bytes(),
-    });
-    writeln!(f, "{line}").map_err(|e| Error::Io {
-        path: PathBuf::from("metrics.jsonl"),
-        source: e,
-    })
 }
 
 /// `peftk eval`.
