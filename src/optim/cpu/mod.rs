@@ -37,17 +37,29 @@ fn kernel<T: Element>(p: &mut [T], g: &[f32], m: &mut [f32], v: &mut [f32], s: &
     }
 }
 
-/// In-place AdamW over one parameter tensor. Tensors above one chunk (32k elements, 896 KB of
-/// traffic) are split across rayon threads; small adapter tensors run inline without fork/join.
-pub(crate) fn adamw<T: Element>(p: &mut [T], g: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamWScalars) {
+/// Runs a per-element moment update `f(p, g, m, v)` over one tensor: inline up to one chunk, split
+/// across rayon threads above it (the same chunk boundaries in p, g, m and v).
+fn chunked<T: Element>(
+    p: &mut [T],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    f: impl Fn(&mut [T], &[f32], &mut [f32], &mut [f32]) + Sync,
+) {
     if p.len() <= CHUNK {
-        kernel(p, g, m, v, s);
+        f(p, g, m, v);
         return;
     }
     p.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK))
         .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-        .for_each(|((p, g), (m, v))| kernel(p, g, m, v, s));
+        .for_each(|((p, g), (m, v))| f(p, g, m, v));
+}
+
+/// In-place AdamW over one parameter tensor. Tensors above one chunk (32k elements, 896 KB of
+/// traffic) are split across rayon threads; small adapter tensors run inline without fork/join.
+pub(crate) fn adamw<T: Element>(p: &mut [T], g: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamWScalars) {
+    chunked(p, g, m, v, |p, g, m, v| kernel(p, g, m, v, s));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -84,14 +96,7 @@ fn bnb32_kernel<T: Element>(p: &mut [T], g: &[f32], m: &mut [f32], v: &mut [f32]
 
 /// bitsandbytes' 32-bit Adam (f32 moments): no special case for non-finite gradients.
 pub(crate) fn adam_bnb32<T: Element>(p: &mut [T], g: &[f32], m: &mut [f32], v: &mut [f32], s: &BnbScalars) {
-    if p.len() <= CHUNK {
-        bnb32_kernel(p, g, m, v, s);
-        return;
-    }
-    p.par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK))
-        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-        .for_each(|((p, g), (m, v))| bnb32_kernel(p, g, m, v, s));
+    chunked(p, g, m, v, |p, g, m, v| bnb32_kernel(p, g, m, v, s));
 }
 
 /// `code[c]` of the moment `x` already divided by its block absmax, with `m`'s sign repair: when the
