@@ -26,6 +26,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod io;
+pub mod kbit;
 pub mod models;
 pub mod nn;
 pub mod optim;

@@ -230,6 +230,7 @@ fn quantize_on_load_selects_projections() {
         quantize: Some(QuantizeOnLoad {
             targets: peft_kernels::io::peft::TargetModules::Names(vec!["q_proj".into(), "down_proj".into()]),
             options: Default::default(),
+            tiers: Default::default(),
         }),
         ..Default::default()
     };

@@ -317,6 +317,7 @@ fn quantize_on_load_selects_modules_like_peft() {
                     blocksize: 32,
                     ..Default::default()
                 },
+                tiers: Default::default(),
             }),
             ..Default::default()
         };

@@ -301,8 +301,7 @@ impl BertModel {
             let q = opts
                 .quantize
                 .as_ref()
-                .filter(|q| q.selects(&name))
-                .map(|q| &q.options);
+                .and_then(|q| q.tier_for(&name).map(|t| (t, &q.options)));
             let (w, b) = ckpt.linear(&stored_module(ckpt, &name, prefix), out, inp, q, opts)?;
             Ok(LinearSlot::frozen(name, w, Some(b), opts.algo))
         };

@@ -10,6 +10,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::io::SafetensorsFile;
 use crate::io::peft::TargetModules;
+use crate::kbit::Tier;
 use crate::qmatmul::BaseWeight;
 use crate::quant::io::{QUANT_STATE_SUFFIX, load_quantized};
 use crate::quant::{QuantizeOptions, QuantizedTensor};
@@ -27,6 +28,10 @@ pub struct QuantizeOnLoad {
     pub targets: TargetModules,
     /// NF4 / FP4, blocksize, double quantization.
     pub options: QuantizeOptions,
+    /// Per-module storage tiers by full module name (QR-Adaptor's bit-widths); a module named here is
+    /// stored in its tier whether or not `targets` selects it ([`Tier::Bits4`] uses `options`, the
+    /// other quantized tiers its blocksize and double quantization). Empty by default.
+    pub tiers: BTreeMap<String, Tier>,
 }
 
 impl QuantizeOnLoad {
@@ -35,7 +40,17 @@ impl QuantizeOnLoad {
         QuantizeOnLoad {
             targets: TargetModules::AllLinear,
             options: QuantizeOptions::default(),
+            tiers: BTreeMap::new(),
         }
+    }
+
+    /// The storage tier of module `name`: its entry in `tiers`, else [`Tier::Bits4`] when `targets`
+    /// selects it, else `None` (kept as stored).
+    pub fn tier_for(&self, name: &str) -> Option<Tier> {
+        self.tiers
+            .get(name)
+            .copied()
+            .or_else(|| self.selects(name).then_some(Tier::Bits4))
     }
 
     /// Whether module `name` is selected.
@@ -254,14 +269,14 @@ impl Checkpoint {
     }
 
     /// A linear layer's weight `[out, in]` and bias `[out]` by stored module name: a 4-bit weight stays
-    /// 4-bit (its quant-state shape must be `[out, in]`); a dense one is cast to `opts.dtype`, or quantized
-    /// when `quantize` is given.
+    /// 4-bit (its quant-state shape must be `[out, in]`); a dense one is cast to `opts.dtype`, or stored in
+    /// the tier `quantize` gives.
     pub fn linear(
         &self,
         stored_module: &str,
         out: usize,
         inp: usize,
-        quantize: Option<&QuantizeOptions>,
+        quantize: Option<(Tier, &QuantizeOptions)>,
         opts: &ModelLoadOptions,
     ) -> Result<(BaseWeight, Tensor)> {
         let base = self.linear_weight(stored_module, out, inp, quantize, opts)?;
@@ -275,7 +290,7 @@ impl Checkpoint {
         stored_module: &str,
         out: usize,
         inp: usize,
-        quantize: Option<&QuantizeOptions>,
+        quantize: Option<(Tier, &QuantizeOptions)>,
         opts: &ModelLoadOptions,
     ) -> Result<BaseWeight> {
         let wname = format!("{stored_module}.weight");
@@ -295,17 +310,35 @@ impl Checkpoint {
             BaseWeight::Quantized(q)
         } else {
             match quantize {
-                Some(qo) => {
+                Some((tier, qo)) => {
                     // Quantize from f32 on the load device, exactly as bitsandbytes does from the stored values.
                     let w = self.load_as(&wname, &[out, inp], DType::F32, opts.device)?;
                     let mut qo = qo.clone();
                     qo.name = wname.clone();
-                    BaseWeight::Quantized(QuantizedTensor::quantize(&w, &qo)?)
+                    store_in_tier(&w, tier, &qo, opts)?
                 }
                 None => BaseWeight::Dense(self.load_as(&wname, &[out, inp], opts.dtype, opts.device)?),
             }
         };
         Ok(base)
+    }
+}
+
+/// Stores the f32 weight `w` in `tier`.
+fn store_in_tier(
+    w: &Tensor,
+    tier: Tier,
+    qo: &QuantizeOptions,
+    opts: &ModelLoadOptions,
+) -> Result<BaseWeight> {
+    match tier {
+        Tier::Bits4 => Ok(BaseWeight::Quantized(QuantizedTensor::quantize(w, qo)?)),
+        // Until the 16-bit storage lands: dense in the activation dtype.
+        Tier::Bits16 => w.to_dtype(opts.dtype).map(BaseWeight::Dense),
+        Tier::Bits2 | Tier::Bits3 | Tier::Bits8 => Err(Error::invalid(format!(
+            "{}: the {tier}-bit storage tier is not implemented yet",
+            qo.name
+        ))),
     }
 }
 

@@ -174,8 +174,7 @@ impl LlamaModel {
             let q = opts
                 .quantize
                 .as_ref()
-                .filter(|q| q.selects(&name))
-                .map(|q| &q.options);
+                .and_then(|q| q.tier_for(&name).map(|t| (t, &q.options)));
             let stored = stored_module(ckpt, &name, prefix);
             let (w, b) = if bias {
                 let (w, b) = ckpt.linear(&stored, out, inp, q, opts)?;
