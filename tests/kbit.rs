@@ -547,3 +547,51 @@ fn lora_trains_through_a_two_bit_base() {
         losses[14]
     );
 }
+
+/// `peftk inspect DIR --tiers ...` on the tiny fixture: a row per linear weight, the totals, and the
+/// byte and error columns ordered by bits.
+#[cfg(feature = "cli")]
+#[test]
+fn inspect_reports_every_tier() {
+    let out = assert_cmd::Command::cargo_bin("peftk")
+        .unwrap()
+        .args([
+            "inspect",
+            fixture("tiny").to_str().unwrap(),
+            "--tiers",
+            "2,3,4,8,16",
+            "--blocksize",
+            "32",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    println!("{text}");
+    assert!(text.contains("blocksize 32, double quant on"));
+    let total = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("all "))
+        .expect("a totals row");
+    let nums: Vec<f64> = total.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    // [weights, params, (B/w, err) x 5]
+    let cols = &nums[nums.len() - 10..];
+    let (bpw, err): (Vec<f64>, Vec<f64>) = cols.chunks(2).map(|c| (c[0], c[1])).unzip();
+    // (On 20x20 weights the 1 KiB nested code book of double quantization outweighs the codes, so
+    // 2/3/4/8-bit cost more than bf16's 2 bytes here; among themselves they still grow with bits.)
+    assert!(
+        bpw[..4].windows(2).all(|w| w[0] < w[1]),
+        "bytes per weight grow with bits: {bpw:?}"
+    );
+    assert!(
+        err.windows(2).all(|w| w[0] > w[1]),
+        "error falls with bits: {err:?}"
+    );
+    assert_eq!(bpw[4], 2.0);
+    let bad = assert_cmd::Command::cargo_bin("peftk")
+        .unwrap()
+        .args(["inspect", fixture("tiny").to_str().unwrap(), "--tiers", "5"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}
