@@ -153,7 +153,8 @@ impl Tape {
     /// `causal_lm_loss(h·Wᵀ)` (its sum is accumulated in f64 per chunk).
     ///
     /// A CPU fast path: f32 `h` and `weight` on the CPU, an error otherwise (other devices and dtypes
-    /// compute the logits and use [`Tape::causal_lm_loss`], as `LlamaForCausalLM` does).
+    /// compute the logits and use [`Tape::causal_lm_loss`]). Not yet `LlamaForCausalLM`'s default: see
+    /// `LlamaForCausalLM::loss_t`.
     #[allow(clippy::too_many_arguments)]
     pub fn lm_head_causal_lm_loss(
         &mut self,

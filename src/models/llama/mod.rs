@@ -492,9 +492,11 @@ impl LlamaForCausalLM {
     }
 
     /// The shifted causal-LM loss (see [`crate::autograd::decoder::causal_lm_targets`]) on `tape`,
-    /// what a training step backpropagates. `seed`: `Some(step seed)` for training dropout. On the CPU
-    /// in f32 the lm_head goes through the fused, chunked [`Tape::lm_head_causal_lm_loss`] (the
-    /// `[tokens, vocab]` logits are never kept); elsewhere the logits, then the loss.
+    /// what a training step backpropagates. `seed`: `Some(step seed)` for training dropout.
+    ///
+    /// The logits are materialized: the fused, chunked [`Tape::lm_head_causal_lm_loss`] keeps them
+    /// out of memory but measured slower at issue 16's shape (its 32-row chunks of the 32000-wide
+    /// product run the GEMM far below its large-M rate), so it is not the default.
     pub fn loss_t(
         &self,
         tape: &mut Tape,
@@ -505,21 +507,8 @@ impl LlamaForCausalLM {
     ) -> Result<Var> {
         let h = self.model.forward_t(tape, store, b, seed)?;
         let (ids, mask) = (&b.input_ids, &b.attention_mask);
-        let hv = tape.value(h)?;
-        match (self.lm_head.base(), self.lm_head.bias()) {
-            (BaseWeight::Dense(w), None)
-                if hv.device().is_cpu()
-                    && w.device().is_cpu()
-                    && hv.dtype() == DType::F32
-                    && w.dtype() == DType::F32 =>
-            {
-                tape.lm_head_causal_lm_loss(h, w, ids, mask, b.batch, b.seq, loss_mask)
-            }
-            _ => {
-                let logits = self.lm_head.forward_t(tape, store, h, None)?;
-                tape.causal_lm_loss(logits, ids, mask, b.batch, b.seq, loss_mask)
-            }
-        }
+        let logits = self.lm_head.forward_t(tape, store, h, None)?;
+        tape.causal_lm_loss(logits, ids, mask, b.batch, b.seq, loss_mask)
     }
 
     /// Attaches fresh adapters (see [`LlamaModel::init_adapter`]).
