@@ -276,6 +276,21 @@ fn memory_model_matches_a_loaded_nf4_model_with_a_rank_pattern() {
 }
 
 #[test]
+fn memory_model_matches_a_loaded_model_in_every_tier() {
+    let all = Tier::ALL.to_vec();
+    check_memory_model(
+        &all,
+        |u| ([2, 3, 4, 8, 16][u % 5], [0, 2, 3, 8][u % 4]),
+        OptimBytes::AdamW,
+    );
+    check_memory_model(
+        &all,
+        |u| ([16, 8, 2, 3, 4][u % 5], [3, 8, 0][u % 3]),
+        OptimBytes::AdamW8bit,
+    );
+}
+
+#[test]
 fn gp_posterior_matches_the_closed_form() {
     // One observation (x0 = 0, y0 = 1): the prior mean is 1 and the signal variance (no spread) 1;
     // posterior mean at z is 1 + k(z,0)/(1 + noise) · 0 = 1 and variance 1 − k²/(1 + noise).
