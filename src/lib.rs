@@ -32,6 +32,7 @@ pub mod nn;
 pub mod optim;
 pub mod peft_model;
 pub mod qmatmul;
+pub mod qr_adaptor;
 pub mod quant;
 pub mod rng;
 pub mod tensor;

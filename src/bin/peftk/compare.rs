@@ -24,6 +24,10 @@ pub enum CompareMethod {
     Qdora,
     Waveft,
     Vblora,
+    /// LoRA with per-linear bits and ranks from a `peftk qr-adapt` search (`--qr-config`).
+    #[value(name = "qr-adaptor")]
+    #[serde(rename = "qr-adaptor")]
+    QrAdaptor,
 }
 
 impl CompareMethod {
@@ -37,6 +41,7 @@ impl CompareMethod {
             CompareMethod::Qdora => (Method::Dora, Quant::Nf4),
             CompareMethod::Waveft => (Method::Waveft, Quant::None),
             CompareMethod::Vblora => (Method::Vblora, Quant::None),
+            CompareMethod::QrAdaptor => (Method::QrAdaptor, Quant::Nf4),
         }
     }
 
@@ -45,6 +50,7 @@ impl CompareMethod {
         let t = r.target_modules.join("/");
         let base = match self.finetune().1 {
             Quant::None => "f32 base",
+            _ if self == CompareMethod::QrAdaptor => "per-linear 2-16 bit base (qr_adaptor.json)",
             _ => "NF4-dq base",
         };
         let m = match self {
@@ -57,6 +63,7 @@ impl CompareMethod {
             }
             CompareMethod::Waveft => format!("WaveFT 1000 coeff./layer, scale 25, on {t}"),
             CompareMethod::Vblora => format!("VB-LoRA r=4, bank 256×128, top-2, on {t}"),
+            CompareMethod::QrAdaptor => "LoRA with searched per-linear ranks".into(),
         };
         format!("{m}, {base}")
     }
@@ -83,6 +90,9 @@ pub struct Args {
     /// continues an interrupted comparison, or only rewrites the results when every run is there.
     #[arg(long)]
     pub reuse: bool,
+    /// The `qr_adaptor.json` of the `qr-adaptor` method (from `peftk qr-adapt`).
+    #[arg(long)]
+    pub qr_config: Option<PathBuf>,
     #[command(flatten)]
     pub recipe: Recipe,
 }
@@ -124,7 +134,7 @@ fn io_err(path: &Path, e: std::io::Error) -> Error {
 
 /// Runs `peftk finetune` for one method and seed in a child process; its summary is the last line
 /// of its standard output.
-fn run_child(m: CompareMethod, recipe: &Recipe, out: &Path) -> Result<RunSummary> {
+fn run_child(m: CompareMethod, recipe: &Recipe, out: &Path, qr: Option<&Path>) -> Result<RunSummary> {
     let exe = std::env::current_exe().map_err(|e| io_err(Path::new("current_exe"), e))?;
     let (method, quant) = m.finetune();
     let mut cmd = Command::new(&exe);
@@ -134,6 +144,10 @@ fn run_child(m: CompareMethod, recipe: &Recipe, out: &Path) -> Result<RunSummary
         .arg("--out")
         .arg(out)
         .arg("--quiet")
+        .args(
+            qr.iter()
+                .flat_map(|q| [std::ffi::OsStr::new("--qr-config"), q.as_os_str()]),
+        )
         .stdin(Stdio::null())
         .stderr(Stdio::inherit());
     let output = cmd.output().map_err(|e| io_err(&exe, e))?;
@@ -191,6 +205,11 @@ pub fn run(a: Args) -> Result<()> {
     if a.methods.is_empty() || a.seeds == 0 {
         return Err(inv("give at least one method and --seeds >= 1"));
     }
+    if a.methods.contains(&CompareMethod::QrAdaptor) && a.qr_config.is_none() {
+        return Err(inv(
+            "the qr-adaptor method needs --qr-config FILE (from peftk qr-adapt)",
+        ));
+    }
     std::fs::create_dir_all(a.out.join("runs")).map_err(|e| io_err(&a.out, e))?;
     let total = a.methods.len() * a.seeds;
     let mut rows = Vec::new();
@@ -212,7 +231,7 @@ pub fn run(a: Args) -> Result<()> {
                 r
             } else {
                 eprintln!("[{k}/{total}] {name}: {}", m.describe(&recipe));
-                run_child(m, &recipe, &dir)?
+                run_child(m, &recipe, &dir, a.qr_config.as_deref())?
             };
             eprintln!(
                 "[{k}/{total}] {name}: accuracy {:.4}, macro-F1 {:.4}, {:.1} s training, peak {:.0} MiB",

@@ -8,6 +8,9 @@ mod finetune;
 mod inspect;
 mod merge;
 mod plot;
+mod qr_adapt;
+mod qr_adapt_eval;
+mod qr_adapt_plot;
 mod quantize;
 
 use clap::{Parser, Subcommand};
@@ -51,6 +54,9 @@ enum Command {
     /// Fine-tune with each method (and seed) under the same recipe, each run in its own process, then
     /// write results.{md,json,csv} and bar charts (results.svg, results.png).
     Compare(compare::Args),
+    /// QR-Adaptor: search each linear's base bit-width and adapter rank under a memory budget by
+    /// fine-tuning on the task (NSGA-II, optional GP refinement), then fine-tune the chosen one.
+    QrAdapt(qr_adapt::Args),
 }
 
 /// On SIGINT, SIGTERM or SIGHUP, removes the temp files of outputs being written and exits with
@@ -104,6 +110,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => finetune::run_eval(a),
         Command::Predict(a) => finetune::run_predict(a),
         Command::Compare(a) => compare::run(a),
+        Command::QrAdapt(a) => qr_adapt::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

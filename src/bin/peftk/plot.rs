@@ -24,7 +24,7 @@ pub struct Bar {
 const FONT: &[u8] = include_bytes!("../../../assets/fonts/DejaVuSans.ttf");
 /// Pixels (PNG) / user units (SVG).
 pub const SIZE: (u32, u32) = (1280, 860);
-const FAMILY: &str = "sans-serif";
+pub const FAMILY: &str = "sans-serif";
 
 fn register() -> Result<()> {
     static DONE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
@@ -213,28 +213,41 @@ fn draw<DB: DrawingBackend>(
 
 /// The chart as an SVG document.
 pub fn svg(bars: &[Bar], title: &str) -> Result<String> {
-    register()?;
-    let mut s = String::new();
-    draw(
-        SVGBackend::with_string(&mut s, SIZE).into_drawing_area(),
-        bars,
-        title,
-    )
-    .map_err(plot_err)?;
-    Ok(s)
+    render_svg(|root| draw(root, bars, title))
 }
 
 /// The chart as a PNG file's bytes (8-bit RGB).
 pub fn png(bars: &[Bar], title: &str) -> Result<Vec<u8>> {
+    render_png(|root| draw(root, bars, title))
+}
+
+/// An SVG document of [`SIZE`] drawn by `draw` (with the embedded font registered).
+pub fn render_svg<F>(draw: F) -> Result<String>
+where
+    F: for<'a> FnOnce(
+        DrawingArea<SVGBackend<'a>, Shift>,
+    ) -> std::result::Result<(), DrawingAreaErrorKind<std::io::Error>>,
+{
+    register()?;
+    let mut s = String::new();
+    draw(SVGBackend::with_string(&mut s, SIZE).into_drawing_area()).map_err(plot_err)?;
+    Ok(s)
+}
+
+/// A PNG file's bytes (8-bit RGB, [`SIZE`]) drawn by `draw` (with the embedded font registered).
+pub fn render_png<F>(draw: F) -> Result<Vec<u8>>
+where
+    F: for<'a> FnOnce(
+        DrawingArea<BitMapBackend<'a>, Shift>,
+    ) -> std::result::Result<
+        (),
+        DrawingAreaErrorKind<<BitMapBackend<'a> as DrawingBackend>::ErrorType>,
+    >,
+{
     register()?;
     let (w, h) = SIZE;
     let mut rgb = vec![0u8; w as usize * h as usize * 3];
-    draw(
-        BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area(),
-        bars,
-        title,
-    )
-    .map_err(plot_err)?;
+    draw(BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area()).map_err(plot_err)?;
     let mut out = Vec::new();
     let mut enc = png::Encoder::new(&mut out, w, h);
     enc.set_color(png::ColorType::Rgb);

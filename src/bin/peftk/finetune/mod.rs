@@ -18,7 +18,7 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 
 pub(crate) mod train;
-pub use train::{RunSummary, SUMMARY_FILE, median, run};
+pub use train::{RunSummary, SUMMARY_FILE, median, run, train};
 
 /// Adapter method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -29,6 +29,9 @@ pub enum Method {
     Dora,
     Waveft,
     Vblora,
+    /// LoRA with per-layer base bit-widths and ranks from a `peftk qr-adapt` search (`--qr-config`).
+    #[value(name = "qr-adaptor")]
+    QrAdaptor,
 }
 
 /// Base-weight quantization on load.
@@ -243,6 +246,9 @@ pub struct Args {
     /// seq-cls (a BERT classifier) or causal-lm (a Llama/Mistral/Qwen2 decoder on a file of texts).
     #[arg(long, default_value = "seq-cls")]
     pub task: String,
+    /// `--method qr-adaptor`: the `qr_adaptor.json` of a `peftk qr-adapt` search (per-linear bits and ranks).
+    #[arg(long)]
+    pub qr_config: Option<PathBuf>,
 }
 
 fn inv(msg: impl Into<String>) -> Error {
@@ -257,7 +263,7 @@ pub fn demo_dir() -> Result<PathBuf> {
         .ok_or_else(|| inv("no demo directory: set PEFT_KERNELS_DEMO_DIR or HOME"))
 }
 
-fn model_dir(m: &Option<PathBuf>) -> Result<PathBuf> {
+pub(crate) fn model_dir(m: &Option<PathBuf>) -> Result<PathBuf> {
     match m {
         Some(p) => Ok(p.clone()),
         None => Ok(demo_dir()?.join("minilm")),
@@ -277,7 +283,7 @@ pub fn check_device(d: &str) -> Result<()> {
 /// The adapter config of a method (PEFT's SEQ_CLS task: the classifier in `modules_to_save`).
 pub fn adapter_config(method: Method, a: &Recipe) -> Option<AdapterConfig> {
     let config = match method {
-        Method::Head => return None,
+        Method::Head | Method::QrAdaptor => return None,
         Method::Lora | Method::Dora => MethodConfig::Lora(LoraConfig {
             r: a.r,
             lora_alpha: a.alpha,
@@ -300,6 +306,17 @@ pub fn adapter_config(method: Method, a: &Recipe) -> Option<AdapterConfig> {
     c.target_modules = Some(TargetModules::Names(a.target_modules.clone()));
     c.modules_to_save = Some(vec!["classifier".into(), "score".into()]);
     Some(c)
+}
+
+/// The load options and adapter config of a run (`qr-adaptor`: from its `--qr-config`).
+pub fn setup(a: &Args) -> Result<(ModelLoadOptions, Option<AdapterConfig>)> {
+    if a.method == Method::QrAdaptor {
+        return crate::qr_adapt::finetune_setup(a);
+    }
+    Ok((
+        load_opts(a.quantize, a.double_quant),
+        adapter_config(a.method, &a.recipe),
+    ))
 }
 
 pub fn load_opts(quant: Quant, double_quant: bool) -> ModelLoadOptions {
@@ -420,7 +437,7 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn load_data(a: &Recipe) -> Result<(Dataset, Dataset)> {
+pub(crate) fn load_data(a: &Recipe) -> Result<(Dataset, Dataset)> {
     let cols = a.data_args.columns();
     let (train, test) = if a.data.is_empty() {
         let (tr, te) = data::demo_sentiment(demo_dir()?)?;
@@ -455,7 +472,7 @@ fn load_data(a: &Recipe) -> Result<(Dataset, Dataset)> {
     Ok((train, test))
 }
 
-fn load_classifier(
+pub(crate) fn load_classifier(
     mdir: &Path,
     opts: &ModelLoadOptions,
     store: &mut ParamStore,

@@ -11,8 +11,8 @@
 //! run repeats the uninterrupted one bit for bit on the CPU.
 
 use super::{
-    Args, OptimArg, Recipe, ScheduleArg, adapter_config, batch_of, check_device, encode, evaluate, inv,
-    load_classifier, load_data, load_opts, model_dir, peak_rss_mb, value_name,
+    Args, OptimArg, Recipe, ScheduleArg, batch_of, check_device, encode, evaluate, inv, load_classifier,
+    load_data, model_dir, peak_rss_mb, value_name,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use peft_kernels::autograd::{Gradients, ParamId, ParamStore, Tape};
@@ -190,13 +190,17 @@ impl Accumulator {
 /// (a decaying schedule's length is checked with the optimizer's configuration).
 pub(crate) fn fingerprint(a: &Args) -> serde_json::Value {
     let r = &a.recipe;
-    json!({
+    let mut fp = json!({
         "method": value_name(a.method), "quantize": value_name(a.quantize), "double_quant": a.double_quant,
         "model": r.model, "data": r.data, "test": r.test, "split": r.split, "limit": r.limit,
         "target_modules": r.target_modules, "r": r.r, "alpha": r.alpha, "dropout": r.dropout,
         "batch_size": r.batch_size, "seed": r.seed, "max_len": r.data_args.max_len,
         "text_column": r.data_args.text_column, "label_column": r.data_args.label_column,
-    })
+    });
+    if let Some(q) = &a.qr_config {
+        fp["qr_config"] = json!(q);
+    }
+    fp
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> Error {
@@ -398,9 +402,8 @@ pub fn train(a: &Args, stop: Option<Arc<AtomicBool>>) -> Result<RunSummary> {
         encode(&tok, &test, r.data_args.max_len)?,
     );
     let mut store = ParamStore::new();
-    let opts = load_opts(a.quantize, a.double_quant);
+    let (opts, config) = super::setup(a)?;
     let mut model = load_classifier(&mdir, &opts, &mut store, r.seed, train.label_map.len())?;
-    let config = adapter_config(a.method, r);
     if let Some(c) = &config {
         model.init_adapter(c, &mut store, r.seed.wrapping_add(1))?;
     }
