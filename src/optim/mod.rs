@@ -27,6 +27,9 @@ pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub mod eightbit;
+mod multi;
+#[cfg(feature = "cuda")]
+mod offload;
 pub mod schedule;
 mod state;
 mod train;

@@ -21,6 +21,9 @@ pub(crate) enum Moments {
         absmax_m: Tensor,
         absmax_v: Tensor,
     },
+    /// Any of the three in CUDA managed memory (`--paged`).
+    #[cfg(feature = "cuda")]
+    Paged(super::cuda::Paged),
 }
 
 /// The checkpoint spelling of each format.
@@ -56,7 +59,36 @@ impl Moments {
             Moments::Torch { .. } => FORMATS[0],
             Moments::Bnb32 { .. } => FORMATS[1],
             Moments::Bnb8 { .. } => FORMATS[2],
+            #[cfg(feature = "cuda")]
+            Moments::Paged(p) => FORMATS[p.format as usize],
         }
+    }
+
+    /// Elements of the parameter this state belongs to.
+    pub(crate) fn numel(&self) -> usize {
+        match self {
+            Moments::Torch { m, .. } | Moments::Bnb32 { m, .. } | Moments::Bnb8 { m, .. } => m.numel(),
+            #[cfg(feature = "cuda")]
+            Moments::Paged(p) => p.n,
+        }
+    }
+
+    /// Whether the state is in CUDA managed memory.
+    pub(crate) fn is_paged(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Moments::Paged(_) = self {
+            return true;
+        }
+        false
+    }
+
+    /// The state tensors by name (as [`Moments::tensors`]); paged state is read back to host tensors.
+    pub(crate) fn snapshot(&self) -> Result<Vec<(&'static str, Tensor)>> {
+        #[cfg(feature = "cuda")]
+        if let Moments::Paged(p) = self {
+            return p.to_tensors();
+        }
+        Ok(self.tensors().into_iter().map(|(s, t)| (s, t.clone())).collect())
     }
 
     /// `(suffix, tensor)` of every state tensor, in a fixed order (checkpoint names).
@@ -69,6 +101,9 @@ impl Moments {
                 absmax_m,
                 absmax_v,
             } => vec![("m", m), ("v", v), ("absmax_m", absmax_m), ("absmax_v", absmax_v)],
+            // Managed memory is not a tensor: read it with `snapshot`.
+            #[cfg(feature = "cuda")]
+            Moments::Paged(_) => Vec::new(),
         }
     }
 
@@ -117,11 +152,36 @@ impl Moments {
     }
 
     pub(crate) fn device(&self) -> Device {
-        self.tensors()[0].1.device()
+        match self {
+            Moments::Torch { m, .. } | Moments::Bnb32 { m, .. } | Moments::Bnb8 { m, .. } => m.device(),
+            #[cfg(feature = "cuda")]
+            Moments::Paged(p) => p.device(),
+        }
     }
 
     pub(crate) fn size_in_bytes(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if let Moments::Paged(p) = self {
+            return p.size_in_bytes();
+        }
         self.tensors().iter().map(|(_, t)| t.size_in_bytes()).sum()
+    }
+
+    /// This state on `dev`, in managed memory when `paged` (a CUDA `dev` only) and as plain tensors
+    /// otherwise.
+    pub(crate) fn place(&self, dev: Device, paged: bool) -> Result<Moments> {
+        #[cfg(feature = "cuda")]
+        if let (true, Device::Cuda(o)) = (paged, dev) {
+            return Ok(Moments::Paged(super::cuda::Paged::from_moments(
+                self,
+                self.numel(),
+                o,
+            )?));
+        }
+        if paged {
+            return Err(Error::invalid("paged optimizer state needs a CUDA device"));
+        }
+        self.to_device(dev)
     }
 
     pub(crate) fn to_device(&self, dev: Device) -> Result<Moments> {
@@ -145,6 +205,17 @@ impl Moments {
                 absmax_m: absmax_m.to_device(dev)?,
                 absmax_v: absmax_v.to_device(dev)?,
             },
+            #[cfg(feature = "cuda")]
+            Moments::Paged(p) => {
+                let t = p.to_tensors()?;
+                Moments::from_tensors(self.format(), p.n, |suffix| {
+                    t.iter()
+                        .find(|(s, _)| *s == suffix)
+                        .ok_or_else(|| Error::invalid(format!("paged state: no tensor {suffix:?}")))?
+                        .1
+                        .to_device(dev)
+                })?
+            }
         })
     }
 
@@ -160,7 +231,63 @@ impl Moments {
                 absmax_m,
                 absmax_v,
             } => bnb8(p, g, [m, v], [absmax_m, absmax_v], &BnbScalars::new(cfg, step)),
+            #[cfg(feature = "cuda")]
+            Moments::Paged(_) => {
+                let mut batch = super::cuda::MultiBatch::new(cfg);
+                batch.push(p, g, self, step)?;
+                batch.flush()
+            }
         }
+    }
+
+    /// One update of an f32 host parameter `p` (an offloaded parameter's master copy) with the host
+    /// gradient `g`, on host state: the multithreaded CPU kernels.
+    pub(crate) fn update_host(
+        &mut self,
+        p: &mut [f32],
+        g: &[f32],
+        cfg: &AdamWConfig,
+        step: u64,
+    ) -> Result<()> {
+        let what = "optimizer (host)";
+        if p.len() != g.len() || p.len() != self.numel() {
+            return Err(Error::invalid(format!(
+                "{what}: gradient or state does not match the parameter"
+            )));
+        }
+        match self {
+            Moments::Torch { m, v } => cpu::adamw(
+                p,
+                g,
+                m.cpu_data_mut::<f32>(what)?,
+                v.cpu_data_mut::<f32>(what)?,
+                &AdamWScalars::new(cfg, step),
+            ),
+            Moments::Bnb32 { m, v } => cpu::adam_bnb32(
+                p,
+                g,
+                m.cpu_data_mut::<f32>(what)?,
+                v.cpu_data_mut::<f32>(what)?,
+                &BnbScalars::new(cfg, step),
+            ),
+            Moments::Bnb8 {
+                m,
+                v,
+                absmax_m,
+                absmax_v,
+            } => {
+                let q = cpu::Q8 {
+                    cm: m.cpu_data_mut::<u8>(what)?,
+                    cv: v.cpu_data_mut::<u8>(what)?,
+                    am: absmax_m.cpu_data_mut::<f32>(what)?,
+                    av: absmax_v.cpu_data_mut::<f32>(what)?,
+                };
+                cpu::adam8bit(p, g, q, &BnbScalars::new(cfg, step), eightbit::tables())
+            }
+            #[cfg(feature = "cuda")]
+            Moments::Paged(_) => return Err(Error::invalid(format!("{what}: paged state is on a device"))),
+        }
+        Ok(())
     }
 }
 
