@@ -179,6 +179,128 @@ impl CudaBackend {
     }
 }
 
+/// Managed ("unified") memory on one device, for paged optimizer state: allocated with
+/// `cuMemAllocManaged` (cudarc's `alloc_unified`, attached globally), zero-filled, and advised to prefer
+/// host memory, so that the driver evicts it to the host under device-memory pressure instead of
+/// failing an allocation; [`Unified::prefetch_to_device`] moves it back before a kernel uses it (as
+/// bitsandbytes' paged optimizers do, `bitsandbytes/functional.py` `prefetch_tensor`).
+pub(crate) struct Unified {
+    data: cudarc::driver::UnifiedSlice<u8>,
+    backend: Arc<CudaBackend>,
+}
+
+impl std::fmt::Debug for Unified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Unified({} bytes, cuda:{})",
+            self.data.len(),
+            self.backend.ordinal
+        )
+    }
+}
+
+/// A `CUmemLocation` of `kind` and `id`. The struct is `{ CUmemLocationType type; int id; }` in every
+/// CUDA version, though cudarc's bindings spell the id as a field or (CUDA 13.2+) a one-member union
+/// depending on the toolkit found at build time; writing it through its offset works for both.
+fn mem_location(kind: cudarc::driver::sys::CUmemLocationType, id: i32) -> cudarc::driver::sys::CUmemLocation {
+    use cudarc::driver::sys::CUmemLocation;
+    const _: () = assert!(std::mem::size_of::<CUmemLocation>() == 8);
+    // SAFETY: CUmemLocation is a plain C struct of an enum and an int (or a union holding an int), for
+    // which all-zero bytes are valid (type 0 = CU_MEM_LOCATION_TYPE_INVALID, id 0).
+    let mut loc: CUmemLocation = unsafe { std::mem::zeroed() };
+    loc.type_ = kind;
+    // SAFETY: the struct is 8 bytes (asserted above) and 4-byte aligned; the id is the int at byte
+    // offset 4, in bounds and aligned.
+    unsafe { (&mut loc as *mut CUmemLocation).cast::<i32>().add(1).write(id) };
+    loc
+}
+
+impl Unified {
+    /// Whether device `b` can page managed memory concurrently with kernels
+    /// (`CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS`, 0 on Windows and pre-Pascal GPUs); without it
+    /// paged state falls back to a plain device allocation.
+    pub(crate) fn supported(b: &CudaBackend) -> Result<bool> {
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        Ok(b.ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY)? != 0
+            && b.ctx
+                .attribute(A::CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS)?
+                != 0)
+    }
+
+    /// `bytes` zero bytes of managed memory on `b`'s device, preferring the host.
+    pub(crate) fn zeros(b: &Arc<CudaBackend>, bytes: usize) -> Result<Unified> {
+        use cudarc::driver::sys::{CUmem_advise, CUmemLocationType};
+        // SAFETY: u8 is valid for any bit pattern; the bytes are zero-filled below before any use.
+        let mut data = unsafe { b.ctx.alloc_unified::<u8>(bytes.max(1), true) }?;
+        data.as_mut_slice()?.fill(0);
+        let loc = mem_location(CUmemLocationType::CU_MEM_LOCATION_TYPE_HOST, 0);
+        // SAFETY: the range is exactly the managed allocation just made (its pointer and byte length).
+        unsafe {
+            cudarc::driver::result::mem_advise(
+                Self::raw(&data),
+                data.len(),
+                CUmem_advise::CU_MEM_ADVISE_SET_PREFERRED_LOCATION,
+                loc,
+            )
+        }?;
+        Ok(Unified {
+            data,
+            backend: b.clone(),
+        })
+    }
+
+    fn raw(data: &cudarc::driver::UnifiedSlice<u8>) -> cudarc::driver::sys::CUdeviceptr {
+        use cudarc::driver::{DevicePtr, DeviceSlice};
+        let stream = data.stream().clone();
+        let (ptr, _sync) = data.device_ptr(&stream);
+        ptr
+    }
+
+    /// The device address, for a kernel launched on the backend's stream.
+    pub(crate) fn device_address(&mut self) -> u64 {
+        Self::raw(&self.data)
+    }
+
+    /// Queues a migration of the whole range to the device on the backend's stream
+    /// (`cuMemPrefetchAsync` with a device `CUmemLocation`), so the next kernel does not page-fault.
+    pub(crate) fn prefetch_to_device(&self) -> Result<()> {
+        let loc = mem_location(
+            cudarc::driver::sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+            self.backend.ordinal as i32,
+        );
+        // SAFETY: the range is exactly the managed allocation; the stream is the backend's, the one
+        // every kernel using this memory runs on.
+        unsafe {
+            cudarc::driver::result::mem_prefetch_async(
+                Self::raw(&self.data),
+                self.data.len(),
+                loc,
+                self.backend.stream.cu_stream(),
+            )
+        }?;
+        Ok(())
+    }
+
+    /// The bytes, read on the host after the backend's stream has finished with them.
+    pub(crate) fn to_vec(&self) -> Result<Vec<u8>> {
+        self.backend.synchronize()?;
+        Ok(self.data.as_slice()?.to_vec())
+    }
+
+    /// Overwrites the bytes from the host after the backend's stream has finished with them.
+    pub(crate) fn copy_from(&mut self, bytes: &[u8]) -> Result<()> {
+        if bytes.len() > self.data.len() {
+            return Err(Error::invalid(
+                "Unified::copy_from: source larger than the allocation",
+            ));
+        }
+        self.backend.synchronize()?;
+        self.data.as_mut_slice()?[..bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    }
+}
+
 /// Waits for the work queued on device `ordinal`.
 pub(crate) fn synchronize(ordinal: usize) -> Result<()> {
     backend(ordinal)?.synchronize()

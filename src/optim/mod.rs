@@ -27,6 +27,11 @@ pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub mod eightbit;
+// Only the CUDA launchers build descriptors; the placement rule and the tests are used everywhere.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod multi;
+#[cfg(feature = "cuda")]
+mod offload;
 pub mod schedule;
 mod state;
 mod train;

@@ -94,11 +94,19 @@ pub struct OptimConfig {
     pub grad_accum: usize,
     /// `--grad-clip X`: clip the global L2 norm of the (averaged) gradients to X before each step.
     pub grad_clip: Option<f32>,
-    /// `--paged`: CUDA state in unified memory (not implemented yet: an error on a CUDA parameter).
+    /// `--paged`: the moments of CUDA parameters of at least 100,000 elements in CUDA managed (unified)
+    /// memory, prefetched to the device before each step and preferring the host otherwise, so the
+    /// driver can evict them under memory pressure (bitsandbytes' paged optimizers). Smaller tensors,
+    /// and devices without `CONCURRENT_MANAGED_ACCESS`, get a plain device allocation.
     pub paged: bool,
-    /// `--offload-optimizer`: moments and an f32 master copy of every CUDA parameter on the host, the
-    /// update on the CPU, the parameter copied back.
+    /// `--offload-optimizer`: moments and an f32 master copy of every CUDA parameter on the host; the
+    /// gradients are copied to pinned host buffers on a side stream (all queued at once, one event
+    /// each), each tensor is updated by the CPU kernels as soon as its copy lands, and its new value is
+    /// copied back on the side stream while the CPU updates the next.
     pub offload: bool,
+    /// One kernel launch per group of CUDA tensors (same state format and parameter dtype) instead of
+    /// one per tensor (default on; the results are identical).
+    pub multi_tensor: bool,
     /// f32 master copies of f16/bf16 parameters (default on): the update runs on the master and the
     /// parameter is its rounding, so small updates are not lost to bf16 rounding.
     pub master_weights: bool,
@@ -116,6 +124,7 @@ impl Default for OptimConfig {
             grad_clip: None,
             paged: false,
             offload: false,
+            multi_tensor: true,
             master_weights: true,
             min_8bit_size: DEFAULT_MIN_8BIT_SIZE,
         }
@@ -165,6 +174,9 @@ pub struct Optimizer {
     accum: Option<Gradients>,
     micro: usize,
     steps: u64,
+    /// Side streams and pinned buffers of `--offload-optimizer`, made on first use.
+    #[cfg(feature = "cuda")]
+    offload: super::offload::Offload,
 }
 
 impl std::fmt::Debug for Optimizer {
@@ -285,6 +297,8 @@ impl Optimizer {
             accum: None,
             micro: 0,
             steps: 0,
+            #[cfg(feature = "cuda")]
+            offload: Default::default(),
         })
     }
 
@@ -330,11 +344,18 @@ impl Optimizer {
     }
 
     /// The state tensors of `id` by name (`m`, `v`, and for 8-bit state `absmax_m`, `absmax_v`; the
-    /// 8-bit `m`/`v` are u8 codes) and its f32 master copy, once it has state.
+    /// 8-bit `m`/`v` are u8 codes) and its f32 master copy, once it has state. Paged state (managed
+    /// memory, not tensors) lists no tensors here; [`Optimizer::is_paged`] tells, and a checkpoint
+    /// ([`Optimizer::save`]) holds its values.
     pub fn state_tensors(&self, id: ParamId) -> Option<StateTensors<'_>> {
         self.states
             .get(&id)
             .map(|s| (s.moments.tensors(), s.master.as_ref()))
+    }
+
+    /// Whether the moments of `id` are in CUDA managed memory (`--paged`).
+    pub fn is_paged(&self, id: ParamId) -> Option<bool> {
+        self.states.get(&id).map(|s| s.moments.is_paged())
     }
 
     /// Adds one micro-batch's gradients; every `grad_accum`-th call averages them, steps, and returns
@@ -374,11 +395,6 @@ impl Optimizer {
         self.cfg.validate()?;
         for (id, g) in grads.iter() {
             check_grad(store, id, g)?;
-            if self.cfg.paged && store.get(id)?.device().is_cuda() && !self.cfg.offload {
-                return Err(Error::invalid(
-                    "paged optimizer state is not implemented yet (use --offload-optimizer)",
-                ));
-            }
         }
         let mut fresh = Vec::new();
         for (id, _) in grads.iter() {
@@ -396,12 +412,56 @@ impl Optimizer {
             lr,
             ..self.cfg.hyper.clone()
         };
+        // CUDA state: queued into multi-tensor launches. Offloaded state: gradients copied to the host
+        // on a side stream, all queued before the first CPU update.
+        #[cfg(feature = "cuda")]
+        let mut batch = super::cuda::MultiBatch::new(&hyper);
+        #[cfg(feature = "cuda")]
+        let mut cast_back = Vec::new();
+        #[cfg(feature = "cuda")]
+        {
+            let offloaded: Vec<(ParamId, &Tensor)> = grads
+                .iter()
+                .filter(|(id, g)| {
+                    g.device().is_cuda() && self.states.get(id).is_some_and(|s| s.moments.device().is_cpu())
+                })
+                .collect();
+            self.offload.download(&offloaded)?;
+        }
         for (id, g) in grads.iter() {
             let st = self
                 .states
                 .get_mut(&id)
                 .ok_or_else(|| Error::invalid("Optimizer: missing state"))?;
             let dev = st.moments.device();
+            #[cfg(feature = "cuda")]
+            if dev.is_cuda() {
+                st.step += 1;
+                let p = match &mut st.master {
+                    Some(m) => {
+                        cast_back.push(id);
+                        m
+                    }
+                    None => store.get_mut(id)?,
+                };
+                batch.push(p, g, &mut st.moments, st.step)?;
+                if !self.cfg.multi_tensor {
+                    batch.flush()?;
+                }
+                continue;
+            }
+            #[cfg(feature = "cuda")]
+            if g.device().is_cuda()
+                && let Some(master) = &mut st.master
+            {
+                st.step += 1;
+                let hg = self.offload.gradient(id, g.numel())?;
+                st.moments
+                    .update_host(master.cpu_data_mut::<f32>("optimizer")?, hg, &hyper, st.step)?;
+                self.offload
+                    .upload(id, master.cpu_data::<f32>("optimizer")?, store.get_mut(id)?)?;
+                continue;
+            }
             let moved;
             let g = if g.device() == dev {
                 g
@@ -419,6 +479,17 @@ impl Optimizer {
                 }
                 None => st.moments.update(store.get_mut(id)?, g, &hyper, st.step)?,
             }
+        }
+        #[cfg(feature = "cuda")]
+        {
+            batch.flush()?;
+            for id in cast_back {
+                if let Some(master) = self.states.get(&id).and_then(|s| s.master.as_ref()) {
+                    let dt = store.get(id)?.dtype();
+                    store.set(id, master.to_dtype(dt)?)?;
+                }
+            }
+            self.offload.finish()?;
         }
         self.steps += 1;
         Ok(StepReport {
@@ -439,11 +510,24 @@ impl Optimizer {
             || (self.cfg.offload && p.device() != Device::Cpu)
     }
 
+    /// Whether the moments of an `n`-element parameter with state on `dev` go to managed memory.
+    fn wants_paged(&self, dev: Device, n: usize) -> Result<bool> {
+        if !(self.cfg.paged && dev.is_cuda() && n >= super::multi::PAGED_MIN_SIZE) {
+            return Ok(false);
+        }
+        #[cfg(feature = "cuda")]
+        let can = super::cuda::Paged::device_can_page(dev)?;
+        #[cfg(not(feature = "cuda"))]
+        let can = false;
+        Ok(super::multi::use_paged(self.cfg.paged, dev.is_cuda(), n, can))
+    }
+
     /// New state for `id` when it has none, or has state of another size or on another device.
     fn prepare(&self, store: &ParamStore, id: ParamId) -> Result<Option<ParamState>> {
         let p = store.get(id)?;
         let dev = self.state_device(p.device());
         let eight = self.cfg.optim == OptimKind::AdamW8bit;
+        let paged = self.wants_paged(dev, p.numel())?;
         let master = |p: &Tensor| -> Result<Option<Tensor>> {
             Ok(if self.needs_master(p) {
                 Some(p.to_dtype(DType::F32)?.to_device(dev)?)
@@ -452,12 +536,15 @@ impl Optimizer {
             })
         };
         Ok(match self.states.get(&id) {
-            Some(s) if s.moments.tensors()[0].1.numel() == p.numel() => {
-                if s.moments.device() == dev && s.master.is_some() == self.needs_master(p) {
+            Some(s) if s.moments.numel() == p.numel() => {
+                if s.moments.device() == dev
+                    && s.master.is_some() == self.needs_master(p)
+                    && s.moments.is_paged() == paged
+                {
                     None
                 } else {
                     Some(ParamState {
-                        moments: s.moments.to_device(dev)?,
+                        moments: s.moments.place(dev, paged)?,
                         step: s.step,
                         master: match &s.master {
                             Some(m) if self.needs_master(p) => Some(m.to_device(dev)?),
@@ -467,7 +554,10 @@ impl Optimizer {
                 }
             }
             _ => Some(ParamState {
-                moments: Moments::zeros(eight, self.cfg.min_8bit_size, p.numel(), dev)?,
+                moments: match Moments::zeros(eight, self.cfg.min_8bit_size, p.numel(), dev)? {
+                    m if paged => m.place(dev, true)?,
+                    m => m,
+                },
                 step: 0,
                 master: master(p)?,
             }),
@@ -497,8 +587,8 @@ impl Optimizer {
         let mut params = Vec::new();
         for (&id, st) in &self.states {
             let name = store.name(id)?;
-            for (suffix, t) in st.moments.tensors() {
-                tensors.push((format!("{name}::{suffix}"), TensorBytes::from_tensor(t)?));
+            for (suffix, t) in st.moments.snapshot()? {
+                tensors.push((format!("{name}::{suffix}"), TensorBytes::from_tensor(&t)?));
             }
             if let Some(m) = &st.master {
                 tensors.push((format!("{name}::master"), TensorBytes::from_tensor(m)?));
