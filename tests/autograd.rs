@@ -1077,3 +1077,132 @@ fn erf_reference_is_accurate() {
     assert!((act64(Activation::GeluErf, 1.0) - 0.841_344_746_068_542_9).abs() < 1e-14);
     assert!((act64(Activation::Gelu, 1.0) - 0.841_191_990_608_276_8).abs() < 1e-12);
 }
+
+// ------------------------------------------------------------------------------ exact GELU, vectorized
+
+/// erfc(a) for a >= 0 in f64, relatively accurate: `1 - erf` below 3 (erfc(3) = 2.2e-5, so the
+/// cancellation costs at most ~5e-12 relative), the continued fraction above.
+fn erfc64_pos(a: f64) -> f64 {
+    if a < 3.0 {
+        1.0 - erf64(a)
+    } else {
+        let mut f = a;
+        for k in (1..60).rev() {
+            f = a + (k as f64 / 2.0) / f;
+        }
+        (-a * a).exp() / std::f64::consts::PI.sqrt() / f
+    }
+}
+
+/// Φ(x), the standard normal CDF, relatively accurate for negative x too.
+fn cdf64(x: f64) -> f64 {
+    let z = x / std::f64::consts::SQRT_2;
+    if z < 0.0 {
+        0.5 * erfc64_pos(-z)
+    } else {
+        1.0 - 0.5 * erfc64_pos(z)
+    }
+}
+
+/// gelu(x) = x·Φ(x) and gelu'(x) = Φ(x) + x·φ(x) in f64.
+fn gelu64(x: f64) -> (f64, f64) {
+    let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    (x * cdf64(x), cdf64(x) + x * pdf)
+}
+
+/// An f32 of any magnitude: random sign, exponent and mantissa (subnormals to 3e38), or a special.
+fn any_f32(rng: &mut Rng) -> f32 {
+    match rng.below(40) {
+        0 => f32::NAN,
+        1 => f32::INFINITY,
+        2 => f32::NEG_INFINITY,
+        3 => 0.0,
+        4 => -0.0,
+        5..=12 => f32::from_bits(rng.next_u64() as u32),
+        _ => rng.normal() * 2f32.powi(rng.below(12) as i32 - 4),
+    }
+}
+
+/// One value of the vectorized exact GELU against f64: forward within the activation tests'
+/// tolerance (3e-6 relative + 1e-7), the derivative against the analytic f64 one (1e-5 + 1e-7), and
+/// the special values as torch gives them.
+fn check_gelu_value(x: f32, y: f32, d: f32) {
+    if x.is_nan() {
+        assert!(y.is_nan() && d.is_nan(), "gelu(NaN) = {y}, gelu'(NaN) = {d}");
+        return;
+    }
+    if x.is_infinite() {
+        // As torch: gelu(-inf) = -inf·Φ(-inf) = -inf·0 = NaN, gelu(inf) = inf, and the derivative
+        // Φ(±inf) + (±inf)·φ(±inf) = Φ + (±inf)·0 = NaN.
+        let y_ok = if x > 0.0 { y == f32::INFINITY } else { y.is_nan() };
+        assert!(y_ok && d.is_nan(), "gelu({x}) = {y}, gelu'({x}) = {d}");
+        return;
+    }
+    let (want, dwant) = gelu64(x as f64);
+    let tol = 1e-7 + 3e-6 * want.abs();
+    assert!(
+        (y as f64 - want).abs() <= tol,
+        "gelu({x:e}) = {y:e}, f64 {want:e}"
+    );
+    let dtol = 1e-7 + 1e-5 * dwant.abs();
+    assert!(
+        (d as f64 - dwant).abs() <= dtol,
+        "gelu'({x:e}) = {d:e}, f64 {dwant:e}"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// The exact GELU (forward and derivative) over the whole f32 range: random bit patterns, huge and
+    /// subnormal magnitudes, NaN and infinities, at odd lengths (every vector tail), in f32 storage.
+    #[test]
+    fn gelu_erf_whole_range_vs_f64(n in 1usize..300, seed in any::<u64>()) {
+        let mut rng = Rng::new(seed);
+        let v: Vec<f32> = (0..n).map(|_| any_f32(&mut rng)).collect();
+        let x = Tensor::from_slice(&v, &[n], Device::Cpu).unwrap();
+        let ones = Tensor::full(&[n], 1.0, DType::F32, Device::Cpu).unwrap();
+        let y = ops::activation(&x, Activation::GeluErf).unwrap().to_vec::<f32>().unwrap();
+        let d = ops::activation_backward(&x, &ones, Activation::GeluErf).unwrap().to_vec::<f32>().unwrap();
+        for i in 0..n {
+            check_gelu_value(v[i], y[i], d[i]);
+        }
+    }
+}
+
+/// Φ from erfc keeps the relative accuracy of gelu for negative inputs, where `1 + erf(x/√2)` cancels
+/// (torch's formula gives 0 below x ≈ -5.9): within 3e-5 of f64 down to the smallest normal results.
+#[test]
+fn gelu_erf_negative_tail_is_relatively_accurate() -> Result<()> {
+    let v: Vec<f32> = (0..=13_000).map(|i| -(i as f32) * 1e-3).collect();
+    let x = Tensor::from_slice(&v, &[v.len()], Device::Cpu)?;
+    let y = ops::activation(&x, Activation::GeluErf)?.to_vec::<f32>()?;
+    for (&x, &y) in v.iter().zip(&y) {
+        let want = gelu64(x as f64).0;
+        if want.abs() < f32::MIN_POSITIVE as f64 * 16.0 {
+            continue;
+        }
+        assert!(
+            ((y as f64 - want) / want).abs() < 3e-5,
+            "gelu({x}) = {y:e}, f64 {want:e}"
+        );
+    }
+    // gelu(-8) = -8·Φ(-8) = -4.9e-15: representable, and not 0.
+    assert!(y[8000] < 0.0 && (y[8000] as f64 / gelu64(-8.0).0 - 1.0).abs() < 3e-5);
+    Ok(())
+}
+
+/// The oracle of the tests above against published values of Φ (Abramowitz & Stegun table 26.1 and
+/// its tail): Φ(-1), Φ(-3), Φ(-5), Φ(-10).
+#[test]
+fn normal_cdf_reference_is_accurate() {
+    for (x, want) in [
+        (-1.0, 0.158_655_253_931_457_05),
+        (-3.0, 1.349_898_031_630_094_6e-3),
+        (-5.0, 2.866_515_718_791_939e-7),
+        (-10.0, 7.619_853_024_160_527e-24),
+    ] {
+        assert!(((cdf64(x) - want) / want).abs() < 1e-9, "Φ({x}) = {:e}", cdf64(x));
+        assert!((cdf64(-x) - (1.0 - want)).abs() < 1e-15);
+    }
+}

@@ -5,14 +5,16 @@
 //!
 //! Napkin math (all memory bound, per element): activation forward reads x and writes y
 //! (2·sizeof(T) B); backward reads x and dy and writes dx (3·sizeof(T) B). Even GELU-erf costs ~20
-//! FLOPs per element, far below the ~100 FLOP/B a CPU core can do.
+//! FLOPs per element, far below the ~100 FLOP/B a CPU core can do, once vectorized (`cpu/gelu.rs`;
+//! libm's scalar `erff` was ~14% of a MiniLM training step).
 
 use super::ops::Activation;
 use crate::error::{Error, Result};
-use crate::tensor::Element;
 use crate::tensor::cpu::CHUNK;
+use crate::tensor::{DType, Element};
 use rayon::prelude::*;
-use std::f32::consts::FRAC_1_SQRT_2;
+
+mod gelu;
 
 /// sqrt(2/π), the tanh-GELU scale (torch's `kBeta = M_SQRT2 * M_2_SQRTPI * 0.5` for approximate="tanh").
 pub(crate) const GELU_TANH_BETA: f32 =
@@ -38,7 +40,7 @@ pub(crate) fn act_forward(act: Activation, x: f32) -> f32 {
             let inner = GELU_TANH_BETA * (x + GELU_TANH_KAPPA * x * x * x);
             0.5 * x * (1.0 + inner.tanh())
         }
-        Activation::GeluErf => 0.5 * x * (1.0 + libm::erff(x * FRAC_1_SQRT_2)),
+        Activation::GeluErf => gelu::gelu(x),
         Activation::Silu => x / (1.0 + (-x).exp()),
         Activation::Tanh => x.tanh(),
     }
@@ -61,11 +63,7 @@ pub(crate) fn act_derivative(act: Activation, x: f32) -> f32 {
             let d_inner = GELU_TANH_BETA * (1.0 + 3.0 * GELU_TANH_KAPPA * x2);
             0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * d_inner
         }
-        Activation::GeluErf => {
-            let cdf = 0.5 * (1.0 + libm::erff(x * FRAC_1_SQRT_2));
-            let pdf = (-0.5 * x * x).exp() * INV_SQRT_2PI;
-            cdf + x * pdf
-        }
+        Activation::GeluErf => gelu::gelu_derivative(x),
         Activation::Silu => {
             let s = 1.0 / (1.0 + (-x).exp());
             s * (1.0 + x * (1.0 - s))
@@ -77,9 +75,59 @@ pub(crate) fn act_derivative(act: Activation, x: f32) -> f32 {
     }
 }
 
+/// Elements an f16/bf16 GELU converts to f32 at a time.
+const GELU_TILE: usize = 256;
+
+/// `y = gelu_erf(x)` on one chunk: the vectorized kernel, directly on f32 or through f32 tiles.
+fn gelu_chunk<T: Element>(x: &[T], y: &mut [T]) {
+    if T::DTYPE == DType::F32 {
+        gelu::forward(bytemuck::cast_slice(x), bytemuck::cast_slice_mut(y));
+        return;
+    }
+    let (mut xf, mut yf) = ([0f32; GELU_TILE], [0f32; GELU_TILE]);
+    for (x, y) in x.chunks(GELU_TILE).zip(y.chunks_mut(GELU_TILE)) {
+        let n = x.len();
+        xf[..n].iter_mut().zip(x).for_each(|(f, v)| *f = v.to_f32());
+        gelu::forward(&xf[..n], &mut yf[..n]);
+        y.iter_mut().zip(&yf[..n]).for_each(|(v, &f)| *v = T::from_f32(f));
+    }
+}
+
+/// `dx = dy · gelu_erf'(x)` on one chunk (see [`gelu_chunk`]).
+fn gelu_backward_chunk<T: Element>(x: &[T], dy: &[T], dx: &mut [T]) {
+    if T::DTYPE == DType::F32 {
+        gelu::backward(
+            bytemuck::cast_slice(x),
+            bytemuck::cast_slice(dy),
+            bytemuck::cast_slice_mut(dx),
+        );
+        return;
+    }
+    let (mut xf, mut gf, mut of) = ([0f32; GELU_TILE], [0f32; GELU_TILE], [0f32; GELU_TILE]);
+    for ((x, dy), dx) in x
+        .chunks(GELU_TILE)
+        .zip(dy.chunks(GELU_TILE))
+        .zip(dx.chunks_mut(GELU_TILE))
+    {
+        let n = x.len();
+        xf[..n].iter_mut().zip(x).for_each(|(f, v)| *f = v.to_f32());
+        gf[..n].iter_mut().zip(dy).for_each(|(f, v)| *f = v.to_f32());
+        gelu::backward(&xf[..n], &gf[..n], &mut of[..n]);
+        dx.iter_mut()
+            .zip(&of[..n])
+            .for_each(|(v, &f)| *v = T::from_f32(f));
+    }
+}
+
 /// `y = act(x)` elementwise.
 pub(crate) fn activation<T: Element>(x: &[T], act: Activation) -> Vec<T> {
     let mut y = vec![T::default(); x.len()];
+    if act == Activation::GeluErf {
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| gelu_chunk(x, y));
+        return y;
+    }
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(y, x)| {
@@ -93,6 +141,12 @@ pub(crate) fn activation<T: Element>(x: &[T], act: Activation) -> Vec<T> {
 /// `dx = dy · act'(x)` elementwise.
 pub(crate) fn activation_backward<T: Element>(x: &[T], dy: &[T], act: Activation) -> Vec<T> {
     let mut dx = vec![T::default(); x.len()];
+    if act == Activation::GeluErf {
+        dx.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+            .for_each(|(dx, (x, dy))| gelu_backward_chunk(x, dy, dx));
+        return dx;
+    }
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
         .for_each(|(dx, (x, dy))| {

@@ -56,8 +56,10 @@ pub(super) fn dense_gemm_fwd(
         }
         return;
     }
-    // Panel of P rows: P × inp f32 ≤ ~2 MiB (one L2), at least 32 rows for an efficient gemm.
-    let p = ((1usize << 19) / inp.max(1)).clamp(32, 256).next_multiple_of(16);
+    // Panel of P rows: P × inp f32 ≤ ~2 MiB (one L2), at least 32 rows for an efficient gemm, and
+    // at least one panel per thread, all of about the same size.
+    let p_max = ((1usize << 19) / inp.max(1)).clamp(32, 256).next_multiple_of(16);
+    let p = balanced_panel(out, p_max, 16);
     let np = out.div_ceil(p);
     let yp = SendPtr(y.as_mut_ptr());
     (0..np)
@@ -106,6 +108,20 @@ pub(super) fn dense_gemm_fwd(
                 }
             }
         });
+}
+
+/// The panel size (a multiple of `align`, at most `max` unless `align` is larger) that splits `n` into
+/// panels of nearly equal size, as many as the rayon threads or a multiple of them: a 384-row weight
+/// with a 256-row limit on 2 threads gets 2 panels of 192, not 256 + 128 (a 1-panel backward ran
+/// on one core).
+fn balanced_panel(n: usize, max: usize, align: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let mut panels = n.div_ceil(max.max(1)).next_multiple_of(threads);
+    // Each panel must keep at least `align` elements.
+    while panels > 1 && n.div_ceil(panels) < align {
+        panels -= 1;
+    }
+    n.div_ceil(panels.max(1)).next_multiple_of(align).max(align)
 }
 
 /// Rows `[o0, o0 + rows)` of W into `buf` ([rows, inp], f32).
@@ -173,8 +189,9 @@ pub(super) fn dense_gemm_bwd(
         }
         return;
     }
-    // Column panel: out × kc f32 ≤ ~2 MiB.
-    let kc = ((1usize << 19) / out.max(1)).clamp(32, 512).next_multiple_of(32);
+    // Column panel: out × kc f32 ≤ ~2 MiB, at least one per thread, all of about the same width.
+    let kc_max = ((1usize << 19) / out.max(1)).clamp(32, 512).next_multiple_of(32);
+    let kc = balanced_panel(inp, kc_max, 32);
     let np = inp.div_ceil(kc);
     let dxp = SendPtr(dx.as_mut_ptr());
     (0..np)

@@ -343,11 +343,11 @@ pub fn load_opts(quant: Quant, double_quant: bool) -> ModelLoadOptions {
 }
 
 /// Tokenized examples.
-struct Encoded {
-    ids: Vec<Vec<u32>>,
+pub(crate) struct Encoded {
+    pub(crate) ids: Vec<Vec<u32>>,
 }
 
-fn encode(tok: &BertTokenizer, ds: &Dataset, max_len: usize) -> Result<Encoded> {
+pub(crate) fn encode(tok: &BertTokenizer, ds: &Dataset, max_len: usize) -> Result<Encoded> {
     let mut ids = Vec::with_capacity(ds.len());
     for t in &ds.texts {
         ids.push(tok.encode(t, max_len)?.0);
@@ -355,7 +355,7 @@ fn encode(tok: &BertTokenizer, ds: &Dataset, max_len: usize) -> Result<Encoded> 
     Ok(Encoded { ids })
 }
 
-fn batch_of(enc: &Encoded, idx: &[usize], pad: u32) -> Result<BertBatch> {
+pub(crate) fn batch_of(enc: &Encoded, idx: &[usize], pad: u32) -> Result<BertBatch> {
     let seq = idx.iter().map(|&i| enc.ids[i].len()).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(idx.len());
     let mut mask = Vec::with_capacity(idx.len());

@@ -416,7 +416,21 @@ pub fn train(a: &Args, stop: Option<Arc<AtomicBool>>) -> Result<RunSummary> {
     let lengths: Vec<usize> = etr.ids.iter().map(Vec::len).collect();
     let epoch_batches =
         |epoch: usize| data::bucketed_batches(&lengths, r.batch_size, 50, r.seed ^ (epoch as u64) << 32);
-    let n_batches = epoch_batches(1)?.len();
+    let first = epoch_batches(1)?;
+    let n_batches = first.len();
+    if !a.quiet && a.resume.is_none() {
+        // Where a step's memory goes, for the epoch's largest batch (the activation peak).
+        let cost = |idx: &Vec<usize>| idx.len() * idx.iter().map(|&i| lengths[i]).max().unwrap_or(0);
+        if let Some(idx) = first.iter().max_by_key(|idx| cost(idx)) {
+            let mem = model.memory_report(&store, &batch_of(&etr, idx, pad)?)?;
+            eprintln!(
+                "peftk: step memory (largest batch, {} x {} tokens): {mem}; process peak RSS so far {:.0} MiB",
+                idx.len(),
+                idx.iter().map(|&i| lengths[i]).max().unwrap_or(0),
+                peak_rss_mb()
+            );
+        }
+    }
     let steps_per_epoch = n_batches.div_ceil(r.grad_accum.max(1));
     let cfg = optim_config(r, (steps_per_epoch * r.epochs).max(1) as u64)?;
     let fp = fingerprint(a);
