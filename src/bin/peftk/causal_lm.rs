@@ -29,21 +29,10 @@ const DECODER_LINEARS: [&str; 7] = [
     "down_proj",
 ];
 
-fn inv(msg: impl Into<String>) -> Error {
-    Error::InvalidArgument(msg.into())
-}
-
-fn io_err(path: &Path, e: std::io::Error) -> Error {
-    Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    }
-}
-
 /// The texts of a `.jsonl` file (one object per line with `column`, or one JSON string per line), a
 /// `.json` array of the same, or a `.txt` file (one text per non-empty line).
 pub fn read_texts(path: &Path, column: &str) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let ctx = |msg: String| Error::Format {
         context: path.display().to_string(),
         msg,
@@ -138,8 +127,9 @@ fn encode(tok: &CausalLmTokenizer, texts: &[String], max_len: usize) -> Result<V
 
 /// The adapter config: the classifier path's method options with PEFT's CAUSAL_LM task.
 fn adapter_config(a: &Args) -> Result<AdapterConfig> {
-    let mut c = finetune::adapter_config(a.method, &a.recipe)
-        .ok_or_else(|| inv("--method head has no meaning for --task causal-lm (the lm_head stays frozen)"))?;
+    let mut c = finetune::adapter_config(a.method, &a.recipe).ok_or_else(|| {
+        Error::invalid("--method head has no meaning for --task causal-lm (the lm_head stays frozen)")
+    })?;
     c.task_type = Some("CAUSAL_LM".into());
     c.modules_to_save = None;
     if a.recipe.target_modules == BERT_DEFAULT {
@@ -153,12 +143,11 @@ fn adapter_config(a: &Args) -> Result<AdapterConfig> {
 /// `peftk finetune --task causal-lm`.
 pub fn run_finetune(a: &Args) -> Result<()> {
     finetune::check_device(&a.recipe.device)?;
-    let mdir =
-        a.recipe.model.clone().ok_or_else(|| {
-            inv("--task causal-lm needs --model DIR (a Llama, Mistral or Qwen2 checkpoint)")
-        })?;
+    let mdir = a.recipe.model.clone().ok_or_else(|| {
+        Error::invalid("--task causal-lm needs --model DIR (a Llama, Mistral or Qwen2 checkpoint)")
+    })?;
     if a.recipe.data.is_empty() {
-        return Err(inv("--task causal-lm needs --data FILE..."));
+        return Err(Error::invalid("--task causal-lm needs --data FILE..."));
     }
     let mut train = Vec::new();
     for p in &a.recipe.data {
@@ -167,21 +156,25 @@ pub fn run_finetune(a: &Args) -> Result<()> {
     let mut rng = peft_kernels::rng::Rng::new(a.recipe.seed ^ 0x5eed);
     peft_kernels::data::shuffle(&mut train, &mut rng);
     let test = match (&a.recipe.test, a.recipe.split) {
-        (Some(_), Some(_)) => return Err(inv("give --test or --split, not both")),
+        (Some(_), Some(_)) => return Err(Error::invalid("give --test or --split, not both")),
         (Some(t), None) => read_texts(t, &a.recipe.data_args.text_column)?,
         (None, Some(f)) if f > 0.0 && f < 1.0 => {
             let n =
                 ((train.len() as f64 * f).round() as usize).clamp(1, train.len().saturating_sub(1).max(1));
             train.drain(..n).collect()
         }
-        (None, Some(f)) => return Err(inv(format!("--split {f} is not in (0, 1)"))),
-        (None, None) => return Err(inv("no test data: give --test FILE or --split FRACTION")),
+        (None, Some(f)) => return Err(Error::invalid(format!("--split {f} is not in (0, 1)"))),
+        (None, None) => {
+            return Err(Error::invalid(
+                "no test data: give --test FILE or --split FRACTION",
+            ));
+        }
     };
     if let Some(n) = a.recipe.limit {
         train.truncate(n);
     }
     if train.is_empty() {
-        return Err(inv("no training texts left after the split"));
+        return Err(Error::invalid("no training texts left after the split"));
     }
     let (mut model, tok) = load(&mdir, &finetune::load_opts(a.quantize, a.double_quant))?;
     let pad = tok.pad_id();
@@ -202,9 +195,9 @@ pub fn run_finetune(a: &Args) -> Result<()> {
         weight_decay: a.recipe.weight_decay,
         ..Default::default()
     })?;
-    std::fs::create_dir_all(&a.out).map_err(|e| io_err(&a.out, e))?;
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let mpath = a.out.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&mpath).map_err(|e| io_err(&mpath, e))?;
+    let mut metrics = std::fs::File::create(&mpath).map_err(|e| Error::io(&mpath, e))?;
     let lengths: Vec<usize> = etr.iter().map(Vec::len).collect();
     let total = (train.len().div_ceil(a.recipe.batch_size.max(1)) * a.recipe.epochs).max(1);
     let bar = if a.quiet {
@@ -260,7 +253,7 @@ pub fn run_finetune(a: &Args) -> Result<()> {
             loss_sum / seen.max(1) as f64,
             test_loss.exp()
         ));
-        writeln!(metrics, "{last}").map_err(|e| io_err(&mpath, e))?;
+        writeln!(metrics, "{last}").map_err(|e| Error::io(&mpath, e))?;
     }
     bar.finish_and_clear();
     let adapter_dir = a.out.join("adapter");
@@ -274,7 +267,7 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
     let mdir: PathBuf = a
         .model
         .clone()
-        .ok_or_else(|| inv("--task causal-lm needs --model DIR"))?;
+        .ok_or_else(|| Error::invalid("--task causal-lm needs --model DIR"))?;
     let (mut m, tok) = load(&mdir, &finetune::load_opts(a.quantize, true))?;
     let mut store = ParamStore::new();
     m.load_adapter(&a.adapter, &mut store)?;
