@@ -1,7 +1,11 @@
 //! Criterion group `llama`: one causal-LM training step (forward, shifted next-token loss, backward,
 //! AdamW) of a randomly initialized Llama-shaped decoder, LoRA r = 16 (alpha 32) on every projection
 //! (q/k/v/o/gate/up/down), f32 activations. Cases: `lora` (dense f32 base) and `qlora` (every projection
-//! NF4 with double quantization, blocksize 64, quantized on load).
+//! NF4 with double quantization, blocksize 64, quantized on load) and `lora_gc` (`lora` with gradient
+//! checkpointing: each layer's activations are recomputed in backward). Each case first prints the
+//! bytes its training forward keeps on the tape.
+//!
+//! The peer, transformers + PEFT on the same model and batch: `benches/peers/llama_step.py`.
 //!
 //! Shapes: by default a small decoder that fits a short run on two CPU cores (hidden 256, 2 layers, 8
 //! query heads and 2 kv heads of 32, intermediate 688, vocab 2048, batch 2 x seq 128).
@@ -11,7 +15,7 @@
 //! Run: `cargo bench --bench llama`.
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use peft_kernels::autograd::ParamStore;
+use peft_kernels::autograd::{ParamStore, Tape};
 use peft_kernels::io::peft::{AdapterConfig, LoraConfig, MethodConfig, TargetModules};
 use peft_kernels::io::{TensorBytes, write_safetensors};
 use peft_kernels::models::{self, LlamaForCausalLM, ModelLoadOptions, QuantizeOnLoad, TokenBatch};
@@ -156,7 +160,11 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10)
         .measurement_time(Duration::from_secs(20))
         .warm_up_time(Duration::from_secs(2));
-    for (name, quantize) in [("lora", false), ("qlora", true)] {
+    for (name, quantize, checkpointing) in [
+        ("lora", false, false),
+        ("qlora", true, false),
+        ("lora_gc", false, true),
+    ] {
         let opts = ModelLoadOptions {
             quantize: quantize.then(QuantizeOnLoad::nf4_dq_all_linear),
             ..Default::default()
@@ -164,6 +172,15 @@ fn bench(c: &mut Criterion) {
         let mut store = ParamStore::new();
         let mut m: LlamaForCausalLM = models::from_pretrained_causal_lm(dir.path(), &opts).unwrap();
         m.init_adapter(&adapter_config(), &mut store, 1).unwrap();
+        m.model_mut().set_gradient_checkpointing(checkpointing);
+        // What one training forward keeps on the tape for backward (parameters included).
+        let mut tape = Tape::new();
+        m.loss_t(&mut tape, &store, &batch, None, Some(0)).unwrap();
+        eprintln!(
+            "llama/{name}: tape after the training forward and loss {:.1} MiB",
+            tape.value_bytes() as f64 / (1 << 20) as f64
+        );
+        drop(tape);
         let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
         let mut step = 0u64;
         g.bench_function(format!("train_step_{name}"), |bch| {

@@ -973,6 +973,13 @@ fn merge_unmerge(dev: Device) -> Result<()> {
                 let BaseWeight::Dense(bt) = bf else { panic!() };
                 assert_eq!(bt.dtype(), DType::BF16);
             }
+            BaseWeight::KBit(k) => {
+                let rq = layer.merge(&store, MergeFormat::Requantize)?;
+                let BaseWeight::KBit(k2) = &rq else {
+                    panic!("re-quantized merge expected")
+                };
+                assert_eq!((k2.bits, k2.blocksize), (k.bits, k.blocksize));
+            }
         }
     }
     Ok(())

@@ -400,6 +400,77 @@ fn training_lowers_the_loss() {
     assert!(last < 0.8 * first, "loss {first} -> {last}");
 }
 
+/// Loss and sorted gradients of one training micro-step, and the bytes the forward keeps on the tape.
+fn step_grads(
+    m: &LlamaForCausalLM,
+    store: &ParamStore,
+    b: &TokenBatch,
+    seed: u64,
+) -> (f32, Vec<Vec<f32>>, usize) {
+    let (loss, g) = m.loss_and_grads(store, b, None, seed).unwrap();
+    let mut grads: Vec<_> = g
+        .iter()
+        .map(|(id, t)| (id.index(), t.to_vec_f32().unwrap()))
+        .collect();
+    grads.sort_by_key(|(i, _)| *i);
+    let mut tape = Tape::new();
+    m.forward_t(&mut tape, store, b, Some(seed)).unwrap();
+    (
+        loss,
+        grads.into_iter().map(|(_, v)| v).collect(),
+        tape.value_bytes(),
+    )
+}
+
+#[test]
+fn gradient_checkpointing_gives_identical_gradients_and_keeps_less() {
+    use peft_kernels::io::peft::AdapterConfig;
+    for (case, method) in [
+        ("llama", "LORA"),
+        ("qwen2", "LORA"),
+        ("mistral", "LORA"),
+        ("llama", "DORA"),
+    ] {
+        let b = fixture_batch(&io(case));
+        let config = AdapterConfig::from_json_str(
+            &json!({
+                "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+                "target_modules": "all-linear", "lora_dropout": 0.2, "use_dora": method == "DORA"
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let mut store = ParamStore::new();
+        let mut m = causal_lm(&fixture(case));
+        m.init_adapter(&config, &mut store, 3).unwrap();
+        // One step first so that B is not zero and every adapter parameter gets a gradient.
+        let mut opt = peft_kernels::optim::AdamW::new(peft_kernels::optim::AdamWConfig {
+            lr: 1e-2,
+            ..Default::default()
+        })
+        .unwrap();
+        m.train_step(&mut store, &mut opt, &b, None, 7).unwrap();
+        assert!(!m.model().gradient_checkpointing(), "off by default");
+        let (l0, g0, bytes0) = step_grads(&m, &store, &b, 11);
+        m.model_mut().set_gradient_checkpointing(true);
+        let (l1, g1, bytes1) = step_grads(&m, &store, &b, 11);
+        assert_eq!(g0.len(), m.param_ids().len(), "{case}: a gradient per parameter");
+        assert!(
+            g0.iter().all(|g| g.iter().any(|&x| x != 0.0)),
+            "{case}: zero gradient"
+        );
+        assert_eq!(l0.to_bits(), l1.to_bits(), "{case} {method}: loss");
+        assert_eq!(g0, g1, "{case} {method}: gradients differ with checkpointing");
+        // Another seed gives other dropout masks (the recomputation must use the step's own).
+        let (_, g2, _) = step_grads(&m, &store, &b, 12);
+        assert_ne!(g1, g2, "{case}: dropout seed has no effect");
+        assert!(
+            bytes1 < bytes0,
+            "{case}: checkpointed tape {bytes1} B, plain {bytes0} B"
+        );
+    }
+}
+
 #[test]
 fn tokenizer_and_eval_loss_match_transformers() {
     let expected: serde_json::Value =
@@ -537,6 +608,96 @@ fn causal_loss_matches_f64(dev: Device) -> Result<()> {
         &g.get(id).unwrap().to_device(Device::Cpu)?,
         &cfg,
     )?;
+    Ok(())
+}
+
+/// The fused LM-head loss (`Tape::lm_head_causal_lm_loss`) against f64 math: loss and `dh`, with
+/// padding and a loss mask, for a vocabulary that fits one chunk and one that needs several. A CPU f32
+/// fast path: bf16 is an error.
+#[test]
+fn lm_head_loss_matches_f64() -> Result<()> {
+    let dev = Device::Cpu;
+    let (batch, seq, hidden) = (2, 6, 5);
+    let mask = [1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1];
+    let loss_mask = [1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1];
+    for vocab in [11usize, 300_007] {
+        let h = Tensor::randn(&[batch * seq, hidden], 1.0, 5, DType::F32, Device::Cpu)?;
+        let w = Tensor::randn(&[vocab, hidden], 0.7, 6, DType::F32, Device::Cpu)?;
+        let ids: Vec<u32> = (0..batch * seq)
+            .map(|i| ((i * 7919 + 3) % vocab) as u32)
+            .collect();
+        let (hv, wv) = (h.to_vec_f32()?, w.to_vec_f32()?);
+        let targets = causal_lm_targets(&ids, &mask, batch, seq, Some(&loss_mask))?;
+        let counted: Vec<usize> = (0..batch * seq).filter(|&i| targets[i] != IGNORE).collect();
+        assert_eq!(counted.len(), 7, "positions 0-2 and 6, 8, 9, 10 count");
+        let nc = counted.len() as f64;
+        let (mut sum, mut dh) = (0f64, vec![0f64; batch * seq * hidden]);
+        for &r in &counted {
+            let logits: Vec<f64> = (0..vocab)
+                .map(|v| {
+                    (0..hidden)
+                        .map(|k| hv[r * hidden + k] as f64 * wv[v * hidden + k] as f64)
+                        .sum()
+                })
+                .collect();
+            let mx = logits.iter().cloned().fold(f64::MIN, f64::max);
+            let z: f64 = logits.iter().map(|x| (x - mx).exp()).sum();
+            let t = targets[r] as usize;
+            sum += mx + z.ln() - logits[t];
+            for (v, l) in logits.iter().enumerate() {
+                let p = (l - mx).exp() / z - if v == t { 1.0 } else { 0.0 };
+                for k in 0..hidden {
+                    dh[r * hidden + k] += p * wv[v * hidden + k] as f64 / nc;
+                }
+            }
+        }
+        let want = sum / nc;
+        let mut store = ParamStore::new();
+        let id = store.insert("h", h.to_device(dev)?)?;
+        let mut tape = Tape::new();
+        let hvar = tape.param(&store, id)?;
+        let wd = w.to_device(dev)?;
+        let loss = tape.lm_head_causal_lm_loss(hvar, &wd, &ids, &mask, batch, seq, Some(&loss_mask))?;
+        let got = tape.value(loss)?.to_scalar()? as f64;
+        assert!(
+            (got - want).abs() < 1e-5 * want.abs(),
+            "vocab {vocab}: loss {got} vs {want}"
+        );
+        let g = tape.backward(loss)?.get(id).unwrap().to_vec_f32()?;
+        for (i, (&a, &b)) in g.iter().zip(&dh).enumerate() {
+            assert!(
+                (a as f64 - b).abs() < 1e-5 + 1e-4 * b.abs(),
+                "vocab {vocab}: dh[{i}] {a} vs {b}"
+            );
+        }
+        let rows_without: Vec<usize> = (0..batch * seq).filter(|i| !counted.contains(i)).collect();
+        assert!(
+            rows_without
+                .iter()
+                .all(|&r| g[r * hidden..(r + 1) * hidden].iter().all(|&x| x == 0.0))
+        );
+        // Evaluation (no gradient) gives the same loss; nothing counting gives 0.
+        let mut tape = Tape::new();
+        let hl = tape.leaf(h.to_device(dev)?);
+        let l = tape.lm_head_causal_lm_loss(hl, &wd, &ids, &mask, batch, seq, Some(&loss_mask))?;
+        assert_eq!(tape.value(l)?.to_scalar()? as f64, got);
+        let l = tape.lm_head_causal_lm_loss(hl, &wd, &ids, &[0; 12], batch, seq, None)?;
+        assert_eq!(tape.value(l)?.to_scalar()?, 0.0);
+        // A target outside the vocabulary and a wrong weight width are errors.
+        let hb = tape.leaf(h.to_dtype(DType::BF16)?);
+        let wb = w.to_dtype(DType::BF16)?;
+        assert!(
+            tape.lm_head_causal_lm_loss(hb, &wb, &ids, &mask, batch, seq, None)
+                .is_err()
+        );
+        for bad in [[vocab, hidden + 1], [2, hidden]] {
+            let wb = Tensor::zeros(&bad, DType::F32, dev)?;
+            assert!(
+                tape.lm_head_causal_lm_loss(hl, &wb, &ids, &mask, batch, seq, None)
+                    .is_err()
+            );
+        }
+    }
     Ok(())
 }
 
@@ -747,4 +908,80 @@ fn cli_causal_lm_finetune_and_eval() {
     assert!(lines[3]["test_perplexity"].as_f64().unwrap().is_finite());
     let cfg = std::fs::read_to_string(out1.join("adapter/adapter_config.json")).unwrap();
     assert!(cfg.contains("CAUSAL_LM") && cfg.contains("down_proj"), "{cfg}");
+}
+
+#[test]
+fn cli_causal_lm_resume_continues_bit_for_bit() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("llama").join(f), model.join(f)).unwrap();
+    }
+    std::fs::copy(fixture("tokenizer.json"), model.join("tokenizer.json")).unwrap();
+    let texts = fixture("texts.jsonl");
+    let (m, t) = (model.to_str().unwrap(), texts.to_str().unwrap());
+    // 4 training texts, micro-batches of 1, 2 per optimizer step: 2 steps per epoch, 4 in all, with
+    // the 8-bit optimizer and a cosine schedule (the seq-cls loop's optimizer flags).
+    let run = |out: &Path, accum: &str, extra: &[&str]| {
+        let mut args = vec![
+            "finetune",
+            "--task",
+            "causal-lm",
+            "--model",
+            m,
+            "--data",
+            t,
+            "--split",
+            "0.2",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "1",
+            "--grad-accum",
+            accum,
+            "--optim",
+            "adamw8bit",
+            "--schedule",
+            "cosine",
+            "--warmup",
+            "1",
+            "--lr",
+            "0.01",
+            "--quantize",
+            "none",
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        peftk(&args)
+    };
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    run(&a, "2", &[]);
+    run(&b, "2", &["--stop-after-steps", "1"]);
+    let ck = b.join("checkpoint");
+    assert!(
+        ck.join("params.safetensors").exists(),
+        "no checkpoint after the stop"
+    );
+    let stopped = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap();
+    assert_eq!(stopped.lines().count(), 1, "one metrics line at the stop");
+    run(&b, "2", &["--resume", ck.to_str().unwrap()]);
+    let read = |p: &Path| std::fs::read(p.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(
+        read(&a) == read(&b),
+        "resumed adapter differs from the uninterrupted run"
+    );
+    let last = |p: &Path| {
+        let s = std::fs::read_to_string(p.join("metrics.jsonl")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(s.lines().last().unwrap()).unwrap();
+        (v["step"].clone(), v["loss"].clone(), v["test_loss"].clone())
+    };
+    assert_eq!(last(&a), last(&b));
+    assert_eq!(last(&a).0, 4, "2 epochs of 2 optimizer steps");
+    // Gradient accumulation changes the run: 1 micro-batch per step gives another adapter.
+    let c = d.path().join("c");
+    run(&c, "1", &[]);
+    assert!(read(&a) != read(&c), "--grad-accum has no effect");
 }

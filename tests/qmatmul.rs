@@ -115,6 +115,12 @@ fn build_q(s: QSpec, dev: Device) -> Result<QuantizedTensor> {
 fn decode_ref(w: &BaseWeight) -> Result<Vec<f64>> {
     match w {
         BaseWeight::Dense(t) => Ok(t.to_vec_f32()?.iter().map(|&v| v as f64).collect()),
+        BaseWeight::KBit(k) => Ok(k
+            .dequantize(DType::F32)?
+            .to_vec_f32()?
+            .iter()
+            .map(|&v| v as f64)
+            .collect()),
         BaseWeight::Quantized(q) => {
             let st = &q.state;
             let data = q.data.to_vec::<u8>()?;

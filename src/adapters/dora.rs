@@ -609,6 +609,17 @@ impl DoraLinear {
                 q2.state.dtype = q.state.dtype;
                 BaseWeight::Quantized(q2)
             }
+            (MergeFormat::Requantize, BaseWeight::KBit(k)) => {
+                let opts = QuantizeOptions {
+                    blocksize: k.blocksize,
+                    double_quant: matches!(k.absmax, Some(crate::quant::Absmax::Double { .. })),
+                    name: self.name().to_string(),
+                    ..Default::default()
+                };
+                let mut k2 = crate::kbit::KBitTensor::quantize(&merged, k.bits, &opts)?;
+                k2.dtype = k.dtype;
+                BaseWeight::KBit(k2)
+            }
             (MergeFormat::Requantize, BaseWeight::Dense(_)) => {
                 return Err(Error::invalid(format!(
                     "{}: cannot re-quantize the merge of a dense base weight",

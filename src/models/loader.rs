@@ -10,7 +10,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::io::SafetensorsFile;
 use crate::io::peft::TargetModules;
-use crate::kbit::Tier;
+use crate::kbit::{KBitTensor, Tier};
 use crate::models::LinearSlot;
 use crate::qmatmul::BaseWeight;
 use crate::quant::io::{QUANT_STATE_SUFFIX, load_quantized};
@@ -334,12 +334,11 @@ fn store_in_tier(
 ) -> Result<BaseWeight> {
     match tier {
         Tier::Bits4 => Ok(BaseWeight::Quantized(QuantizedTensor::quantize(w, qo)?)),
-        // Until the 16-bit storage lands: dense in the activation dtype.
-        Tier::Bits16 => w.to_dtype(opts.dtype).map(BaseWeight::Dense),
-        Tier::Bits2 | Tier::Bits3 | Tier::Bits8 => Err(Error::invalid(format!(
-            "{}: the {tier}-bit storage tier is not implemented yet",
-            qo.name
-        ))),
+        // 16-bit activations: the weight is already 2 bytes dense. f32 activations: bf16 storage.
+        Tier::Bits16 if opts.dtype != DType::F32 => w.to_dtype(opts.dtype).map(BaseWeight::Dense),
+        Tier::Bits2 | Tier::Bits3 | Tier::Bits8 | Tier::Bits16 => {
+            KBitTensor::quantize(w, tier.bits(), qo).map(BaseWeight::KBit)
+        }
     }
 }
 

@@ -22,6 +22,7 @@
 
 pub(crate) mod adapt;
 pub mod bert;
+pub(crate) mod checkpoint;
 pub mod config;
 pub mod linear;
 pub mod llama;
@@ -116,7 +117,8 @@ pub(crate) fn train_step(
 
 /// Fuzzing entry point for the model loader: `bytes` is a little-endian `u32` length `n`, `n` bytes of
 /// `config.json`, then a `model.safetensors` file. Both are written to a temporary directory and loaded
-/// as a sequence classifier. Returns whether it loaded. Never panics, whatever the bytes.
+/// as a sequence classifier (BERT) or else as a causal LM (Llama, Mistral, Qwen2). Returns whether it
+/// loaded. Never panics, whatever the bytes.
 #[doc(hidden)]
 pub fn fuzz_load(bytes: &[u8]) -> bool {
     let Some((len, rest)) = bytes.split_first_chunk::<4>() else {
@@ -133,7 +135,9 @@ pub fn fuzz_load(bytes: &[u8]) -> bool {
         return false;
     }
     let mut store = ParamStore::new();
-    from_pretrained_seq_cls(dir.path(), &ModelLoadOptions::default(), &mut store, 0).is_ok()
+    let opts = ModelLoadOptions::default();
+    from_pretrained_seq_cls(dir.path(), &opts, &mut store, 0).is_ok()
+        || from_pretrained_causal_lm(dir.path(), &opts).is_ok()
 }
 
 /// The config and checkpoint of a Llama-family directory (`what` names the model for the error).

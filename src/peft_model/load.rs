@@ -215,7 +215,7 @@ fn cast_bias(bias: Tensor, base: &BaseWeight, opts: &LoadOptions) -> Result<Tens
         (Some(d), _) => d,
         (None, _) if bias.dtype() == DType::F32 => DType::F32,
         (None, BaseWeight::Dense(w)) => w.dtype(),
-        (None, BaseWeight::Quantized(_)) => DType::F32,
+        (None, BaseWeight::Quantized(_) | BaseWeight::KBit(_)) => DType::F32,
     };
     bias.to_dtype(want)
 }

@@ -81,8 +81,14 @@ fn baseline(
 ) -> Result<()> {
     let dt = p.act.dtype();
     let scratch;
+    let kbit_scratch;
     let w_dense: &CudaStorage = match p.w {
         BaseWeight::Dense(w) => storage(w, op)?,
+        // k-bit tiers: kernels/kbit.cu dequantizes to the activation dtype, then the same GEMMs.
+        BaseWeight::KBit(k) => {
+            kbit_scratch = k.dequantize(dt)?;
+            storage(&kbit_scratch, op)?
+        }
         BaseWeight::Quantized(q) => {
             let (q4, dq) = q4_params(q)?;
             let n = p.out * p.inp;
@@ -131,7 +137,7 @@ pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
     }
     let half = dt != DType::F32;
     let path = match p.w {
-        BaseWeight::Dense(_) => Path::Baseline,
+        BaseWeight::Dense(_) | BaseWeight::KBit(_) => Path::Baseline,
         BaseWeight::Quantized(_) if p.algo == Algo::DequantGemm || inp == 0 => Path::Baseline,
         BaseWeight::Quantized(_) if t <= 16 => {
             if half && inp % 32 == 0 {

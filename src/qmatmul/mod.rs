@@ -35,7 +35,8 @@ pub(crate) mod cuda;
 
 use crate::device::{Device, on_device};
 use crate::error::{Error, Result};
-use crate::quant::{Absmax, AbsmaxRef, BLOCKSIZES, QuantizedTensor};
+use crate::kbit::{self, KBitTensor};
+use crate::quant::{AbsmaxRef, BLOCKSIZES, QuantizedTensor};
 use crate::tensor::{DType, Tensor};
 
 /// The frozen base weight of a linear layer, logical shape `[out, in]`.
@@ -46,6 +47,10 @@ pub enum BaseWeight {
     Dense(Tensor),
     /// A bitsandbytes 4-bit weight whose `state.shape` is `[out, in]`.
     Quantized(QuantizedTensor),
+    /// A 2/3/8-bit or bf16 weight of the k-bit storage tiers ([`crate::kbit`]), shape `[out, in]`. CPU:
+    /// decoded per panel into the dense gemm/GEMV paths; CUDA: dequantized by `kernels/kbit.cu` to the
+    /// activation dtype, then the dense (cuBLAS) path.
+    KBit(KBitTensor),
 }
 
 /// How to compute a 4-bit product. See the module documentation.
@@ -107,6 +112,7 @@ impl BaseWeight {
         let shape: &[usize] = match self {
             BaseWeight::Dense(t) => t.shape(),
             BaseWeight::Quantized(q) => &q.state.shape,
+            BaseWeight::KBit(k) => &k.shape,
         };
         match shape {
             [] => (0, 0),
@@ -120,6 +126,7 @@ impl BaseWeight {
         match self {
             BaseWeight::Dense(t) => t.device(),
             BaseWeight::Quantized(q) => q.data.device(),
+            BaseWeight::KBit(k) => k.device(),
         }
     }
 
@@ -128,6 +135,7 @@ impl BaseWeight {
         Ok(match self {
             BaseWeight::Dense(t) => BaseWeight::Dense(t.to_device(d)?),
             BaseWeight::Quantized(q) => BaseWeight::Quantized(q.to_device(d)?),
+            BaseWeight::KBit(k) => BaseWeight::KBit(k.to_device(d)?),
         })
     }
 
@@ -144,6 +152,7 @@ impl BaseWeight {
                 Device::Cpu => q.dequantize(dtype),
                 Device::Cuda(_) => cuda::dequantize(q, dtype),
             },
+            BaseWeight::KBit(k) => k.dequantize(dtype),
         }
     }
 
@@ -155,26 +164,18 @@ impl BaseWeight {
                 let dq = if q.state.is_double() { "-dq" } else { "" };
                 format!("{}{dq}", q.state.quant_type.as_str())
             }
+            BaseWeight::KBit(k) => k.format_name(),
         }
     }
 
     /// Bytes a forward pass must read: the elements (dense) or packed codes plus all scale data
-    /// (4-bit: first-level absmax, or codes + nested absmax + the 256-entry nested code book).
+    /// (first-level absmax, or codes + nested absmax + the 256-entry nested code book).
+    /// Equals [`crate::kbit::Tier::storage_bytes`] of the tier the loader stores a weight in.
     pub fn size_in_bytes(&self) -> usize {
         match self {
             BaseWeight::Dense(t) => t.size_in_bytes(),
-            BaseWeight::Quantized(q) => {
-                let scales = match &q.state.absmax {
-                    Absmax::F32(t) => t.size_in_bytes(),
-                    Absmax::Double {
-                        codes,
-                        nested_absmax,
-                        nested_code,
-                        ..
-                    } => codes.size_in_bytes() + nested_absmax.size_in_bytes() + 4 * nested_code.len(),
-                };
-                q.data.size_in_bytes() + scales
-            }
+            BaseWeight::Quantized(q) => q.data.size_in_bytes() + kbit::scale_bytes(&q.state.absmax),
+            BaseWeight::KBit(k) => k.size_in_bytes(),
         }
     }
 
@@ -191,6 +192,15 @@ impl BaseWeight {
                 t.dtype().expect_float(op)
             }
             BaseWeight::Quantized(q) => validate_quantized(q, op),
+            BaseWeight::KBit(k) => {
+                if k.shape.len() != 2 {
+                    return Err(Error::shape(
+                        op,
+                        format!("k-bit base weight must be 2-D [out, in], got {:?}", k.shape),
+                    ));
+                }
+                k.validate(op)
+            }
         }
     }
 }

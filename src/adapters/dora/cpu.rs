@@ -97,7 +97,8 @@ pub(super) fn fused_forward(p: &FwdParts<'_>) -> Result<Option<Fused>> {
 fn fuse_norm_rows(base: &BaseWeight, tokens: usize, r: usize) -> bool {
     use crate::qmatmul::cpu::DECODE_MAX_TOKENS;
     match base {
-        BaseWeight::Dense(_) => true,
+        // A k-bit W decodes row by row on every path, so one read for both products.
+        BaseWeight::Dense(_) | BaseWeight::KBit(_) => true,
         BaseWeight::Quantized(_) => tokens > DECODE_MAX_TOKENS || tokens + r <= DECODE_MAX_TOKENS,
     }
 }

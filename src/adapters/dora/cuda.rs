@@ -59,6 +59,7 @@ fn backend_of(t: &Tensor, op: &'static str) -> Result<Arc<CudaBackend>> {
 pub(super) fn row_sq_norms(base: &BaseWeight) -> Result<Tensor> {
     let q = match base {
         BaseWeight::Dense(w) => return w.row_sq_norms(),
+        BaseWeight::KBit(k) => return k.dequantize(DType::F32)?.row_sq_norms(),
         BaseWeight::Quantized(q) => q,
     };
     let op = "dora row_sq_norms";
@@ -100,7 +101,7 @@ pub(super) fn norm(
     let op = "dora norm";
     let dtype = match base {
         BaseWeight::Dense(w) => w.dtype(),
-        BaseWeight::Quantized(_) => dtype,
+        BaseWeight::Quantized(_) | BaseWeight::KBit(_) => dtype,
     };
     let (r, inp) = a32.dims2(op)?;
     let asr = f32_cuda(a32, op)?;
@@ -160,7 +161,7 @@ fn weight_proj(base: &BaseWeight, a: &Tensor) -> Result<Tensor> {
     let dtype = a.dtype();
     let one = |a: &Tensor| linear_forward(a, base, None, None, Algo::Fused);
     let single = match base {
-        BaseWeight::Dense(_) => true,
+        BaseWeight::Dense(_) | BaseWeight::KBit(_) => true,
         BaseWeight::Quantized(_) => r <= 16 || (dtype != DType::F32 && inp % 32 == 0),
     };
     if single {
@@ -202,6 +203,7 @@ pub(super) fn weight_tproj(base: &BaseWeight, ct: &Tensor) -> Result<Tensor> {
     let op = "dora weight_tproj";
     let q = match base {
         BaseWeight::Dense(w) => return ct.to_dtype(w.dtype())?.matmul(w)?.to_dtype(DType::F32),
+        BaseWeight::KBit(k) => return ct.matmul(&k.dequantize(DType::F32)?),
         BaseWeight::Quantized(q) => q,
     };
     let (r, out) = ct.dims2(op)?;

@@ -4,16 +4,18 @@
 //! path. The loss is the mean next-token NLL over real tokens (padding never counts); the test split
 //! reports it with its perplexity.
 
+use crate::finetune::train::{self, Accumulator, Progress};
 use crate::finetune::{self, Args, EvalArgs};
-use indicatif::{ProgressBar, ProgressStyle};
 use peft_kernels::autograd::ParamStore;
+use peft_kernels::data;
 use peft_kernels::io::peft::{AdapterConfig, TargetModules};
 use peft_kernels::models::{self, CausalLmTokenizer, LlamaForCausalLM, TokenBatch};
-use peft_kernels::optim::{AdamW, AdamWConfig};
+use peft_kernels::optim::Optimizer;
 use peft_kernels::{Error, Result};
 use serde_json::{Value, json};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// The classifier path's default `--target-modules` (BERT's names); for a decoder it means every
@@ -29,10 +31,21 @@ const DECODER_LINEARS: [&str; 7] = [
     "down_proj",
 ];
 
+fn inv(msg: impl Into<String>) -> Error {
+    Error::InvalidArgument(msg.into())
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> Error {
+    Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    }
+}
+
 /// The texts of a `.jsonl` file (one object per line with `column`, or one JSON string per line), a
 /// `.json` array of the same, or a `.txt` file (one text per non-empty line).
 pub fn read_texts(path: &Path, column: &str) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
     let ctx = |msg: String| Error::Format {
         context: path.display().to_string(),
         msg,
@@ -127,9 +140,8 @@ fn encode(tok: &CausalLmTokenizer, texts: &[String], max_len: usize) -> Result<V
 
 /// The adapter config: the classifier path's method options with PEFT's CAUSAL_LM task.
 fn adapter_config(a: &Args) -> Result<AdapterConfig> {
-    let mut c = finetune::adapter_config(a.method, &a.recipe).ok_or_else(|| {
-        Error::invalid("--method head has no meaning for --task causal-lm (the lm_head stays frozen)")
-    })?;
+    let mut c = finetune::adapter_config(a.method, &a.recipe)
+        .ok_or_else(|| inv("--method head has no meaning for --task causal-lm (the lm_head stays frozen)"))?;
     c.task_type = Some("CAUSAL_LM".into());
     c.modules_to_save = None;
     if a.recipe.target_modules == BERT_DEFAULT {
@@ -142,12 +154,17 @@ fn adapter_config(a: &Args) -> Result<AdapterConfig> {
 
 /// `peftk finetune --task causal-lm`.
 pub fn run_finetune(a: &Args) -> Result<()> {
-    finetune::check_device(&a.recipe.device)?;
-    let mdir = a.recipe.model.clone().ok_or_else(|| {
-        Error::invalid("--task causal-lm needs --model DIR (a Llama, Mistral or Qwen2 checkpoint)")
-    })?;
+    let r = &a.recipe;
+    finetune::check_device(&r.device)?;
+    if r.batch_size == 0 {
+        return Err(inv("--batch-size must be >= 1"));
+    }
+    let mdir =
+        a.recipe.model.clone().ok_or_else(|| {
+            inv("--task causal-lm needs --model DIR (a Llama, Mistral or Qwen2 checkpoint)")
+        })?;
     if a.recipe.data.is_empty() {
-        return Err(Error::invalid("--task causal-lm needs --data FILE..."));
+        return Err(inv("--task causal-lm needs --data FILE..."));
     }
     let mut train = Vec::new();
     for p in &a.recipe.data {
@@ -156,25 +173,21 @@ pub fn run_finetune(a: &Args) -> Result<()> {
     let mut rng = peft_kernels::rng::Rng::new(a.recipe.seed ^ 0x5eed);
     peft_kernels::data::shuffle(&mut train, &mut rng);
     let test = match (&a.recipe.test, a.recipe.split) {
-        (Some(_), Some(_)) => return Err(Error::invalid("give --test or --split, not both")),
+        (Some(_), Some(_)) => return Err(inv("give --test or --split, not both")),
         (Some(t), None) => read_texts(t, &a.recipe.data_args.text_column)?,
         (None, Some(f)) if f > 0.0 && f < 1.0 => {
             let n =
                 ((train.len() as f64 * f).round() as usize).clamp(1, train.len().saturating_sub(1).max(1));
             train.drain(..n).collect()
         }
-        (None, Some(f)) => return Err(Error::invalid(format!("--split {f} is not in (0, 1)"))),
-        (None, None) => {
-            return Err(Error::invalid(
-                "no test data: give --test FILE or --split FRACTION",
-            ));
-        }
+        (None, Some(f)) => return Err(inv(format!("--split {f} is not in (0, 1)"))),
+        (None, None) => return Err(inv("no test data: give --test FILE or --split FRACTION")),
     };
     if let Some(n) = a.recipe.limit {
         train.truncate(n);
     }
     if train.is_empty() {
-        return Err(Error::invalid("no training texts left after the split"));
+        return Err(inv("no training texts left after the split"));
     }
     let (mut model, tok) = load(&mdir, &finetune::load_opts(a.quantize, a.double_quant))?;
     let pad = tok.pad_id();
@@ -184,76 +197,111 @@ pub fn run_finetune(a: &Args) -> Result<()> {
     );
     let config = adapter_config(a)?;
     let mut store = ParamStore::new();
-    model.init_adapter(&config, &mut store, a.recipe.seed.wrapping_add(1))?;
-    let trainable: usize = model
-        .param_ids()
+    model.init_adapter(&config, &mut store, r.seed.wrapping_add(1))?;
+    let ids = model.param_ids();
+    let trainable: usize = ids
         .iter()
         .map(|&id| store.get(id).map(|t| t.numel()))
         .sum::<Result<usize>>()?;
-    let mut opt = AdamW::new(AdamWConfig {
-        lr: a.recipe.lr,
-        weight_decay: a.recipe.weight_decay,
-        ..Default::default()
-    })?;
-    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
-    let mpath = a.out.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&mpath).map_err(|e| Error::io(&mpath, e))?;
     let lengths: Vec<usize> = etr.iter().map(Vec::len).collect();
-    let total = (train.len().div_ceil(a.recipe.batch_size.max(1)) * a.recipe.epochs).max(1);
-    let bar = if a.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(total as u64)
+    let epoch_batches =
+        |epoch: usize| data::bucketed_batches(&lengths, r.batch_size, 50, r.seed ^ (epoch as u64) << 32);
+    let n_batches = epoch_batches(1)?.len();
+    let steps_per_epoch = n_batches.div_ceil(r.grad_accum.max(1));
+    let cfg = train::optim_config(r, (steps_per_epoch * r.epochs).max(1) as u64)?;
+    let fp = train::fingerprint(a);
+    let (mut opt, mut prog) = match &a.resume {
+        Some(dir) => train::load_checkpoint(dir, cfg, &mut store, &ids, &fp)?,
+        None => (Optimizer::new(cfg)?, Progress::start()),
     };
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let (mut step, mut train_s, mut step_ms, mut tokens) = (0usize, 0f64, Vec::new(), 0usize);
+    std::fs::create_dir_all(&a.out).map_err(|e| io_err(&a.out, e))?;
+    let mpath = a.out.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(a.resume.is_some())
+        .truncate(a.resume.is_none())
+        .open(&mpath)
+        .map_err(|e| io_err(&mpath, e))?;
+    let stop = train::stop_flag(None);
+    let done = ((prog.epoch - 1) * n_batches + prog.batch) as u64;
+    let bar = train::progress_bar(a.quiet, (n_batches * r.epochs) as u64, done);
+    let (train_s0, mut tokens) = (prog.train_s, 0usize);
+    let mut acc = Accumulator::default();
     let mut last = json!({});
-    for epoch in 1..=a.recipe.epochs {
-        let batches = peft_kernels::data::bucketed_batches(
-            &lengths,
-            a.recipe.batch_size,
-            50,
-            a.recipe.seed ^ (epoch as u64) << 32,
-        )?;
-        let (mut loss_sum, mut seen) = (0f64, 0usize);
-        for idx in batches {
-            opt.set_lr(finetune::schedule(a.recipe.lr, step, a.recipe.warmup, total));
-            let b = batch_of(&etr, &idx, pad)?;
-            let t = Instant::now();
-            let seed = a.recipe.seed.wrapping_mul(1_000_003) + step as u64;
-            let loss = model.train_step(&mut store, &mut opt, &b, None, seed)?;
-            let dt = t.elapsed().as_secs_f64();
-            train_s += dt;
-            step_ms.push(dt * 1e3);
-            step += 1;
-            let k = b.num_tokens();
-            tokens += k;
-            loss_sum += loss as f64 * idx.len() as f64;
-            seen += idx.len();
-            bar.inc(1);
-            bar.set_message(format!(
-                "epoch {epoch} loss {:.4} {:.0} tokens/s",
-                loss_sum / seen as f64,
-                k as f64 / dt
-            ));
-        }
-        let (test_loss, test_tokens) = evaluate(&model, &store, &ete, pad, a.recipe.batch_size)?;
-        last = json!({
-            "epoch": epoch, "step": step, "loss": loss_sum / seen.max(1) as f64, "test_loss": test_loss,
-            "test_perplexity": test_loss.exp(), "test_tokens": test_tokens, "train_s": train_s,
-            "step_ms_median": finetune::median(&step_ms), "tokens_per_s": tokens as f64 / train_s.max(1e-9),
+    // One metrics line (after an epoch, or when stopped early).
+    let mut report = |store: &ParamStore, prog: &Progress, opt: &Optimizer, epoch: usize, tokens: usize| {
+        let (test_loss, test_tokens) = evaluate(&model, store, &ete, pad, r.batch_size)?;
+        let line = json!({
+            "epoch": epoch, "step": opt.steps(), "micro_step": prog.micro,
+            "loss": prog.loss_sum / prog.seen.max(1) as f64, "test_loss": test_loss,
+            "test_perplexity": test_loss.exp(), "test_tokens": test_tokens, "train_s": prog.train_s,
+            "step_ms_median": finetune::median(&prog.step_ms),
+            "tokens_per_s": tokens as f64 / (prog.train_s - train_s0).max(1e-9),
             "peak_rss_mb": finetune::peak_rss_mb(), "trainable_params": trainable,
             "optimizer_state_bytes": opt.state_bytes(),
         });
+        writeln!(metrics, "{line}").map_err(|e| io_err(&mpath, e))?;
+        Result::Ok(line)
+    };
+    'epochs: while prog.epoch <= r.epochs {
+        let epoch = prog.epoch;
+        let batches = epoch_batches(epoch)?;
+        for bi in prog.batch..batches.len() {
+            let idx = &batches[bi];
+            let b = batch_of(&etr, idx, pad)?;
+            let t = Instant::now();
+            let seed = r.seed.wrapping_mul(1_000_003).wrapping_add(prog.micro);
+            let (loss, grads) = model.loss_and_grads(&store, &b, None, seed)?;
+            acc.add(grads)?;
+            let group_end = (bi + 1) % r.grad_accum == 0 || bi + 1 == batches.len();
+            if group_end && let Some(g) = acc.take_mean()? {
+                opt.step(&mut store, g)?;
+            }
+            let dt = t.elapsed().as_secs_f64();
+            prog.train_s += dt;
+            prog.step_ms.push(dt * 1e3);
+            prog.micro += 1;
+            prog.batch = bi + 1;
+            prog.loss_sum += loss as f64 * idx.len() as f64;
+            prog.seen += idx.len();
+            prog.samples += idx.len();
+            let k = b.num_tokens();
+            tokens += k;
+            bar.inc(1);
+            bar.set_message(format!(
+                "epoch {epoch} loss {:.4} {:.0} tokens/s",
+                prog.loss_sum / prog.seen as f64,
+                k as f64 / dt
+            ));
+            let limit_hit = a.stop_after_steps.is_some_and(|s| opt.steps() >= s);
+            if group_end && (stop.load(Ordering::SeqCst) || limit_hit) && bi + 1 < batches.len() {
+                bar.println(if limit_hit {
+                    "--stop-after-steps reached: saving"
+                } else {
+                    "interrupted: saving after the current step"
+                });
+                last = report(&store, &prog, &opt, epoch, tokens)?;
+                train::save_checkpoint(&a.out, &opt, &store, &ids, &prog, &fp)?;
+                break 'epochs;
+            }
+        }
+        last = report(&store, &prog, &opt, epoch, tokens)?;
         bar.println(format!(
-            "epoch {epoch}: train loss {:.4}, test loss {test_loss:.4}, perplexity {:.2}, {train_s:.1} s training",
-            loss_sum / seen.max(1) as f64,
-            test_loss.exp()
+            "epoch {epoch}: train loss {:.4}, test loss {:.4}, perplexity {:.2}, {:.1} s training",
+            last["loss"].as_f64().unwrap_or(f64::NAN),
+            last["test_loss"].as_f64().unwrap_or(f64::NAN),
+            last["test_perplexity"].as_f64().unwrap_or(f64::NAN),
+            prog.train_s
         ));
-        writeln!(metrics, "{last}").map_err(|e| Error::io(&mpath, e))?;
+        prog.epoch += 1;
+        prog.batch = 0;
+        prog.loss_sum = 0.0;
+        prog.seen = 0;
+        train::save_checkpoint(&a.out, &opt, &store, &ids, &prog, &fp)?;
+        if stop.load(Ordering::SeqCst) || a.stop_after_steps.is_some_and(|s| opt.steps() >= s) {
+            break;
+        }
     }
     bar.finish_and_clear();
     let adapter_dir = a.out.join("adapter");
@@ -267,7 +315,7 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
     let mdir: PathBuf = a
         .model
         .clone()
-        .ok_or_else(|| Error::invalid("--task causal-lm needs --model DIR"))?;
+        .ok_or_else(|| inv("--task causal-lm needs --model DIR"))?;
     let (mut m, tok) = load(&mdir, &finetune::load_opts(a.quantize, true))?;
     let mut store = ParamStore::new();
     m.load_adapter(&a.adapter, &mut store)?;

@@ -5,7 +5,8 @@
 //! directory) can add their own sections to the same report.
 
 use peft_kernels::io::SafetensorsFile;
-use peft_kernels::quant::{QuantizedTensor, io as qio};
+use peft_kernels::kbit::{self, Tier};
+use peft_kernels::quant::{QuantizeOptions, QuantizedTensor, io as qio};
 use peft_kernels::{Device, Error, Result};
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -20,6 +21,17 @@ pub struct Args {
     /// per-layer shapes and, for WaveFT, the density and the nonzeros of ΔW.
     #[arg(long)]
     pub base: Option<PathBuf>,
+    /// Storage-tier report instead: for every linear weight of PATH (a model directory with
+    /// model.safetensors, or a .safetensors file), the bytes per weight and the relative quantization
+    /// error ‖W − Q(W)‖ / ‖W‖ of each tier, e.g. `--tiers 2,3,4,8,16` (4 = NF4).
+    #[arg(long, value_delimiter = ',')]
+    pub tiers: Option<Vec<Tier>>,
+    /// With --tiers: the absmax blocksize of the quantized tiers.
+    #[arg(long, default_value_t = 64, requires = "tiers")]
+    pub blocksize: usize,
+    /// With --tiers: plain f32 absmax instead of double quantization.
+    #[arg(long, requires = "tiers")]
+    pub no_double_quant: bool,
 }
 
 /// `s` with every control character (C0, DEL, C1) and bidirectional-override character escaped, so that
@@ -78,6 +90,15 @@ pub struct Report {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if let Some(tiers) = &a.tiers {
+        let opts = QuantizeOptions {
+            blocksize: a.blocksize,
+            double_quant: !a.no_double_quant,
+            ..Default::default()
+        };
+        print!("{}", tier_report(&a.path, tiers, &opts)?);
+        return Ok(());
+    }
     if a.path.is_dir() {
         // A PEFT adapter directory: method, ranks, scalings, trainable parameters, method details.
         return crate::merge::run_inspect_adapter(&crate::merge::InspectAdapterArgs {
@@ -285,4 +306,81 @@ impl Report {
         }
         o
     }
+}
+
+/// `peftk inspect PATH --tiers ...`: per 2-D float `*.weight` of the file (a model directory's
+/// model.safetensors; embeddings and already-4-bit weights skipped), the bytes per weight and the
+/// relative error ‖W − Q(W)‖ / ‖W‖ of each tier, then the totals over all of them.
+pub fn tier_report(path: &Path, tiers: &[Tier], opts: &QuantizeOptions) -> Result<String> {
+    opts.validate()?;
+    let file_path = if path.is_dir() {
+        path.join("model.safetensors")
+    } else {
+        path.to_path_buf()
+    };
+    let file = SafetensorsFile::open(&file_path)?;
+    let quantized: HashSet<String> = qio::quantized_names(&file)
+        .iter()
+        .flat_map(|n| qio::companion_names(&file, n))
+        .collect();
+    let mut header = vec!["weight".to_string(), "shape".to_string()];
+    header.extend(tiers.iter().map(|t| format!("{t}-bit B/w  rel.err")));
+    let mut rows = vec![header];
+    let mut totals = vec![(0usize, 0f64); tiers.len()];
+    let (mut numel_all, mut sq_all) = (0usize, 0f64);
+    for name in file.names() {
+        let (dt, shape, _) = file.raw(name)?;
+        let float = matches!(format!("{dt:?}").to_lowercase().as_str(), "f32" | "f16" | "bf16");
+        if !name.ends_with(".weight")
+            || shape.len() != 2
+            || !float
+            || name.contains("embeddings")
+            || quantized.contains(name)
+        {
+            continue;
+        }
+        let w = file.load(name, Device::Cpu)?;
+        let numel = w.numel();
+        let sq: f64 = w.to_vec_f32()?.iter().map(|&v| (v as f64).powi(2)).sum();
+        let mut row = vec![escape(name, false).into_owned(), self::shape(&shape)];
+        for (i, &t) in tiers.iter().enumerate() {
+            let (err, bytes) = kbit::relative_error(&w, t, opts)?;
+            row.push(format!("{:>6.3} {:>9.3e}", bytes as f64 / numel as f64, err));
+            totals[i].0 += bytes;
+            totals[i].1 += err * err * sq;
+        }
+        numel_all += numel;
+        sq_all += sq;
+        rows.push(row);
+    }
+    if numel_all == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{}: no 2-D float linear weights to report",
+            file_path.display()
+        )));
+    }
+    let mut total = vec![
+        format!("all {} weights", rows.len() - 1),
+        format!("{numel_all} params"),
+    ];
+    for (bytes, se) in &totals {
+        total.push(format!(
+            "{:>6.3} {:>9.3e}",
+            *bytes as f64 / numel_all as f64,
+            (se / sq_all.max(f64::MIN_POSITIVE)).sqrt()
+        ));
+    }
+    rows.push(total);
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "storage tiers of {} (blocksize {}, double quant {}); B/w = bytes per weight incl. scales, rel.err = ||W - Q(W)|| / ||W||",
+        escape(&file_path.display().to_string(), false),
+        opts.blocksize,
+        if opts.double_quant { "on" } else { "off" }
+    );
+    let mut align = vec![false, false];
+    align.extend(tiers.iter().map(|_| true));
+    table(&mut o, "  ", &align, &rows);
+    Ok(o)
 }

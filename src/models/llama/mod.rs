@@ -27,7 +27,7 @@ use super::loader::{Checkpoint, ModelLoadOptions, frozen_linear};
 use super::tokenizer::BertBatch;
 use crate::adapters::vblora::VbLoraBank;
 use crate::attention::AttentionConfig;
-use crate::autograd::{ParamId, ParamStore, Tape, Var};
+use crate::autograd::{Gradients, ParamId, ParamStore, Tape, Var};
 use crate::error::{Error, Result};
 use crate::nn::RopeConfig;
 use crate::qmatmul::BaseWeight;
@@ -138,6 +138,7 @@ pub struct LlamaModel {
     norm: Tensor,
     bank: Option<VbLoraBank>,
     opts: ModelLoadOptions,
+    gradient_checkpointing: bool,
 }
 
 impl LlamaModel {
@@ -194,12 +195,25 @@ impl LlamaModel {
             norm: ckpt.backbone("norm.weight", &[h], dt, dev)?,
             bank: None,
             opts: opts.clone(),
+            gradient_checkpointing: false,
         })
     }
 
     /// The config.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
+    }
+
+    /// Gradient checkpointing (off by default): each decoder layer keeps only its input on the tape
+    /// and runs again in backward, so a training step holds one layer's activations instead of all of
+    /// them. Gradients are the same.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
+    }
+
+    /// Whether gradient checkpointing is on.
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
     }
 
     /// The module-name prefix of the linears (`"model"` inside `LlamaForCausalLM`).
@@ -269,18 +283,25 @@ impl LlamaModel {
         seed: Option<u64>,
     ) -> Result<Var> {
         self.check_batch(b)?;
-        let positions: Vec<u32> = (0..b.batch).flat_map(|_| 0..b.seq as u32).collect();
+        let positions: Arc<[u32]> = (0..b.batch).flat_map(|_| 0..b.seq as u32).collect();
+        let mask: Arc<[u8]> = b.attention_mask.as_slice().into();
+        let dims = (b.batch, b.seq);
         let mut x = tape.embedding(&self.embed, &b.input_ids)?;
         for layer in &self.layers {
-            x = layer.forward_t(
-                tape,
-                store,
-                x,
-                &b.attention_mask,
-                &positions,
-                (b.batch, b.seq),
-                seed,
-            )?;
+            x = if self.gradient_checkpointing {
+                let params = layer
+                    .slots()
+                    .iter()
+                    .flat_map(|s| s.param_ids())
+                    .chain(self.bank.map(|b| b.id()))
+                    .collect();
+                let (l, m, p) = (Arc::clone(layer), Arc::clone(&mask), Arc::clone(&positions));
+                let f: Arc<super::checkpoint::LayerFn> =
+                    Arc::new(move |t, s, x| l.forward_t(t, s, x, &m, &p, dims, seed));
+                super::checkpoint::checkpointed(tape, store, params, x, f)?
+            } else {
+                layer.forward_t(tape, store, x, &mask, &positions, dims, seed)?
+            };
         }
         tape.rms_norm(x, &self.norm, self.config.rms_norm_eps)
     }
@@ -360,8 +381,6 @@ impl LlamaForCausalLM {
     /// The mean next-token NLL of the batch (see [`crate::autograd::decoder::causal_lm_targets`]) and the
     /// number of tokens it averages, in evaluation.
     pub fn loss(&self, store: &ParamStore, b: &TokenBatch, loss_mask: Option<&[u8]>) -> Result<(f32, usize)> {
-        let mut tape = Tape::new();
-        let logits = self.forward_t(&mut tape, store, b, None)?;
         let t = crate::autograd::decoder::causal_lm_targets(
             &b.input_ids,
             &b.attention_mask,
@@ -373,7 +392,8 @@ impl LlamaForCausalLM {
             .iter()
             .filter(|&&x| x != crate::autograd::decoder::IGNORE)
             .count();
-        let loss = tape.cross_entropy_ignore(logits, &t, crate::autograd::decoder::IGNORE)?;
+        let mut tape = Tape::new();
+        let loss = self.loss_t(&mut tape, store, b, loss_mask, None)?;
         Ok((tape.value(loss)?.to_scalar()?, n))
     }
 
@@ -387,10 +407,44 @@ impl LlamaForCausalLM {
         loss_mask: Option<&[u8]>,
         seed: u64,
     ) -> Result<f32> {
-        super::train_step(store, opt, |tape, store| {
-            let logits = self.forward_t(tape, store, b, Some(seed))?;
-            tape.causal_lm_loss(logits, &b.input_ids, &b.attention_mask, b.batch, b.seq, loss_mask)
-        })
+        let (loss, grads) = self.loss_and_grads(store, b, loss_mask, seed)?;
+        opt.step(store, &grads)?;
+        Ok(loss)
+    }
+
+    /// Forward (adapter and attention dropout from `seed`), the shifted causal-LM loss and backward:
+    /// the loss and the gradient of every trainable parameter (for an optimizer step or gradient
+    /// accumulation). The tape is dropped before it returns.
+    pub fn loss_and_grads(
+        &self,
+        store: &ParamStore,
+        b: &TokenBatch,
+        loss_mask: Option<&[u8]>,
+        seed: u64,
+    ) -> Result<(f32, Gradients)> {
+        let mut tape = Tape::new();
+        let loss = self.loss_t(&mut tape, store, b, loss_mask, Some(seed))?;
+        Ok((tape.value(loss)?.to_scalar()?, tape.backward(loss)?))
+    }
+
+    /// The shifted causal-LM loss (see [`crate::autograd::decoder::causal_lm_targets`]) on `tape`,
+    /// what a training step backpropagates. `seed`: `Some(step seed)` for training dropout.
+    ///
+    /// The logits are materialized: the fused, chunked [`Tape::lm_head_causal_lm_loss`] keeps them
+    /// out of memory but measured slower at issue 16's shape (its 32-row chunks of the 32000-wide
+    /// product run the GEMM far below its large-M rate), so it is not the default.
+    pub fn loss_t(
+        &self,
+        tape: &mut Tape,
+        store: &ParamStore,
+        b: &TokenBatch,
+        loss_mask: Option<&[u8]>,
+        seed: Option<u64>,
+    ) -> Result<Var> {
+        let h = self.model.forward_t(tape, store, b, seed)?;
+        let (ids, mask) = (&b.input_ids, &b.attention_mask);
+        let logits = self.lm_head.forward_t(tape, store, h, None)?;
+        tape.causal_lm_loss(logits, ids, mask, b.batch, b.seq, loss_mask)
     }
 
     /// No module is trained fully.

@@ -164,6 +164,7 @@ pub(crate) enum WeightRef<'a> {
     F16(&'a [f16]),
     BF16(&'a [bf16]),
     Q4(Q4<'a>),
+    KBit(crate::kbit::cpu::KView<'a>),
 }
 
 impl<'a> WeightRef<'a> {
@@ -177,6 +178,7 @@ impl<'a> WeightRef<'a> {
                 d => return Err(Error::dtype(op, "a float dense weight", d)),
             },
             BaseWeight::Quantized(q) => WeightRef::Q4(Q4::new(q)?),
+            BaseWeight::KBit(k) => WeightRef::KBit(crate::kbit::cpu::KView::new(k)?),
         })
     }
 
@@ -194,6 +196,7 @@ impl<'a> WeightRef<'a> {
                 w[f0..f0 + out.len()].convert_to_f32_slice(out)
             }
             WeightRef::Q4(q) => decode_flat(q, f0, out),
+            WeightRef::KBit(k) => k.decode_flat(f0, out),
         }
     }
 }

@@ -113,6 +113,7 @@ fn decode_rows(w: &WeightRef<'_>, o0: usize, inp: usize, buf: &mut [f32]) {
     match w {
         // Contiguous flat range: one call decodes the whole panel.
         WeightRef::Q4(q) => decode_flat(q, o0 * inp, buf),
+        WeightRef::KBit(k) => k.decode_flat(o0 * inp, buf),
         _ => {
             for (i, r) in buf.chunks_mut(inp).enumerate() {
                 w.decode_row_seg(o0 + i, inp, 0, r);

@@ -160,6 +160,7 @@ fn deep_copy(w: &BaseWeight) -> Result<BaseWeight> {
     Ok(match w {
         BaseWeight::Dense(t) => BaseWeight::Dense(copy_tensor(t)?),
         BaseWeight::Quantized(q) => BaseWeight::Quantized(q.try_map_tensors(copy_tensor)?),
+        BaseWeight::KBit(k) => BaseWeight::KBit(k.try_map_tensors(copy_tensor)?),
     })
 }
 
@@ -392,7 +393,7 @@ impl Runner {
                 BaseWeight::Dense(x) => {
                     QuantizedTensor::quantize(x, &quantize_options(c.format)?).map(|q| Some(q.data))
                 }
-                BaseWeight::Quantized(_) => Err(wrong()),
+                BaseWeight::Quantized(_) | BaseWeight::KBit(_) => Err(wrong()),
             },
             Op::Forward => {
                 if c.rank == 0 {

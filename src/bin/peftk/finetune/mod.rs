@@ -17,18 +17,8 @@ use peft_kernels::{Error, Result};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
-mod train;
+pub(crate) mod train;
 pub use train::{RunSummary, SUMMARY_FILE, median, run};
-
-/// Linear warmup over `warmup` steps, then linear decay to 0 at `total` (transformers' "linear"; the
-/// causal-LM loop's schedule).
-pub fn schedule(lr: f32, step: usize, warmup: usize, total: usize) -> f32 {
-    if step < warmup {
-        lr * (step + 1) as f32 / warmup as f32
-    } else {
-        lr * (total.saturating_sub(step)) as f32 / (total - warmup).max(1) as f32
-    }
-}
 
 /// Adapter method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -80,23 +80,23 @@ const PARAMS_FILE: &str = "params.safetensors";
 
 /// Where the run stands: the next micro-batch to train and the running totals of the metrics.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-struct Progress {
+pub(crate) struct Progress {
     /// The epoch in progress (1-based).
-    epoch: usize,
+    pub(crate) epoch: usize,
     /// Micro-batches of that epoch already trained.
-    batch: usize,
+    pub(crate) batch: usize,
     /// Micro-batches trained in all (the dropout seed of the next one).
-    micro: u64,
-    loss_sum: f64,
-    seen: usize,
+    pub(crate) micro: u64,
+    pub(crate) loss_sum: f64,
+    pub(crate) seen: usize,
     /// Examples trained in all.
-    samples: usize,
-    train_s: f64,
-    step_ms: Vec<f64>,
+    pub(crate) samples: usize,
+    pub(crate) train_s: f64,
+    pub(crate) step_ms: Vec<f64>,
 }
 
 impl Progress {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         Progress {
             epoch: 1,
             batch: 0,
@@ -188,7 +188,7 @@ impl Accumulator {
 
 /// What a checkpoint must match to be resumed: everything that shapes the run except `--epochs`
 /// (a decaying schedule's length is checked with the optimizer's configuration).
-fn fingerprint(a: &Args) -> serde_json::Value {
+pub(crate) fn fingerprint(a: &Args) -> serde_json::Value {
     let r = &a.recipe;
     json!({
         "method": value_name(a.method), "quantize": value_name(a.quantize), "double_quant": a.double_quant,
@@ -207,7 +207,7 @@ fn io_err(path: &Path, e: std::io::Error) -> Error {
 }
 
 /// Writes `out/checkpoint` whole: into `checkpoint.tmp`, then renamed into place.
-fn save_checkpoint(
+pub(crate) fn save_checkpoint(
     out: &Path,
     opt: &Optimizer,
     store: &ParamStore,
@@ -245,7 +245,7 @@ fn save_checkpoint(
 
 /// Restores a checkpoint written by [`save_checkpoint`]: parameters into `store`, the optimizer, and
 /// the progress. Errors name what differs when the checkpoint belongs to another recipe.
-fn load_checkpoint(
+pub(crate) fn load_checkpoint(
     dir: &Path,
     cfg: OptimConfig,
     store: &mut ParamStore,
@@ -349,7 +349,7 @@ fn micro_step(
 
 /// The stop flag: the caller's, or one that SIGINT / SIGTERM set (the loop then stops after the current
 /// optimizer step and saves).
-fn stop_flag(stop: Option<Arc<AtomicBool>>) -> Arc<AtomicBool> {
+pub(crate) fn stop_flag(stop: Option<Arc<AtomicBool>>) -> Arc<AtomicBool> {
     stop.unwrap_or_else(|| {
         let s = Arc::new(AtomicBool::new(false));
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -361,7 +361,7 @@ fn stop_flag(stop: Option<Arc<AtomicBool>>) -> Arc<AtomicBool> {
     })
 }
 
-fn progress_bar(quiet: bool, len: u64, pos: u64) -> ProgressBar {
+pub(crate) fn progress_bar(quiet: bool, len: u64, pos: u64) -> ProgressBar {
     let bar = if quiet {
         ProgressBar::hidden()
     } else {
