@@ -4,11 +4,8 @@
 
 mod common;
 
-use common::{Base, assert_close, f64s, make_base, mm, to32, tr};
-use peft_kernels::adapters::dora::{DoraLinear, DoraOptions};
-use peft_kernels::adapters::lora::{LoraConfig, LoraInit, LoraLinear};
-use peft_kernels::adapters::vblora::{VbLoraBank, VbLoraConfig, VbLoraLinear, VbLoraOptions};
-use peft_kernels::adapters::waveft::{WaveFtConfig, WaveFtLinear};
+use common::{Base, LayerSet, assert_close, f64s, make_base, mm, one_layer_each, to32, tr};
+use peft_kernels::adapters::dora::DoraLinear;
 use peft_kernels::adapters::{AdapterLinear, FrozenLinear};
 use peft_kernels::autograd::{ParamStore, Tape};
 use peft_kernels::io::peft::AdapterMethod;
@@ -23,77 +20,26 @@ fn bias(seed: u64, dev: Device) -> Result<Option<Tensor>> {
 }
 
 /// One layer of every kind on `[OUT, IN]` bases (dense and NF4), random adapter weights, dropout where
-/// the method has it.
+/// the method has it, and a frozen layer.
 fn every_layer(dev: Device, store: &mut ParamStore) -> Result<Vec<Box<dyn AdapterLinear>>> {
     let nf4 = Base::Nf4 {
         double: true,
         blocksize: 64,
     };
-    let lc = LoraConfig {
-        r: 3,
-        alpha: 5.0,
-        dropout: 0.25,
-        init: LoraInit::Random,
-        ..LoraConfig::default()
-    };
-    let wc = WaveFtConfig {
+    let dense = Base::Dense(DType::F32);
+    let set = LayerSet {
+        prefix: "l",
+        bases: [nf4, dense, nf4, dense],
+        biased: [true, true, false, true],
         n_frequency: 10,
-        scaling: 3.0,
-        ..WaveFtConfig::default()
     };
-    let vc = VbLoraConfig {
-        r: 2,
-        num_vectors: 6,
-        vector_length: 4,
-        topk: 2,
-    };
-    let bank = VbLoraBank::new(&vc, 0.5, store, 1, dev)?;
-    let vo = VbLoraOptions {
-        dropout: 0.25,
-        init_logits_std: 0.5,
-    };
-    Ok(vec![
-        Box::new(LoraLinear::new(
-            "l.lora",
-            make_base(nf4, OUT, IN, 2, dev)?,
-            bias(3, dev)?,
-            &lc,
-            store,
-            4,
-        )?),
-        Box::new(DoraLinear::new(
-            "l.dora",
-            make_base(Base::Dense(DType::F32), OUT, IN, 5, dev)?,
-            bias(6, dev)?,
-            &lc,
-            store,
-            7,
-            DoraOptions::default(),
-        )?),
-        Box::new(WaveFtLinear::new(
-            "l.waveft",
-            make_base(nf4, OUT, IN, 8, dev)?,
-            None,
-            &wc,
-            false,
-            store,
-            9,
-        )?),
-        Box::new(VbLoraLinear::new(
-            "l.vblora",
-            make_base(Base::Dense(DType::F32), OUT, IN, 10, dev)?,
-            bias(11, dev)?,
-            &bank,
-            &vo,
-            store,
-            12,
-        )?),
-        Box::new(FrozenLinear::new(
-            "l.frozen",
-            make_base(nf4, OUT, IN, 13, dev)?,
-            bias(14, dev)?,
-        )?),
-    ])
+    let mut layers = one_layer_each(&set, OUT, IN, store, dev)?;
+    layers.push(Box::new(FrozenLinear::new(
+        "l.frozen",
+        make_base(nf4, OUT, IN, 14, dev)?,
+        bias(15, dev)?,
+    )?));
+    Ok(layers)
 }
 
 /// The trait's tape-free forward and backward give exactly the values and gradients the tape records,

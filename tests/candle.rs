@@ -7,12 +7,10 @@ mod common;
 
 use candle_core::{Module, Tensor as CTensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
-use common::{Base, make_base};
+use common::{Base, LayerSet, make_base, one_layer_each};
 use peft_kernels::adapters::AdapterLinear;
-use peft_kernels::adapters::dora::{DoraLinear, DoraOptions};
-use peft_kernels::adapters::lora::{LoraConfig, LoraInit, LoraLinear};
+use peft_kernels::adapters::lora::{LoraConfig, LoraLinear};
 use peft_kernels::adapters::vblora::{VbLoraBank, VbLoraConfig, VbLoraLinear, VbLoraOptions};
-use peft_kernels::adapters::waveft::{WaveFtConfig, WaveFtLinear};
 use peft_kernels::autograd::{ParamStore, Tape};
 use peft_kernels::candle::{CandleAdapter, CandleLinear};
 use peft_kernels::{DType, Device, Tensor};
@@ -35,71 +33,16 @@ const BASES: [Base; 4] = [
     Base::Fp4,
 ];
 
-/// One layer of each adapter type on `base`, random (non-zero) adapter weights, a bias, dropout where
-/// the method has it.
+/// One layer of each adapter type on `base`, random (non-zero) adapter weights, a bias (VB-LoRA: none),
+/// dropout where the method has it.
 fn layers(base: Base, store: &mut ParamStore) -> R<Vec<Box<dyn AdapterLinear>>> {
-    let dev = Device::Cpu;
-    let bias = |seed| Tensor::randn(&[OUT], 0.3, seed, DType::F32, dev).map(Some);
-    let lc = LoraConfig {
-        r: 3,
-        alpha: 5.0,
-        dropout: 0.25,
-        init: LoraInit::Random,
-        ..LoraConfig::default()
-    };
-    let wc = WaveFtConfig {
+    let set = LayerSet {
+        prefix: "m",
+        bases: [base; 4],
+        biased: [true, true, true, false],
         n_frequency: 30,
-        scaling: 3.0,
-        ..WaveFtConfig::default()
     };
-    let vc = VbLoraConfig {
-        r: 2,
-        num_vectors: 6,
-        vector_length: 4,
-        topk: 2,
-    };
-    let bank = VbLoraBank::new(&vc, 0.5, store, 1, dev)?;
-    let vo = VbLoraOptions {
-        dropout: 0.25,
-        init_logits_std: 0.5,
-    };
-    Ok(vec![
-        Box::new(LoraLinear::new(
-            "m.lora",
-            make_base(base, OUT, IN, 2, dev)?,
-            bias(3)?,
-            &lc,
-            store,
-            4,
-        )?),
-        Box::new(DoraLinear::new(
-            "m.dora",
-            make_base(base, OUT, IN, 5, dev)?,
-            bias(6)?,
-            &lc,
-            store,
-            7,
-            DoraOptions::default(),
-        )?),
-        Box::new(WaveFtLinear::new(
-            "m.waveft",
-            make_base(base, OUT, IN, 8, dev)?,
-            bias(9)?,
-            &wc,
-            false,
-            store,
-            10,
-        )?),
-        Box::new(VbLoraLinear::new(
-            "m.vblora",
-            make_base(base, OUT, IN, 11, dev)?,
-            None,
-            &bank,
-            &vo,
-            store,
-            12,
-        )?),
-    ])
+    Ok(one_layer_each(&set, OUT, IN, store, Device::Cpu)?)
 }
 
 fn candle_of(t: &Tensor) -> R<CTensor> {

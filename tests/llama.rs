@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::{check_fixture_grads, floats, ints};
+
 use peft_kernels::autograd::decoder::{IGNORE, causal_lm_targets};
 use peft_kernels::autograd::gradcheck::{GradCheckConfig, check_gradient};
 use peft_kernels::autograd::{ParamStore, Tape};
@@ -23,19 +25,6 @@ fn fixture(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/llama")
         .join(case)
-}
-
-/// An integer tensor of a fixture file (i64 as stored by torch) as u32s.
-fn ints(f: &SafetensorsFile, name: &str) -> Vec<u32> {
-    let (_, _, bytes) = f.raw(name).unwrap();
-    bytes
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect()
-}
-
-fn floats(f: &SafetensorsFile, name: &str) -> Vec<f32> {
-    f.load(name, Device::Cpu).unwrap().to_vec_f32().unwrap()
 }
 
 fn io(case: &str) -> SafetensorsFile {
@@ -302,14 +291,6 @@ fn quantize_on_load_selects_projections() {
     common::assert_close(&got, &want, 1e-5, 1e-5, "nf4 on load");
 }
 
-/// Our store key for a PEFT parameter name (`...lora_A.default.weight`).
-fn our_key(peft_name: &str) -> String {
-    peft_name
-        .replace(".modules_to_save.default.", ".")
-        .replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
-        .replace(".default.weight", ".weight")
-}
-
 #[test]
 fn peft_adapters_give_peft_logits_and_gradients() {
     for case in ["llama", "qwen2"] {
@@ -343,21 +324,7 @@ fn peft_adapters_give_peft_logits_and_gradients() {
                 "{what}: {l} vs {want_loss}"
             );
             let grads = tape.backward(loss).unwrap();
-            let prefix = format!("{kind}.grad.");
-            let mut n = 0;
-            for name in io.names().iter().filter(|n| n.starts_with(&prefix)) {
-                let key = our_key(&name[prefix.len()..]);
-                let id = store
-                    .find(&key)
-                    .unwrap_or_else(|| panic!("{what}: no parameter {key:?}"));
-                let g = grads
-                    .get(id)
-                    .unwrap_or_else(|| panic!("{what}: no gradient for {key:?}"));
-                let want = floats(&io, name);
-                let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
-                common::assert_close(&g.to_vec_f32().unwrap(), &want, 1e-4, 1e-4 * scale, &key);
-                n += 1;
-            }
+            let n = check_fixture_grads(&io, &format!("{kind}.grad."), &store, &grads, &what);
             assert_eq!(n, grads.len(), "{what}: every trainable parameter checked");
             assert!(n >= 2 * 7 * 2, "{what}");
         }
@@ -800,20 +767,7 @@ fn sequence_classification_matches_transformers_and_peft() {
         let want = floats(&io, "cls_lora.loss")[0];
         assert!((tape.value(loss).unwrap().to_scalar().unwrap() - want).abs() < 1e-5 * want.max(1.0));
         let grads = tape.backward(loss).unwrap();
-        let mut n = 0;
-        for name in io.names().iter().filter(|n| n.starts_with("cls_lora.grad.")) {
-            let key = our_key(&name["cls_lora.grad.".len()..]);
-            let id = store
-                .find(&key)
-                .unwrap_or_else(|| panic!("{case}: no parameter {key:?}"));
-            let want = floats(&io, name);
-            let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
-            let g = grads
-                .get(id)
-                .unwrap_or_else(|| panic!("{case}: no gradient for {key:?}"));
-            common::assert_close(&g.to_vec_f32().unwrap(), &want, 1e-4, 1e-4 * scale, &key);
-            n += 1;
-        }
+        let n = check_fixture_grads(&io, "cls_lora.grad.", &store, &grads, case);
         assert_eq!((n, grads.len()), (2 * 7 * 2 + 1, n), "{case}");
         // Saved by us, loaded by us: the same logits (score head included).
         let d = tempfile::tempdir().unwrap();

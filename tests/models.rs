@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::{check_fixture_grads, floats, ints};
+
 use peft_kernels::autograd::ParamStore;
 use peft_kernels::io::peft::{ModuleRegex, TargetModules};
 use peft_kernels::io::{SafetensorsFile, TensorBytes, write_safetensors};
@@ -37,19 +39,6 @@ fn demo_minilm() -> Option<PathBuf> {
     }
     println!("SKIPPED (demo model missing: run scripts/fetch-demo.sh)");
     None
-}
-
-/// An integer tensor of a fixture file (i64 as stored by torch) as u32s.
-fn ints(f: &SafetensorsFile, name: &str) -> Vec<u32> {
-    let (_, _, bytes) = f.raw(name).unwrap();
-    bytes
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect()
-}
-
-fn floats(f: &SafetensorsFile, name: &str) -> Vec<f32> {
-    f.load(name, Device::Cpu).unwrap().to_vec_f32().unwrap()
 }
 
 /// The fixture's padded batch.
@@ -428,14 +417,6 @@ fn transformers_4bit_checkpoint_logits_match() {
     common::assert_close(&logits, &floats(&io, "nf4.logits"), 1e-4, 1e-5, "nf4 logits");
 }
 
-/// Our store key for a PEFT parameter name (`...lora_A.default.weight`, `classifier.modules_to_save.default.weight`).
-fn our_key(peft_name: &str) -> String {
-    peft_name
-        .replace(".modules_to_save.default.", ".")
-        .replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
-        .replace(".default.weight", ".weight")
-}
-
 #[test]
 fn peft_adapters_give_peft_logits_and_gradients() {
     let io = SafetensorsFile::open(fixture("tiny").join("io.safetensors")).unwrap();
@@ -460,21 +441,7 @@ fn peft_adapters_give_peft_logits_and_gradients() {
             let want_loss = floats(&io, &format!("{kind}.loss"))[0];
             assert!((tape.value(loss).unwrap().to_scalar().unwrap() - want_loss).abs() < 1e-5);
             let grads = tape.backward(loss).unwrap();
-            let prefix = format!("{kind}.grad.");
-            let mut n = 0;
-            for name in io.names().iter().filter(|n| n.starts_with(&prefix)) {
-                let key = our_key(&name[prefix.len()..]);
-                let id = store
-                    .find(&key)
-                    .unwrap_or_else(|| panic!("{kind}: no parameter {key:?}"));
-                let g = grads
-                    .get(id)
-                    .unwrap_or_else(|| panic!("{kind}: no gradient for {key:?}"));
-                let want = floats(&io, name);
-                let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
-                common::assert_close(&g.to_vec_f32().unwrap(), &want, 1e-4, 1e-4 * scale, &key);
-                n += 1;
-            }
+            let n = check_fixture_grads(&io, &format!("{kind}.grad."), &store, &grads, kind);
             assert_eq!(n, grads.len(), "{kind}: every trainable parameter checked");
             assert!(n >= 13 * 2 + 2);
         }

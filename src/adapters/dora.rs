@@ -60,9 +60,9 @@ mod cuda;
 mod cuda;
 
 use super::AdapterLinear;
-use super::linear::{LinearBase, Shapes, TapeLinear, adapter_linear_common, check_merged};
+use super::linear::{Fwd, LinearBase, Shapes, TapeLinear, adapter_linear_common, check_merged};
 use crate::adapters::lora::{LoraConfig, LoraLinear, lora_key};
-use crate::autograd::{ParamId, ParamStore};
+use crate::autograd::{Grads, ParamId, ParamStore};
 use crate::device::on_device;
 use crate::error::{Error, Result};
 use crate::io::peft::AdapterMethod;
@@ -695,24 +695,13 @@ impl TapeLinear for DoraLinear {
     fn tape_params(&self) -> Vec<ParamId> {
         vec![self.a_id(), self.b_id(), self.m]
     }
-    fn forward_values(
-        &self,
-        params: &[&Tensor],
-        x: &Tensor,
-        dropout_seed: Option<u64>,
-    ) -> Result<(Tensor, DoraContext)> {
+    fn forward_values(&self, params: &[&Tensor], x: &Tensor, seed: Option<u64>) -> Fwd<DoraContext> {
         let [a, b, m] = params else {
             return Err(Error::invalid("DoraLinear: expected parameters [A, B, m]"));
         };
-        self.forward_with(a, b, m, x, dropout_seed)
+        self.forward_with(a, b, m, x, seed)
     }
-    fn backward_values(
-        &self,
-        params: &[&Tensor],
-        ctx: &DoraContext,
-        dy: &Tensor,
-        needs: &[bool],
-    ) -> Result<Vec<Option<Tensor>>> {
+    fn backward_values(&self, params: &[&Tensor], ctx: &DoraContext, dy: &Tensor, needs: &[bool]) -> Grads {
         let [a, b, _] = params else {
             return Err(Error::invalid("DoraLinear: expected parameters [A, B, m]"));
         };

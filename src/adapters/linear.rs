@@ -33,7 +33,7 @@
 //! the trait's tape-free [`AdapterLinear::forward`] / [`AdapterLinear::backward`] carry them in a boxed
 //! [`LinearContext`] and return the parameter gradients by [`ParamId`] ([`LinearGrads`]).
 
-use crate::autograd::{Backward, ParamId, ParamStore, Tape, Var};
+use crate::autograd::{Backward, Grads, ParamId, ParamStore, Tape, Var};
 use crate::error::{Error, Result};
 use crate::io::peft::AdapterMethod;
 use crate::qmatmul::{Algo, BaseWeight, linear_backward_input, linear_forward};
@@ -412,6 +412,9 @@ pub(crate) struct Shapes {
     pub output: Vec<usize>,
 }
 
+/// What [`TapeLinear::forward_values`] returns: the output and the context its backward pass reads.
+pub(crate) type Fwd<C> = Result<(Tensor, C)>;
+
 /// The typed core of an adapted layer, from which [`adapter_linear_common!`] derives the tape-free
 /// [`AdapterLinear::forward`] / [`AdapterLinear::backward`] and [`AdapterLinear::forward_t`] (one
 /// [`LinearOp`] record): a forward and a backward pass on given parameter values.
@@ -422,21 +425,10 @@ pub(crate) trait TapeLinear: Clone + Send + Sync + 'static {
     /// The parameters the forward pass reads, in tape-input order (after x).
     fn tape_params(&self) -> Vec<ParamId>;
     /// The forward pass on the values of [`TapeLinear::tape_params`].
-    fn forward_values(
-        &self,
-        params: &[&Tensor],
-        x: &Tensor,
-        dropout_seed: Option<u64>,
-    ) -> Result<(Tensor, Self::Ctx)>;
+    fn forward_values(&self, params: &[&Tensor], x: &Tensor, dropout_seed: Option<u64>) -> Fwd<Self::Ctx>;
     /// Gradients of `[x, params..]`; entries whose `needs` is false may be `None` or anything (they are
     /// dropped).
-    fn backward_values(
-        &self,
-        params: &[&Tensor],
-        ctx: &Self::Ctx,
-        dy: &Tensor,
-        needs: &[bool],
-    ) -> Result<Vec<Option<Tensor>>>;
+    fn backward_values(&self, params: &[&Tensor], ctx: &Self::Ctx, dy: &Tensor, needs: &[bool]) -> Grads;
 }
 
 /// The values of `ids` in `store`.
@@ -518,13 +510,7 @@ struct LinearOp<L: TapeLinear> {
 }
 
 impl<L: TapeLinear> Backward for LinearOp<L> {
-    fn backward(
-        &self,
-        grad_output: &Tensor,
-        inputs: &[&Tensor],
-        _output: &Tensor,
-        needs: &[bool],
-    ) -> Result<Vec<Option<Tensor>>> {
+    fn backward(&self, grad_output: &Tensor, inputs: &[&Tensor], _output: &Tensor, needs: &[bool]) -> Grads {
         let want = self.layer.tape_params().len() + 1;
         if inputs.len() != want {
             return Err(Error::invalid(format!(
@@ -626,12 +612,7 @@ impl TapeLinear for FrozenLinear {
         Vec::new()
     }
 
-    fn forward_values(
-        &self,
-        _params: &[&Tensor],
-        x: &Tensor,
-        _dropout_seed: Option<u64>,
-    ) -> Result<(Tensor, FrozenContext)> {
+    fn forward_values(&self, _params: &[&Tensor], x: &Tensor, _seed: Option<u64>) -> Fwd<FrozenContext> {
         let (x2, shapes) = self.lb.flatten_input(x, "FrozenLinear::forward")?;
         let y = self.lb.base_forward(&x2)?.reshape(&shapes.output)?;
         Ok((y, FrozenContext { shapes }))
@@ -643,7 +624,7 @@ impl TapeLinear for FrozenLinear {
         ctx: &FrozenContext,
         dy: &Tensor,
         needs: &[bool],
-    ) -> Result<Vec<Option<Tensor>>> {
+    ) -> Grads {
         let dy2 = self.lb.flatten_dy(dy, &ctx.shapes, "FrozenLinear::backward")?;
         let dx = if needs.first().copied().unwrap_or(false) {
             Some(self.lb.base_backward_input(&dy2)?.reshape(&ctx.shapes.input)?)

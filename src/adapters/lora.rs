@@ -21,8 +21,8 @@
 //! which records the op on a [`crate::autograd::Tape`].
 
 use super::AdapterLinear;
-use super::linear::{LinearBase, Shapes, TapeLinear, adapter_linear_common, check_devices};
-use crate::autograd::{ParamId, ParamStore};
+use super::linear::{Fwd, LinearBase, Shapes, TapeLinear, adapter_linear_common, check_devices};
+use crate::autograd::{Grads, ParamId, ParamStore};
 use crate::error::{Error, Result};
 use crate::io::peft::AdapterMethod;
 use crate::qmatmul::{BaseWeight, LowRankBwd, LowRankFwd, linear_backward_input, linear_forward};
@@ -371,24 +371,13 @@ impl TapeLinear for LoraLinear {
     fn tape_params(&self) -> Vec<ParamId> {
         vec![self.a, self.b]
     }
-    fn forward_values(
-        &self,
-        params: &[&Tensor],
-        x: &Tensor,
-        dropout_seed: Option<u64>,
-    ) -> Result<(Tensor, LoraContext)> {
+    fn forward_values(&self, params: &[&Tensor], x: &Tensor, seed: Option<u64>) -> Fwd<LoraContext> {
         let [a, b] = params else {
             return Err(Error::invalid("LoraLinear: expected parameters [A, B]"));
         };
-        self.forward_with(a, b, x, dropout_seed)
+        self.forward_with(a, b, x, seed)
     }
-    fn backward_values(
-        &self,
-        params: &[&Tensor],
-        ctx: &LoraContext,
-        dy: &Tensor,
-        needs: &[bool],
-    ) -> Result<Vec<Option<Tensor>>> {
+    fn backward_values(&self, params: &[&Tensor], ctx: &LoraContext, dy: &Tensor, needs: &[bool]) -> Grads {
         let [a, b] = params else {
             return Err(Error::invalid("LoraLinear: expected parameters [A, B]"));
         };

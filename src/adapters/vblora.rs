@@ -638,16 +638,7 @@ impl VbLoraLayer {
         let t = self.check_x(x, self.inp, "x", op)?;
         let td = self.check_x(dy, self.out, "dy", op)?;
         if td != t || dy.dtype() != x.dtype() {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "dy {:?} {} does not match x {:?} {}",
-                    dy.shape(),
-                    dy.dtype(),
-                    x.shape(),
-                    x.dtype()
-                ),
-            ));
+            return Err(super::mismatch_with_x(op, "dy", dy, x));
         }
         let xf = x.to_dtype(DType::F32)?.reshape(&[t, self.inp])?;
         let dyf = dy.to_dtype(DType::F32)?.reshape(&[t, self.out])?;

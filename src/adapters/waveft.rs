@@ -447,16 +447,7 @@ pub fn waveft_forward_add(
     let tokens = pos.check_act(x, pos.inp, "x", op)?;
     let ty = pos.check_act(y, pos.out, "y", op)?;
     if ty != tokens || y.dtype() != x.dtype() {
-        return Err(Error::shape(
-            op,
-            format!(
-                "y {:?} {} does not match x {:?} {}",
-                y.shape(),
-                y.dtype(),
-                x.shape(),
-                x.dtype()
-            ),
-        ));
+        return Err(super::mismatch_with_x(op, "y", y, x));
     }
     match x.storage() {
         Storage::Cpu(_) => cpu_forward(pos, x, spectrum, scaling, y, true),
@@ -553,16 +544,7 @@ fn backward_impl(
     let tokens = pos.check_act(x, pos.inp, "x", op)?;
     let td = pos.check_act(dy, pos.out, "dy", op)?;
     if td != tokens || dy.dtype() != x.dtype() || dy.shape()[..dy.rank() - 1] != x.shape()[..x.rank() - 1] {
-        return Err(Error::shape(
-            op,
-            format!(
-                "dy {:?} {} does not match x {:?} {}",
-                dy.shape(),
-                dy.dtype(),
-                x.shape(),
-                x.dtype()
-            ),
-        ));
+        return Err(super::mismatch_with_x(op, "dy", dy, x));
     }
     match x.storage() {
         Storage::Cpu(_) => {

@@ -6,8 +6,8 @@
 
 use super::ops::{self, Activation};
 use super::{Backward, Tape, Var};
-use crate::error::{Error, Result};
 use crate::tensor::Tensor;
+use crate::error::{Error, Result};
 
 /// The target id that [`causal_lm_targets`] gives a position that does not count.
 pub const IGNORE: u32 = u32::MAX;
@@ -54,42 +54,19 @@ pub fn causal_lm_targets(
     Ok(t)
 }
 
-/// Backward of `silu(g)·u`: `du = dy·silu(g)`, `dg = silu'(g)·(dy·u)`.
-struct SiluMulBackward;
-
-impl Backward for SiluMulBackward {
-    fn backward(
-        &self,
-        dy: &Tensor,
-        inputs: &[&Tensor],
-        _out: &Tensor,
-        needs: &[bool],
-    ) -> Result<Vec<Option<Tensor>>> {
-        let [g, u] = inputs else {
-            return Err(Error::invalid("silu_mul: expected inputs [gate, up]"));
-        };
-        let need = |i: usize| needs.get(i).copied().unwrap_or(false);
-        let dg = need(0)
-            .then(|| ops::activation_backward(g, &dy.mul(u)?, Activation::Silu))
-            .transpose()?;
-        let du = need(1)
-            .then(|| dy.mul(&ops::activation(g, Activation::Silu)?))
-            .transpose()?;
-        Ok(vec![dg, du])
-    }
-
-    fn name(&self) -> &'static str {
-        "silu_mul"
-    }
-}
-
 impl Tape {
     /// `silu(gate) · up` elementwise (the SiLU-gated MLP of Llama: `down_proj(act(gate_proj(x)) *
     /// up_proj(x))`), same shape, dtype and device; gradients to both inputs. In f16/bf16 the SiLU is
     /// rounded to the dtype before the product, as torch does.
     pub fn silu_mul(&mut self, gate: Var, up: Var) -> Result<Var> {
         let y = ops::activation(self.value(gate)?, Activation::Silu)?.mul(self.value(up)?)?;
-        self.record(&[gate, up], y, Box::new(SiluMulBackward))
+        // dgate = silu'(gate)·(dy·up), dup = dy·silu(gate).
+        let back = ops::binary(
+            "silu_mul",
+            |dy, g, u| ops::activation_backward(g, &dy.mul(u)?, Activation::Silu),
+            |dy, g, _| dy.mul(&ops::activation(g, Activation::Silu)?),
+        );
+        self.record(&[gate, up], y, back)
     }
 
     /// The shifted causal-LM loss: mean next-token cross-entropy of `logits [batch·seq, vocab]` over

@@ -63,15 +63,13 @@ impl Var {
 /// Backward of one recorded op. `inputs` are the values of the op's input Vars (same order), `output`
 /// its value, `needs` says which inputs need a gradient. Return one entry per input (None where not
 /// needed). See the module docs for the full contract.
+/// Input gradients as a [`Backward`] op returns them: one entry per input, `None` where the input
+/// needs no gradient.
+pub type Grads = Result<Vec<Option<Tensor>>>;
+
 pub trait Backward: Send + Sync {
     /// Input gradients from the output gradient.
-    fn backward(
-        &self,
-        grad_output: &Tensor,
-        inputs: &[&Tensor],
-        output: &Tensor,
-        needs: &[bool],
-    ) -> Result<Vec<Option<Tensor>>>;
+    fn backward(&self, grad_output: &Tensor, inputs: &[&Tensor], output: &Tensor, needs: &[bool]) -> Grads;
 
     /// A short op name for error messages.
     fn name(&self) -> &'static str;

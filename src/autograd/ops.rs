@@ -5,9 +5,9 @@
 //! Layers that fuse an activation into their own kernel can call [`activation`] and
 //! [`activation_backward`] directly.
 
-use super::Backward;
 use super::cpu;
 use super::cuda;
+use super::{Backward, Grads};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Element, Tensor};
@@ -330,15 +330,9 @@ struct FnRecord<F>(&'static str, F);
 
 impl<F> Backward for FnRecord<F>
 where
-    F: Fn(&Tensor, &[&Tensor], &Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync,
+    F: Fn(&Tensor, &[&Tensor], &Tensor, &[bool]) -> Grads + Send + Sync,
 {
-    fn backward(
-        &self,
-        grad_output: &Tensor,
-        inputs: &[&Tensor],
-        output: &Tensor,
-        needs: &[bool],
-    ) -> Result<Vec<Option<Tensor>>> {
+    fn backward(&self, grad_output: &Tensor, inputs: &[&Tensor], output: &Tensor, needs: &[bool]) -> Grads {
         (self.1)(grad_output, inputs, output, needs)
     }
 
@@ -350,7 +344,7 @@ where
 /// A tape record named `name` whose backward is `f(grad_output, inputs, output, needs)`.
 pub(crate) fn record_fn(
     name: &'static str,
-    f: impl Fn(&Tensor, &[&Tensor], &Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+    f: impl Fn(&Tensor, &[&Tensor], &Tensor, &[bool]) -> Grads + Send + Sync + 'static,
 ) -> Box<dyn Backward> {
     Box::new(FnRecord(name, f))
 }
@@ -366,6 +360,28 @@ pub(crate) fn unary(
             return Ok(vec![None]);
         }
         Ok(vec![Some(f(g, inputs[0])?)])
+    })
+}
+
+/// The tape record of a two-input op whose input gradients are `da(dy, a, b)` and `db(dy, a, b)`, each
+/// computed only when needed.
+pub(crate) fn binary(
+    name: &'static str,
+    da: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+    db: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Box<dyn Backward> {
+    record_fn(name, move |g, inputs, _, needs| {
+        let [a, b] = inputs else {
+            return Err(Error::invalid(format!(
+                "{name}: expected 2 inputs, got {}",
+                inputs.len()
+            )));
+        };
+        let need = |i: usize| needs.get(i).copied().unwrap_or(false);
+        Ok(vec![
+            need(0).then(|| da(g, a, b)).transpose()?,
+            need(1).then(|| db(g, a, b)).transpose()?,
+        ])
     })
 }
 

@@ -186,9 +186,9 @@ impl<L: TapeLinear + AdapterLinear> Core<L> {
     }
 }
 
-/// Declares one public candle layer type over our layer `$inner`.
+/// Declares public candle layer types, each `$name` over our layer `$inner`.
 macro_rules! candle_layer {
-    ($(#[$doc:meta])* $name:ident, $inner:ty) => {
+    ($($(#[$doc:meta])* $name:ident => $inner:ty;)*) => {$(
         $(#[$doc])*
         #[derive(Clone, Debug)]
         pub struct $name {
@@ -247,31 +247,21 @@ macro_rules! candle_layer {
                 self.core.forward_t(x, None)
             }
         }
-    };
+    )*};
 }
 
-candle_layer!(
+candle_layer! {
     /// LoRA over a dense or bitsandbytes 4-bit (NF4/FP4, double-quantized or not) base: QLoRA when the
     /// base is 4-bit. `y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ` in our fused kernels.
-    QLoraLinear,
-    crate::adapters::lora::LoraLinear
-);
-candle_layer!(
+    QLoraLinear => crate::adapters::lora::LoraLinear;
     /// DoRA (QDoRA over a 4-bit base): magnitude times the direction of `W + s·B·A`.
-    DoraLinear,
-    crate::adapters::dora::DoraLinear
-);
-candle_layer!(
+    DoraLinear => crate::adapters::dora::DoraLinear;
     /// WaveFT: trainable wavelet coefficients at fixed positions, inverse-transformed into `ΔW`.
-    WaveFtLinear,
-    crate::adapters::waveft::WaveFtLinear
-);
-candle_layer!(
+    WaveFtLinear => crate::adapters::waveft::WaveFtLinear;
     /// VB-LoRA: A and B composed from a shared vector bank by top-k logits. The bank is one `Var` shared
     /// by every layer built with the same `VarMap`.
-    VbLoraLinear,
-    crate::adapters::vblora::VbLoraLinear
-);
+    VbLoraLinear => crate::adapters::vblora::VbLoraLinear;
+}
 
 impl QLoraLinear {
     /// A fresh LoRA layer on the base of `module` in a checkpoint (dense, or bitsandbytes 4-bit as

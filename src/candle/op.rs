@@ -44,6 +44,28 @@ impl<L: TapeLinear> AdapterOp<L> {
         Ok(y)
     }
 
+    /// `cpu_fwd` / `cuda_fwd`: the input and the packed parameters as our tensors over candle's storage
+    /// (`region`), our forward pass, the output as candle storage (`out`).
+    fn fwd_on<S, O>(
+        &self,
+        (s1, l1): (&S, &cc::Layout),
+        (s2, l2): (&S, &cc::Layout),
+        region: impl Fn(&S, std::ops::Range<usize>, &[usize]) -> Result<Tensor>,
+        out: impl FnOnce(&Tensor) -> Result<O>,
+    ) -> cc::Result<(O, cc::Shape)> {
+        let run = || -> Result<_> {
+            let x = region(s1, contiguous_range(l1)?, l1.dims())?;
+            let params = packed_ranges(l2, &self.shapes)?
+                .into_iter()
+                .zip(self.shapes.iter())
+                .map(|(r, s)| region(s2, r, s))
+                .collect::<Result<Vec<_>>>()?;
+            let y = self.forward(&x, &params)?;
+            Ok((out(&y)?, cc::Shape::from_dims(y.shape())))
+        };
+        run().map_err(to_candle_err)
+    }
+
     /// Our backward pass: the input gradient (when the input is tracked) and the packed parameter
     /// gradient in the pack's dtype and shape.
     fn backward(
@@ -103,17 +125,7 @@ impl<L: TapeLinear> cc::CustomOp2 for AdapterOp<L> {
         s2: &cc::CpuStorage,
         l2: &cc::Layout,
     ) -> cc::Result<(cc::CpuStorage, cc::Shape)> {
-        let run = || -> Result<_> {
-            let x = cpu_region(s1, contiguous_range(l1)?, l1.dims())?;
-            let params = packed_ranges(l2, &self.shapes)?
-                .into_iter()
-                .zip(self.shapes.iter())
-                .map(|(r, s)| cpu_region(s2, r, s))
-                .collect::<Result<Vec<_>>>()?;
-            let y = self.forward(&x, &params)?;
-            Ok((cpu_out(&y)?, cc::Shape::from_dims(y.shape())))
-        };
-        run().map_err(to_candle_err)
+        self.fwd_on((s1, l1), (s2, l2), cpu_region, cpu_out)
     }
 
     #[cfg(feature = "candle-cuda")]
@@ -125,17 +137,7 @@ impl<L: TapeLinear> cc::CustomOp2 for AdapterOp<L> {
         l2: &cc::Layout,
     ) -> cc::Result<(cc::CudaStorage, cc::Shape)> {
         use super::cuda::{cuda_out, cuda_region};
-        let run = || -> Result<_> {
-            let x = cuda_region(s1, contiguous_range(l1)?, l1.dims())?;
-            let params = packed_ranges(l2, &self.shapes)?
-                .into_iter()
-                .zip(self.shapes.iter())
-                .map(|(r, s)| cuda_region(s2, r, s))
-                .collect::<Result<Vec<_>>>()?;
-            let y = self.forward(&x, &params)?;
-            Ok((cuda_out(&y, &s1.device)?, cc::Shape::from_dims(y.shape())))
-        };
-        run().map_err(to_candle_err)
+        self.fwd_on((s1, l1), (s2, l2), cuda_region, |y| cuda_out(y, &s1.device))
     }
 
     fn bwd(

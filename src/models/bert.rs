@@ -13,17 +13,15 @@
 //! evaluation. [`BertModel::set_gradient_checkpointing`] keeps only each layer's input on the tape and
 //! recomputes the layer in backward.
 
+use super::adapt::{SavedModules, backbone_adapter_methods, task_adapter_methods};
 use super::config::BertConfig;
 use super::linear::{LinearSlot, TrainedLinear};
-use super::loader::{Checkpoint, ModelLoadOptions, stored_module};
+use super::loader::{Checkpoint, ModelLoadOptions, frozen_linear};
 use super::tokenizer::BertBatch;
-use crate::adapters::AdapterLinear;
 use crate::adapters::vblora::VbLoraBank;
 use crate::attention::AttentionConfig;
-use crate::autograd::{Activation, Backward, ParamId, ParamStore, Tape, Var};
-use crate::device::Device;
+use crate::autograd::{Activation, Backward, Grads, ParamId, ParamStore, Tape, Var};
 use crate::error::{Error, Result};
-use crate::io::peft::{AdapterConfig, ExtraKind, PeftAdapter};
 use crate::tensor::{DType, Tensor};
 use std::sync::Arc;
 
@@ -268,15 +266,6 @@ pub struct BertModel {
     opts: ModelLoadOptions,
 }
 
-/// A module name under `prefix`.
-fn under(prefix: &str, name: &str) -> String {
-    if prefix.is_empty() {
-        name.to_string()
-    } else {
-        format!("{prefix}.{name}")
-    }
-}
-
 impl BertModel {
     /// Loads the backbone from `ckpt` (names with or without `bert.`), validating every shape against
     /// `config`. `prefix` is the module-name prefix the model's linears get (`"bert"` as in
@@ -296,15 +285,7 @@ impl BertModel {
                 "BERT activations must be a float dtype, got {dt}"
             )));
         }
-        let linear = |module: &str, out: usize, inp: usize| -> Result<LinearSlot> {
-            let name = under(prefix, module);
-            let q = opts
-                .quantize
-                .as_ref()
-                .and_then(|q| q.tier_for(&name).map(|t| (t, &q.options)));
-            let (w, b) = ckpt.linear(&stored_module(ckpt, &name, prefix), out, inp, q, opts)?;
-            Ok(LinearSlot::frozen(name, w, Some(b), opts.algo))
-        };
+        let linear = |module: &str, out, inp| frozen_linear(ckpt, prefix, module, out, inp, true, opts);
         let s = LayerSettings {
             heads: c.num_attention_heads,
             head_dim: c.head_dim(),
@@ -416,47 +397,6 @@ impl BertModel {
             Some(id) if !store.is_trainable(id) => Ok(store.get(id)?.size_in_bytes()),
             _ => Ok(0),
         }
-    }
-
-    /// Every trainable parameter the linears use (adapter parameters and the VB-LoRA bank).
-    pub fn param_ids(&self) -> Vec<ParamId> {
-        let mut v: Vec<ParamId> = self.linears().iter().flat_map(|s| s.param_ids()).collect();
-        v.extend(self.bank.map(|b| b.id()));
-        v
-    }
-
-    /// Attaches fresh adapters from a PEFT config to every linear it targets (`target_modules`,
-    /// `exclude_modules`, `layers_to_transform`, `rank_pattern`, `alpha_pattern` as PEFT resolves them
-    /// over transformers' module names), initialized as `get_peft_model` does from `seed`. Returns the
-    /// adapted module names.
-    pub fn init_adapter(
-        &mut self,
-        config: &AdapterConfig,
-        store: &mut ParamStore,
-        seed: u64,
-    ) -> Result<Vec<String>> {
-        let lo = self.opts.adapter_options();
-        let (names, bank) = super::adapt::init_into(self.linears_mut(), config, store, seed, &lo)?;
-        self.bank = bank;
-        Ok(names)
-    }
-
-    /// Attaches the layers of a loaded PEFT adapter (every adapted module must be one of the model's
-    /// linears with the adapter's shapes). The adapter's extra tensors are not handled here (see
-    /// [`BertForSequenceClassification::load_adapter`]).
-    pub fn attach_adapter(&mut self, adapter: &PeftAdapter, store: &mut ParamStore) -> Result<Vec<String>> {
-        let lo = self.opts.adapter_options();
-        let (names, bank) = super::adapt::attach_into(self.linears_mut(), adapter, store, &lo)?;
-        self.bank = bank;
-        Ok(names)
-    }
-
-    /// The adapter layers, by module name.
-    pub fn adapter_layers(&self) -> Vec<&dyn AdapterLinear> {
-        self.linears()
-            .into_iter()
-            .filter_map(LinearSlot::adapter)
-            .collect()
     }
 
     fn check_batch(&self, b: &BertBatch) -> Result<()> {
@@ -692,13 +632,7 @@ struct CheckpointOp {
 const CHECKPOINT_INPUT: &str = "\u{0}checkpoint.input";
 
 impl Backward for CheckpointOp {
-    fn backward(
-        &self,
-        g: &Tensor,
-        inputs: &[&Tensor],
-        _out: &Tensor,
-        needs: &[bool],
-    ) -> Result<Vec<Option<Tensor>>> {
+    fn backward(&self, g: &Tensor, inputs: &[&Tensor], _out: &Tensor, needs: &[bool]) -> Grads {
         let x = inputs
             .first()
             .ok_or_else(|| Error::invalid("checkpoint: no input"))?;
@@ -859,15 +793,10 @@ impl BertForSequenceClassification {
         labels: &[u32],
         seed: u64,
     ) -> Result<f32> {
-        let (loss, grads) = {
-            let mut tape = Tape::new();
-            let logits = self.forward_t(&mut tape, store, b, Some(seed))?;
-            let loss = tape.cross_entropy(logits, labels)?;
-            (tape.value(loss)?.to_scalar()?, tape.backward(loss)?)
-            // The tape is dropped here, before the update (no shared parameter tensors).
-        };
-        opt.step(store, &grads)?;
-        Ok(loss)
+        super::train_step(store, opt, |tape, store| {
+            let logits = self.forward_t(tape, store, b, Some(seed))?;
+            tape.cross_entropy(logits, labels)
+        })
     }
 
     /// Where the memory of a training step goes, in bytes (see [`MemoryReport`]): frozen weights as
@@ -907,108 +836,16 @@ impl BertForSequenceClassification {
         tape.value(y)?.to_dtype(DType::F32)
     }
 
-    /// Attaches fresh adapters (see [`BertModel::init_adapter`]); the config's `modules_to_save` must
-    /// name the classifier (PEFT's SEQ_CLS default `["classifier", "score"]`), which is always trained.
-    pub fn init_adapter(
-        &mut self,
-        config: &AdapterConfig,
-        store: &mut ParamStore,
-        seed: u64,
-    ) -> Result<Vec<String>> {
-        check_modules_to_save(config)?;
-        self.bert.init_adapter(config, store, seed)
-    }
-
-    /// Loads a PEFT adapter directory saved for `BertForSequenceClassification` (by PEFT or by
-    /// [`BertForSequenceClassification::save_adapter`]): its layers, and the trained classifier copy
-    /// (`base_model.model.classifier.weight` / `.bias`), which replaces the current classifier values.
-    pub fn load_adapter(
-        &mut self,
-        dir: impl AsRef<std::path::Path>,
-        store: &mut ParamStore,
-    ) -> Result<PeftAdapter> {
-        let adapter = PeftAdapter::load(dir, self.bert.opts.device)?;
-        check_modules_to_save(&adapter.config)?;
-        let layout = adapter.layout()?;
-        let mut found = 0;
-        for e in &layout.extras {
-            if e.kind != ExtraKind::ModulesToSave {
-                continue;
-            }
-            let [wid, bid] = self.classifier.param_ids();
-            let id = match e.base_name.as_str() {
-                "classifier.weight" => wid,
-                "classifier.bias" => bid,
-                other => {
-                    return Err(Error::invalid(format!(
-                        "modules_to_save tensor {other:?} is not part of BertForSequenceClassification"
-                    )));
-                }
-            };
-            let t = adapter.tensors[&e.key]
-                .to_device(self.bert.opts.device)?
-                .to_dtype(DType::F32)?;
-            if t.shape() != store.get(id)?.shape() {
-                return Err(Error::shape(
-                    "load_adapter",
-                    format!(
-                        "{:?} is {:?}, the classifier has {:?}",
-                        e.key,
-                        t.shape(),
-                        store.get(id)?.shape()
-                    ),
-                ));
-            }
-            store.set(id, t)?;
-            found += 1;
+    /// The classifier, trained fully (PEFT's `modules_to_save`).
+    fn saved_modules(&self) -> SavedModules {
+        let [w, b] = self.classifier.param_ids();
+        SavedModules {
+            model: "BertForSequenceClassification",
+            module: Some("classifier"),
+            params: vec![("classifier.weight", w), ("classifier.bias", b)],
         }
-        if found != 2 {
-            return Err(Error::invalid(
-                "the adapter lists the classifier in modules_to_save but does not store its weight and bias",
-            ));
-        }
-        self.bert.attach_adapter(&adapter, store)?;
-        Ok(adapter)
-    }
-
-    /// The adapter in PEFT's file form: every adapter parameter under its key plus the classifier as
-    /// `base_model.model.classifier.weight` / `.bias` (how PEFT saves `modules_to_save`).
-    pub fn to_peft(&self, config: &AdapterConfig, store: &ParamStore) -> Result<PeftAdapter> {
-        check_modules_to_save(config)?;
-        let mut a = crate::peft_model::load::adapter_from_store(config, store)?;
-        for id in self.classifier.param_ids() {
-            a.tensors.insert(
-                store.name(id)?.to_string(),
-                store.get(id)?.to_device(Device::Cpu)?,
-            );
-        }
-        a.layout()?;
-        Ok(a)
-    }
-
-    /// Writes the adapter directory (`adapter_config.json` + `adapter_model.safetensors`) that
-    /// `PeftModel.from_pretrained(BertForSequenceClassification, dir)` loads.
-    pub fn save_adapter(
-        &self,
-        config: &AdapterConfig,
-        store: &ParamStore,
-        dir: impl AsRef<std::path::Path>,
-    ) -> Result<()> {
-        self.to_peft(config, store)?.save(dir)
     }
 }
 
-fn check_modules_to_save(config: &AdapterConfig) -> Result<()> {
-    if config
-        .modules_to_save
-        .as_ref()
-        .is_some_and(|m| m.iter().any(|n| n == "classifier"))
-    {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            "a BertForSequenceClassification adapter must list \"classifier\" in modules_to_save (PEFT's SEQ_CLS \
-             task_type adds it)",
-        ))
-    }
-}
+backbone_adapter_methods!(BertModel);
+task_adapter_methods!(BertForSequenceClassification, bert);

@@ -3,7 +3,7 @@
 //! classification head).
 
 use crate::adapters::AdapterLinear;
-use crate::autograd::{Backward, ParamId, ParamStore, Tape, Var};
+use crate::autograd::{Backward, Grads, ParamId, ParamStore, Tape, Var};
 use crate::error::{Error, Result};
 use crate::qmatmul::{Algo, BaseWeight, linear_backward_input, linear_forward};
 use crate::tensor::{DType, Tensor};
@@ -112,13 +112,7 @@ struct FrozenLinearOp {
 }
 
 impl Backward for FrozenLinearOp {
-    fn backward(
-        &self,
-        g: &Tensor,
-        _inputs: &[&Tensor],
-        _out: &Tensor,
-        needs: &[bool],
-    ) -> Result<Vec<Option<Tensor>>> {
+    fn backward(&self, g: &Tensor, _inputs: &[&Tensor], _out: &Tensor, needs: &[bool]) -> Grads {
         Ok(vec![if needs.first().copied().unwrap_or(false) {
             Some(linear_backward_input(g, &self.base, None, self.algo)?)
         } else {
@@ -202,13 +196,7 @@ impl TrainedLinear {
 struct TrainedLinearOp;
 
 impl Backward for TrainedLinearOp {
-    fn backward(
-        &self,
-        g: &Tensor,
-        inputs: &[&Tensor],
-        _out: &Tensor,
-        needs: &[bool],
-    ) -> Result<Vec<Option<Tensor>>> {
+    fn backward(&self, g: &Tensor, inputs: &[&Tensor], _out: &Tensor, needs: &[bool]) -> Grads {
         let [x, w, _] = inputs else {
             return Err(Error::invalid("trained_linear: expected inputs [x, W, b]"));
         };

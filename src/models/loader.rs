@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::io::SafetensorsFile;
 use crate::io::peft::TargetModules;
 use crate::kbit::{KBitTensor, Tier};
+use crate::models::LinearSlot;
 use crate::qmatmul::BaseWeight;
 use crate::quant::io::{QUANT_STATE_SUFFIX, load_quantized};
 use crate::quant::{QuantizeOptions, QuantizedTensor};
@@ -351,4 +352,35 @@ pub fn stored_module(ckpt: &Checkpoint, module: &str, model_prefix: &str) -> Str
     ckpt.backbone_name(&format!("{bare}.weight"))
         .and_then(|w| w.strip_suffix(".weight").map(str::to_string))
         .unwrap_or_else(|| format!("{}{bare}", ckpt.prefix()))
+}
+
+/// The frozen linear slot of `module` from `ckpt`, named `module` under `prefix` (stored with or without
+/// it): the weight `[out, in]`, quantized when `opts.quantize` selects the slot, and the bias `[out]`
+/// when `bias`.
+pub(crate) fn frozen_linear(
+    ckpt: &Checkpoint,
+    prefix: &str,
+    module: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+    opts: &ModelLoadOptions,
+) -> Result<LinearSlot> {
+    let name = if prefix.is_empty() {
+        module.to_string()
+    } else {
+        format!("{prefix}.{module}")
+    };
+    let q = opts
+        .quantize
+        .as_ref()
+        .and_then(|q| q.tier_for(&name).map(|t| (t, &q.options)));
+    let stored = stored_module(ckpt, &name, prefix);
+    let (w, b) = if bias {
+        let (w, b) = ckpt.linear(&stored, out, inp, q, opts)?;
+        (w, Some(b))
+    } else {
+        (ckpt.linear_weight(&stored, out, inp, q, opts)?, None)
+    };
+    Ok(LinearSlot::frozen(name, w, b, opts.algo))
 }

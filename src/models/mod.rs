@@ -38,7 +38,7 @@ pub use llama::{
 pub use loader::{Checkpoint, ModelLoadOptions, QuantizeOnLoad};
 pub use tokenizer::{BertBatch, BertTokenizer};
 
-use crate::autograd::ParamStore;
+use crate::autograd::{ParamStore, Tape, Var};
 use crate::error::{Error, Result};
 use std::path::Path;
 
@@ -65,18 +65,24 @@ fn unknown(ty: &str) -> Error {
 /// module names without prefix, as transformers names a bare `BertModel`'s modules).
 pub fn from_pretrained(dir: impl AsRef<Path>, opts: &ModelLoadOptions) -> Result<Model> {
     let dir = dir.as_ref();
-    let (ty, json) = config::read_config(dir)?;
-    match ty.as_str() {
+    match config::read_config(dir)?.0.as_str() {
         "bert" => {
-            let c = BertConfig::from_json(&json)?;
-            let ckpt = Checkpoint::open(dir, "bert")?;
+            let (c, ckpt) = bert_checkpoint(dir)?;
             Ok(Model::Bert(BertModel::load(&ckpt, &c, "", true, opts)?))
         }
         "llama" | "mistral" | "qwen2" => {
-            let c = LlamaConfig::from_json(&json)?;
-            let ckpt = Checkpoint::open(dir, "model")?;
+            let (c, ckpt) = llama_checkpoint(dir, "a decoder")?;
             Ok(Model::Llama(LlamaModel::load(&ckpt, &c, "", opts)?))
         }
+        other => Err(unknown(other)),
+    }
+}
+
+/// The config and checkpoint of a BERT directory.
+fn bert_checkpoint(dir: &Path) -> Result<(BertConfig, Checkpoint)> {
+    let (ty, json) = config::read_config(dir)?;
+    match ty.as_str() {
+        "bert" => Ok((BertConfig::from_json(&json)?, Checkpoint::open(dir, "bert")?)),
         other => Err(unknown(other)),
     }
 }
@@ -89,16 +95,24 @@ pub fn from_pretrained_seq_cls(
     store: &mut ParamStore,
     seed: u64,
 ) -> Result<BertForSequenceClassification> {
-    let dir = dir.as_ref();
-    let (ty, json) = config::read_config(dir)?;
-    match ty.as_str() {
-        "bert" => {
-            let c = BertConfig::from_json(&json)?;
-            let ckpt = Checkpoint::open(dir, "bert")?;
-            BertForSequenceClassification::load(&ckpt, &c, opts, store, seed)
-        }
-        other => Err(unknown(other)),
-    }
+    let (c, ckpt) = bert_checkpoint(dir.as_ref())?;
+    BertForSequenceClassification::load(&ckpt, &c, opts, store, seed)
+}
+
+/// One optimizer step on the loss that `loss` records on a fresh tape (dropped before the update, so no
+/// parameter tensor is shared). Returns the loss before the update.
+pub(crate) fn train_step(
+    store: &mut ParamStore,
+    opt: &mut crate::optim::AdamW,
+    loss: impl FnOnce(&mut Tape, &ParamStore) -> Result<Var>,
+) -> Result<f32> {
+    let (value, grads) = {
+        let mut tape = Tape::new();
+        let l = loss(&mut tape, store)?;
+        (tape.value(l)?.to_scalar()?, tape.backward(l)?)
+    };
+    opt.step(store, &grads)?;
+    Ok(value)
 }
 
 /// Fuzzing entry point for the model loader: `bytes` is a little-endian `u32` length `n`, `n` bytes of

@@ -26,6 +26,9 @@
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub.rs"]
+pub(crate) mod cuda;
 
 use crate::autograd::ops::{cpu_float, unary};
 use crate::autograd::{Activation, Tape, Var};
@@ -33,11 +36,6 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 use half::{bf16, f16};
-
-#[cfg(not(feature = "cuda"))]
-fn no_cuda<T>() -> Result<T> {
-    Err(Error::CudaUnavailable("built without the `cuda` feature".into()))
-}
 
 /// `(rows, cols)` of a 2-D float tensor.
 fn rows_cols(x: &Tensor, op: &'static str) -> Result<(usize, usize)> {
@@ -133,10 +131,7 @@ fn gather_impl(x: &Tensor, idx: &[u32], op: &'static str, what: &str) -> Result<
             &shape,
             Device::Cpu
         )),
-        #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::gather_rows(x, idx, h),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => no_cuda(),
     }
 }
 
@@ -159,10 +154,7 @@ pub fn gather_rows_backward(dy: &Tensor, idx: &[u32], n: usize) -> Result<Tensor
             &[n, h],
             Device::Cpu
         )),
-        #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::scatter_add_rows(dy, &inv, n, h),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => no_cuda(),
     }
 }
 
@@ -232,10 +224,7 @@ pub fn mean_pool(x: &Tensor, mask: &[u8], batch: usize, seq: usize) -> Result<Te
             &[batch, h],
             Device::Cpu
         )),
-        #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::mean_pool(x, mask, &counts, seq, h, false),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => no_cuda(),
     }
 }
 
@@ -256,10 +245,7 @@ pub fn mean_pool_backward(dy: &Tensor, mask: &[u8], batch: usize, seq: usize) ->
             &[batch * seq, h],
             Device::Cpu
         )),
-        #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::mean_pool(dy, mask, &counts, seq, h, true),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => no_cuda(),
     }
 }
 
@@ -280,10 +266,7 @@ pub fn add_row(x: &Tensor, row: &Tensor) -> Result<Tensor> {
                 Device::Cpu
             ))
         }
-        #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::add_row(x, &row),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => no_cuda(),
     }
 }
 
@@ -381,10 +364,7 @@ fn norm_forward(
             });
             (y, Tensor::from_vec(stats, &norm.stats_shape(rows), Device::Cpu)?)
         }
-        #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::norm_forward(x, &w, b.as_ref(), eps, norm)?,
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => return no_cuda(),
     };
     Ok((y, NormSaved { weight: w, stats }))
 }
@@ -419,10 +399,7 @@ fn norm_backward(x: &Tensor, dy: &Tensor, saved: &NormSaved, norm: Norm) -> Resu
                 Tensor::from_vec(dx, x.shape(), Device::Cpu)
             })
         }
-        #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::norm_backward(x, dy, &saved.weight, &saved.stats, norm),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => no_cuda(),
     }
 }
 
@@ -609,10 +586,7 @@ fn rope_impl(x: &Tensor, positions: &[u32], cfg: &RopeConfig, backward: bool) ->
             x.shape(),
             Device::Cpu
         )),
-        #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::rope(x, positions, &inv_freq, backward),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => no_cuda(),
     }
 }
 

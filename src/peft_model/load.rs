@@ -220,6 +220,30 @@ fn cast_bias(bias: Tensor, base: &BaseWeight, opts: &LoadOptions) -> Result<Tens
     bias.to_dtype(want)
 }
 
+/// Checks that the base weight `w` (`[out, in]`) has the shape the adapter's module `m` was trained on
+/// (its file stores `[in, out]` with `fan_in_fan_out`).
+pub(crate) fn check_base_shape(m: &AdapterModule, w: &BaseWeight, op: &'static str) -> Result<()> {
+    let Some(want) = m.base_weight_shape() else {
+        return Ok(());
+    };
+    let got = [w.out_features(), w.in_features()];
+    let want = if m.fan_in_fan_out {
+        [want[1], want[0]]
+    } else {
+        want
+    };
+    if got != want {
+        return Err(Error::shape(
+            op,
+            format!(
+                "module {:?}: base weight is [out, in] = {got:?}, the adapter needs {want:?}",
+                m.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Builds every adapted layer of `adapter` on the base checkpoint `base`, inserting the adapter's
 /// parameters into `store` under their file keys (on `opts.device`). Fails before touching `store`'s
 /// contents only for config-level problems; a failure mid-way may leave some parameters inserted (use a
@@ -237,23 +261,7 @@ pub fn load_adapter(
     for m in &layout.modules {
         check_supported(m)?;
         let (w, mut bias) = load_base_layer(base, &m.name, m.fan_in_fan_out, opts)?;
-        if let Some(want) = m.base_weight_shape() {
-            let got = [w.out_features(), w.in_features()];
-            let want = if m.fan_in_fan_out {
-                [want[1], want[0]]
-            } else {
-                want
-            };
-            if got != want {
-                return Err(Error::shape(
-                    "load_adapter",
-                    format!(
-                        "module {:?}: base weight is [out, in] = {got:?}, the adapter needs {want:?}",
-                        m.name
-                    ),
-                ));
-            }
-        }
+        check_base_shape(m, &w, "load_adapter")?;
         // A trained bias (bias="all" / "<method>_only") replaces the checkpoint's.
         if let Some(e) = layout
             .extras

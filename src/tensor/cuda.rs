@@ -138,14 +138,23 @@ macro_rules! typed {
 }
 pub(crate) use typed;
 
-pub(crate) fn cast(c: &CudaStorage, from: DType, to: DType, shape: &[usize]) -> Result<Tensor> {
+/// What an elementwise kernel over `shape` needs: the output (`dtype`, to be fully written by the
+/// kernel), the element count as the kernels take it, and the 1-D launch grid.
+fn elementwise(
+    b: &Arc<CudaBackend>,
+    dtype: DType,
+    shape: &[usize],
+) -> Result<(CudaStorage, i64, LaunchConfig)> {
     let n: usize = shape.iter().product();
+    Ok((alloc(b, dtype, n)?, n as i64, grid_1d(n, 256)?))
+}
+
+pub(crate) fn cast(c: &CudaStorage, from: DType, to: DType, shape: &[usize]) -> Result<Tensor> {
     let b = &c.backend;
-    let mut out = alloc(b, to, n)?;
-    let n64 = n as i64;
+    let (mut out, n64, cfg) = elementwise(b, to, shape)?;
     typed!(from, "cast", |S| typed!(to, "cast", |D| {
         // SAFETY: cast_<S>_<D>(const S* x, D* y, int64 n) reads and writes n elements; both views hold n.
-        unsafe { k::tensor::cast::<S, D>(b, grid_1d(n, 256)?, &c.view()?, &mut out.view_mut()?, n64) }
+        unsafe { k::tensor::cast::<S, D>(b, cfg, &c.view()?, &mut out.view_mut()?, n64) }
     }))?;
     Ok(wrap(out, shape, to))
 }
@@ -157,14 +166,11 @@ pub(crate) fn binary(
     dtype: DType,
     shape: &[usize],
 ) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
     let b = &a.backend;
-    let mut out = alloc(b, dtype, n)?;
-    let n64 = n as i64;
+    let (mut out, n64, cfg) = elementwise(b, dtype, shape)?;
     typed!(dtype, op.name(), |T| {
         let (x, y) = (a.view::<T>()?, bs.view::<T>()?);
         let mut o = out.view_mut::<T>()?;
-        let cfg = grid_1d(n, 256)?;
         // SAFETY: binary_<op>_<T>(const T*, const T*, T*, int64 n); all three views hold n elements.
         unsafe {
             match op {
@@ -184,12 +190,9 @@ pub(crate) fn affine(
     dtype: DType,
     shape: &[usize],
 ) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
     let b = &c.backend;
-    let mut out = alloc(b, dtype, n)?;
-    let n64 = n as i64;
+    let (mut out, n64, cfg) = elementwise(b, dtype, shape)?;
     typed!(dtype, "affine", |T| {
-        let cfg = grid_1d(n, 256)?;
         // SAFETY: affine_<T>(const T*, T*, float, float, int64 n); both views hold n elements.
         unsafe { k::tensor::affine::<T>(b, cfg, &c.view()?, &mut out.view_mut()?, alpha, beta, n64) }
     })?;
@@ -214,12 +217,9 @@ pub(crate) fn dropout(
     seed: u64,
     shape: &[usize],
 ) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
     let b = &c.backend;
-    let mut out = alloc(b, dtype, n)?;
-    let n64 = n as i64;
+    let (mut out, n64, cfg) = elementwise(b, dtype, shape)?;
     typed!(dtype, "dropout", |T| {
-        let cfg = grid_1d(n, 256)?;
         let (x, mut o) = (c.view::<T>()?, out.view_mut::<T>()?);
         // SAFETY: dropout_<T>(const T*, T*, uint64 threshold, float scale, uint64 seed, int64 n); both
         // views hold n elements.

@@ -206,3 +206,140 @@ pub fn rounded(v: &[f32], dtype: peft_kernels::DType) -> Vec<f32> {
         })
         .collect()
 }
+
+/// An integer tensor of a fixture file (i64 as stored by torch) as u32s.
+pub fn ints(f: &peft_kernels::io::SafetensorsFile, name: &str) -> Vec<u32> {
+    let (_, _, bytes) = f.raw(name).unwrap();
+    bytes
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect()
+}
+
+/// A float tensor of a fixture file as f32s.
+pub fn floats(f: &peft_kernels::io::SafetensorsFile, name: &str) -> Vec<f32> {
+    f.load(name, Device::Cpu).unwrap().to_vec_f32().unwrap()
+}
+
+/// Our store key for a PEFT parameter name (`...lora_A.default.weight`,
+/// `classifier.modules_to_save.default.weight`).
+pub fn our_key(peft_name: &str) -> String {
+    peft_name
+        .replace(".modules_to_save.default.", ".")
+        .replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
+        .replace(".default.weight", ".weight")
+}
+
+/// Checks every gradient a fixture file stores as `{prefix}{PEFT name}` against `grads` (rtol 1e-4,
+/// atol 1e-4 of the largest expected magnitude). Returns how many were checked.
+pub fn check_fixture_grads(
+    io: &peft_kernels::io::SafetensorsFile,
+    prefix: &str,
+    store: &peft_kernels::autograd::ParamStore,
+    grads: &peft_kernels::autograd::Gradients,
+    what: &str,
+) -> usize {
+    let mut n = 0;
+    for name in io.names().iter().filter(|n| n.starts_with(prefix)) {
+        let key = our_key(&name[prefix.len()..]);
+        let id = store
+            .find(&key)
+            .unwrap_or_else(|| panic!("{what}: no parameter {key:?}"));
+        let g = grads
+            .get(id)
+            .unwrap_or_else(|| panic!("{what}: no gradient for {key:?}"));
+        let want = floats(io, name);
+        let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
+        assert_close(&g.to_vec_f32().unwrap(), &want, 1e-4, 1e-4 * scale, &key);
+        n += 1;
+    }
+    n
+}
+
+/// How [`one_layer_each`] builds its layers: module names `{prefix}.lora`, `.dora`, `.waveft`,
+/// `.vblora`; each method's base format and whether it has a bias (in that order); WaveFT's
+/// `n_frequency`.
+pub struct LayerSet {
+    pub prefix: &'static str,
+    pub bases: [Base; 4],
+    pub biased: [bool; 4],
+    pub n_frequency: usize,
+}
+
+/// One layer of each adapter method (LoRA, DoRA, WaveFT, VB-LoRA) on seeded random `[out, inp]` bases,
+/// random non-zero adapter weights (LoRA r=3, alpha=5; VB-LoRA r=2 over a 6x4 bank, top-2) and dropout
+/// 0.25 where the method has it.
+pub fn one_layer_each(
+    set: &LayerSet,
+    out: usize,
+    inp: usize,
+    store: &mut peft_kernels::autograd::ParamStore,
+    dev: Device,
+) -> peft_kernels::Result<Vec<Box<dyn peft_kernels::adapters::AdapterLinear>>> {
+    use peft_kernels::adapters::dora::{DoraLinear, DoraOptions};
+    use peft_kernels::adapters::lora::{LoraConfig, LoraInit, LoraLinear};
+    use peft_kernels::adapters::vblora::{VbLoraBank, VbLoraConfig, VbLoraLinear, VbLoraOptions};
+    use peft_kernels::adapters::waveft::{WaveFtConfig, WaveFtLinear};
+    let lc = LoraConfig {
+        r: 3,
+        alpha: 5.0,
+        dropout: 0.25,
+        init: LoraInit::Random,
+        ..LoraConfig::default()
+    };
+    let wc = WaveFtConfig {
+        n_frequency: set.n_frequency,
+        scaling: 3.0,
+        ..WaveFtConfig::default()
+    };
+    let vc = VbLoraConfig {
+        r: 2,
+        num_vectors: 6,
+        vector_length: 4,
+        topk: 2,
+    };
+    let bank = VbLoraBank::new(&vc, 0.5, store, 1, dev)?;
+    let vo = VbLoraOptions {
+        dropout: 0.25,
+        init_logits_std: 0.5,
+    };
+    // Layer i: base seed 3i+2, bias seed 3i+3, adapter seed 3i+4.
+    let base = |i: usize| make_base(set.bases[i], out, inp, 3 * i as u64 + 2, dev);
+    let bias = |i: usize| -> peft_kernels::Result<Option<peft_kernels::Tensor>> {
+        if !set.biased[i] {
+            return Ok(None);
+        }
+        peft_kernels::Tensor::randn(&[out], 0.3, 3 * i as u64 + 3, peft_kernels::DType::F32, dev).map(Some)
+    };
+    let name = |m: &str| format!("{}.{m}", set.prefix);
+    Ok(vec![
+        Box::new(LoraLinear::new(&name("lora"), base(0)?, bias(0)?, &lc, store, 4)?),
+        Box::new(DoraLinear::new(
+            &name("dora"),
+            base(1)?,
+            bias(1)?,
+            &lc,
+            store,
+            7,
+            DoraOptions::default(),
+        )?),
+        Box::new(WaveFtLinear::new(
+            &name("waveft"),
+            base(2)?,
+            bias(2)?,
+            &wc,
+            false,
+            store,
+            10,
+        )?),
+        Box::new(VbLoraLinear::new(
+            &name("vblora"),
+            base(3)?,
+            bias(3)?,
+            &bank,
+            &vo,
+            store,
+            13,
+        )?),
+    ])
+}

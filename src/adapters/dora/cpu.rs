@@ -151,52 +151,35 @@ pub(super) fn norm(
 
 /// `Pᵀ = A·Wᵀ` (f32 `[r, out]`) from f32 `A [r, in]`: W read once per 16 rows of A.
 fn weight_proj(base: &BaseWeight, a32: &Tensor) -> Result<Tensor> {
-    let (out, inp) = (base.out_features(), base.in_features());
-    let (r, _) = a32.dims2("dora weight_proj")?;
-    let a = f32s(a32, "dora weight_proj")?;
-    let mut pt = vec![0f32; r * out];
-    if out > 0 && inp > 0 {
-        let w = WeightRef::new(base)?;
-        for k0 in (0..r).step_by(GEMV_ROWS) {
-            let kc = GEMV_ROWS.min(r - k0);
-            gemv_fwd(
-                &w,
-                &a[k0 * inp..(k0 + kc) * inp],
-                kc,
-                out,
-                inp,
-                &mut pt[k0 * out..(k0 + kc) * out],
-                None,
-                0,
-            );
-        }
-    }
-    vec_tensor(pt, &[r, out])
+    weight_rows(base, a32, true, "dora weight_proj")
 }
 
 /// `Cᵀ·W` (f32 `[r, in]`) from f32 `Cᵀ [r, out]`: W read once per 16 rows of Cᵀ.
 pub(super) fn weight_tproj(base: &BaseWeight, ct: &Tensor) -> Result<Tensor> {
+    weight_rows(base, ct, false, "dora weight_tproj")
+}
+
+/// Each row of the f32 `[r, k]` matrix `t` times `Wᵀ` (`forward`: k = in, rows of out) or times `W`
+/// (k = out, rows of in), by the GEMV kernels over blocks of 16 rows.
+fn weight_rows(base: &BaseWeight, t: &Tensor, forward: bool, op: &'static str) -> Result<Tensor> {
     let (out, inp) = (base.out_features(), base.in_features());
-    let (r, _) = ct.dims2("dora weight_tproj")?;
-    let c = f32s(ct, "dora weight_tproj")?;
-    let mut res = vec![0f32; r * inp];
+    let (src, dst) = if forward { (inp, out) } else { (out, inp) };
+    let (r, _) = t.dims2(op)?;
+    let x = f32s(t, op)?;
+    let mut res = vec![0f32; r * dst];
     if out > 0 && inp > 0 {
         let w = WeightRef::new(base)?;
         for k0 in (0..r).step_by(GEMV_ROWS) {
             let kc = GEMV_ROWS.min(r - k0);
-            gemv_bwd(
-                &w,
-                &c[k0 * out..(k0 + kc) * out],
-                kc,
-                out,
-                inp,
-                &mut res[k0 * inp..(k0 + kc) * inp],
-                None,
-                0,
-            );
+            let (xs, ys) = (&x[k0 * src..(k0 + kc) * src], &mut res[k0 * dst..(k0 + kc) * dst]);
+            if forward {
+                gemv_fwd(&w, xs, kc, out, inp, ys, None, 0);
+            } else {
+                gemv_bwd(&w, xs, kc, out, inp, ys, None, 0);
+            }
         }
     }
-    vec_tensor(res, &[r, inp])
+    vec_tensor(res, &[r, dst])
 }
 
 /// Twin of `dora_norm_assemble`: `n` (and `m / max(n, eps)` when `m` is given).

@@ -20,10 +20,10 @@
 use super::{BANK_KEY, VbLoraConfig, VbLoraLayer};
 use crate::adapters::AdapterLinear;
 use crate::adapters::linear::{
-    LinearBase, Shapes, TapeLinear, adapter_linear_common, check_devices, with_name,
+    Fwd, LinearBase, Shapes, TapeLinear, adapter_linear_common, check_devices, with_name,
 };
 use crate::adapters::lora::{low_rank_backward_input, low_rank_forward};
-use crate::autograd::{ParamId, ParamStore};
+use crate::autograd::{Grads, ParamId, ParamStore};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::io::peft::AdapterMethod;
@@ -396,12 +396,7 @@ impl TapeLinear for VbLoraLinear {
     fn tape_params(&self) -> Vec<ParamId> {
         vec![self.bank, self.logits_a, self.logits_b]
     }
-    fn forward_values(
-        &self,
-        params: &[&Tensor],
-        x: &Tensor,
-        dropout_seed: Option<u64>,
-    ) -> Result<(Tensor, VbLoraContext)> {
+    fn forward_values(&self, params: &[&Tensor], x: &Tensor, seed: Option<u64>) -> Fwd<VbLoraContext> {
         let [bank, la, lb] = params else {
             return Err(Error::invalid(
                 "VbLoraLinear: expected parameters [bank, logits_A, logits_B]",
@@ -409,17 +404,11 @@ impl TapeLinear for VbLoraLinear {
         };
         let f = |t: &Tensor| t.to_dtype(DType::F32);
         let (a, b) = self.layer.compose_ab(&f(bank)?, &f(la)?, &f(lb)?)?;
-        self.forward_with(a, b, x, dropout_seed)
+        self.forward_with(a, b, x, seed)
     }
     /// The parameter gradients only when one of them is needed (so a frozen top-k checkpoint, whose
     /// logits hold -inf, can still pass gradients to x).
-    fn backward_values(
-        &self,
-        params: &[&Tensor],
-        ctx: &VbLoraContext,
-        dy: &Tensor,
-        needs: &[bool],
-    ) -> Result<Vec<Option<Tensor>>> {
+    fn backward_values(&self, params: &[&Tensor], ctx: &VbLoraContext, dy: &Tensor, needs: &[bool]) -> Grads {
         let [bank, la, lb] = params else {
             return Err(Error::invalid(
                 "VbLoraLinear: expected parameters [bank, logits_A, logits_B]",

@@ -17,9 +17,9 @@
 use super::{SPECTRUM_KEY, WaveFtConfig, WaveFtLayer};
 use crate::adapters::AdapterLinear;
 use crate::adapters::linear::{
-    LinearBase, Shapes, TapeLinear, adapter_linear_common, check_devices, with_name,
+    Fwd, LinearBase, Shapes, TapeLinear, adapter_linear_common, check_devices, with_name,
 };
-use crate::autograd::{ParamId, ParamStore};
+use crate::autograd::{Grads, ParamId, ParamStore};
 use crate::error::{Error, Result};
 use crate::io::peft::AdapterMethod;
 use crate::qmatmul::BaseWeight;
@@ -227,24 +227,13 @@ impl TapeLinear for WaveFtLinear {
         vec![self.spectrum]
     }
     /// `dropout_seed` is ignored: PEFT's WaveFT has no dropout.
-    fn forward_values(
-        &self,
-        params: &[&Tensor],
-        x: &Tensor,
-        _dropout_seed: Option<u64>,
-    ) -> Result<(Tensor, WaveFtContext)> {
+    fn forward_values(&self, params: &[&Tensor], x: &Tensor, _seed: Option<u64>) -> Fwd<WaveFtContext> {
         let [spectrum] = params else {
             return Err(Error::invalid("WaveFtLinear: expected parameters [spectrum]"));
         };
         self.forward_with(spectrum, x)
     }
-    fn backward_values(
-        &self,
-        params: &[&Tensor],
-        ctx: &WaveFtContext,
-        dy: &Tensor,
-        needs: &[bool],
-    ) -> Result<Vec<Option<Tensor>>> {
+    fn backward_values(&self, params: &[&Tensor], ctx: &WaveFtContext, dy: &Tensor, needs: &[bool]) -> Grads {
         let [spectrum] = params else {
             return Err(Error::invalid("WaveFtLinear: expected parameters [spectrum]"));
         };

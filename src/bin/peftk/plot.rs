@@ -51,6 +51,27 @@ struct Panel<'a> {
     color: RGBColor,
 }
 
+/// A panel of one per-run value on a linear axis from 0, labelled with `decimals` digits.
+fn linear_panel<'a>(
+    bars: &[Bar],
+    title: &'a str,
+    f: fn(&Bar) -> f64,
+    decimals: usize,
+    axis: &'a dyn Fn(f64) -> String,
+    color: RGBColor,
+) -> Panel<'a> {
+    let top = bars.iter().map(f).fold(0.0f64, f64::max);
+    Panel {
+        title,
+        values: bars.iter().map(f).collect(),
+        texts: bars.iter().map(|b| format!("{:.*}", decimals, f(b))).collect(),
+        errors: None,
+        y: (0.0, top.max(1.0) * 1.15),
+        axis,
+        color,
+    }
+}
+
 fn panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     labels: &[String],
@@ -140,7 +161,6 @@ fn draw<DB: DrawingBackend>(
     let root = root.titled(title, (FAMILY, 20))?;
     let areas = root.split_evenly((2, 2));
     let labels: Vec<String> = bars.iter().map(|b| b.label.clone()).collect();
-    let max = |f: fn(&Bar) -> f64| bars.iter().map(f).fold(0.0f64, f64::max);
     let acc_lo = bars
         .iter()
         .map(|b| b.accuracy.0 - b.accuracy.1)
@@ -177,24 +197,22 @@ fn draw<DB: DrawingBackend>(
             axis: &pct,
             color: RGBColor(52, 101, 164),
         },
-        Panel {
-            title: "training time (seconds)",
-            values: bars.iter().map(|b| b.train_s).collect(),
-            texts: bars.iter().map(|b| format!("{:.1}", b.train_s)).collect(),
-            errors: None,
-            y: (0.0, max(|b| b.train_s).max(1.0) * 1.15),
-            axis: &secs,
-            color: RGBColor(204, 121, 32),
-        },
-        Panel {
-            title: "peak memory (RSS, MiB)",
-            values: bars.iter().map(|b| b.peak_mb).collect(),
-            texts: bars.iter().map(|b| format!("{:.0}", b.peak_mb)).collect(),
-            errors: None,
-            y: (0.0, max(|b| b.peak_mb).max(1.0) * 1.15),
-            axis: &mib,
-            color: RGBColor(78, 154, 6),
-        },
+        linear_panel(
+            bars,
+            "training time (seconds)",
+            |b| b.train_s,
+            1,
+            &secs,
+            RGBColor(204, 121, 32),
+        ),
+        linear_panel(
+            bars,
+            "peak memory (RSS, MiB)",
+            |b| b.peak_mb,
+            0,
+            &mib,
+            RGBColor(78, 154, 6),
+        ),
         Panel {
             title: "trainable parameters (log scale)",
             values: logs,

@@ -21,15 +21,14 @@ pub use config::{LlamaArch, LlamaConfig};
 pub use seq_cls::LlamaForSequenceClassification;
 pub use tokenizer::CausalLmTokenizer;
 
+use super::adapt::{SavedModules, backbone_adapter_methods, task_adapter_methods};
 use super::linear::LinearSlot;
-use super::loader::{Checkpoint, ModelLoadOptions, stored_module};
+use super::loader::{Checkpoint, ModelLoadOptions, frozen_linear};
 use super::tokenizer::BertBatch;
-use crate::adapters::AdapterLinear;
 use crate::adapters::vblora::VbLoraBank;
 use crate::attention::AttentionConfig;
 use crate::autograd::{Gradients, ParamId, ParamStore, Tape, Var};
 use crate::error::{Error, Result};
-use crate::io::peft::{AdapterConfig, PeftAdapter};
 use crate::nn::RopeConfig;
 use crate::qmatmul::BaseWeight;
 use crate::tensor::{DType, Tensor};
@@ -129,15 +128,6 @@ fn layer_seed(step: u64, layer: usize) -> u64 {
     z ^ (z >> 31)
 }
 
-/// A module name under `prefix`.
-fn under(prefix: &str, name: &str) -> String {
-    if prefix.is_empty() {
-        name.to_string()
-    } else {
-        format!("{prefix}.{name}")
-    }
-}
-
 /// `LlamaModel` (also Mistral's and Qwen2's): embedding, decoder layers, final norm.
 #[derive(Clone, Debug)]
 pub struct LlamaModel {
@@ -170,21 +160,7 @@ impl LlamaModel {
                 "Llama activations must be a float dtype, got {dt}"
             )));
         }
-        let linear = |module: &str, out: usize, inp: usize, bias: bool| -> Result<LinearSlot> {
-            let name = under(prefix, module);
-            let q = opts
-                .quantize
-                .as_ref()
-                .and_then(|q| q.tier_for(&name).map(|t| (t, &q.options)));
-            let stored = stored_module(ckpt, &name, prefix);
-            let (w, b) = if bias {
-                let (w, b) = ckpt.linear(&stored, out, inp, q, opts)?;
-                (w, Some(b))
-            } else {
-                (ckpt.linear_weight(&stored, out, inp, q, opts)?, None)
-            };
-            Ok(LinearSlot::frozen(name, w, b, opts.algo))
-        };
+        let linear = |module: &str, out, inp, bias| frozen_linear(ckpt, prefix, module, out, inp, bias, opts);
         let s = LayerSettings {
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
@@ -272,46 +248,6 @@ impl LlamaModel {
             n += s.base().size_in_bytes() + s.bias().map_or(0, Tensor::size_in_bytes);
         }
         n
-    }
-
-    /// Every trainable parameter of the adapters (and the VB-LoRA bank).
-    pub fn param_ids(&self) -> Vec<ParamId> {
-        let mut v: Vec<ParamId> = self.linears().iter().flat_map(|s| s.param_ids()).collect();
-        v.extend(self.bank.map(|b| b.id()));
-        v
-    }
-
-    /// Attaches fresh adapters from a PEFT config to every linear it targets (as PEFT resolves
-    /// `target_modules`, `exclude_modules`, `layers_to_transform`, `rank_pattern`, `alpha_pattern` over
-    /// transformers' module names), initialized as `get_peft_model` does from `seed`. Returns the
-    /// adapted module names.
-    pub fn init_adapter(
-        &mut self,
-        config: &AdapterConfig,
-        store: &mut ParamStore,
-        seed: u64,
-    ) -> Result<Vec<String>> {
-        let lo = self.opts.adapter_options();
-        let (names, bank) = super::adapt::init_into(self.linears_mut(), config, store, seed, &lo)?;
-        self.bank = bank;
-        Ok(names)
-    }
-
-    /// Attaches the layers of a loaded PEFT adapter (every adapted module must be one of the model's
-    /// linears with the adapter's shapes).
-    pub fn attach_adapter(&mut self, adapter: &PeftAdapter, store: &mut ParamStore) -> Result<Vec<String>> {
-        let lo = self.opts.adapter_options();
-        let (names, bank) = super::adapt::attach_into(self.linears_mut(), adapter, store, &lo)?;
-        self.bank = bank;
-        Ok(names)
-    }
-
-    /// The adapter layers, in module order.
-    pub fn adapter_layers(&self) -> Vec<&dyn AdapterLinear> {
-        self.linears()
-            .into_iter()
-            .filter_map(LinearSlot::adapter)
-            .collect()
     }
 
     fn check_batch(&self, b: &TokenBatch) -> Result<()> {
@@ -511,55 +447,15 @@ impl LlamaForCausalLM {
         tape.causal_lm_loss(logits, ids, mask, b.batch, b.seq, loss_mask)
     }
 
-    /// Attaches fresh adapters (see [`LlamaModel::init_adapter`]).
-    pub fn init_adapter(
-        &mut self,
-        config: &AdapterConfig,
-        store: &mut ParamStore,
-        seed: u64,
-    ) -> Result<Vec<String>> {
-        check_no_modules_to_save(config)?;
-        self.model.init_adapter(config, store, seed)
-    }
-
-    /// Loads a PEFT adapter directory saved for `LlamaForCausalLM` (by PEFT or by
-    /// [`LlamaForCausalLM::save_adapter`]).
-    pub fn load_adapter(
-        &mut self,
-        dir: impl AsRef<std::path::Path>,
-        store: &mut ParamStore,
-    ) -> Result<PeftAdapter> {
-        let adapter = PeftAdapter::load(dir, self.model.opts.device)?;
-        check_no_modules_to_save(&adapter.config)?;
-        self.model.attach_adapter(&adapter, store)?;
-        Ok(adapter)
-    }
-
-    /// The adapter in PEFT's file form (every adapter parameter under its key).
-    pub fn to_peft(&self, config: &AdapterConfig, store: &ParamStore) -> Result<PeftAdapter> {
-        check_no_modules_to_save(config)?;
-        let a = crate::peft_model::load::adapter_from_store(config, store)?;
-        a.layout()?;
-        Ok(a)
-    }
-
-    /// Writes the adapter directory (`adapter_config.json` + `adapter_model.safetensors`) that
-    /// `PeftModel.from_pretrained(LlamaForCausalLM, dir)` loads.
-    pub fn save_adapter(
-        &self,
-        config: &AdapterConfig,
-        store: &ParamStore,
-        dir: impl AsRef<std::path::Path>,
-    ) -> Result<()> {
-        self.to_peft(config, store)?.save(dir)
+    /// No module is trained fully.
+    fn saved_modules(&self) -> SavedModules {
+        SavedModules {
+            model: "LlamaForCausalLM",
+            module: None,
+            params: Vec::new(),
+        }
     }
 }
 
-fn check_no_modules_to_save(config: &AdapterConfig) -> Result<()> {
-    match &config.modules_to_save {
-        Some(m) if !m.is_empty() => Err(Error::invalid(format!(
-            "modules_to_save {m:?}: fully trained modules are not supported on LlamaForCausalLM"
-        ))),
-        _ => Ok(()),
-    }
-}
+backbone_adapter_methods!(LlamaModel);
+task_adapter_methods!(LlamaForCausalLM, model);

@@ -5,10 +5,10 @@
 //! saves it as (`base_model.model.score.weight`).
 
 use super::{LlamaConfig, LlamaModel, TokenBatch};
-use crate::autograd::{Backward, ParamId, ParamStore, Tape, Var};
-use crate::device::Device;
+use crate::autograd::ops::binary;
+use crate::autograd::{ParamId, ParamStore, Tape, Var};
 use crate::error::{Error, Result};
-use crate::io::peft::{AdapterConfig, ExtraKind, PeftAdapter};
+use crate::models::adapt::{SavedModules, task_adapter_methods};
 use crate::models::loader::{Checkpoint, ModelLoadOptions};
 use crate::qmatmul::{Algo, BaseWeight, linear_backward_input, linear_forward};
 use crate::tensor::{DType, Tensor};
@@ -104,7 +104,16 @@ impl LlamaForSequenceClassification {
         let dt = tape.value(last)?.dtype();
         let wt = tape.value(w)?.to_dtype(dt)?;
         let y = linear_forward(tape.value(last)?, &BaseWeight::Dense(wt), None, None, Algo::Auto)?;
-        tape.record(&[last, w], y, Box::new(ScoreBackward))
+        // dx = dy·W, dW = dyᵀ·x (f32).
+        let back = binary(
+            "score",
+            |g, _, w| linear_backward_input(g, &BaseWeight::Dense(w.to_dtype(g.dtype())?), None, Algo::Auto),
+            |g, x, _| {
+                g.to_dtype(DType::F32)?
+                    .matmul_t(&x.to_dtype(DType::F32)?, true, false)
+            },
+        );
+        tape.record(&[last, w], y, back)
     }
 
     /// Logits in evaluation, as an f32 `[batch, num_labels]` tensor.
@@ -124,130 +133,20 @@ impl LlamaForSequenceClassification {
         labels: &[u32],
         seed: u64,
     ) -> Result<f32> {
-        let (loss, grads) = {
-            let mut tape = Tape::new();
-            let logits = self.forward_t(&mut tape, store, b, Some(seed))?;
-            let loss = tape.cross_entropy(logits, labels)?;
-            (tape.value(loss)?.to_scalar()?, tape.backward(loss)?)
-        };
-        opt.step(store, &grads)?;
-        Ok(loss)
+        crate::models::train_step(store, opt, |tape, store| {
+            let logits = self.forward_t(tape, store, b, Some(seed))?;
+            tape.cross_entropy(logits, labels)
+        })
     }
 
-    /// Attaches fresh adapters; the config's `modules_to_save` must name `score` (PEFT's SEQ_CLS
-    /// default `["classifier", "score"]`), which is always trained.
-    pub fn init_adapter(
-        &mut self,
-        config: &AdapterConfig,
-        store: &mut ParamStore,
-        seed: u64,
-    ) -> Result<Vec<String>> {
-        check_modules_to_save(config)?;
-        self.model.init_adapter(config, store, seed)
-    }
-
-    /// Loads a PEFT SEQ_CLS adapter directory: its layers and the trained score head
-    /// (`base_model.model.score.weight`), which replaces the current one.
-    pub fn load_adapter(
-        &mut self,
-        dir: impl AsRef<std::path::Path>,
-        store: &mut ParamStore,
-    ) -> Result<PeftAdapter> {
-        let dev = store.get(self.score)?.device();
-        let adapter = PeftAdapter::load(dir, dev)?;
-        check_modules_to_save(&adapter.config)?;
-        let layout = adapter.layout()?;
-        let e = layout
-            .extras
-            .iter()
-            .find(|e| e.kind == ExtraKind::ModulesToSave && e.base_name == "score.weight")
-            .ok_or_else(|| {
-                Error::invalid("the adapter lists score in modules_to_save but does not store score.weight")
-            })?;
-        let t = adapter.tensors[&e.key].to_device(dev)?.to_dtype(DType::F32)?;
-        if t.shape() != store.get(self.score)?.shape() {
-            return Err(Error::shape(
-                "load_adapter",
-                format!(
-                    "{:?} is {:?}, the score head is {:?}",
-                    e.key,
-                    t.shape(),
-                    store.get(self.score)?.shape()
-                ),
-            ));
+    /// The score head, trained fully (PEFT's `modules_to_save`).
+    fn saved_modules(&self) -> SavedModules {
+        SavedModules {
+            model: "LlamaForSequenceClassification",
+            module: Some("score"),
+            params: vec![("score.weight", self.score)],
         }
-        self.model.attach_adapter(&adapter, store)?;
-        store.set(self.score, t)?;
-        Ok(adapter)
-    }
-
-    /// The adapter in PEFT's file form: the adapter parameters plus `base_model.model.score.weight`.
-    pub fn to_peft(&self, config: &AdapterConfig, store: &ParamStore) -> Result<PeftAdapter> {
-        check_modules_to_save(config)?;
-        let mut a = crate::peft_model::load::adapter_from_store(config, store)?;
-        a.tensors.insert(
-            SCORE_KEY.to_string(),
-            store.get(self.score)?.to_device(Device::Cpu)?,
-        );
-        a.layout()?;
-        Ok(a)
-    }
-
-    /// Writes the adapter directory that `PeftModel.from_pretrained(LlamaForSequenceClassification,
-    /// dir)` loads.
-    pub fn save_adapter(
-        &self,
-        config: &AdapterConfig,
-        store: &ParamStore,
-        dir: impl AsRef<std::path::Path>,
-    ) -> Result<()> {
-        self.to_peft(config, store)?.save(dir)
     }
 }
 
-fn check_modules_to_save(config: &AdapterConfig) -> Result<()> {
-    if config
-        .modules_to_save
-        .as_ref()
-        .is_some_and(|m| m.iter().any(|n| n == "score"))
-    {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            "a LlamaForSequenceClassification adapter must list \"score\" in modules_to_save (PEFT's SEQ_CLS \
-             task_type adds it)",
-        ))
-    }
-}
-
-/// Backward of `x·Wᵀ` with a trained `W`: `dx = dy·W`, `dW = dyᵀ·x` (f32).
-struct ScoreBackward;
-
-impl Backward for ScoreBackward {
-    fn backward(
-        &self,
-        g: &Tensor,
-        inputs: &[&Tensor],
-        _out: &Tensor,
-        needs: &[bool],
-    ) -> Result<Vec<Option<Tensor>>> {
-        let [x, w] = inputs else {
-            return Err(Error::invalid("score: expected inputs [x, W]"));
-        };
-        let need = |i: usize| needs.get(i).copied().unwrap_or(false);
-        let dx = need(0)
-            .then(|| linear_backward_input(g, &BaseWeight::Dense(w.to_dtype(g.dtype())?), None, Algo::Auto))
-            .transpose()?;
-        let dw = need(1)
-            .then(|| {
-                g.to_dtype(DType::F32)?
-                    .matmul_t(&x.to_dtype(DType::F32)?, true, false)
-            })
-            .transpose()?;
-        Ok(vec![dx, dw])
-    }
-
-    fn name(&self) -> &'static str {
-        "score"
-    }
-}
+task_adapter_methods!(LlamaForSequenceClassification, model);

@@ -136,34 +136,11 @@ pub fn random_weight(
     seed: u64,
     device: Device,
 ) -> Result<BaseWeight> {
+    let q = |ty, double_quant| random_quantized(ty, out, inp, 64, double_quant, seed, device);
     Ok(match format {
-        Format::Nf4 => BaseWeight::Quantized(random_quantized(
-            QuantType::Nf4,
-            out,
-            inp,
-            64,
-            false,
-            seed,
-            device,
-        )?),
-        Format::Nf4Dq => BaseWeight::Quantized(random_quantized(
-            QuantType::Nf4,
-            out,
-            inp,
-            64,
-            true,
-            seed,
-            device,
-        )?),
-        Format::Fp4 => BaseWeight::Quantized(random_quantized(
-            QuantType::Fp4,
-            out,
-            inp,
-            64,
-            false,
-            seed,
-            device,
-        )?),
+        Format::Nf4 => BaseWeight::Quantized(q(QuantType::Nf4, false)?),
+        Format::Nf4Dq => BaseWeight::Quantized(q(QuantType::Nf4, true)?),
+        Format::Fp4 => BaseWeight::Quantized(q(QuantType::Fp4, false)?),
         Format::Bf16 | Format::F16 | Format::F32 => BaseWeight::Dense(Tensor::randn(
             &[out, inp],
             0.02,
@@ -302,15 +279,16 @@ impl Case {
         }
     }
 
+    /// (tokens, out, in, rank) as f64.
+    fn dims(&self) -> (f64, f64, f64, f64) {
+        let f = |n: usize| n as f64;
+        (f(self.tokens), f(self.out), f(self.inp), f(self.rank))
+    }
+
     /// Minimum bytes moved (weight once, activations in and out, LoRA factors).
     pub fn bytes(&self) -> f64 {
         let e = self.format.act_dtype().size_in_bytes() as f64;
-        let (t, o, i, r) = (
-            self.tokens as f64,
-            self.out as f64,
-            self.inp as f64,
-            self.rank as f64,
-        );
+        let (t, o, i, r) = self.dims();
         match self.op {
             Op::Dequantize | Op::DequantizeInto | Op::Quantize => self.weight_bytes() + o * i * e,
             Op::Forward | Op::BackwardInput => self.weight_bytes() + t * (o + i) * e + r * (o + i) * e,
@@ -319,12 +297,7 @@ impl Case {
 
     /// Useful FLOPs (2 per multiply-add; LoRA included).
     pub fn flops(&self) -> f64 {
-        let (t, o, i, r) = (
-            self.tokens as f64,
-            self.out as f64,
-            self.inp as f64,
-            self.rank as f64,
-        );
+        let (t, o, i, r) = self.dims();
         match self.op {
             Op::Dequantize | Op::DequantizeInto | Op::Quantize => 0.0,
             Op::Forward | Op::BackwardInput => 2.0 * t * o * i + 2.0 * t * r * (o + i),
