@@ -6,8 +6,8 @@
 
 use super::ops::{self, Activation};
 use super::{Backward, Tape, Var};
-use crate::tensor::Tensor;
 use crate::error::{Error, Result};
+use crate::tensor::Tensor;
 
 /// The target id that [`causal_lm_targets`] gives a position that does not count.
 pub const IGNORE: u32 = u32::MAX;
