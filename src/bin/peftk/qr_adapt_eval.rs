@@ -1,5 +1,5 @@
 //! The [`Evaluator`] of `peftk qr-adapt` on a BERT sequence classifier: candidates are scored by
-//! `peftk finetune`'s own training loop ([`crate::finetune::train`], method `qr-adaptor`) on a subset
+//! `peftk finetune`'s own training loop ([`crate::finetune::train()`], method `qr-adaptor`) on a subset
 //! of the training data, scored on a held-out split of it (never on the test set); Phase I measures
 //! per-unit sensitivity on a few calibration batches.
 //!
