@@ -124,13 +124,6 @@ struct Log {
     sensitivity: Option<(Vec<f64>, Vec<f64>)>,
 }
 
-fn io_err(path: &Path, e: std::io::Error) -> Error {
-    Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    }
-}
-
 impl Log {
     /// Opens (resuming) or creates the log; errors when it belongs to another search.
     fn open(path: &Path, space: &SearchSpace, config: &SearchConfig) -> Result<Self> {
@@ -182,8 +175,8 @@ impl Log {
             .truncate(false)
             .write(true)
             .open(path)
-            .map_err(|e| io_err(path, e))?;
-        file.set_len(valid as u64).map_err(|e| io_err(path, e))?;
+            .map_err(|e| Error::io(path, e))?;
+        file.set_len(valid as u64).map_err(|e| Error::io(path, e))?;
         let mut log = Log {
             path: path.to_path_buf(),
             file,
@@ -193,7 +186,7 @@ impl Log {
         use std::io::Seek;
         log.file
             .seek(std::io::SeekFrom::End(0))
-            .map_err(|e| io_err(path, e))?;
+            .map_err(|e| Error::io(path, e))?;
         if !have_header {
             if valid > 0 {
                 return Err(Error::invalid(format!("{}: no header line", path.display())));
@@ -207,7 +200,7 @@ impl Log {
         let s = serde_json::to_string(l).map_err(|e| Error::invalid(e.to_string()))?;
         writeln!(self.file, "{s}")
             .and_then(|_| self.file.flush())
-            .map_err(|e| io_err(&self.path, e))
+            .map_err(|e| Error::io(&self.path, e))
     }
 }
 

@@ -35,17 +35,10 @@ fn inv(msg: impl Into<String>) -> Error {
     Error::InvalidArgument(msg.into())
 }
 
-fn io_err(path: &Path, e: std::io::Error) -> Error {
-    Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    }
-}
-
 /// The texts of a `.jsonl` file (one object per line with `column`, or one JSON string per line), a
 /// `.json` array of the same, or a `.txt` file (one text per non-empty line).
 pub fn read_texts(path: &Path, column: &str) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let ctx = |msg: String| Error::Format {
         context: path.display().to_string(),
         msg,
@@ -214,7 +207,7 @@ pub fn run_finetune(a: &Args) -> Result<()> {
         Some(dir) => train::load_checkpoint(dir, cfg, &mut store, &ids, &fp)?,
         None => (Optimizer::new(cfg)?, Progress::start()),
     };
-    std::fs::create_dir_all(&a.out).map_err(|e| io_err(&a.out, e))?;
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let mpath = a.out.join("metrics.jsonl");
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -222,7 +215,7 @@ pub fn run_finetune(a: &Args) -> Result<()> {
         .append(a.resume.is_some())
         .truncate(a.resume.is_none())
         .open(&mpath)
-        .map_err(|e| io_err(&mpath, e))?;
+        .map_err(|e| Error::io(&mpath, e))?;
     let stop = train::stop_flag(None);
     let done = ((prog.epoch - 1) * n_batches + prog.batch) as u64;
     let bar = train::progress_bar(a.quiet, (n_batches * r.epochs) as u64, done);
@@ -241,7 +234,7 @@ pub fn run_finetune(a: &Args) -> Result<()> {
             "peak_rss_mb": finetune::peak_rss_mb(), "trainable_params": trainable,
             "optimizer_state_bytes": opt.state_bytes(),
         });
-        writeln!(metrics, "{line}").map_err(|e| io_err(&mpath, e))?;
+        writeln!(metrics, "{line}").map_err(|e| Error::io(&mpath, e))?;
         Result::Ok(line)
     };
     'epochs: while prog.epoch <= r.epochs {
@@ -259,13 +252,7 @@ pub fn run_finetune(a: &Args) -> Result<()> {
                 opt.step(&mut store, g)?;
             }
             let dt = t.elapsed().as_secs_f64();
-            prog.train_s += dt;
-            prog.step_ms.push(dt * 1e3);
-            prog.micro += 1;
-            prog.batch = bi + 1;
-            prog.loss_sum += loss as f64 * idx.len() as f64;
-            prog.seen += idx.len();
-            prog.samples += idx.len();
+            prog.record_micro(bi + 1, dt, loss, idx.len());
             let k = b.num_tokens();
             tokens += k;
             bar.inc(1);

@@ -125,17 +125,10 @@ fn inv(msg: impl Into<String>) -> Error {
     Error::InvalidArgument(msg.into())
 }
 
-fn io_err(path: &Path, e: std::io::Error) -> Error {
-    Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    }
-}
-
 /// Runs `peftk finetune` for one method and seed in a child process; its summary is the last line
 /// of its standard output.
 fn run_child(m: CompareMethod, recipe: &Recipe, out: &Path, qr: Option<&Path>) -> Result<RunSummary> {
-    let exe = std::env::current_exe().map_err(|e| io_err(Path::new("current_exe"), e))?;
+    let exe = std::env::current_exe().map_err(|e| Error::io(Path::new("current_exe"), e))?;
     let (method, quant) = m.finetune();
     let mut cmd = Command::new(&exe);
     cmd.arg("finetune")
@@ -150,7 +143,7 @@ fn run_child(m: CompareMethod, recipe: &Recipe, out: &Path, qr: Option<&Path>) -
         )
         .stdin(Stdio::null())
         .stderr(Stdio::inherit());
-    let output = cmd.output().map_err(|e| io_err(&exe, e))?;
+    let output = cmd.output().map_err(|e| Error::io(&exe, e))?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         return Err(inv(format!(
@@ -210,7 +203,7 @@ pub fn run(a: Args) -> Result<()> {
             "the qr-adaptor method needs --qr-config FILE (from peftk qr-adapt)",
         ));
     }
-    std::fs::create_dir_all(a.out.join("runs")).map_err(|e| io_err(&a.out, e))?;
+    std::fs::create_dir_all(a.out.join("runs")).map_err(|e| Error::io(&a.out, e))?;
     let total = a.methods.len() * a.seeds;
     let mut rows = Vec::new();
     let mut k = 0;
@@ -224,7 +217,7 @@ pub fn run(a: Args) -> Result<()> {
             let dir = a.out.join("runs").join(&name);
             let summary = dir.join(SUMMARY_FILE);
             let r = if a.reuse && summary.exists() {
-                let bytes = std::fs::read(&summary).map_err(|e| io_err(&summary, e))?;
+                let bytes = std::fs::read(&summary).map_err(|e| Error::io(&summary, e))?;
                 let r: RunSummary =
                     serde_json::from_slice(&bytes).map_err(|e| inv(format!("{}: {e}", summary.display())))?;
                 eprintln!("[{k}/{total}] {name}: reusing {}", summary.display());

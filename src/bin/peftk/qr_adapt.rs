@@ -20,7 +20,7 @@ use peft_kernels::qr_adaptor::search::{self, SearchConfig};
 use peft_kernels::qr_adaptor::{Granularity, QrConfig, SearchSpace, units};
 use peft_kernels::{Error, Result};
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -118,13 +118,6 @@ pub fn finetune_setup(a: &finetune::Args) -> Result<(ModelLoadOptions, Option<Ad
     Ok((opts, config))
 }
 
-fn io_err(path: &Path, e: std::io::Error) -> Error {
-    Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    }
-}
-
 /// The finetune arguments of a run of `recipe` with `method`.
 fn finetune_args(recipe: Recipe, out: PathBuf) -> finetune::Args {
     finetune::Args {
@@ -148,7 +141,7 @@ pub fn run(a: Args) -> Result<()> {
     if !(a.val_split > 0.0 && a.val_split < 1.0) {
         return Err(inv("--val-split must be in (0, 1)"));
     }
-    std::fs::create_dir_all(&a.out).map_err(|e| io_err(&a.out, e))?;
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let mdir = finetune::model_dir(&r.model)?;
     // The search's data: the training files with a held-out validation split (the demo's training
     // files when none are given); never the test set.

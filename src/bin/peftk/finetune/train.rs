@@ -108,6 +108,18 @@ impl Progress {
             step_ms: Vec::new(),
         }
     }
+
+    /// Books one trained micro-batch: `dt` seconds, its mean `loss` over `n` examples, `next_batch` the
+    /// epoch's next batch index.
+    pub(crate) fn record_micro(&mut self, next_batch: usize, dt: f64, loss: f32, n: usize) {
+        self.train_s += dt;
+        self.step_ms.push(dt * 1e3);
+        self.micro += 1;
+        self.batch = next_batch;
+        self.loss_sum += loss as f64 * n as f64;
+        self.seen += n;
+        self.samples += n;
+    }
 }
 
 /// The optimizer configuration of a recipe, for a run of `total_steps` optimizer steps.
@@ -203,13 +215,6 @@ pub(crate) fn fingerprint(a: &Args) -> serde_json::Value {
     fp
 }
 
-fn io_err(path: &Path, e: std::io::Error) -> Error {
-    Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    }
-}
-
 /// Writes `out/checkpoint` whole: into `checkpoint.tmp`, then renamed into place.
 pub(crate) fn save_checkpoint(
     out: &Path,
@@ -223,9 +228,9 @@ pub(crate) fn save_checkpoint(
     let dst = out.join(CHECKPOINT_DIR);
     let prev = out.join(format!("{CHECKPOINT_DIR}.prev"));
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
-    std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let mut tensors = Vec::with_capacity(ids.len());
     for &id in ids {
         let t = store.get(id)?.to_device(Device::Cpu)?;
@@ -235,14 +240,14 @@ pub(crate) fn save_checkpoint(
     let extra = json!({"progress": progress, "recipe": fp});
     opt.save(&tmp, store, None, extra)?;
     if prev.exists() {
-        std::fs::remove_dir_all(&prev).map_err(|e| io_err(&prev, e))?;
+        std::fs::remove_dir_all(&prev).map_err(|e| Error::io(&prev, e))?;
     }
     if dst.exists() {
-        std::fs::rename(&dst, &prev).map_err(|e| io_err(&dst, e))?;
+        std::fs::rename(&dst, &prev).map_err(|e| Error::io(&dst, e))?;
     }
-    std::fs::rename(&tmp, &dst).map_err(|e| io_err(&tmp, e))?;
+    std::fs::rename(&tmp, &dst).map_err(|e| Error::io(&tmp, e))?;
     if prev.exists() {
-        std::fs::remove_dir_all(&prev).map_err(|e| io_err(&prev, e))?;
+        std::fs::remove_dir_all(&prev).map_err(|e| Error::io(&prev, e))?;
     }
     Ok(())
 }
@@ -279,7 +284,7 @@ pub(crate) fn load_checkpoint(
     // The recipe first: a checkpoint of another run should say so, not which tensor shape differs.
     let meta_path = dir.join(META_FILE);
     let meta: serde_json::Value = std::fs::read(&meta_path)
-        .map_err(|e| io_err(&meta_path, e))
+        .map_err(|e| Error::io(&meta_path, e))
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| inv(format!("{}: {e}", meta_path.display()))))?;
     let saved_fp = &meta["extra"]["recipe"];
     if saved_fp != fp {
@@ -438,7 +443,7 @@ pub fn train(a: &Args, stop: Option<Arc<AtomicBool>>) -> Result<RunSummary> {
         Some(dir) => load_checkpoint(dir, cfg, &mut store, &ids, &fp)?,
         None => (Optimizer::new(cfg)?, Progress::start()),
     };
-    std::fs::create_dir_all(&a.out).map_err(|e| io_err(&a.out, e))?;
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let mpath = a.out.join("metrics.jsonl");
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -446,7 +451,7 @@ pub fn train(a: &Args, stop: Option<Arc<AtomicBool>>) -> Result<RunSummary> {
         .append(a.resume.is_some())
         .truncate(a.resume.is_none())
         .open(&mpath)
-        .map_err(|e| io_err(&mpath, e))?;
+        .map_err(|e| Error::io(&mpath, e))?;
     let stop = stop_flag(stop);
     let done = ((prog.epoch - 1) * n_batches + prog.batch) as u64;
     let bar = progress_bar(a.quiet, (n_batches * r.epochs) as u64, done);
@@ -469,13 +474,7 @@ pub fn train(a: &Args, stop: Option<Arc<AtomicBool>>) -> Result<RunSummary> {
                 opt.step(&mut store, g)?;
             }
             let dt = t.elapsed().as_secs_f64();
-            prog.train_s += dt;
-            prog.step_ms.push(dt * 1e3);
-            prog.micro += 1;
-            prog.batch = bi + 1;
-            prog.loss_sum += loss as f64 * idx.len() as f64;
-            prog.seen += idx.len();
-            prog.samples += idx.len();
+            prog.record_micro(bi + 1, dt, loss, idx.len());
             bar.inc(1);
             bar.set_message(format!(
                 "epoch {epoch} loss {:.4} {:.1} samples/s",
@@ -558,7 +557,7 @@ impl MetricsLine {
             "samples_per_s": samples_per_s, "peak_rss_mb": peak_rss_mb(),
             "trainable_params": self.trainable, "optimizer_state_bytes": opt.state_bytes(),
         });
-        writeln!(f, "{line}").map_err(|e| io_err(Path::new("metrics.jsonl"), e))
+        writeln!(f, "{line}").map_err(|e| Error::io(Path::new("metrics.jsonl"), e))
     }
 }
 
