@@ -33,8 +33,11 @@ pub fn lowest(space: &SearchSpace) -> Candidate {
     space.uniform(0, 0)
 }
 
-/// `cand` repaired to fit `budget` bytes (unchanged when it fits). Errors when even [`lowest`] is over
-/// budget; never returns a candidate over budget.
+/// `cand` repaired to fit `budget` bytes (unchanged when it fits). Errors when it does not fit and even
+/// [`lowest`] is over budget; never returns a candidate over budget.
+///
+/// Bytes need not fall with bits on tiny linears (a 4-bit code of a 1×1 weight carries a 4-byte absmax
+/// and costs more than its 2-byte bf16 copy), so the floor is checked only when a repair is needed.
 pub fn repair(
     space: &SearchSpace,
     mem: &MemoryModel,
@@ -45,6 +48,9 @@ pub fn repair(
     space.check(cand)?;
     if sens.fidelity.len() != space.units.len() || sens.plasticity.len() != space.units.len() {
         return Err(Error::invalid("sensitivity has the wrong number of units"));
+    }
+    if mem.total(space, cand) <= budget {
+        return Ok(cand.clone());
     }
     let floor = lowest(space);
     let floor_bytes = mem.total(space, &floor);
