@@ -15,7 +15,6 @@ use peft_kernels::{Error, Result};
 use serde_json::{Value, json};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// The classifier path's default `--target-modules` (BERT's names); for a decoder it means every
@@ -221,11 +220,8 @@ pub fn run_finetune(a: &Args) -> Result<()> {
             let t = Instant::now();
             let seed = r.seed.wrapping_mul(1_000_003).wrapping_add(prog.micro);
             let (loss, grads) = model.loss_and_grads(&store, &b, None, seed)?;
-            acc.add(grads)?;
-            let group_end = (bi + 1) % r.grad_accum == 0 || bi + 1 == batches.len();
-            if group_end && let Some(g) = acc.take_mean()? {
-                opt.step(&mut store, g)?;
-            }
+            let group_end =
+                acc.add_and_step(grads, (bi, batches.len(), r.grad_accum), &mut opt, &mut store)?;
             let dt = t.elapsed().as_secs_f64();
             prog.record_micro(bi + 1, dt, loss, idx.len());
             let k = b.num_tokens();
@@ -236,13 +232,11 @@ pub fn run_finetune(a: &Args) -> Result<()> {
                 prog.loss_sum / prog.seen as f64,
                 k as f64 / dt
             ));
-            let limit_hit = a.stop_after_steps.is_some_and(|s| opt.steps() >= s);
-            if group_end && (stop.load(Ordering::SeqCst) || limit_hit) && bi + 1 < batches.len() {
-                bar.println(if limit_hit {
-                    "--stop-after-steps reached: saving"
-                } else {
-                    "interrupted: saving after the current step"
-                });
+            if group_end
+                && bi + 1 < batches.len()
+                && let Some(why) = train::stop_reason(a, &stop, &opt)
+            {
+                bar.println(why);
                 last = report(&store, &prog, &opt, epoch, tokens)?;
                 train::save_checkpoint(&a.out, &opt, &store, &ids, &prog, &fp)?;
                 break 'epochs;
@@ -258,7 +252,7 @@ pub fn run_finetune(a: &Args) -> Result<()> {
         ));
         prog.next_epoch();
         train::save_checkpoint(&a.out, &opt, &store, &ids, &prog, &fp)?;
-        if stop.load(Ordering::SeqCst) || a.stop_after_steps.is_some_and(|s| opt.steps() >= s) {
+        if train::stop_reason(a, &stop, &opt).is_some() {
             break;
         }
     }

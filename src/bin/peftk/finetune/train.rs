@@ -204,6 +204,35 @@ impl Accumulator {
             None => Ok(None),
         }
     }
+
+    /// Adds the gradients of micro-batch `bi` of an epoch of `n_batches`; at the end of its group (every
+    /// `grad_accum` micro-batches, and the epoch's last) steps `opt` on their mean. True at a group's end.
+    pub(crate) fn add_and_step(
+        &mut self,
+        grads: Gradients,
+        (bi, n_batches, grad_accum): (usize, usize, usize),
+        opt: &mut Optimizer,
+        store: &mut ParamStore,
+    ) -> Result<bool> {
+        self.add(grads)?;
+        let group_end = (bi + 1) % grad_accum == 0 || bi + 1 == n_batches;
+        if group_end && let Some(g) = self.take_mean()? {
+            opt.step(store, g)?;
+        }
+        Ok(group_end)
+    }
+}
+
+/// Why a run stops after the optimizer step just taken, if it does: `--stop-after-steps` reached, or
+/// the stop flag set (a signal, or the caller).
+pub(crate) fn stop_reason(a: &Args, stop: &AtomicBool, opt: &Optimizer) -> Option<&'static str> {
+    if a.stop_after_steps.is_some_and(|s| opt.steps() >= s) {
+        Some("--stop-after-steps reached: saving")
+    } else if stop.load(Ordering::SeqCst) {
+        Some("interrupted: saving after the current step")
+    } else {
+        None
+    }
 }
 
 /// What a checkpoint must match to be resumed: everything that shapes the run except `--epochs`
@@ -521,11 +550,8 @@ pub fn train(a: &Args, stop: Option<Arc<AtomicBool>>) -> Result<RunSummary> {
             let t = Instant::now();
             let seed = r.seed.wrapping_mul(1_000_003).wrapping_add(prog.micro);
             let (loss, grads) = micro_step(&model, &store, &b, &labels, seed)?;
-            acc.add(grads)?;
-            let group_end = (bi + 1) % r.grad_accum == 0 || bi + 1 == batches.len();
-            if group_end && let Some(g) = acc.take_mean()? {
-                opt.step(&mut store, g)?;
-            }
+            let group_end =
+                acc.add_and_step(grads, (bi, batches.len(), r.grad_accum), &mut opt, &mut store)?;
             let dt = t.elapsed().as_secs_f64();
             prog.record_micro(bi + 1, dt, loss, idx.len());
             bar.inc(1);
@@ -534,13 +560,11 @@ pub fn train(a: &Args, stop: Option<Arc<AtomicBool>>) -> Result<RunSummary> {
                 prog.loss_sum / prog.seen as f64,
                 idx.len() as f64 / dt
             ));
-            let limit_hit = a.stop_after_steps.is_some_and(|s| opt.steps() >= s);
-            if group_end && (stop.load(Ordering::SeqCst) || limit_hit) && bi + 1 < batches.len() {
-                bar.println(if limit_hit {
-                    "--stop-after-steps reached: saving"
-                } else {
-                    "interrupted: saving after the current step"
-                });
+            if group_end
+                && bi + 1 < batches.len()
+                && let Some(why) = stop_reason(a, &stop, &opt)
+            {
+                bar.println(why);
                 let (_, accu, f1) = evaluate(&model, &store, &ete, &test, pad)?;
                 last = (prog.loss_sum / prog.seen as f64, accu, f1);
                 line.write(&mut metrics, &prog, last, &opt, epoch)?;
@@ -557,7 +581,7 @@ pub fn train(a: &Args, stop: Option<Arc<AtomicBool>>) -> Result<RunSummary> {
         line.write(&mut metrics, &prog, last, &opt, epoch)?;
         prog.next_epoch();
         save_checkpoint(&a.out, &opt, &store, &ids, &prog, &fp)?;
-        if stop.load(Ordering::SeqCst) || a.stop_after_steps.is_some_and(|s| opt.steps() >= s) {
+        if stop_reason(a, &stop, &opt).is_some() {
             break;
         }
     }
