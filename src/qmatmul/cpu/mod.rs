@@ -50,6 +50,7 @@ mod avx2;
 mod avx512;
 mod gemv;
 mod panels;
+mod transpose;
 
 pub(crate) use gemv::{gemv_bwd, gemv_fwd};
 use panels::{dense_gemm_bwd, dense_gemm_fwd};
