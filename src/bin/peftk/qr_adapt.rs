@@ -64,10 +64,10 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub low_epochs: usize,
     /// High fidelity: training examples and epochs (the demo: all 1,800 of the search's training
-    /// split, twice).
+    /// split, 113 steps).
     #[arg(long, default_value_t = 2048)]
     pub high_examples: usize,
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     pub high_epochs: usize,
     /// Fraction of the training data held out to score candidates (the test set is never used by
     /// the search).
