@@ -195,6 +195,25 @@ fn tiny() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny")
 }
 
+/// The configuration of `cand` and the tiny fixture loaded with its tiers (no adapter yet).
+fn load_tiered(
+    space: &SearchSpace,
+    cand: &Candidate,
+    mm: &MemoryModel,
+) -> (QrConfig, models::BertForSequenceClassification, ParamStore) {
+    let qc =
+        QrConfig::from_candidate(space, cand, Granularity::Layer, 2.0, &mm.quantize_options(), 0, 0).unwrap();
+    let mut q = QuantizeOnLoad::nf4_dq_all_linear();
+    q.tiers = qc.tiers();
+    let opts = ModelLoadOptions {
+        quantize: Some(q),
+        ..Default::default()
+    };
+    let mut store = ParamStore::new();
+    let model = models::from_pretrained_seq_cls(tiny(), &opts, &mut store, 0).unwrap();
+    (qc, model, store)
+}
+
 /// The memory model's weight bytes against the real model: a dense load gives the linears and the
 /// fixed part; a load with the configuration's tiers and its adapter (rank pattern, rank 0 = none)
 /// must hold exactly the predicted bytes in base weights, other frozen tensors and trainable
@@ -213,24 +232,7 @@ fn check_memory_model(bits: &[Tier], values: impl Fn(usize) -> (u8, usize), opti
     .unwrap();
     let vals: Vec<(u8, usize)> = (0..space.units.len()).map(&values).collect();
     let cand = space.from_values(&vals).unwrap();
-    let qc = QrConfig::from_candidate(
-        &space,
-        &cand,
-        Granularity::Layer,
-        2.0,
-        &mm.quantize_options(),
-        0,
-        0,
-    )
-    .unwrap();
-    let mut q = QuantizeOnLoad::nf4_dq_all_linear();
-    q.tiers = qc.tiers();
-    let opts = ModelLoadOptions {
-        quantize: Some(q),
-        ..Default::default()
-    };
-    let mut store = ParamStore::new();
-    let mut model = models::from_pretrained_seq_cls(tiny(), &opts, &mut store, 0).unwrap();
+    let (qc, mut model, mut store) = load_tiered(&space, &cand, &mm);
     let mut ac = qc.adapter_config(0.0).unwrap().unwrap();
     ac.task_type = Some("SEQ_CLS".into());
     ac.modules_to_save = Some(vec!["classifier".into()]);
@@ -392,6 +394,7 @@ fn search_setup() -> (SearchSpace, MemoryModel, SearchConfig) {
         patience: 3,
         phase3: 3,
         references: vec![space.uniform(1, 2), space.uniform(1, 1)],
+        evaluator: "fake".into(),
     };
     (space, m, cfg)
 }
@@ -441,9 +444,13 @@ fn search_is_deterministic_and_resumes_from_a_truncated_log() {
     );
     assert_eq!(
         log1.lines().count(),
-        2 + calls,
-        "header, sensitivity, one line per evaluation"
+        3 + calls,
+        "header, sensitivity, one line per evaluation, the rank stability"
     );
+    assert_eq!(r1.rank_stability.n, cfg.high_fidelity);
+    let last: serde_json::Value = serde_json::from_str(log1.lines().last().unwrap()).unwrap();
+    assert_eq!(last["kind"], "stability");
+    assert_eq!(last["n"].as_u64(), Some(cfg.high_fidelity as u64));
     // Rerun over a complete log: nothing is evaluated again.
     let (r3, calls3) = run_fake(d1.path(), &cfg, None);
     assert_eq!(calls3, 0);
@@ -669,4 +676,203 @@ fn cli_qr_adapt_smoke_on_the_tiny_model() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--qr-config"));
+}
+
+/// `peftk eval` / `predict` of a QR-Adaptor fine-tune load the base in the run's tiers and embedding
+/// storage (from the `qr_adaptor.json` saved beside the adapter, or `--qr-config`): eval on the run's
+/// own test split reproduces the run's accuracy, and the uniform NF4 base gives other probabilities.
+#[test]
+fn cli_eval_and_predict_use_the_qr_adaptor_storage() {
+    use peft_kernels::data::{Columns, load_train_files};
+    use peft_kernels::qr_adaptor::EmbeddingStorage;
+    let d = tempfile::tempdir().unwrap();
+    let (model, data) = tiny_task(d.path());
+    // A configuration with every tier and bf16 embeddings, over the fixture's linears.
+    let mut store = ParamStore::new();
+    let m = models::from_pretrained_seq_cls(&model, &ModelLoadOptions::default(), &mut store, 0).unwrap();
+    let (linears, _) = memory::for_seq_cls(&m, &store, OptimBytes::AdamW, 64, true).unwrap();
+    let tiers = [Tier::Bits2, Tier::Bits3, Tier::Bits4, Tier::Bits8, Tier::Bits16];
+    let space = SearchSpace::new(units(&linears, Granularity::Layer), tiers.to_vec(), vec![0, 2]).unwrap();
+    let cand = Candidate(
+        (0..space.units.len())
+            .map(|u| Choice {
+                bits: (u % tiers.len()) as u8,
+                rank: (u % 4 != 3) as u8,
+            })
+            .collect(),
+    );
+    let mut qc =
+        QrConfig::from_candidate(&space, &cand, Granularity::Layer, 2.0, &Default::default(), 0, 0).unwrap();
+    qc.embeddings = EmbeddingStorage::Bf16;
+    let cfg_dir = d.path().join("cfg");
+    std::fs::create_dir_all(&cfg_dir).unwrap();
+    qc.save(&cfg_dir).unwrap();
+    let peftk = || assert_cmd::Command::new(env!("CARGO_BIN_EXE_peftk"));
+    let ft = d.path().join("ft");
+    let o = peftk()
+        .args(["finetune", "--method", "qr-adaptor", "--qr-config"])
+        .arg(cfg_dir.join("qr_adaptor.json"))
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ])
+        .args([
+            "--split",
+            "0.3",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--max-len",
+            "12",
+        ])
+        .args(["--lr", "0.01", "--quiet", "--out"])
+        .arg(&ft)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let adapter = ft.join("adapter");
+    assert_eq!(QrConfig::load(&adapter).unwrap(), qc);
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ft.join("summary.json")).unwrap()).unwrap();
+    // The run's test split (seed 0), as a file.
+    let cols = Columns {
+        text: "text".into(),
+        label: "class".into(),
+    };
+    let (_, test) = load_train_files(std::slice::from_ref(&data), &cols)
+        .unwrap()
+        .split(0.3, 0)
+        .unwrap();
+    let mut lines = String::new();
+    for (t, &l) in test.texts.iter().zip(&test.labels) {
+        let row = serde_json::json!({"text": t, "class": test.label_map.name(l).unwrap()});
+        lines.push_str(&format!("{row}\n"));
+    }
+    let test_file = d.path().join("test.jsonl");
+    std::fs::write(&test_file, lines).unwrap();
+    let eval = |extra: &[&str]| -> serde_json::Value {
+        let o = peftk()
+            .args(["eval", "--model", model.to_str().unwrap(), "--adapter"])
+            .arg(&adapter)
+            .arg("--data")
+            .arg(&test_file)
+            .args(["--max-len", "12", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap()
+    };
+    let auto = eval(&[]);
+    assert_eq!(auto["n"].as_u64(), Some(test.len() as u64));
+    assert_eq!(
+        auto["accuracy"].as_f64(),
+        summary["accuracy"].as_f64(),
+        "{auto} vs {summary}"
+    );
+    let cfg_path = cfg_dir.join("qr_adaptor.json");
+    let explicit = eval(&["--qr-config", cfg_path.to_str().unwrap()]);
+    assert_eq!(explicit, auto);
+    let predict = |adapter: &Path| -> Vec<f64> {
+        let o = peftk()
+            .args(["predict", "--model", model.to_str().unwrap(), "--adapter"])
+            .arg(adapter)
+            .arg("--data")
+            .arg(&test_file)
+            .args(["--max-len", "12", "--json"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["prob"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let with_tiers = predict(&adapter);
+    assert_eq!(with_tiers.len(), test.len());
+    // The same adapter without its qr_adaptor.json loads a uniform NF4 base: other numbers.
+    let bare = d.path().join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    for e in std::fs::read_dir(&adapter).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap() != "qr_adaptor.json" {
+            std::fs::copy(&p, bare.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let uniform = predict(&bare);
+    assert_eq!(uniform.len(), with_tiers.len());
+    assert_ne!(uniform, with_tiers);
+    // A broken --qr-config is an error, not a silent uniform load.
+    let o = peftk()
+        .args(["eval", "--model", model.to_str().unwrap(), "--adapter"])
+        .arg(&adapter)
+        .arg("--data")
+        .arg(&test_file)
+        .args(["--qr-config", d.path().join("missing.json").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+}
+
+#[test]
+fn spearman_against_hand_computed_ranks() {
+    // Identical order: 1; reversed: -1.
+    assert_eq!(search::spearman(&[1.0, 2.0, 3.0], &[10.0, 20.0, 30.0]), Some(1.0));
+    assert_eq!(search::spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]), Some(-1.0));
+    // Ranks x (1, 2, 3, 4), y (2, 1, 4, 3): d² = 4, rho = 1 - 6·4 / (4·15) = 0.6.
+    let r = search::spearman(&[0.1, 0.2, 0.3, 0.4], &[5.0, 1.0, 9.0, 7.0]).unwrap();
+    assert!((r - 0.6).abs() < 1e-12, "{r}");
+    // Ties take their average rank: x ranks (1.5, 1.5, 3), y (1, 2, 3); Pearson of the ranks:
+    // centred x (-0.5, -0.5, 1), y (-1, 0, 1): 1.5 / sqrt(1.5 · 2) = 0.866...
+    let r = search::spearman(&[1.0, 1.0, 2.0], &[1.0, 2.0, 3.0]).unwrap();
+    assert!((r - 1.5 / 3f64.sqrt()).abs() < 1e-12, "{r}");
+    assert_eq!(search::spearman(&[1.0], &[1.0]), None);
+    assert_eq!(search::spearman(&[1.0, 1.0], &[1.0, 2.0]), None);
+    assert_eq!(search::spearman(&[1.0, f64::NAN], &[1.0, 2.0]), None);
+    assert_eq!(search::spearman(&[1.0, 2.0], &[1.0]), None);
+}
+
+/// bf16 embedding tables: the memory model's fixed part shrinks by exactly half the tables' f32
+/// bytes and matches the loaded model; the forward equals an f32 model whose tables hold the same
+/// bf16-rounded values (gather then cast = cast then gather), and differs from the f32 original.
+#[test]
+fn bf16_embeddings_are_counted_exactly_and_only_round_the_tables() {
+    use peft_kernels::models::BertBatch;
+    use peft_kernels::tensor::DType;
+    let mut store = ParamStore::new();
+    let f32m = models::from_pretrained_seq_cls(tiny(), &ModelLoadOptions::default(), &mut store, 0).unwrap();
+    let (linears, mm32) = memory::for_seq_cls(&f32m, &store, OptimBytes::AdamW, 64, true).unwrap();
+    let c = f32m.bert().config().clone();
+    let table_elems = (c.vocab_size + c.max_position_embeddings + c.type_vocab_size) * c.hidden_size;
+    let mut bf = f32m.clone();
+    bf.bert_mut().set_embedding_dtype(DType::BF16).unwrap();
+    assert_eq!(bf.bert().embedding_dtype(), DType::BF16);
+    let (_, mm16) = memory::for_seq_cls(&bf, &store, OptimBytes::AdamW, 64, true).unwrap();
+    assert_eq!(mm32.fixed_frozen_bytes - mm16.fixed_frozen_bytes, 2 * table_elems);
+    // A quantized load with bf16 tables holds exactly the predicted frozen bytes.
+    let space = SearchSpace::new(units(&linears, Granularity::Layer), vec![Tier::Bits3], vec![0]).unwrap();
+    let cand = space.uniform(0, 0);
+    let (_, mut qm, _) = load_tiered(&space, &cand, &mm16);
+    qm.bert_mut().set_embedding_dtype(DType::BF16).unwrap();
+    let b = mm16.breakdown(&space, &cand);
+    assert_eq!(qm.bert().frozen_bytes(), b.base + b.fixed_frozen);
+    // Forward: bf16 tables vs f32 tables holding the bf16-rounded values.
+    let mut rounded = bf.clone();
+    rounded.bert_mut().set_embedding_dtype(DType::F32).unwrap();
+    let ids = vec![vec![2u32, 7, 11, 3, 0], vec![2, 5, 9, 3, 0]];
+    let mask = vec![vec![1u8, 1, 1, 1, 0], vec![1, 1, 1, 1, 1]];
+    let batch = BertBatch::from_rows(&ids, &mask, None).unwrap();
+    let l16 = bf.logits(&store, &batch).unwrap().to_vec_f32().unwrap();
+    let lr = rounded.logits(&store, &batch).unwrap().to_vec_f32().unwrap();
+    let l32 = f32m.logits(&store, &batch).unwrap().to_vec_f32().unwrap();
+    assert_eq!(l16, lr);
+    assert_ne!(l16, l32);
+    assert!(bf.bert_mut().set_embedding_dtype(DType::U8).is_err());
 }

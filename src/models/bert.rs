@@ -420,6 +420,34 @@ impl BertModel {
         Ok(())
     }
 
+    /// Stores the frozen embedding tables (word, position, token type) in `dtype`, e.g. bf16 under f32
+    /// activations (half the bytes; QR-Adaptor's `--embeddings bf16`). Rows are gathered in `dtype` and
+    /// cast to the activation dtype, so only the stored values are rounded.
+    pub fn set_embedding_dtype(&mut self, dtype: DType) -> Result<()> {
+        if !dtype.is_float() {
+            return Err(Error::invalid(format!(
+                "embedding tables must be stored in a float dtype, got {dtype}"
+            )));
+        }
+        for t in [&mut self.word, &mut self.position, &mut self.token_type] {
+            *t = t.to_dtype(dtype)?;
+        }
+        Ok(())
+    }
+
+    /// The dtype the embedding tables are stored in.
+    pub fn embedding_dtype(&self) -> DType {
+        self.word.dtype()
+    }
+
+    /// Rows `ids` of a frozen embedding table in the activation dtype (a constant on the tape).
+    fn embedding_rows(&self, tape: &mut Tape, table: &Tensor, ids: &[u32]) -> Result<Var> {
+        if table.dtype() == self.opts.dtype {
+            return tape.embedding(table, ids);
+        }
+        Ok(tape.leaf(crate::nn::embedding(table, ids)?.to_dtype(self.opts.dtype)?))
+    }
+
     /// Records the embeddings of the rows of `r`: `LayerNorm(word + token_type + position)` then dropout.
     fn embed(&self, tape: &mut Tape, b: &BertBatch, r: &Rows, seed: Option<u64>) -> Result<Var> {
         let (ids, types, positions): (Vec<u32>, Vec<u32>, Vec<u32>) = match &r.packing {
@@ -434,9 +462,9 @@ impl BertModel {
                 (0..b.batch).flat_map(|_| 0..b.seq as u32).collect(),
             ),
         };
-        let w = tape.embedding(&self.word, &ids)?;
-        let t = tape.embedding(&self.token_type, &types)?;
-        let p = tape.embedding(&self.position, &positions)?;
+        let w = self.embedding_rows(tape, &self.word, &ids)?;
+        let t = self.embedding_rows(tape, &self.token_type, &types)?;
+        let p = self.embedding_rows(tape, &self.position, &positions)?;
         let x = tape.add(w, t)?;
         let x = tape.add(x, p)?;
         let x = tape.layer_norm(

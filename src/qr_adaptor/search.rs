@@ -63,6 +63,10 @@ pub struct SearchConfig {
     /// Configurations evaluated first and shown for reference (e.g. uniform 4-bit QLoRA); they join
     /// the initial population when within budget.
     pub references: Vec<Candidate>,
+    /// The evaluator's settings that make its scores comparable (fidelities, storage of the fixed
+    /// part); part of the header, so a resumed log must have been scored the same way.
+    #[serde(default)]
+    pub evaluator: String,
 }
 
 /// One evaluated configuration.
@@ -86,6 +90,17 @@ pub struct SearchResult {
     pub generations_run: usize,
     /// Hypervolume after the initial population and after each generation.
     pub hypervolume: Vec<f64>,
+    /// How well the low fidelity ranks candidates: Spearman's correlation between the low- and
+    /// high-fidelity scores of the configurations scored at both.
+    pub rank_stability: RankStability,
+}
+
+/// Spearman's rank correlation between low- and high-fidelity scores over the `n` configurations
+/// scored at both (`None` when fewer than 2, or when one side is constant).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RankStability {
+    pub n: usize,
+    pub spearman: Option<f64>,
 }
 
 /// One line of `search.jsonl`.
@@ -112,6 +127,9 @@ pub enum LogLine {
         score: f64,
         memory: usize,
     },
+    /// After the high-fidelity phase: how the low fidelity ranked the finalists (informational; a
+    /// resumed search that ends the same way does not write it again).
+    Stability(RankStability),
 }
 
 /// The log file of a search in `dir`.
@@ -122,6 +140,8 @@ struct Log {
     file: std::fs::File,
     cache: BTreeMap<(Candidate, Fidelity), f64>,
     sensitivity: Option<(Vec<f64>, Vec<f64>)>,
+    /// The last rank-stability line (a resumed search that ends the same way writes none).
+    stability: Option<RankStability>,
 }
 
 impl Log {
@@ -133,6 +153,7 @@ impl Log {
         };
         let mut cache = BTreeMap::new();
         let mut sensitivity = None;
+        let mut stability = None;
         let mut valid = 0usize;
         let mut have_header = false;
         if let Ok(text) = std::fs::read_to_string(path) {
@@ -166,6 +187,7 @@ impl Log {
                     } => {
                         cache.insert((space.from_values(&config)?, fidelity), score);
                     }
+                    LogLine::Stability(s) => stability = Some(s),
                 }
                 valid += line.len();
             }
@@ -182,6 +204,7 @@ impl Log {
             file,
             cache,
             sensitivity,
+            stability,
         };
         use std::io::Seek;
         log.file
@@ -296,6 +319,46 @@ fn as_logged(x: f64) -> f64 {
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or(x)
+}
+
+/// Spearman's rank correlation of paired samples: Pearson's correlation of their ranks, ties given
+/// their average rank. `None` for fewer than 2 pairs, unequal lengths, a non-finite value or a
+/// constant side.
+pub fn spearman(x: &[f64], y: &[f64]) -> Option<f64> {
+    if x.len() != y.len() || x.len() < 2 || x.iter().chain(y).any(|v| !v.is_finite()) {
+        return None;
+    }
+    let ranks = |v: &[f64]| {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+        let mut r = vec![0.0; v.len()];
+        let mut i = 0;
+        while i < idx.len() {
+            let mut j = i;
+            while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+                j += 1;
+            }
+            let avg = (i + j) as f64 / 2.0 + 1.0;
+            for &k in &idx[i..=j] {
+                r[k] = avg;
+            }
+            i = j + 1;
+        }
+        r
+    };
+    let (rx, ry) = (ranks(x), ranks(y));
+    let n = x.len() as f64;
+    let (mx, my) = (rx.iter().sum::<f64>() / n, ry.iter().sum::<f64>() / n);
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (a, b) in rx.iter().zip(&ry) {
+        sxy += (a - mx) * (b - my);
+        sxx += (a - mx) * (a - mx);
+        syy += (b - my) * (b - my);
+    }
+    if sxx == 0.0 || syy == 0.0 {
+        return None;
+    }
+    Some(sxy / (sxx * syy).sqrt())
 }
 
 /// Features of a candidate for the GP: per unit, the bit and rank positions scaled to [0, 1].
@@ -532,6 +595,18 @@ pub fn run<E: Evaluator>(
             }
         })
         .ok_or_else(|| Error::invalid("no finalist"))?;
+    let (lo, hi): (Vec<f64>, Vec<f64>) = d
+        .evaluated
+        .iter()
+        .filter_map(|e| e.high.map(|h| (e.low, h)))
+        .unzip();
+    let rank_stability = RankStability {
+        n: lo.len(),
+        spearman: spearman(&lo, &hi).map(as_logged),
+    };
+    if d.log.stability != Some(rank_stability) {
+        d.log.append(&LogLine::Stability(rank_stability))?;
+    }
     let objs: Vec<Objectives> = d
         .evaluated
         .iter()
@@ -551,5 +626,6 @@ pub fn run<E: Evaluator>(
         sensitivity: sens,
         generations_run,
         hypervolume: hv,
+        rank_stability,
     })
 }

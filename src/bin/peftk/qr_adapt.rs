@@ -14,13 +14,13 @@ use clap::Args as ClapArgs;
 use peft_kernels::autograd::ParamStore;
 use peft_kernels::io::peft::AdapterConfig;
 use peft_kernels::kbit::Tier;
-use peft_kernels::models::{BertTokenizer, ModelLoadOptions};
+use peft_kernels::models::{BertForSequenceClassification, BertTokenizer, ModelLoadOptions};
 use peft_kernels::qr_adaptor::memory::{self, OptimBytes};
 use peft_kernels::qr_adaptor::search::{self, SearchConfig};
-use peft_kernels::qr_adaptor::{Granularity, QrConfig, SearchSpace, units};
+use peft_kernels::qr_adaptor::{CONFIG_FILE, EmbeddingStorage, Granularity, QrConfig, SearchSpace, units};
 use peft_kernels::{Error, Result};
 use serde_json::json;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -43,7 +43,7 @@ pub struct Args {
     pub granularity: Granularity,
     #[arg(long, default_value_t = 8)]
     pub population: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 3)]
     pub generations: usize,
     /// Stop Phase II after this many generations without hypervolume growth (0: never).
     #[arg(long, default_value_t = 2)]
@@ -53,16 +53,19 @@ pub struct Args {
     pub phase3: bool,
     #[arg(long, default_value_t = 4)]
     pub phase3_iters: usize,
-    /// Configurations re-scored with the longer (high-fidelity) fine-tune at the end.
-    #[arg(long, default_value_t = 2)]
+    /// Configurations re-scored with the longer (high-fidelity) fine-tune at the end; the Spearman
+    /// correlation of their low- and high-fidelity scores is logged (rank stability).
+    #[arg(long, default_value_t = 4)]
     pub high_fidelity: usize,
-    /// Low fidelity: training examples and epochs of each candidate's fine-tune.
-    #[arg(long, default_value_t = 256)]
+    /// Low fidelity: training examples and epochs of each candidate's fine-tune (the demo: 1024 x 1
+    /// is 64 steps, past the steep start of the learning curve; 256 x 1 scored near chance).
+    #[arg(long, default_value_t = 1024)]
     pub low_examples: usize,
     #[arg(long, default_value_t = 1)]
     pub low_epochs: usize,
-    /// High fidelity: training examples and epochs.
-    #[arg(long, default_value_t = 1024)]
+    /// High fidelity: training examples and epochs (the demo: all 1,800 of the search's training
+    /// split, 113 steps).
+    #[arg(long, default_value_t = 2048)]
     pub high_examples: usize,
     #[arg(long, default_value_t = 1)]
     pub high_epochs: usize,
@@ -73,6 +76,10 @@ pub struct Args {
     /// Calibration examples for the sensitivity phase.
     #[arg(long, default_value_t = 64)]
     pub calib: usize,
+    /// Storage of the frozen word/position/token-type embeddings for every configuration, the
+    /// references included: f32 (as loaded) or bf16 (half the bytes; counted by the memory model).
+    #[arg(long, default_value = "f32")]
+    pub embeddings: EmbeddingStorage,
     /// Search only: no final fine-tune of the chosen configuration.
     #[arg(long)]
     pub no_final: bool,
@@ -92,24 +99,60 @@ fn inv(msg: impl Into<String>) -> Error {
     Error::InvalidArgument(msg.into())
 }
 
-/// `peftk finetune --method qr-adaptor --qr-config FILE`: the load options (every linear in its tier)
-/// and the LoRA config (`rank_pattern` / `alpha_pattern`; `None` when every rank is 0) of the file.
-pub fn finetune_setup(a: &finetune::Args) -> Result<(ModelLoadOptions, Option<AdapterConfig>)> {
+/// The `qr_adaptor.json` of a `peftk finetune` run: `--qr-config` with `--method qr-adaptor`, else
+/// `None`.
+pub fn run_config(a: &finetune::Args) -> Result<Option<QrConfig>> {
+    if a.method != Method::QrAdaptor {
+        return Ok(None);
+    }
     let path = a
         .qr_config
         .as_ref()
         .ok_or_else(|| inv("--method qr-adaptor needs --qr-config FILE (a qr_adaptor.json)"))?;
-    let qc = QrConfig::load(path)?;
-    let quant = if a.quantize == Quant::None {
-        Quant::Nf4
-    } else {
-        a.quantize
-    };
+    QrConfig::load(path).map(Some)
+}
+
+/// The storage `peftk eval` / `predict` load an adapter's base in: `--qr-config FILE`, else the
+/// `qr_adaptor.json` that `peftk finetune --method qr-adaptor` saves beside the adapter, else `None`
+/// (uniform `--quantize`).
+pub fn adapter_config(adapter: &Path, explicit: Option<&Path>) -> Result<Option<QrConfig>> {
+    match explicit {
+        Some(p) => QrConfig::load(p).map(Some),
+        None if adapter.join(CONFIG_FILE).is_file() => QrConfig::load(adapter).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The load options of a base stored as `qc` says: every linear in its tier (`quant` picks NF4 or FP4
+/// for the 4-bit tier; `none` means NF4).
+pub fn load_opts(qc: &QrConfig, quant: Quant) -> ModelLoadOptions {
+    let quant = if quant == Quant::None { Quant::Nf4 } else { quant };
     let mut opts = finetune::load_opts(quant, qc.double_quant);
     if let Some(q) = opts.quantize.as_mut() {
         q.options.blocksize = qc.blocksize;
         q.tiers = qc.tiers();
     }
+    opts
+}
+
+/// What the load options cannot carry, applied to a model loaded with [`load_opts`]: the storage of
+/// the frozen embedding tables.
+pub fn apply_to_model(qc: &QrConfig, m: &mut BertForSequenceClassification) -> Result<()> {
+    apply_embeddings(qc.embeddings, m)
+}
+
+fn apply_embeddings(e: EmbeddingStorage, m: &mut BertForSequenceClassification) -> Result<()> {
+    match e.dtype() {
+        Some(dt) => m.bert_mut().set_embedding_dtype(dt),
+        None => Ok(()),
+    }
+}
+
+/// `peftk finetune --method qr-adaptor --qr-config FILE`: the load options (every linear in its tier)
+/// and the LoRA config (`rank_pattern` / `alpha_pattern`; `None` when every rank is 0) of the file.
+pub fn finetune_setup(a: &finetune::Args) -> Result<(ModelLoadOptions, Option<AdapterConfig>)> {
+    let qc = run_config(a)?.ok_or_else(|| inv("finetune_setup needs --method qr-adaptor"))?;
+    let opts = load_opts(&qc, a.quantize);
     let config = qc.adapter_config(a.recipe.dropout)?.map(|mut c| {
         c.task_type = Some("SEQ_CLS".into());
         c.modules_to_save = Some(vec!["classifier".into(), "score".into()]);
@@ -163,13 +206,14 @@ pub fn run(a: Args) -> Result<()> {
     let (blocksize, dq) = (64, true);
     let (linears, mm) = {
         let mut store = ParamStore::new();
-        let m = finetune::load_classifier(
+        let mut m = finetune::load_classifier(
             &mdir,
             &ModelLoadOptions::default(),
             &mut store,
             r.seed,
             train.label_map.len(),
         )?;
+        apply_embeddings(a.embeddings, &mut m)?;
         memory::for_seq_cls(&m, &store, optim, blocksize, dq)?
     };
     let space = SearchSpace::new(units(&linears, a.granularity), a.bits.clone(), a.ranks.clone())?;
@@ -207,6 +251,10 @@ pub fn run(a: Args) -> Result<()> {
         patience: a.patience,
         phase3: if a.phase3 { a.phase3_iters } else { 0 },
         references: references.clone(),
+        evaluator: format!(
+            "seq-cls low {}x{} high {}x{} val-split {} calib {} embeddings {:?}",
+            a.low_examples, a.low_epochs, a.high_examples, a.high_epochs, a.val_split, a.calib, a.embeddings,
+        ),
     };
     let mut search_template = finetune_args(search_recipe, a.out.join("work"));
     search_template.recipe.epochs = a.low_epochs;
@@ -227,6 +275,7 @@ pub fn run(a: Args) -> Result<()> {
         a.out.join("work"),
         a.quiet,
     );
+    ev.embeddings = a.embeddings;
     ev.set_calibration(&tok, &train, a.calib, r.data_args.max_len)?;
     ev.note(&format!(
         "qr-adapt: {} units x bits {:?} x ranks {:?}; budget {:.2} MiB (lowest {:.2}, highest {:.2})",
@@ -249,6 +298,7 @@ pub fn run(a: Args) -> Result<()> {
         res.best.memory,
     )?;
     qc.score = Some(res.best.high.unwrap_or(res.best.low));
+    qc.embeddings = a.embeddings;
     qc.save(&a.out)?;
     crate::qr_adapt_plot::write(&a.out, &space, &mm, &res, &references, budget_bytes)?;
     let mut summary = json!({
@@ -264,6 +314,7 @@ pub fn run(a: Args) -> Result<()> {
         "evaluated": res.evaluated.len(),
         "front": res.front.len(),
         "generations_run": res.generations_run,
+        "rank_stability": res.rank_stability,
         "hypervolume": res.hypervolume,
         "sensitivity": res.sensitivity,
         "search_s": search_s,

@@ -20,7 +20,7 @@ use peft_kernels::data::Dataset;
 use peft_kernels::kbit::Tier;
 use peft_kernels::models::{BertBatch, BertForSequenceClassification, BertTokenizer, ModelLoadOptions};
 use peft_kernels::qr_adaptor::search::{Evaluator, Fidelity};
-use peft_kernels::qr_adaptor::{Candidate, Granularity, QrConfig, SearchSpace};
+use peft_kernels::qr_adaptor::{Candidate, EmbeddingStorage, Granularity, QrConfig, SearchSpace};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -51,6 +51,8 @@ pub struct TaskEvaluator {
     pub work: PathBuf,
     pub stop: Arc<AtomicBool>,
     pub quiet: bool,
+    /// Storage of the frozen embeddings in every load (sensitivity and candidates).
+    pub embeddings: EmbeddingStorage,
     bar: Option<(String, ProgressBar)>,
 }
 
@@ -82,6 +84,7 @@ impl TaskEvaluator {
             work,
             stop: Arc::new(AtomicBool::new(false)),
             quiet,
+            embeddings: EmbeddingStorage::F32,
             bar: None,
         }
     }
@@ -114,12 +117,16 @@ impl TaskEvaluator {
             q.options.blocksize = self.blocksize;
             q.tiers = tiers;
         }
-        peft_kernels::models::from_pretrained_seq_cls(
+        let mut m = peft_kernels::models::from_pretrained_seq_cls(
             &self.model_dir,
             &opts,
             store,
             self.template.recipe.seed,
-        )
+        )?;
+        if let Some(dt) = self.embeddings.dtype() {
+            m.bert_mut().set_embedding_dtype(dt)?;
+        }
+        Ok(m)
     }
 
     /// Pooled `[CLS]` outputs of the calibration batches (evaluation mode), concatenated.
@@ -295,6 +302,10 @@ impl Evaluator for TaskEvaluator {
             0,
             0,
         )?;
+        let qc = QrConfig {
+            embeddings: self.embeddings,
+            ..qc
+        };
         let budget = match fidelity {
             Fidelity::Low => self.low,
             Fidelity::High => self.high,

@@ -510,6 +510,10 @@ pub struct EvalArgs {
     pub task: String,
     #[arg(long, value_enum, default_value = "nf4")]
     pub quantize: Quant,
+    /// A `qr_adaptor.json` (per-linear bit-widths, embedding storage) to load the base with; default:
+    /// the one `--method qr-adaptor` saves in the adapter directory, if any.
+    #[arg(long)]
+    pub qr_config: Option<PathBuf>,
     #[command(flatten)]
     pub data_args: DataArgs,
     /// One JSON line `{"n", "loss", "accuracy", "f1"}`.
@@ -521,11 +525,20 @@ fn load_trained(
     model: &Option<PathBuf>,
     adapter: &Path,
     quant: Quant,
+    qr_config: Option<&Path>,
 ) -> Result<(BertForSequenceClassification, ParamStore, BertTokenizer, LabelMap)> {
     let mdir = model_dir(model)?;
     let label_map = LabelMap::load(adapter)?;
     let mut store = ParamStore::new();
-    let mut m = load_classifier(&mdir, &load_opts(quant, true), &mut store, 0, label_map.len())?;
+    let qr = crate::qr_adapt::adapter_config(adapter, qr_config)?;
+    let opts = match &qr {
+        Some(qc) => crate::qr_adapt::load_opts(qc, quant),
+        None => load_opts(quant, true),
+    };
+    let mut m = load_classifier(&mdir, &opts, &mut store, 0, label_map.len())?;
+    if let Some(qc) = &qr {
+        crate::qr_adapt::apply_to_model(qc, &mut m)?;
+    }
     m.load_adapter(adapter, &mut store)?;
     Ok((
         m,
@@ -542,7 +555,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     if a.task != "seq-cls" {
         return Err(inv(format!("--task {}: only seq-cls is implemented", a.task)));
     }
-    let (m, store, tok, map) = load_trained(&a.model, &a.adapter, a.quantize)?;
+    let (m, store, tok, map) = load_trained(&a.model, &a.adapter, a.quantize, a.qr_config.as_deref())?;
     let ds = data::load_with_map(&a.data, &a.data_args.columns(), &map)?;
     let enc = encode(&tok, &ds, a.data_args.max_len)?;
     let (loss, acc, f1) = evaluate(&m, &store, &enc, &ds, tok.pad_id())?;
@@ -574,6 +587,10 @@ pub struct PredictArgs {
     pub data: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "nf4")]
     pub quantize: Quant,
+    /// A `qr_adaptor.json` (per-linear bit-widths, embedding storage) to load the base with; default:
+    /// the one `--method qr-adaptor` saves in the adapter directory, if any.
+    #[arg(long)]
+    pub qr_config: Option<PathBuf>,
     #[command(flatten)]
     pub data_args: DataArgs,
     /// One JSON line per input: `{"text", "label", "prob"}`.
@@ -582,7 +599,7 @@ pub struct PredictArgs {
 }
 
 pub fn run_predict(a: PredictArgs) -> Result<()> {
-    let (m, store, tok, map) = load_trained(&a.model, &a.adapter, a.quantize)?;
+    let (m, store, tok, map) = load_trained(&a.model, &a.adapter, a.quantize, a.qr_config.as_deref())?;
     let texts: Vec<String> = match &a.data {
         Some(p) => data::read_records(p, &a.data_args.columns())?
             .into_iter()

@@ -501,6 +501,10 @@ pub fn train(a: &Args, stop: Option<Arc<AtomicBool>>) -> Result<RunSummary> {
     let mut store = ParamStore::new();
     let (opts, config) = super::setup(a)?;
     let mut model = load_classifier(&mdir, &opts, &mut store, r.seed, train.label_map.len())?;
+    let qr = crate::qr_adapt::run_config(a)?;
+    if let Some(qc) = &qr {
+        crate::qr_adapt::apply_to_model(qc, &mut model)?;
+    }
     if let Some(c) = &config {
         model.init_adapter(c, &mut store, r.seed.wrapping_add(1))?;
     }
@@ -591,6 +595,9 @@ pub fn train(a: &Args, stop: Option<Arc<AtomicBool>>) -> Result<RunSummary> {
     let adapter_bytes = if let Some(c) = &config {
         model.save_adapter(c, &store, &adapter_dir)?;
         train.label_map.save(&adapter_dir)?;
+        if let Some(qc) = &qr {
+            qc.save(&adapter_dir)?; // `peftk eval` / `predict` load the base in the same tiers
+        }
         dir_bytes(&adapter_dir)
     } else {
         0
