@@ -58,6 +58,7 @@ mod cuda;
 #[cfg(not(feature = "cuda"))]
 #[path = "dora/cuda_stub.rs"]
 mod cuda;
+mod sparse_drop;
 
 use super::AdapterLinear;
 use super::linear::{Fwd, LinearBase, Shapes, TapeLinear, adapter_linear_common, check_merged};
@@ -112,6 +113,9 @@ pub struct DoraLinear {
     opts: DoraOptions,
     eval: Option<EvalScale>,
     merge_norm: Option<Tensor>,
+    /// `Wᵀ [in, out]` of a dense f32 W, built by the first training forward pass with dropout that
+    /// takes [`sparse_drop`]'s path (W is frozen, so it stays valid; clones share it, as they share W).
+    wt: std::sync::Arc<std::sync::OnceLock<Tensor>>,
 }
 
 /// What the forward pass keeps for the backward pass.
@@ -129,6 +133,8 @@ pub struct DoraContext {
     parts: Option<(Tensor, Tensor)>,
     shapes: Shapes,
     mask_seed: Option<u64>,
+    /// The dropped positions when the forward pass took [`sparse_drop`]'s path.
+    dropped: Option<sparse_drop::Dropped>,
 }
 
 impl DoraContext {
@@ -233,6 +239,7 @@ impl DoraLinear {
             opts,
             eval: None,
             merge_norm: None,
+            wt: Default::default(),
         }
     }
 
@@ -364,6 +371,21 @@ impl DoraLinear {
         &self.lora.lb
     }
 
+    /// `Wᵀ` of the dense base weight (built once; only called on [`sparse_drop`]'s path).
+    fn base_t(&self) -> Result<&Tensor> {
+        if let Some(t) = self.wt.get() {
+            return Ok(t);
+        }
+        let BaseWeight::Dense(w) = self.base() else {
+            return Err(Error::invalid("internal: transposed copy of a quantized weight"));
+        };
+        // A concurrent caller may have set it meanwhile: both computed the same bits.
+        let _ = self.wt.set(w.t()?);
+        self.wt
+            .get()
+            .ok_or_else(|| Error::invalid("internal: transposed weight not set"))
+    }
+
     /// Forward pass. `dropout_seed` is `Some(step seed)` in training and `None` in evaluation (where the
     /// eval cache, if set, replaces the norm). Returns the output and the backward context.
     pub fn forward(
@@ -407,7 +429,14 @@ impl DoraLinear {
         };
         let dev = x2.device();
         let (a32, b32) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
-        let xd = self.lb().dropped(&x2, mask_seed)?;
+        // With dropout on a dense f32 W (CPU), `sparse_drop` replaces the clean product by a sparse one.
+        let (xd, dropped) = match mask_seed {
+            Some(seed) if sparse_drop::applicable(self.base(), &x2, self.dropout()) => {
+                let (xd, d) = sparse_drop::split(&x2, self.dropout(), seed)?;
+                (xd, Some(d))
+            }
+            _ => (self.lb().dropped(&x2, mask_seed)?, None),
+        };
         // u = s·drop(x)·Aᵀ in f32: [tokens, r].
         let u = xd
             .to_dtype(DType::F32)?
@@ -457,6 +486,24 @@ impl DoraLinear {
                 let bias32 = self.bias().map(|t| t.to_dtype(DType::F32)).transpose()?;
                 on_device!(dev, scale_cols(&zc, tokens, &g, bias32.as_ref(), None))?
             }
+            // (g - p) ⊙ z_d + p·lr + b + x_D·Wᵀ (see `sparse_drop`).
+            Some(_) if dropped.is_some() => {
+                let d = dropped
+                    .as_ref()
+                    .ok_or_else(|| Error::invalid("internal: no dropout mask"))?;
+                let bias32 = self.bias().map(|t| t.to_dtype(DType::F32)).transpose()?;
+                let o = sparse_drop::Output {
+                    zc: &zc,
+                    x: &x2,
+                    wt: self.base_t()?,
+                    u: &u,
+                    b: &b32,
+                    g: &g,
+                    bias: bias32.as_ref(),
+                    p: self.dropout(),
+                };
+                sparse_drop::output(&o, d)?
+            }
             // (W·x + b + lr) + (g - 1) ⊙ (W·xd + lr).
             Some(_) => {
                 let clean = linear_forward(&x2, self.base(), self.bias(), lr, self.lb().algo())?;
@@ -474,6 +521,7 @@ impl DoraLinear {
             parts,
             shapes,
             mask_seed,
+            dropped,
         };
         Ok((y, ctx))
     }
@@ -530,7 +578,10 @@ impl DoraLinear {
         // v = s·dy·(g ⊙ B): [tokens, r];  dA = vᵀ·drop(x): [r, tokens]·[tokens, in].
         let gb = on_device!(dev, scale_rows(&b32, &ctx.g))?;
         let v = dy32.matmul(&gb)?.scale(s)?;
-        let xd32 = self.lb().dropped(&ctx.x, ctx.mask_seed)?.to_dtype(DType::F32)?;
+        let xd32 = match &ctx.dropped {
+            Some(d) => sparse_drop::redrop(&ctx.x, self.dropout(), d)?,
+            None => self.lb().dropped(&ctx.x, ctx.mask_seed)?.to_dtype(DType::F32)?,
+        };
         let mut da = v.matmul_t(&xd32, true, false)?;
         let dx = if need_dx {
             let dx = match ctx.mask_seed {
@@ -543,6 +594,26 @@ impl DoraLinear {
                         Some(LowRankBwd { v: &v, a: &a32 }),
                         self.lb().algo(),
                     )?
+                }
+                // Kept positions: (dy ⊙ (1 + q·(g - 1)))·W + q·v·A in one fused product; dropped
+                // ones: the clean dy·W (see `sparse_drop`).
+                Some(_) if ctx.dropped.is_some() => {
+                    let d = ctx
+                        .dropped
+                        .as_ref()
+                        .ok_or_else(|| Error::invalid("internal: no dropout mask"))?;
+                    let q = 1.0 / (1.0 - self.dropout());
+                    let c = ctx.g.affine(q, 1.0 - q)?;
+                    let dyc = on_device!(dev, scale_cols(&dy2, dy2.dims()[0], &c, None, None))?;
+                    let vq = v.scale(q)?;
+                    let mut dx = linear_backward_input(
+                        &dyc,
+                        self.base(),
+                        Some(LowRankBwd { v: &vq, a: &a32 }),
+                        self.lb().algo(),
+                    )?;
+                    sparse_drop::fix_dx(&mut dx, &dy2, self.base_t()?, d)?;
+                    dx
                 }
                 // dx = dy·W + drop((dy ⊙ (g - 1))·W + v·A).
                 Some(seed) => {

@@ -16,7 +16,7 @@
 use super::adapt::{SavedModules, backbone_adapter_methods, task_adapter_methods};
 use super::config::BertConfig;
 use super::linear::{LinearSlot, TrainedLinear};
-use super::loader::{Checkpoint, ModelLoadOptions, frozen_linear};
+use super::loader::{Checkpoint, MappedTable, ModelLoadOptions, frozen_linear};
 use super::tokenizer::BertBatch;
 use crate::adapters::vblora::VbLoraBank;
 use crate::attention::AttentionConfig;
@@ -249,13 +249,51 @@ impl BertLayer {
     }
 }
 
+/// The word-embedding table: in memory, or (an f32 checkpoint on the CPU) left in the mapped file, where
+/// a lookup reads only the rows it needs (see [`MappedTable`]).
+#[derive(Clone, Debug)]
+enum WordTable {
+    Loaded(Tensor),
+    Mapped(MappedTable),
+}
+
+impl WordTable {
+    /// Bytes of the table as stored (a mapped table's pages are resident only where rows were read).
+    fn size_in_bytes(&self) -> usize {
+        match self {
+            WordTable::Loaded(t) => t.size_in_bytes(),
+            WordTable::Mapped(m) => m.size_in_bytes(),
+        }
+    }
+
+    /// The dtype rows are stored in (a mapped table is an f32 checkpoint read in place).
+    fn dtype(&self) -> DType {
+        match self {
+            WordTable::Loaded(t) => t.dtype(),
+            WordTable::Mapped(_) => DType::F32,
+        }
+    }
+
+    /// The table stored in `dtype`: a mapped table stays mapped for f32 and is read whole otherwise.
+    fn to_dtype(&self, dtype: DType) -> Result<WordTable> {
+        Ok(match self {
+            WordTable::Loaded(t) => WordTable::Loaded(t.to_dtype(dtype)?),
+            WordTable::Mapped(m) if dtype == DType::F32 => WordTable::Mapped(m.clone()),
+            WordTable::Mapped(m) => {
+                let all: Vec<u32> = (0..m.shape()[0] as u32).collect();
+                WordTable::Loaded(m.gather(&all)?.to_dtype(dtype)?)
+            }
+        })
+    }
+}
+
 /// `BertModel`: embeddings, encoder, optional pooler.
 #[derive(Clone, Debug)]
 pub struct BertModel {
     config: BertConfig,
     /// The module-name prefix (`"bert"` inside `BertForSequenceClassification`, `""` for a bare model).
     prefix: String,
-    word: Tensor,
+    word: WordTable,
     position: Tensor,
     token_type: Tensor,
     emb_ln: LayerNorm,
@@ -313,7 +351,13 @@ impl BertModel {
         Ok(BertModel {
             config: c.clone(),
             prefix: prefix.to_string(),
-            word: ckpt.backbone("embeddings.word_embeddings.weight", &[c.vocab_size, h], dt, dev)?,
+            word: {
+                let (name, shape) = ("embeddings.word_embeddings.weight", [c.vocab_size, h]);
+                match ckpt.backbone_mapped(name, &shape, dt, dev)? {
+                    Some(m) => WordTable::Mapped(m),
+                    None => WordTable::Loaded(ckpt.backbone(name, &shape, dt, dev)?),
+                }
+            },
             position: ckpt.backbone(
                 "embeddings.position_embeddings.weight",
                 &[c.max_position_embeddings, h],
@@ -429,7 +473,8 @@ impl BertModel {
                 "embedding tables must be stored in a float dtype, got {dtype}"
             )));
         }
-        for t in [&mut self.word, &mut self.position, &mut self.token_type] {
+        self.word = self.word.to_dtype(dtype)?;
+        for t in [&mut self.position, &mut self.token_type] {
             *t = t.to_dtype(dtype)?;
         }
         Ok(())
@@ -462,7 +507,10 @@ impl BertModel {
                 (0..b.batch).flat_map(|_| 0..b.seq as u32).collect(),
             ),
         };
-        let w = self.embedding_rows(tape, &self.word, &ids)?;
+        let w = match &self.word {
+            WordTable::Loaded(t) => self.embedding_rows(tape, t, &ids)?,
+            WordTable::Mapped(m) => tape.leaf(m.gather(&ids)?),
+        };
         let t = self.embedding_rows(tape, &self.token_type, &types)?;
         let p = self.embedding_rows(tape, &self.position, &positions)?;
         let x = tape.add(w, t)?;

@@ -18,6 +18,7 @@ use crate::quant::{QuantizeOptions, QuantizedTensor};
 use crate::tensor::{DType, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Which linears to quantize while loading, and how (bitsandbytes layout, see [`QuantizedTensor`]).
 #[derive(Clone, Debug)]
@@ -269,6 +270,50 @@ impl Checkpoint {
         self.load_as(&stored, shape, dtype, device)
     }
 
+    /// Backbone table `name` (without prefix) of `shape` left in the memory-mapped file as a
+    /// [`MappedTable`] when it is stored as f32, is wanted as f32 on the CPU, and its bytes are aligned
+    /// for f32 on a little-endian host; `Ok(None)` otherwise (load it with [`Checkpoint::backbone`]).
+    /// Missing or misshapen is an error, as there.
+    pub fn backbone_mapped(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: Device,
+    ) -> Result<Option<MappedTable>> {
+        let stored = self
+            .backbone_name(name)
+            .ok_or_else(|| self.missing(&format!("{}{name}", self.prefix), Some(shape)))?;
+        let f = self.file(&stored)?;
+        let (st, got, bytes) = f.raw(&stored)?;
+        let &[rows, cols] = shape else {
+            return Ok(None);
+        };
+        if got != shape {
+            return Err(Error::format(
+                self.dir.display().to_string(),
+                format!("tensor {stored:?} has shape {got:?}, the config needs {shape:?}"),
+            ));
+        }
+        let aligned = bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok();
+        if dtype != DType::F32
+            || !device.is_cpu()
+            || st != safetensors::Dtype::F32
+            || !aligned
+            || cfg!(target_endian = "big")
+        {
+            return Ok(None);
+        }
+        // A second map of the same file, owned by the table (the checkpoint's maps go when loading ends).
+        let file = Arc::new(SafetensorsFile::open(f.path())?);
+        Ok(Some(MappedTable {
+            file,
+            name: stored,
+            rows,
+            cols,
+        }))
+    }
+
     /// A linear layer's weight `[out, in]` and bias `[out]` by stored module name: a 4-bit weight stays
     /// 4-bit (its quant-state shape must be `[out, in]`); a dense one is cast to `opts.dtype`, or stored in
     /// the tier `quantize` gives.
@@ -383,4 +428,61 @@ pub(crate) fn frozen_linear(
         (ckpt.linear_weight(&stored, out, inp, q, opts)?, None)
     };
     Ok(LinearSlot::frozen(name, w, b, opts.algo))
+}
+
+/// A frozen f32 table `[rows, cols]` (BERT's word embeddings: 30522 x 384, 47 MB for MiniLM) left in the
+/// memory-mapped checkpoint and read row by row: only the pages of the rows one lookup reads are
+/// resident, and only during it, where a loaded copy keeps all of it in anonymous memory for the life
+/// of the model. The
+/// file must not be truncated or rewritten in place while the model lives (replacing or deleting it is
+/// fine: the map keeps the old inode).
+#[derive(Clone)]
+pub struct MappedTable {
+    file: Arc<SafetensorsFile>,
+    name: String,
+    rows: usize,
+    cols: usize,
+}
+
+impl std::fmt::Debug for MappedTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappedTable")
+            .field("file", &self.file.path())
+            .field("name", &self.name)
+            .field("shape", &[self.rows, self.cols])
+            .finish()
+    }
+}
+
+impl MappedTable {
+    /// `[rows, cols]`.
+    pub fn shape(&self) -> [usize; 2] {
+        [self.rows, self.cols]
+    }
+
+    /// Bytes of the whole table in the file (f32).
+    pub fn size_in_bytes(&self) -> usize {
+        self.rows * self.cols * DType::F32.size_in_bytes()
+    }
+
+    /// Rows `ids` as an f32 CPU tensor `[ids.len(), cols]` (an embedding lookup); an id out of range is
+    /// an error.
+    pub fn gather(&self, ids: &[u32]) -> Result<Tensor> {
+        let op = "embedding";
+        if let Some((j, &i)) = ids.iter().enumerate().find(|&(_, &i)| i as usize >= self.rows) {
+            return Err(Error::invalid(format!(
+                "{op}: token id {i} at position {j} is out of range for {} rows",
+                self.rows
+            )));
+        }
+        let (_, _, bytes) = self.file.raw(&self.name)?;
+        let table: &[f32] = bytemuck::try_cast_slice(bytes)
+            .map_err(|e| self.file.err(format!("tensor {:?}: {e}", self.name)))?;
+        let rows = crate::nn::cpu::gather_rows(table, ids, self.cols);
+        // Drop the pages just read from the resident set again: over an epoch a batch's ids touch
+        // most of the table's pages (2.7 rows of 384 f32 per 4 KiB page), which would otherwise stay
+        // mapped. The next lookup maps its rows again from the page cache (a soft fault per page).
+        self.file.release(&self.name);
+        Tensor::from_vec(rows, &[ids.len(), self.cols], Device::Cpu)
+    }
 }

@@ -35,7 +35,7 @@ pub use linear::{LinearSlot, TrainedLinear};
 pub use llama::{
     CausalLmTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, TokenBatch,
 };
-pub use loader::{Checkpoint, ModelLoadOptions, QuantizeOnLoad};
+pub use loader::{Checkpoint, MappedTable, ModelLoadOptions, QuantizeOnLoad};
 pub use tokenizer::{BertBatch, BertTokenizer};
 
 use crate::autograd::{ParamStore, Tape, Var};
