@@ -291,28 +291,42 @@ pub(crate) fn dequantize_f32(q: &Q4<'_>) -> Vec<f32> {
 pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
     let op = "linear_forward";
     let x = f32_of(p.act, op)?;
-    let w = WeightRef::new(p.w)?;
-    let (t, out, inp) = (p.tokens, p.out, p.inp);
-    let mut y = vec![0f32; t * out];
     let lr = match p.low_rank {
         Some((u, b)) if p.rank > 0 => Some((f32_of(u, op)?, f32_of(b, op)?)),
         _ => None,
     };
     let lr = lr.as_ref().map(|(u, b)| (&u[..], &b[..]));
     let bias = p.bias.map(|b| f32_of(b, op)).transpose()?;
-    let bias = bias.as_deref();
+    let y = forward_f32(&x, p.tokens, p.w, bias.as_deref(), lr, p.rank, p.algo)?;
+    tensor_from_f32(y, &[p.tokens, p.out], p.act.dtype())
+}
+
+/// [`forward`] on f32 slices the caller has checked (`x [t, in]`, `bias [out]`, `lr = (u [t, r],
+/// b [out, r])`): `y [t, out]` as a fresh Vec. Host frameworks call it on their own buffers.
+pub(crate) fn forward_f32(
+    x: &[f32],
+    t: usize,
+    w: &BaseWeight,
+    bias: Option<&[f32]>,
+    lr: Option<(&[f32], &[f32])>,
+    rank: usize,
+    algo: Algo,
+) -> Result<Vec<f32>> {
+    let (out, inp) = (w.out_features(), w.in_features());
+    let w = WeightRef::new(w)?;
+    let mut y = vec![0f32; t * out];
     if t > 0 && out > 0 {
         // The baseline: all of W dequantized to f32, then one gemm.
-        let dequantized = match (&w, p.algo) {
+        let dequantized = match (&w, algo) {
             (WeightRef::Q4(q), Algo::DequantGemm) => Some(dequantize_f32(q)),
             _ => None,
         };
         if let Some(wf) = &dequantized {
-            dense_gemm_fwd(&x, &WeightRef::F32(wf), t, out, inp, &mut y, lr, p.rank);
+            dense_gemm_fwd(x, &WeightRef::F32(wf), t, out, inp, &mut y, lr, rank);
         } else if t <= DECODE_MAX_TOKENS {
-            gemv_fwd(&w, &x, t, out, inp, &mut y, lr, p.rank);
+            gemv_fwd(&w, x, t, out, inp, &mut y, lr, rank);
         } else {
-            dense_gemm_fwd(&x, &w, t, out, inp, &mut y, lr, p.rank);
+            dense_gemm_fwd(x, &w, t, out, inp, &mut y, lr, rank);
         }
         if let Some(b) = bias {
             y.par_chunks_mut(out).for_each(|row| {
@@ -320,32 +334,46 @@ pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
             });
         }
     }
-    tensor_from_f32(y, &[t, out], p.act.dtype())
+    Ok(y)
 }
 
 pub(crate) fn backward_input(p: &Problem<'_>) -> Result<Tensor> {
     let op = "linear_backward_input";
     let dy = f32_of(p.act, op)?;
-    let w = WeightRef::new(p.w)?;
-    let (t, out, inp) = (p.tokens, p.out, p.inp);
-    let mut dx = vec![0f32; t * inp];
     let lr = match p.low_rank {
         Some((v, a)) if p.rank > 0 => Some((f32_of(v, op)?, f32_of(a, op)?)),
         _ => None,
     };
     let lr = lr.as_ref().map(|(v, a)| (&v[..], &a[..]));
+    let dx = backward_input_f32(&dy, p.tokens, p.w, lr, p.rank, p.algo)?;
+    tensor_from_f32(dx, &[p.tokens, p.inp], p.act.dtype())
+}
+
+/// [`backward_input`] on f32 slices the caller has checked (`dy [t, out]`, `lr = (v [t, r],
+/// a [r, in])`): `dx [t, in]` as a fresh Vec.
+pub(crate) fn backward_input_f32(
+    dy: &[f32],
+    t: usize,
+    w: &BaseWeight,
+    lr: Option<(&[f32], &[f32])>,
+    rank: usize,
+    algo: Algo,
+) -> Result<Vec<f32>> {
+    let (out, inp) = (w.out_features(), w.in_features());
+    let w = WeightRef::new(w)?;
+    let mut dx = vec![0f32; t * inp];
     if t > 0 && inp > 0 {
-        let dequantized = match (&w, p.algo) {
+        let dequantized = match (&w, algo) {
             (WeightRef::Q4(q), Algo::DequantGemm) => Some(dequantize_f32(q)),
             _ => None,
         };
         if let Some(wf) = &dequantized {
-            dense_gemm_bwd(&dy, &WeightRef::F32(wf), t, out, inp, &mut dx, lr, p.rank);
+            dense_gemm_bwd(dy, &WeightRef::F32(wf), t, out, inp, &mut dx, lr, rank);
         } else if t <= DECODE_MAX_TOKENS {
-            gemv_bwd(&w, &dy, t, out, inp, &mut dx, lr, p.rank);
+            gemv_bwd(&w, dy, t, out, inp, &mut dx, lr, rank);
         } else {
-            dense_gemm_bwd(&dy, &w, t, out, inp, &mut dx, lr, p.rank);
+            dense_gemm_bwd(dy, &w, t, out, inp, &mut dx, lr, rank);
         }
     }
-    tensor_from_f32(dx, &[t, inp], p.act.dtype())
+    Ok(dx)
 }
