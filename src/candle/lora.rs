@@ -31,6 +31,9 @@ struct SliceCtx {
     x_shape: Vec<usize>,
 }
 
+/// `dx` (when asked), `dA`, `dB` of the in-place backward pass.
+type HostGrads = (Option<Vec<f32>>, Vec<f32>, Vec<f32>);
+
 /// One call of a LoRA layer (see the module docs).
 pub(crate) struct LoraOp {
     general: AdapterOp<LoraLinear>,
@@ -125,7 +128,7 @@ impl LoraOp {
         b: &[f32],
         dy: &[f32],
         need_dx: bool,
-    ) -> Result<(Option<Vec<f32>>, Vec<f32>, Vec<f32>)> {
+    ) -> Result<HostGrads> {
         let layer = self.layer();
         let lb = layer.linear_base();
         let (out, inp, r, s) = (lb.out_features(), lb.in_features(), layer.rank(), layer.scaling());

@@ -359,6 +359,7 @@ impl Tensor {
     /// The host elements moved out as a `Vec<T>` (no copy) when this tensor is the only owner of its
     /// CPU storage and holds `T`; otherwise the tensor back unchanged (used to hand buffers to a host
     /// framework without copying them).
+    #[cfg_attr(not(feature = "candle"), allow(dead_code))]
     pub(crate) fn into_cpu_vec<T: Element>(self) -> std::result::Result<Vec<T>, Tensor> {
         if self.dtype != T::DTYPE {
             return Err(self);
