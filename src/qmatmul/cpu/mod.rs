@@ -50,6 +50,7 @@ mod avx2;
 mod avx512;
 mod gemv;
 mod panels;
+mod transpose;
 
 pub(crate) use gemv::{gemv_bwd, gemv_fwd};
 use panels::{dense_gemm_bwd, dense_gemm_fwd};
@@ -288,13 +289,57 @@ pub(crate) fn dequantize_f32(q: &Q4<'_>) -> Vec<f32> {
     v
 }
 
-pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
-    let op = "linear_forward";
-    let x = f32_of(p.act, op)?;
+/// `act` times W one way or the other, plus the low-rank term, in f32: forward `y = x·Wᵀ (+ u·bᵀ)`
+/// `[tokens, out]`, backward `dx = dy·W (+ v·a)` `[tokens, in]`. The dequantize-then-gemm baseline when
+/// `algo` asks for it, else the GEMVs up to [`DECODE_MAX_TOKENS`] tokens and the panels above.
+fn product(
+    act: &[f32],
+    t: usize,
+    w: &BaseWeight,
+    lr: Option<(&[f32], &[f32])>,
+    rank: usize,
+    algo: Algo,
+    backward: bool,
+) -> Result<Vec<f32>> {
+    let (out, inp) = (w.out_features(), w.in_features());
+    let w = WeightRef::new(w)?;
+    let mut r = vec![0f32; t * if backward { inp } else { out }];
+    if r.is_empty() {
+        return Ok(r);
+    }
+    // The baseline: all of W dequantized to f32, then one gemm.
+    let dequantized = match (&w, algo) {
+        (WeightRef::Q4(q), Algo::DequantGemm) => Some(dequantize_f32(q)),
+        _ => None,
+    };
+    let decode = dequantized.is_none() && t <= DECODE_MAX_TOKENS;
+    let w = match &dequantized {
+        Some(wf) => WeightRef::F32(wf),
+        None => w,
+    };
+    match (backward, decode) {
+        (false, true) => gemv_fwd(&w, act, t, out, inp, &mut r, lr, rank),
+        (false, false) => dense_gemm_fwd(act, &w, t, out, inp, &mut r, lr, rank),
+        (true, true) => gemv_bwd(&w, act, t, out, inp, &mut r, lr, rank),
+        (true, false) => dense_gemm_bwd(act, &w, t, out, inp, &mut r, lr, rank),
+    }
+    Ok(r)
+}
+
+/// The problem's f32 activations and low-rank pair.
+type F32Operands<'a> = (Cow<'a, [f32]>, Option<(Cow<'a, [f32]>, Cow<'a, [f32]>)>);
+
+fn f32_operands<'a>(p: &Problem<'a>, op: &'static str) -> Result<F32Operands<'a>> {
     let lr = match p.low_rank {
         Some((u, b)) if p.rank > 0 => Some((f32_of(u, op)?, f32_of(b, op)?)),
         _ => None,
     };
+    Ok((f32_of(p.act, op)?, lr))
+}
+
+pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
+    let op = "linear_forward";
+    let (x, lr) = f32_operands(p, op)?;
     let lr = lr.as_ref().map(|(u, b)| (&u[..], &b[..]));
     let bias = p.bias.map(|b| f32_of(b, op)).transpose()?;
     let y = forward_f32(&x, p.tokens, p.w, bias.as_deref(), lr, p.rank, p.algo)?;
@@ -312,38 +357,20 @@ pub(crate) fn forward_f32(
     rank: usize,
     algo: Algo,
 ) -> Result<Vec<f32>> {
-    let (out, inp) = (w.out_features(), w.in_features());
-    let w = WeightRef::new(w)?;
-    let mut y = vec![0f32; t * out];
-    if t > 0 && out > 0 {
-        // The baseline: all of W dequantized to f32, then one gemm.
-        let dequantized = match (&w, algo) {
-            (WeightRef::Q4(q), Algo::DequantGemm) => Some(dequantize_f32(q)),
-            _ => None,
-        };
-        if let Some(wf) = &dequantized {
-            dense_gemm_fwd(x, &WeightRef::F32(wf), t, out, inp, &mut y, lr, rank);
-        } else if t <= DECODE_MAX_TOKENS {
-            gemv_fwd(&w, x, t, out, inp, &mut y, lr, rank);
-        } else {
-            dense_gemm_fwd(x, &w, t, out, inp, &mut y, lr, rank);
-        }
-        if let Some(b) = bias {
-            y.par_chunks_mut(out).for_each(|row| {
-                row.iter_mut().zip(b).for_each(|(o, &b)| *o += b);
-            });
-        }
+    let out = w.out_features();
+    let mut y = product(x, t, w, lr, rank, algo, false)?;
+    if let Some(b) = bias
+        && !y.is_empty()
+    {
+        y.par_chunks_mut(out).for_each(|row| {
+            row.iter_mut().zip(b).for_each(|(o, &b)| *o += b);
+        });
     }
     Ok(y)
 }
 
 pub(crate) fn backward_input(p: &Problem<'_>) -> Result<Tensor> {
-    let op = "linear_backward_input";
-    let dy = f32_of(p.act, op)?;
-    let lr = match p.low_rank {
-        Some((v, a)) if p.rank > 0 => Some((f32_of(v, op)?, f32_of(a, op)?)),
-        _ => None,
-    };
+    let (dy, lr) = f32_operands(p, "linear_backward_input")?;
     let lr = lr.as_ref().map(|(v, a)| (&v[..], &a[..]));
     let dx = backward_input_f32(&dy, p.tokens, p.w, lr, p.rank, p.algo)?;
     tensor_from_f32(dx, &[p.tokens, p.inp], p.act.dtype())
@@ -359,21 +386,5 @@ pub(crate) fn backward_input_f32(
     rank: usize,
     algo: Algo,
 ) -> Result<Vec<f32>> {
-    let (out, inp) = (w.out_features(), w.in_features());
-    let w = WeightRef::new(w)?;
-    let mut dx = vec![0f32; t * inp];
-    if t > 0 && inp > 0 {
-        let dequantized = match (&w, algo) {
-            (WeightRef::Q4(q), Algo::DequantGemm) => Some(dequantize_f32(q)),
-            _ => None,
-        };
-        if let Some(wf) = &dequantized {
-            dense_gemm_bwd(dy, &WeightRef::F32(wf), t, out, inp, &mut dx, lr, rank);
-        } else if t <= DECODE_MAX_TOKENS {
-            gemv_bwd(&w, dy, t, out, inp, &mut dx, lr, rank);
-        } else {
-            dense_gemm_bwd(dy, &w, t, out, inp, &mut dx, lr, rank);
-        }
-    }
-    Ok(dx)
+    product(dy, t, w, lr, rank, algo, true)
 }
