@@ -12,6 +12,10 @@
 //!
 //! Run: `cargo bench --features candle --bench candle` (`PEFT_KERNELS_BENCH_TOKENS=64` for a smaller
 //! token count; `PEFT_KERNELS_BENCH_SHAPE=1024` for a smaller square layer).
+//!
+//! Load-independent evidence (a shared machine): `PEFT_KERNELS_CANDLE_ONLY=<forward|step>/<direct|candle>`
+//! (or `setup`) runs only that variant `PEFT_KERNELS_BENCH_REPS` times after the setup and exits, so
+//! `perf stat -e instructions,page-faults` of each, minus `setup`, compares the two sides' work.
 
 use candle_core::Var;
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -115,8 +119,36 @@ fn interleaved(n: usize, a: impl Fn(), b: impl Fn()) -> (f64, f64) {
     (med(&mut ta), med(&mut tb))
 }
 
+/// `PEFT_KERNELS_CANDLE_ONLY`: one variant alone (see the module docs).
+fn only(s: &Setup, which: &str) {
+    let n = env("PEFT_KERNELS_BENCH_REPS", 7);
+    let f: &dyn Fn(&Setup) = match which {
+        "forward/direct" => &Setup::direct_forward,
+        "forward/candle" => &Setup::candle_forward,
+        "step/direct" => &Setup::direct_step,
+        "step/candle" => &Setup::candle_step,
+        _ => &|_: &Setup| {},
+    };
+    let before = peft_kernels::candle::boundary_copies();
+    let t = Instant::now();
+    for _ in 0..n {
+        f(s);
+    }
+    let after = peft_kernels::candle::boundary_copies();
+    println!(
+        "{which}: {n} calls in {:.1} ms; boundary copies {} ({} bytes)",
+        t.elapsed().as_secs_f64() * 1e3,
+        after.copies - before.copies,
+        after.bytes - before.bytes
+    );
+}
+
 fn bench(c: &mut Criterion) {
     let s = setup();
+    if let Ok(which) = std::env::var("PEFT_KERNELS_CANDLE_ONLY") {
+        only(&s, &which);
+        return;
+    }
     let mut g = c.benchmark_group("candle");
     g.sample_size(10)
         .warm_up_time(Duration::from_millis(500))

@@ -1,7 +1,8 @@
 //! The candle backend (`--features candle`): every layer type on every base format gives candle's
 //! backward pass the same input and adapter gradients as our tape (within 1e-5), candle-nn's AdamW trains
 //! the adapter `Var`s and nothing else, strided inputs work, a shared VB-LoRA bank collects the gradient
-//! of every layer that reads it, and a PEFT adapter survives load -> train -> save -> load.
+//! of every layer that reads it, a PEFT adapter survives load -> train -> save -> load, and the
+//! contiguous f32 LoRA/QLoRA path copies nothing at the boundary (`boundary_copies`).
 
 mod common;
 
@@ -9,10 +10,10 @@ use candle_core::{Module, Tensor as CTensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
 use common::{Base, LayerSet, make_base, one_layer_each};
 use peft_kernels::adapters::AdapterLinear;
-use peft_kernels::adapters::lora::{LoraConfig, LoraLinear};
+use peft_kernels::adapters::lora::{LoraConfig, LoraInit, LoraLinear};
 use peft_kernels::adapters::vblora::{VbLoraBank, VbLoraConfig, VbLoraLinear, VbLoraOptions};
 use peft_kernels::autograd::{ParamStore, Tape};
-use peft_kernels::candle::{CandleAdapter, CandleLinear};
+use peft_kernels::candle::{CandleAdapter, CandleLinear, QLoraLinear, boundary_copies};
 use peft_kernels::{DType, Device, Tensor};
 
 type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -304,5 +305,115 @@ fn peft_adapter_round_trip_on_a_4bit_checkpoint() -> R<()> {
         1e-4,
         "fresh layer",
     );
+    Ok(())
+}
+
+/// Zero copy: a LoRA/QLoRA step (forward with dropout, candle's backward of the input and of A and B)
+/// and an evaluation forward on contiguous f32 tensors book no copy at the boundary, on every base
+/// format and at a decode-sized and a batch-sized token count. The counter sees the copies that do
+/// happen: a strided input (one copy to make it contiguous) and bf16 adapter weights (the general
+/// path, which copies the operands in). Both still give the tape's gradients.
+#[test]
+fn lora_contiguous_path_copies_nothing() -> R<()> {
+    let dev = candle_core::Device::Cpu;
+    for base in BASES {
+        for tokens in [3, 37] {
+            let mut store = ParamStore::new();
+            let lora = layers(base, &mut store)?.remove(0);
+            assert!(lora.name().ends_with("lora"), "{}", lora.name());
+            let vars = VarMap::new();
+            let cl = CandleLinear::from_layer(&*lora, &store, &vars, &dev)?;
+            let x = Tensor::randn(&[tokens, IN], 1.0, 70, DType::F32, Device::Cpu)?;
+            let dy = candle_of(&Tensor::randn(&[tokens, OUT], 1.0, 71, DType::F32, Device::Cpu)?)?;
+            let cx = Var::from_tensor(&candle_of(&x)?)?;
+            let what = format!("{base:?} tokens {tokens}");
+            let before = boundary_copies();
+            let y = cl.forward_t(cx.as_tensor(), Some(3))?;
+            let _ = cl.forward_eval(cx.as_tensor())?;
+            let after_fwd = boundary_copies();
+            let loss = (&y * &dy)?.sum_all()?;
+            let grads = loss.backward()?;
+            let after = boundary_copies();
+            assert_eq!(after_fwd, before, "{what}: forward copied");
+            assert_eq!(after, before, "{what}: backward copied");
+            assert!(grads.get(cx.as_tensor()).is_some(), "{what}: no dx");
+            for v in cl.vars() {
+                assert!(grads.get(v.as_tensor()).is_some(), "{what}: no adapter gradient");
+            }
+        }
+    }
+    // A strided input: one copy (candle's `contiguous`), booked.
+    let mut store = ParamStore::new();
+    let lora = layers(Base::Fp4, &mut store)?.remove(0);
+    let cl = CandleLinear::from_layer(&*lora, &store, &VarMap::new(), &dev)?;
+    let xt = candle_of(&Tensor::randn(&[IN, 5], 1.0, 72, DType::F32, Device::Cpu)?)?;
+    let before = boundary_copies();
+    let _ = cl.forward(&xt.t()?)?;
+    let after = boundary_copies();
+    assert_eq!(after.copies - before.copies, 1, "strided input");
+    assert_eq!(
+        after.bytes - before.bytes,
+        (5 * IN * 4) as u64,
+        "strided input bytes"
+    );
+    Ok(())
+}
+
+/// bf16 adapter weights take the general (copying) path; its gradients still equal the tape's.
+#[test]
+fn bf16_lora_takes_the_general_path() -> R<()> {
+    let dev = candle_core::Device::Cpu;
+    let mut store = ParamStore::new();
+    let cfg = LoraConfig {
+        r: 3,
+        alpha: 5.0,
+        dropout: 0.25,
+        init: LoraInit::Random,
+        dtype: DType::BF16,
+        ..LoraConfig::default()
+    };
+    let base = make_base(
+        Base::Nf4 {
+            double: true,
+            blocksize: 64,
+        },
+        OUT,
+        IN,
+        80,
+        Device::Cpu,
+    )?;
+    let lora = LoraLinear::new("m.lora16", base, None, &cfg, &mut store, 81)?;
+    let x = Tensor::randn(&[5, IN], 1.0, 82, DType::F32, Device::Cpu)?;
+    let dy = Tensor::randn(&[5, OUT], 1.0, 83, DType::F32, Device::Cpu)?;
+    let xid = store.insert("x", x.clone())?;
+    let mut tape = Tape::new();
+    let xv = tape.param(&store, xid)?;
+    let yv = lora.forward_t(&mut tape, &store, xv, Some(4))?;
+    let tg = tape.backward_with(yv, dy.clone())?;
+    let vars = VarMap::new();
+    let cl = QLoraLinear::new(lora.clone(), &store, &vars, &dev)?;
+    let cx = Var::from_tensor(&candle_of(&x)?)?;
+    let before = boundary_copies();
+    let cy = cl.forward_t(cx.as_tensor(), Some(4))?;
+    let cg = (&cy * candle_of(&dy)?)?.sum_all()?.backward()?;
+    assert!(
+        boundary_copies().copies > before.copies,
+        "the general path copies"
+    );
+    assert_near(&flat(&cy)?, &tape.value(yv)?.to_vec_f32()?, 1e-6, "bf16 y");
+    assert_near(
+        &flat(cg.get(cx.as_tensor()).ok_or("dx")?)?,
+        &tg.get(xid).ok_or("tape dx")?.to_vec_f32()?,
+        1e-5,
+        "bf16 dx",
+    );
+    for (v, name) in cl.vars().iter().zip(cl.var_names()) {
+        let got = cg.get(v.as_tensor()).ok_or("no grad")?;
+        assert_eq!(got.dtype(), candle_core::DType::BF16, "{name}");
+        let want = tg.get(store.find(name).ok_or("unknown")?).ok_or("no tape grad")?;
+        // The tape's gradient is f32; candle's is rounded to the Var's bf16.
+        let want = want.to_dtype(DType::BF16)?.to_vec_f32()?;
+        assert_near(&flat(got)?, &want, 1e-5, name);
+    }
     Ok(())
 }

@@ -1,14 +1,50 @@
 //! Tensors across the candle boundary: candle storage (a contiguous region of it) to our [`Tensor`] and
 //! back, on the CPU and (feature `candle-cuda`) on CUDA, plus the dtype and error mappings.
 //!
-//! Every conversion is one copy of the region (a `memcpy` on the host, a device-to-device copy on the
-//! GPU): our tensors own their storage, candle's are shared behind a lock. The benchmark
-//! (`benches/candle.rs`) measures what these copies cost next to the layer itself.
+//! Our results go to candle without a copy where possible: a host tensor that is the only owner of its
+//! buffer hands the `Vec` itself to candle's `CpuStorage` ([`cpu_out`]). Everything else here copies
+//! (candle's storage to our tensor, a shared or device result to candle) and books the copy in a
+//! per-thread counter, [`boundary_copies`], so tests can check that a path copies nothing. The
+//! zero-copy LoRA path (`lora.rs`) reads candle's buffers in place and never comes here.
 
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 use candle_core as cc;
 use candle_core::backend::BackendStorage;
+use std::cell::Cell;
+
+/// Copies made at the candle boundary on one thread (see [`boundary_copies`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BoundaryCopies {
+    /// Buffers copied (candle to ours, ours to candle, strided inputs made contiguous, parameters
+    /// packed or gradients concatenated by the boundary, dtype conversions).
+    pub copies: u64,
+    /// Bytes copied.
+    pub bytes: u64,
+}
+
+thread_local! {
+    static COPIES: Cell<BoundaryCopies> = const { Cell::new(BoundaryCopies { copies: 0, bytes: 0 }) };
+}
+
+/// The copies the candle boundary has made on the calling thread so far (a running total; compare two
+/// readings). candle runs a custom op's forward and backward on the thread that calls `forward` /
+/// `backward`, so the difference of two readings around a step counts exactly that step's copies. The
+/// contiguous f32 LoRA/QLoRA path makes none; see `docs/candle.md`.
+pub fn boundary_copies() -> BoundaryCopies {
+    COPIES.with(Cell::get)
+}
+
+/// Books one copy of `bytes` bytes.
+pub(crate) fn note_copy(bytes: usize) {
+    COPIES.with(|c| {
+        let v = c.get();
+        c.set(BoundaryCopies {
+            copies: v.copies + 1,
+            bytes: v.bytes + bytes as u64,
+        });
+    });
+}
 
 /// Our error as candle's (the message is kept).
 pub(crate) fn to_candle_err(e: Error) -> cc::Error {
@@ -51,10 +87,11 @@ pub(crate) fn contiguous_range(l: &cc::Layout) -> Result<std::ops::Range<usize>>
     Ok(a..b)
 }
 
-/// Elements `r` of host storage `s` as our CPU tensor of `shape` (one copy).
+/// Elements `r` of host storage `s` as our CPU tensor of `shape` (one copy, booked).
 pub(crate) fn cpu_region(s: &cc::CpuStorage, r: std::ops::Range<usize>, shape: &[usize]) -> Result<Tensor> {
     let dev = crate::Device::Cpu;
     let bad = || Error::invalid("candle: storage region out of bounds");
+    note_copy(r.len() * s.dtype().size_in_bytes());
     match s {
         cc::CpuStorage::F32(v) => Tensor::from_slice(v.get(r).ok_or_else(bad)?, shape, dev),
         cc::CpuStorage::F16(v) => Tensor::from_slice(v.get(r).ok_or_else(bad)?, shape, dev),
@@ -98,20 +135,34 @@ pub(crate) fn packed_ranges(l: &cc::Layout, shapes: &[Vec<usize>]) -> Result<Vec
     Ok(part_ranges(r.start, shapes))
 }
 
-/// Our tensor (any device) as candle host storage.
-pub(crate) fn cpu_out(t: &Tensor) -> Result<cc::CpuStorage> {
-    let t = t.to_device(crate::Device::Cpu)?;
+/// Our tensor (any device) as candle host storage: the buffer itself when `t` is its only owner on the
+/// host, else one (booked) copy.
+pub(crate) fn cpu_out(t: Tensor) -> Result<cc::CpuStorage> {
+    fn take<T: crate::Element>(t: Tensor) -> Result<Vec<T>> {
+        t.into_cpu_vec::<T>().or_else(|t| {
+            note_copy(t.numel() * std::mem::size_of::<T>());
+            t.to_device(crate::Device::Cpu)?.to_vec()
+        })
+    }
     Ok(match t.dtype() {
-        DType::F32 => cc::CpuStorage::F32(t.to_vec()?),
-        DType::F16 => cc::CpuStorage::F16(t.to_vec()?),
-        DType::BF16 => cc::CpuStorage::BF16(t.to_vec()?),
+        DType::F32 => cc::CpuStorage::F32(take(t)?),
+        DType::F16 => cc::CpuStorage::F16(take(t)?),
+        DType::BF16 => cc::CpuStorage::BF16(take(t)?),
         d => return Err(Error::dtype("candle", "f32, f16 or bf16", d)),
     })
 }
 
+/// candle's `t` made contiguous (a booked copy when it is strided).
+pub(crate) fn contiguous(t: &cc::Tensor) -> cc::Result<cc::Tensor> {
+    if !t.is_contiguous() {
+        note_copy(t.elem_count() * t.dtype().size_in_bytes());
+    }
+    t.contiguous()
+}
+
 /// A candle tensor (any layout) as our tensor on the matching device.
 pub(crate) fn to_ours(t: &cc::Tensor) -> Result<Tensor> {
-    let t = t.contiguous().map_err(from_candle_err)?;
+    let t = contiguous(t).map_err(from_candle_err)?;
     let (s, l) = t.storage_and_layout();
     match &*s {
         cc::Storage::Cpu(c) => cpu_region(c, contiguous_range(l)?, l.dims()),
@@ -124,13 +175,13 @@ pub(crate) fn to_ours(t: &cc::Tensor) -> Result<Tensor> {
     }
 }
 
-/// Our tensor as a candle tensor (no backprop record) on `dev`.
-pub(crate) fn to_candle(t: &Tensor, dev: &cc::Device) -> Result<cc::Tensor> {
+/// Our tensor as a candle tensor (no backprop record) on `dev` (see [`cpu_out`] for when it is copied).
+pub(crate) fn to_candle(t: Tensor, dev: &cc::Device) -> Result<cc::Tensor> {
     let shape = cc::Shape::from_dims(t.shape());
     let storage = match dev {
         cc::Device::Cpu => cc::Storage::Cpu(cpu_out(t)?),
         #[cfg(feature = "candle-cuda")]
-        cc::Device::Cuda(d) => cc::Storage::Cuda(super::cuda::cuda_out(t, d)?),
+        cc::Device::Cuda(d) => cc::Storage::Cuda(super::cuda::cuda_out(&t, d)?),
         _ => {
             return Err(Error::device(
                 "candle",

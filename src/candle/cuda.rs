@@ -1,12 +1,15 @@
 //! The CUDA side of the candle boundary (feature `candle-cuda`): a region of candle's device buffer to
-//! our CUDA tensor and back, each one device-to-device copy.
+//! our CUDA tensor and back, each one device-to-device copy (booked in
+//! [`boundary_copies`](super::boundary_copies)). Our CUDA storage is an untyped `CudaSlice<u8>` on our
+//! own stream and candle's a typed `CudaSlice<T>` on its stream, so neither can adopt the other's
+//! buffer: the CUDA path is not copy-free.
 //!
 //! candle and this crate each hold their own cudarc context object and stream on the same device
 //! (both retain the device's primary context, so device pointers are valid in both). The order between
 //! the two streams is made explicit: candle's stream is synchronized before our stream reads its
 //! buffer, and our stream is synchronized before a buffer we wrote is handed to candle.
 
-use super::convert::{dtype_from_candle, from_candle_err};
+use super::convert::{dtype_from_candle, from_candle_err, note_copy};
 use crate::device::cuda::backend;
 use crate::error::{Error, Result};
 use crate::tensor::cuda::{CudaStorage, alloc};
@@ -33,6 +36,7 @@ pub(crate) fn cuda_region(s: &cc::CudaStorage, r: Range<usize>, shape: &[usize])
     // candle's pending writes to the source are complete before our stream reads it.
     s.device.cuda_stream().synchronize()?;
     let mut out = alloc(&b, dtype, r.len())?;
+    note_copy(r.len() * dtype.size_in_bytes());
     fn copy<T: DeviceRepr + cc::cuda::CudaDType>(
         s: &cc::CudaStorage,
         r: Range<usize>,
@@ -86,6 +90,7 @@ pub(crate) fn cuda_out(t: &Tensor, dev: &cc::CudaDevice) -> Result<cc::CudaStora
         Ok(cc::CudaStorage::wrap_cuda_slice(dst, dev.clone()))
     }
     let n = t.numel();
+    note_copy(n * t.dtype().size_in_bytes());
     match t.dtype() {
         DType::F32 => copy::<f32>(cs, n, dev),
         DType::F16 => copy::<f16>(cs, n, dev),

@@ -38,10 +38,13 @@
 //! (dense or bitsandbytes 4-bit) or created fresh from a config, with every layer as a [`CandleLinear`],
 //! and saved back as a PEFT adapter directory.
 //!
-//! **Copies at the boundary.** Our tensors own their storage and candle's sit behind a lock, so each call
-//! copies the input into our tensor and the output back (and `dy` / `dx` in the backward pass), plus the
-//! packed adapter parameters: memory-bandwidth work next to the layer's matrix products; the benchmark
-//! `benches/candle.rs` measures it against calling our layer directly.
+//! **Copies at the boundary.** [`QLoraLinear`] on contiguous f32 host tensors copies nothing: its op
+//! (`CustomOp3` of the input, A and B) runs our kernels on candle's buffers in place and hands candle the
+//! output and gradient `Vec`s our kernels wrote; the backward pass reads the input again from candle
+//! instead of keeping a copy. The other layers, other dtypes, strided inputs and CUDA go through the
+//! general op, which copies the operands into our tensors (our results still move to candle without a
+//! copy). [`boundary_copies`] counts every copy the boundary makes on the calling thread, which is how
+//! the tests check the zero-copy path; `benches/candle.rs` measures the boundary's cost.
 //!
 //! **Dropout.** [`candle_core::Module::forward`] runs without dropout; training with the adapter's dropout
 //! uses `forward_t(x, Some(step_seed))` (the mask is a pure function of the step seed and the layer
@@ -54,9 +57,11 @@
 mod convert;
 #[cfg(feature = "candle-cuda")]
 mod cuda;
+mod lora;
 mod model;
 mod op;
 
+pub use convert::{BoundaryCopies, boundary_copies};
 pub use model::{CandleAdapter, CandleLinear};
 
 use crate::adapters::AdapterLinear;
@@ -66,7 +71,7 @@ use crate::error::{Error, Result};
 use candle_core as cc;
 use candle_core::Var;
 use candle_nn::VarMap;
-use convert::{dtype_to_candle, from_candle_err, to_candle, to_ours};
+use convert::{contiguous, dtype_to_candle, from_candle_err, note_copy, to_candle, to_ours};
 use op::AdapterOp;
 use std::sync::Arc;
 
@@ -89,7 +94,41 @@ impl<L: TapeLinear + std::fmt::Debug> std::fmt::Debug for Core<L> {
     }
 }
 
-impl<L: TapeLinear + AdapterLinear> Core<L> {
+/// How a layer type's call becomes a candle op: the general op over the packed parameters (copies at the
+/// boundary), or LoRA's own op, which reads candle's buffers in place.
+trait CandleOp: TapeLinear + AdapterLinear {
+    /// `x` (contiguous) through the layer; `record`: whether candle records the op for backprop.
+    fn apply(core: &Core<Self>, x: &cc::Tensor, seed: Option<u64>, record: bool) -> cc::Result<cc::Tensor> {
+        let op = AdapterOp::new(core.layer.clone(), core.shapes.clone(), seed);
+        if record {
+            x.apply_op2(&core.packed()?, op)
+        } else {
+            x.apply_op2_no_bwd(&core.packed()?.detach(), &op)
+        }
+    }
+}
+
+impl CandleOp for crate::adapters::dora::DoraLinear {}
+impl CandleOp for crate::adapters::waveft::WaveFtLinear {}
+impl CandleOp for crate::adapters::vblora::VbLoraLinear {}
+
+impl CandleOp for crate::adapters::lora::LoraLinear {
+    fn apply(core: &Core<Self>, x: &cc::Tensor, seed: Option<u64>, record: bool) -> cc::Result<cc::Tensor> {
+        let op = lora::LoraOp::new(core.layer.clone(), core.shapes.clone(), seed);
+        let [a, b] = core.vars.as_slice() else {
+            return Err(convert::to_candle_err(Error::invalid(
+                "LoraLinear: expected parameters [A, B]",
+            )));
+        };
+        if record {
+            x.apply_op3(a.as_tensor(), b.as_tensor(), op)
+        } else {
+            x.apply_op3_no_bwd(a.as_tensor(), b.as_tensor(), &op)
+        }
+    }
+}
+
+impl<L: CandleOp> Core<L> {
     /// Registers the layer's parameters (values from `store`) in `vars` under their PEFT keys on `dev`;
     /// a key already in `vars` (a shared VB-LoRA bank) is reused when its shape and dtype match.
     fn new(layer: L, store: &ParamStore, vars: &VarMap, dev: &cc::Device) -> Result<Self> {
@@ -128,7 +167,7 @@ impl<L: TapeLinear + AdapterLinear> Core<L> {
                     v.clone()
                 }
                 None => {
-                    let v = Var::from_tensor(&to_candle(value, dev)?).map_err(from_candle_err)?;
+                    let v = Var::from_tensor(&to_candle(value.clone(), dev)?).map_err(from_candle_err)?;
                     map.insert(name.to_string(), v.clone());
                     v
                 }
@@ -151,7 +190,8 @@ impl<L: TapeLinear + AdapterLinear> Core<L> {
         })
     }
 
-    /// The parameters flattened and laid end to end (candle ops, so gradients reach each `Var`).
+    /// The parameters flattened and laid end to end (candle ops, so gradients reach each `Var`; a booked
+    /// copy when there is more than one).
     fn packed(&self) -> cc::Result<cc::Tensor> {
         let flat = self
             .vars
@@ -160,20 +200,20 @@ impl<L: TapeLinear + AdapterLinear> Core<L> {
             .collect::<cc::Result<Vec<_>>>()?;
         match flat.as_slice() {
             [one] => Ok(one.clone()),
-            _ => cc::Tensor::cat(&flat, 0),
+            _ => {
+                let t = cc::Tensor::cat(&flat, 0)?;
+                note_copy(t.elem_count() * t.dtype().size_in_bytes());
+                Ok(t)
+            }
         }
     }
 
     fn forward_t(&self, x: &cc::Tensor, dropout_seed: Option<u64>) -> cc::Result<cc::Tensor> {
-        let x = x.contiguous()?;
-        let op = AdapterOp::new(self.layer.clone(), self.shapes.clone(), dropout_seed);
-        x.apply_op2(&self.packed()?, op)
+        L::apply(self, &contiguous(x)?, dropout_seed, true)
     }
 
     fn forward_eval(&self, x: &cc::Tensor) -> cc::Result<cc::Tensor> {
-        let x = x.contiguous()?;
-        let op = AdapterOp::new(self.layer.clone(), self.shapes.clone(), None);
-        x.apply_op2_no_bwd(&self.packed()?.detach(), &op)
+        L::apply(self, &contiguous(x)?, None, false)
     }
 
     /// The current parameter values under their PEFT keys, as our CPU tensors.

@@ -1,20 +1,24 @@
-//! The one candle custom op per layer call: [`AdapterOp`] runs our layer's fused forward pass in
-//! `cpu_fwd` / `cuda_fwd` and its backward pass in `bwd`.
+//! The candle custom ops of a layer call. [`AdapterOp`] runs our layer's fused forward pass in `cpu_fwd` /
+//! `cuda_fwd` and its backward pass in `bwd` on our tensors (the general path: every layer type, dtype
+//! and device); the LoRA layer has its own op (`lora.rs`) that reads candle's host buffers in place and
+//! falls back to this one.
 //!
 //! candle's `CustomOp1/2/3` take one to three tensors, a layer reads up to three parameters (DoRA: A, B
-//! and the magnitude; VB-LoRA: the bank and two logit matrices) besides the input. So the op is a
-//! `CustomOp2` of the input and the layer's parameters packed end to end in one flat tensor (candle's
+//! and the magnitude; VB-LoRA: the bank and two logit matrices) besides the input. So the general op is
+//! a `CustomOp2` of the input and the layer's parameters packed end to end in one flat tensor (candle's
 //! `cat` of the flattened `Var`s, a differentiable candle op): `bwd` returns the input gradient and the
 //! packed parameter gradient, and candle's own backward of `cat` hands each `Var` its slice. A shared
 //! VB-LoRA bank is one `Var` in several layers' packs, so its gradient sums over them.
 
 use super::convert::{
-    contiguous_range, cpu_out, cpu_region, packed_ranges, to_candle, to_candle_err, to_ours, to_ours_parts,
+    contiguous_range, cpu_out, cpu_region, from_candle_err, note_copy, packed_ranges, to_candle,
+    to_candle_err, to_ours, to_ours_parts,
 };
 use crate::adapters::linear::TapeLinear;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 use candle_core as cc;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 /// One call of a layer: the layer (shared), its parameter shapes in pack order, the dropout step
@@ -36,80 +40,113 @@ impl<L: TapeLinear> AdapterOp<L> {
         }
     }
 
-    /// Our forward pass; keeps the context for `bwd`.
-    fn forward(&self, x: &Tensor, params: &[Tensor]) -> Result<Tensor> {
-        let refs: Vec<&Tensor> = params.iter().collect();
-        let (y, ctx) = self.layer.forward_values(&refs, x, self.seed)?;
-        *self.ctx.lock().map_err(|_| poisoned())? = Some(ctx);
-        Ok(y)
-    }
-
-    /// `cpu_fwd` / `cuda_fwd`: the input and the packed parameters as our tensors over candle's storage
-    /// (`region`), our forward pass, the output as candle storage (`out`).
-    fn fwd_on<S, O>(
+    /// `cpu_fwd` / `cuda_fwd` on our tensors: the input and the parameters (`params`: storage and
+    /// element range, in pack order) as our tensors over candle's storage (`region`), our forward pass
+    /// (its context kept for `bwd`), the output as candle storage (`out`).
+    pub(crate) fn fwd_parts<S, O>(
         &self,
         (s1, l1): (&S, &cc::Layout),
-        (s2, l2): (&S, &cc::Layout),
-        region: impl Fn(&S, std::ops::Range<usize>, &[usize]) -> Result<Tensor>,
-        out: impl FnOnce(&Tensor) -> Result<O>,
+        params: Vec<(&S, Range<usize>)>,
+        region: impl Fn(&S, Range<usize>, &[usize]) -> Result<Tensor>,
+        out: impl FnOnce(Tensor) -> Result<O>,
     ) -> cc::Result<(O, cc::Shape)> {
         let run = || -> Result<_> {
             let x = region(s1, contiguous_range(l1)?, l1.dims())?;
-            let params = packed_ranges(l2, &self.shapes)?
+            let params = params
                 .into_iter()
                 .zip(self.shapes.iter())
-                .map(|(r, s)| region(s2, r, s))
+                .map(|((s, r), shape)| region(s, r, shape))
                 .collect::<Result<Vec<_>>>()?;
-            let y = self.forward(&x, &params)?;
-            Ok((out(&y)?, cc::Shape::from_dims(y.shape())))
+            let refs: Vec<&Tensor> = params.iter().collect();
+            let (y, ctx) = self.layer.forward_values(&refs, &x, self.seed)?;
+            *self.ctx.lock().map_err(|_| poisoned())? = Some(ctx);
+            let shape = cc::Shape::from_dims(y.shape());
+            Ok((out(y)?, shape))
         };
         run().map_err(to_candle_err)
     }
 
-    /// Our backward pass: the input gradient (when the input is tracked) and the packed parameter
-    /// gradient in the pack's dtype and shape.
+    /// [`Self::fwd_parts`] of the packed parameters `(s2, l2)`.
+    fn fwd_packed<S, O>(
+        &self,
+        x: (&S, &cc::Layout),
+        (s2, l2): (&S, &cc::Layout),
+        region: impl Fn(&S, Range<usize>, &[usize]) -> Result<Tensor>,
+        out: impl FnOnce(Tensor) -> Result<O>,
+    ) -> cc::Result<(O, cc::Shape)> {
+        let ranges = packed_ranges(l2, &self.shapes).map_err(to_candle_err)?;
+        self.fwd_parts(x, ranges.into_iter().map(|r| (s2, r)).collect(), region, out)
+    }
+
+    /// Our backward pass on our parameter tensors: the input gradient as a candle tensor (when the
+    /// input is tracked) and every parameter's gradient as our tensor, in pack order.
+    pub(crate) fn backward_ours(
+        &self,
+        x: &cc::Tensor,
+        params: &[Tensor],
+        grad: &cc::Tensor,
+    ) -> Result<(Option<cc::Tensor>, Vec<Tensor>)> {
+        let guard = self.ctx.lock().map_err(|_| poisoned())?;
+        let ctx = guard
+            .as_ref()
+            .ok_or_else(|| Error::invalid(format!("{}: backward before forward", L::OP)))?;
+        let dy = to_ours(grad)?;
+        let refs: Vec<&Tensor> = params.iter().collect();
+        let need_dx = x.track_op();
+        let mut needs = vec![true; refs.len() + 1];
+        needs[0] = need_dx;
+        let mut grads = self.layer.backward_values(&refs, ctx, &dy, &needs)?.into_iter();
+        let dx = match grads.next().flatten().filter(|_| need_dx) {
+            Some(g) => Some(to_candle(g, x.device())?),
+            None => None,
+        };
+        let grads = grads
+            .map(|g| g.ok_or_else(|| Error::invalid(format!("{}: a parameter gradient is missing", L::OP))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((dx, grads))
+    }
+
+    /// The general backward pass: the input gradient and the packed parameter gradient in the pack's
+    /// dtype and shape.
     fn backward(
         &self,
         x: &cc::Tensor,
         packed: &cc::Tensor,
         grad: &cc::Tensor,
     ) -> Result<(Option<cc::Tensor>, Option<cc::Tensor>)> {
-        let guard = self.ctx.lock().map_err(|_| poisoned())?;
-        let ctx = guard
-            .as_ref()
-            .ok_or_else(|| Error::invalid(format!("{}: backward before forward", L::OP)))?;
-        let dy = to_ours(grad)?;
         let params = to_ours_parts(packed, &self.shapes)?;
-        let refs: Vec<&Tensor> = params.iter().collect();
-        let need_dx = x.track_op();
-        let mut needs = vec![true; refs.len() + 1];
-        needs[0] = need_dx;
-        let mut grads = self.layer.backward_values(&refs, ctx, &dy, &needs)?.into_iter();
-        let dev = x.device();
-        let dx = match grads.next().flatten().filter(|_| need_dx) {
-            Some(g) => Some(to_candle(&g, dev)?),
-            None => None,
-        };
-        let c = super::convert::from_candle_err;
-        let mut flat = Vec::with_capacity(refs.len());
-        for g in grads {
-            let g = g.ok_or_else(|| Error::invalid(format!("{}: a parameter gradient is missing", L::OP)))?;
-            flat.push(to_candle(&g.reshape(&[g.numel()])?, dev)?);
-        }
+        let (dx, grads) = self.backward_ours(x, &params, grad)?;
+        let c = from_candle_err;
+        let mut flat = grads
+            .into_iter()
+            .map(|g| {
+                let n = g.numel();
+                to_candle(g.reshape(&[n])?, x.device())
+            })
+            .collect::<Result<Vec<_>>>()?;
         let dpacked = if flat.len() == 1 {
             flat.pop().ok_or_else(|| Error::invalid("no gradient"))?
         } else {
-            cc::Tensor::cat(&flat, 0).map_err(c)?
+            let t = cc::Tensor::cat(&flat, 0).map_err(c)?;
+            note_copy(t.elem_count() * t.dtype().size_in_bytes());
+            t
         };
-        let dpacked = dpacked
-            .to_dtype(packed.dtype())
-            .and_then(|t| t.reshape(packed.shape()))
-            .map_err(c)?;
-        Ok((dx, Some(dpacked)))
+        Ok((dx, Some(cast_like(dpacked, packed)?)))
     }
 }
 
-fn poisoned() -> Error {
+/// `g` in the dtype and shape of `like` (a booked copy when the dtype differs).
+pub(crate) fn cast_like(g: cc::Tensor, like: &cc::Tensor) -> Result<cc::Tensor> {
+    let g = if g.dtype() == like.dtype() {
+        g
+    } else {
+        note_copy(g.elem_count() * like.dtype().size_in_bytes());
+        g.to_dtype(like.dtype()).map_err(from_candle_err)?
+    };
+    g.reshape(like.shape()).map_err(from_candle_err)
+}
+
+pub(crate) fn poisoned() -> Error {
     Error::invalid("candle op: a thread panicked while holding the layer context")
 }
 
@@ -125,7 +162,7 @@ impl<L: TapeLinear> cc::CustomOp2 for AdapterOp<L> {
         s2: &cc::CpuStorage,
         l2: &cc::Layout,
     ) -> cc::Result<(cc::CpuStorage, cc::Shape)> {
-        self.fwd_on((s1, l1), (s2, l2), cpu_region, cpu_out)
+        self.fwd_packed((s1, l1), (s2, l2), cpu_region, cpu_out)
     }
 
     #[cfg(feature = "candle-cuda")]
@@ -137,7 +174,7 @@ impl<L: TapeLinear> cc::CustomOp2 for AdapterOp<L> {
         l2: &cc::Layout,
     ) -> cc::Result<(cc::CudaStorage, cc::Shape)> {
         use super::cuda::{cuda_out, cuda_region};
-        self.fwd_on((s1, l1), (s2, l2), cuda_region, |y| cuda_out(y, &s1.device))
+        self.fwd_packed((s1, l1), (s2, l2), cuda_region, |y| cuda_out(&y, &s1.device))
     }
 
     fn bwd(

@@ -116,24 +116,26 @@ pub(crate) fn axpy(a: &mut CpuStorage, b: &CpuStorage, alpha: f32) {
 
 /// Inverted dropout; see [`super::Tensor::dropout`].
 pub(crate) fn dropout(s: &CpuStorage, threshold: u64, scale: f32, seed: u64) -> CpuStorage {
-    fn go<T: Element>(v: &[T], threshold: u64, scale: f32, seed: u64) -> CpuStorage {
-        let mut out = vec![T::default(); v.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(v.par_chunks(CHUNK))
-            .enumerate()
-            .for_each(|(c, (o, x))| {
-                let base = (c * CHUNK) as u64;
-                #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("avx512dq") {
-                    // SAFETY: the CPU has AVX-512F/DQ (checked just above).
-                    unsafe { dropout_chunk_avx512(o, x, base, threshold, scale, seed) };
-                    return;
-                }
-                dropout_chunk(o, x, base, threshold, scale, seed);
-            });
-        CpuStorage::wrap(out)
-    }
-    with_cpu!(s, |v| go(v, threshold, scale, seed))
+    with_cpu!(s, |v| CpuStorage::wrap(dropout_slice(v, threshold, scale, seed)))
+}
+
+/// [`dropout`] of a slice (the mask of element `i` is `dropout_hash(seed, i)`).
+pub(crate) fn dropout_slice<T: Element>(v: &[T], threshold: u64, scale: f32, seed: u64) -> Vec<T> {
+    let mut out = vec![T::default(); v.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(v.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(c, (o, x))| {
+            let base = (c * CHUNK) as u64;
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512dq") {
+                // SAFETY: the CPU has AVX-512F/DQ (checked just above).
+                unsafe { dropout_chunk_avx512(o, x, base, threshold, scale, seed) };
+                return;
+            }
+            dropout_chunk(o, x, base, threshold, scale, seed);
+        });
+    out
 }
 
 /// One chunk of [`dropout`]: element `j` uses hash index `base + j`.

@@ -356,6 +356,33 @@ impl Tensor {
         }
     }
 
+    /// The host elements moved out as a `Vec<T>` (no copy) when this tensor is the only owner of its
+    /// CPU storage and holds `T`; otherwise the tensor back unchanged (used to hand buffers to a host
+    /// framework without copying them).
+    #[cfg_attr(not(feature = "candle"), allow(dead_code))]
+    pub(crate) fn into_cpu_vec<T: Element>(self) -> std::result::Result<Vec<T>, Tensor> {
+        if self.dtype != T::DTYPE {
+            return Err(self);
+        }
+        let Tensor {
+            storage,
+            shape,
+            dtype,
+        } = self;
+        let back = |storage| Tensor {
+            storage,
+            shape,
+            dtype,
+        };
+        match Arc::try_unwrap(storage) {
+            Ok(Storage::Cpu(s)) => with_cpu!(s, |v| bytemuck::allocation::try_cast_vec::<_, T>(v)
+                .map_err(|(_, v)| back(Arc::new(Storage::Cpu(CpuStorage::wrap(v)))))),
+            #[cfg(feature = "cuda")]
+            Ok(s @ Storage::Cuda(_)) => Err(back(Arc::new(s))),
+            Err(shared) => Err(back(shared)),
+        }
+    }
+
     /// Mutable CPU elements; copies the storage first if another tensor shares it.
     pub(crate) fn cpu_data_mut<T: Element>(&mut self, op: &'static str) -> Result<&mut [T]> {
         let dtype = self.dtype;

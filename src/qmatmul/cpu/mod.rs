@@ -291,22 +291,24 @@ pub(crate) fn dequantize_f32(q: &Q4<'_>) -> Vec<f32> {
 
 /// `act` times W one way or the other, plus the low-rank term, in f32: forward `y = x·Wᵀ (+ u·bᵀ)`
 /// `[tokens, out]`, backward `dx = dy·W (+ v·a)` `[tokens, in]`. The dequantize-then-gemm baseline when
-/// `p.algo` asks for it, else the GEMVs up to [`DECODE_MAX_TOKENS`] tokens and the panels above.
-fn product(p: &Problem<'_>, backward: bool, op: &'static str) -> Result<Vec<f32>> {
-    let act = f32_of(p.act, op)?;
-    let w = WeightRef::new(p.w)?;
-    let (t, out, inp) = (p.tokens, p.out, p.inp);
+/// `algo` asks for it, else the GEMVs up to [`DECODE_MAX_TOKENS`] tokens and the panels above.
+fn product(
+    act: &[f32],
+    t: usize,
+    w: &BaseWeight,
+    lr: Option<(&[f32], &[f32])>,
+    rank: usize,
+    algo: Algo,
+    backward: bool,
+) -> Result<Vec<f32>> {
+    let (out, inp) = (w.out_features(), w.in_features());
+    let w = WeightRef::new(w)?;
     let mut r = vec![0f32; t * if backward { inp } else { out }];
-    let lr = match p.low_rank {
-        Some((u, b)) if p.rank > 0 => Some((f32_of(u, op)?, f32_of(b, op)?)),
-        _ => None,
-    };
-    let lr = lr.as_ref().map(|(u, b)| (&u[..], &b[..]));
     if r.is_empty() {
         return Ok(r);
     }
     // The baseline: all of W dequantized to f32, then one gemm.
-    let dequantized = match (&w, p.algo) {
+    let dequantized = match (&w, algo) {
         (WeightRef::Q4(q), Algo::DequantGemm) => Some(dequantize_f32(q)),
         _ => None,
     };
@@ -316,29 +318,73 @@ fn product(p: &Problem<'_>, backward: bool, op: &'static str) -> Result<Vec<f32>
         None => w,
     };
     match (backward, decode) {
-        (false, true) => gemv_fwd(&w, &act, t, out, inp, &mut r, lr, p.rank),
-        (false, false) => dense_gemm_fwd(&act, &w, t, out, inp, &mut r, lr, p.rank),
-        (true, true) => gemv_bwd(&w, &act, t, out, inp, &mut r, lr, p.rank),
-        (true, false) => dense_gemm_bwd(&act, &w, t, out, inp, &mut r, lr, p.rank),
+        (false, true) => gemv_fwd(&w, act, t, out, inp, &mut r, lr, rank),
+        (false, false) => dense_gemm_fwd(act, &w, t, out, inp, &mut r, lr, rank),
+        (true, true) => gemv_bwd(&w, act, t, out, inp, &mut r, lr, rank),
+        (true, false) => dense_gemm_bwd(act, &w, t, out, inp, &mut r, lr, rank),
     }
     Ok(r)
 }
 
+/// The problem's f32 activations and low-rank pair.
+type F32Operands<'a> = (Cow<'a, [f32]>, Option<(Cow<'a, [f32]>, Cow<'a, [f32]>)>);
+
+fn f32_operands<'a>(p: &Problem<'a>, op: &'static str) -> Result<F32Operands<'a>> {
+    let lr = match p.low_rank {
+        Some((u, b)) if p.rank > 0 => Some((f32_of(u, op)?, f32_of(b, op)?)),
+        _ => None,
+    };
+    Ok((f32_of(p.act, op)?, lr))
+}
+
 pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
     let op = "linear_forward";
-    let mut y = product(p, false, op)?;
+    let (x, lr) = f32_operands(p, op)?;
+    let lr = lr.as_ref().map(|(u, b)| (&u[..], &b[..]));
     let bias = p.bias.map(|b| f32_of(b, op)).transpose()?;
-    if let Some(b) = bias.as_deref()
-        && !y.is_empty()
-    {
-        y.par_chunks_mut(p.out).for_each(|row| {
-            row.iter_mut().zip(b).for_each(|(o, &b)| *o += b);
-        });
-    }
+    let y = forward_f32(&x, p.tokens, p.w, bias.as_deref(), lr, p.rank, p.algo)?;
     tensor_from_f32(y, &[p.tokens, p.out], p.act.dtype())
 }
 
+/// [`forward`] on f32 slices the caller has checked (`x [t, in]`, `bias [out]`, `lr = (u [t, r],
+/// b [out, r])`): `y [t, out]` as a fresh Vec. Host frameworks call it on their own buffers.
+pub(crate) fn forward_f32(
+    x: &[f32],
+    t: usize,
+    w: &BaseWeight,
+    bias: Option<&[f32]>,
+    lr: Option<(&[f32], &[f32])>,
+    rank: usize,
+    algo: Algo,
+) -> Result<Vec<f32>> {
+    let out = w.out_features();
+    let mut y = product(x, t, w, lr, rank, algo, false)?;
+    if let Some(b) = bias
+        && !y.is_empty()
+    {
+        y.par_chunks_mut(out).for_each(|row| {
+            row.iter_mut().zip(b).for_each(|(o, &b)| *o += b);
+        });
+    }
+    Ok(y)
+}
+
 pub(crate) fn backward_input(p: &Problem<'_>) -> Result<Tensor> {
-    let dx = product(p, true, "linear_backward_input")?;
+    let (dy, lr) = f32_operands(p, "linear_backward_input")?;
+    let lr = lr.as_ref().map(|(v, a)| (&v[..], &a[..]));
+    let dx = backward_input_f32(&dy, p.tokens, p.w, lr, p.rank, p.algo)?;
     tensor_from_f32(dx, &[p.tokens, p.inp], p.act.dtype())
+}
+
+/// [`backward_input`] on f32 slices the caller has checked (`dy [t, out]`, `lr = (v [t, r],
+/// a [r, in])`): `dx [t, in]` as a fresh Vec.
+pub(crate) fn backward_input_f32(
+    dy: &[f32],
+    t: usize,
+    w: &BaseWeight,
+    lr: Option<(&[f32], &[f32])>,
+    rank: usize,
+    algo: Algo,
+) -> Result<Vec<f32>> {
+    product(dy, t, w, lr, rank, algo, true)
 }
