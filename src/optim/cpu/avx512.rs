@@ -209,7 +209,8 @@ macro_rules! block8_fn {
                         _mm512_maskz_loadu_epi8(k64, cv.as_ptr().add(i0) as *const i8),
                     )
                 };
-                let (dq_m, dq_v) = ($decode(c_m, &t.code_m, &t.planes_m), $decode(c_v, &t.code_v, &t.planes_v));
+                let dq_m = $decode(c_m, &t.code_m, &t.planes_m);
+                let dq_v = $decode(c_v, &t.code_v, &t.planes_v);
                 for q in 0..4 {
                     let i = i0 + 16 * q;
                     if i >= n {

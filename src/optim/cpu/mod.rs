@@ -335,6 +335,75 @@ mod tests {
         }
     }
 
+    /// Runs `block` and the portable loop side by side for 4 steps on random state (a quarter of the
+    /// blocks with zero maxima) and gradients from [`value`], and compares everything bit for bit.
+    #[cfg(target_arch = "x86_64")]
+    fn check_simd<T: Element>(seed: u64, n: usize, wd: f32, special: u64, block: BlockFn) {
+        let t = tables();
+        let mut rng = Rng::new(seed);
+        let nb = n.div_ceil(BLOCK);
+        let p0: Vec<T> = (0..n)
+            .map(|_| T::from_f32(value(&mut rng, 0.1, special)))
+            .collect();
+        let cm0: Vec<u8> = (0..n).map(|_| rng.below(256) as u8).collect();
+        let cv0: Vec<u8> = (0..n).map(|_| rng.below(256) as u8).collect();
+        let mut scale = |s: f32| if rng.below(4) == 0 { 0.0 } else { rng.uniform() * s };
+        let am0: Vec<f32> = (0..nb).map(|_| scale(0.01)).collect();
+        let av0: Vec<f32> = (0..nb).map(|_| scale(1e-4)).collect();
+        let (mut a, mut b) = (
+            (p0.clone(), cm0.clone(), cv0.clone(), am0.clone(), av0.clone()),
+            (p0, cm0, cv0, am0, av0),
+        );
+        for step in 1..=4u64 {
+            let mut g: Vec<f32> = (0..n).map(|_| value(&mut rng, 1e-3, special)).collect();
+            if step == 2 {
+                // A whole block of zero gradients (and a zero state after step 1 only if the
+                // random state decays to it; the zero gradient still exercises gz = 0).
+                g.iter_mut().take(BLOCK).for_each(|x| *x = 0.0);
+            }
+            let cfg = AdamWConfig {
+                lr: 1e-2,
+                weight_decay: wd,
+                ..Default::default()
+            };
+            let s = BnbScalars::new(&cfg, step);
+            {
+                let (p, cm, cv, am, av) = &mut a;
+                blocks8(p, &g, Q8 { cm, cv, am, av }, &s, t);
+            }
+            {
+                let (p, cm, cv, am, av) = &mut b;
+                // SAFETY: `block` is one of `simd_kernels`, which this CPU runs.
+                unsafe { blocks8_simd(p, &g, Q8 { cm, cv, am, av }, &s, t, block) };
+            }
+            let what = format!("seed {seed} n {n} {:?} wd {wd} step {step}", T::DTYPE);
+            for i in 0..n {
+                assert!(
+                    same(a.0[i].to_f32(), b.0[i].to_f32()),
+                    "{what}: p[{i}] {:?} vs {:?}",
+                    a.0[i],
+                    b.0[i]
+                );
+                assert_eq!(a.1[i], b.1[i], "{what}: code m[{i}]");
+                assert_eq!(a.2[i], b.2[i], "{what}: code v[{i}]");
+            }
+            for k in 0..nb {
+                assert!(
+                    same(a.3[k], b.3[k]),
+                    "{what}: absmax m[{k}] {} vs {}",
+                    a.3[k],
+                    b.3[k]
+                );
+                assert!(
+                    same(a.4[k], b.4[k]),
+                    "{what}: absmax v[{k}] {} vs {}",
+                    a.4[k],
+                    b.4[k]
+                );
+            }
+        }
+    }
+
     /// Every explicit SIMD block kernel this CPU runs (AVX-512 with and without VBMI, AVX2) against the
     /// portable loop, bit for bit, over several steps: odd
     /// lengths (tails of every size), f32 and half parameters, with and without weight decay, gradients
@@ -348,80 +417,34 @@ mod tests {
             return;
         }
         eprintln!("{} SIMD block kernels", simd_kernels().len());
-        fn run<T: Element>(seed: u64, n: usize, wd: f32, special: u64, block: BlockFn) {
-            let t = tables();
-            let mut rng = Rng::new(seed);
-            let nb = n.div_ceil(BLOCK);
-            let p0: Vec<T> = (0..n)
-                .map(|_| T::from_f32(value(&mut rng, 0.1, special)))
-                .collect();
-            let cm0: Vec<u8> = (0..n).map(|_| rng.below(256) as u8).collect();
-            let cv0: Vec<u8> = (0..n).map(|_| rng.below(256) as u8).collect();
-            let am0: Vec<f32> = (0..nb).map(|_| rng.uniform() * 0.01).collect();
-            let av0: Vec<f32> = (0..nb).map(|_| rng.uniform() * 1e-4).collect();
-            let (mut a, mut b) = (
-                (p0.clone(), cm0.clone(), cv0.clone(), am0.clone(), av0.clone()),
-                (p0, cm0, cv0, am0, av0),
-            );
-            for step in 1..=4u64 {
-                let mut g: Vec<f32> = (0..n).map(|_| value(&mut rng, 1e-3, special)).collect();
-                if step == 2 {
-                    // A whole block of zero gradients (and a zero state after step 1 only if the
-                    // random state decays to it; the zero gradient still exercises gz = 0).
-                    g.iter_mut().take(BLOCK).for_each(|x| *x = 0.0);
-                }
-                let cfg = AdamWConfig {
-                    lr: 1e-2,
-                    weight_decay: wd,
-                    ..Default::default()
-                };
-                let s = BnbScalars::new(&cfg, step);
-                {
-                    let (p, cm, cv, am, av) = &mut a;
-                    blocks8(p, &g, Q8 { cm, cv, am, av }, &s, t);
-                }
-                {
-                    let (p, cm, cv, am, av) = &mut b;
-                    // SAFETY: `block` is one of `simd_kernels`, which this CPU runs.
-                    unsafe { blocks8_simd(p, &g, Q8 { cm, cv, am, av }, &s, t, block) };
-                }
-                let what = format!("seed {seed} n {n} {:?} wd {wd} step {step}", T::DTYPE);
-                for i in 0..n {
-                    assert!(
-                        same(a.0[i].to_f32(), b.0[i].to_f32()),
-                        "{what}: p[{i}] {:?} vs {:?}",
-                        a.0[i],
-                        b.0[i]
-                    );
-                    assert_eq!(a.1[i], b.1[i], "{what}: code m[{i}]");
-                    assert_eq!(a.2[i], b.2[i], "{what}: code v[{i}]");
-                }
-                for k in 0..nb {
-                    assert!(
-                        same(a.3[k], b.3[k]),
-                        "{what}: absmax m[{k}] {} vs {}",
-                        a.3[k],
-                        b.3[k]
-                    );
-                    assert!(
-                        same(a.4[k], b.4[k]),
-                        "{what}: absmax v[{k}] {} vs {}",
-                        a.4[k],
-                        b.4[k]
-                    );
-                }
-            }
-        }
         for (seed, &n) in [1, 15, 16, 17, 31, 255, 256, 257, 300, 1000, 4133]
             .iter()
             .enumerate()
         {
             for (wd, special) in [(0.0, 0), (0.01, 3), (0.1, 30)] {
                 for &block in simd_kernels() {
-                    run::<f32>(seed as u64, n, wd, special, block);
-                    run::<bf16>(seed as u64 + 100, n, wd, special, block);
-                    run::<f16>(seed as u64 + 200, n, wd, special, block);
+                    check_simd::<f32>(seed as u64, n, wd, special, block);
+                    check_simd::<bf16>(seed as u64 + 100, n, wd, special, block);
+                    check_simd::<f16>(seed as u64 + 200, n, wd, special, block);
                 }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    proptest::proptest! {
+        /// The SIMD kernels against the portable loop on random lengths (every tail), seeds, weight
+        /// decays and rates of special gradients (NaN, inf, zero, huge, subnormal).
+        #[test]
+        fn simd_block_kernels_match_portable_prop(
+            seed in proptest::prelude::any::<u64>(),
+            n in 1usize..700,
+            wd in proptest::sample::select(vec![0.0f32, 0.01, 0.1]),
+            special in 0u64..50,
+        ) {
+            for &block in simd_kernels() {
+                check_simd::<f32>(seed, n, wd, special, block);
+                check_simd::<bf16>(seed ^ 1, n, wd, special, block);
             }
         }
     }
