@@ -26,6 +26,9 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "vblora/cuda_stub.rs"]
+mod cuda;
 mod linear;
 mod topk;
 
@@ -33,7 +36,7 @@ pub use linear::{VbLoraBank, VbLoraContext, VbLoraLinear, VbLoraLinearGrads, VbL
 
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Storage, Tensor};
+use crate::tensor::{DType, Tensor};
 
 /// The saved key of the shared bank (`base_model.vblora_vector_bank`: it lives on the tuner, not under
 /// `base_model.model.`).
@@ -181,16 +184,14 @@ fn compose_impl(
 ) -> Result<Tensor> {
     let op = "vblora_compose";
     let (_, v, len) = check_compose(bank, logits, topk, op)?;
-    match (bank.storage(), logits.storage()) {
-        (Storage::Cpu(_), Storage::Cpu(_)) => {
+    // The bank and the logits are on one device (checked above).
+    match bank.device() {
+        Device::Cpu => {
             let sel = cpu::select(logits.cpu_data::<f32>(op)?, v, topk);
             let out = cpu::compose(bank.cpu_data::<f32>(op)?, len, &sel, topk, layout);
             Tensor::from_vec(out, shape, Device::Cpu)
         }
-        #[cfg(feature = "cuda")]
-        (Storage::Cuda(_), Storage::Cuda(_)) => cuda::compose(bank, logits, topk, layout, shape),
-        #[cfg(feature = "cuda")]
-        _ => Err(Error::device(op, "mixed devices")),
+        Device::Cuda(_) => cuda::compose(bank, logits, topk, layout, shape),
     }
 }
 
@@ -223,8 +224,8 @@ fn compose_backward_impl(
              save_only_topk_weights checkpoint); training from them is not supported, as in PEFT",
         )
     };
-    match (bank.storage(), logits.storage()) {
-        (Storage::Cpu(_), Storage::Cpu(_)) => {
+    match bank.device() {
+        Device::Cpu => {
             let sel = cpu::select(logits.cpu_data::<f32>(op)?, v, topk);
             if sel.nonfinite {
                 return Err(refuse());
@@ -243,16 +244,13 @@ fn compose_backward_impl(
                 Tensor::from_vec(db, &[v, len], Device::Cpu)?,
             ))
         }
-        #[cfg(feature = "cuda")]
-        (Storage::Cuda(_), Storage::Cuda(_)) => {
+        Device::Cuda(_) => {
             let (dl, db, nonfinite) = cuda::compose_backward(bank, logits, topk, grad, layout)?;
             if nonfinite {
                 return Err(refuse());
             }
             Ok((dl, db))
         }
-        #[cfg(feature = "cuda")]
-        _ => Err(Error::device(op, "mixed devices")),
     }
 }
 

@@ -27,6 +27,9 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "waveft/cuda_stub.rs"]
+mod cuda;
 mod linear;
 mod randperm;
 pub mod structure;
@@ -39,7 +42,7 @@ pub use wavelets::{AxisGeometry, WaveletFilters, supported_wavelets, wavelet_fil
 
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Storage, Tensor};
+use crate::tensor::{DType, Tensor};
 use std::collections::BTreeMap;
 use structure::HostStructure;
 
@@ -221,7 +224,6 @@ pub struct WaveFtPositions {
     family: Option<String>,
     pub(crate) host: HostStructure,
     device: Device,
-    #[cfg(feature = "cuda")]
     pub(crate) dev: Option<cuda::DeviceStructure>,
 }
 
@@ -296,7 +298,6 @@ impl WaveFtPositions {
             family,
             host,
             device: Device::Cpu,
-            #[cfg(feature = "cuda")]
             dev: None,
         };
         p = p.to_device(device)?;
@@ -308,13 +309,10 @@ impl WaveFtPositions {
         device.check()?;
         let mut p = self.clone();
         p.device = device;
-        #[cfg(feature = "cuda")]
-        {
-            p.dev = match device {
-                Device::Cpu => None,
-                Device::Cuda(_) => Some(cuda::DeviceStructure::upload(&self.host, device)?),
-            };
-        }
+        p.dev = match device {
+            Device::Cpu => None,
+            Device::Cuda(_) => Some(cuda::DeviceStructure::upload(&self.host, device)?),
+        };
         Ok(p)
     }
 
@@ -417,19 +415,16 @@ fn out_shape(x: &Tensor, last: usize) -> Vec<usize> {
 pub fn waveft_forward(pos: &WaveFtPositions, x: &Tensor, spectrum: &Tensor, scaling: f32) -> Result<Tensor> {
     let op = "waveft_forward";
     pos.check_spectrum(spectrum, op)?;
-    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     let tokens = pos.check_act(x, pos.inp, "x", op)?;
     let shape = out_shape(x, pos.out);
-    match (x.storage(), spectrum.storage()) {
-        (Storage::Cpu(_), Storage::Cpu(_)) => {
+    // x and the spectrum are both on the structure's device (checked above).
+    match pos.device {
+        Device::Cpu => {
             let mut y = Tensor::zeros(&shape, x.dtype(), Device::Cpu)?;
             cpu_forward(pos, x, spectrum, scaling, &mut y, false)?;
             Ok(y)
         }
-        #[cfg(feature = "cuda")]
-        (Storage::Cuda(_), Storage::Cuda(_)) => cuda::forward(pos, x, spectrum, scaling, tokens, &shape),
-        #[cfg(feature = "cuda")]
-        _ => Err(Error::device(op, "mixed devices")),
+        Device::Cuda(_) => cuda::forward(pos, x, spectrum, scaling, tokens, &shape),
     }
 }
 
@@ -449,10 +444,9 @@ pub fn waveft_forward_add(
     if ty != tokens || y.dtype() != x.dtype() {
         return Err(super::mismatch_with_x(op, "y", y, x));
     }
-    match x.storage() {
-        Storage::Cpu(_) => cpu_forward(pos, x, spectrum, scaling, y, true),
-        #[cfg(feature = "cuda")]
-        Storage::Cuda(_) => cuda::forward_add(pos, x, spectrum, scaling, y, tokens),
+    match pos.device {
+        Device::Cpu => cpu_forward(pos, x, spectrum, scaling, y, true),
+        Device::Cuda(_) => cuda::forward_add(pos, x, spectrum, scaling, y, tokens),
     }
 }
 
@@ -546,8 +540,8 @@ fn backward_impl(
     if td != tokens || dy.dtype() != x.dtype() || dy.shape()[..dy.rank() - 1] != x.shape()[..x.rank() - 1] {
         return Err(super::mismatch_with_x(op, "dy", dy, x));
     }
-    match x.storage() {
-        Storage::Cpu(_) => {
+    match pos.device {
+        Device::Cpu => {
             let s = spectrum.cpu_data::<f32>(op)?;
             let h = &pos.host;
             let (_, v_col) = cpu::synthesize(h, s, scaling);
@@ -582,8 +576,7 @@ fn backward_impl(
             let ds = cpu::analyze(h, &g, scaling, pos.n_frequency());
             Tensor::from_vec(ds, &[pos.n_frequency()], Device::Cpu)
         }
-        #[cfg(feature = "cuda")]
-        Storage::Cuda(_) => cuda::backward(pos, x, dy, spectrum, scaling, dx, accumulate, tokens),
+        Device::Cuda(_) => cuda::backward(pos, x, dy, spectrum, scaling, dx, accumulate, tokens),
     }
 }
 

@@ -464,19 +464,24 @@ impl QuantState {
             )));
         }
         let nb = self.nblocks();
+        // One absmax value (or nested code) per block.
+        let per_block = |t: &Tensor, what: &str| {
+            if t.numel() == nb {
+                return Ok(());
+            }
+            Err(Error::shape(
+                "absmax",
+                format!(
+                    "{n} elements in blocks of {} need {nb} {what}, got shape {:?}",
+                    self.blocksize,
+                    t.shape()
+                ),
+            ))
+        };
         match &self.absmax {
             Absmax::F32(t) => {
                 t.expect_dtype(DType::F32, "absmax")?;
-                if t.numel() != nb {
-                    return Err(Error::shape(
-                        "absmax",
-                        format!(
-                            "{n} elements in blocks of {} need {nb} absmax values, got shape {:?}",
-                            self.blocksize,
-                            t.shape()
-                        ),
-                    ));
-                }
+                per_block(t, "absmax values")?;
             }
             Absmax::Double {
                 codes,
@@ -487,16 +492,7 @@ impl QuantState {
             } => {
                 codes.expect_dtype(DType::U8, "absmax (nested codes)")?;
                 nested_absmax.expect_dtype(DType::F32, "nested_absmax")?;
-                if codes.numel() != nb {
-                    return Err(Error::shape(
-                        "absmax",
-                        format!(
-                            "{n} elements in blocks of {} need {nb} nested absmax codes, got shape {:?}",
-                            self.blocksize,
-                            codes.shape()
-                        ),
-                    ));
-                }
+                per_block(codes, "nested absmax codes")?;
                 let nbs = *nested_blocksize;
                 if !nbs.is_power_of_two() || !(64..=4096).contains(&nbs) {
                     return Err(Error::invalid(format!(

@@ -4,18 +4,17 @@
 //! path. The loss is the mean next-token NLL over real tokens (padding never counts); the test split
 //! reports it with its perplexity.
 
-use crate::finetune::train::{self, Accumulator, Progress};
-use crate::finetune::{self, Args, EvalArgs};
+use crate::finetune::train::{self, Accumulator, Progress, Run};
+use crate::finetune::{self, Args, EvalArgs, padded_batch};
 use peft_kernels::autograd::ParamStore;
 use peft_kernels::data;
 use peft_kernels::io::peft::{AdapterConfig, TargetModules};
-use peft_kernels::models::{self, CausalLmTokenizer, LlamaForCausalLM, TokenBatch};
+use peft_kernels::models::{self, CausalLmTokenizer, LlamaForCausalLM};
 use peft_kernels::optim::Optimizer;
 use peft_kernels::{Error, Result};
 use serde_json::{Value, json};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// The classifier path's default `--target-modules` (BERT's names); for a decoder it means every
@@ -87,21 +86,6 @@ pub fn read_texts(path: &Path, column: &str) -> Result<Vec<String>> {
     Ok(texts)
 }
 
-/// A right-padded batch of the encoded texts `idx`.
-fn batch_of(enc: &[Vec<u32>], idx: &[usize], pad: u32) -> Result<TokenBatch> {
-    let seq = idx.iter().map(|&i| enc[i].len()).max().unwrap_or(0);
-    let (mut ids, mut mask) = (Vec::new(), Vec::new());
-    for &i in idx {
-        let mut row = enc[i].clone();
-        row.resize(seq, pad);
-        let mut m = vec![1u8; enc[i].len()];
-        m.resize(seq, 0);
-        ids.push(row);
-        mask.push(m);
-    }
-    TokenBatch::from_rows(&ids, &mask, None)
-}
-
 /// Token-weighted mean next-token NLL over `enc` and the number of predicted tokens.
 fn evaluate(
     m: &LlamaForCausalLM,
@@ -113,7 +97,7 @@ fn evaluate(
     let lengths: Vec<usize> = enc.iter().map(Vec::len).collect();
     let (mut sum, mut n) = (0f64, 0usize);
     for idx in peft_kernels::data::sorted_batches(&lengths, bs.max(1))? {
-        let b = batch_of(enc, &idx, pad)?;
+        let b = padded_batch(enc, &idx, pad)?;
         let (loss, k) = m.loss(store, &b, None)?;
         sum += loss as f64 * k as f64;
         n += k;
@@ -200,25 +184,15 @@ pub fn run_finetune(a: &Args) -> Result<()> {
     let epoch_batches =
         |epoch: usize| data::bucketed_batches(&lengths, r.batch_size, 50, r.seed ^ (epoch as u64) << 32);
     let n_batches = epoch_batches(1)?.len();
-    let steps_per_epoch = n_batches.div_ceil(r.grad_accum.max(1));
-    let cfg = train::optim_config(r, (steps_per_epoch * r.epochs).max(1) as u64)?;
-    let fp = train::fingerprint(a);
-    let (mut opt, mut prog) = match &a.resume {
-        Some(dir) => train::load_checkpoint(dir, cfg, &mut store, &ids, &fp)?,
-        None => (Optimizer::new(cfg)?, Progress::start()),
-    };
-    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
-    let mpath = a.out.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .append(a.resume.is_some())
-        .truncate(a.resume.is_none())
-        .open(&mpath)
-        .map_err(|e| Error::io(&mpath, e))?;
-    let stop = train::stop_flag(None);
-    let done = ((prog.epoch - 1) * n_batches + prog.batch) as u64;
-    let bar = train::progress_bar(a.quiet, (n_batches * r.epochs) as u64, done);
+    let Run {
+        mut opt,
+        mut prog,
+        fp,
+        mut metrics,
+        metrics_path: mpath,
+        stop,
+        bar,
+    } = train::start_run(a, n_batches, &mut store, &ids, None)?;
     let (train_s0, mut tokens) = (prog.train_s, 0usize);
     let mut acc = Accumulator::default();
     let mut last = json!({});
@@ -242,15 +216,12 @@ pub fn run_finetune(a: &Args) -> Result<()> {
         let batches = epoch_batches(epoch)?;
         for bi in prog.batch..batches.len() {
             let idx = &batches[bi];
-            let b = batch_of(&etr, idx, pad)?;
+            let b = padded_batch(&etr, idx, pad)?;
             let t = Instant::now();
             let seed = r.seed.wrapping_mul(1_000_003).wrapping_add(prog.micro);
             let (loss, grads) = model.loss_and_grads(&store, &b, None, seed)?;
-            acc.add(grads)?;
-            let group_end = (bi + 1) % r.grad_accum == 0 || bi + 1 == batches.len();
-            if group_end && let Some(g) = acc.take_mean()? {
-                opt.step(&mut store, g)?;
-            }
+            let group_end =
+                acc.add_and_step(grads, (bi, batches.len(), r.grad_accum), &mut opt, &mut store)?;
             let dt = t.elapsed().as_secs_f64();
             prog.record_micro(bi + 1, dt, loss, idx.len());
             let k = b.num_tokens();
@@ -261,13 +232,11 @@ pub fn run_finetune(a: &Args) -> Result<()> {
                 prog.loss_sum / prog.seen as f64,
                 k as f64 / dt
             ));
-            let limit_hit = a.stop_after_steps.is_some_and(|s| opt.steps() >= s);
-            if group_end && (stop.load(Ordering::SeqCst) || limit_hit) && bi + 1 < batches.len() {
-                bar.println(if limit_hit {
-                    "--stop-after-steps reached: saving"
-                } else {
-                    "interrupted: saving after the current step"
-                });
+            if group_end
+                && bi + 1 < batches.len()
+                && let Some(why) = train::stop_reason(a, &stop, &opt)
+            {
+                bar.println(why);
                 last = report(&store, &prog, &opt, epoch, tokens)?;
                 train::save_checkpoint(&a.out, &opt, &store, &ids, &prog, &fp)?;
                 break 'epochs;
@@ -281,12 +250,9 @@ pub fn run_finetune(a: &Args) -> Result<()> {
             last["test_perplexity"].as_f64().unwrap_or(f64::NAN),
             prog.train_s
         ));
-        prog.epoch += 1;
-        prog.batch = 0;
-        prog.loss_sum = 0.0;
-        prog.seen = 0;
+        prog.next_epoch();
         train::save_checkpoint(&a.out, &opt, &store, &ids, &prog, &fp)?;
-        if stop.load(Ordering::SeqCst) || a.stop_after_steps.is_some_and(|s| opt.steps() >= s) {
+        if train::stop_reason(a, &stop, &opt).is_some() {
             break;
         }
     }

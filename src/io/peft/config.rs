@@ -672,13 +672,7 @@ impl AdapterConfig {
                     lora_alpha: obj.f64_or("lora_alpha", d.lora_alpha)?,
                     use_rslora: obj.bool_or("use_rslora", d.use_rslora)?,
                     use_dora: obj.bool_or("use_dora", d.use_dora)?,
-                    rank_pattern: obj.patterns("rank_pattern", |k, v| {
-                        json_usize(v).ok_or_else(|| {
-                            cfg_err(format!(
-                                "rank_pattern[{k:?}] must be a non-negative integer, got {v}"
-                            ))
-                        })
-                    })?,
+                    rank_pattern: obj.usize_patterns("rank_pattern")?,
                     alpha_pattern: obj.patterns("alpha_pattern", |k, v| {
                         v.as_f64()
                             .ok_or_else(|| cfg_err(format!("alpha_pattern[{k:?}] must be a number, got {v}")))
@@ -706,13 +700,7 @@ impl AdapterConfig {
                     wavelet_family: obj.string_or("wavelet_family", &d.wavelet_family)?,
                     use_idwt: obj.bool_or("use_idwt", d.use_idwt)?,
                     random_loc_seed: obj.i64_or("random_loc_seed", d.random_loc_seed)?,
-                    n_frequency_pattern: obj.patterns("n_frequency_pattern", |k, v| {
-                        json_usize(v).ok_or_else(|| {
-                            cfg_err(format!(
-                                "n_frequency_pattern[{k:?}] must be a non-negative integer, got {v}"
-                            ))
-                        })
-                    })?,
+                    n_frequency_pattern: obj.usize_patterns("n_frequency_pattern")?,
                     proportional_parameters: obj
                         .bool_or("proportional_parameters", d.proportional_parameters)?,
                     init_weights: obj.bool_or("init_weights", d.init_weights)?,
@@ -1083,6 +1071,14 @@ impl Obj<'_> {
                 v.kind()
             ))),
         }
+    }
+
+    /// A `{pattern: non-negative integer}` map (`rank_pattern`, `n_frequency_pattern`).
+    fn usize_patterns(&self, key: &str) -> Result<PatternMap<usize>> {
+        self.patterns(key, |k, v| {
+            json_usize(v)
+                .ok_or_else(|| cfg_err(format!("{key}[{k:?}] must be a non-negative integer, got {v}")))
+        })
     }
 
     fn patterns<T>(&self, key: &str, value: impl Fn(&str, &Json) -> Result<T>) -> Result<PatternMap<T>> {

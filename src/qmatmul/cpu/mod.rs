@@ -50,6 +50,7 @@ mod avx2;
 mod avx512;
 mod gemv;
 mod panels;
+mod transpose;
 
 pub(crate) use gemv::{gemv_bwd, gemv_fwd};
 use panels::{dense_gemm_bwd, dense_gemm_fwd};
@@ -288,64 +289,56 @@ pub(crate) fn dequantize_f32(q: &Q4<'_>) -> Vec<f32> {
     v
 }
 
-pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
-    let op = "linear_forward";
-    let x = f32_of(p.act, op)?;
+/// `act` times W one way or the other, plus the low-rank term, in f32: forward `y = x·Wᵀ (+ u·bᵀ)`
+/// `[tokens, out]`, backward `dx = dy·W (+ v·a)` `[tokens, in]`. The dequantize-then-gemm baseline when
+/// `p.algo` asks for it, else the GEMVs up to [`DECODE_MAX_TOKENS`] tokens and the panels above.
+fn product(p: &Problem<'_>, backward: bool, op: &'static str) -> Result<Vec<f32>> {
+    let act = f32_of(p.act, op)?;
     let w = WeightRef::new(p.w)?;
     let (t, out, inp) = (p.tokens, p.out, p.inp);
-    let mut y = vec![0f32; t * out];
+    let mut r = vec![0f32; t * if backward { inp } else { out }];
     let lr = match p.low_rank {
         Some((u, b)) if p.rank > 0 => Some((f32_of(u, op)?, f32_of(b, op)?)),
         _ => None,
     };
     let lr = lr.as_ref().map(|(u, b)| (&u[..], &b[..]));
-    let bias = p.bias.map(|b| f32_of(b, op)).transpose()?;
-    let bias = bias.as_deref();
-    if t > 0 && out > 0 {
-        // The baseline: all of W dequantized to f32, then one gemm.
-        let dequantized = match (&w, p.algo) {
-            (WeightRef::Q4(q), Algo::DequantGemm) => Some(dequantize_f32(q)),
-            _ => None,
-        };
-        if let Some(wf) = &dequantized {
-            dense_gemm_fwd(&x, &WeightRef::F32(wf), t, out, inp, &mut y, lr, p.rank);
-        } else if t <= DECODE_MAX_TOKENS {
-            gemv_fwd(&w, &x, t, out, inp, &mut y, lr, p.rank);
-        } else {
-            dense_gemm_fwd(&x, &w, t, out, inp, &mut y, lr, p.rank);
-        }
-        if let Some(b) = bias {
-            y.par_chunks_mut(out).for_each(|row| {
-                row.iter_mut().zip(b).for_each(|(o, &b)| *o += b);
-            });
-        }
+    if r.is_empty() {
+        return Ok(r);
     }
-    tensor_from_f32(y, &[t, out], p.act.dtype())
+    // The baseline: all of W dequantized to f32, then one gemm.
+    let dequantized = match (&w, p.algo) {
+        (WeightRef::Q4(q), Algo::DequantGemm) => Some(dequantize_f32(q)),
+        _ => None,
+    };
+    let decode = dequantized.is_none() && t <= DECODE_MAX_TOKENS;
+    let w = match &dequantized {
+        Some(wf) => WeightRef::F32(wf),
+        None => w,
+    };
+    match (backward, decode) {
+        (false, true) => gemv_fwd(&w, &act, t, out, inp, &mut r, lr, p.rank),
+        (false, false) => dense_gemm_fwd(&act, &w, t, out, inp, &mut r, lr, p.rank),
+        (true, true) => gemv_bwd(&w, &act, t, out, inp, &mut r, lr, p.rank),
+        (true, false) => dense_gemm_bwd(&act, &w, t, out, inp, &mut r, lr, p.rank),
+    }
+    Ok(r)
+}
+
+pub(crate) fn forward(p: &Problem<'_>) -> Result<Tensor> {
+    let op = "linear_forward";
+    let mut y = product(p, false, op)?;
+    let bias = p.bias.map(|b| f32_of(b, op)).transpose()?;
+    if let Some(b) = bias.as_deref()
+        && !y.is_empty()
+    {
+        y.par_chunks_mut(p.out).for_each(|row| {
+            row.iter_mut().zip(b).for_each(|(o, &b)| *o += b);
+        });
+    }
+    tensor_from_f32(y, &[p.tokens, p.out], p.act.dtype())
 }
 
 pub(crate) fn backward_input(p: &Problem<'_>) -> Result<Tensor> {
-    let op = "linear_backward_input";
-    let dy = f32_of(p.act, op)?;
-    let w = WeightRef::new(p.w)?;
-    let (t, out, inp) = (p.tokens, p.out, p.inp);
-    let mut dx = vec![0f32; t * inp];
-    let lr = match p.low_rank {
-        Some((v, a)) if p.rank > 0 => Some((f32_of(v, op)?, f32_of(a, op)?)),
-        _ => None,
-    };
-    let lr = lr.as_ref().map(|(v, a)| (&v[..], &a[..]));
-    if t > 0 && inp > 0 {
-        let dequantized = match (&w, p.algo) {
-            (WeightRef::Q4(q), Algo::DequantGemm) => Some(dequantize_f32(q)),
-            _ => None,
-        };
-        if let Some(wf) = &dequantized {
-            dense_gemm_bwd(&dy, &WeightRef::F32(wf), t, out, inp, &mut dx, lr, p.rank);
-        } else if t <= DECODE_MAX_TOKENS {
-            gemv_bwd(&w, &dy, t, out, inp, &mut dx, lr, p.rank);
-        } else {
-            dense_gemm_bwd(&dy, &w, t, out, inp, &mut dx, lr, p.rank);
-        }
-    }
-    tensor_from_f32(dx, &[t, inp], p.act.dtype())
+    let dx = product(p, true, "linear_backward_input")?;
+    tensor_from_f32(dx, &[p.tokens, p.inp], p.act.dtype())
 }

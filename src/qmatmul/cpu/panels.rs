@@ -1,11 +1,14 @@
 //! Batch path (> [`DECODE_MAX_TOKENS`](super::DECODE_MAX_TOKENS) tokens): the weight dequantized in
 //! L2-sized panels, each multiplied with the `gemm` crate.
 
+use super::transpose::transpose;
 use super::{SendPtr, WeightRef, decode_flat, gemm_f32};
 use crate::tensor::cpu as tcpu;
 use rayon::prelude::*;
 
-/// y[t, o] = x·Wᵀ (+ u·bᵀ). f32 dense W goes straight to gemm; other formats in decoded row panels.
+/// y[t, o] = x·Wᵀ (+ u·bᵀ), in row panels of W: each panel is decoded (a copy for f32 W) and
+/// transposed to `[inp, rows]` before its gemm, so that gemm packs it with contiguous copies instead of
+/// its scalar strided pack of a transposed operand (see `transpose.rs`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn dense_gemm_fwd(
     x: &[f32],
@@ -17,60 +20,30 @@ pub(super) fn dense_gemm_fwd(
     lr: Option<(&[f32], &[f32])>,
     rank: usize,
 ) {
-    if let WeightRef::F32(wf) = w {
-        let par = tcpu::gemm_parallelism(t, out, inp);
-        // SAFETY: x is [t, inp], wf is [out, inp] read transposed (rs 1, cs inp), y is [t, out].
-        unsafe {
-            gemm_f32(
-                t,
-                out,
-                inp,
-                y.as_mut_ptr(),
-                out,
-                false,
-                x.as_ptr(),
-                inp,
-                1,
-                wf.as_ptr(),
-                1,
-                inp,
-                par,
-            );
-            if let Some((u, b)) = lr {
-                gemm_f32(
-                    t,
-                    out,
-                    rank,
-                    y.as_mut_ptr(),
-                    out,
-                    true,
-                    u.as_ptr(),
-                    rank,
-                    1,
-                    b.as_ptr(),
-                    1,
-                    rank,
-                    par,
-                );
-            }
-        }
-        return;
-    }
     // Panel of P rows: P × inp f32 ≤ ~2 MiB (one L2), at least 32 rows for an efficient gemm, and
-    // at least one panel per thread, all of about the same size.
+    // at least one panel per thread, all of about the same size. A task keeps two scratch panels: the
+    // decoded rows (unused for f32 W, whose rows are read in place) and their transpose.
     let p_max = ((1usize << 19) / inp.max(1)).clamp(32, 256).next_multiple_of(16);
     let p = balanced_panel(out, p_max, 16);
     let np = out.div_ceil(p);
     let yp = SendPtr(y.as_mut_ptr());
-    (0..np)
-        .into_par_iter()
-        .for_each_init(Vec::new, |buf: &mut Vec<f32>, pi| {
+    (0..np).into_par_iter().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(buf, wt): &mut (Vec<f32>, Vec<f32>), pi| {
             let o0 = pi * p;
             let rows = p.min(out - o0);
-            buf.resize(rows * inp, 0.0);
-            decode_rows(w, o0, inp, buf);
+            let panel: &[f32] = if let WeightRef::F32(wf) = w {
+                &wf[o0 * inp..(o0 + rows) * inp]
+            } else {
+                buf.resize(rows * inp, 0.0);
+                decode_rows(w, o0, inp, buf);
+                buf
+            };
+            wt.resize(rows * inp, 0.0);
+            transpose(panel, inp, rows, inp, wt);
             // SAFETY: this task writes only the columns o0..o0+rows of y ([t, out], row stride out);
-            // panels are disjoint. buf is [rows, inp] read transposed; u [t, rank]; b rows o0.. of [out, rank].
+            // panels are disjoint. wt is [inp, rows] (row-major, the panel transposed); u [t, rank];
+            // b rows o0.. of [out, rank].
             unsafe {
                 let dst = yp.get().add(o0);
                 gemm_f32(
@@ -83,9 +56,9 @@ pub(super) fn dense_gemm_fwd(
                     x.as_ptr(),
                     inp,
                     1,
-                    buf.as_ptr(),
+                    wt.as_ptr(),
+                    rows,
                     1,
-                    inp,
                     gemm::Parallelism::None,
                 );
                 if let Some((u, b)) = lr {
@@ -107,7 +80,8 @@ pub(super) fn dense_gemm_fwd(
                     );
                 }
             }
-        });
+        },
+    );
 }
 
 /// The panel size (a multiple of `align`, at most `max` unless `align` is larger) that splits `n` into

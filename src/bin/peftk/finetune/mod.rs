@@ -355,12 +355,14 @@ pub(crate) fn encode(tok: &BertTokenizer, ds: &Dataset, max_len: usize) -> Resul
     Ok(Encoded { ids })
 }
 
-pub(crate) fn batch_of(enc: &Encoded, idx: &[usize], pad: u32) -> Result<BertBatch> {
-    let seq = idx.iter().map(|&i| enc.ids[i].len()).max().unwrap_or(0);
+/// A right-padded batch of the encoded texts `idx` (mask 1 on the tokens, 0 on the padding): the
+/// classifier's and the causal LM's batches alike.
+pub(crate) fn padded_batch(enc: &[Vec<u32>], idx: &[usize], pad: u32) -> Result<BertBatch> {
+    let seq = idx.iter().map(|&i| enc[i].len()).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(idx.len());
     let mut mask = Vec::with_capacity(idx.len());
     for &i in idx {
-        let r = &enc.ids[i];
+        let r = &enc[i];
         let mut row = r.clone();
         row.resize(seq, pad);
         let mut m = vec![1u8; r.len()];
@@ -369,6 +371,10 @@ pub(crate) fn batch_of(enc: &Encoded, idx: &[usize], pad: u32) -> Result<BertBat
         mask.push(m);
     }
     BertBatch::from_rows(&ids, &mask, None)
+}
+
+pub(crate) fn batch_of(enc: &Encoded, idx: &[usize], pad: u32) -> Result<BertBatch> {
+    padded_batch(&enc.ids, idx, pad)
 }
 
 /// Class probabilities of every example (evaluation mode), in dataset order.

@@ -26,7 +26,7 @@ use peft_kernels::{Device, Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -124,6 +124,14 @@ impl Progress {
         self.seen += n;
         self.samples += n;
     }
+
+    /// Moves to the start of the next epoch (the per-epoch loss sums start again).
+    pub(crate) fn next_epoch(&mut self) {
+        self.epoch += 1;
+        self.batch = 0;
+        self.loss_sum = 0.0;
+        self.seen = 0;
+    }
 }
 
 /// The optimizer configuration of a recipe, for a run of `total_steps` optimizer steps.
@@ -200,11 +208,40 @@ impl Accumulator {
             None => Ok(None),
         }
     }
+
+    /// Adds the gradients of micro-batch `bi` of an epoch of `n_batches`; at the end of its group (every
+    /// `grad_accum` micro-batches, and the epoch's last) steps `opt` on their mean. True at a group's end.
+    pub(crate) fn add_and_step(
+        &mut self,
+        grads: Gradients,
+        (bi, n_batches, grad_accum): (usize, usize, usize),
+        opt: &mut Optimizer,
+        store: &mut ParamStore,
+    ) -> Result<bool> {
+        self.add(grads)?;
+        let group_end = (bi + 1) % grad_accum == 0 || bi + 1 == n_batches;
+        if group_end && let Some(g) = self.take_mean()? {
+            opt.step(store, g)?;
+        }
+        Ok(group_end)
+    }
+}
+
+/// Why a run stops after the optimizer step just taken, if it does: `--stop-after-steps` reached, or
+/// the stop flag set (a signal, or the caller).
+pub(crate) fn stop_reason(a: &Args, stop: &AtomicBool, opt: &Optimizer) -> Option<&'static str> {
+    if a.stop_after_steps.is_some_and(|s| opt.steps() >= s) {
+        Some("--stop-after-steps reached: saving")
+    } else if stop.load(Ordering::SeqCst) {
+        Some("interrupted: saving after the current step")
+    } else {
+        None
+    }
 }
 
 /// What a checkpoint must match to be resumed: everything that shapes the run except `--epochs`
 /// (a decaying schedule's length is checked with the optimizer's configuration).
-pub(crate) fn fingerprint(a: &Args) -> serde_json::Value {
+fn fingerprint(a: &Args) -> serde_json::Value {
     let r = &a.recipe;
     let mut fp = json!({
         "method": value_name(a.method), "quantize": value_name(a.quantize), "double_quant": a.double_quant,
@@ -258,7 +295,7 @@ pub(crate) fn save_checkpoint(
 
 /// Restores a checkpoint written by [`save_checkpoint`]: parameters into `store`, the optimizer, and
 /// the progress. Errors name what differs when the checkpoint belongs to another recipe.
-pub(crate) fn load_checkpoint(
+fn load_checkpoint(
     dir: &Path,
     cfg: OptimConfig,
     store: &mut ParamStore,
@@ -362,7 +399,7 @@ fn micro_step(
 
 /// The stop flag: the caller's, or one that SIGINT / SIGTERM set (the loop then stops after the current
 /// optimizer step and saves).
-pub(crate) fn stop_flag(stop: Option<Arc<AtomicBool>>) -> Arc<AtomicBool> {
+fn stop_flag(stop: Option<Arc<AtomicBool>>) -> Arc<AtomicBool> {
     stop.unwrap_or_else(|| {
         let s = Arc::new(AtomicBool::new(false));
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -374,7 +411,7 @@ pub(crate) fn stop_flag(stop: Option<Arc<AtomicBool>>) -> Arc<AtomicBool> {
     })
 }
 
-pub(crate) fn progress_bar(quiet: bool, len: u64, pos: u64) -> ProgressBar {
+fn progress_bar(quiet: bool, len: u64, pos: u64) -> ProgressBar {
     let bar = if quiet {
         ProgressBar::hidden()
     } else {
@@ -386,6 +423,61 @@ pub(crate) fn progress_bar(quiet: bool, len: u64, pos: u64) -> ProgressBar {
     );
     bar.set_position(pos);
     bar
+}
+
+/// What a training loop holds from its first step on.
+pub(crate) struct Run {
+    /// The optimizer and the data position: fresh, or restored from `--resume` (the parameters too).
+    pub(crate) opt: Optimizer,
+    pub(crate) prog: Progress,
+    /// The recipe fingerprint every checkpoint of the run carries.
+    pub(crate) fp: serde_json::Value,
+    /// `out/metrics.jsonl`, appended to when resuming.
+    pub(crate) metrics: std::fs::File,
+    pub(crate) metrics_path: PathBuf,
+    /// Set by the caller or by SIGINT / SIGTERM: stop after the current optimizer step and save.
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) bar: ProgressBar,
+}
+
+/// The set-up the classifier and causal-LM loops share, for `n_batches` micro-batches an epoch over the
+/// trainable parameters `ids` of `store`: the optimizer for the whole run's steps, the checkpoint when
+/// resuming, the output directory and metrics file, the stop flag and the progress bar.
+pub(crate) fn start_run(
+    a: &Args,
+    n_batches: usize,
+    store: &mut ParamStore,
+    ids: &[ParamId],
+    stop: Option<Arc<AtomicBool>>,
+) -> Result<Run> {
+    let r = &a.recipe;
+    let steps_per_epoch = n_batches.div_ceil(r.grad_accum.max(1));
+    let cfg = optim_config(r, (steps_per_epoch * r.epochs).max(1) as u64)?;
+    let fp = fingerprint(a);
+    let (opt, prog) = match &a.resume {
+        Some(dir) => load_checkpoint(dir, cfg, store, ids, &fp)?,
+        None => (Optimizer::new(cfg)?, Progress::start()),
+    };
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    let metrics_path = a.out.join("metrics.jsonl");
+    let metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(a.resume.is_some())
+        .truncate(a.resume.is_none())
+        .open(&metrics_path)
+        .map_err(|e| Error::io(&metrics_path, e))?;
+    let done = ((prog.epoch - 1) * n_batches + prog.batch) as u64;
+    let bar = progress_bar(a.quiet, (n_batches * r.epochs) as u64, done);
+    Ok(Run {
+        opt,
+        prog,
+        fp,
+        metrics,
+        metrics_path,
+        stop: stop_flag(stop),
+        bar,
+    })
 }
 
 /// Trains, evaluating after every epoch; writes `out/metrics.jsonl` (appended to when resuming), a
@@ -440,25 +532,15 @@ pub fn train(a: &Args, stop: Option<Arc<AtomicBool>>) -> Result<RunSummary> {
             );
         }
     }
-    let steps_per_epoch = n_batches.div_ceil(r.grad_accum.max(1));
-    let cfg = optim_config(r, (steps_per_epoch * r.epochs).max(1) as u64)?;
-    let fp = fingerprint(a);
-    let (mut opt, mut prog) = match &a.resume {
-        Some(dir) => load_checkpoint(dir, cfg, &mut store, &ids, &fp)?,
-        None => (Optimizer::new(cfg)?, Progress::start()),
-    };
-    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
-    let mpath = a.out.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .append(a.resume.is_some())
-        .truncate(a.resume.is_none())
-        .open(&mpath)
-        .map_err(|e| Error::io(&mpath, e))?;
-    let stop = stop_flag(stop);
-    let done = ((prog.epoch - 1) * n_batches + prog.batch) as u64;
-    let bar = progress_bar(a.quiet, (n_batches * r.epochs) as u64, done);
+    let Run {
+        mut opt,
+        mut prog,
+        fp,
+        mut metrics,
+        metrics_path: _,
+        stop,
+        bar,
+    } = start_run(a, n_batches, &mut store, &ids, stop)?;
     let mut last = (0.0, 0.0, 0.0);
     let mut acc = Accumulator::default();
     let line = MetricsLine { trainable };
@@ -472,11 +554,8 @@ pub fn train(a: &Args, stop: Option<Arc<AtomicBool>>) -> Result<RunSummary> {
             let t = Instant::now();
             let seed = r.seed.wrapping_mul(1_000_003).wrapping_add(prog.micro);
             let (loss, grads) = micro_step(&model, &store, &b, &labels, seed)?;
-            acc.add(grads)?;
-            let group_end = (bi + 1) % r.grad_accum == 0 || bi + 1 == batches.len();
-            if group_end && let Some(g) = acc.take_mean()? {
-                opt.step(&mut store, g)?;
-            }
+            let group_end =
+                acc.add_and_step(grads, (bi, batches.len(), r.grad_accum), &mut opt, &mut store)?;
             let dt = t.elapsed().as_secs_f64();
             prog.record_micro(bi + 1, dt, loss, idx.len());
             bar.inc(1);
@@ -485,13 +564,11 @@ pub fn train(a: &Args, stop: Option<Arc<AtomicBool>>) -> Result<RunSummary> {
                 prog.loss_sum / prog.seen as f64,
                 idx.len() as f64 / dt
             ));
-            let limit_hit = a.stop_after_steps.is_some_and(|s| opt.steps() >= s);
-            if group_end && (stop.load(Ordering::SeqCst) || limit_hit) && bi + 1 < batches.len() {
-                bar.println(if limit_hit {
-                    "--stop-after-steps reached: saving"
-                } else {
-                    "interrupted: saving after the current step"
-                });
+            if group_end
+                && bi + 1 < batches.len()
+                && let Some(why) = stop_reason(a, &stop, &opt)
+            {
+                bar.println(why);
                 let (_, accu, f1) = evaluate(&model, &store, &ete, &test, pad)?;
                 last = (prog.loss_sum / prog.seen as f64, accu, f1);
                 line.write(&mut metrics, &prog, last, &opt, epoch)?;
@@ -506,12 +583,9 @@ pub fn train(a: &Args, stop: Option<Arc<AtomicBool>>) -> Result<RunSummary> {
             last.0, prog.train_s
         ));
         line.write(&mut metrics, &prog, last, &opt, epoch)?;
-        prog.epoch += 1;
-        prog.batch = 0;
-        prog.loss_sum = 0.0;
-        prog.seen = 0;
+        prog.next_epoch();
         save_checkpoint(&a.out, &opt, &store, &ids, &prog, &fp)?;
-        if stop.load(Ordering::SeqCst) || a.stop_after_steps.is_some_and(|s| opt.steps() >= s) {
+        if stop_reason(a, &stop, &opt).is_some() {
             break;
         }
     }
