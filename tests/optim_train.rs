@@ -423,7 +423,35 @@ fn state_bytes_per_param() -> Result<()> {
         println!("{kind}: {per} bytes of optimizer state per parameter");
         assert_eq!(per, want);
         assert!(kind == OptimKind::AdamW || per <= 2.1);
+        let eight = opt.state_bytes_8bit();
+        if kind == OptimKind::AdamW8bit {
+            assert_eq!(eight, (n, opt.state_bytes()));
+        } else {
+            assert_eq!(eight, (0, 0));
+        }
     }
+    Ok(())
+}
+
+/// The 8-bit breakdown counts only the tensors in 8-bit state: a tensor below `min_8bit_size` keeps f32
+/// state (8 B/param) and is left out.
+#[test]
+fn state_bytes_8bit_leaves_out_small_tensors() -> Result<()> {
+    let (big, small) = (3 * 4096 + 17, 4095);
+    let mut store = ParamStore::new();
+    let mut g = Gradients::new();
+    for (name, n) in [("big", big), ("small", small)] {
+        let id = store.insert(name, Tensor::zeros(&[n], DType::F32, Device::Cpu)?)?;
+        g.insert_or_add(id, Tensor::full(&[n], 1e-3, DType::F32, Device::Cpu)?)?;
+    }
+    let mut opt = Optimizer::new(OptimConfig {
+        optim: OptimKind::AdamW8bit,
+        ..Default::default()
+    })?;
+    opt.step(&mut store, g)?;
+    let big_bytes = 2 * big + 8 * big.div_ceil(256);
+    assert_eq!(opt.state_bytes_8bit(), (big, big_bytes));
+    assert_eq!(opt.state_bytes(), big_bytes + 8 * small);
     Ok(())
 }
 

@@ -113,9 +113,31 @@ pub(crate) fn adam_bnb32(
     })
 }
 
+/// The two dynamic maps of AdamW8bit (signed for m, unsigned for v; 256 f32 each) on one device.
+type DeviceMaps = (cudarc::driver::CudaSlice<f32>, cudarc::driver::CudaSlice<f32>);
+
+/// The dynamic maps on `b`'s device: uploaded by the first 8-bit step on that device (2 KB) and kept
+/// for the life of the process, instead of one upload per step.
+fn device_maps(b: &crate::device::cuda::CudaBackend) -> Result<std::sync::Arc<DeviceMaps>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static MAPS: OnceLock<Mutex<HashMap<usize, Arc<DeviceMaps>>>> = OnceLock::new();
+    let mut maps = MAPS
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(|_| Error::device("cuda", "AdamW8bit map cache poisoned"))?;
+    if let Some(m) = maps.get(&b.ordinal) {
+        return Ok(m.clone());
+    }
+    let t = super::eightbit::tables();
+    let m = Arc::new((b.stream.clone_htod(&t.code_m)?, b.stream.clone_htod(&t.code_v)?));
+    maps.insert(b.ordinal, m.clone());
+    Ok(m)
+}
+
 /// bitsandbytes' blockwise 8-bit Adam (`adam8bit_<T>`): one block of 256 threads per quantization
 /// block. `codes` are the u8 codes of m and v (n each), `absmax` their f32 block maxima (ceil(n/256)
-/// each), all on `p`'s device (checked by the caller). The two dynamic maps are uploaded per call (2 KB).
+/// each), all on `p`'s device (checked by the caller). The two dynamic maps come from [`device_maps`].
 pub(crate) fn adam8bit(
     p: &mut Tensor,
     g: &Tensor,
@@ -136,20 +158,16 @@ pub(crate) fn adam8bit(
             "AdamW8bit: state sizes do not match the parameter",
         ));
     }
-    let t = super::eightbit::tables();
-    let dev = p.device();
-    let code_m = Tensor::from_slice(&t.code_m, &[256], dev)?;
-    let code_v = Tensor::from_slice(&t.code_v, &[256], dev)?;
     let gs = storage(g, "AdamW8bit gradient")?;
     let b = gs.backend.clone();
+    let maps = device_maps(&b)?;
     let cfg = LaunchConfig {
         grid_dim: (nb.min(1 << 20) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
     let gv = gs.view::<f32>()?;
-    let cmv_s = storage(&code_m, "AdamW8bit map")?.view::<f32>()?;
-    let cvv_s = storage(&code_v, "AdamW8bit map")?.view::<f32>()?;
+    let (cmv_s, cvv_s) = (maps.0.as_view(), maps.1.as_view());
     let mut cmv = storage_mut(cm, "AdamW8bit codes m")?.view_mut::<u8>()?;
     let mut cvv = storage_mut(cv, "AdamW8bit codes v")?.view_mut::<u8>()?;
     let mut amv = storage_mut(am, "AdamW8bit absmax m")?.view_mut::<f32>()?;
@@ -546,10 +564,8 @@ fn launch_group(
         }
         Format::Bnb8 => {
             let s = BnbScalars::new(hyper, 1);
-            let t = super::eightbit::tables();
-            let code_m = b.stream.clone_htod(&t.code_m)?;
-            let code_v = b.stream.clone_htod(&t.code_v)?;
-            let (cmv, cvv) = (code_m.as_view(), code_v.as_view());
+            let maps = device_maps(&b)?;
+            let (cmv, cvv) = (maps.0.as_view(), maps.1.as_view());
             typed!(dtype, "AdamW8bit", |T| {
                 // SAFETY: adam8bit_multi_<T>(descs, ntensors, nblocks, 6 x float, int, const float*
                 // code_m, const float* code_v): `descs` holds ntensors descriptors of DESC8_WORDS = 6 + 3

@@ -178,6 +178,21 @@ pub(crate) struct Tables {
     /// Number of codes of the signed map with the sign bit set: `code_m[c].is_sign_negative()` is
     /// `c < neg_m` (the map is sorted and holds +0.0, not -0.0; checked when the tables are built).
     pub neg_m: u32,
+    /// The maps as byte planes: `planes_m[j][c]` is byte `j` (little-endian) of `code_m[c]`, for the
+    /// byte-permute dequantization of the AVX-512 VBMI kernel.
+    pub planes_m: [[u8; 256]; 4],
+    pub planes_v: [[u8; 256]; 4],
+}
+
+/// The byte planes of a 256-entry map (see [`Tables::planes_m`]).
+fn planes(code: &[f32; 256]) -> [[u8; 256]; 4] {
+    let mut p = [[0u8; 256]; 4];
+    for (c, x) in code.iter().enumerate() {
+        for (j, b) in x.to_bits().to_le_bytes().into_iter().enumerate() {
+            p[j][c] = b;
+        }
+    }
+    p
 }
 
 /// The process-wide tables.
@@ -199,6 +214,8 @@ pub(crate) fn tables() -> &'static Tables {
             lut_m: lut(dynamic_map()),
             lut_v: lut(&DYNAMIC_MAP_UNSIGNED),
             neg_m,
+            planes_m: planes(&code_m),
+            planes_v: planes(&DYNAMIC_MAP_UNSIGNED),
         }
     })
 }

@@ -328,6 +328,17 @@ impl Optimizer {
         self.states.values().map(ParamState::moment_bytes).sum()
     }
 
+    /// The parameters whose moments are in 8-bit state (AdamW8bit tensors of at least `min_8bit_size`
+    /// elements) and the bytes of those moments: `(elements, bytes)`, `(0, 0)` when there are none. Their
+    /// ratio is the 8-bit format's bytes per parameter (2 + 8/256 = 2.03), which
+    /// [`Optimizer::state_bytes`] over all tensors hides when small tensors keep f32 state.
+    pub fn state_bytes_8bit(&self) -> (usize, usize) {
+        self.states
+            .values()
+            .filter(|s| s.moments.format() == "bnb8")
+            .fold((0, 0), |(n, b), s| (n + s.moments.numel(), b + s.moment_bytes()))
+    }
+
     /// [`Optimizer::state_bytes`] plus the f32 master copies.
     pub fn total_state_bytes(&self) -> usize {
         self.states.values().map(ParamState::size_in_bytes).sum()

@@ -113,6 +113,9 @@ pub struct Row {
     pub step_ms_median_mean: f64,
     pub peak_rss_mb_max: f64,
     pub optimizer_state_bytes: usize,
+    /// Parameters in 8-bit optimizer state and the bytes of that state (`(0, 0)` without AdamW8bit or
+    /// when every tensor is below `min_8bit_size`).
+    pub optimizer_state_8bit: (usize, usize),
     pub adapter_bytes: u64,
     /// Optimizer steps of each run (fewer than the recipe's when a run was stopped early).
     pub optimizer_steps: Vec<u64>,
@@ -187,6 +190,7 @@ fn row(m: CompareMethod, recipe: &Recipe, runs: Vec<RunSummary>) -> Row {
         step_ms_median_mean: mean_std(&col(|r| r.step_ms_median)).0,
         peak_rss_mb_max: col(|r| r.peak_rss_mb).into_iter().fold(0.0, f64::max),
         optimizer_state_bytes: first.optimizer_state_bytes,
+        optimizer_state_8bit: first.optimizer_state_8bit,
         adapter_bytes: first.adapter_bytes,
         optimizer_steps: runs.iter().map(|r| r.optimizer_steps).collect(),
         loadavg_mean: mean_std(&col(|r| r.loadavg_1m)).0,
@@ -283,6 +287,19 @@ pub fn human_bytes(b: f64) -> String {
     }
 }
 
+/// The optimizer-state cell: the bytes, the bytes per trainable parameter, and the 8-bit format's own
+/// bytes per parameter over the tensors in 8-bit state when there are any (AdamW8bit keeps f32 state,
+/// 8 B/param, for tensors below `min_8bit_size`, which the overall figure mixes in).
+fn state_cell(bytes: usize, params: usize, eight: (usize, usize)) -> String {
+    let per = |b: usize, n: usize| b as f64 / n.max(1) as f64;
+    let mut s = format!("{} ({:.2} B/param", human_bytes(bytes as f64), per(bytes, params));
+    if eight.0 > 0 {
+        let _ = write!(s, "; 8-bit tensors {:.2} B/param", per(eight.1, eight.0));
+    }
+    s.push(')');
+    s
+}
+
 fn markdown(a: &Args, rows: &[Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "Recipe: {}.\n", recipe_line(a));
@@ -309,7 +326,11 @@ fn markdown(a: &Args, rows: &[Row]) -> String {
                 .collect::<Vec<_>>()
                 .join(", "),
             r.peak_rss_mb_max,
-            human_bytes(r.optimizer_state_bytes as f64),
+            state_cell(
+                r.optimizer_state_bytes,
+                r.trainable_params,
+                r.optimizer_state_8bit
+            ),
             if r.adapter_bytes == 0 {
                 "-".to_string()
             } else {
@@ -358,6 +379,8 @@ fn write_results(a: &Args, rows: &[Row]) -> Result<()> {
         "adapter_bytes",
         "optimizer_steps",
         "loadavg_mean",
+        "optimizer_state_8bit_params",
+        "optimizer_state_8bit_bytes",
     ])
     .map_err(csv_err)?;
     for r in rows {
@@ -382,6 +405,8 @@ fn write_results(a: &Args, rows: &[Row]) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(" "),
             format!("{:.2}", r.loadavg_mean),
+            r.optimizer_state_8bit.0.to_string(),
+            r.optimizer_state_8bit.1.to_string(),
         ])
         .map_err(csv_err)?;
     }
@@ -423,5 +448,22 @@ impl Args {
             self.seeds,
             if self.seeds > 1 { "s" } else { "" }
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::state_cell;
+
+    #[test]
+    fn state_cell_shows_bytes_per_param() {
+        assert_eq!(state_cell(8 * 1024, 1024, (0, 0)), "8.0 KiB (8.00 B/param)");
+        // 1 Mi params in 8-bit state (2 B of codes + 8 B of block maxima per 256) and 1 Ki in f32.
+        let n8 = 1 << 20;
+        let b8 = 2 * n8 + 8 * n8 / 256;
+        assert_eq!(
+            state_cell(b8 + 8 * 1024, n8 + 1024, (n8, b8)),
+            "2.04 MiB (2.04 B/param; 8-bit tensors 2.03 B/param)"
+        );
     }
 }

@@ -4,13 +4,17 @@
 //! the two on every kind of lane, tails included.
 //!
 //! Why explicit: the portable loop leaves the code-table lookups to the auto-vectorizer, which does not
-//! gather bytes, so the nearest-code search ran scalar. Here the dequantizations are register permutes
-//! of the 256-entry maps ([`lookup256`]) and each nearest-code search is one dword gather of a packed
-//! bucket word of [`Lut`] (64 KB per map, of which a step touches the few rows its block maxima select):
-//! a 16-lane gather is the slowest instruction on Zen 4, so the kernel has 2 per 16 elements. Also per
-//! 16 elements: 3 divides and 1 square root (the parameter update and the two normalizations by the
-//! block maxima, which must stay true divisions for exactness), against 16 B of DRAM traffic per
-//! element (read p, g and two codes, write p and two codes; the f32 step moves 28 B).
+//! gather bytes, so the nearest-code search ran scalar. Here each nearest-code search is one dword
+//! gather of a packed bucket word of [`Lut`] (64 KB per map, of which a step touches the few rows its
+//! block maxima select): a 16-lane gather is the slowest instruction on Zen 4, so the kernel has 2 per
+//! 16 elements and none in the dequantization. With AVX-512 VBMI ([`block8_vbmi`]) a dequantization
+//! looks up each of the 4 bytes of the 64 codes' f32 values in a 256-byte plane (two `vpermi2b` and a
+//! byte blend per plane, [`decode64_vbmi`]) and interleaves the planes back into floats: ~6 operations
+//! per 16 elements, against ~34 for the dword permutes of [`lookup256`] that [`block8`] uses on
+//! AVX-512 CPUs without VBMI (Skylake-SP, Cascade Lake). Also per 16 elements: 3 divides and 1 square
+//! root (the parameter update and the two normalizations by the block maxima, which must stay true
+//! divisions for exactness), against 16 B of DRAM traffic per element (read p, g and two codes, write p
+//! and two codes; the f32 step moves 28 B).
 //!
 //! [`Lut`]: crate::optim::eightbit::Lut
 
@@ -88,6 +92,47 @@ fn lookup256(idx: __m512i, table: &[f32; 256]) -> __m512 {
     _mm512_mask_blend_ps(b7, u0, u1)
 }
 
+/// The f32 values of 64 codes on a 256-entry map (the bytes of `codes`, element `i` in byte `i`), as 4
+/// registers of 16 lanes in element order: [`lookup256`] on each quarter.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn decode64_perm(codes: __m512i, table: &[f32; 256], _planes: &[[u8; 256]; 4]) -> [__m512; 4] {
+    [
+        lookup256(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32::<0>(codes)), table),
+        lookup256(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32::<1>(codes)), table),
+        lookup256(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32::<2>(codes)), table),
+        lookup256(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32::<3>(codes)), table),
+    ]
+}
+
+/// [`decode64_perm`] with byte permutes: `planes[j][c]` is byte `j` (little-endian) of `table[c]`. The
+/// codes are first reordered (dword `4L + k` of the register takes dword `4k + L`) so that after the
+/// lookups the two rounds of in-lane unpacks (bytes to words, words to dwords) leave element `16k + i`
+/// in lane `i` of register `k`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+#[inline]
+fn decode64_vbmi(codes: __m512i, _table: &[f32; 256], planes: &[[u8; 256]; 4]) -> [__m512; 4] {
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    let idx = _mm512_permutexvar_epi32(order, codes);
+    let high = _mm512_movepi8_mask(idx); // bit 7 of each code: the upper 128 entries
+    let plane = |j: usize| {
+        // SAFETY: each plane holds 256 = 4 · 64 bytes.
+        let t = |k: usize| unsafe { _mm512_loadu_si512(planes[j].as_ptr().add(64 * k) as *const _) };
+        let lo = _mm512_permutex2var_epi8(t(0), idx, t(1));
+        let hi = _mm512_permutex2var_epi8(t(2), idx, t(3));
+        _mm512_mask_blend_epi8(high, lo, hi)
+    };
+    let (b0, b1, b2, b3) = (plane(0), plane(1), plane(2), plane(3));
+    let (lo01, hi01) = (_mm512_unpacklo_epi8(b0, b1), _mm512_unpackhi_epi8(b0, b1));
+    let (lo23, hi23) = (_mm512_unpacklo_epi8(b2, b3), _mm512_unpackhi_epi8(b2, b3));
+    [
+        _mm512_castsi512_ps(_mm512_unpacklo_epi16(lo01, lo23)),
+        _mm512_castsi512_ps(_mm512_unpackhi_epi16(lo01, lo23)),
+        _mm512_castsi512_ps(_mm512_unpacklo_epi16(hi01, hi23)),
+        _mm512_castsi512_ps(_mm512_unpackhi_epi16(hi01, hi23)),
+    ]
+}
+
 /// The step's scalars, broadcast.
 struct Lanes {
     beta1: __m512,
@@ -110,113 +155,156 @@ fn lane_mask(n: usize, i: usize) -> __mmask16 {
     }
 }
 
+/// Lanes `i..` of a block of `n` as a 64-lane byte mask: all 64, or the tail.
+#[inline(always)]
+fn lane_mask64(n: usize, i: usize) -> __mmask64 {
+    let left = n - i;
+    if left >= 64 { !0 } else { (1u64 << left) - 1 }
+}
+
 /// One quantization block of at most [`BLOCK`] elements (shorter slices: the tensor's last block):
 /// dequantize, update the moments (a non-finite gradient zeroes both and leaves the parameter), the new
 /// block maxima, the parameter, requantize to the nearest codes with the first moment's sign repair.
-///
-/// # Safety
-/// The CPU has AVX-512F, AVX-512BW and AVX-512VL.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(super) unsafe fn block8(
-    p: &mut [f32],
-    g: &[f32],
-    cm: &mut [u8],
-    cv: &mut [u8],
-    absmax: (&mut f32, &mut f32),
-    s: &BnbScalars,
-    t: &Tables,
-) {
-    let n = p.len().min(g.len()).min(cm.len()).min(cv.len()).min(BLOCK);
-    let l = Lanes {
-        beta1: _mm512_set1_ps(s.beta1),
-        w1: _mm512_set1_ps(s.w1),
-        beta2: _mm512_set1_ps(s.beta2),
-        w2: _mm512_set1_ps(s.w2),
-        step_size: _mm512_set1_ps(s.step_size),
-        eps_c2: _mm512_set1_ps(s.eps_c2),
-        decay: _mm512_set1_ps(s.decay),
-    };
-    let (am, av) = (_mm512_set1_ps(*absmax.0), _mm512_set1_ps(*absmax.1));
-    let inf = _mm512_set1_ps(f32::INFINITY);
-    let mut mb = [0f32; BLOCK];
-    let mut vb = [0f32; BLOCK];
-    let mut fin = [0 as __mmask16; BLOCK / 16];
-    let mut mx_m = _mm512_set1_ps(-f32::MAX);
-    let mut mx_v = _mm512_set1_ps(-f32::MAX);
-    for i in (0..n).step_by(16) {
-        let k = lane_mask(n, i);
-        // SAFETY: the masked loads read lanes i..i+16 of `g`, `cm`, `cv` only where `k` is set, i.e.
-        // below n <= each length (masked-off lanes are never accessed).
-        let (gi, ci_m, ci_v) = unsafe {
-            (
-                _mm512_maskz_loadu_ps(k, g.as_ptr().add(i)),
-                _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, cm.as_ptr().add(i) as *const i8)),
-                _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, cv.as_ptr().add(i) as *const i8)),
-            )
-        };
-        let (mq, vq) = (lookup256(ci_m, &t.code_m), lookup256(ci_v, &t.code_v));
-        // |g| < inf is false for inf and NaN (ordered compare).
-        let f = _mm512_mask_cmp_ps_mask::<_CMP_LT_OQ>(k, _mm512_abs_ps(gi), inf);
-        let gz = _mm512_maskz_mov_ps(f, gi);
-        let vi = _mm512_mul_ps(vq, av);
-        let vi = _mm512_add_ps(
-            _mm512_mul_ps(vi, l.beta2),
-            _mm512_mul_ps(_mm512_mul_ps(l.w2, gz), gz),
-        );
-        let mi = _mm512_mul_ps(mq, am);
-        let mi = _mm512_add_ps(_mm512_mul_ps(mi, l.beta1), _mm512_mul_ps(l.w1, gz));
-        let (mi, vi) = (_mm512_maskz_mov_ps(f, mi), _mm512_maskz_mov_ps(f, vi));
-        // max(|x|, acc) keeps acc when |x| is NaN, like f32::max; tail lanes are left out.
-        mx_m = _mm512_mask_max_ps(mx_m, k, _mm512_abs_ps(mi), mx_m);
-        mx_v = _mm512_mask_max_ps(mx_v, k, _mm512_abs_ps(vi), mx_v);
-        // SAFETY: i + 16 <= BLOCK (i is a multiple of 16 below n <= BLOCK).
-        unsafe {
-            _mm512_storeu_ps(mb.as_mut_ptr().add(i), mi);
-            _mm512_storeu_ps(vb.as_mut_ptr().add(i), vi);
-        }
-        fin[i / 16] = f;
-    }
-    // Exact in any order: no lane holds a NaN.
-    let (mx_m, mx_v) = (_mm512_reduce_max_ps(mx_m), _mm512_reduce_max_ps(mx_v));
-    let (dm, dv) = (_mm512_set1_ps(mx_m), _mm512_set1_ps(mx_v));
-    let (one, neg_m) = (_mm512_set1_epi32(1), _mm512_set1_epi32(t.neg_m as i32));
-    for i in (0..n).step_by(16) {
-        let k = lane_mask(n, i);
-        let f = fin[i / 16];
-        // SAFETY: `mb`/`vb` hold BLOCK >= i + 16 floats; `p` is read and written only in lanes of `f`
-        // (a subset of `k`, so below n <= p.len()).
-        let (mi, vi) = unsafe {
-            let (mi, vi) = (
-                _mm512_loadu_ps(mb.as_ptr().add(i)),
-                _mm512_loadu_ps(vb.as_ptr().add(i)),
-            );
-            let pv = _mm512_maskz_loadu_ps(f, p.as_ptr().add(i));
-            let upd = _mm512_div_ps(mi, _mm512_add_ps(_mm512_sqrt_ps(vi), l.eps_c2));
-            let mut pv = _mm512_add_ps(pv, _mm512_mul_ps(l.step_size, upd));
-            if s.weight_decay {
-                pv = _mm512_mul_ps(pv, l.decay);
+/// `$decode` dequantizes 64 codes at a time.
+macro_rules! block8_fn {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $decode:ident) => {
+        $(#[$doc])*
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn $name(
+            p: &mut [f32],
+            g: &[f32],
+            cm: &mut [u8],
+            cv: &mut [u8],
+            absmax: (&mut f32, &mut f32),
+            s: &BnbScalars,
+            t: &Tables,
+        ) {
+            let n = p.len().min(g.len()).min(cm.len()).min(cv.len()).min(BLOCK);
+            let l = Lanes {
+                beta1: _mm512_set1_ps(s.beta1),
+                w1: _mm512_set1_ps(s.w1),
+                beta2: _mm512_set1_ps(s.beta2),
+                w2: _mm512_set1_ps(s.w2),
+                step_size: _mm512_set1_ps(s.step_size),
+                eps_c2: _mm512_set1_ps(s.eps_c2),
+                decay: _mm512_set1_ps(s.decay),
+            };
+            let (am, av) = (_mm512_set1_ps(*absmax.0), _mm512_set1_ps(*absmax.1));
+            let inf = _mm512_set1_ps(f32::INFINITY);
+            // The first loop writes all 16 lanes of every group of 16 below n, which are all the second
+            // loop reads, so the buffers need no zeroing.
+            let mut mb = std::mem::MaybeUninit::<[f32; BLOCK]>::uninit();
+            let mut vb = std::mem::MaybeUninit::<[f32; BLOCK]>::uninit();
+            let (mb, vb) = (mb.as_mut_ptr() as *mut f32, vb.as_mut_ptr() as *mut f32);
+            let mut fin = [0 as __mmask16; BLOCK / 16];
+            let mut mx_m = _mm512_set1_ps(-f32::MAX);
+            let mut mx_v = _mm512_set1_ps(-f32::MAX);
+            for i0 in (0..n).step_by(64) {
+                let k64 = lane_mask64(n, i0);
+                // SAFETY: masked byte loads of lanes i0..i0+64 only where `k64` is set, i.e. below
+                // n <= cm.len(), cv.len().
+                let (c_m, c_v) = unsafe {
+                    (
+                        _mm512_maskz_loadu_epi8(k64, cm.as_ptr().add(i0) as *const i8),
+                        _mm512_maskz_loadu_epi8(k64, cv.as_ptr().add(i0) as *const i8),
+                    )
+                };
+                let dq_m = $decode(c_m, &t.code_m, &t.planes_m);
+                let dq_v = $decode(c_v, &t.code_v, &t.planes_v);
+                for q in 0..4 {
+                    let i = i0 + 16 * q;
+                    if i >= n {
+                        break;
+                    }
+                    let k = lane_mask(n, i);
+                    // SAFETY: the masked load reads lanes i..i+16 of `g` only where `k` is set, i.e.
+                    // below n <= g.len().
+                    let gi = unsafe { _mm512_maskz_loadu_ps(k, g.as_ptr().add(i)) };
+                    let (mq, vq) = (dq_m[q], dq_v[q]);
+                    // |g| < inf is false for inf and NaN (ordered compare).
+                    let f = _mm512_mask_cmp_ps_mask::<_CMP_LT_OQ>(k, _mm512_abs_ps(gi), inf);
+                    let gz = _mm512_maskz_mov_ps(f, gi);
+                    let vi = _mm512_mul_ps(vq, av);
+                    let vi = _mm512_add_ps(
+                        _mm512_mul_ps(vi, l.beta2),
+                        _mm512_mul_ps(_mm512_mul_ps(l.w2, gz), gz),
+                    );
+                    let mi = _mm512_mul_ps(mq, am);
+                    let mi = _mm512_add_ps(_mm512_mul_ps(mi, l.beta1), _mm512_mul_ps(l.w1, gz));
+                    let (mi, vi) = (_mm512_maskz_mov_ps(f, mi), _mm512_maskz_mov_ps(f, vi));
+                    // max(|x|, acc) keeps acc when |x| is NaN, like f32::max; tail lanes are left out.
+                    mx_m = _mm512_mask_max_ps(mx_m, k, _mm512_abs_ps(mi), mx_m);
+                    mx_v = _mm512_mask_max_ps(mx_v, k, _mm512_abs_ps(vi), mx_v);
+                    // SAFETY: i + 16 <= BLOCK (i is a multiple of 16 below n <= BLOCK).
+                    unsafe {
+                        _mm512_storeu_ps(mb.add(i), mi);
+                        _mm512_storeu_ps(vb.add(i), vi);
+                    }
+                    fin[i / 16] = f;
+                }
             }
-            _mm512_mask_storeu_ps(p.as_mut_ptr().add(i), f, pv);
-            (mi, vi)
-        };
-        let (c_m, c_v) = (
-            encode(_mm512_div_ps(mi, dm), &t.lut_m),
-            encode(_mm512_div_ps(vi, dv), &t.lut_v),
-        );
-        // m's sign repair: where the code's sign bit (c < neg_m) differs from m's, one code towards m
-        // (+1 when m > 0, else -1; the byte store wraps like the kernel's unsigned char).
-        let code_neg = _mm512_cmplt_epu32_mask(c_m, neg_m);
-        let m_neg = _mm512_cmplt_epi32_mask(_mm512_castps_si512(mi), _mm512_setzero_si512());
-        let flip = code_neg ^ m_neg;
-        let up = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(mi, _mm512_setzero_ps());
-        let c_m = _mm512_mask_add_epi32(c_m, flip & up, c_m, one);
-        let c_m = _mm512_mask_sub_epi32(c_m, flip & !up, c_m, one);
-        // SAFETY: byte stores of the lanes of `k` only, below n <= cm.len(), cv.len().
-        unsafe {
-            _mm512_mask_cvtepi32_storeu_epi8(cm.as_mut_ptr().add(i) as _, k, c_m);
-            _mm512_mask_cvtepi32_storeu_epi8(cv.as_mut_ptr().add(i) as _, k, c_v);
+            // Exact in any order: no lane holds a NaN.
+            let (mx_m, mx_v) = (_mm512_reduce_max_ps(mx_m), _mm512_reduce_max_ps(mx_v));
+            let (dm, dv) = (_mm512_set1_ps(mx_m), _mm512_set1_ps(mx_v));
+            let (one, neg_m) = (_mm512_set1_epi32(1), _mm512_set1_epi32(t.neg_m as i32));
+            for i in (0..n).step_by(16) {
+                let k = lane_mask(n, i);
+                let f = fin[i / 16];
+                // SAFETY: lanes i..i+16 of `mb`/`vb` were written by the first loop (i < n, a multiple
+                // of 16, and i + 16 <= BLOCK); `p` is read and written only in lanes of `f` (a subset of
+                // `k`, so below n <= p.len()).
+                let (mi, vi) = unsafe {
+                    let (mi, vi) = (_mm512_loadu_ps(mb.add(i)), _mm512_loadu_ps(vb.add(i)));
+                    let pv = _mm512_maskz_loadu_ps(f, p.as_ptr().add(i));
+                    let upd = _mm512_div_ps(mi, _mm512_add_ps(_mm512_sqrt_ps(vi), l.eps_c2));
+                    let mut pv = _mm512_add_ps(pv, _mm512_mul_ps(l.step_size, upd));
+                    if s.weight_decay {
+                        pv = _mm512_mul_ps(pv, l.decay);
+                    }
+                    _mm512_mask_storeu_ps(p.as_mut_ptr().add(i), f, pv);
+                    (mi, vi)
+                };
+                let (c_m, c_v) = (
+                    encode(_mm512_div_ps(mi, dm), &t.lut_m),
+                    encode(_mm512_div_ps(vi, dv), &t.lut_v),
+                );
+                // m's sign repair: where the code's sign bit (c < neg_m) differs from m's, one code
+                // towards m (+1 when m > 0, else -1; the byte store wraps like the kernel's unsigned
+                // char).
+                let code_neg = _mm512_cmplt_epu32_mask(c_m, neg_m);
+                let m_neg = _mm512_cmplt_epi32_mask(_mm512_castps_si512(mi), _mm512_setzero_si512());
+                let flip = code_neg ^ m_neg;
+                let up = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(mi, _mm512_setzero_ps());
+                let c_m = _mm512_mask_add_epi32(c_m, flip & up, c_m, one);
+                let c_m = _mm512_mask_sub_epi32(c_m, flip & !up, c_m, one);
+                // SAFETY: byte stores of the lanes of `k` only, below n <= cm.len(), cv.len().
+                unsafe {
+                    _mm512_mask_cvtepi32_storeu_epi8(cm.as_mut_ptr().add(i) as _, k, c_m);
+                    _mm512_mask_cvtepi32_storeu_epi8(cv.as_mut_ptr().add(i) as _, k, c_v);
+                }
+            }
+            *absmax.0 = mx_m;
+            *absmax.1 = mx_v;
         }
-    }
-    *absmax.0 = mx_m;
-    *absmax.1 = mx_v;
+    };
 }
+
+block8_fn!(
+    /// The block kernel for AVX-512 without VBMI (dequantization by dword permutes).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, AVX-512BW and AVX-512VL.
+    block8,
+    "avx512f,avx512bw,avx512vl",
+    decode64_perm
+);
+
+block8_fn!(
+    /// The block kernel with AVX-512 VBMI (dequantization by byte permutes).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, AVX-512BW, AVX-512VL and AVX-512VBMI.
+    block8_vbmi,
+    "avx512f,avx512bw,avx512vl,avx512vbmi",
+    decode64_vbmi
+);

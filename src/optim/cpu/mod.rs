@@ -70,6 +70,8 @@ pub(crate) fn adamw<T: Element>(p: &mut [T], g: &[f32], m: &mut [f32], v: &mut [
 use super::BnbScalars;
 use super::eightbit::{BLOCK, Tables};
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 
 /// `p + step_size·(m / (sqrt(v) + c2·eps))`, then the decoupled weight decay (after the update, as
@@ -198,15 +200,24 @@ fn blocks8<T: Element>(p: &mut [T], g: &[f32], q: Q8<'_>, s: &BnbScalars, t: &Ta
     }
 }
 
-/// [`blocks8`] with the explicit AVX-512 block kernel: f32 parameters in place, f16/bf16 parameters
-/// through an f32 copy of the block (rounded back, like the portable loop, only where the gradient is
-/// finite).
+/// An explicit SIMD block kernel (`avx512::block8`, `avx512::block8_vbmi`, `avx2::block8`): one block
+/// of f32 parameters, the same operations as the portable [`block8`].
+type BlockFn =
+    unsafe fn(&mut [f32], &[f32], &mut [u8], &mut [u8], (&mut f32, &mut f32), &BnbScalars, &Tables);
+
+/// [`blocks8`] with an explicit SIMD block kernel: f32 parameters in place, f16/bf16 parameters through
+/// an f32 copy of the block (rounded back, like the portable loop, only where the gradient is finite).
 ///
 /// # Safety
-/// The CPU has AVX-512F, AVX-512BW and AVX-512VL.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn blocks8_avx512<T: Element>(p: &mut [T], g: &[f32], q: Q8<'_>, s: &BnbScalars, t: &Tables) {
+/// The CPU has the target features of `block`.
+unsafe fn blocks8_simd<T: Element>(
+    p: &mut [T],
+    g: &[f32],
+    q: Q8<'_>,
+    s: &BnbScalars,
+    t: &Tables,
+    block: BlockFn,
+) {
     let mut buf = [0f32; BLOCK];
     for (((((p, g), cm), cv), am), av) in p
         .chunks_mut(BLOCK)
@@ -221,12 +232,12 @@ unsafe fn blocks8_avx512<T: Element>(p: &mut [T], g: &[f32], q: Q8<'_>, s: &BnbS
             .filter(|_| T::DTYPE == crate::tensor::DType::F32)
         {
             // SAFETY: the caller guarantees the target features.
-            Some(p32) => unsafe { avx512::block8(p32, g, cm, cv, (am, av), s, t) },
+            Some(p32) => unsafe { block(p32, g, cm, cv, (am, av), s, t) },
             None => {
                 let b = &mut buf[..p.len()];
                 b.iter_mut().zip(p.iter()).for_each(|(b, p)| *b = p.to_f32());
                 // SAFETY: as above.
-                unsafe { avx512::block8(b, g, cm, cv, (am, av), s, t) };
+                unsafe { block(b, g, cm, cv, (am, av), s, t) };
                 for ((p, b), g) in p.iter_mut().zip(b.iter()).zip(g) {
                     if g.is_finite() {
                         *p = T::from_f32(*b);
@@ -237,14 +248,38 @@ unsafe fn blocks8_avx512<T: Element>(p: &mut [T], g: &[f32], q: Q8<'_>, s: &BnbS
     }
 }
 
+/// The SIMD block kernels this CPU runs, best first: AVX-512 with VBMI, AVX-512, AVX2 (detected at run
+/// time). Empty elsewhere: the portable loop.
+fn simd_kernels() -> &'static [BlockFn] {
+    static K: std::sync::OnceLock<Vec<BlockFn>> = std::sync::OnceLock::new();
+    K.get_or_init(|| {
+        #[allow(unused_mut)]
+        let mut k: Vec<BlockFn> = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx512 = is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl");
+            if avx512 && is_x86_feature_detected!("avx512vbmi") {
+                k.push(avx512::block8_vbmi);
+            }
+            if avx512 {
+                k.push(avx512::block8);
+            }
+            if is_x86_feature_detected!("avx2") {
+                k.push(avx2::block8);
+            }
+        }
+        k
+    })
+}
+
 fn blocks8_best<T: Element>(p: &mut [T], g: &[f32], q: Q8<'_>, s: &BnbScalars, t: &Tables) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::quant::cpu::Isa::Avx512.is_available() {
-        // SAFETY: the CPU supports the enabled target features (checked just above).
-        unsafe { blocks8_avx512(p, g, q, s, t) };
-        return;
+    match simd_kernels().first() {
+        // SAFETY: `simd_kernels` lists only kernels whose target features this CPU has.
+        Some(&block) => unsafe { blocks8_simd(p, g, q, s, t, block) },
+        None => blocks8(p, g, q, s, t),
     }
-    blocks8(p, g, q, s, t)
 }
 
 /// bitsandbytes' blockwise 8-bit Adam over one tensor: `q.cm`/`q.cv` the codes of m (signed dynamic
@@ -300,89 +335,116 @@ mod tests {
         }
     }
 
-    /// The explicit AVX-512 block kernel against the portable loop, bit for bit, over several steps: odd
+    /// Runs `block` and the portable loop side by side for 4 steps on random state (a quarter of the
+    /// blocks with zero maxima) and gradients from [`value`], and compares everything bit for bit.
+    #[cfg(target_arch = "x86_64")]
+    fn check_simd<T: Element>(seed: u64, n: usize, wd: f32, special: u64, block: BlockFn) {
+        let t = tables();
+        let mut rng = Rng::new(seed);
+        let nb = n.div_ceil(BLOCK);
+        let p0: Vec<T> = (0..n)
+            .map(|_| T::from_f32(value(&mut rng, 0.1, special)))
+            .collect();
+        let cm0: Vec<u8> = (0..n).map(|_| rng.below(256) as u8).collect();
+        let cv0: Vec<u8> = (0..n).map(|_| rng.below(256) as u8).collect();
+        let mut scale = |s: f32| if rng.below(4) == 0 { 0.0 } else { rng.uniform() * s };
+        let am0: Vec<f32> = (0..nb).map(|_| scale(0.01)).collect();
+        let av0: Vec<f32> = (0..nb).map(|_| scale(1e-4)).collect();
+        let (mut a, mut b) = (
+            (p0.clone(), cm0.clone(), cv0.clone(), am0.clone(), av0.clone()),
+            (p0, cm0, cv0, am0, av0),
+        );
+        for step in 1..=4u64 {
+            let mut g: Vec<f32> = (0..n).map(|_| value(&mut rng, 1e-3, special)).collect();
+            if step == 2 {
+                // A whole block of zero gradients (and a zero state after step 1 only if the
+                // random state decays to it; the zero gradient still exercises gz = 0).
+                g.iter_mut().take(BLOCK).for_each(|x| *x = 0.0);
+            }
+            let cfg = AdamWConfig {
+                lr: 1e-2,
+                weight_decay: wd,
+                ..Default::default()
+            };
+            let s = BnbScalars::new(&cfg, step);
+            {
+                let (p, cm, cv, am, av) = &mut a;
+                blocks8(p, &g, Q8 { cm, cv, am, av }, &s, t);
+            }
+            {
+                let (p, cm, cv, am, av) = &mut b;
+                // SAFETY: `block` is one of `simd_kernels`, which this CPU runs.
+                unsafe { blocks8_simd(p, &g, Q8 { cm, cv, am, av }, &s, t, block) };
+            }
+            let what = format!("seed {seed} n {n} {:?} wd {wd} step {step}", T::DTYPE);
+            for i in 0..n {
+                assert!(
+                    same(a.0[i].to_f32(), b.0[i].to_f32()),
+                    "{what}: p[{i}] {:?} vs {:?}",
+                    a.0[i],
+                    b.0[i]
+                );
+                assert_eq!(a.1[i], b.1[i], "{what}: code m[{i}]");
+                assert_eq!(a.2[i], b.2[i], "{what}: code v[{i}]");
+            }
+            for k in 0..nb {
+                assert!(
+                    same(a.3[k], b.3[k]),
+                    "{what}: absmax m[{k}] {} vs {}",
+                    a.3[k],
+                    b.3[k]
+                );
+                assert!(
+                    same(a.4[k], b.4[k]),
+                    "{what}: absmax v[{k}] {} vs {}",
+                    a.4[k],
+                    b.4[k]
+                );
+            }
+        }
+    }
+
+    /// Every explicit SIMD block kernel this CPU runs (AVX-512 with and without VBMI, AVX2) against the
+    /// portable loop, bit for bit, over several steps: odd
     /// lengths (tails of every size), f32 and half parameters, with and without weight decay, gradients
     /// with NaN/inf/zero/huge/subnormal lanes, all-zero blocks (block maximum 0: the codes of 0/0) and
     /// random codes and block maxima.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx512_block_kernel_matches_portable() {
-        if !crate::quant::cpu::Isa::Avx512.is_available() {
-            eprintln!("SKIPPED (no AVX-512)");
+    fn simd_block_kernels_match_portable() {
+        if simd_kernels().is_empty() {
+            eprintln!("SKIPPED (no AVX2)");
             return;
         }
-        fn run<T: Element>(seed: u64, n: usize, wd: f32, special: u64) {
-            let t = tables();
-            let mut rng = Rng::new(seed);
-            let nb = n.div_ceil(BLOCK);
-            let p0: Vec<T> = (0..n)
-                .map(|_| T::from_f32(value(&mut rng, 0.1, special)))
-                .collect();
-            let cm0: Vec<u8> = (0..n).map(|_| rng.below(256) as u8).collect();
-            let cv0: Vec<u8> = (0..n).map(|_| rng.below(256) as u8).collect();
-            let am0: Vec<f32> = (0..nb).map(|_| rng.uniform() * 0.01).collect();
-            let av0: Vec<f32> = (0..nb).map(|_| rng.uniform() * 1e-4).collect();
-            let (mut a, mut b) = (
-                (p0.clone(), cm0.clone(), cv0.clone(), am0.clone(), av0.clone()),
-                (p0, cm0, cv0, am0, av0),
-            );
-            for step in 1..=4u64 {
-                let mut g: Vec<f32> = (0..n).map(|_| value(&mut rng, 1e-3, special)).collect();
-                if step == 2 {
-                    // A whole block of zero gradients (and a zero state after step 1 only if the
-                    // random state decays to it; the zero gradient still exercises gz = 0).
-                    g.iter_mut().take(BLOCK).for_each(|x| *x = 0.0);
-                }
-                let cfg = AdamWConfig {
-                    lr: 1e-2,
-                    weight_decay: wd,
-                    ..Default::default()
-                };
-                let s = BnbScalars::new(&cfg, step);
-                {
-                    let (p, cm, cv, am, av) = &mut a;
-                    blocks8(p, &g, Q8 { cm, cv, am, av }, &s, t);
-                }
-                {
-                    let (p, cm, cv, am, av) = &mut b;
-                    // SAFETY: AVX-512F/BW/VL are available (checked above).
-                    unsafe { blocks8_avx512(p, &g, Q8 { cm, cv, am, av }, &s, t) };
-                }
-                let what = format!("seed {seed} n {n} {:?} wd {wd} step {step}", T::DTYPE);
-                for i in 0..n {
-                    assert!(
-                        same(a.0[i].to_f32(), b.0[i].to_f32()),
-                        "{what}: p[{i}] {:?} vs {:?}",
-                        a.0[i],
-                        b.0[i]
-                    );
-                    assert_eq!(a.1[i], b.1[i], "{what}: code m[{i}]");
-                    assert_eq!(a.2[i], b.2[i], "{what}: code v[{i}]");
-                }
-                for k in 0..nb {
-                    assert!(
-                        same(a.3[k], b.3[k]),
-                        "{what}: absmax m[{k}] {} vs {}",
-                        a.3[k],
-                        b.3[k]
-                    );
-                    assert!(
-                        same(a.4[k], b.4[k]),
-                        "{what}: absmax v[{k}] {} vs {}",
-                        a.4[k],
-                        b.4[k]
-                    );
-                }
-            }
-        }
+        eprintln!("{} SIMD block kernels", simd_kernels().len());
         for (seed, &n) in [1, 15, 16, 17, 31, 255, 256, 257, 300, 1000, 4133]
             .iter()
             .enumerate()
         {
             for (wd, special) in [(0.0, 0), (0.01, 3), (0.1, 30)] {
-                run::<f32>(seed as u64, n, wd, special);
-                run::<bf16>(seed as u64 + 100, n, wd, special);
-                run::<f16>(seed as u64 + 200, n, wd, special);
+                for &block in simd_kernels() {
+                    check_simd::<f32>(seed as u64, n, wd, special, block);
+                    check_simd::<bf16>(seed as u64 + 100, n, wd, special, block);
+                    check_simd::<f16>(seed as u64 + 200, n, wd, special, block);
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    proptest::proptest! {
+        /// The SIMD kernels against the portable loop on random lengths (every tail), seeds, weight
+        /// decays and rates of special gradients (NaN, inf, zero, huge, subnormal).
+        #[test]
+        fn simd_block_kernels_match_portable_prop(
+            seed in proptest::prelude::any::<u64>(),
+            n in 1usize..700,
+            wd in proptest::sample::select(vec![0.0f32, 0.01, 0.1]),
+            special in 0u64..50,
+        ) {
+            for &block in simd_kernels() {
+                check_simd::<f32>(seed, n, wd, special, block);
+                check_simd::<bf16>(seed ^ 1, n, wd, special, block);
             }
         }
     }

@@ -43,6 +43,10 @@ pub struct RunSummary {
     /// Every parameter of the model, frozen and trainable (4-bit weights count as their element count).
     pub total_params: usize,
     pub optimizer_state_bytes: usize,
+    /// Parameters in 8-bit optimizer state (AdamW8bit, tensors of at least `min_8bit_size`) and the
+    /// bytes of their state (included in `optimizer_state_bytes`).
+    #[serde(default)]
+    pub optimizer_state_8bit: (usize, usize),
     pub adapter_bytes: u64,
     pub optimizer_steps: u64,
     /// The 1-minute load average, mean of the run's start and end (other processes share the cores).
@@ -611,6 +615,7 @@ pub fn train(a: &Args, stop: Option<Arc<AtomicBool>>) -> Result<RunSummary> {
         trainable_params: trainable,
         total_params,
         optimizer_state_bytes: opt.state_bytes(),
+        optimizer_state_8bit: opt.state_bytes_8bit(),
         adapter_bytes,
         optimizer_steps: opt.steps(),
         loadavg_1m: (load0 + loadavg()) / 2.0,
