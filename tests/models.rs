@@ -743,3 +743,45 @@ fn memory_report_counts_each_kind() {
     bigger.batch *= 2;
     assert!(m.memory_report(&store, &bigger).unwrap().activations > r.activations);
 }
+
+/// The mapped word-embedding table (an f32 checkpoint read in place) gives the rows of the loaded table
+/// bit for bit, refuses an id past the last row with a named error, and is not offered for a bf16 or
+/// device-bound request.
+#[test]
+fn mapped_word_table_matches_the_loaded_table() -> Result<()> {
+    let ckpt = Checkpoint::open(fixture("tiny"), "bert")?;
+    let (name, shape) = ("embeddings.word_embeddings.weight", [53usize, 20]);
+    let loaded = ckpt
+        .backbone(name, &shape, DType::F32, Device::Cpu)?
+        .to_vec_f32()?;
+    let m = ckpt
+        .backbone_mapped(name, &shape, DType::F32, Device::Cpu)?
+        .expect("an aligned f32 table on the CPU is mapped");
+    assert_eq!(m.shape(), shape);
+    assert_eq!(m.size_in_bytes(), 53 * 20 * 4);
+    let ids = [52u32, 0, 7, 7, 31];
+    let got = m.gather(&ids)?;
+    assert_eq!(got.shape(), &[ids.len(), 20]);
+    let got = got.to_vec_f32()?;
+    for (k, &i) in ids.iter().enumerate() {
+        let want = &loaded[i as usize * 20..(i as usize + 1) * 20];
+        let row = &got[k * 20..(k + 1) * 20];
+        assert!(
+            row.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "row {i}"
+        );
+    }
+    // Released pages come back from the page cache: a second lookup reads the same bytes.
+    assert_eq!(m.gather(&ids)?.to_vec_f32()?, got);
+    let err = m.gather(&[3, 53]).unwrap_err().to_string();
+    assert!(err.contains("token id 53") && err.contains("53 rows"), "{err}");
+    assert!(
+        ckpt.backbone_mapped(name, &shape, DType::BF16, Device::Cpu)?
+            .is_none()
+    );
+    assert!(
+        ckpt.backbone_mapped(name, &[53, 21], DType::F32, Device::Cpu)
+            .is_err()
+    );
+    Ok(())
+}
