@@ -88,50 +88,25 @@ fn transpose16(isa: Isa, tile: &[Lane; TB], out: &mut [Lane; TB]) {
     }
 }
 
-/// The classic 8x8 AVX transpose (unpack, shuffle, permute2f128) on the four 8x8 quarters.
+/// The four 8x8 quarters through the qmatmul panels' 8x8 AVX transpose.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn transpose16_avx2(tile: &[Lane; TB], out: &mut [Lane; TB]) {
-    use std::arch::x86_64::*;
+    let (src, dst) = (tile.as_ptr() as *const f32, out.as_mut_ptr() as *mut f32);
     for br in 0..2 {
         for bc in 0..2 {
-            // SAFETY: every load reads 8 floats at tile[8·br + i][8·bc..] and every store writes 8 floats
-            // at out[8·bc + i][8·br..], inside the 16x16 arrays. The intrinsics need AVX (implied by
-            // AVX2, which this function is compiled for and which the caller detected).
+            // SAFETY: both arrays are 16 contiguous rows of 16 f32 (stride TB); the quarter at rows
+            // 8·br.., columns 8·bc.. of `tile` and rows 8·bc.., columns 8·br.. of `out` are in bounds,
+            // and AVX is implied by AVX2, which the caller detected.
             unsafe {
-                let r: [__m256; 8] =
-                    std::array::from_fn(|i| _mm256_loadu_ps(tile[8 * br + i][8 * bc..].as_ptr()));
-                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-                let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-                let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-                let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-                let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-                let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-                let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-                let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-                let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-                let c = [
-                    _mm256_permute2f128_ps::<0x20>(s0, s4),
-                    _mm256_permute2f128_ps::<0x20>(s1, s5),
-                    _mm256_permute2f128_ps::<0x20>(s2, s6),
-                    _mm256_permute2f128_ps::<0x20>(s3, s7),
-                    _mm256_permute2f128_ps::<0x31>(s0, s4),
-                    _mm256_permute2f128_ps::<0x31>(s1, s5),
-                    _mm256_permute2f128_ps::<0x31>(s2, s6),
-                    _mm256_permute2f128_ps::<0x31>(s3, s7),
-                ];
-                for (i, v) in c.iter().enumerate() {
-                    _mm256_storeu_ps(out[8 * bc + i][8 * br..].as_mut_ptr(), *v);
-                }
-            }
+                crate::qmatmul::cpu::tile8_avx(
+                    src.add(8 * br * TB + 8 * bc),
+                    TB,
+                    dst.add(8 * bc * TB + 8 * br),
+                    TB,
+                )
+            };
         }
     }
 }

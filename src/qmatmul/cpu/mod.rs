@@ -54,6 +54,8 @@ mod transpose;
 
 pub(crate) use gemv::{gemv_bwd, gemv_fwd};
 use panels::{dense_gemm_bwd, dense_gemm_fwd};
+#[cfg(target_arch = "x86_64")]
+pub(crate) use transpose::tile8_avx;
 
 use super::{Algo, BaseWeight, Problem};
 use crate::error::{Error, Result};

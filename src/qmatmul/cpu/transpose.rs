@@ -63,7 +63,7 @@ pub(super) fn transpose(src: &[f32], ld: usize, rows: usize, cols: usize, dst: &
 /// be in bounds.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
-unsafe fn tile8_avx(src: *const f32, ld: usize, dst: *mut f32, ldd: usize) {
+pub(crate) unsafe fn tile8_avx(src: *const f32, ld: usize, dst: *mut f32, ldd: usize) {
     use std::arch::x86_64::*;
     // SAFETY: the caller guarantees the 8×8 source and destination tiles are in bounds.
     unsafe {
