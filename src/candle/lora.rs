@@ -224,10 +224,7 @@ impl LoraOp {
 /// The f32 elements of a contiguous host tensor, in place.
 fn host_f32<'a>(s: &'a cc::Storage, l: &cc::Layout) -> Option<&'a [f32]> {
     match s {
-        cc::Storage::Cpu(cc::CpuStorage::F32(v)) => {
-            let (a, b) = l.contiguous_offsets()?;
-            v.get(a..b)
-        }
+        cc::Storage::Cpu(c) => cpu_f32(c, l),
         _ => None,
     }
 }
