@@ -648,6 +648,22 @@ fn cli_qr_adapt_smoke_on_the_tiny_model() {
     );
     let log = std::fs::read_to_string(out.join(search::LOG_FILE)).unwrap();
     assert!(log.lines().count() > 5);
+    // The tables' storage is searched by default: every logged configuration carries the gene
+    // ((16, 0) bf16 or (32, 0) f32 after the 13 linears), and the choice is the file's.
+    let header: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert_eq!(header["space"]["embeddings"], serde_json::json!(["bf16", "f32"]));
+    for l in log.lines().skip(2) {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        if v["kind"] == "eval" {
+            let c = v["config"].as_array().unwrap();
+            assert_eq!(c.len(), 14);
+            assert!(c[13] == serde_json::json!([16, 0]) || c[13] == serde_json::json!([32, 0]));
+        }
+    }
+    assert_eq!(
+        summary["chosen"]["embeddings"],
+        serde_json::to_value(qc.embeddings).unwrap()
+    );
     // A rerun resumes from the log: no new evaluation, the same choice.
     let o = peftk().args(&args).arg("--no-final").output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
