@@ -1,6 +1,7 @@
 //! bitsandbytes' blockwise 8-bit Adam on one quantization block with AVX2 intrinsics, for CPUs without
 //! AVX-512: the twin of `avx512.rs` on 8 lanes, the same IEEE f32 operations in the same order as the
-//! portable `block8` in `mod.rs` (no FMA), so the results are bit-identical (tested in `mod.rs`).
+//! portable `block8` in `mod.rs` (no FMA contraction; the block normalizations use the exact FMA
+//! quotient of [`BlockDiv`]), so the results are bit-identical (tested in `mod.rs`).
 //!
 //! Dequantization is one 8-lane gather per map (`vgatherdps` from the 1 KB map, L1-resident), the
 //! nearest-code search one gather of a packed bucket word of [`Lut`], as in the AVX-512 kernel. AVX2 has
@@ -79,6 +80,40 @@ fn store_codes(c: &mut [u8], i: usize, x: __m256i) {
     dst.copy_from_slice(&b[..len]);
 }
 
+/// `x / d` for the block-constant divisor `d` of a normalization, on 8 lanes: with
+/// [`super::reciprocal_ok`] the reciprocal and Markstein's FMA correction (the same IEEE quotient,
+/// see there), otherwise a division.
+#[derive(Clone, Copy)]
+struct BlockDiv {
+    d: __m256,
+    r: __m256,
+    fast: bool,
+}
+
+impl BlockDiv {
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn new(d: f32) -> Self {
+        BlockDiv {
+            d: _mm256_set1_ps(d),
+            r: _mm256_set1_ps(1.0 / d),
+            fast: super::reciprocal_ok(d),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn div(self, x: __m256) -> __m256 {
+        if self.fast {
+            let q = _mm256_mul_ps(x, self.r);
+            let e = _mm256_fnmadd_ps(q, self.d, x); // x - q·d, exact
+            _mm256_fmadd_ps(e, self.r, q)
+        } else {
+            _mm256_div_ps(x, self.d)
+        }
+    }
+}
+
 /// The step's scalars, broadcast.
 struct Lanes {
     beta1: __m256,
@@ -93,8 +128,8 @@ struct Lanes {
 /// One quantization block of at most [`BLOCK`] elements: `avx512::block8` on 8 lanes.
 ///
 /// # Safety
-/// The CPU has AVX2.
-#[target_feature(enable = "avx2")]
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn block8(
     p: &mut [f32],
     g: &[f32],
@@ -167,7 +202,7 @@ pub(super) unsafe fn block8(
         a.iter().fold(-f32::MAX, |a, &b| a.max(b))
     };
     let (mx_m, mx_v) = (hmax(mx_m), hmax(mx_v));
-    let (dm, dv) = (_mm256_set1_ps(mx_m), _mm256_set1_ps(mx_v));
+    let (dm, dv) = (BlockDiv::new(mx_m), BlockDiv::new(mx_v));
     let zero = _mm256_setzero_si256();
     let neg_m = _mm256_set1_epi32(t.neg_m as i32);
     for i in (0..n).step_by(8) {
@@ -189,10 +224,7 @@ pub(super) unsafe fn block8(
             _mm256_maskstore_ps(p.as_mut_ptr().add(i), fi, pv);
             (mi, vi)
         };
-        let (c_m, c_v) = (
-            encode(_mm256_div_ps(mi, dm), &t.lut_m),
-            encode(_mm256_div_ps(vi, dv), &t.lut_v),
-        );
+        let (c_m, c_v) = (encode(dm.div(mi), &t.lut_m), encode(dv.div(vi), &t.lut_v));
         // m's sign repair: where the code's sign bit (c < neg_m) differs from m's, one code towards m
         // (+1 when m > 0, else -1; the byte store wraps).
         let code_neg = _mm256_cmpgt_epi32(neg_m, c_m);

@@ -1,7 +1,8 @@
 //! bitsandbytes' blockwise 8-bit Adam on one quantization block, with AVX-512 intrinsics: the same IEEE
 //! f32 operations in the same order as the portable `block8` in `mod.rs` (no FMA contraction: each
-//! product and sum is its own `vmulps` / `vaddps`), so the results are bit-identical; the tests compare
-//! the two on every kind of lane, tails included.
+//! product and sum is its own `vmulps` / `vaddps`; the one FMA sequence, [`BlockDiv`], computes the
+//! correctly rounded quotient), so the results are bit-identical; the tests compare the two on every
+//! kind of lane, tails included.
 //!
 //! Why explicit: the portable loop leaves the code-table lookups to the auto-vectorizer, which does not
 //! gather bytes, so the nearest-code search ran scalar. Here each nearest-code search is one dword
@@ -11,10 +12,11 @@
 //! looks up each of the 4 bytes of the 64 codes' f32 values in a 256-byte plane (two `vpermi2b` and a
 //! byte blend per plane, [`decode64_vbmi`]) and interleaves the planes back into floats: ~6 operations
 //! per 16 elements, against ~34 for the dword permutes of [`lookup256`] that [`block8`] uses on
-//! AVX-512 CPUs without VBMI (Skylake-SP, Cascade Lake). Also per 16 elements: 3 divides and 1 square
-//! root (the parameter update and the two normalizations by the block maxima, which must stay true
-//! divisions for exactness), against 16 B of DRAM traffic per element (read p, g and two codes, write p
-//! and two codes; the f32 step moves 28 B).
+//! AVX-512 CPUs without VBMI (Skylake-SP, Cascade Lake). Also per 16 elements: 1 divide and 1 square
+//! root (the parameter update) and the two normalizations by the block maxima as a multiply by the
+//! block's reciprocal plus Markstein's FMA correction (the IEEE quotient, [`BlockDiv`]; a divide in the
+//! rare blocks where that is not exact), against 16 B of DRAM traffic per element (read p, g and two
+//! codes, write p and two codes; the f32 step moves 28 B).
 //!
 //! [`Lut`]: crate::optim::eightbit::Lut
 
@@ -133,6 +135,40 @@ fn decode64_vbmi(codes: __m512i, _table: &[f32; 256], planes: &[[u8; 256]; 4]) -
     ]
 }
 
+/// `x / d` for the block-constant divisor `d` of a normalization, on 16 lanes: with
+/// [`super::reciprocal_ok`] the reciprocal and Markstein's FMA correction (3 pipelined operations,
+/// the same IEEE quotient), otherwise a division.
+#[derive(Clone, Copy)]
+struct BlockDiv {
+    d: __m512,
+    r: __m512,
+    fast: bool,
+}
+
+impl BlockDiv {
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn new(d: f32) -> Self {
+        BlockDiv {
+            d: _mm512_set1_ps(d),
+            r: _mm512_set1_ps(1.0 / d),
+            fast: super::reciprocal_ok(d),
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn div(self, x: __m512) -> __m512 {
+        if self.fast {
+            let q = _mm512_mul_ps(x, self.r);
+            let e = _mm512_fnmadd_ps(q, self.d, x); // x - q·d, exact
+            _mm512_fmadd_ps(e, self.r, q)
+        } else {
+            _mm512_div_ps(x, self.d)
+        }
+    }
+}
+
 /// The step's scalars, broadcast.
 struct Lanes {
     beta1: __m512,
@@ -245,7 +281,7 @@ macro_rules! block8_fn {
             }
             // Exact in any order: no lane holds a NaN.
             let (mx_m, mx_v) = (_mm512_reduce_max_ps(mx_m), _mm512_reduce_max_ps(mx_v));
-            let (dm, dv) = (_mm512_set1_ps(mx_m), _mm512_set1_ps(mx_v));
+            let (dm, dv) = (BlockDiv::new(mx_m), BlockDiv::new(mx_v));
             let (one, neg_m) = (_mm512_set1_epi32(1), _mm512_set1_epi32(t.neg_m as i32));
             for i in (0..n).step_by(16) {
                 let k = lane_mask(n, i);
@@ -265,8 +301,8 @@ macro_rules! block8_fn {
                     (mi, vi)
                 };
                 let (c_m, c_v) = (
-                    encode(_mm512_div_ps(mi, dm), &t.lut_m),
-                    encode(_mm512_div_ps(vi, dv), &t.lut_v),
+                    encode(dm.div(mi), &t.lut_m),
+                    encode(dv.div(vi), &t.lut_v),
                 );
                 // m's sign repair: where the code's sign bit (c < neg_m) differs from m's, one code
                 // towards m (+1 when m > 0, else -1; the byte store wraps like the kernel's unsigned

@@ -118,6 +118,31 @@ fn encode_signed(t: &Tables, x: f32, m: f32) -> u8 {
     }
 }
 
+/// Whether the SIMD kernels may normalize a block by its maximum `d` with a reciprocal and one FMA
+/// correction instead of a division per element: `r = 1/d`, `q = x·r`, `e = fma(-q, d, x)`,
+/// `q' = fma(e, r, q)` (Markstein, "Computation of elementary functions on the IBM RISC System/6000
+/// processor", IBM J. Res. Dev. 34(1), 1990; Muller et al., Handbook of Floating-Point Arithmetic,
+/// "Markstein's theorem"). With `r` the correctly rounded reciprocal, `q'` equals the IEEE quotient
+/// `x/d` whenever `r`, `q` and the remainder `e` are normal and exact, which for `|x| <= d` (every
+/// element of a block is at most its maximum) holds when:
+/// - `d < 2^126`: `r > 2^-126` is normal (larger `d`, `inf`: a subnormal or zero reciprocal);
+/// - `d >= 2^-60`: for every `|x/d| >= 2^-41` the remainder `x - q·d` is a multiple of
+///   `ulp(q)·ulp(d) >= 2^-64 · 2^-83 = 2^-147`, above the smallest subnormal, so the FMA gives it
+///   exactly, and `|x| >= 2^-101` is normal;
+/// - quotients `|x/d| < 2^-41` (where that argument fails) come out of both computations below 2^-39,
+///   and every magnitude below 2^-39, of either sign, has the same nearest code (the lowest row of the
+///   bucket table, `eightbit::E_LO`, holds no threshold), so the codes agree even when the quotients do
+///   not.
+///
+/// Other blocks (all-zero, subnormal, huge or infinite maxima) divide. The kernel tests compare codes
+/// bit for bit against the dividing portable loop at these edges (`markstein_edges_match_portable`).
+#[inline(always)]
+fn reciprocal_ok(d: f32) -> bool {
+    const LO: f32 = f32::from_bits((127 - 60) << 23); // 2^-60
+    const HI: f32 = f32::from_bits((127 + 126) << 23); // 2^126
+    (LO..HI).contains(&d)
+}
+
 /// `max(-FLT_MAX, |x_0|, |x_1|, ...)` as the kernel's `fmaxf` chain computes it (a NaN operand is
 /// ignored), in 16 independent lanes so that it vectorizes; max is exact, so the order does not matter.
 #[inline(always)]
@@ -248,7 +273,7 @@ unsafe fn blocks8_simd<T: Element>(
     }
 }
 
-/// The SIMD block kernels this CPU runs, best first: AVX-512 with VBMI, AVX-512, AVX2 (detected at run
+/// The SIMD block kernels this CPU runs, best first: AVX-512 with VBMI, AVX-512, AVX2 with FMA (detected at run
 /// time). Empty elsewhere: the portable loop.
 fn simd_kernels() -> &'static [BlockFn] {
     static K: std::sync::OnceLock<Vec<BlockFn>> = std::sync::OnceLock::new();
@@ -266,7 +291,7 @@ fn simd_kernels() -> &'static [BlockFn] {
             if avx512 {
                 k.push(avx512::block8);
             }
-            if is_x86_feature_detected!("avx2") {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 k.push(avx2::block8);
             }
         }
@@ -335,57 +360,43 @@ mod tests {
         }
     }
 
-    /// Runs `block` and the portable loop side by side for 4 steps on random state (a quarter of the
-    /// blocks with zero maxima) and gradients from [`value`], and compares everything bit for bit.
+    /// The state of [`blocks8`]: parameters, codes of m and v, block maxima of m and v.
+    type State8<T> = (Vec<T>, Vec<u8>, Vec<u8>, Vec<f32>, Vec<f32>);
+
+    /// Runs `block` and the portable loop side by side from `state`, one step per gradient vector of
+    /// `grads`, and compares everything bit for bit after each step.
     #[cfg(target_arch = "x86_64")]
-    fn check_simd<T: Element>(seed: u64, n: usize, wd: f32, special: u64, block: BlockFn) {
+    fn compare<T: Element>(
+        state: State8<T>,
+        grads: &[Vec<f32>],
+        cfg: &AdamWConfig,
+        block: BlockFn,
+        what: &str,
+    ) {
         let t = tables();
-        let mut rng = Rng::new(seed);
-        let nb = n.div_ceil(BLOCK);
-        let p0: Vec<T> = (0..n)
-            .map(|_| T::from_f32(value(&mut rng, 0.1, special)))
-            .collect();
-        let cm0: Vec<u8> = (0..n).map(|_| rng.below(256) as u8).collect();
-        let cv0: Vec<u8> = (0..n).map(|_| rng.below(256) as u8).collect();
-        let mut scale = |s: f32| if rng.below(4) == 0 { 0.0 } else { rng.uniform() * s };
-        let am0: Vec<f32> = (0..nb).map(|_| scale(0.01)).collect();
-        let av0: Vec<f32> = (0..nb).map(|_| scale(1e-4)).collect();
-        let (mut a, mut b) = (
-            (p0.clone(), cm0.clone(), cv0.clone(), am0.clone(), av0.clone()),
-            (p0, cm0, cv0, am0, av0),
-        );
-        for step in 1..=4u64 {
-            let mut g: Vec<f32> = (0..n).map(|_| value(&mut rng, 1e-3, special)).collect();
-            if step == 2 {
-                // A whole block of zero gradients (and a zero state after step 1 only if the
-                // random state decays to it; the zero gradient still exercises gz = 0).
-                g.iter_mut().take(BLOCK).for_each(|x| *x = 0.0);
-            }
-            let cfg = AdamWConfig {
-                lr: 1e-2,
-                weight_decay: wd,
-                ..Default::default()
-            };
-            let s = BnbScalars::new(&cfg, step);
+        let (n, nb) = (state.0.len(), state.3.len());
+        let (mut a, mut b) = (state.clone(), state);
+        for (step, g) in (1..).zip(grads) {
+            let s = BnbScalars::new(cfg, step);
             {
                 let (p, cm, cv, am, av) = &mut a;
-                blocks8(p, &g, Q8 { cm, cv, am, av }, &s, t);
+                blocks8(p, g, Q8 { cm, cv, am, av }, &s, t);
             }
             {
                 let (p, cm, cv, am, av) = &mut b;
                 // SAFETY: `block` is one of `simd_kernels`, which this CPU runs.
-                unsafe { blocks8_simd(p, &g, Q8 { cm, cv, am, av }, &s, t, block) };
+                unsafe { blocks8_simd(p, g, Q8 { cm, cv, am, av }, &s, t, block) };
             }
-            let what = format!("seed {seed} n {n} {:?} wd {wd} step {step}", T::DTYPE);
-            for i in 0..n {
+            let what = format!("{what} {:?} step {step}", T::DTYPE);
+            for (i, gi) in g.iter().enumerate().take(n) {
                 assert!(
                     same(a.0[i].to_f32(), b.0[i].to_f32()),
                     "{what}: p[{i}] {:?} vs {:?}",
                     a.0[i],
                     b.0[i]
                 );
-                assert_eq!(a.1[i], b.1[i], "{what}: code m[{i}]");
-                assert_eq!(a.2[i], b.2[i], "{what}: code v[{i}]");
+                assert_eq!(a.1[i], b.1[i], "{what}: code m[{i}] (g {gi:e})");
+                assert_eq!(a.2[i], b.2[i], "{what}: code v[{i}] (g {gi:e})");
             }
             for k in 0..nb {
                 assert!(
@@ -401,6 +412,129 @@ mod tests {
                     b.4[k]
                 );
             }
+        }
+    }
+
+    /// Random state and 4 steps of gradients from [`value`] (a quarter of the blocks with zero maxima),
+    /// everything scaled by `2^shift` (down to subnormal, up to huge block maxima), through [`compare`].
+    #[cfg(target_arch = "x86_64")]
+    fn check_simd<T: Element>(seed: u64, n: usize, wd: f32, special: u64, shift: i32, block: BlockFn) {
+        let k = 2f64.powi(shift) as f32;
+        let mut rng = Rng::new(seed);
+        let nb = n.div_ceil(BLOCK);
+        let p0: Vec<T> = (0..n)
+            .map(|_| T::from_f32(value(&mut rng, 0.1, special)))
+            .collect();
+        let cm0: Vec<u8> = (0..n).map(|_| rng.below(256) as u8).collect();
+        let cv0: Vec<u8> = (0..n).map(|_| rng.below(256) as u8).collect();
+        let mut scale = |s: f32| {
+            if rng.below(4) == 0 {
+                0.0
+            } else {
+                rng.uniform() * s * k
+            }
+        };
+        let am0: Vec<f32> = (0..nb).map(|_| scale(0.01)).collect();
+        let av0: Vec<f32> = (0..nb).map(|_| scale(1e-4)).collect();
+        let grads: Vec<Vec<f32>> = (1..=4)
+            .map(|step| {
+                let mut g: Vec<f32> = (0..n).map(|_| value(&mut rng, 1e-3, special) * k).collect();
+                if step == 2 {
+                    // A whole block of zero gradients (and a zero state after step 1 only if the
+                    // random state decays to it; the zero gradient still exercises gz = 0).
+                    g.iter_mut().take(BLOCK).for_each(|x| *x = 0.0);
+                }
+                g
+            })
+            .collect();
+        let cfg = AdamWConfig {
+            lr: 1e-2,
+            weight_decay: wd,
+            ..Default::default()
+        };
+        let what = format!("seed {seed} n {n} wd {wd} shift {shift}");
+        compare((p0, cm0, cv0, am0, av0), &grads, &cfg, block, &what);
+    }
+
+    /// One block of gradients for [`markstein_edges_match_portable`] with β1 = β2 = 0 (so m = g and
+    /// v = g·g exactly): the largest |g| is `top`; the other lanes put m/max|m| (`square` false) or
+    /// v/max v (`square` true) within 2 ulps of a decision threshold of the map, or at the 2^-41..2^-39
+    /// quotients where the exactness argument of [`reciprocal_ok`] changes, or at 0, -0 and subnormals.
+    #[cfg(target_arch = "x86_64")]
+    fn edge_block(rng: &mut Rng, top: f32, square: bool) -> Vec<f32> {
+        let t = tables();
+        let thr = crate::quant::cpu::thresholds_8bit(if square { &t.code_v } else { &t.code_m });
+        let d = if square {
+            top as f64 * top as f64
+        } else {
+            top as f64
+        };
+        let lane = |q: f64, sign: f64| -> f32 {
+            // The gradient whose m (or v) over the block maximum is q.
+            let x = if square {
+                (q.abs() * d).sqrt() * sign
+            } else {
+                q * d
+            };
+            (x as f32).clamp(-top, top)
+        };
+        let mut g = vec![top];
+        while g.len() < BLOCK {
+            let sign = if rng.below(2) == 0 { 1.0 } else { -1.0 };
+            let x = match rng.below(8) {
+                0 => lane(2f64.powi(-(39 + rng.below(3) as i32)), sign),
+                1 => [0.0, -0.0, f32::from_bits(1), -f32::from_bits(7)][rng.below(4) as usize],
+                _ => lane(thr[rng.below(255) as usize] as f64, sign),
+            };
+            let ulps = rng.below(5) as i32 - 2;
+            let x = f32::from_bits(x.to_bits().wrapping_add_signed(ulps));
+            g.push(if x.is_finite() && x.abs() <= top { x } else { 0.0 });
+        }
+        g
+    }
+
+    /// The normalizations by the block maxima at the edges of [`reciprocal_ok`] (maxima at, just
+    /// below and just above 2^-60 and 2^126, subnormal, huge, infinite, zero), with lanes within 2 ulps
+    /// of the maps' decision thresholds: the reciprocal path, where taken, gives the codes of the
+    /// division bit for bit.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn markstein_edges_match_portable() {
+        let p2 = |e: i32| 2f64.powi(e) as f32;
+        let step = |x: f32, d: i32| f32::from_bits(x.to_bits().wrapping_add_signed(d));
+        let mut maxima = vec![0.0, f32::MIN_POSITIVE, 1e-40, f32::MAX, 1e-3, 0.37, 3e-20, 7e30];
+        for e in [-60, 126, -59, 125] {
+            maxima.extend((-2..=2).map(|d| step(p2(e), d)));
+        }
+        let cfg = AdamWConfig {
+            lr: 1e-3,
+            beta1: 0.0,
+            beta2: 0.0,
+            weight_decay: 0.01,
+            ..Default::default()
+        };
+        let mut rng = Rng::new(17);
+        let mut grads = vec![Vec::new(); 3];
+        for &d in &maxima {
+            // m's maximum d; then v's maximum near d (its root as the largest gradient).
+            for top in [d, (d as f64).sqrt() as f32] {
+                for (square, g) in [false, true].into_iter().zip(&mut grads) {
+                    g.extend(edge_block(&mut rng, top, square));
+                }
+                let square = rng.below(2) == 0;
+                grads[2].extend(edge_block(&mut rng, top, square));
+            }
+        }
+        let n = grads[0].len();
+        let state = (
+            vec![0.5f32; n],
+            vec![0; n],
+            vec![0; n],
+            vec![0.0; n / BLOCK],
+            vec![0.0; n / BLOCK],
+        );
+        for &block in simd_kernels() {
+            compare(state.clone(), &grads, &cfg, block, "edges");
         }
     }
 
@@ -423,9 +557,9 @@ mod tests {
         {
             for (wd, special) in [(0.0, 0), (0.01, 3), (0.1, 30)] {
                 for &block in simd_kernels() {
-                    check_simd::<f32>(seed as u64, n, wd, special, block);
-                    check_simd::<bf16>(seed as u64 + 100, n, wd, special, block);
-                    check_simd::<f16>(seed as u64 + 200, n, wd, special, block);
+                    check_simd::<f32>(seed as u64, n, wd, special, 0, block);
+                    check_simd::<bf16>(seed as u64 + 100, n, wd, special, 0, block);
+                    check_simd::<f16>(seed as u64 + 200, n, wd, special, 0, block);
                 }
             }
         }
@@ -434,17 +568,19 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     proptest::proptest! {
         /// The SIMD kernels against the portable loop on random lengths (every tail), seeds, weight
-        /// decays and rates of special gradients (NaN, inf, zero, huge, subnormal).
+        /// decays, rates of special gradients (NaN, inf, zero, huge, subnormal) and scales of state and
+        /// gradients (block maxima from subnormal to overflowing, the edges of [`reciprocal_ok`]).
         #[test]
         fn simd_block_kernels_match_portable_prop(
             seed in proptest::prelude::any::<u64>(),
             n in 1usize..700,
             wd in proptest::sample::select(vec![0.0f32, 0.01, 0.1]),
             special in 0u64..50,
+            shift in proptest::prop_oneof![proptest::strategy::Just(0i32), -150i32..130],
         ) {
             for &block in simd_kernels() {
-                check_simd::<f32>(seed, n, wd, special, block);
-                check_simd::<bf16>(seed ^ 1, n, wd, special, block);
+                check_simd::<f32>(seed, n, wd, special, shift, block);
+                check_simd::<bf16>(seed ^ 1, n, wd, special, shift, block);
             }
         }
     }
