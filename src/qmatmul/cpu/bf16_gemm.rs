@@ -70,6 +70,7 @@ pub(crate) fn bf16_bits(x: f32) -> u16 {
 }
 
 /// The bf16 value of [`bf16_bits`] as f32 (exact).
+#[cfg(test)]
 #[inline]
 pub(crate) fn bf16_round(x: f32) -> f32 {
     f32::from_bits((bf16_bits(x) as u32) << 16)
