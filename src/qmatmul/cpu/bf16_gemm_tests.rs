@@ -31,6 +31,7 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 /// Checks `got [t, n]` = `c0 + a·bᵀ`-or-`a·b` against f64 on the bf16-rounded operands: `wt(j, kk)`
 /// is `B[kk, j]`. Tolerance: f32 accumulation of `k` exact products, `(k + 2)·2^-24·Σ|terms|`, plus
 /// `k·2^-126` for results the hardware flushes to zero.
+#[allow(clippy::too_many_arguments)]
 fn check(
     got: &[f32],
     c0: &[f32],
