@@ -2,8 +2,13 @@
 //! AdamW) of a randomly initialized Llama-shaped decoder, LoRA r = 16 (alpha 32) on every projection
 //! (q/k/v/o/gate/up/down), f32 activations. Cases: `lora` (dense f32 base) and `qlora` (every projection
 //! NF4 with double quantization, blocksize 64, quantized on load) and `lora_gc` (`lora` with gradient
-//! checkpointing: each layer's activations are recomputed in backward). Each case first prints the
-//! bytes its training forward keeps on the tape.
+//! checkpointing: each layer's activations are recomputed in backward), and `lora_bf16` / `qlora_bf16`
+//! (the same with `Algo::Bf16`: the frozen products, decoder linears and `lm_head`, in bf16 compute with
+//! f32 accumulation; LoRA, attention, norms and the loss stay f32). Each case first prints the bytes its
+//! training forward keeps on the tape.
+//!
+//! Group `llama_gemm`: the frozen forward product `x·Wᵀ` alone at the step's shapes (`[256, 1024]` times
+//! `W [2816, 1024]` and the `[32000, 1024]` LM head), f32 (`auto`) against bf16 compute (`bf16`).
 //!
 //! The peer, transformers + PEFT on the same model and batch: `benches/peers/llama_step.py`.
 //!
@@ -20,6 +25,7 @@ use peft_kernels::io::peft::{AdapterConfig, LoraConfig, MethodConfig, TargetModu
 use peft_kernels::io::{TensorBytes, write_safetensors};
 use peft_kernels::models::{self, LlamaForCausalLM, ModelLoadOptions, QuantizeOnLoad, TokenBatch};
 use peft_kernels::optim::{AdamW, AdamWConfig};
+use peft_kernels::qmatmul::{Algo, BaseWeight, linear_forward};
 use peft_kernels::{DType, Device, Tensor};
 use serde_json::json;
 use std::time::Duration;
@@ -160,13 +166,16 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10)
         .measurement_time(Duration::from_secs(20))
         .warm_up_time(Duration::from_secs(2));
-    for (name, quantize, checkpointing) in [
-        ("lora", false, false),
-        ("qlora", true, false),
-        ("lora_gc", false, true),
+    for (name, quantize, checkpointing, algo) in [
+        ("lora", false, false, Algo::Auto),
+        ("qlora", true, false, Algo::Auto),
+        ("lora_gc", false, true, Algo::Auto),
+        ("lora_bf16", false, false, Algo::Bf16),
+        ("qlora_bf16", true, false, Algo::Bf16),
     ] {
         let opts = ModelLoadOptions {
             quantize: quantize.then(QuantizeOnLoad::nf4_dq_all_linear),
+            algo,
             ..Default::default()
         };
         let mut store = ParamStore::new();
@@ -193,5 +202,29 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// The frozen forward product alone, f32 against bf16 compute (FLOPs: 2·256·1024·out per iteration).
+fn gemm(c: &mut Criterion) {
+    let mut g = c.benchmark_group("llama_gemm");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_secs(1));
+    let (t, inp) = (256, 1024);
+    let val = |n: usize, k: usize| {
+        (0..n)
+            .map(|i| ((i * k) % 1013) as f32 / 1013.0 - 0.5)
+            .collect::<Vec<f32>>()
+    };
+    let x = Tensor::from_vec(val(t * inp, 7), &[t, inp], Device::Cpu).unwrap();
+    for out in [2816, 32000] {
+        let w = BaseWeight::Dense(Tensor::from_vec(val(out * inp, 13), &[out, inp], Device::Cpu).unwrap());
+        for (name, algo) in [("auto", Algo::Auto), ("bf16", Algo::Bf16)] {
+            g.bench_function(format!("fwd_{t}x{inp}x{out}/{name}"), |b| {
+                b.iter(|| linear_forward(&x, &w, None, None, algo).unwrap())
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, gemm);
 criterion_main!(benches);

@@ -95,6 +95,7 @@ fn summary(dev: Device) {
                 Algo::Auto => "auto",
                 Algo::Fused => "fused",
                 Algo::DequantGemm => "dequant+gemm",
+                Algo::Bf16 => "bf16",
             };
             let gbps = c.bytes() / (us * 1e-6) / 1e9;
             let mut line = format!(

@@ -16,9 +16,14 @@ backward goes through the same dequantized weight (`MatMul4Bit`).
 
 Attention is transformers' default implementation (`sdpa`); `--attn eager` picks the eager one.
 
+`--compute bf16` is the usual CPU mixed-precision recipe: `torch.autocast("cpu", dtype=torch.bfloat16)`
+around forward + loss (so every linear, the LM head and attention run in bf16; norms, softmax and the
+loss stay f32 by autocast's op lists), master weights, LoRA weights, gradients and AdamW in f32; for qlora
+also `bnb_4bit_compute_dtype=torch.bfloat16` (`compute_dtype` of `Linear4bit`).
+
 Run with the reference environment (torch 2.15 CPU, transformers 5.24, peft 0.21.2, bitsandbytes 0.50.2):
     /root/.cache/peft-ref-venv/bin/python benches/peers/llama_step.py [--cases lora,qlora]
-        [--warmup 2] [--steps 5] [--threads 2] [--small]
+        [--warmup 2] [--steps 5] [--threads 2] [--small] [--compute f32|bf16]
 Prints one JSON object per case.
 """
 
@@ -52,7 +57,7 @@ def build(s: dict, attn: str) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).float()
 
 
-def to_nf4(model: LlamaForCausalLM) -> None:
+def to_nf4(model: LlamaForCausalLM, compute: torch.dtype) -> None:
     """Replaces every decoder projection with a bitsandbytes NF4 Linear4bit (double quantization)."""
     import bitsandbytes as bnb
 
@@ -62,7 +67,7 @@ def to_nf4(model: LlamaForCausalLM) -> None:
                 if name not in TARGETS:
                     continue
                 q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                      compute_dtype=torch.float32, compress_statistics=True,
+                                      compute_dtype=compute, compress_statistics=True,
                                       quant_type="nf4")
                 q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False,
                                              quant_type="nf4", compress_statistics=True, blocksize=64)
@@ -81,7 +86,7 @@ def ids(s: dict) -> torch.Tensor:
 def run_case(name: str, s: dict, args) -> dict:
     model = build(s, args.attn)
     if name == "qlora":
-        to_nf4(model)
+        to_nf4(model, torch.bfloat16 if args.compute == "bf16" else torch.float32)
     cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
     model = get_peft_model(model, cfg)
     model.train()
@@ -92,7 +97,8 @@ def run_case(name: str, s: dict, args) -> dict:
     times, losses = [], []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        out = model(input_ids=x, attention_mask=mask, labels=x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.compute == "bf16"):
+            out = model(input_ids=x, attention_mask=mask, labels=x)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -101,7 +107,7 @@ def run_case(name: str, s: dict, args) -> dict:
         if i >= args.warmup:
             times.append(t)
     return {
-        "peer": "transformers+peft", "case": name, "attn": args.attn, "threads": torch.get_num_threads(),
+        "peer": "transformers+peft", "case": name, "compute": args.compute, "attn": args.attn, "threads": torch.get_num_threads(),
         "shape": s, "trainable": sum(p.numel() for p in trainable), "warmup": args.warmup,
         "steps": args.steps, "median_ms": round(statistics.median(times) * 1e3, 1),
         "min_ms": round(min(times) * 1e3, 1), "times_ms": [round(t * 1e3, 1) for t in times],
@@ -118,6 +124,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    ap.add_argument("--compute", default="f32", choices=["f32", "bf16"],
+                    help="bf16: autocast mixed precision (and bnb compute dtype bf16 for qlora)")
     ap.add_argument("--small", action="store_true", help="the Rust bench's default (small) shape")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

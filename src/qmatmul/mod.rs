@@ -64,6 +64,11 @@ pub enum Algo {
     Fused,
     /// Dequantize W to a dense scratch buffer, then GEMM (the baseline).
     DequantGemm,
+    /// bf16 compute for the frozen product, CPU batch path (more than 16 tokens): W (decoded) and the
+    /// activations rounded to bf16, f32 accumulation, with AVX512_BF16 where the CPU has it (the
+    /// numerics of `bnb_4bit_compute_dtype=torch.bfloat16` / autocast). The low-rank term stays f32.
+    /// Elsewhere (≤ 16 tokens, CUDA) the same as `Auto`.
+    Bf16,
 }
 
 impl std::str::FromStr for Algo {
@@ -73,8 +78,9 @@ impl std::str::FromStr for Algo {
             "auto" => Ok(Algo::Auto),
             "fused" => Ok(Algo::Fused),
             "dequant-gemm" | "dequant_gemm" | "dequantgemm" | "baseline" => Ok(Algo::DequantGemm),
+            "bf16" => Ok(Algo::Bf16),
             _ => Err(Error::invalid(format!(
-                "unknown algo {s:?} (expected auto, fused or dequant-gemm)"
+                "unknown algo {s:?} (expected auto, fused, dequant-gemm or bf16)"
             ))),
         }
     }

@@ -166,7 +166,11 @@ pub fn run_finetune(a: &Args) -> Result<()> {
     if train.is_empty() {
         return Err(inv("no training texts left after the split"));
     }
-    let (mut model, tok) = load(&mdir, &finetune::load_opts(a.quantize, a.double_quant))?;
+    let opts = models::ModelLoadOptions {
+        algo: finetune::compute_algo(a),
+        ..finetune::load_opts(a.quantize, a.double_quant)
+    };
+    let (mut model, tok) = load(&mdir, &opts)?;
     let pad = tok.pad_id();
     let (etr, ete) = (
         encode(&tok, &train, a.recipe.data_args.max_len)?,

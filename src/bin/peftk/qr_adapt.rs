@@ -180,6 +180,7 @@ fn finetune_args(recipe: Recipe, out: PathBuf) -> finetune::Args {
         quiet: true,
         task: "seq-cls".into(),
         qr_config: None,
+        compute_dtype: "f32".into(),
     }
 }
 

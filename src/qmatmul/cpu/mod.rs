@@ -48,6 +48,7 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod bf16_gemm;
 mod gemv;
 mod panels;
 mod transpose;
@@ -319,6 +320,10 @@ fn product(
         Some(wf) => WeightRef::F32(wf),
         None => w,
     };
+    if algo == Algo::Bf16 && !decode {
+        bf16_product(act, t, &w, (out, inp), lr, rank, backward, &mut r);
+        return Ok(r);
+    }
     match (backward, decode) {
         (false, true) => gemv_fwd(&w, act, t, out, inp, &mut r, lr, rank),
         (false, false) => dense_gemm_fwd(act, &w, t, out, inp, &mut r, lr, rank),
@@ -326,6 +331,51 @@ fn product(
         (true, false) => dense_gemm_bwd(act, &w, t, out, inp, &mut r, lr, rank),
     }
     Ok(r)
+}
+
+/// [`product`] in bf16 compute ([`Algo::Bf16`]): the frozen product with the bf16 kernels, then the
+/// low-rank term in f32 (`r += u·bᵀ` forward, `r += v·a` backward).
+#[allow(clippy::too_many_arguments)]
+fn bf16_product(
+    act: &[f32],
+    t: usize,
+    w: &WeightRef<'_>,
+    (out, inp): (usize, usize),
+    lr: Option<(&[f32], &[f32])>,
+    rank: usize,
+    backward: bool,
+    r: &mut [f32],
+) {
+    let kern = bf16_gemm::Kern::best();
+    if backward {
+        bf16_gemm::bwd(kern, act, w, t, out, inp, r);
+    } else {
+        bf16_gemm::fwd(kern, act, w, t, out, inp, r);
+    }
+    let Some((lhs, rhs)) = lr else { return };
+    let n = if backward { inp } else { out };
+    // Forward: rhs = b [out, rank] read as bᵀ [rank, out] (row stride 1, column stride rank);
+    // backward: rhs = a [rank, inp] row-major.
+    let (rs, cs) = if backward { (inp, 1) } else { (1, rank) };
+    let par = tcpu::gemm_parallelism(t, n, rank);
+    // SAFETY: lhs [t, rank], rhs as described above, r [t, n]; all in bounds by the caller's checks.
+    unsafe {
+        gemm_f32(
+            t,
+            n,
+            rank,
+            r.as_mut_ptr(),
+            n,
+            true,
+            lhs.as_ptr(),
+            rank,
+            1,
+            rhs.as_ptr(),
+            rs,
+            cs,
+            par,
+        );
+    }
 }
 
 /// The problem's f32 activations and low-rank pair.

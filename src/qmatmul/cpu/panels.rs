@@ -99,7 +99,7 @@ fn balanced_panel(n: usize, max: usize, align: usize) -> usize {
 }
 
 /// Rows `[o0, o0 + rows)` of W into `buf` ([rows, inp], f32).
-fn decode_rows(w: &WeightRef<'_>, o0: usize, inp: usize, buf: &mut [f32]) {
+pub(super) fn decode_rows(w: &WeightRef<'_>, o0: usize, inp: usize, buf: &mut [f32]) {
     match w {
         // Contiguous flat range: one call decodes the whole panel.
         WeightRef::Q4(q) => decode_flat(q, o0 * inp, buf),

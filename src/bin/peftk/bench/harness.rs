@@ -257,6 +257,7 @@ impl Case {
             Algo::Auto => "auto",
             Algo::Fused => "fused",
             Algo::DequantGemm => "dequant-gemm",
+            Algo::Bf16 => "bf16",
         };
         format!(
             "{}/{}/{}x{}/t{}/r{}/{algo}",

@@ -249,6 +249,11 @@ pub struct Args {
     /// `--method qr-adaptor`: the `qr_adaptor.json` of a `peftk qr-adapt` search (per-linear bits and ranks).
     #[arg(long)]
     pub qr_config: Option<PathBuf>,
+    /// Compute dtype of the products with frozen weights (base linears, LM head) on the CPU: `f32`, or
+    /// `bf16` (operands rounded to bf16, f32 accumulation, AVX512_BF16 where available; the numerics of
+    /// `bnb_4bit_compute_dtype=torch.bfloat16`). Adapters, attention, norms and the loss stay f32.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub compute_dtype: String,
 }
 
 fn inv(msg: impl Into<String>) -> Error {
@@ -308,13 +313,27 @@ pub fn adapter_config(method: Method, a: &Recipe) -> Option<AdapterConfig> {
     Some(c)
 }
 
+/// The base matmul algorithm of `--compute-dtype`.
+pub fn compute_algo(a: &Args) -> peft_kernels::qmatmul::Algo {
+    if a.compute_dtype == "bf16" {
+        peft_kernels::qmatmul::Algo::Bf16
+    } else {
+        peft_kernels::qmatmul::Algo::Auto
+    }
+}
+
 /// The load options and adapter config of a run (`qr-adaptor`: from its `--qr-config`).
 pub fn setup(a: &Args) -> Result<(ModelLoadOptions, Option<AdapterConfig>)> {
+    let algo = compute_algo(a);
     if a.method == Method::QrAdaptor {
-        return crate::qr_adapt::finetune_setup(a);
+        let (opts, c) = crate::qr_adapt::finetune_setup(a)?;
+        return Ok((ModelLoadOptions { algo, ..opts }, c));
     }
     Ok((
-        load_opts(a.quantize, a.double_quant),
+        ModelLoadOptions {
+            algo,
+            ..load_opts(a.quantize, a.double_quant)
+        },
         adapter_config(a.method, &a.recipe),
     ))
 }
