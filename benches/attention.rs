@@ -7,6 +7,8 @@
 //! - CPU, MiniLM training (all-MiniLM-L6-v2: batch 16, seq 64, 12 heads, head_dim 32, key padding mask
 //!   with ragged lengths, f32): one layer's attention, forward alone and forward + backward. Napkin
 //!   math: 4·S²·D·B·H = 100 MFLOP forward, ~2.5x that backward (S recomputed from the saved lse).
+//! - CPU, the Llama bench's attention (batch 1, seq 256, 16 heads over 4 kv heads of 64, causal, f32):
+//!   67 MFLOP forward for the full square; the causal row blocks compute 56% of it.
 //! - CUDA (issues 12 and 16): seq 512 / head_dim 64 / 16 heads / batch 8, bf16; seq 2048 / head_dim 128 /
 //!   32 heads (8 kv heads) / batch 2, causal, bf16. FLOPs are printed so that time converts to TFLOP/s
 //!   (the H200's dense bf16 tensor-core peak is ~790 TFLOP/s).
@@ -70,6 +72,17 @@ fn cases(dev: Device) -> Vec<Case> {
         dtype: DType::F32,
         lens: Some(lens),
     }];
+    // The Llama bench's shape (issue 16): batch 1 x seq 256, 16 query heads over 4 kv heads of 64, causal.
+    v.push(Case {
+        name: "llama_b1_s256_h16_kv4_d64_causal_f32",
+        cfg: AttentionConfig {
+            num_kv_heads: 4,
+            causal: true,
+            ..AttentionConfig::new(1, 256, 16, 64)
+        },
+        dtype: DType::F32,
+        lens: None,
+    });
     if dev.is_cuda() {
         v.push(Case {
             name: "s512_d64_h16_b8_bf16",

@@ -242,6 +242,21 @@ fn causal_rectangular(dev: Device) -> Result<()> {
     Ok(())
 }
 
+fn causal_long_rectangular(dev: Device) -> Result<()> {
+    // Long enough for the CPU's causal row blocks (about seq_q / 8 rows each, skipping the keys above a
+    // block) to split every product several ways, with ragged last blocks, GQA, padding and dropout.
+    for (sq, sk) in [(150, 150), (131, 170), (170, 131)] {
+        let c = AttentionConfig {
+            causal: true,
+            dropout: Some((0.1, 77)),
+            ..cfg(2, sq, sk, 4, 2, 24)
+        };
+        let mask = right_padding(2, sk, &[sk, sk - 9]);
+        check_case(dev, DType::F32, &c, Some(&mask), 1.0, (5e-5, 1e-4))?;
+    }
+    Ok(())
+}
+
 fn gqa_4_to_1(dev: Device) -> Result<()> {
     let c = AttentionConfig {
         causal: true,
@@ -324,6 +339,7 @@ device_test!(
     padding_mask_and_fully_masked_rows,
     causal_with_left_padding,
     causal_rectangular,
+    causal_long_rectangular,
     gqa_4_to_1,
     attention_dropout,
     head_dims_and_long_sequences,

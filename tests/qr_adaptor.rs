@@ -6,13 +6,15 @@ use peft_kernels::autograd::ParamStore;
 use peft_kernels::kbit::Tier;
 use peft_kernels::models::{self, ModelLoadOptions, QuantizeOnLoad};
 use peft_kernels::qr_adaptor::gp::{Gp, expected_improvement, matern52, normal_cdf, normal_pdf};
-use peft_kernels::qr_adaptor::memory::{self, MemoryModel, OptimBytes};
+use peft_kernels::qr_adaptor::memory::{self, MemoryModel, OptimBytes, Tables};
 use peft_kernels::qr_adaptor::nsga2::{
     Objectives, Sensitivity, crowding_distance, dominates, non_dominated_sort, select,
 };
 use peft_kernels::qr_adaptor::repair::{lowest, repair};
 use peft_kernels::qr_adaptor::search::{self, Evaluator, Fidelity, SearchConfig};
-use peft_kernels::qr_adaptor::{Candidate, Choice, Granularity, LinearShape, QrConfig, SearchSpace, units};
+use peft_kernels::qr_adaptor::{
+    Candidate, Choice, EmbeddingStorage, Granularity, LinearShape, QrConfig, SearchSpace, units,
+};
 use peft_kernels::{Result, Tensor};
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
@@ -93,6 +95,10 @@ fn mem(optim: OptimBytes, dq: bool) -> MemoryModel {
         optim,
         fixed_frozen_bytes: 5_000,
         fixed_trainable: vec![40, 2],
+        tables: Some(Tables {
+            elems: 700,
+            loaded: EmbeddingStorage::F32,
+        }),
     }
 }
 
@@ -108,6 +114,7 @@ proptest! {
         budget_frac in 0.0f64..1.3,
         eight in any::<bool>(),
         dq in any::<bool>(),
+        emb in any::<bool>(),
     ) {
         let ls: Vec<LinearShape> = shapes
             .iter()
@@ -120,9 +127,12 @@ proptest! {
             .filter(|(k, _)| bits_mask >> k & 1 == 1)
             .map(|(_, t)| t)
             .collect();
-        let space = SearchSpace::new(units(&ls, Granularity::Layer), bits, ranks).unwrap();
+        let storages = if emb { vec![EmbeddingStorage::F32, EmbeddingStorage::Bf16] } else { vec![] };
+        let space = SearchSpace::new(units(&ls, Granularity::Layer), bits, ranks)
+            .unwrap()
+            .with_embeddings(storages);
         let m = mem(if eight { OptimBytes::AdamW8bit } else { OptimBytes::AdamW }, dq);
-        let n = space.units.len();
+        let n = space.genes();
         let s = Sensitivity {
             fidelity: sens.iter().take(n).map(|x| x.0).collect(),
             plasticity: sens.iter().take(n).map(|x| x.1).collect(),
@@ -131,9 +141,10 @@ proptest! {
             start
                 .iter()
                 .take(n)
-                .map(|&(b, r)| Choice {
-                    bits: b % space.bits.len() as u8,
-                    rank: r % space.ranks.len() as u8,
+                .enumerate()
+                .map(|(g, &(b, r))| {
+                    let (nb, nr) = space.levels(g);
+                    Choice { bits: b % nb as u8, rank: r % nr as u8 }
                 })
                 .collect(),
         );
@@ -349,9 +360,18 @@ struct Fake {
 
 impl Evaluator for Fake {
     fn sensitivity(&mut self, space: &SearchSpace) -> Result<(Vec<f64>, Vec<f64>)> {
-        let n = space.units.len();
+        let n = space.genes();
         Ok((
-            (0..n).map(|u| (u % 3) as f64).collect(),
+            // The tables (when searched) barely change the output, as bf16 tables do on MiniLM.
+            (0..n)
+                .map(|u| {
+                    if Some(u) == space.embedding_gene() {
+                        0.0
+                    } else {
+                        (u % 3) as f64
+                    }
+                })
+                .collect(),
             (0..n).map(|u| ((u + 1) % 4) as f64).collect(),
         ))
     }
@@ -628,6 +648,22 @@ fn cli_qr_adapt_smoke_on_the_tiny_model() {
     );
     let log = std::fs::read_to_string(out.join(search::LOG_FILE)).unwrap();
     assert!(log.lines().count() > 5);
+    // The tables' storage is searched by default: every logged configuration carries the gene
+    // ((16, 0) bf16 or (32, 0) f32 after the 13 linears), and the choice is the file's.
+    let header: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert_eq!(header["space"]["embeddings"], serde_json::json!(["bf16", "f32"]));
+    for l in log.lines().skip(2) {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        if v["kind"] == "eval" {
+            let c = v["config"].as_array().unwrap();
+            assert_eq!(c.len(), 14);
+            assert!(c[13] == serde_json::json!([16, 0]) || c[13] == serde_json::json!([32, 0]));
+        }
+    }
+    assert_eq!(
+        summary["chosen"]["embeddings"],
+        serde_json::to_value(qc.embeddings).unwrap()
+    );
     // A rerun resumes from the log: no new evaluation, the same choice.
     let o = peftk().args(&args).arg("--no-final").output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -875,4 +911,159 @@ fn bf16_embeddings_are_counted_exactly_and_only_round_the_tables() {
     assert_eq!(l16, lr);
     assert_ne!(l16, l32);
     assert!(bf.bert_mut().set_embedding_dtype(DType::U8).is_err());
+}
+
+/// The embedding gene: (16, 0) / (32, 0) in descriptions, f32 as loaded in `uniform`, bf16 in
+/// `lowest`; the memory model counts the tables at the chosen storage; repair spends the table step
+/// first when it is the cheapest per byte and keeps it for last when the linears are cheaper.
+#[test]
+fn embedding_gene_describes_counts_and_repairs() {
+    let ls = [lin("a.0.q".into(), 128, 128), lin("a.1.q".into(), 128, 128)];
+    let space = SearchSpace::new(
+        units(&ls, Granularity::Layer),
+        vec![Tier::Bits4, Tier::Bits16],
+        vec![0],
+    )
+    .unwrap()
+    .with_embeddings(vec![EmbeddingStorage::F32, EmbeddingStorage::Bf16]);
+    assert_eq!(
+        space.embeddings,
+        vec![EmbeddingStorage::Bf16, EmbeddingStorage::F32]
+    );
+    assert_eq!(
+        (space.genes(), space.embedding_gene(), space.levels(2)),
+        (3, Some(2), (2, 1))
+    );
+    let top = space.uniform(1, 0);
+    assert_eq!(space.describe(&top), vec![(16, 0), (16, 0), (32, 0)]);
+    assert_eq!(space.from_values(&space.describe(&top)).unwrap(), top);
+    assert_eq!(space.embedding_of(&top), Some(EmbeddingStorage::F32));
+    assert_eq!(space.embedding_of(&lowest(&space)), Some(EmbeddingStorage::Bf16));
+    assert!(space.from_values(&[(16, 0), (16, 0), (8, 0)]).is_err());
+    assert!(space.from_values(&[(16, 0), (16, 0)]).is_err());
+    assert!(space.check(&Candidate(top.0[..2].to_vec())).is_err());
+    let m = mem(OptimBytes::AdamW, false);
+    // The tables: 700 elements, 4 bytes each as loaded, 2 in bf16.
+    let bf = space.from_values(&[(16, 0), (16, 0), (16, 0)]).unwrap();
+    assert_eq!(m.total(&space, &top) - m.total(&space, &bf), 1400);
+    assert_eq!(m.breakdown(&space, &bf).fixed_frozen, 5_000 - 1400);
+    // Without the gene the fixed part is as loaded.
+    let plain = SearchSpace::new(space.units.clone(), space.bits.clone(), space.ranks.clone()).unwrap();
+    assert_eq!(m.breakdown(&plain, &plain.uniform(1, 0)).fixed_frozen, 5_000);
+    // Budget: one step. Tables insensitive: the table step (1,400 bytes for ~0 cost) is taken even
+    // though a linear step saves more bytes.
+    let budget = m.total(&space, &top) - 1000;
+    let s = Sensitivity {
+        fidelity: vec![0.9, 0.9, 0.0],
+        plasticity: vec![0.0, 0.0, 0.0],
+    };
+    assert_eq!(repair(&space, &m, &s, &top, budget).unwrap(), bf);
+    // Tables very sensitive, one linear not at all: that linear goes to 4 bits and the tables stay.
+    let s = Sensitivity {
+        fidelity: vec![0.9, 0.0, 1.0],
+        plasticity: vec![0.0, 0.0, 0.0],
+    };
+    assert_eq!(
+        repair(&space, &m, &s, &top, budget).unwrap(),
+        space.from_values(&[(16, 0), (4, 0), (32, 0)]).unwrap()
+    );
+    // Everything lowest, tables included, is the floor.
+    let floor = m.total(&space, &lowest(&space));
+    assert!(repair(&space, &m, &s, &top, floor - 1).is_err());
+    assert_eq!(repair(&space, &m, &s, &top, floor).unwrap(), lowest(&space));
+}
+
+/// A searched table storage is counted exactly: loads of the tiny fixture with the tiers, adapters and
+/// table storage of candidates whose gene is bf16 or f32 hold the predicted frozen and trainable bytes,
+/// whether the memory model was counted from an f32 or a bf16 load.
+#[test]
+fn searched_embedding_storage_is_counted_exactly() {
+    use peft_kernels::tensor::DType;
+    let mut store = ParamStore::new();
+    let dense = models::from_pretrained_seq_cls(tiny(), &ModelLoadOptions::default(), &mut store, 0).unwrap();
+    let (linears, mm32) = memory::for_seq_cls(&dense, &store, OptimBytes::AdamW, 64, true).unwrap();
+    let mut bf = dense.clone();
+    bf.bert_mut().set_embedding_dtype(DType::BF16).unwrap();
+    let (_, mm16) = memory::for_seq_cls(&bf, &store, OptimBytes::AdamW, 64, true).unwrap();
+    assert_eq!(mm16.tables.unwrap().loaded, EmbeddingStorage::Bf16);
+    let space = SearchSpace::new(
+        units(&linears, Granularity::Layer),
+        Tier::ALL.to_vec(),
+        vec![0, 2, 8],
+    )
+    .unwrap()
+    .with_embeddings(vec![EmbeddingStorage::Bf16, EmbeddingStorage::F32]);
+    for table_bits in [16u8, 32] {
+        let mut vals: Vec<(u8, usize)> = (0..space.units.len())
+            .map(|u| ([2, 3, 4, 8, 16][u % 5], [0, 2, 8][u % 3]))
+            .collect();
+        vals.push((table_bits, 0));
+        let cand = space.from_values(&vals).unwrap();
+        let (qc, mut model, mut store) = load_tiered(&space, &cand, &mm32);
+        let want = if table_bits == 16 {
+            EmbeddingStorage::Bf16
+        } else {
+            EmbeddingStorage::F32
+        };
+        assert_eq!(qc.embeddings, want);
+        if let Some(dt) = qc.embeddings.dtype() {
+            model.bert_mut().set_embedding_dtype(dt).unwrap();
+        }
+        let mut ac = qc.adapter_config(0.0).unwrap().unwrap();
+        ac.task_type = Some("SEQ_CLS".into());
+        ac.modules_to_save = Some(vec!["classifier".into()]);
+        model.init_adapter(&ac, &mut store, 1).unwrap();
+        for mm in [&mm32, &mm16] {
+            let b = mm.breakdown(&space, &cand);
+            assert_eq!(
+                model.bert().frozen_bytes(),
+                b.base + b.fixed_frozen,
+                "tables {table_bits}"
+            );
+            let params: usize = model
+                .param_ids()
+                .iter()
+                .map(|&id| store.get(id).unwrap().size_in_bytes())
+                .sum();
+            assert_eq!(params, b.params);
+        }
+    }
+}
+
+/// A search with the embedding gene: every evaluated configuration carries it, the budget (uniform
+/// 4-bit at rank 8 with f32 tables) holds, and a rerun resumes from the log without evaluating.
+#[test]
+fn search_with_the_embedding_gene_resumes() {
+    let (space, m, mut cfg) = search_setup();
+    let space = space.with_embeddings(vec![EmbeddingStorage::Bf16, EmbeddingStorage::F32]);
+    cfg.references = vec![space.uniform(1, 2), space.uniform(1, 1)];
+    cfg.budget_bytes = m.total(&space, &space.uniform(1, 2));
+    let d = tempfile::tempdir().unwrap();
+    let mut ev = Fake {
+        calls: 0,
+        fail_after: None,
+    };
+    let p = d.path().join(search::LOG_FILE);
+    let r = search::run(&space, &m, &cfg, &mut ev, &p).unwrap();
+    assert!(ev.calls > 0);
+    assert!(r.best.memory <= cfg.budget_bytes);
+    assert!(
+        r.evaluated
+            .iter()
+            .all(|e| e.candidate.0.len() == space.genes() && e.memory == m.total(&space, &e.candidate))
+    );
+    // Both storages were tried (sensitivity-shaped starts put insensitive tables in bf16).
+    assert!(
+        r.evaluated
+            .iter()
+            .any(|e| space.embedding_of(&e.candidate) == Some(EmbeddingStorage::Bf16))
+    );
+    assert_eq!(r.sensitivity.plasticity[space.genes() - 1], 0.0);
+    let mut ev2 = Fake {
+        calls: 0,
+        fail_after: None,
+    };
+    let r2 = search::run(&space, &m, &cfg, &mut ev2, &p).unwrap();
+    assert_eq!(ev2.calls, 0);
+    assert_eq!(r2.best, r.best);
 }

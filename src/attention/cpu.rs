@@ -5,6 +5,7 @@
 use super::AttentionConfig;
 use crate::error::Result;
 use crate::tensor::cpu::{SendPtr, from_f32_vec, gemm_f32, to_f32_vec};
+use crate::tensor::exp::exp_sub2;
 use crate::tensor::{CpuStorage, DType, Tensor, dropout_hash, dropout_threshold};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -152,16 +153,62 @@ fn t(v: View) -> View {
     }
 }
 
-/// `S = Q_bh·K_bgᵀ` (unscaled) into `s [seq_q, seq_k]`.
-fn scores(qf: &[f32], kf: &[f32], cfg: &AttentionConfig, b: usize, h: usize, s: &mut [f32]) {
+/// The query-row blocks of a head: `(r0, r1, keys)` with `keys` the number of leading keys any row of
+/// `r0..r1` may see. Without a causal mask that is one block of every key. Under it, blocks of about
+/// `seq_q / 8` rows (a multiple of 8) skip the keys above the block's last row: for seq 256 the products
+/// cover 56% of the square instead of all of it (half is the limit), at 8 gemm calls per product.
+fn row_blocks<'a>(m: &'a Masking<'a>) -> impl Iterator<Item = (usize, usize, usize)> + 'a {
+    let sq = m.cfg.seq_q;
+    let rb = if m.cfg.causal {
+        sq.div_ceil(8).next_multiple_of(8).max(8)
+    } else {
+        sq.max(1)
+    };
+    (0..sq).step_by(rb).map(move |r0| {
+        let r1 = (r0 + rb).min(sq);
+        (r0, r1, m.limit(r1 - 1))
+    })
+}
+
+/// `S[r0..r1, ..keys] = Q_bh·K_bgᵀ` (unscaled) into rows `r0..r1` of `s [seq_q, seq_k]`.
+#[allow(clippy::too_many_arguments)]
+fn scores(
+    qf: &[f32],
+    kf: &[f32],
+    cfg: &AttentionConfig,
+    b: usize,
+    h: usize,
+    (r0, r1, keys): (usize, usize, usize),
+    s: &mut [f32],
+) {
     let (sq, sk, d) = (cfg.seq_q, cfg.seq_k, cfg.head_dim);
     let g = h / cfg.group();
-    let qv = head_view(qf, b, sq, cfg.num_heads, h, d);
+    let qv = rows_from(head_view(qf, b, sq, cfg.num_heads, h, d), r0);
     let kv = head_view(kf, b, sk, cfg.num_kv_heads, g, d);
-    debug_assert!(s.len() >= sq * sk);
-    // SAFETY: qv spans rows b*sq..(b+1)*sq and columns h*d..(h+1)*d of q [batch*sq, H*d] (checked by
-    // check_inputs), kv likewise for k; `s` is this task's own scratch of sq*sk elements.
-    unsafe { mm(sq, sk, d, s.as_mut_ptr(), sk, false, qv, t(kv)) };
+    debug_assert!(s.len() >= sq * sk && r1 <= sq && keys <= sk);
+    // SAFETY: qv spans rows b*sq+r0..b*sq+r1 and columns h*d..(h+1)*d of q [batch*sq, H*d] (checked by
+    // check_inputs), kv rows b*sk..b*sk+keys of k likewise; rows r0..r1 of `s` (stride sk, keys <= sk
+    // columns) are this task's own scratch.
+    unsafe {
+        mm(
+            r1 - r0,
+            keys,
+            d,
+            s.as_mut_ptr().add(r0 * sk),
+            sk,
+            false,
+            qv,
+            t(kv),
+        )
+    };
+}
+
+/// A view starting `r` rows further down (pointer arithmetic only).
+fn rows_from(v: View, r: usize) -> View {
+    View {
+        ptr: v.ptr.wrapping_add(r * v.rs),
+        ..v
+    }
 }
 
 /// Forward: `(output, lse)`.
@@ -188,18 +235,21 @@ pub(crate) fn forward(
             if sk == 0 {
                 lse_row.fill(f32::INFINITY);
             }
-            scores(&qf, &kf, cfg, b, h, &mut s);
-            for (i, (row, l)) in s.chunks_mut(sk.max(1)).zip(lse_row.iter_mut()).enumerate() {
-                *l = softmax_row(row, &masking, b, h, i);
-            }
             let g = h / cfg.group();
             let vv = head_view(&vf, b, sk, cfg.num_kv_heads, g, d);
-            let pv = scratch(&s, sk);
-            // SAFETY: this task alone owns rows b*sq..(b+1)*sq, columns h*d..(h+1)*d of out [batch*sq,
-            // H*d]; vv is in bounds of v as in `scores`; pv is the task's own sq*sk scratch.
-            unsafe {
-                let dst = optr.get().add(b * sq * nh * d + h * d);
-                mm(sq, d, sk, dst, nh * d, false, pv, vv)
+            for blk @ (r0, r1, keys) in row_blocks(&masking) {
+                scores(&qf, &kf, cfg, b, h, blk, &mut s);
+                for i in r0..r1 {
+                    lse_row[i] = softmax_row(&mut s[i * sk..i * sk + keys], &masking, b, h, i);
+                }
+                let pv = rows_from(scratch(&s, sk), r0);
+                // SAFETY: this task alone owns rows b*sq..(b+1)*sq, columns h*d..(h+1)*d of out [batch*sq,
+                // H*d]; vv's first `keys` rows are in bounds of v as in `scores`; pv is rows r0..r1 of the
+                // task's own sq*sk scratch.
+                unsafe {
+                    let dst = optr.get().add((b * sq + r0) * nh * d + h * d);
+                    mm(r1 - r0, d, keys, dst, nh * d, false, pv, vv)
+                }
             }
         });
     let shape = q.shape().to_vec();
@@ -228,11 +278,13 @@ fn softmax_row(row: &mut [f32], m: &Masking, b: usize, h: usize, i: usize) -> f3
         head.fill(0.0);
         return f32::INFINITY;
     }
-    let mut sum = 0f32;
-    for (j, x) in head.iter_mut().enumerate() {
-        *x = if ok(j) { (*x - mx).exp() } else { 0.0 };
-        sum += *x;
+    exp_sub2(head, 1.0, mx, 0.0);
+    if let Some(keys) = keys {
+        head.iter_mut()
+            .zip(keys)
+            .for_each(|(x, &k)| *x = if k != 0 { *x } else { 0.0 });
     }
+    let sum: f32 = head.iter().sum();
     let inv = 1.0 / sum;
     if m.dropout.is_some() {
         for (j, x) in head.iter_mut().enumerate() {
@@ -282,50 +334,59 @@ pub(crate) fn backward(
         let mut dp = vec![0f32; sq * sk];
         let kv = head_view(&kf, b, sk, nkv, g, d);
         let vv = head_view(&vf, b, sk, nkv, g, d);
-        for (n, h) in (g * group..(g + 1) * group).enumerate() {
-            let qv = head_view(&qf, b, sq, nh, h, d);
-            let dov = head_view(&gf, b, sq, nh, h, d);
-            scores(&qf, &kf, cfg, b, h, &mut p);
-            // dP = dO·Vᵀ
-            // SAFETY: dov/vv are in bounds of grad_out/v (same layout as q/v); dp is task scratch.
-            unsafe { mm(sq, sk, d, dp.as_mut_ptr(), sk, false, dov, t(vv)) };
+        for h in g * group..(g + 1) * group {
+            let (qv, dov) = (head_view(&qf, b, sq, nh, h, d), head_view(&gf, b, sq, nh, h, d));
             let row0 = b * sq * nh * d + h * d;
-            for i in 0..sq {
-                let l = lse[(b * nh + h) * sq + i];
-                let at = row0 + i * nh * d;
-                let di: f32 = gf[at..at + d]
-                    .iter()
-                    .zip(&of[at..at + d])
-                    .map(|(x, y)| x * y)
-                    .sum();
-                let (prow, dprow) = (&mut p[i * sk..(i + 1) * sk], &mut dp[i * sk..(i + 1) * sk]);
-                let lim = masking.limit(i);
-                prow[lim..].fill(0.0);
-                dprow[lim..].fill(0.0);
-                let keys = masking.keys(b);
-                let drop = masking.dropout.is_some();
-                for j in 0..lim {
-                    let pij = if keys.is_none_or(|k| k[j] != 0) {
-                        (prow[j] * cfg.scale - l).exp()
-                    } else {
-                        0.0
-                    };
-                    let keep = if drop { masking.keep(b, h, i, j) } else { 1.0 };
-                    // scale·dS into dp, the dropped-and-scaled probability (for dV) into p.
-                    dprow[j] = cfg.scale * pij * (dprow[j] * keep - di);
-                    prow[j] = pij * keep;
-                }
-            }
-            let acc = n > 0;
-            let (pv, dsv) = (scratch(&p, sk), scratch(&dp, sk));
             let kv_off = b * sk * nkv * d + g * d;
-            // SAFETY: this task alone owns rows b*sk..(b+1)*sk, columns g*d..(g+1)*d of dk and dv (it is
-            // the only task of kv head g of sequence b) and rows b*sq..(b+1)*sq, columns h*d..(h+1)*d of
-            // dq (query head h belongs to kv head g only); the read views are in bounds as in `scores`.
-            unsafe {
-                mm(sk, d, sq, dvp.get().add(kv_off), nkv * d, acc, t(pv), dov);
-                mm(sk, d, sq, dkp.get().add(kv_off), nkv * d, acc, t(dsv), qv);
-                mm(sq, d, sk, dqp.get().add(row0), nh * d, false, dsv, kv);
+            for blk @ (r0, r1, keys) in row_blocks(&masking) {
+                scores(&qf, &kf, cfg, b, h, blk, &mut p);
+                // dP = dO·Vᵀ on the block's rows and visible keys.
+                // SAFETY: dov/vv are in bounds of grad_out/v (same layout as q/v) for rows r0..r1 and
+                // the first `keys` keys; rows r0..r1 of dp are task scratch (stride sk).
+                unsafe {
+                    let dst = dp.as_mut_ptr().add(r0 * sk);
+                    mm(r1 - r0, keys, d, dst, sk, false, rows_from(dov, r0), t(vv))
+                };
+                for i in r0..r1 {
+                    let l = lse[(b * nh + h) * sq + i];
+                    let at = row0 + i * nh * d;
+                    let di: f32 = gf[at..at + d]
+                        .iter()
+                        .zip(&of[at..at + d])
+                        .map(|(x, y)| x * y)
+                        .sum();
+                    let row = i * sk..i * sk + keys;
+                    let (prow, dprow) = (&mut p[row.clone()], &mut dp[row]);
+                    let lim = masking.limit(i);
+                    prow[lim..].fill(0.0);
+                    dprow[lim..].fill(0.0);
+                    let keys = masking.keys(b);
+                    let drop = masking.dropout.is_some();
+                    exp_sub2(&mut prow[..lim], cfg.scale, l, 0.0);
+                    for j in 0..lim {
+                        let pij = if keys.is_none_or(|k| k[j] != 0) {
+                            prow[j]
+                        } else {
+                            0.0
+                        };
+                        let keep = if drop { masking.keep(b, h, i, j) } else { 1.0 };
+                        // scale·dS into dp, the dropped-and-scaled probability (for dV) into p.
+                        dprow[j] = cfg.scale * pij * (dprow[j] * keep - di);
+                        prow[j] = pij * keep;
+                    }
+                }
+                let (pv, dsv) = (rows_from(scratch(&p, sk), r0), rows_from(scratch(&dp, sk), r0));
+                let (qb, dob) = (rows_from(qv, r0), rows_from(dov, r0));
+                // SAFETY: this task alone owns rows b*sk..(b+1)*sk, columns g*d..(g+1)*d of dk and dv (it
+                // is the only task of kv head g of sequence b; both start zeroed, so every product
+                // accumulates) and rows b*sq..(b+1)*sq, columns h*d..(h+1)*d of dq (query head h belongs
+                // to kv head g only); the read views are in bounds as in `scores`.
+                unsafe {
+                    mm(keys, d, r1 - r0, dvp.get().add(kv_off), nkv * d, true, t(pv), dob);
+                    mm(keys, d, r1 - r0, dkp.get().add(kv_off), nkv * d, true, t(dsv), qb);
+                    let dst = dqp.get().add(row0 + r0 * nh * d);
+                    mm(r1 - r0, d, keys, dst, nh * d, false, dsv, kv);
+                }
             }
         }
     });

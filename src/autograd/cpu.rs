@@ -11,6 +11,7 @@
 use super::ops::Activation;
 use crate::error::{Error, Result};
 use crate::tensor::cpu::CHUNK;
+use crate::tensor::exp::exp_sub2;
 use crate::tensor::{DType, Element};
 use rayon::prelude::*;
 
@@ -77,6 +78,8 @@ pub(crate) fn act_derivative(act: Activation, x: f32) -> f32 {
 
 /// Elements an f16/bf16 GELU converts to f32 at a time.
 const GELU_TILE: usize = 256;
+/// Logits cross-entropy exponentiates at a time (a stack buffer).
+const EXP_TILE: usize = 512;
 
 /// `y = gelu_erf(x)` on one chunk: the vectorized kernel, directly on f32 or through f32 tiles.
 fn gelu_chunk<T: Element>(x: &[T], y: &mut [T]) {
@@ -119,6 +122,43 @@ fn gelu_backward_chunk<T: Element>(x: &[T], dy: &[T], dx: &mut [T]) {
     }
 }
 
+/// The logistic sigmoid of each `x` into `s`, from `e = exp(-|x|)` (the vectorized `exp_sub2`):
+/// `1/(1+e)` for x ≥ 0, `e/(1+e)` below, so neither side overflows; NaN stays NaN.
+fn sigmoid_tile(x: &[f32], s: &mut [f32]) {
+    s.iter_mut().zip(x).for_each(|(s, &x)| *s = -x.abs());
+    exp_sub2(s, 1.0, 0.0, 0.0);
+    s.iter_mut().zip(x).for_each(|(s, &x)| {
+        let e = *s;
+        *s = if x >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+    });
+}
+
+/// SiLU `x·σ(x)` of `x` into `out`, or with `dy` its backward `dy·σ(x)·(1 + x·(1 − σ(x)))` (0 where
+/// the derivative is 0, as [`activation_backward`]), through f32 tiles.
+fn silu_chunk<T: Element>(x: &[T], dy: Option<&[T]>, out: &mut [T]) {
+    let (mut xf, mut sf) = ([0f32; GELU_TILE], [0f32; GELU_TILE]);
+    for (c, (x, out)) in x.chunks(GELU_TILE).zip(out.chunks_mut(GELU_TILE)).enumerate() {
+        let n = x.len();
+        let (xf, sf) = (&mut xf[..n], &mut sf[..n]);
+        xf.iter_mut().zip(x).for_each(|(f, v)| *f = v.to_f32());
+        sigmoid_tile(xf, sf);
+        match dy {
+            None => {
+                for ((o, &x), &s) in out.iter_mut().zip(xf.iter()).zip(sf.iter()) {
+                    *o = T::from_f32(x * s);
+                }
+            }
+            Some(dy) => {
+                let dy = &dy[c * GELU_TILE..c * GELU_TILE + n];
+                for (((o, &x), &s), &g) in out.iter_mut().zip(xf.iter()).zip(sf.iter()).zip(dy) {
+                    let d = s * (1.0 + x * (1.0 - s));
+                    *o = T::from_f32(if d == 0.0 { 0.0 } else { g.to_f32() * d });
+                }
+            }
+        }
+    }
+}
+
 /// `y = act(x)` elementwise.
 pub(crate) fn activation<T: Element>(x: &[T], act: Activation) -> Vec<T> {
     let mut y = vec![T::default(); x.len()];
@@ -126,6 +166,12 @@ pub(crate) fn activation<T: Element>(x: &[T], act: Activation) -> Vec<T> {
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .for_each(|(y, x)| gelu_chunk(x, y));
+        return y;
+    }
+    if act == Activation::Silu {
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| silu_chunk(x, None, y));
         return y;
     }
     y.par_chunks_mut(CHUNK)
@@ -150,6 +196,9 @@ pub(crate) fn activation_backward<T: Element>(x: &[T], dy: &[T], act: Activation
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
         .for_each(|(dx, (x, dy))| {
+            if act == Activation::Silu {
+                return silu_chunk(x, Some(dy), dx);
+            }
             for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
                 let d = act_derivative(act, x.to_f32());
                 // A zero derivative gives a zero gradient even for an infinite dy (torch's relu
@@ -235,7 +284,14 @@ pub(crate) fn cross_entropy<T: Element>(logits: &[T], targets: &[i32], c: usize)
             } else {
                 // A row of -inf logits has no finite maximum; its sum below is 0 and its log -inf.
                 let shift = if max == f32::NEG_INFINITY { 0.0 } else { max };
-                let sum: f64 = row.iter().map(|&x| ((x.to_f32() - shift).exp()) as f64).sum();
+                let mut sum = 0f64;
+                let mut buf = [0f32; EXP_TILE];
+                for part in row.chunks(EXP_TILE) {
+                    let e = &mut buf[..part.len()];
+                    e.iter_mut().zip(part).for_each(|(e, x)| *e = x.to_f32());
+                    exp_sub2(e, 1.0, shift, 0.0);
+                    sum += e.iter().map(|&v| v as f64).sum::<f64>();
+                }
                 (shift, sum.ln() as f32)
             };
             st[0] = shift;
@@ -270,9 +326,15 @@ pub(crate) fn cross_entropy_backward<T: Element>(
                 return; // already zeros
             }
             let (m, ls) = (st[0], st[1]);
-            for (j, (d, &x)) in dx.iter_mut().zip(row).enumerate() {
-                let onehot = if j == t as usize { 1.0 } else { 0.0 };
-                *d = T::from_f32(scale * (((x.to_f32() - m) - ls).exp() - onehot));
+            let mut buf = [0f32; EXP_TILE];
+            for (c, (dx, part)) in dx.chunks_mut(EXP_TILE).zip(row.chunks(EXP_TILE)).enumerate() {
+                let e = &mut buf[..part.len()];
+                e.iter_mut().zip(part).for_each(|(e, x)| *e = x.to_f32());
+                exp_sub2(e, 1.0, m, ls);
+                for (j, (d, &p)) in dx.iter_mut().zip(e.iter()).enumerate() {
+                    let onehot = if c * EXP_TILE + j == t as usize { 1.0 } else { 0.0 };
+                    *d = T::from_f32(scale * (p - onehot));
+                }
             }
         });
     dx

@@ -11,7 +11,7 @@
 //! Activations are not counted: they depend on batch shape, not on the configuration's bits or
 //! (beyond a few percent) its ranks.
 
-use super::{Candidate, LinearShape, SearchSpace};
+use super::{Candidate, Choice, EmbeddingStorage, LinearShape, SearchSpace};
 use crate::kbit::Tier;
 use crate::quant::QuantizeOptions;
 use serde::{Deserialize, Serialize};
@@ -66,6 +66,21 @@ impl Breakdown {
     }
 }
 
+/// The frozen embedding tables (word, position, token type) of the load the fixed part was counted
+/// from: their element count and storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tables {
+    pub elems: usize,
+    pub loaded: EmbeddingStorage,
+}
+
+impl Tables {
+    /// Bytes of the tables stored as `s`.
+    pub fn bytes(&self, s: EmbeddingStorage) -> usize {
+        self.elems * s.bytes()
+    }
+}
+
 /// The memory model of a model under search.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryModel {
@@ -78,6 +93,10 @@ pub struct MemoryModel {
     pub fixed_frozen_bytes: usize,
     /// Element counts of the trainable tensors outside the adapters (the classifier head).
     pub fixed_trainable: Vec<usize>,
+    /// The embedding tables inside `fixed_frozen_bytes` (as loaded); needed when the search
+    /// chooses their storage (`None`: a candidate with an embedding gene is counted as loaded).
+    #[serde(default)]
+    pub tables: Option<Tables>,
 }
 
 impl MemoryModel {
@@ -119,10 +138,31 @@ impl MemoryModel {
         base + p + g + o
     }
 
+    /// The frozen bytes outside the searched linears with the tables stored as `s` (as loaded when
+    /// `s` is `None` or the tables are unknown).
+    pub fn fixed_frozen(&self, s: Option<EmbeddingStorage>) -> usize {
+        match (self.tables, s) {
+            (Some(t), Some(s)) => self.fixed_frozen_bytes.saturating_sub(t.bytes(t.loaded)) + t.bytes(s),
+            _ => self.fixed_frozen_bytes,
+        }
+    }
+
+    /// Bytes of gene `g` under `c`: for a unit, [`Self::unit_bytes`]; for the embedding gene, the
+    /// tables' bytes in that storage (0 when the tables are unknown).
+    pub fn gene_bytes(&self, space: &SearchSpace, g: usize, c: Choice) -> usize {
+        match space.embedding_gene() {
+            Some(e) if e == g => match (self.tables, space.embeddings.get(c.bits as usize)) {
+                (Some(t), Some(&s)) => t.bytes(s),
+                _ => 0,
+            },
+            _ => self.unit_bytes(&space.units[g].modules, space.tier(c), space.rank(c)),
+        }
+    }
+
     /// The configuration's bytes by part.
     pub fn breakdown(&self, space: &SearchSpace, cand: &Candidate) -> Breakdown {
         let mut b = Breakdown {
-            fixed_frozen: self.fixed_frozen_bytes,
+            fixed_frozen: self.fixed_frozen(space.embedding_of(cand)),
             ..Default::default()
         };
         let mut numels: Vec<usize> = self.fixed_trainable.clone();
@@ -169,6 +209,11 @@ pub fn for_seq_cls(
             out_features: b.out_features(),
         });
     }
+    let c = bert.config();
+    let tables = EmbeddingStorage::of_dtype(bert.embedding_dtype()).map(|loaded| Tables {
+        elems: (c.vocab_size + c.max_position_embeddings + c.type_vocab_size) * c.hidden_size,
+        loaded,
+    });
     let fixed_trainable = model
         .param_ids()
         .iter()
@@ -182,6 +227,7 @@ pub fn for_seq_cls(
             optim,
             fixed_frozen_bytes: bert.frozen_bytes() - base,
             fixed_trainable,
+            tables,
         },
     ))
 }
@@ -218,6 +264,7 @@ mod tests {
             optim: OptimBytes::AdamW,
             fixed_frozen_bytes: 1000,
             fixed_trainable: vec![10],
+            tables: None,
         };
         // 16-bit, rank 2: 2 B x 2048 weights; adapter 2x64 + 32x2 = 192 params: 4 + 4 + 8 bytes each.
         let b = m.breakdown(&space, &space.uniform(1, 1));

@@ -60,6 +60,23 @@ pub enum EmbeddingStorage {
 }
 
 impl EmbeddingStorage {
+    /// Bytes per stored table element.
+    pub fn bytes(self) -> usize {
+        match self {
+            EmbeddingStorage::F32 => 4,
+            EmbeddingStorage::Bf16 => 2,
+        }
+    }
+
+    /// The storage of a table dtype (`None` for a dtype the tables cannot be stored in).
+    pub fn of_dtype(dt: crate::tensor::DType) -> Option<Self> {
+        match dt {
+            crate::tensor::DType::F32 => Some(EmbeddingStorage::F32),
+            crate::tensor::DType::BF16 => Some(EmbeddingStorage::Bf16),
+            _ => None,
+        }
+    }
+
     /// The storage dtype to set on a loaded model, `None` to keep the load's.
     pub fn dtype(self) -> Option<crate::tensor::DType> {
         match self {
@@ -148,11 +165,20 @@ pub fn units(linears: &[LinearShape], g: Granularity) -> Vec<Unit> {
 }
 
 /// What is searched: the units, and the allowed bit-widths and ranks (each sorted ascending, unique).
+///
+/// With a searched embedding storage (`embeddings` holds at least two storages, cheapest first) a
+/// candidate carries one more gene after the units' choices: the frozen word/position/token-type
+/// tables, whose [`Choice::bits`] indexes `embeddings` and whose rank index is always 0 (the tables
+/// have no adapter). Its `(bits, rank)` description is `(16, 0)` for bf16 and `(32, 0)` for f32.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SearchSpace {
     pub units: Vec<Unit>,
     pub bits: Vec<Tier>,
     pub ranks: Vec<usize>,
+    /// Storages of the embedding tables to choose from, cheapest first; empty (older logs) or one
+    /// storage: not searched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub embeddings: Vec<EmbeddingStorage>,
 }
 
 impl SearchSpace {
@@ -170,16 +196,66 @@ impl SearchSpace {
         if let Some(u) = units.iter().find(|u| u.modules.is_empty()) {
             return Err(Error::invalid(format!("search unit {:?} has no linear", u.name)));
         }
-        Ok(SearchSpace { units, bits, ranks })
+        Ok(SearchSpace {
+            units,
+            bits,
+            ranks,
+            embeddings: Vec::new(),
+        })
     }
 
-    /// The candidate with every unit at bit index `b` and rank index `r` (clamped to the sets).
+    /// The space with the embedding tables' storage searched over `storages` (sorted cheapest
+    /// first, deduplicated; fewer than two: not searched).
+    pub fn with_embeddings(mut self, mut storages: Vec<EmbeddingStorage>) -> Self {
+        storages.sort_by_key(|s| s.bytes());
+        storages.dedup();
+        self.embeddings = if storages.len() >= 2 { storages } else { Vec::new() };
+        self
+    }
+
+    /// The index of the embedding gene in a candidate, when the tables' storage is searched.
+    pub fn embedding_gene(&self) -> Option<usize> {
+        (self.embeddings.len() >= 2).then_some(self.units.len())
+    }
+
+    /// Genes per candidate: one per unit, plus the embedding gene when searched.
+    pub fn genes(&self) -> usize {
+        self.units.len() + usize::from(self.embedding_gene().is_some())
+    }
+
+    /// (bit levels, rank levels) of gene `g`: the bit and rank sets for a unit, (storages, 1) for
+    /// the embedding gene.
+    pub fn levels(&self, g: usize) -> (usize, usize) {
+        if Some(g) == self.embedding_gene() {
+            (self.embeddings.len(), 1)
+        } else {
+            (self.bits.len(), self.ranks.len())
+        }
+    }
+
+    /// The embedding storage `cand` chooses (`None` when it is not searched).
+    pub fn embedding_of(&self, cand: &Candidate) -> Option<EmbeddingStorage> {
+        let g = self.embedding_gene()?;
+        cand.0
+            .get(g)
+            .and_then(|c| self.embeddings.get(c.bits as usize).copied())
+    }
+
+    /// The candidate with every unit at bit index `b` and rank index `r` (clamped to the sets) and
+    /// the embedding tables, when searched, at their largest storage (as a checkpoint loads them).
     pub fn uniform(&self, b: usize, r: usize) -> Candidate {
         let c = Choice {
             bits: b.min(self.bits.len() - 1) as u8,
             rank: r.min(self.ranks.len() - 1) as u8,
         };
-        Candidate(vec![c; self.units.len()])
+        let mut v = vec![c; self.units.len()];
+        if self.embedding_gene().is_some() {
+            v.push(Choice {
+                bits: (self.embeddings.len() - 1) as u8,
+                rank: 0,
+            });
+        }
+        Candidate(v)
     }
 
     /// The tier of a choice.
@@ -192,44 +268,67 @@ impl SearchSpace {
         self.ranks[c.rank as usize]
     }
 
-    /// Errors unless `cand` has one in-range choice per unit.
+    /// Errors unless `cand` has one in-range choice per gene.
     pub fn check(&self, cand: &Candidate) -> Result<()> {
-        if cand.0.len() != self.units.len() {
+        if cand.0.len() != self.genes() {
             return Err(Error::invalid(format!(
-                "candidate has {} choices, the search space {} units",
+                "candidate has {} choices, the search space {} genes",
                 cand.0.len(),
-                self.units.len()
+                self.genes()
             )));
         }
-        if cand
-            .0
-            .iter()
-            .any(|c| c.bits as usize >= self.bits.len() || c.rank as usize >= self.ranks.len())
-        {
+        if cand.0.iter().enumerate().any(|(g, c)| {
+            let (nb, nr) = self.levels(g);
+            c.bits as usize >= nb || c.rank as usize >= nr
+        }) {
             return Err(Error::invalid("candidate choice outside the bit or rank set"));
         }
         Ok(())
     }
 
-    /// The candidate as (bits, rank) per unit.
+    /// The candidate as (bits, rank) per gene (the embedding gene: (16 or 32, 0)).
     pub fn describe(&self, cand: &Candidate) -> Vec<(u8, usize)> {
         cand.0
             .iter()
-            .map(|&c| (self.tier(c).bits(), self.rank(c)))
+            .enumerate()
+            .map(|(g, &c)| match self.embedding_gene() {
+                Some(e) if e == g => (
+                    self.embeddings
+                        .get(c.bits as usize)
+                        .map_or(0, |s| (8 * s.bytes()) as u8),
+                    0,
+                ),
+                _ => (self.tier(c).bits(), self.rank(c)),
+            })
             .collect()
     }
 
-    /// The candidate of (bits, rank) values per unit.
+    /// The candidate of (bits, rank) values per gene.
     pub fn from_values(&self, v: &[(u8, usize)]) -> Result<Candidate> {
-        if v.len() != self.units.len() {
+        if v.len() != self.genes() {
             return Err(Error::invalid(format!(
-                "{} (bits, rank) pairs for {} units",
+                "{} (bits, rank) pairs for {} genes",
                 v.len(),
-                self.units.len()
+                self.genes()
             )));
         }
         let mut out = Vec::with_capacity(v.len());
-        for &(b, r) in v {
+        for (g, &(b, r)) in v.iter().enumerate() {
+            if Some(g) == self.embedding_gene() {
+                let bi = self.embeddings.iter().position(|s| 8 * s.bytes() == b as usize);
+                match (bi, r) {
+                    (Some(bi), 0) => out.push(Choice {
+                        bits: bi as u8,
+                        rank: 0,
+                    }),
+                    _ => {
+                        return Err(Error::invalid(format!(
+                            "embedding storage ({b} bits, rank {r}) is not in the search space"
+                        )));
+                    }
+                }
+                continue;
+            }
             let bi = self.bits.iter().position(|t| t.bits() == b);
             let ri = self.ranks.iter().position(|&x| x == r);
             match (bi, ri) {
@@ -293,7 +392,8 @@ pub struct QrConfig {
 }
 
 impl QrConfig {
-    /// The configuration of `cand`.
+    /// The configuration of `cand` (its embedding storage when searched, else f32: a caller with a
+    /// fixed storage sets it).
     pub fn from_candidate(
         space: &SearchSpace,
         cand: &Candidate,
@@ -324,7 +424,7 @@ impl QrConfig {
             budget_bytes,
             memory_bytes,
             score: None,
-            embeddings: EmbeddingStorage::F32,
+            embeddings: space.embedding_of(cand).unwrap_or_default(),
         })
     }
 

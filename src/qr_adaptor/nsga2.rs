@@ -211,10 +211,11 @@ pub fn mutate(rng: &mut Rng, space: &SearchSpace, sens: &Sensitivity, c: &Candid
             continue;
         }
         let bits_move = rng.uniform_f64() < 0.5;
+        let (nb, nr) = space.levels(u);
         let (val, len, s) = if bits_move {
-            (&mut ch.bits, space.bits.len(), sens.fidelity[u])
+            (&mut ch.bits, nb, sens.fidelity[u])
         } else {
-            (&mut ch.rank, space.ranks.len(), sens.plasticity[u])
+            (&mut ch.rank, nr, sens.plasticity[u])
         };
         if len < 2 {
             continue;

@@ -4,7 +4,9 @@
 //! The cost model: a unit's fidelity signal is measured as the loss increase at the lowest bit-width,
 //! and quantization error of a `b`-bit code shrinks roughly as `2^-b`, so a step from `b` to `b'` costs
 //! `fidelity · (2^-b' − 2^-b) / (2^-b_min − 2^-b_max)`. A rank step from `r` to `r'` costs
-//! `plasticity · (r − r') / r_max`. A small floor keeps zero-sensitivity units ordered by bytes.
+//! `plasticity · (r − r') / r_max`. The embedding gene (when the tables' storage is searched) has one
+//! step per storage and its fidelity is measured for the whole drop to the cheapest storage, so a step
+//! costs `fidelity · (steps / (storages − 1))`. A small floor keeps zero-sensitivity units ordered by bytes.
 
 use super::memory::MemoryModel;
 use super::nsga2::Sensitivity;
@@ -17,8 +19,13 @@ fn err_scale(bits: u8) -> f64 {
     if bits >= 16 { 0.0 } else { (-(bits as f64)).exp2() }
 }
 
-/// The cost of moving unit `u` from `from` to `to` (one of them differs by one step).
+/// The cost of moving gene `u` from `from` to `to` (one of them differs by one step).
 pub fn step_cost(space: &SearchSpace, sens: &Sensitivity, u: usize, from: Choice, to: Choice) -> f64 {
+    if Some(u) == space.embedding_gene() {
+        let span = (space.embeddings.len().max(2) - 1) as f64;
+        let steps = (from.bits as f64 - to.bits as f64).max(0.0);
+        return sens.fidelity[u] * steps / span + FLOOR;
+    }
     let lo = err_scale(space.bits[0].bits());
     let hi = err_scale(space.bits[space.bits.len() - 1].bits());
     let span = (lo - hi).max(1e-12);
@@ -28,9 +35,9 @@ pub fn step_cost(space: &SearchSpace, sens: &Sensitivity, u: usize, from: Choice
     sens.fidelity[u] * db.max(0.0) / span + sens.plasticity[u] * dr.max(0.0) / r_max + FLOOR
 }
 
-/// The candidate at the lowest bit-width and rank everywhere.
+/// The candidate at the lowest bit-width and rank everywhere (and the cheapest embedding storage).
 pub fn lowest(space: &SearchSpace) -> Candidate {
-    space.uniform(0, 0)
+    Candidate(vec![Choice { bits: 0, rank: 0 }; space.genes()])
 }
 
 /// `cand` repaired to fit `budget` bytes (unchanged when it fits). Errors when it does not fit and even
@@ -46,7 +53,7 @@ pub fn repair(
     budget: usize,
 ) -> Result<Candidate> {
     space.check(cand)?;
-    if sens.fidelity.len() != space.units.len() || sens.plasticity.len() != space.units.len() {
+    if sens.fidelity.len() != space.genes() || sens.plasticity.len() != space.genes() {
         return Err(Error::invalid("sensitivity has the wrong number of units"));
     }
     if mem.total(space, cand) <= budget {
@@ -105,5 +112,5 @@ pub fn repair(
 }
 
 fn bytes_of(space: &SearchSpace, mem: &MemoryModel, u: usize, c: Choice) -> usize {
-    mem.unit_bytes(&space.units[u].modules, space.tier(c), space.rank(c))
+    mem.gene_bytes(space, u, c)
 }

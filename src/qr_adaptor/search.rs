@@ -38,8 +38,10 @@ pub enum Fidelity {
 
 /// Fine-tunes and scores configurations.
 pub trait Evaluator {
-    /// Raw per-unit (fidelity, plasticity) signals, e.g. the calibration loss increase when only
-    /// that unit drops to the lowest bit-width, and the gradient norm of a fresh adapter on it.
+    /// Raw per-gene (fidelity, plasticity) signals, e.g. the calibration loss increase when only
+    /// that unit drops to the lowest bit-width, and the gradient norm of a fresh adapter on it; for
+    /// the embedding gene (when searched, last) the fidelity of the tables alone at the cheapest
+    /// storage, plasticity 0.
     fn sensitivity(&mut self, space: &SearchSpace) -> Result<(Vec<f64>, Vec<f64>)>;
     /// The task score (higher is better) of `cand` after a fine-tune of `fidelity`.
     fn evaluate(&mut self, space: &SearchSpace, cand: &Candidate, fidelity: Fidelity) -> Result<f64>;
@@ -361,12 +363,16 @@ pub fn spearman(x: &[f64], y: &[f64]) -> Option<f64> {
     Some(sxy / (sxx * syy).sqrt())
 }
 
-/// Features of a candidate for the GP: per unit, the bit and rank positions scaled to [0, 1].
+/// Features of a candidate for the GP: per gene, the bit (or storage) and rank positions scaled to
+/// [0, 1].
 pub fn features(space: &SearchSpace, c: &Candidate) -> Vec<f64> {
-    let nb = (space.bits.len().max(2) - 1) as f64;
-    let nr = (space.ranks.len().max(2) - 1) as f64;
     c.0.iter()
-        .flat_map(|ch| [ch.bits as f64 / nb, ch.rank as f64 / nr])
+        .enumerate()
+        .flat_map(|(g, ch)| {
+            let (nb, nr) = space.levels(g);
+            let (nb, nr) = ((nb.max(2) - 1) as f64, (nr.max(2) - 1) as f64);
+            [ch.bits as f64 / nb, ch.rank as f64 / nr]
+        })
         .collect()
 }
 
@@ -376,10 +382,13 @@ fn sensitivity_shaped(rng: &mut Rng, space: &SearchSpace, sens: &Sensitivity) ->
         ((x * (n - 1) as f64).round() as usize).min(n - 1) as u8
     };
     Candidate(
-        (0..space.units.len())
-            .map(|u| super::Choice {
-                bits: pick(rng, sens.fidelity[u], space.bits.len()),
-                rank: pick(rng, sens.plasticity[u], space.ranks.len()),
+        (0..space.genes())
+            .map(|u| {
+                let (nb, nr) = space.levels(u);
+                super::Choice {
+                    bits: pick(rng, sens.fidelity[u], nb),
+                    rank: pick(rng, sens.plasticity[u], nr),
+                }
             })
             .collect(),
     )
@@ -421,15 +430,19 @@ pub fn run<E: Evaluator>(
             s
         }
     };
-    if f_raw.len() != space.units.len() || p_raw.len() != space.units.len() {
+    if f_raw.len() != space.genes() || p_raw.len() != space.genes() {
         return Err(Error::invalid(format!(
-            "sensitivity has {} / {} values for {} units",
+            "sensitivity has {} / {} values for {} genes",
             f_raw.len(),
             p_raw.len(),
-            space.units.len()
+            space.genes()
         )));
     }
-    let sens = Sensitivity::normalized(&f_raw, &p_raw);
+    // Fidelity is one signal for every gene (the tables' too); plasticity exists for the units only
+    // (the tables take no adapter): normalized over them, 0 for the embedding gene.
+    let n_units = space.units.len();
+    let mut sens = Sensitivity::normalized(&f_raw, &p_raw[..n_units]);
+    sens.plasticity.resize(space.genes(), 0.0);
     if d.log.sensitivity.is_none() {
         d.log.append(&LogLine::Sensitivity {
             fidelity_raw: f_raw.clone(),
@@ -468,7 +481,7 @@ pub fn run<E: Evaluator>(
     let mut hv = vec![d.hypervolume()];
 
     // Phase II.
-    let p_mut = (1.5 / space.units.len() as f64).min(1.0);
+    let p_mut = (1.5 / space.genes() as f64).min(1.0);
     let mut stale = 0;
     let mut generations_run = 0;
     for g in 1..=cfg.generations {

@@ -14,6 +14,7 @@ pub(crate) mod cuda;
 #[path = "cuda_stub.rs"]
 pub(crate) mod cuda;
 mod dtype;
+pub(crate) mod exp;
 
 pub use dtype::{DType, Element};
 

@@ -12,9 +12,8 @@
 //! erfc before f32 rounding). Unlike `1 + erf(x/√2)`, this keeps Φ's relative accuracy for negative x.
 //! Beyond a = 10 (|x| > 14.1) erfc is below f32's normal range and a is clamped there.
 //!
-//! exp: `2ⁿ·p(r)`, n = round(y·log2 e), r = y - n·ln 2 in two Cody–Waite steps, p a degree-6
-//! minimax-style fit of eʳ on [-ln2/2, ln2/2] (1.9e-9 relative; about 1 ulp after f32 rounding).
-//! Every argument here is ≤ 0; results below f32's smallest normal (y < -87.33) are flushed to 0.
+//! exp is `crate::tensor::exp::exp_nonpos` (shared with softmax and cross-entropy; every argument
+//! here is ≤ 0, results below f32's smallest normal are flushed to 0).
 //!
 //! Measured in f32 against 30-digit mpmath over x ∈ [-14, 14] (and a normal sample): max error of
 //! gelu 0.11 of the tests' tolerance (3e-6 relative + 1e-7 absolute). Cost per element: one divide,
@@ -22,6 +21,7 @@
 //! step.
 
 use crate::quant::cpu::Isa;
+use crate::tensor::exp::exp_nonpos;
 
 /// P's coefficients, constant term first.
 const P: [f32; 11] = [
@@ -37,22 +37,6 @@ const P: [f32; 11] = [
     0.951_796_4,
     -0.138_213_22,
 ];
-/// eʳ's polynomial coefficients, constant term first.
-const E: [f32; 7] = [
-    1.0,
-    1.0,
-    0.499_999_9,
-    0.166_664_2,
-    0.041_668_225,
-    0.008_374_816,
-    0.001_383_684_2,
-];
-const LOG2E: f32 = std::f32::consts::LOG2_E;
-/// ln 2 split so that `n·LN2_HI` is exact for |n| < 2^12.
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
-/// ln(2^-126): below it exp's result is not a normal f32 and is flushed to 0.
-const EXP_MIN: f32 = -87.336_54;
 /// Where erfc(a) leaves f32's range.
 const A_MAX: f32 = 10.0;
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -62,22 +46,6 @@ const INV_SQRT_2PI: f32 = super::INV_SQRT_2PI;
 // ------------------------------------------------------------------------------------------------
 // Portable (the definition every vector path reproduces)
 // ------------------------------------------------------------------------------------------------
-
-/// `e^y` for y ≤ 0 (0 below [`EXP_MIN`]).
-#[inline(always)]
-fn exp_nonpos(y: f32) -> f32 {
-    let yc = y.max(EXP_MIN);
-    let n = (yc * LOG2E).round_ties_even();
-    let r = n.mul_add(-LN2_HI, yc);
-    let r = n.mul_add(-LN2_LO, r);
-    let mut p = E[6];
-    for &c in E[..6].iter().rev() {
-        p = p.mul_add(r, c);
-    }
-    // n ∈ [-126, 0]: 2ⁿ is a normal f32.
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if y < EXP_MIN { 0.0 } else { p * scale }
-}
 
 /// (Φ(x), a = min(|x|/√2, A_MAX)).
 #[inline(always)]
@@ -185,22 +153,6 @@ macro_rules! lanes {
         set1i: $set1i:ident, slli: $slli:ident, cast: $cast:ident, zero: $zero:ident,
         load: $load:ident, store: $store:ident
     ) => {
-        #[target_feature(enable = $feat)]
-        #[inline]
-        fn exp_nonpos(y: $V) -> $V {
-            let yc = $max(y, $set1(EXP_MIN));
-            let n = $round::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>($mul(yc, $set1(LOG2E)));
-            let r = $fmadd(n, $set1(-LN2_HI), yc);
-            let r = $fmadd(n, $set1(-LN2_LO), r);
-            let mut p = $set1(E[6]);
-            for &c in E[..6].iter().rev() {
-                p = $fmadd(p, r, $set1(c));
-            }
-            // n ∈ [-126, 0] after the clamp: 2ⁿ is a normal f32.
-            let scale = $cast($slli::<23>($addi($cvt(n), $set1i(127))));
-            below_min(y, $mul(p, scale))
-        }
-
         /// (Φ(x), a) per lane.
         #[target_feature(enable = $feat)]
         #[inline]
@@ -285,6 +237,7 @@ macro_rules! lanes {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::*;
+    use crate::tensor::exp::avx512::exp_nonpos;
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f")]
@@ -306,14 +259,6 @@ mod avx512 {
         _mm512_mask_mov_ps(v, z, _mm512_setzero_ps())
     }
 
-    /// `v`, or 0 where `y` < EXP_MIN.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn below_min(y: __m512, v: __m512) -> __m512 {
-        let small = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(y, _mm512_set1_ps(EXP_MIN));
-        _mm512_mask_mov_ps(v, small, _mm512_setzero_ps())
-    }
-
     lanes!(
         "avx512f", __m512, 16,
         set1: _mm512_set1_ps, mul: _mm512_mul_ps, sub: _mm512_sub_ps, fmadd: _mm512_fmadd_ps,
@@ -327,6 +272,7 @@ mod avx512 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::*;
+    use crate::tensor::exp::avx2::exp_nonpos;
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
@@ -347,13 +293,6 @@ mod avx2 {
         _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(d, _mm256_setzero_ps()), v)
     }
 
-    /// `v`, or 0 where `y` < EXP_MIN.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    fn below_min(y: __m256, v: __m256) -> __m256 {
-        _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(y, _mm256_set1_ps(EXP_MIN)), v)
-    }
-
     lanes!(
         "avx2,fma", __m256, 8,
         set1: _mm256_set1_ps, mul: _mm256_mul_ps, sub: _mm256_sub_ps, fmadd: _mm256_fmadd_ps,
@@ -368,6 +307,7 @@ mod avx2 {
 mod tests {
     use super::*;
     use crate::rng::Rng;
+    use crate::tensor::exp::EXP_MIN;
 
     /// Equal bits, or both NaN.
     fn same(a: f32, b: f32) -> bool {

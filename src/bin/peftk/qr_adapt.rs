@@ -76,10 +76,16 @@ pub struct Args {
     /// Calibration examples for the sensitivity phase.
     #[arg(long, default_value_t = 64)]
     pub calib: usize,
-    /// Storage of the frozen word/position/token-type embeddings for every configuration, the
-    /// references included: f32 (as loaded) or bf16 (half the bytes; counted by the memory model).
-    #[arg(long, default_value = "f32")]
-    pub embeddings: EmbeddingStorage,
+    /// A fixed storage of the frozen word/position/token-type embeddings for every configuration,
+    /// the references included: f32 (as loaded) or bf16 (half the bytes; counted by the memory
+    /// model). Giving it turns --search-embeddings off.
+    #[arg(long, conflicts_with = "search_embeddings")]
+    pub embeddings: Option<EmbeddingStorage>,
+    /// Search the embedding tables' storage (f32 or bf16) as one more gene of every configuration,
+    /// with the linears' bits and ranks; the uniform-QLoRA references keep them as loaded (f32).
+    /// `--search-embeddings false`: f32 for every configuration.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub search_embeddings: bool,
     /// Search only: no final fine-tune of the chosen configuration.
     #[arg(long)]
     pub no_final: bool,
@@ -204,6 +210,10 @@ pub fn run(a: Args) -> Result<()> {
         finetune::OptimArg::Adamw8bit => OptimBytes::AdamW8bit,
     };
     let (blocksize, dq) = (64, true);
+    // The tables' storage: fixed (--embeddings, or f32 with --search-embeddings false) or searched
+    // (the fixed part is counted from the f32 load, each candidate's tables from its gene).
+    let search_emb = a.embeddings.is_none() && a.search_embeddings;
+    let fixed_emb = a.embeddings.unwrap_or_default();
     let (linears, mm) = {
         let mut store = ParamStore::new();
         let mut m = finetune::load_classifier(
@@ -213,10 +223,15 @@ pub fn run(a: Args) -> Result<()> {
             r.seed,
             train.label_map.len(),
         )?;
-        apply_embeddings(a.embeddings, &mut m)?;
+        apply_embeddings(fixed_emb, &mut m)?;
         memory::for_seq_cls(&m, &store, optim, blocksize, dq)?
     };
-    let space = SearchSpace::new(units(&linears, a.granularity), a.bits.clone(), a.ranks.clone())?;
+    let space = SearchSpace::new(units(&linears, a.granularity), a.bits.clone(), a.ranks.clone())?
+        .with_embeddings(if search_emb {
+            vec![EmbeddingStorage::Bf16, EmbeddingStorage::F32]
+        } else {
+            Vec::new()
+        });
     let reference_ranks: Vec<usize> = [r.r / 2, r.r, 2 * r.r]
         .into_iter()
         .filter(|x| *x > 0 && space.ranks.contains(x))
@@ -252,8 +267,18 @@ pub fn run(a: Args) -> Result<()> {
         phase3: if a.phase3 { a.phase3_iters } else { 0 },
         references: references.clone(),
         evaluator: format!(
-            "seq-cls low {}x{} high {}x{} val-split {} calib {} embeddings {:?}",
-            a.low_examples, a.low_epochs, a.high_examples, a.high_epochs, a.val_split, a.calib, a.embeddings,
+            "seq-cls low {}x{} high {}x{} val-split {} calib {} embeddings {}",
+            a.low_examples,
+            a.low_epochs,
+            a.high_examples,
+            a.high_epochs,
+            a.val_split,
+            a.calib,
+            if search_emb {
+                "searched".to_string()
+            } else {
+                format!("{fixed_emb:?}")
+            },
         ),
     };
     let mut search_template = finetune_args(search_recipe, a.out.join("work"));
@@ -275,7 +300,7 @@ pub fn run(a: Args) -> Result<()> {
         a.out.join("work"),
         a.quiet,
     );
-    ev.embeddings = a.embeddings;
+    ev.embeddings = fixed_emb;
     ev.set_calibration(&tok, &train, a.calib, r.data_args.max_len)?;
     ev.note(&format!(
         "qr-adapt: {} units x bits {:?} x ranks {:?}; budget {:.2} MiB (lowest {:.2}, highest {:.2})",
@@ -283,7 +308,7 @@ pub fn run(a: Args) -> Result<()> {
         space.bits.iter().map(|t| t.bits()).collect::<Vec<_>>(),
         space.ranks,
         budget_bytes as f64 / MIB,
-        mm.total(&space, &space.uniform(0, 0)) as f64 / MIB,
+        mm.total(&space, &peft_kernels::qr_adaptor::repair::lowest(&space)) as f64 / MIB,
         mm.total(&space, &space.uniform(usize::MAX, usize::MAX)) as f64 / MIB,
     ));
     let res = search::run(&space, &mm, &cfg, &mut ev, &a.out.join(search::LOG_FILE))?;
@@ -298,12 +323,15 @@ pub fn run(a: Args) -> Result<()> {
         res.best.memory,
     )?;
     qc.score = Some(res.best.high.unwrap_or(res.best.low));
-    qc.embeddings = a.embeddings;
+    if !search_emb {
+        qc.embeddings = fixed_emb;
+    }
     qc.save(&a.out)?;
     crate::qr_adapt_plot::write(&a.out, &space, &mm, &res, &references, budget_bytes)?;
     let mut summary = json!({
         "budget_bytes": budget_bytes,
         "chosen": {"memory_bytes": res.best.memory, "low": res.best.low, "high": res.best.high,
+                   "embeddings": qc.embeddings,
                    "breakdown": mm.breakdown(&space, &res.best.candidate),
                    "config": space.describe(&res.best.candidate)},
         "references": references.iter().map(|c| {

@@ -51,7 +51,8 @@ pub struct TaskEvaluator {
     pub work: PathBuf,
     pub stop: Arc<AtomicBool>,
     pub quiet: bool,
-    /// Storage of the frozen embeddings in every load (sensitivity and candidates).
+    /// Storage of the frozen embeddings in every load (sensitivity and candidates) unless the
+    /// search chooses it per candidate.
     pub embeddings: EmbeddingStorage,
     bar: Option<(String, ProgressBar)>,
 }
@@ -139,6 +140,23 @@ impl TaskEvaluator {
             out.extend(tape.value(p)?.to_vec_f32()?);
         }
         Ok(out)
+    }
+
+    /// The relative squared change `Σ‖p − p_ref‖² / Σ‖p_ref‖²` of the pooled outputs of `m`.
+    fn pooled_change(
+        &self,
+        m: &BertForSequenceClassification,
+        store: &ParamStore,
+        p_ref: &[f32],
+        norm: f64,
+    ) -> Result<f64> {
+        let p = self.pooled(m, store)?;
+        let d: f64 = p
+            .iter()
+            .zip(p_ref)
+            .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+            .sum();
+        Ok(d / norm)
     }
 
     fn tiers_all(space: &SearchSpace, tier: Tier) -> BTreeMap<String, Tier> {
@@ -275,14 +293,19 @@ impl Evaluator for TaskEvaluator {
                 }
                 let mut store = ParamStore::new();
                 let m = self.load(tiers, &mut store)?;
-                let p = self.pooled(&m, &store)?;
-                let d: f64 = p
-                    .iter()
-                    .zip(&p_ref)
-                    .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
-                    .sum();
-                fidelity[u] = d / norm;
+                fidelity[u] = self.pooled_change(&m, &store, &p_ref, norm)?;
             }
+        }
+        // The embedding gene: every linear at the highest bit-width, only the tables at the
+        // cheapest storage (the reference holds them as loaded).
+        if space.embedding_gene().is_some() {
+            let mut store = ParamStore::new();
+            let mut m = self.load(Self::tiers_all(space, hi), &mut store)?;
+            if let Some(dt) = space.embeddings[0].dtype() {
+                m.bert_mut().set_embedding_dtype(dt)?;
+            }
+            fidelity.push(self.pooled_change(&m, &store, &p_ref, norm)?);
+            plasticity.push(0.0);
         }
         self.set_bar("sensitivity", n, n);
         Ok((fidelity, plasticity))
@@ -302,8 +325,9 @@ impl Evaluator for TaskEvaluator {
             0,
             0,
         )?;
+        // A searched storage comes with the candidate; otherwise the fixed one.
         let qc = QrConfig {
-            embeddings: self.embeddings,
+            embeddings: space.embedding_of(cand).unwrap_or(self.embeddings),
             ..qc
         };
         let budget = match fidelity {
