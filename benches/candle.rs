@@ -3,21 +3,34 @@
 //!
 //! - `direct`: our layer's tape-free `forward` (and `backward` with `need_dx`), on our tensors;
 //! - `candle`: the same layer as `peft_kernels::candle::QLoraLinear` on candle tensors (the input a `Var`,
-//!   so candle asks for dx): `forward_t`, and for `step` candle's `backward` of `sum(y ⊙ dy)` (candle's
-//!   elementwise product, sum and gradient bookkeeping are in this number, so `step` is an upper bound
-//!   of the boundary).
+//!   so candle asks for dx): `forward_t`, and for `step` candle's `backward` from a loss whose gradient
+//!   with respect to y is the stored dy. dy is injected at no cost by [`InjectDy`], a custom op that maps
+//!   y to a scalar without reading it and whose backward hands back the stored dy (an `Arc` clone);
+//! - `noop`: the same candle step around [`NoopOp`], a custom op of the same operands and shapes that
+//!   does no arithmetic (its outputs are fresh zeroed buffers). It measures what candle's autograd
+//!   charges any op of these shapes: the gradient store's `zeros_like` + `add` for y's gradient and for
+//!   each returned gradient (x's 8 MiB, A's, B's), the graph walk, the `Arc`s;
+//! - `candle-mul`: the candle step with dy injected the obvious way, `loss = sum(y ⊙ dy)`: candle's
+//!   product, sum, broadcast and both sides' gradients (it computes dy's too), each accumulated through
+//!   the gradient store. This is harness cost, not boundary cost; kept to show the difference.
 //!
-//! After criterion, an interleaved median of both (alternating, so machine-load drift hits both alike)
-//! prints the overhead `candle / direct - 1`. Target: ≤ 5%.
+//! The boundary's own cost (our op's dispatch, layouts, storage wrapping) is `candle − direct − noop`;
+//! what going through candle costs a user against calling the layer directly is `candle / direct − 1`
+//! (that includes candle's bookkeeping of our op, which every candle op pays). See `docs/candle.md`.
+//!
+//! After criterion, interleaved medians (alternating, so machine-load drift hits all sides alike) print
+//! the overheads. Target: ≤ 5%.
 //!
 //! Run: `cargo bench --features candle --bench candle` (`PEFT_KERNELS_BENCH_TOKENS=64` for a smaller
-//! token count; `PEFT_KERNELS_BENCH_SHAPE=1024` for a smaller square layer).
+//! token count; `PEFT_KERNELS_BENCH_SHAPE=1024` for a smaller square layer; `PEFT_KERNELS_BENCH_REPS`
+//! for the interleaved repetitions).
 //!
 //! Load-independent evidence (a shared machine): `PEFT_KERNELS_CANDLE_ONLY=<forward|step>/<direct|candle>`
-//! (or `setup`) runs only that variant `PEFT_KERNELS_BENCH_REPS` times after the setup and exits, so
-//! `perf stat -e instructions,page-faults` of each, minus `setup`, compares the two sides' work.
+//! (also `step/noop`, `step/candle-mul`, or `setup`) runs only that variant `PEFT_KERNELS_BENCH_REPS` times
+//! after the setup and exits, so `/usr/bin/time -v` (user CPU, page faults) or `perf record` of each,
+//! minus `setup`, compares the sides' work.
 
-use candle_core::Var;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Var};
 use criterion::{Criterion, criterion_group, criterion_main};
 use peft_kernels::adapters::AdapterLinear;
 use peft_kernels::adapters::lora::{LoraConfig, LoraInit, LoraLinear};
@@ -43,6 +56,75 @@ struct Setup {
     dy: Tensor,
     cx: Var,
     cdy: candle_core::Tensor,
+    /// `[out, in]` of the layer (for [`NoopOp`]).
+    out_in: (usize, usize),
+}
+
+/// `loss = inject(y)`: a scalar 0 that never reads y; its backward returns the stored dy (an `Arc`
+/// clone, no allocation), so `dloss/dy = dy` reaches the layer with nothing computed on the way.
+struct InjectDy(candle_core::Tensor);
+
+impl CustomOp1 for InjectDy {
+    fn name(&self) -> &'static str {
+        "inject_dy"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(vec![0.0]), Shape::from_dims(&[])))
+    }
+    fn bwd(
+        &self,
+        _: &candle_core::Tensor,
+        _: &candle_core::Tensor,
+        _: &candle_core::Tensor,
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        Ok(Some(self.0.clone()))
+    }
+}
+
+/// An op of the layer's operands `(x [t, in], A [r, in], B [out, r])` that does no arithmetic: y and the
+/// gradients are fresh zeroed buffers of the right shapes. What candle charges around it is what it
+/// charges any op of these shapes.
+struct NoopOp {
+    out: usize,
+}
+
+impl CustomOp3 for NoopOp {
+    fn name(&self) -> &'static str {
+        "noop_linear"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        l1: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let t = l1.dims()[0];
+        Ok((
+            CpuStorage::F32(vec![0.0; t * self.out]),
+            Shape::from_dims(&[t, self.out]),
+        ))
+    }
+    fn bwd(
+        &self,
+        x: &candle_core::Tensor,
+        a: &candle_core::Tensor,
+        b: &candle_core::Tensor,
+        _: &candle_core::Tensor,
+        _: &candle_core::Tensor,
+    ) -> candle_core::Result<(
+        Option<candle_core::Tensor>,
+        Option<candle_core::Tensor>,
+        Option<candle_core::Tensor>,
+    )> {
+        Ok((
+            Some(x.zeros_like()?),
+            Some(a.zeros_like()?),
+            Some(b.zeros_like()?),
+        ))
+    }
 }
 
 fn setup() -> Setup {
@@ -78,6 +160,7 @@ fn setup() -> Setup {
         dy,
         cx,
         cdy,
+        out_in: (side, side),
     }
 }
 
@@ -96,27 +179,39 @@ impl Setup {
     }
     fn candle_step(&self) {
         let y = self.cl.forward_t(self.cx.as_tensor(), None).unwrap();
+        let loss = y.apply_op1(InjectDy(self.cdy.clone())).unwrap();
+        std::hint::black_box(loss.backward().unwrap());
+    }
+    fn noop_step(&self) {
+        let [a, b] = self.cl.vars() else {
+            unreachable!("a LoRA layer has A and B")
+        };
+        let op = NoopOp { out: self.out_in.0 };
+        let y = self.cx.apply_op3(a.as_tensor(), b.as_tensor(), op).unwrap();
+        let loss = y.apply_op1(InjectDy(self.cdy.clone())).unwrap();
+        std::hint::black_box(loss.backward().unwrap());
+    }
+    fn candle_mul_step(&self) {
+        let y = self.cl.forward_t(self.cx.as_tensor(), None).unwrap();
         let loss = (y * &self.cdy).unwrap().sum_all().unwrap();
         std::hint::black_box(loss.backward().unwrap());
     }
 }
 
-/// Medians (seconds) of `a` and `b` over `n` alternating runs.
-fn interleaved(n: usize, a: impl Fn(), b: impl Fn()) -> (f64, f64) {
-    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+/// Medians (seconds) of each of `fs` over `n` rounds that run them in turn.
+fn interleaved<const N: usize>(n: usize, fs: [&dyn Fn(); N]) -> [f64; N] {
+    let mut times = [(); N].map(|_| Vec::with_capacity(n));
     for _ in 0..n {
-        let t = Instant::now();
-        a();
-        ta.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        b();
-        tb.push(t.elapsed().as_secs_f64());
+        for (f, t) in fs.iter().zip(times.iter_mut()) {
+            let start = Instant::now();
+            f();
+            t.push(start.elapsed().as_secs_f64());
+        }
     }
-    let med = |v: &mut Vec<f64>| {
+    times.map(|mut v| {
         v.sort_by(|x, y| x.total_cmp(y));
         v[v.len() / 2]
-    };
-    (med(&mut ta), med(&mut tb))
+    })
 }
 
 /// `PEFT_KERNELS_CANDLE_ONLY`: one variant alone (see the module docs).
@@ -127,6 +222,8 @@ fn only(s: &Setup, which: &str) {
         "forward/candle" => &Setup::candle_forward,
         "step/direct" => &Setup::direct_step,
         "step/candle" => &Setup::candle_step,
+        "step/noop" => &Setup::noop_step,
+        "step/candle-mul" => &Setup::candle_mul_step,
         _ => &|_: &Setup| {},
     };
     let before = peft_kernels::candle::boundary_copies();
@@ -157,11 +254,22 @@ fn bench(c: &mut Criterion) {
     g.bench_function("forward/candle", |b| b.iter(|| s.candle_forward()));
     g.bench_function("step/direct", |b| b.iter(|| s.direct_step()));
     g.bench_function("step/candle", |b| b.iter(|| s.candle_step()));
+    g.bench_function("step/noop", |b| b.iter(|| s.noop_step()));
+    g.bench_function("step/candle-mul", |b| b.iter(|| s.candle_mul_step()));
     g.finish();
     let n = env("PEFT_KERNELS_BENCH_REPS", 7);
-    let (fd, fc) = interleaved(n, || s.direct_forward(), || s.candle_forward());
-    let (sd, sc) = interleaved(n, || s.direct_step(), || s.candle_step());
+    let [fd, fc] = interleaved(n, [&|| s.direct_forward(), &|| s.candle_forward()]);
+    let [sd, sc, sn, sm] = interleaved(
+        n,
+        [
+            &|| s.direct_step(),
+            &|| s.candle_step(),
+            &|| s.noop_step(),
+            &|| s.candle_mul_step(),
+        ],
+    );
     let shape = s.x.shape();
+    let pct = |x: f64| x / sd * 100.0;
     println!(
         "candle boundary, QLoRA NF4-dq {}x{} r=16, {} tokens, interleaved medians of {n}:",
         shape[1], shape[1], shape[0]
@@ -173,10 +281,22 @@ fn bench(c: &mut Criterion) {
         (fc / fd - 1.0) * 100.0
     );
     println!(
-        "  step (fwd+bwd): direct {:.2} ms, candle {:.2} ms, overhead {:+.1}%",
+        "  step (fwd+bwd): direct {:.2} ms, candle {:.2} ms: going through candle {:+.1}%",
         sd * 1e3,
         sc * 1e3,
-        (sc / sd - 1.0) * 100.0
+        pct(sc - sd)
+    );
+    println!(
+        "    of which candle's autograd around any op of these shapes (noop step {:.2} ms) {:.1}%, \
+         our boundary (candle - direct - noop) {:+.1}%",
+        sn * 1e3,
+        pct(sn),
+        pct(sc - sd - sn)
+    );
+    println!(
+        "  step with dy injected as sum(y * dy) (harness cost): candle {:.2} ms, {:+.1}% over direct",
+        sm * 1e3,
+        pct(sm - sd)
     );
 }
 
