@@ -159,26 +159,18 @@ fn silu_chunk<T: Element>(x: &[T], dy: Option<&[T]>, out: &mut [T]) {
     }
 }
 
-/// `y = act(x)` elementwise.
+/// `y = act(x)` elementwise (GELU-erf and SiLU through their vectorized tile kernels).
 pub(crate) fn activation<T: Element>(x: &[T], act: Activation) -> Vec<T> {
     let mut y = vec![T::default(); x.len()];
-    if act == Activation::GeluErf {
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| gelu_chunk(x, y));
-        return y;
-    }
-    if act == Activation::Silu {
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| silu_chunk(x, None, y));
-        return y;
-    }
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(y, x)| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = T::from_f32(act_forward(act, x.to_f32()));
+        .for_each(|(y, x)| match act {
+            Activation::GeluErf => gelu_chunk(x, y),
+            Activation::Silu => silu_chunk(x, None, y),
+            _ => {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = T::from_f32(act_forward(act, x.to_f32()));
+                }
             }
         });
     y
@@ -187,23 +179,18 @@ pub(crate) fn activation<T: Element>(x: &[T], act: Activation) -> Vec<T> {
 /// `dx = dy · act'(x)` elementwise.
 pub(crate) fn activation_backward<T: Element>(x: &[T], dy: &[T], act: Activation) -> Vec<T> {
     let mut dx = vec![T::default(); x.len()];
-    if act == Activation::GeluErf {
-        dx.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-            .for_each(|(dx, (x, dy))| gelu_backward_chunk(x, dy, dx));
-        return dx;
-    }
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-        .for_each(|(dx, (x, dy))| {
-            if act == Activation::Silu {
-                return silu_chunk(x, Some(dy), dx);
-            }
-            for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                let d = act_derivative(act, x.to_f32());
-                // A zero derivative gives a zero gradient even for an infinite dy (torch's relu
-                // backward is a select, not a product); the CUDA kernel does the same.
-                *dx = T::from_f32(if d == 0.0 { 0.0 } else { dy.to_f32() * d });
+        .for_each(|(dx, (x, dy))| match act {
+            Activation::GeluErf => gelu_backward_chunk(x, dy, dx),
+            Activation::Silu => silu_chunk(x, Some(dy), dx),
+            _ => {
+                for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                    let d = act_derivative(act, x.to_f32());
+                    // A zero derivative gives a zero gradient even for an infinite dy (torch's relu
+                    // backward is a select, not a product); the CUDA kernel does the same.
+                    *dx = T::from_f32(if d == 0.0 { 0.0 } else { dy.to_f32() * d });
+                }
             }
         });
     dx
