@@ -32,7 +32,13 @@ thread_local! {
 /// `backward`, so the difference of two readings around a step counts exactly that step's copies. The
 /// contiguous f32 LoRA/QLoRA path makes none; see `docs/candle.md`.
 pub fn boundary_copies() -> BoundaryCopies {
-    COPIES.with(Cell::get)
+    let ours = COPIES.with(Cell::get);
+    // Borrowed candle buffers our layers had to copy (to mutate or own them) count too.
+    let (copies, bytes) = crate::tensor::external_copies();
+    BoundaryCopies {
+        copies: ours.copies + copies,
+        bytes: ours.bytes + bytes,
+    }
 }
 
 /// Books one copy of `bytes` bytes.

@@ -38,13 +38,18 @@
 //! (dense or bitsandbytes 4-bit) or created fresh from a config, with every layer as a [`CandleLinear`],
 //! and saved back as a PEFT adapter directory.
 //!
-//! **Copies at the boundary.** [`QLoraLinear`] on contiguous f32 host tensors copies nothing: its op
-//! (`CustomOp3` of the input, A and B) runs our kernels on candle's buffers in place and hands candle the
-//! output and gradient `Vec`s our kernels wrote; the backward pass reads the input again from candle
-//! instead of keeping a copy. The other layers, other dtypes, strided inputs and CUDA go through the
-//! general op, which copies the operands into our tensors (our results still move to candle without a
-//! copy). [`boundary_copies`] counts every copy the boundary makes on the calling thread, which is how
-//! the tests check the zero-copy path; `benches/candle.rs` measures the boundary's cost.
+//! **Copies at the boundary.** On contiguous host tensors nothing is copied. [`QLoraLinear`] (f32): its
+//! op (`CustomOp3` of the input, A and B) runs our kernels on candle's buffers in place and hands candle
+//! the output and gradient `Vec`s our kernels wrote; the backward pass reads the input again from candle
+//! instead of keeping a copy. [`DoraLinear`], [`WaveFtLinear`], [`VbLoraLinear`] (f32, f16, bf16): a
+//! ticket op over the `Var`s and the layer op (`host.rs`) run our layer's forward and backward on our
+//! tensors that borrow candle's memory (read-only, under candle's storage read locks; see `host.rs` for
+//! the soundness argument and what a user must not do), with no packing of the parameters. Strided
+//! inputs (one copy to make them contiguous), bf16/f16 LoRA and CUDA go through the general op, which
+//! copies the operands into our tensors (our results still move to candle without a copy).
+//! [`boundary_copies`] counts every copy the boundary makes on the calling thread, including any copy
+//! our layers make of a borrowed candle buffer, which is how the tests check the zero-copy paths;
+//! `benches/candle.rs` measures the boundary's cost.
 //!
 //! **Dropout.** [`candle_core::Module::forward`] runs without dropout; training with the adapter's dropout
 //! uses `forward_t(x, Some(step_seed))` (the mask is a pure function of the step seed and the layer
@@ -57,6 +62,7 @@
 mod convert;
 #[cfg(feature = "candle-cuda")]
 mod cuda;
+mod host;
 mod lora;
 mod model;
 mod op;
@@ -94,11 +100,15 @@ impl<L: TapeLinear + std::fmt::Debug> std::fmt::Debug for Core<L> {
     }
 }
 
-/// How a layer type's call becomes a candle op: the general op over the packed parameters (copies at the
-/// boundary), or LoRA's own op, which reads candle's buffers in place.
+/// How a layer type's call becomes a candle op: on the host the in-place op (`host.rs`), elsewhere the
+/// general op over the packed parameters (copies at the boundary); LoRA has its own op, which reads
+/// candle's buffers in place.
 trait CandleOp: TapeLinear + AdapterLinear {
     /// `x` (contiguous) through the layer; `record`: whether candle records the op for backprop.
     fn apply(core: &Core<Self>, x: &cc::Tensor, seed: Option<u64>, record: bool) -> cc::Result<cc::Tensor> {
+        if let Some(y) = host::apply(&core.layer, &core.vars, x, seed, record) {
+            return y;
+        }
         let op = AdapterOp::new(core.layer.clone(), core.shapes.clone(), seed);
         if record {
             x.apply_op2(&core.packed()?, op)

@@ -1,7 +1,7 @@
-//! The candle custom ops of a layer call. [`AdapterOp`] runs our layer's fused forward pass in `cpu_fwd` /
-//! `cuda_fwd` and its backward pass in `bwd` on our tensors (the general path: every layer type, dtype
-//! and device); the LoRA layer has its own op (`lora.rs`) that reads candle's host buffers in place and
-//! falls back to this one.
+//! The general candle custom op of a layer call. [`AdapterOp`] runs our layer's fused forward pass in
+//! `cpu_fwd` / `cuda_fwd` and its backward pass in `bwd` on copies of candle's tensors (every layer type,
+//! dtype and device); on contiguous host tensors DoRA, WaveFT and VB-LoRA take the in-place op instead
+//! (`host.rs`), and the LoRA layer has its own op (`lora.rs`), both of which fall back to this one.
 //!
 //! candle's `CustomOp1/2/3` take one to three tensors, a layer reads up to three parameters (DoRA: A, B
 //! and the magnitude; VB-LoRA: the bank and two logit matrices) besides the input. So the general op is

@@ -1,7 +1,7 @@
 //! CPU kernels for the tensor API: rayon over large chunks, f32 arithmetic, one rounding per output.
 //! These are also the oracles for the CUDA kernels in `kernels/tensor.cu`.
 
-use super::{BinaryOp, CpuStorage, Element, MatmulDims, RowReduce, with_cpu};
+use super::{BinaryOp, CpuStorage, CpuView, Element, MatmulDims, RowReduce, with_cpu, with_cpu_vec};
 use crate::error::{Error, Result};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -111,7 +111,11 @@ pub(crate) fn axpy(a: &mut CpuStorage, b: &CpuStorage, alpha: f32) {
                 }
             });
     }
-    with_cpu!(a, |v| go(v.as_mut_slice(), b, alpha))
+    if let CpuStorage::External(_) = a {
+        *a = a.to_owned_storage();
+    }
+    // External storage was made owned above, so the last arm has nothing to do.
+    with_cpu_vec!(a, |v| go(v.as_mut_slice(), b, alpha), |_| ())
 }
 
 /// Inverted dropout; see [`super::Tensor::dropout`].
@@ -284,13 +288,13 @@ pub(crate) fn matmul(a: &CpuStorage, b: &CpuStorage, d: MatmulDims) -> Result<Cp
     if a.len() < need_a || b.len() < need_b {
         return Err(Error::shape("matmul", "operand storage smaller than its shape"));
     }
-    Ok(match (a, b) {
-        (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+    Ok(match (a.view(), b.view()) {
+        (CpuView::F32(a), CpuView::F32(b)) => {
             let mut c = vec![0f32; d.m * d.n];
             sgemm(a, b, &mut c, d, false);
             CpuStorage::F32(c)
         }
-        (CpuStorage::F16(a), CpuStorage::F16(b)) => {
+        (CpuView::F16(a), CpuView::F16(b)) => {
             // The gemm crate's f16 kernels accumulate in f16 for some shapes (seen: n = 1), which loses
             // ~3 significant bits over k = 100. Widen to f32 (exact), multiply, round once, like bf16.
             let (a, b) = (to_f32_vec(a), to_f32_vec(b));
@@ -298,7 +302,7 @@ pub(crate) fn matmul(a: &CpuStorage, b: &CpuStorage, d: MatmulDims) -> Result<Cp
             sgemm(&a, &b, &mut c, d, false);
             CpuStorage::F16(from_f32_vec(&c))
         }
-        (CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
+        (CpuView::BF16(a), CpuView::BF16(b)) => {
             // No bf16 kernel in `gemm`: widen to f32 (exact), multiply, round once.
             let (a, b) = (to_f32_vec(a), to_f32_vec(b));
             let mut c = vec![0f32; d.m * d.n];

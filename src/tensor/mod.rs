@@ -24,7 +24,7 @@ use crate::rng::Rng;
 use half::{bf16, f16};
 use std::sync::Arc;
 
-/// Host storage, one variant per dtype.
+/// Host storage, one variant per dtype, plus read-only host memory owned by someone else.
 #[derive(Clone, Debug)]
 pub(crate) enum CpuStorage {
     F32(Vec<f32>),
@@ -33,6 +33,79 @@ pub(crate) enum CpuStorage {
     U8(Vec<u8>),
     I32(Vec<i32>),
     I64(Vec<i64>),
+    /// Elements another framework owns, read in place (see [`Tensor::from_external`]). Reads work
+    /// like the owned variants'; whatever needs the buffer mutable or owned copies it first
+    /// ([`CpuStorage::to_owned_storage`], counted by [`external_copies`]).
+    External(ExternalHost),
+}
+
+/// The typed elements of a [`CpuStorage`], borrowed.
+pub(crate) enum CpuView<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+    U8(&'a [u8]),
+    I32(&'a [i32]),
+    I64(&'a [i64]),
+}
+
+/// Host elements this crate does not own: a pointer, an element count and dtype, and the owner that
+/// keeps the allocation alive (a clone of the foreign framework's tensor). Built only by the unsafe
+/// [`Tensor::from_external`], whose caller guarantees when the memory may be read.
+#[derive(Clone)]
+pub(crate) struct ExternalHost {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    dtype: DType,
+    _owner: Arc<dyn std::any::Any + Send + Sync>,
+}
+
+// SAFETY: an `ExternalHost` is a read-only view: this crate never writes through `ptr`. Reading it
+// from any thread is what `Tensor::from_external`'s caller vouched for (the memory is allocated and
+// not written while it is read, wherever the read happens); the owner is itself `Send + Sync`.
+unsafe impl Send for ExternalHost {}
+// SAFETY: as for `Send`: shared access only ever reads the elements.
+unsafe impl Sync for ExternalHost {}
+
+impl std::fmt::Debug for ExternalHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ExternalHost[{} x {}]", self.len, self.dtype)
+    }
+}
+
+impl ExternalHost {
+    /// The elements as `T` (the caller matched `T` to `self.dtype`).
+    fn slice<T: Element>(&self) -> &[T] {
+        debug_assert_eq!(T::DTYPE, self.dtype);
+        // SAFETY: `ptr` and `len` come from a `&[T]` of this dtype (`Tensor::from_external`), so the
+        // pointer is non-null, aligned for `T` and spans `len` initialized elements; the caller of
+        // `from_external` guarantees that the memory is allocated and not written for as long as any
+        // read of it lasts, and the returned slice borrows `self`, whose reads that guarantee covers.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<T>(), self.len) }
+    }
+
+    fn view(&self) -> CpuView<'_> {
+        match self.dtype {
+            DType::F32 => CpuView::F32(self.slice()),
+            DType::F16 => CpuView::F16(self.slice()),
+            DType::BF16 => CpuView::BF16(self.slice()),
+            DType::U8 => CpuView::U8(self.slice()),
+            DType::I32 => CpuView::I32(self.slice()),
+            DType::I64 => CpuView::I64(self.slice()),
+        }
+    }
+}
+
+thread_local! {
+    static EXTERNAL_COPIES: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// Copies made on the calling thread of external (borrowed) host storage into owned storage, because
+/// something needed it mutable or owned: `(copies, bytes)`, a running total. The candle boundary adds
+/// these to its own count, so a layer that silently materializes a borrowed input shows up there.
+#[cfg_attr(not(feature = "candle"), allow(dead_code))]
+pub(crate) fn external_copies() -> (u64, u64) {
+    EXTERNAL_COPIES.with(std::cell::Cell::get)
 }
 
 /// Where the bytes live.
@@ -57,9 +130,26 @@ impl std::fmt::Debug for Tensor {
     }
 }
 
-/// Applies `$body` with `$v` bound to the typed Vec inside a [`CpuStorage`].
+/// Applies `$body` with `$v` bound to the typed elements (`&[T]`) of a `&CpuStorage` (owned or
+/// external).
 macro_rules! with_cpu {
     ($s:expr, |$v:ident| $body:expr) => {
+        match $crate::tensor::CpuStorage::view($s) {
+            $crate::tensor::CpuView::F32($v) => $body,
+            $crate::tensor::CpuView::F16($v) => $body,
+            $crate::tensor::CpuView::BF16($v) => $body,
+            $crate::tensor::CpuView::U8($v) => $body,
+            $crate::tensor::CpuView::I32($v) => $body,
+            $crate::tensor::CpuView::I64($v) => $body,
+        }
+    };
+}
+pub(crate) use with_cpu;
+
+/// Applies `$body` with `$v` bound to the typed Vec of an owned [`CpuStorage`] (by value or
+/// reference, as `$s` is), `$ext` for an external one.
+macro_rules! with_cpu_vec {
+    ($s:expr, |$v:ident| $body:expr, |$e:pat_param| $ext:expr) => {
         match $s {
             CpuStorage::F32($v) => $body,
             CpuStorage::F16($v) => $body,
@@ -67,10 +157,11 @@ macro_rules! with_cpu {
             CpuStorage::U8($v) => $body,
             CpuStorage::I32($v) => $body,
             CpuStorage::I64($v) => $body,
+            CpuStorage::External($e) => $ext,
         }
     };
 }
-pub(crate) use with_cpu;
+pub(crate) use with_cpu_vec;
 
 impl CpuStorage {
     pub(crate) fn dtype(&self) -> DType {
@@ -81,6 +172,35 @@ impl CpuStorage {
             CpuStorage::U8(_) => DType::U8,
             CpuStorage::I32(_) => DType::I32,
             CpuStorage::I64(_) => DType::I64,
+            CpuStorage::External(e) => e.dtype,
+        }
+    }
+
+    /// The typed elements, borrowed (owned or external storage alike).
+    pub(crate) fn view(&self) -> CpuView<'_> {
+        match self {
+            CpuStorage::F32(v) => CpuView::F32(v),
+            CpuStorage::F16(v) => CpuView::F16(v),
+            CpuStorage::BF16(v) => CpuView::BF16(v),
+            CpuStorage::U8(v) => CpuView::U8(v),
+            CpuStorage::I32(v) => CpuView::I32(v),
+            CpuStorage::I64(v) => CpuView::I64(v),
+            CpuStorage::External(e) => e.view(),
+        }
+    }
+
+    /// Owned storage with the same elements: a clone, or for external storage a copy into a Vec
+    /// (counted by [`external_copies`]).
+    pub(crate) fn to_owned_storage(&self) -> CpuStorage {
+        match self {
+            CpuStorage::External(e) => {
+                EXTERNAL_COPIES.with(|c| {
+                    let (n, b) = c.get();
+                    c.set((n + 1, b + (e.len * e.dtype.size_in_bytes()) as u64));
+                });
+                with_cpu!(self, |v| CpuStorage::wrap(v.to_vec()))
+            }
+            s => s.clone(),
         }
     }
 
@@ -110,18 +230,22 @@ impl CpuStorage {
         if self.dtype() != T::DTYPE {
             return None;
         }
-        with_cpu!(self, |v| bytemuck::try_cast_slice(v.as_slice()).ok())
+        with_cpu!(self, |v| bytemuck::try_cast_slice(v).ok())
     }
 
     pub(crate) fn typed_mut<T: Element>(&mut self) -> Option<&mut [T]> {
         if self.dtype() != T::DTYPE {
             return None;
         }
-        with_cpu!(self, |v| bytemuck::try_cast_slice_mut(v.as_mut_slice()).ok())
+        with_cpu_vec!(
+            self,
+            |v| bytemuck::try_cast_slice_mut(v.as_mut_slice()).ok(),
+            |_| None
+        )
     }
 
     pub(crate) fn as_bytes(&self) -> &[u8] {
-        with_cpu!(self, |v| bytemuck::cast_slice(v.as_slice()))
+        with_cpu!(self, |v| bytemuck::cast_slice(v))
     }
 
     pub(crate) fn zeros(dtype: DType, n: usize) -> CpuStorage {
@@ -188,6 +312,45 @@ impl Tensor {
         }
         let dtype = s.dtype();
         Ok(Tensor::from_storage(Storage::Cpu(s), shape.to_vec(), dtype))
+    }
+
+    /// A host tensor of `shape` that reads `data` in place, without copying it; `owner` is kept alive
+    /// as long as the storage (a clone of the foreign tensor that owns `data`). The tensor is read-only:
+    /// anything that would mutate its elements or take its buffer copies them first (booked in
+    /// [`external_copies`]), and [`Tensor::into_cpu_vec`] refuses it.
+    ///
+    /// # Safety
+    ///
+    /// Every read of the elements through the returned tensor or any tensor sharing its storage
+    /// (clones, reshapes) must happen while the memory of `data` is still allocated and nothing writes
+    /// it (no write may race with or fall inside a read; a slice borrowed from such a tensor counts as
+    /// a read for as long as it lives). This function cannot check that, so the caller must keep every
+    /// such tensor under its control: never hand one to code that could read it at any other time.
+    /// Creating, cloning and dropping these tensors does not read the memory.
+    #[cfg_attr(not(feature = "candle"), allow(dead_code))]
+    pub(crate) unsafe fn from_external<T: Element>(
+        data: &[T],
+        shape: &[usize],
+        owner: Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Tensor> {
+        let n = numel_of(shape)?;
+        if data.len() != n {
+            return Err(Error::shape(
+                "from_external",
+                format!("{} elements do not fill shape {shape:?} ({n})", data.len()),
+            ));
+        }
+        let ext = ExternalHost {
+            ptr: std::ptr::NonNull::from(data).cast::<u8>(),
+            len: data.len(),
+            dtype: T::DTYPE,
+            _owner: owner,
+        };
+        Ok(Tensor::from_storage(
+            Storage::Cpu(CpuStorage::External(ext)),
+            shape.to_vec(),
+            T::DTYPE,
+        ))
     }
 
     /// A tensor holding `data` with `shape` on `device`.
@@ -376,20 +539,29 @@ impl Tensor {
             dtype,
         };
         match Arc::try_unwrap(storage) {
-            Ok(Storage::Cpu(s)) => with_cpu!(s, |v| bytemuck::allocation::try_cast_vec::<_, T>(v)
-                .map_err(|(_, v)| back(Arc::new(Storage::Cpu(CpuStorage::wrap(v)))))),
+            Ok(Storage::Cpu(s)) => with_cpu_vec!(
+                s,
+                |v| bytemuck::allocation::try_cast_vec::<_, T>(v)
+                    .map_err(|(_, v)| back(Arc::new(Storage::Cpu(CpuStorage::wrap(v))))),
+                |e| Err(back(Arc::new(Storage::Cpu(CpuStorage::External(e)))))
+            ),
             #[cfg(feature = "cuda")]
             Ok(s @ Storage::Cuda(_)) => Err(back(Arc::new(s))),
             Err(shared) => Err(back(shared)),
         }
     }
 
-    /// Mutable CPU elements; copies the storage first if another tensor shares it.
+    /// Whether the elements are external host memory ([`Tensor::from_external`]).
+    pub(crate) fn is_external(&self) -> bool {
+        matches!(&*self.storage, Storage::Cpu(CpuStorage::External(_)))
+    }
+
+    /// Mutable CPU elements; copies the storage first if another tensor shares it or it is external.
     pub(crate) fn cpu_data_mut<T: Element>(&mut self, op: &'static str) -> Result<&mut [T]> {
         let dtype = self.dtype;
-        if Arc::get_mut(&mut self.storage).is_none() {
+        if self.is_external() || Arc::get_mut(&mut self.storage).is_none() {
             let copy = match &*self.storage {
-                Storage::Cpu(s) => Storage::Cpu(s.clone()),
+                Storage::Cpu(s) => Storage::Cpu(s.to_owned_storage()),
                 #[cfg(feature = "cuda")]
                 Storage::Cuda(_) => {
                     return Err(Error::device(op, "expected a CPU tensor, got a CUDA tensor"));
@@ -407,11 +579,11 @@ impl Tensor {
         }
     }
 
-    /// Mutable storage of any device; copies it first if shared.
+    /// Mutable storage of any device; copies it first if shared or external.
     pub(crate) fn storage_mut(&mut self) -> Result<&mut Storage> {
-        if Arc::get_mut(&mut self.storage).is_none() {
+        if self.is_external() || Arc::get_mut(&mut self.storage).is_none() {
             let copy = match &*self.storage {
-                Storage::Cpu(s) => Storage::Cpu(s.clone()),
+                Storage::Cpu(s) => Storage::Cpu(s.to_owned_storage()),
                 #[cfg(feature = "cuda")]
                 Storage::Cuda(c) => Storage::Cuda(c.try_clone()?),
             };
