@@ -418,6 +418,56 @@ fn dora_waveft_vblora_contiguous_path_copies_nothing() -> R<()> {
     Ok(())
 }
 
+/// bf16 activations on the in-place path: a bf16 input with f32 adapter `Var`s over an NF4 base crosses
+/// without a copy
+/// (the input and `dy` are read in place as bf16, dx comes back in bf16, the parameter gradients in the
+/// `Var`s' f32), and the gradients equal the tape's on the same bf16 input.
+#[test]
+fn bf16_activations_cross_without_copies() -> R<()> {
+    let dev = candle_core::Device::Cpu;
+    let mut store = ParamStore::new();
+    // A 4-bit base (a dense base must be in the activation dtype).
+    let all = layers(
+        Base::Nf4 {
+            double: true,
+            blocksize: 64,
+        },
+        &mut store,
+    )?;
+    let x = Tensor::randn(&[2, 3, IN], 1.0, 95, DType::F32, Device::Cpu)?.to_dtype(DType::BF16)?;
+    let dy = Tensor::randn(&[2, 3, OUT], 1.0, 96, DType::F32, Device::Cpu)?.to_dtype(DType::BF16)?;
+    let xid = store.insert("x", x.clone())?;
+    let bf = |t: &Tensor| -> R<CTensor> { Ok(candle_of(t)?.to_dtype(candle_core::DType::BF16)?) };
+    for layer in &all[1..] {
+        let what = layer.name().to_string();
+        let mut tape = Tape::new();
+        let xv = tape.param(&store, xid)?;
+        let yv = layer.forward_t(&mut tape, &store, xv, Some(5))?;
+        let tg = tape.backward_with(yv, dy.clone())?;
+        let vars = VarMap::new();
+        let cl = CandleLinear::from_layer(&**layer, &store, &vars, &dev)?;
+        let cx = Var::from_tensor(&bf(&x)?)?;
+        let cdy = bf(&dy)?;
+        let before = boundary_copies();
+        let cy = cl.forward_t(cx.as_tensor(), Some(5))?;
+        let cg = (&cy * &cdy)?.sum_all()?.backward()?;
+        assert_eq!(boundary_copies(), before, "{what}: copied");
+        assert_eq!(cy.dtype(), candle_core::DType::BF16, "{what}");
+        assert_near(&flat(&cy)?, &tape.value(yv)?.to_vec_f32()?, 1e-6, &what);
+        let cdx = cg.get(cx.as_tensor()).ok_or("no dx")?;
+        assert_eq!(cdx.dtype(), candle_core::DType::BF16, "{what} dx");
+        let tdx = tg.get(xid).ok_or("no tape dx")?;
+        assert_near(&flat(cdx)?, &tdx.to_vec_f32()?, 1e-5, &format!("{what} dx"));
+        let map = vars.data().lock().map_err(|_| "poisoned")?;
+        for (name, var) in map.iter() {
+            let got = cg.get(var.as_tensor()).ok_or("no grad")?;
+            let want = tg.get(store.find(name).ok_or("unknown")?).ok_or("no tape grad")?;
+            assert_near(&flat(got)?, &want.to_vec_f32()?, 1e-5, &format!("{what} {name}"));
+        }
+    }
+    Ok(())
+}
+
 /// Training on the in-place path: candle-nn's AdamW updates the DoRA / WaveFT / VB-LoRA `Var`s in place
 /// (`Var::set`) between calls while the previous steps' graphs (which borrowed those buffers) are still
 /// alive; every step books no copy, the loss falls, and the trained layer's output is our layer's on the
