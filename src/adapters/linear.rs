@@ -418,6 +418,11 @@ pub(crate) type Fwd<C> = Result<(Tensor, C)>;
 /// The typed core of an adapted layer, from which [`adapter_linear_common!`] derives the tape-free
 /// [`AdapterLinear::forward`] / [`AdapterLinear::backward`] and [`AdapterLinear::forward_t`] (one
 /// [`LinearOp`] record): a forward and a backward pass on given parameter values.
+///
+/// The tensors these passes are given (`params`, `x`, `dy`) may borrow another framework's memory
+/// (the candle boundary, `src/candle/host.rs`), readable only during these calls and, for the context,
+/// during the matching backward pass. So an implementation keeps them (or tensors sharing their
+/// storage) nowhere but in the returned context and its results: never in the layer's own caches.
 pub(crate) trait TapeLinear: Clone + Send + Sync + 'static {
     type Ctx: Send + Sync + 'static;
     /// The op name in error messages.

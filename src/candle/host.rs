@@ -31,7 +31,9 @@
 //! those compute the gradient from the *new* values of the input and parameters (the context is the old
 //! forward's), so don't: mutate a layer's input or parameters in place (`Var::set`, `slice_set`, an
 //! optimizer step) only after that call's backward pass, or drop the graph first. No borrowed tensor
-//! leaves the op: results that are not owned `Vec`s are copied (and booked) while the guards are held.
+//! leaves the op: results that are not owned `Vec`s are copied (and booked) while the guards are held,
+//! and our layers keep the tensors they are given only in the context they return (the rule on
+//! [`TapeLinear`]; DoRA's cached `Wᵀ` is built from the frozen base, never from these).
 
 use super::convert::{contiguous, contiguous_range, cpu_out, from_candle_err, to_candle, to_candle_err};
 use super::op::{cast_like, poisoned};
