@@ -18,6 +18,9 @@
 //! what going through candle costs a user against calling the layer directly is `candle / direct − 1`
 //! (that includes candle's bookkeeping of our op, which every candle op pays). See `docs/candle.md`.
 //!
+//! - `dora/direct`, `dora/candle`: the same comparison for a DoRA layer on the same base (the general
+//!   layer path: the in-place host op of `src/candle/host.rs`, a ticket op over A, B and the magnitude).
+//!
 //! After criterion, interleaved medians (alternating, so machine-load drift hits all sides alike) print
 //! the overheads. Target: ≤ 5%.
 //!
@@ -26,16 +29,18 @@
 //! for the interleaved repetitions).
 //!
 //! Load-independent evidence (a shared machine): `PEFT_KERNELS_CANDLE_ONLY=<forward|step>/<direct|candle>`
-//! (also `step/noop`, `step/candle-mul`, or `setup`) runs only that variant `PEFT_KERNELS_BENCH_REPS` times
+//! (also `step/noop`, `step/candle-mul`, `dora-forward/<direct|candle>`, `dora-step/<direct|candle>`, or
+//! `setup`) runs only that variant `PEFT_KERNELS_BENCH_REPS` times
 //! after the setup and exits, so `/usr/bin/time -v` (user CPU, page faults) or `perf record` of each,
 //! minus `setup`, compares the sides' work.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Var};
 use criterion::{Criterion, criterion_group, criterion_main};
 use peft_kernels::adapters::AdapterLinear;
+use peft_kernels::adapters::dora::{DoraLinear, DoraOptions};
 use peft_kernels::adapters::lora::{LoraConfig, LoraInit, LoraLinear};
 use peft_kernels::autograd::ParamStore;
-use peft_kernels::candle::QLoraLinear;
+use peft_kernels::candle::{DoraLinear as CandleDora, QLoraLinear};
 use peft_kernels::qmatmul::BaseWeight;
 use peft_kernels::quant::{QuantizeOptions, QuantizedTensor};
 use peft_kernels::{DType, Device, Tensor};
@@ -58,6 +63,9 @@ struct Setup {
     cdy: candle_core::Tensor,
     /// `[out, in]` of the layer (for [`NoopOp`]).
     out_in: (usize, usize),
+    /// A DoRA layer on the same base (its parameters in `store` too) and its candle twin.
+    dora: DoraLinear,
+    cdora: CandleDora,
 }
 
 /// `loss = inject(y)`: a scalar 0 that never reads y; its backward returns the stored dy (an `Arc`
@@ -142,9 +150,28 @@ fn setup() -> Setup {
         init: LoraInit::Random,
         ..LoraConfig::default()
     };
-    let layer = LoraLinear::new("bench", BaseWeight::Quantized(q), None, &cfg, &mut store, 1).unwrap();
+    let layer = LoraLinear::new(
+        "bench",
+        BaseWeight::Quantized(q.clone()),
+        None,
+        &cfg,
+        &mut store,
+        1,
+    )
+    .unwrap();
     let vars = candle_nn::VarMap::new();
     let cl = QLoraLinear::new(layer.clone(), &store, &vars, &candle_core::Device::Cpu).unwrap();
+    let dora = DoraLinear::new(
+        "bench_dora",
+        BaseWeight::Quantized(q),
+        None,
+        &cfg,
+        &mut store,
+        4,
+        DoraOptions::default(),
+    )
+    .unwrap();
+    let cdora = CandleDora::new(dora.clone(), &store, &vars, &candle_core::Device::Cpu).unwrap();
     let x = Tensor::randn(&[tokens, side], 1.0, 2, DType::F32, dev).unwrap();
     let dy = Tensor::randn(&[tokens, side], 1.0, 3, DType::F32, dev).unwrap();
     let c = |t: &Tensor| {
@@ -161,6 +188,8 @@ fn setup() -> Setup {
         cx,
         cdy,
         out_in: (side, side),
+        dora,
+        cdora,
     }
 }
 
@@ -188,6 +217,21 @@ impl Setup {
         };
         let op = NoopOp { out: self.out_in.0 };
         let y = self.cx.apply_op3(a.as_tensor(), b.as_tensor(), op).unwrap();
+        let loss = y.apply_op1(InjectDy(self.cdy.clone())).unwrap();
+        std::hint::black_box(loss.backward().unwrap());
+    }
+    fn dora_direct_forward(&self) {
+        std::hint::black_box(self.dora.forward_eval(&self.store, &self.x).unwrap());
+    }
+    fn dora_candle_forward(&self) {
+        std::hint::black_box(self.cdora.forward_eval(self.cx.as_tensor()).unwrap());
+    }
+    fn dora_direct_step(&self) {
+        let (_y, ctx) = AdapterLinear::forward(&self.dora, &self.store, &self.x, None).unwrap();
+        std::hint::black_box(AdapterLinear::backward(&self.dora, &self.store, &ctx, &self.dy, true).unwrap());
+    }
+    fn dora_candle_step(&self) {
+        let y = self.cdora.forward_t(self.cx.as_tensor(), None).unwrap();
         let loss = y.apply_op1(InjectDy(self.cdy.clone())).unwrap();
         std::hint::black_box(loss.backward().unwrap());
     }
@@ -224,6 +268,10 @@ fn only(s: &Setup, which: &str) {
         "step/candle" => &Setup::candle_step,
         "step/noop" => &Setup::noop_step,
         "step/candle-mul" => &Setup::candle_mul_step,
+        "dora-forward/direct" => &Setup::dora_direct_forward,
+        "dora-forward/candle" => &Setup::dora_candle_forward,
+        "dora-step/direct" => &Setup::dora_direct_step,
+        "dora-step/candle" => &Setup::dora_candle_step,
         _ => &|_: &Setup| {},
     };
     let before = peft_kernels::candle::boundary_copies();
@@ -256,6 +304,10 @@ fn bench(c: &mut Criterion) {
     g.bench_function("step/candle", |b| b.iter(|| s.candle_step()));
     g.bench_function("step/noop", |b| b.iter(|| s.noop_step()));
     g.bench_function("step/candle-mul", |b| b.iter(|| s.candle_mul_step()));
+    g.bench_function("dora/forward/direct", |b| b.iter(|| s.dora_direct_forward()));
+    g.bench_function("dora/forward/candle", |b| b.iter(|| s.dora_candle_forward()));
+    g.bench_function("dora/step/direct", |b| b.iter(|| s.dora_direct_step()));
+    g.bench_function("dora/step/candle", |b| b.iter(|| s.dora_candle_step()));
     g.finish();
     let n = env("PEFT_KERNELS_BENCH_REPS", 7);
     let [fd, fc] = interleaved(n, [&|| s.direct_forward(), &|| s.candle_forward()]);
@@ -297,6 +349,18 @@ fn bench(c: &mut Criterion) {
         "  step with dy injected as sum(y * dy) (harness cost): candle {:.2} ms, {:+.1}% over direct",
         sm * 1e3,
         pct(sm - sd)
+    );
+    let [dfd, dfc] = interleaved(n, [&|| s.dora_direct_forward(), &|| s.dora_candle_forward()]);
+    let [dsd, dsc] = interleaved(n, [&|| s.dora_direct_step(), &|| s.dora_candle_step()]);
+    println!(
+        "  DoRA (same base, r=16): forward direct {:.2} ms, candle {:.2} ms ({:+.1}%); step direct {:.2} ms, \
+         candle {:.2} ms: going through candle {:+.1}%",
+        dfd * 1e3,
+        dfc * 1e3,
+        (dfc / dfd - 1.0) * 100.0,
+        dsd * 1e3,
+        dsc * 1e3,
+        (dsc / dsd - 1.0) * 100.0
     );
 }
 
