@@ -948,3 +948,53 @@ pub(crate) enum RowReduce {
     SumSquares,
     Norm,
 }
+
+#[cfg(test)]
+mod external_tests {
+    use super::*;
+
+    /// External storage: reads and kernels work in place, nothing takes or mutates the borrowed buffer
+    /// (`into_cpu_vec` refuses it, `cpu_data_mut` copies it first and books the copy), the owner lives
+    /// as long as the storage.
+    #[test]
+    fn external_storage_is_read_in_place_and_copied_before_mutation() -> Result<()> {
+        let owner = Arc::new(vec![1f32, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let data: &[f32] = owner.as_slice();
+        // SAFETY: `owner` (an immutable Vec behind an Arc, kept alive by the tensor too) is never
+        // written, and the tensors stay in this test.
+        let t = unsafe { Tensor::from_external(data, &[2, 3], owner.clone())? };
+        assert!(t.is_external());
+        assert_eq!(Arc::strong_count(&owner), 2);
+        assert_eq!(
+            t.cpu_data::<f32>("test")?.as_ptr(),
+            data.as_ptr(),
+            "read in place"
+        );
+        assert_eq!(t.to_vec::<f32>()?, *owner);
+        let m = t.matmul(&t.reshape(&[3, 2])?)?;
+        assert_eq!(m.to_vec::<f32>()?, vec![22.0, 28.0, 49.0, 64.0]);
+        assert_eq!(t.add(&t)?.to_vec::<f32>()?[5], 12.0);
+        let t = t
+            .into_cpu_vec::<f32>()
+            .expect_err("an external buffer is not ours to take");
+        let before = external_copies();
+        let mut u = t.clone();
+        u.cpu_data_mut::<f32>("test")?[0] = 10.0;
+        let after = external_copies();
+        assert_eq!(
+            (after.0 - before.0, after.1 - before.1),
+            (1, 24),
+            "one booked copy"
+        );
+        assert!(!u.is_external());
+        assert_eq!(t.to_vec::<f32>()?[0], 1.0, "the borrowed buffer is untouched");
+        assert_eq!(u.to_vec::<f32>()?[0], 10.0);
+        drop((t, u));
+        assert_eq!(
+            Arc::strong_count(&owner),
+            1,
+            "the owner goes with the last tensor"
+        );
+        Ok(())
+    }
+}
