@@ -414,6 +414,7 @@ fn search_setup() -> (SearchSpace, MemoryModel, SearchConfig) {
         patience: 3,
         phase3: 3,
         references: vec![space.uniform(1, 2), space.uniform(1, 1)],
+        seeds: vec![space.uniform(0, 2), space.uniform(3, 2)],
         evaluator: "fake".into(),
     };
     (space, m, cfg)
@@ -451,6 +452,11 @@ fn search_is_deterministic_and_resumes_from_a_truncated_log() {
         .find(|e| e.candidate == space.uniform(1, 2))
         .unwrap();
     assert!(r1.best.low >= reference.low);
+    // The seeds join the initial population: the 2-bit one fits the budget as it is, the 16-bit one
+    // is over it, so it is evaluated only as repaired.
+    assert!(r1.evaluated.iter().any(|e| e.candidate == space.uniform(0, 2)));
+    assert!(m.total(&space, &space.uniform(3, 2)) > cfg.budget_bytes);
+    assert!(!r1.evaluated.iter().any(|e| e.candidate == space.uniform(3, 2)));
     // Same seed, fresh directory: the same search.
     let d2 = tempfile::tempdir().unwrap();
     let (r2, _) = run_fake(d2.path(), &cfg, None);
@@ -579,6 +585,8 @@ fn cli_qr_adapt_smoke_on_the_tiny_model() {
     let out = d.path().join("out");
     let args: Vec<String> = [
         "qr-adapt",
+        "--granularity",
+        "layer",
         "--model",
         model.to_str().unwrap(),
         "--data",
@@ -1037,6 +1045,11 @@ fn search_with_the_embedding_gene_resumes() {
     let (space, m, mut cfg) = search_setup();
     let space = space.with_embeddings(vec![EmbeddingStorage::Bf16, EmbeddingStorage::F32]);
     cfg.references = vec![space.uniform(1, 2), space.uniform(1, 1)];
+    // Seeds carry the gene too: the 2-bit one with bf16 tables.
+    let mut seed = space.uniform(0, 2);
+    let g = space.embedding_gene().unwrap();
+    seed.0[g].bits = 0;
+    cfg.seeds = vec![seed.clone()];
     cfg.budget_bytes = m.total(&space, &space.uniform(1, 2));
     let d = tempfile::tempdir().unwrap();
     let mut ev = Fake {
@@ -1046,6 +1059,7 @@ fn search_with_the_embedding_gene_resumes() {
     let p = d.path().join(search::LOG_FILE);
     let r = search::run(&space, &m, &cfg, &mut ev, &p).unwrap();
     assert!(ev.calls > 0);
+    assert!(r.evaluated.iter().any(|e| e.candidate == seed));
     assert!(r.best.memory <= cfg.budget_bytes);
     assert!(
         r.evaluated

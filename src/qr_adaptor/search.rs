@@ -1,8 +1,9 @@
 //! The QR-Adaptor search driver over an [`Evaluator`] (the thing that fine-tunes and scores):
 //!
 //! 1. Phase I: per-unit sensitivity (fidelity and plasticity signals), normalized.
-//! 2. Warm start: the reference configurations, the all-highest configuration repaired by sensitivity,
-//!    and sensitivity-shaped random configurations, each repaired into the budget.
+//! 2. Warm start: the reference configurations, the seed configurations (e.g. each bit-width
+//!    uniformly), the all-highest configuration repaired by sensitivity, and sensitivity-shaped random
+//!    configurations, each repaired into the budget.
 //! 3. Phase II: NSGA-II on (score, memory) with low-fidelity scores (short fine-tunes), stopped early
 //!    when the hypervolume of the feasible front has not grown for `patience` generations.
 //! 4. Phase III (optional): Gaussian-process expected improvement over repaired one-step neighbours
@@ -65,6 +66,12 @@ pub struct SearchConfig {
     /// Configurations evaluated first and shown for reference (e.g. uniform 4-bit QLoRA); they join
     /// the initial population when within budget.
     pub references: Vec<Candidate>,
+    /// Configurations that join the initial population after the references, each repaired into the
+    /// budget (e.g. every bit-width uniformly with the cheapest embedding storage): a population that
+    /// starts at each tier, instead of one drawn only from sensitivity, does not have to find a good
+    /// uniform configuration through noisy low-fidelity scores.
+    #[serde(default)]
+    pub seeds: Vec<Candidate>,
     /// The evaluator's settings that make its scores comparable (fidelities, storage of the fixed
     /// part); part of the header, so a resumed log must have been scored the same way.
     #[serde(default)]
@@ -468,6 +475,10 @@ pub fn run<E: Evaluator>(
         if mem.total(space, r) <= budget {
             push(&mut pop, r.clone());
         }
+    }
+    for c in &cfg.seeds {
+        space.check(c)?;
+        push(&mut pop, fix(c)?);
     }
     push(&mut pop, fix(&top)?);
     let mut tries = 0;
