@@ -412,7 +412,7 @@ pub fn run<E: Evaluator>(
     if cfg.population < 2 {
         return Err(Error::invalid("the population must be at least 2"));
     }
-    for r in &cfg.references {
+    for r in cfg.references.iter().chain(&cfg.seeds) {
         space.check(r)?;
     }
     let log = Log::open(log_path, space, cfg)?;
@@ -477,7 +477,6 @@ pub fn run<E: Evaluator>(
         }
     }
     for c in &cfg.seeds {
-        space.check(c)?;
         push(&mut pop, fix(c)?);
     }
     push(&mut pop, fix(&top)?);
