@@ -36,7 +36,7 @@
 //! [`TapeLinear`]; DoRA's cached `Wᵀ` is built from the frozen base, never from these).
 
 use super::convert::{contiguous, contiguous_range, cpu_out, from_candle_err, to_candle, to_candle_err};
-use super::op::{cast_like, poisoned};
+use super::op::{cast_like, layer_backward, poisoned};
 use crate::adapters::linear::TapeLinear;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -388,26 +388,13 @@ impl<L: TapeLinear> HostOp<L> {
         // SAFETY: as above, `guards[which[n + 1]]` guards the output gradient's storage.
         let dy = unsafe { borrow_guarded(&guards[which[n + 1]], grad.layout(), &grad) }?;
         let refs: Vec<&Tensor> = params.iter().collect();
-        let need_dx = x.track_op();
-        let mut needs = vec![true; n + 1];
-        needs[0] = need_dx;
-        // The context is read here, under the guards checked above.
-        let mut grads = self
-            .layer
-            .backward_values(&refs, &st.ctx, &dy, &needs)?
-            .into_iter();
-        // Results that share a borrowed buffer are copied by `cpu_out` here, still under the guards.
-        let dx = match grads.next().flatten().filter(|_| need_dx) {
-            Some(g) => Some(to_candle(g, x.device())?),
-            None => None,
-        };
+        // The context is read here, under the guards checked above. Results that share a borrowed
+        // buffer are copied by `cpu_out` (inside `to_candle`), still under the guards.
+        let (dx, grads) = layer_backward(&*self.layer, &st.ctx, &refs, &dy, x)?;
         let pgrads = grads
+            .into_iter()
             .zip(&self.params)
-            .map(|(g, p)| {
-                let g =
-                    g.ok_or_else(|| Error::invalid(format!("{}: a parameter gradient is missing", L::OP)))?;
-                cast_like(to_candle(g, p.device())?, p)
-            })
+            .map(|(g, p)| cast_like(to_candle(g, p.device())?, p))
             .collect::<Result<Vec<_>>>()?;
         if pgrads.len() != n {
             return Err(Error::invalid(format!(

@@ -90,20 +90,8 @@ impl<L: TapeLinear> AdapterOp<L> {
         let ctx = guard
             .as_ref()
             .ok_or_else(|| Error::invalid(format!("{}: backward before forward", L::OP)))?;
-        let dy = to_ours(grad)?;
         let refs: Vec<&Tensor> = params.iter().collect();
-        let need_dx = x.track_op();
-        let mut needs = vec![true; refs.len() + 1];
-        needs[0] = need_dx;
-        let mut grads = self.layer.backward_values(&refs, ctx, &dy, &needs)?.into_iter();
-        let dx = match grads.next().flatten().filter(|_| need_dx) {
-            Some(g) => Some(to_candle(g, x.device())?),
-            None => None,
-        };
-        let grads = grads
-            .map(|g| g.ok_or_else(|| Error::invalid(format!("{}: a parameter gradient is missing", L::OP))))
-            .collect::<Result<Vec<_>>>()?;
-        Ok((dx, grads))
+        layer_backward(&*self.layer, ctx, &refs, &to_ours(grad)?, x)
     }
 
     /// The general backward pass: the input gradient and the packed parameter gradient in the pack's
@@ -144,6 +132,29 @@ pub(crate) fn cast_like(g: cc::Tensor, like: &cc::Tensor) -> Result<cc::Tensor> 
         g.to_dtype(like.dtype()).map_err(from_candle_err)?
     };
     g.reshape(like.shape()).map_err(from_candle_err)
+}
+
+/// `layer`'s backward pass from its forward context on our tensors: the input gradient as a candle
+/// tensor on `x`'s device (only when `x` is tracked) and every parameter's gradient as our tensor.
+pub(crate) fn layer_backward<L: TapeLinear>(
+    layer: &L,
+    ctx: &L::Ctx,
+    params: &[&Tensor],
+    dy: &Tensor,
+    x: &cc::Tensor,
+) -> Result<(Option<cc::Tensor>, Vec<Tensor>)> {
+    let need_dx = x.track_op();
+    let mut needs = vec![true; params.len() + 1];
+    needs[0] = need_dx;
+    let mut grads = layer.backward_values(params, ctx, dy, &needs)?.into_iter();
+    let dx = match grads.next().flatten().filter(|_| need_dx) {
+        Some(g) => Some(to_candle(g, x.device())?),
+        None => None,
+    };
+    let grads = grads
+        .map(|g| g.ok_or_else(|| Error::invalid(format!("{}: a parameter gradient is missing", L::OP))))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((dx, grads))
 }
 
 pub(crate) fn poisoned() -> Error {
