@@ -89,6 +89,74 @@ pub(crate) struct Lut {
 /// Flag of [`Lut`]'s packed words: the bucket holds a threshold.
 pub(crate) const PACKED_HAS_THR: u32 = 1 << 24;
 
+/// [`Lut`]'s packed words over all 2^16 buckets, indexed by the top 16 bits of `x` as they are (sign,
+/// exponent, 7 mantissa bits): no clamping and no sign handling before the lookup, and one compare
+/// after it, for the AVX2 kernel (`cpu/avx2.rs`, where the operations around each gather are the
+/// bottleneck). Bits 16..24 hold the code at the bucket's low end (in value order), bits 0..16 the
+/// bucket's threshold `t` in magnitude order within the bucket: `t`'s low 16 bits for a positive
+/// bucket, their complement for a negative one, and 0xffff where the bucket holds no threshold, so
+/// that `x > t` is `low16(x) ^ (sign(x) ? 0xffff : 0) > word & 0xffff`. The exponent-255 buckets:
+/// NaN has code 0 and +inf 255 (the bucket of +inf holds the "threshold" 0, so every NaN in it comes
+/// out as 256, which is 0 in a byte), -inf 0. 256 KB per map; a step touches the few rows its block
+/// maxima select.
+pub(crate) struct Wide(Box<[u32; WIDE_LEN]>);
+
+/// The bucket count of [`Wide`].
+pub(crate) const WIDE_LEN: usize = 1 << 16;
+
+impl Wide {
+    /// The table of a strictly increasing code from its thresholds; `None` if some bucket holds two
+    /// thresholds.
+    fn new(thr: &[f32; 256]) -> Option<Wide> {
+        let count = |x: f32| crate::quant::cpu::quantize_8bit_fast(thr, x) as u32;
+        let mut w = vec![0u32; WIDE_LEN];
+        for (top, word) in (0u32..).zip(w.iter_mut()) {
+            let negative = top >> 15 == 1;
+            let lo = f32::from_bits(top << 16);
+            let hi = f32::from_bits((top << 16) | 0xffff);
+            *word = if (top >> 7) & 0xff == 0xff {
+                // inf (low bits 0) or NaN in the first bucket of each sign, NaN in the others.
+                if !negative && top & 127 == 0 {
+                    255 << 16
+                } else {
+                    0xffff
+                }
+            } else {
+                // In value order: a negative bucket runs from its largest magnitude up.
+                let (min, max) = if negative { (hi, lo) } else { (lo, hi) };
+                let (c_min, c_max) = (count(min), count(max));
+                match c_max - c_min {
+                    0 => (c_min << 16) | 0xffff,
+                    1 => {
+                        let t = thr[c_min as usize].to_bits();
+                        if t >> 16 != top {
+                            return None;
+                        }
+                        let low = if negative { !t & 0xffff } else { t & 0xffff };
+                        (c_min << 16) | low
+                    }
+                    _ => return None,
+                }
+            };
+        }
+        Some(Wide(w.into_boxed_slice().try_into().ok()?))
+    }
+
+    /// The words, [`WIDE_LEN`] of them.
+    pub(crate) fn words(&self) -> &[u32; WIDE_LEN] {
+        &self.0
+    }
+
+    /// The code of `x` as the SIMD kernel reads it from the words (tested against the binary search).
+    #[cfg(test)]
+    fn encode(&self, x: f32) -> u8 {
+        let b = x.to_bits();
+        let w = self.0[(b >> 16) as usize];
+        let lx = (b ^ if b >> 31 == 1 { 0xffff } else { 0 }) & 0xffff;
+        ((w >> 16) + (lx > (w & 0xffff)) as u32) as u8
+    }
+}
+
 #[inline(always)]
 fn bucket(x: f32) -> usize {
     let b = x.to_bits();
@@ -175,6 +243,9 @@ pub(crate) struct Tables {
     pub code_v: [f32; 256],
     pub lut_m: Lut,
     pub lut_v: Lut,
+    /// The same searches over all 2^16 buckets (for the AVX2 kernel).
+    pub wide_m: Wide,
+    pub wide_v: Wide,
     /// Number of codes of the signed map with the sign bit set: `code_m[c].is_sign_negative()` is
     /// `c < neg_m` (the map is sorted and holds +0.0, not -0.0; checked when the tables are built).
     pub neg_m: u32,
@@ -202,6 +273,9 @@ pub(crate) fn tables() -> &'static Tables {
         let lut = |c: &[f32; 256]| {
             Lut::new(&crate::quant::cpu::thresholds_8bit(c)).expect("at most one threshold per bucket")
         };
+        let wide = |c: &[f32; 256]| {
+            Wide::new(&crate::quant::cpu::thresholds_8bit(c)).expect("at most one threshold per bucket")
+        };
         let code_m = *dynamic_map();
         let neg_m = code_m.iter().filter(|c| c.is_sign_negative()).count() as u32;
         assert!(
@@ -213,6 +287,8 @@ pub(crate) fn tables() -> &'static Tables {
             code_v: DYNAMIC_MAP_UNSIGNED,
             lut_m: lut(dynamic_map()),
             lut_v: lut(&DYNAMIC_MAP_UNSIGNED),
+            wide_m: wide(dynamic_map()),
+            wide_v: wide(&DYNAMIC_MAP_UNSIGNED),
             neg_m,
             planes_m: planes(&code_m),
             planes_v: planes(&DYNAMIC_MAP_UNSIGNED),
@@ -237,10 +313,11 @@ mod tests {
     #[test]
     fn lut_matches_binary_search() {
         let t = tables();
-        for (code, lut) in [(&t.code_m, &t.lut_m), (&t.code_v, &t.lut_v)] {
+        for (code, lut, wide) in [(&t.code_m, &t.lut_m, &t.wide_m), (&t.code_v, &t.lut_v, &t.wide_v)] {
             let check = |x: f32| {
                 let want = quantize_8bit_ref(code, x);
                 assert_eq!(lut.encode(x), want, "x = {x:e} ({:#x})", x.to_bits());
+                assert_eq!(wide.encode(x), want, "wide, x = {x:e} ({:#x})", x.to_bits());
                 assert_eq!(
                     lut.encode_packed(x),
                     want,

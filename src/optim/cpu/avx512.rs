@@ -206,6 +206,7 @@ macro_rules! block8_fn {
     ($(#[$doc:meta])* $name:ident, $features:literal, $decode:ident) => {
         $(#[$doc])*
         #[target_feature(enable = $features)]
+        #[allow(clippy::too_many_arguments)] // the `BlockFn` signature
         pub(super) unsafe fn $name(
             p: &mut [f32],
             g: &[f32],
@@ -214,6 +215,7 @@ macro_rules! block8_fn {
             absmax: (&mut f32, &mut f32),
             s: &BnbScalars,
             t: &Tables,
+            _scratch: &mut super::Scratch,
         ) {
             let n = p.len().min(g.len()).min(cm.len()).min(cv.len()).min(BLOCK);
             let l = Lanes {
