@@ -32,20 +32,26 @@ pub(crate) fn lane_sum<T: Element>(row: &[T], f: impl Fn(f32) -> f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// `out[j, :] = src[idx[j], :]` for rows of `h` elements. Indices are validated by the caller.
-pub(crate) fn gather_rows<T: Element>(src: &[T], idx: &[u32], h: usize) -> Vec<T> {
-    let mut out = vec![T::default(); idx.len() * h];
+/// `rows` rows of `h` zero-initialized elements, `row(r, out_row)` filling row `r` (in parallel, at least
+/// `rows_per_task(h)` rows a task; nothing to do when `h == 0`).
+fn fill_rows<T: Element>(rows: usize, h: usize, row: impl Fn(usize, &mut [T]) + Sync + Send) -> Vec<T> {
+    let mut out = vec![T::default(); rows * h];
     if h == 0 {
         return out;
     }
     out.par_chunks_mut(h)
-        .zip(idx.par_iter())
+        .enumerate()
         .with_min_len(rows_per_task(h))
-        .for_each(|(o, &r)| {
-            let r = r as usize;
-            o.copy_from_slice(&src[r * h..(r + 1) * h]);
-        });
+        .for_each(|(r, o)| row(r, o));
     out
+}
+
+/// `out[j, :] = src[idx[j], :]` for rows of `h` elements. Indices are validated by the caller.
+pub(crate) fn gather_rows<T: Element>(src: &[T], idx: &[u32], h: usize) -> Vec<T> {
+    fill_rows(idx.len(), h, |j, o| {
+        let r = idx[j] as usize;
+        o.copy_from_slice(&src[r * h..(r + 1) * h]);
+    })
 }
 
 /// The transpose of [`gather_rows`]: `out[r, :] = Σ_{j: idx[j] = r} dy[j, :]` over `n` output rows,
@@ -59,36 +65,28 @@ pub(crate) fn scatter_add_rows<T: Element>(
     n: usize,
     h: usize,
 ) -> Vec<T> {
-    let mut out = vec![T::default(); n * h];
-    if h == 0 {
-        return out;
-    }
-    out.par_chunks_mut(h)
-        .enumerate()
-        .with_min_len(rows_per_task(h))
-        .for_each(|(r, o)| {
-            let js = &order[offsets[r] as usize..offsets[r + 1] as usize];
-            match js {
-                [] => {}
-                [j] => {
-                    let j = *j as usize;
-                    o.copy_from_slice(&dy[j * h..(j + 1) * h]);
+    fill_rows(n, h, |r, o| {
+        let js = &order[offsets[r] as usize..offsets[r + 1] as usize];
+        match js {
+            [] => {}
+            [j] => {
+                let j = *j as usize;
+                o.copy_from_slice(&dy[j * h..(j + 1) * h]);
+            }
+            _ => {
+                let mut acc = vec![0f32; h];
+                for &j in js {
+                    let j = j as usize;
+                    for (a, &g) in acc.iter_mut().zip(&dy[j * h..(j + 1) * h]) {
+                        *a += g.to_f32();
+                    }
                 }
-                _ => {
-                    let mut acc = vec![0f32; h];
-                    for &j in js {
-                        let j = j as usize;
-                        for (a, &g) in acc.iter_mut().zip(&dy[j * h..(j + 1) * h]) {
-                            *a += g.to_f32();
-                        }
-                    }
-                    for (o, a) in o.iter_mut().zip(acc) {
-                        *o = T::from_f32(a);
-                    }
+                for (o, a) in o.iter_mut().zip(acc) {
+                    *o = T::from_f32(a);
                 }
             }
-        });
-    out
+        }
+    })
 }
 
 /// `y[i, :] = x[i, :] + row` (f32 math, one rounding).
@@ -244,24 +242,15 @@ pub(crate) fn mean_pool_backward<T: Element>(
     seq: usize,
     h: usize,
 ) -> Vec<T> {
-    let batch = counts.len();
-    let mut dx = vec![T::default(); batch * seq * h];
-    if h == 0 {
-        return dx;
-    }
-    dx.par_chunks_mut(h)
-        .enumerate()
-        .with_min_len(rows_per_task(h))
-        .for_each(|(r, dx)| {
-            let b = r / seq;
-            if mask[r] != 0 {
-                let c = counts[b];
-                for (dx, &g) in dx.iter_mut().zip(&dy[b * h..(b + 1) * h]) {
-                    *dx = T::from_f32(g.to_f32() / c);
-                }
+    fill_rows(counts.len() * seq, h, |r, dx| {
+        let b = r / seq;
+        if mask[r] != 0 {
+            let c = counts[b];
+            for (dx, &g) in dx.iter_mut().zip(&dy[b * h..(b + 1) * h]) {
+                *dx = T::from_f32(g.to_f32() / c);
             }
-        });
-    dx
+        }
+    })
 }
 
 /// RMSNorm of each row as transformers' `LlamaRMSNorm`: `r = 1/sqrt(mean(x²) + eps)` in f32, then
