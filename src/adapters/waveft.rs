@@ -375,12 +375,17 @@ impl WaveFtPositions {
                 ),
             ));
         }
-        if spectrum.device() != self.device {
+        self.check_device(spectrum, "spectrum", op)
+    }
+
+    /// `t` (named `what` in the error) is on the structure's device.
+    fn check_device(&self, t: &Tensor, what: &str, op: &'static str) -> Result<()> {
+        if t.device() != self.device {
             return Err(Error::device(
                 op,
                 format!(
-                    "spectrum on {} but the WaveFT structure on {}",
-                    spectrum.device(),
+                    "{what} on {} but the WaveFT structure on {}",
+                    t.device(),
                     self.device
                 ),
             ));
@@ -391,16 +396,7 @@ impl WaveFtPositions {
     /// (tokens, output shape) for an activation `[.., dim]`.
     fn check_act(&self, x: &Tensor, dim: usize, what: &str, op: &'static str) -> Result<usize> {
         x.dtype().expect_float(op)?;
-        if x.device() != self.device {
-            return Err(Error::device(
-                op,
-                format!(
-                    "{what} on {} but the WaveFT structure on {}",
-                    x.device(),
-                    self.device
-                ),
-            ));
-        }
+        self.check_device(x, what, op)?;
         x.rows_with_cols(dim, what, op)
     }
 }

@@ -2,7 +2,7 @@
 //! running its products through the `gemm` crate on strided views of the token-major q/k/v (no per-head
 //! copies). Scores, softmax and accumulation are f32; f16/bf16 inputs are widened once up front.
 
-use super::AttentionConfig;
+use super::{AttentionConfig, Saved};
 use crate::error::Result;
 use crate::tensor::cpu::{SendPtr, from_f32_vec, gemm_f32, to_f32_vec};
 use crate::tensor::exp::exp_sub2;
@@ -297,18 +297,14 @@ fn softmax_row(row: &mut [f32], m: &Masking, b: usize, h: usize, i: usize) -> f3
 }
 
 /// Backward: `(dq, dk, dv)`.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    output: &Tensor,
-    lse: &Tensor,
+    saved: Saved<'_>,
     grad_out: &Tensor,
     key_mask: Option<&[u8]>,
     cfg: &AttentionConfig,
     dtype: DType,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let Saved { q, k, v, output, lse } = saved;
     let (qf, kf, vf, of, gf) = (f32s(q)?, f32s(k)?, f32s(v)?, f32s(output)?, f32s(grad_out)?);
     let lse = lse.cpu_data::<f32>("attention")?;
     let (sq, sk, d, nh, nkv) = (

@@ -2,7 +2,7 @@
 //! `D = rowsum(dO∘O)` precomputation and the fused backward (dQ accumulated in f32 with atomics, then
 //! cast to the dtype).
 
-use super::AttentionConfig;
+use super::{AttentionConfig, Saved};
 use crate::device::cuda::{CudaBackend, backend, kernels as k};
 use crate::error::{Error, Result};
 use crate::tensor::cuda::{CudaStorage, alloc, storage, typed, wrap};
@@ -151,19 +151,15 @@ pub(crate) fn forward(
     ))
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    output: &Tensor,
-    lse: &Tensor,
+    saved: Saved<'_>,
     grad_out: &Tensor,
     key_mask: Option<&[u8]>,
     cfg: &AttentionConfig,
     dtype: DType,
     ordinal: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let Saved { q, k, v, output, lse } = saved;
     let b = backend(ordinal)?;
     let p = dims(cfg)?;
     let mut dq_acc = CudaStorage {

@@ -201,6 +201,17 @@ pub fn attention_forward(
     }
 }
 
+/// What the backends' backward reads besides the output gradient: the inputs and the forward's
+/// `output` and `lse`, as [`attention_backward`] checked them.
+#[derive(Clone, Copy)]
+pub(crate) struct Saved<'a> {
+    pub(crate) q: &'a Tensor,
+    pub(crate) k: &'a Tensor,
+    pub(crate) v: &'a Tensor,
+    pub(crate) output: &'a Tensor,
+    pub(crate) lse: &'a Tensor,
+}
+
 /// Attention backward without a tape: `(dq, dk, dv)` in the inputs' dtype, from the inputs, the
 /// forward's `output` and `lse`, and the output gradient `grad_out` (same shape as the output).
 #[allow(clippy::too_many_arguments)]
@@ -240,11 +251,12 @@ pub fn attention_backward(
     } else {
         grad_out.to_dtype(dtype)?
     };
+    let saved = Saved { q, k, v, output, lse };
     match (q.storage(), dev) {
-        (Storage::Cpu(_), _) => cpu::backward(q, k, v, output, lse, &grad_out, key_mask, cfg, dtype),
+        (Storage::Cpu(_), _) => cpu::backward(saved, &grad_out, key_mask, cfg, dtype),
         #[cfg(feature = "cuda")]
         (Storage::Cuda(_), Device::Cuda(ordinal)) => {
-            cuda::backward(q, k, v, output, lse, &grad_out, key_mask, cfg, dtype, ordinal)
+            cuda::backward(saved, &grad_out, key_mask, cfg, dtype, ordinal)
         }
         #[cfg(feature = "cuda")]
         _ => Err(Error::device(OP, "storage and device disagree")),

@@ -52,7 +52,7 @@ pub(crate) mod cuda;
 
 use crate::device::{Device, on_device};
 use crate::error::{Error, Result};
-use crate::quant::{Absmax, BLOCKSIZES, NESTED_BLOCKSIZE, QuantizeOptions, QuantizedTensor, dynamic_map};
+use crate::quant::{Absmax, BLOCKSIZES, QuantizeOptions, QuantizedTensor};
 use crate::tensor::{DType, Tensor};
 
 /// The bit-width tier of one frozen base linear.
@@ -419,20 +419,7 @@ impl KBitTensor {
     pub fn absmax_f32(&self) -> Result<Vec<f32>> {
         match &self.absmax {
             None => Ok(Vec::new()),
-            Some(Absmax::F32(t)) => t.to_vec::<f32>(),
-            Some(Absmax::Double {
-                codes,
-                nested_absmax,
-                offset,
-                nested_code,
-                nested_blocksize,
-            }) => crate::quant::double_quant_decode_blocks(
-                &codes.to_vec::<u8>()?,
-                &nested_absmax.to_vec::<f32>()?,
-                *offset,
-                nested_code,
-                *nested_blocksize,
-            ),
+            Some(a) => a.to_host_f32(),
         }
     }
 
@@ -443,23 +430,7 @@ impl KBitTensor {
 
     /// The same tensor with each stored tensor replaced by `f(tensor)` (device copies, deep copies).
     pub fn try_map_tensors(&self, mut f: impl FnMut(&Tensor) -> Result<Tensor>) -> Result<KBitTensor> {
-        let absmax = match &self.absmax {
-            None => None,
-            Some(Absmax::F32(t)) => Some(Absmax::F32(f(t)?)),
-            Some(Absmax::Double {
-                codes,
-                nested_absmax,
-                offset,
-                nested_code,
-                nested_blocksize,
-            }) => Some(Absmax::Double {
-                codes: f(codes)?,
-                nested_absmax: f(nested_absmax)?,
-                offset: *offset,
-                nested_code: nested_code.clone(),
-                nested_blocksize: *nested_blocksize,
-            }),
-        };
+        let absmax = self.absmax.as_ref().map(|a| a.try_map(&mut f)).transpose()?;
         Ok(KBitTensor {
             data: f(&self.data)?,
             absmax,
@@ -569,16 +540,8 @@ impl KBitTensor {
 /// Double-quantizes an f32 absmax vector with the crate's 4-bit double quantization (the CPU
 /// implementation on any device: the vector is `numel / blocksize` floats).
 fn double_quant(absmax: &Tensor) -> Result<Absmax> {
-    let dev = absmax.device();
     let (codes, nested, offset) = crate::quant::cpu::double_quant(&absmax.to_vec::<f32>()?);
-    let (nc, nn) = (codes.len(), nested.len());
-    Ok(Absmax::Double {
-        codes: Tensor::from_vec(codes, &[nc], Device::Cpu)?.to_device(dev)?,
-        nested_absmax: Tensor::from_vec(nested, &[nn], Device::Cpu)?.to_device(dev)?,
-        offset,
-        nested_code: dynamic_map().to_vec(),
-        nested_blocksize: NESTED_BLOCKSIZE,
-    })
+    Absmax::double_from_host(codes, nested, offset, absmax.device())
 }
 
 /// `w` stored in `tier` with `opts` and read back as f32, and the stored bytes: what a tier costs and

@@ -317,12 +317,8 @@ impl BertModel {
     ) -> Result<BertModel> {
         config.validate()?;
         let c = config;
-        let (h, dt, dev) = (c.hidden_size, opts.dtype, opts.device);
-        if !dt.is_float() {
-            return Err(Error::invalid(format!(
-                "BERT activations must be a float dtype, got {dt}"
-            )));
-        }
+        let h = c.hidden_size;
+        let (dt, dev) = opts.float_activations("BERT")?;
         let linear = |module: &str, out, inp| frozen_linear(ckpt, prefix, module, out, inp, true, opts);
         let s = LayerSettings {
             heads: c.num_attention_heads,

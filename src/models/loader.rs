@@ -95,6 +95,20 @@ impl Default for ModelLoadOptions {
     }
 }
 
+impl ModelLoadOptions {
+    /// `(dtype, device)`, the dtype checked to be a float one (`model` names the architecture in the
+    /// error): what a model's `load` builds its activations in.
+    pub(crate) fn float_activations(&self, model: &str) -> Result<(DType, Device)> {
+        if !self.dtype.is_float() {
+            return Err(Error::invalid(format!(
+                "{model} activations must be a float dtype, got {}",
+                self.dtype
+            )));
+        }
+        Ok((self.dtype, self.device))
+    }
+}
+
 /// The tensors of a checkpoint directory: one file or the shards of an index, by tensor name.
 pub struct Checkpoint {
     dir: PathBuf,

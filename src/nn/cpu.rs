@@ -32,20 +32,26 @@ pub(crate) fn lane_sum<T: Element>(row: &[T], f: impl Fn(f32) -> f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// `out[j, :] = src[idx[j], :]` for rows of `h` elements. Indices are validated by the caller.
-pub(crate) fn gather_rows<T: Element>(src: &[T], idx: &[u32], h: usize) -> Vec<T> {
-    let mut out = vec![T::default(); idx.len() * h];
+/// `rows` rows of `h` zero-initialized elements, `row(r, out_row)` filling row `r` (in parallel, at least
+/// `rows_per_task(h)` rows a task; nothing to do when `h == 0`).
+fn fill_rows<T: Element>(rows: usize, h: usize, row: impl Fn(usize, &mut [T]) + Sync + Send) -> Vec<T> {
+    let mut out = vec![T::default(); rows * h];
     if h == 0 {
         return out;
     }
     out.par_chunks_mut(h)
-        .zip(idx.par_iter())
+        .enumerate()
         .with_min_len(rows_per_task(h))
-        .for_each(|(o, &r)| {
-            let r = r as usize;
-            o.copy_from_slice(&src[r * h..(r + 1) * h]);
-        });
+        .for_each(|(r, o)| row(r, o));
     out
+}
+
+/// `out[j, :] = src[idx[j], :]` for rows of `h` elements. Indices are validated by the caller.
+pub(crate) fn gather_rows<T: Element>(src: &[T], idx: &[u32], h: usize) -> Vec<T> {
+    fill_rows(idx.len(), h, |j, o| {
+        let r = idx[j] as usize;
+        o.copy_from_slice(&src[r * h..(r + 1) * h]);
+    })
 }
 
 /// The transpose of [`gather_rows`]: `out[r, :] = Σ_{j: idx[j] = r} dy[j, :]` over `n` output rows,
@@ -59,36 +65,28 @@ pub(crate) fn scatter_add_rows<T: Element>(
     n: usize,
     h: usize,
 ) -> Vec<T> {
-    let mut out = vec![T::default(); n * h];
-    if h == 0 {
-        return out;
-    }
-    out.par_chunks_mut(h)
-        .enumerate()
-        .with_min_len(rows_per_task(h))
-        .for_each(|(r, o)| {
-            let js = &order[offsets[r] as usize..offsets[r + 1] as usize];
-            match js {
-                [] => {}
-                [j] => {
-                    let j = *j as usize;
-                    o.copy_from_slice(&dy[j * h..(j + 1) * h]);
+    fill_rows(n, h, |r, o| {
+        let js = &order[offsets[r] as usize..offsets[r + 1] as usize];
+        match js {
+            [] => {}
+            [j] => {
+                let j = *j as usize;
+                o.copy_from_slice(&dy[j * h..(j + 1) * h]);
+            }
+            _ => {
+                let mut acc = vec![0f32; h];
+                for &j in js {
+                    let j = j as usize;
+                    for (a, &g) in acc.iter_mut().zip(&dy[j * h..(j + 1) * h]) {
+                        *a += g.to_f32();
+                    }
                 }
-                _ => {
-                    let mut acc = vec![0f32; h];
-                    for &j in js {
-                        let j = j as usize;
-                        for (a, &g) in acc.iter_mut().zip(&dy[j * h..(j + 1) * h]) {
-                            *a += g.to_f32();
-                        }
-                    }
-                    for (o, a) in o.iter_mut().zip(acc) {
-                        *o = T::from_f32(a);
-                    }
+                for (o, a) in o.iter_mut().zip(acc) {
+                    *o = T::from_f32(a);
                 }
             }
-        });
-    out
+        }
+    })
 }
 
 /// `y[i, :] = x[i, :] + row` (f32 math, one rounding).
@@ -109,35 +107,67 @@ pub(crate) fn add_row<T: Element>(x: &[T], row: &[f32]) -> Vec<T> {
     y
 }
 
+/// The row-parallel frame the norms' forwards share: `y` shaped like `x` and `k` f32 statistics per
+/// row of `h`, `row(y, x, stats)` filling one row (all zero when `h == 0`).
+fn norm_rows<T: Element>(
+    x: &[T],
+    h: usize,
+    k: usize,
+    row: impl Fn(&mut [T], &[T], &mut [f32]) + Sync + Send,
+) -> (Vec<T>, Vec<f32>) {
+    let rows = x.len().checked_div(h).unwrap_or(0);
+    let mut y = vec![T::default(); x.len()];
+    let mut stats = vec![0f32; k * rows];
+    if h == 0 {
+        return (y, stats);
+    }
+    y.par_chunks_mut(h)
+        .zip(x.par_chunks(h).zip(stats.par_chunks_mut(k)))
+        .with_min_len(rows_per_task(h))
+        .for_each(|(y, (x, st))| row(y, x, st));
+    (y, stats)
+}
+
+/// The frame of the norms' backwards: `dx` shaped like `x`, `row(dx, x, dy, stats)` filling one row
+/// from its `k` saved statistics (all zero when `h == 0`).
+fn norm_rows_backward<T: Element>(
+    x: &[T],
+    dy: &[T],
+    h: usize,
+    stats: &[f32],
+    k: usize,
+    row: impl Fn(&mut [T], &[T], &[T], &[f32]) + Sync + Send,
+) -> Vec<T> {
+    let mut dx = vec![T::default(); x.len()];
+    if h == 0 {
+        return dx;
+    }
+    dx.par_chunks_mut(h)
+        .zip(x.par_chunks(h).zip(dy.par_chunks(h)).zip(stats.par_chunks(k)))
+        .with_min_len(rows_per_task(h))
+        .for_each(|(dx, ((x, dy), st))| row(dx, x, dy, st));
+    dx
+}
+
 /// LayerNorm of each row of `x [rows, h]` (torch semantics: biased variance, `eps` inside the square
 /// root): `y = (x - mean)·rstd·w + b`. Two-pass statistics in f32 (the mean of `x - x[0]`, then the
 /// centred sum of squares, which avoids the cancellation of `E[x²] - mean²`). Returns `y` and per-row `[mean, rstd]`.
 pub(crate) fn layer_norm<T: Element>(x: &[T], w: &[f32], b: &[f32], eps: f32) -> (Vec<T>, Vec<f32>) {
     let h = w.len();
-    let rows = x.len().checked_div(h).unwrap_or(0);
-    let mut y = vec![T::default(); x.len()];
-    let mut stats = vec![0f32; 2 * rows];
-    if h == 0 {
-        return (y, stats);
-    }
     let inv_h = 1.0 / h as f32;
-    y.par_chunks_mut(h)
-        .zip(x.par_chunks(h).zip(stats.par_chunks_mut(2)))
-        .with_min_len(rows_per_task(h))
-        .for_each(|(y, (x, st))| {
-            // Shifting by the first element keeps the sum accurate for rows with a large common
-            // offset (|mean| >> std), where a plain f32 sum would lose the low bits of the mean.
-            let shift = x[0].to_f32();
-            let mean = shift + lane_sum(x, |v| v - shift) * inv_h;
-            let var = lane_sum(x, |v| (v - mean) * (v - mean)) * inv_h;
-            let rstd = 1.0 / (var + eps).sqrt();
-            for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
-                *y = T::from_f32((x.to_f32() - mean) * rstd * w + b);
-            }
-            st[0] = mean;
-            st[1] = rstd;
-        });
-    (y, stats)
+    norm_rows(x, h, 2, |y, x, st| {
+        // Shifting by the first element keeps the sum accurate for rows with a large common
+        // offset (|mean| >> std), where a plain f32 sum would lose the low bits of the mean.
+        let shift = x[0].to_f32();
+        let mean = shift + lane_sum(x, |v| v - shift) * inv_h;
+        let var = lane_sum(x, |v| (v - mean) * (v - mean)) * inv_h;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+            *y = T::from_f32((x.to_f32() - mean) * rstd * w + b);
+        }
+        st[0] = mean;
+        st[1] = rstd;
+    })
 }
 
 /// LayerNorm input gradient from the saved `[mean, rstd]` per row: with `x̂ = (x - mean)·rstd` and
@@ -145,43 +175,35 @@ pub(crate) fn layer_norm<T: Element>(x: &[T], w: &[f32], b: &[f32], eps: f32) ->
 /// (the row stays in L1 in between).
 pub(crate) fn layer_norm_backward<T: Element>(x: &[T], dy: &[T], w: &[f32], stats: &[f32]) -> Vec<T> {
     let h = w.len();
-    let mut dx = vec![T::default(); x.len()];
-    if h == 0 {
-        return dx;
-    }
     let inv_h = 1.0 / h as f32;
-    dx.par_chunks_mut(h)
-        .zip(x.par_chunks(h).zip(dy.par_chunks(h)).zip(stats.par_chunks(2)))
-        .with_min_len(rows_per_task(h))
-        .for_each(|(dx, ((x, dy), st))| {
-            let (mean, rstd) = (st[0], st[1]);
-            let (sg, sgx) = {
-                // Σ g and Σ g·x̂ over the row, with g = dy·w.
-                let (mut s, mut t) = ([0f32; 8], [0f32; 8]);
-                let (cx, cy, cw) = (x.chunks_exact(8), dy.chunks_exact(8), w.chunks_exact(8));
-                let (tx, ty, tw) = (cx.remainder(), cy.remainder(), cw.remainder());
-                for ((cx, cy), cw) in cx.zip(cy).zip(cw) {
-                    for k in 0..8 {
-                        let g = cy[k].to_f32() * cw[k];
-                        s[k] += g;
-                        t[k] += g * ((cx[k].to_f32() - mean) * rstd);
-                    }
+    norm_rows_backward(x, dy, h, stats, 2, |dx, x, dy, st| {
+        let (mean, rstd) = (st[0], st[1]);
+        let (sg, sgx) = {
+            // Σ g and Σ g·x̂ over the row, with g = dy·w.
+            let (mut s, mut t) = ([0f32; 8], [0f32; 8]);
+            let (cx, cy, cw) = (x.chunks_exact(8), dy.chunks_exact(8), w.chunks_exact(8));
+            let (tx, ty, tw) = (cx.remainder(), cy.remainder(), cw.remainder());
+            for ((cx, cy), cw) in cx.zip(cy).zip(cw) {
+                for k in 0..8 {
+                    let g = cy[k].to_f32() * cw[k];
+                    s[k] += g;
+                    t[k] += g * ((cx[k].to_f32() - mean) * rstd);
                 }
-                let (mut us, mut ut) = (0f32, 0f32);
-                for ((&x, &dy), &w) in tx.iter().zip(ty).zip(tw) {
-                    let g = dy.to_f32() * w;
-                    us += g;
-                    ut += g * ((x.to_f32() - mean) * rstd);
-                }
-                (s.iter().sum::<f32>() + us, t.iter().sum::<f32>() + ut)
-            };
-            let (a, c) = (sg * inv_h, sgx * inv_h);
-            for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
-                let xhat = (x.to_f32() - mean) * rstd;
-                *dx = T::from_f32(rstd * (dy.to_f32() * w - a - xhat * c));
             }
-        });
-    dx
+            let (mut us, mut ut) = (0f32, 0f32);
+            for ((&x, &dy), &w) in tx.iter().zip(ty).zip(tw) {
+                let g = dy.to_f32() * w;
+                us += g;
+                ut += g * ((x.to_f32() - mean) * rstd);
+            }
+            (s.iter().sum::<f32>() + us, t.iter().sum::<f32>() + ut)
+        };
+        let (a, c) = (sg * inv_h, sgx * inv_h);
+        for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+            let xhat = (x.to_f32() - mean) * rstd;
+            *dx = T::from_f32(rstd * (dy.to_f32() * w - a - xhat * c));
+        }
+    })
 }
 
 /// Masked mean over each sequence: `y[b, :] = (Σ_{t: mask} x[b·seq + t, :]) / count[b]`, zero where
@@ -220,24 +242,15 @@ pub(crate) fn mean_pool_backward<T: Element>(
     seq: usize,
     h: usize,
 ) -> Vec<T> {
-    let batch = counts.len();
-    let mut dx = vec![T::default(); batch * seq * h];
-    if h == 0 {
-        return dx;
-    }
-    dx.par_chunks_mut(h)
-        .enumerate()
-        .with_min_len(rows_per_task(h))
-        .for_each(|(r, dx)| {
-            let b = r / seq;
-            if mask[r] != 0 {
-                let c = counts[b];
-                for (dx, &g) in dx.iter_mut().zip(&dy[b * h..(b + 1) * h]) {
-                    *dx = T::from_f32(g.to_f32() / c);
-                }
+    fill_rows(counts.len() * seq, h, |r, dx| {
+        let b = r / seq;
+        if mask[r] != 0 {
+            let c = counts[b];
+            for (dx, &g) in dx.iter_mut().zip(&dy[b * h..(b + 1) * h]) {
+                *dx = T::from_f32(g.to_f32() / c);
             }
-        });
-    dx
+        }
+    })
 }
 
 /// RMSNorm of each row as transformers' `LlamaRMSNorm`: `r = 1/sqrt(mean(x²) + eps)` in f32, then
@@ -245,61 +258,44 @@ pub(crate) fn mean_pool_backward<T: Element>(
 /// dtype before the weight multiply; both roundings are exact no-ops for f32). Returns `y` and `r`.
 pub(crate) fn rms_norm<T: Element>(x: &[T], w: &[f32], eps: f32) -> (Vec<T>, Vec<f32>) {
     let h = w.len();
-    let rows = x.len().checked_div(h).unwrap_or(0);
-    let mut y = vec![T::default(); x.len()];
-    let mut rstd = vec![0f32; rows];
-    if h == 0 {
-        return (y, rstd);
-    }
     let inv_h = 1.0 / h as f32;
-    y.par_chunks_mut(h)
-        .zip(x.par_chunks(h).zip(rstd.par_iter_mut()))
-        .with_min_len(rows_per_task(h))
-        .for_each(|(y, (x, rs))| {
-            let r = 1.0 / (lane_sum(x, |v| v * v) * inv_h + eps).sqrt();
-            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-                let t = T::from_f32(x.to_f32() * r).to_f32();
-                *y = T::from_f32(w * t);
-            }
-            *rs = r;
-        });
-    (y, rstd)
+    norm_rows(x, h, 1, |y, x, rs| {
+        let r = 1.0 / (lane_sum(x, |v| v * v) * inv_h + eps).sqrt();
+        for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+            let t = T::from_f32(x.to_f32() * r).to_f32();
+            *y = T::from_f32(w * t);
+        }
+        rs[0] = r;
+    })
 }
 
 /// RMSNorm input gradient from the saved `r` per row: with `x̂ = x·r` and `g = dy·w`,
 /// `dx = r·(g - x̂·mean(g·x̂))` (the intermediate rounding of the forward is not differentiated).
 pub(crate) fn rms_norm_backward<T: Element>(x: &[T], dy: &[T], w: &[f32], rstd: &[f32]) -> Vec<T> {
     let h = w.len();
-    let mut dx = vec![T::default(); x.len()];
-    if h == 0 {
-        return dx;
-    }
     let inv_h = 1.0 / h as f32;
-    dx.par_chunks_mut(h)
-        .zip(x.par_chunks(h).zip(dy.par_chunks(h)).zip(rstd.par_iter()))
-        .with_min_len(rows_per_task(h))
-        .for_each(|(dx, ((x, dy), &r))| {
-            let mut acc = [0f32; 8];
-            let (cx, cy, cw) = (x.chunks_exact(8), dy.chunks_exact(8), w.chunks_exact(8));
-            let (tx, ty, tw) = (cx.remainder(), cy.remainder(), cw.remainder());
-            for ((cx, cy), cw) in cx.zip(cy).zip(cw) {
-                for k in 0..8 {
-                    acc[k] += cy[k].to_f32() * cw[k] * (cx[k].to_f32() * r);
-                }
+    norm_rows_backward(x, dy, h, rstd, 1, |dx, x, dy, rs| {
+        let r = rs[0];
+        let mut acc = [0f32; 8];
+        let (cx, cy, cw) = (x.chunks_exact(8), dy.chunks_exact(8), w.chunks_exact(8));
+        let (tx, ty, tw) = (cx.remainder(), cy.remainder(), cw.remainder());
+        for ((cx, cy), cw) in cx.zip(cy).zip(cw) {
+            for k in 0..8 {
+                acc[k] += cy[k].to_f32() * cw[k] * (cx[k].to_f32() * r);
             }
-            let tail: f32 = tx
-                .iter()
-                .zip(ty)
-                .zip(tw)
-                .map(|((&x, &dy), &w)| dy.to_f32() * w * (x.to_f32() * r))
-                .sum();
-            let c = (acc.iter().sum::<f32>() + tail) * inv_h;
-            for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
-                let xhat = x.to_f32() * r;
-                *dx = T::from_f32(r * (dy.to_f32() * w - xhat * c));
-            }
-        });
-    dx
+        }
+        let tail: f32 = tx
+            .iter()
+            .zip(ty)
+            .zip(tw)
+            .map(|((&x, &dy), &w)| dy.to_f32() * w * (x.to_f32() * r))
+            .sum();
+        let c = (acc.iter().sum::<f32>() + tail) * inv_h;
+        for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+            let xhat = x.to_f32() * r;
+            *dx = T::from_f32(r * (dy.to_f32() * w - xhat * c));
+        }
+    })
 }
 
 /// Rotary position embedding as transformers' Llama (`apply_rotary_pos_emb` with `rotate_half`) over

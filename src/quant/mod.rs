@@ -372,8 +372,40 @@ impl Absmax {
         }
     }
 
+    /// Double-quantized scales from the host outputs of [`cpu::double_quant`] (`codes`, nested absmax,
+    /// offset), with the crate's nested code book and blocksize, stored on `device`.
+    pub(crate) fn double_from_host(
+        codes: Vec<u8>,
+        nested: Vec<f32>,
+        offset: f32,
+        device: Device,
+    ) -> Result<Absmax> {
+        let (nc, nn) = (codes.len(), nested.len());
+        Ok(Absmax::Double {
+            codes: Tensor::from_vec(codes, &[nc], Device::Cpu)?.to_device(device)?,
+            nested_absmax: Tensor::from_vec(nested, &[nn], Device::Cpu)?.to_device(device)?,
+            offset,
+            nested_code: dynamic_map().to_vec(),
+            nested_blocksize: NESTED_BLOCKSIZE,
+        })
+    }
+
+    /// The f32 absmax on the host (double quantization decoded), read from any device.
+    pub(crate) fn to_host_f32(&self) -> Result<Vec<f32>> {
+        match self.view() {
+            AbsmaxRef::F32(t) => t.to_vec::<f32>(),
+            AbsmaxRef::Double(d) => double_quant_decode_blocks(
+                &d.codes.to_vec::<u8>()?,
+                &d.nested_absmax.to_vec::<f32>()?,
+                d.offset,
+                d.nested_code,
+                d.nested_blocksize,
+            ),
+        }
+    }
+
     /// The same scales with each stored tensor replaced by `f(tensor)`.
-    fn try_map(&self, f: &mut impl FnMut(&Tensor) -> Result<Tensor>) -> Result<Absmax> {
+    pub(crate) fn try_map(&self, f: &mut impl FnMut(&Tensor) -> Result<Tensor>) -> Result<Absmax> {
         Ok(match self.view() {
             AbsmaxRef::F32(t) => Absmax::F32(f(t)?),
             AbsmaxRef::Double(d) => Absmax::Double {

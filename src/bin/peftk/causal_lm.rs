@@ -273,7 +273,7 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
         .model
         .clone()
         .ok_or_else(|| inv("--task causal-lm needs --model DIR"))?;
-    let (mut m, tok) = load(&mdir, &finetune::load_opts(a.quantize, true))?;
+    let (mut m, tok) = load(&mdir, &finetune::load_opts(a.base.quantize, true))?;
     let mut store = ParamStore::new();
     m.load_adapter(&a.adapter, &mut store)?;
     let texts = read_texts(&a.data, &a.data_args.text_column)?;

@@ -523,40 +523,46 @@ fn lora_module(
             }
         )));
     }
-    let mut params = r * (in_f + out_f);
-    let has_mag = parts.contains_key(&Part::Magnitude);
-    if has_mag != c.use_dora {
-        return Err(ferr(format!(
-            "module {name:?}: {} lora_magnitude_vector but use_dora is {}",
-            if has_mag { "has a" } else { "has no" },
-            c.use_dora
-        )));
-    }
-    if let Some(k) = parts.get(&Part::Magnitude) {
-        let s = shape_of(k);
-        if s != [out_f] {
-            return Err(ferr(format!("{k:?} has shape {s:?}, expected [{out_f}]")));
+    // An optional `[out]` vector (the DoRA magnitude, lora_B's bias): present exactly when `want`
+    // (the config's `flag` is `value`), then its parameters count.
+    let optional_vector = |part: Part, what: &str, want: bool, flag: &str, value: bool| -> Result<usize> {
+        let present = parts.contains_key(&part);
+        if present != want {
+            return Err(ferr(format!(
+                "module {name:?}: {} {what} but {flag} is {value}",
+                if present { "has a" } else { "has no" },
+            )));
         }
-        params += out_f;
-    }
-    let has_bias = parts.contains_key(&Part::LoraBBias);
-    if has_bias && is_embedding {
+        match parts.get(&part) {
+            Some(k) => {
+                let s = shape_of(k);
+                if s != [out_f] {
+                    return Err(ferr(format!("{k:?} has shape {s:?}, expected [{out_f}]")));
+                }
+                Ok(out_f)
+            }
+            None => Ok(0),
+        }
+    };
+    let mut params = r * (in_f + out_f);
+    params += optional_vector(
+        Part::Magnitude,
+        "lora_magnitude_vector",
+        c.use_dora,
+        "use_dora",
+        c.use_dora,
+    )?;
+    if parts.contains_key(&Part::LoraBBias) && is_embedding {
         return Err(ferr(format!("module {name:?}: lora_B.bias on an embedding")));
     }
-    if has_bias != (c.lora_bias && !is_embedding) {
-        return Err(ferr(format!(
-            "module {name:?}: {} lora_B.bias but lora_bias is {}",
-            if has_bias { "has a" } else { "has no" },
-            c.lora_bias
-        )));
-    }
-    if let Some(k) = parts.get(&Part::LoraBBias) {
-        let s = shape_of(k);
-        if s != [out_f] {
-            return Err(ferr(format!("{k:?} has shape {s:?}, expected [{out_f}]")));
-        }
-        params += out_f;
-    }
+    let want_bias = c.lora_bias && !is_embedding;
+    params += optional_vector(
+        Part::LoraBBias,
+        "lora_B.bias",
+        want_bias,
+        "lora_bias",
+        c.lora_bias,
+    )?;
     let method = if c.use_dora {
         AdapterMethod::Dora
     } else {
@@ -568,7 +574,7 @@ fn lora_module(
         LayerKind::Linear
     };
     let mut m = new_module(cfg, name, method, layer, Some(in_f), Some(out_f), None, params);
-    m.lora_bias = has_bias;
+    m.lora_bias = want_bias; // lora_B.bias is present exactly then (checked above)
     Ok(m)
 }
 

@@ -154,12 +154,8 @@ impl LlamaModel {
     ) -> Result<LlamaModel> {
         config.validate()?;
         let c = config;
-        let (h, dt, dev) = (c.hidden_size, opts.dtype, opts.device);
-        if !dt.is_float() {
-            return Err(Error::invalid(format!(
-                "Llama activations must be a float dtype, got {dt}"
-            )));
-        }
+        let h = c.hidden_size;
+        let (dt, dev) = opts.float_activations("Llama")?;
         let linear = |module: &str, out, inp, bias| frozen_linear(ckpt, prefix, module, out, inp, bias, opts);
         let s = LayerSettings {
             heads: c.num_attention_heads,

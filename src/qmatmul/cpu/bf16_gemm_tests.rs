@@ -60,6 +60,28 @@ fn check(
     }
 }
 
+/// `fwd` (`y [t, out] = a · Wᵀ`, `wt(j, kk)` is `W[j, kk]`) or, with `backward`, `bwd` (`dx [t, inp] =
+/// a · W`, `wt(j, kk)` is `W[kk, j]`) from a zero accumulator, checked.
+fn check_from_zero(
+    kern: Kern,
+    backward: bool,
+    a: &[f32],
+    w: &WeightRef<'_>,
+    wt: impl Fn(usize, usize) -> f32,
+    (t, out, inp): (usize, usize, usize),
+    what: &str,
+) {
+    type Pass = fn(Kern, &[f32], &WeightRef<'_>, usize, usize, usize, &mut [f32]);
+    let (k, n, pass): (usize, usize, Pass) = if backward {
+        (out, inp, bwd)
+    } else {
+        (inp, out, fwd)
+    };
+    let mut got = vec![0.0; t * n];
+    pass(kern, a, w, t, out, inp, &mut got);
+    check(&got, &vec![0.0; t * n], a, t, k, n, wt, what);
+}
+
 /// fwd and bwd for one shape and kernel, accumulating onto poisoned-free random `c0`, with NaN
 /// sentinels after the output to catch writes past it.
 fn run_shape(kern: Kern, t: usize, out: usize, inp: usize, seed: u64) {
@@ -199,16 +221,14 @@ fn zeros_and_extreme_values() {
         let w: Vec<f32> = (0..out * inp)
             .map(|i| scale[(i * 7 + 3) % scale.len()] * -0.75)
             .collect();
-        let mut y = vec![0.0; t * out];
-        fwd(kern, &x, &WeightRef::F32(&w), t, out, inp, &mut y);
-        check(
-            &y,
-            &vec![0.0; t * out],
+        let wr = WeightRef::F32(&w);
+        check_from_zero(
+            kern,
+            false,
             &x,
-            t,
-            inp,
-            out,
+            &wr,
             |j, kk| w[j * inp + kk],
+            (t, out, inp),
             "extreme",
         );
         // Non-finite inputs propagate: an infinity in x makes its row infinite or NaN.
@@ -236,28 +256,23 @@ fn nf4_weight_decodes_then_rounds() {
     let x = values(t * inp, 9);
     let dy = values(t * out, 10);
     for kern in kernels() {
-        let mut y = vec![0.0; t * out];
-        fwd(kern, &x, &WeightRef::Q4(qv), t, out, inp, &mut y);
-        check(
-            &y,
-            &vec![0.0; t * out],
+        let w = WeightRef::Q4(qv);
+        check_from_zero(
+            kern,
+            false,
             &x,
-            t,
-            inp,
-            out,
+            &w,
             |j, kk| wd[j * inp + kk],
+            (t, out, inp),
             "nf4 fwd",
         );
-        let mut dx = vec![0.0; t * inp];
-        bwd(kern, &dy, &WeightRef::Q4(qv), t, out, inp, &mut dx);
-        check(
-            &dx,
-            &vec![0.0; t * inp],
+        check_from_zero(
+            kern,
+            true,
             &dy,
-            t,
-            out,
-            inp,
+            &w,
             |j, kk| wd[kk * inp + j],
+            (t, out, inp),
             "nf4 bwd",
         );
     }

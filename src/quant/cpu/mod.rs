@@ -34,9 +34,7 @@ pub use reference::{
     quantize_8bit_ref, quantize_reference,
 };
 
-use super::{
-    Absmax, AbsmaxRef, NESTED_BLOCKSIZE, QuantState, QuantType, QuantizeOptions, QuantizedTensor, dynamic_map,
-};
+use super::{Absmax, AbsmaxRef, QuantState, QuantType, QuantizeOptions, QuantizedTensor};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Element, Tensor};
@@ -543,14 +541,7 @@ pub(super) fn quantize_tensor(t: &Tensor, opts: &QuantizeOptions) -> Result<(Ten
     let nb = absmax.len();
     let absmax = if opts.double_quant {
         let (codes, nested, offset) = double_quant(&absmax);
-        let nn = nested.len();
-        Absmax::Double {
-            codes: Tensor::from_vec(codes, &[nb], Device::Cpu)?,
-            nested_absmax: Tensor::from_vec(nested, &[nn], Device::Cpu)?,
-            offset,
-            nested_code: dynamic_map().to_vec(),
-            nested_blocksize: NESTED_BLOCKSIZE,
-        }
+        Absmax::double_from_host(codes, nested, offset, Device::Cpu)?
     } else {
         Absmax::F32(Tensor::from_vec(absmax, &[nb], Device::Cpu)?)
     };

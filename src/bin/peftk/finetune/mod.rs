@@ -515,6 +515,17 @@ pub(crate) fn load_classifier(
     Ok(m)
 }
 
+/// How eval and predict load the trained model's base (flattened into both).
+#[derive(ClapArgs, Debug, Clone)]
+pub struct BaseArgs {
+    #[arg(long, value_enum, default_value = "nf4")]
+    pub quantize: Quant,
+    /// A `qr_adaptor.json` (per-linear bit-widths, embedding storage) to load the base with; default:
+    /// the one `--method qr-adaptor` saves in the adapter directory, if any.
+    #[arg(long)]
+    pub qr_config: Option<PathBuf>,
+}
+
 /// `peftk eval`.
 #[derive(ClapArgs, Debug, Clone)]
 pub struct EvalArgs {
@@ -527,12 +538,8 @@ pub struct EvalArgs {
     pub data: PathBuf,
     #[arg(long, default_value = "seq-cls")]
     pub task: String,
-    #[arg(long, value_enum, default_value = "nf4")]
-    pub quantize: Quant,
-    /// A `qr_adaptor.json` (per-linear bit-widths, embedding storage) to load the base with; default:
-    /// the one `--method qr-adaptor` saves in the adapter directory, if any.
-    #[arg(long)]
-    pub qr_config: Option<PathBuf>,
+    #[command(flatten)]
+    pub base: BaseArgs,
     #[command(flatten)]
     pub data_args: DataArgs,
     /// One JSON line `{"n", "loss", "accuracy", "f1"}`.
@@ -543,16 +550,15 @@ pub struct EvalArgs {
 fn load_trained(
     model: &Option<PathBuf>,
     adapter: &Path,
-    quant: Quant,
-    qr_config: Option<&Path>,
+    base: &BaseArgs,
 ) -> Result<(BertForSequenceClassification, ParamStore, BertTokenizer, LabelMap)> {
     let mdir = model_dir(model)?;
     let label_map = LabelMap::load(adapter)?;
     let mut store = ParamStore::new();
-    let qr = crate::qr_adapt::adapter_config(adapter, qr_config)?;
+    let qr = crate::qr_adapt::adapter_config(adapter, base.qr_config.as_deref())?;
     let opts = match &qr {
-        Some(qc) => crate::qr_adapt::load_opts(qc, quant),
-        None => load_opts(quant, true),
+        Some(qc) => crate::qr_adapt::load_opts(qc, base.quantize),
+        None => load_opts(base.quantize, true),
     };
     let mut m = load_classifier(&mdir, &opts, &mut store, 0, label_map.len())?;
     if let Some(qc) = &qr {
@@ -574,7 +580,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     if a.task != "seq-cls" {
         return Err(inv(format!("--task {}: only seq-cls is implemented", a.task)));
     }
-    let (m, store, tok, map) = load_trained(&a.model, &a.adapter, a.quantize, a.qr_config.as_deref())?;
+    let (m, store, tok, map) = load_trained(&a.model, &a.adapter, &a.base)?;
     let ds = data::load_with_map(&a.data, &a.data_args.columns(), &map)?;
     let enc = encode(&tok, &ds, a.data_args.max_len)?;
     let (loss, acc, f1) = evaluate(&m, &store, &enc, &ds, tok.pad_id())?;
@@ -604,12 +610,8 @@ pub struct PredictArgs {
     /// A data file instead (its text column; labels are ignored).
     #[arg(long)]
     pub data: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "nf4")]
-    pub quantize: Quant,
-    /// A `qr_adaptor.json` (per-linear bit-widths, embedding storage) to load the base with; default:
-    /// the one `--method qr-adaptor` saves in the adapter directory, if any.
-    #[arg(long)]
-    pub qr_config: Option<PathBuf>,
+    #[command(flatten)]
+    pub base: BaseArgs,
     #[command(flatten)]
     pub data_args: DataArgs,
     /// One JSON line per input: `{"text", "label", "prob"}`.
@@ -618,7 +620,7 @@ pub struct PredictArgs {
 }
 
 pub fn run_predict(a: PredictArgs) -> Result<()> {
-    let (m, store, tok, map) = load_trained(&a.model, &a.adapter, a.quantize, a.qr_config.as_deref())?;
+    let (m, store, tok, map) = load_trained(&a.model, &a.adapter, &a.base)?;
     let texts: Vec<String> = match &a.data {
         Some(p) => data::read_records(p, &a.data_args.columns())?
             .into_iter()
