@@ -211,8 +211,15 @@ pub(crate) struct Q8<'a> {
     pub av: &'a mut [f32],
 }
 
+/// Runs `f` on each quantization block of a run of blocks: its parameters, gradients, the codes of m and
+/// v, and their two block maxima.
 #[inline(always)]
-fn blocks8<T: Element>(p: &mut [T], g: &[f32], q: Q8<'_>, s: &BnbScalars, t: &Tables) {
+fn each_block<T: Element>(
+    p: &mut [T],
+    g: &[f32],
+    q: Q8<'_>,
+    mut f: impl FnMut(&mut [T], &[f32], &mut [u8], &mut [u8], (&mut f32, &mut f32)),
+) {
     for (((((p, g), cm), cv), am), av) in p
         .chunks_mut(BLOCK)
         .zip(g.chunks(BLOCK))
@@ -221,8 +228,13 @@ fn blocks8<T: Element>(p: &mut [T], g: &[f32], q: Q8<'_>, s: &BnbScalars, t: &Ta
         .zip(q.am.iter_mut())
         .zip(q.av.iter_mut())
     {
-        block8(p, g, cm, cv, (am, av), s, t);
+        f(p, g, cm, cv, (am, av));
     }
+}
+
+#[inline(always)]
+fn blocks8<T: Element>(p: &mut [T], g: &[f32], q: Q8<'_>, s: &BnbScalars, t: &Tables) {
+    each_block(p, g, q, |p, g, cm, cv, a| block8(p, g, cm, cv, a, s, t));
 }
 
 /// An explicit SIMD block kernel (`avx512::block8`, `avx512::block8_vbmi`, `avx2::block8`): one block
@@ -271,14 +283,7 @@ unsafe fn blocks8_simd<T: Element>(
 ) {
     let mut buf = [0f32; BLOCK];
     let mut scratch = Scratch::new();
-    for (((((p, g), cm), cv), am), av) in p
-        .chunks_mut(BLOCK)
-        .zip(g.chunks(BLOCK))
-        .zip(q.cm.chunks_mut(BLOCK))
-        .zip(q.cv.chunks_mut(BLOCK))
-        .zip(q.am.iter_mut())
-        .zip(q.av.iter_mut())
-    {
+    each_block(p, g, q, |p, g, cm, cv, (am, av)| {
         match bytemuck::try_cast_slice_mut::<T, f32>(p)
             .ok()
             .filter(|_| T::DTYPE == crate::tensor::DType::F32)
@@ -297,7 +302,7 @@ unsafe fn blocks8_simd<T: Element>(
                 }
             }
         }
-    }
+    });
 }
 
 /// The SIMD block kernels this CPU runs, best first: AVX-512 with VBMI, AVX-512, AVX2 with FMA (detected at run
