@@ -25,7 +25,7 @@ use peft_kernels::io::peft::{AdapterConfig, LoraConfig, MethodConfig, TargetModu
 use peft_kernels::io::{TensorBytes, write_safetensors};
 use peft_kernels::models::{self, LlamaForCausalLM, ModelLoadOptions, QuantizeOnLoad, TokenBatch};
 use peft_kernels::optim::{AdamW, AdamWConfig};
-use peft_kernels::qmatmul::{Algo, BaseWeight, linear_forward};
+use peft_kernels::qmatmul::{Algo, BaseWeight, linear_backward_input, linear_forward};
 use peft_kernels::{DType, Device, Tensor};
 use serde_json::json;
 use std::time::Duration;
@@ -202,7 +202,8 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-/// The frozen forward product alone, f32 against bf16 compute (FLOPs: 2·256·1024·out per iteration).
+/// The frozen products alone, forward and input gradient, f32 against bf16 compute (FLOPs:
+/// 2·256·1024·out per iteration).
 fn gemm(c: &mut Criterion) {
     let mut g = c.benchmark_group("llama_gemm");
     g.sample_size(10)
@@ -217,9 +218,14 @@ fn gemm(c: &mut Criterion) {
     let x = Tensor::from_vec(val(t * inp, 7), &[t, inp], Device::Cpu).unwrap();
     for out in [2816, 32000] {
         let w = BaseWeight::Dense(Tensor::from_vec(val(out * inp, 13), &[out, inp], Device::Cpu).unwrap());
+        let dy = Tensor::from_vec(val(t * out, 11), &[t, out], Device::Cpu).unwrap();
         for (name, algo) in [("auto", Algo::Auto), ("bf16", Algo::Bf16)] {
             g.bench_function(format!("fwd_{t}x{inp}x{out}/{name}"), |b| {
                 b.iter(|| linear_forward(&x, &w, None, None, algo).unwrap())
+            });
+            // The input gradient dx = dy·W (same FLOPs).
+            g.bench_function(format!("bwd_{t}x{out}x{inp}/{name}"), |b| {
+                b.iter(|| linear_backward_input(&dy, &w, None, algo).unwrap())
             });
         }
     }

@@ -65,8 +65,9 @@ pub enum Algo {
     /// Dequantize W to a dense scratch buffer, then GEMM (the baseline).
     DequantGemm,
     /// bf16 compute for the frozen product, CPU batch path (more than 16 tokens): W (decoded) and the
-    /// activations rounded to bf16, f32 accumulation, with AVX512_BF16 where the CPU has it (the
-    /// numerics of `bnb_4bit_compute_dtype=torch.bfloat16` / autocast). The low-rank term stays f32.
+    /// activations rounded to bf16, f32 accumulation, with AVX512_BF16 where the CPU has it, else an
+    /// AVX2 kernel with the portable kernel's exact numbers at about the f32 speed (the numerics of
+    /// `bnb_4bit_compute_dtype=torch.bfloat16` / autocast). The low-rank term stays f32.
     /// Elsewhere (≤ 16 tokens, CUDA) the same as `Auto`.
     Bf16,
 }

@@ -40,6 +40,11 @@ const KC_PAIRS: usize = 128;
 pub(crate) enum Kern {
     /// `VDPBF16PS` (AVX512F + BW + VL + BF16, detected at run time).
     Avx512Bf16,
+    /// AVX2 without bf16 hardware: the operands widened to f32 (exact) and multiplied and added
+    /// as separate IEEE operations in the portable kernel's order, so the results are bit-identical to
+    /// [`Kern::Portable`] at close to the f32 multiply rate (Zen 3 issues two multiplies and two adds
+    /// per cycle on separate pipes).
+    Avx2,
     /// Plain Rust with the same numerics contract.
     Portable,
 }
@@ -56,6 +61,10 @@ impl Kern {
                 && is_x86_feature_detected!("avx512bf16")
             {
                 return Kern::Avx512Bf16;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") {
+                return Kern::Avx2;
             }
             Kern::Portable
         })
@@ -91,6 +100,12 @@ fn convert_pairs(kern: Kern, src: &[f32], dst: &mut [u32]) {
         // reads src[..32q] and writes dst[..16q] for q = src.len() / 32, in bounds.
         done = unsafe { avx512::convert_pairs(src, dst) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if kern == Kern::Avx2 {
+        // SAFETY: Avx2 is only chosen after runtime detection; the helper reads src[..16q] and writes
+        // dst[..8q] for q = src.len() / 16, in bounds.
+        done = unsafe { avx2::convert_pairs(src, dst) };
+    }
     let _ = kern;
     for (p, d) in dst.iter_mut().enumerate().skip(done) {
         let lo = src[2 * p];
@@ -99,8 +114,29 @@ fn convert_pairs(kern: Kern, src: &[f32], dst: &mut [u32]) {
     }
 }
 
-/// `A [m, k]` (row-major, row stride `k`) packed as `[⌈m/MR⌉][⌈k/2⌉][MR]` words (padding rows are 0).
+/// `A [m, k]` (row-major, row stride `k`) packed as `[⌈m/MR⌉][⌈k/2⌉][MR]` words (padding rows are 0);
+/// for [`Kern::Avx2`] each pair's `MR` words are then split into `MR` f32 of the odd k (the word's
+/// high half) followed by `MR` of the even k: `[⌈m/MR⌉][⌈k/2⌉][2][MR]` f32 bits, so the kernel
+/// broadcasts straight from memory.
 fn pack_a(kern: Kern, a: &[f32], m: usize, k: usize) -> Vec<u32> {
+    let words = pack_a_words(kern, a, m, k);
+    if kern != Kern::Avx2 {
+        return words;
+    }
+    let mut out = vec![0u32; 2 * words.len()];
+    out.par_chunks_mut(2 * MR)
+        .zip(words.par_chunks(MR))
+        .for_each(|(o, w)| {
+            for (i, &x) in w.iter().enumerate() {
+                o[i] = x & 0xFFFF_0000;
+                o[MR + i] = x << 16;
+            }
+        });
+    out
+}
+
+/// [`pack_a`]'s word layout.
+fn pack_a_words(kern: Kern, a: &[f32], m: usize, k: usize) -> Vec<u32> {
     let kp = k.div_ceil(2);
     let mut out = vec![0u32; m.div_ceil(MR) * kp * MR];
     out.par_chunks_mut(kp * MR)
@@ -163,6 +199,12 @@ fn pack_b_strips(kern: Kern, w: &[f32], ld: usize, k: usize, cols: usize, dst: &
                 unsafe { avx512::interleave_rows(r0, r1, d) };
                 continue;
             }
+            #[cfg(target_arch = "x86_64")]
+            if kern == Kern::Avx2 {
+                // SAFETY: runtime-detected AVX2; r0 (and r1) hold nc <= NR elements, d holds NR.
+                unsafe { avx2::interleave_rows(r0, r1, d) };
+                continue;
+            }
             let _ = kern;
             for (j, dj) in d.iter_mut().enumerate() {
                 *dj = if j < nc {
@@ -200,6 +242,8 @@ unsafe fn run_strips(
     ldc: usize,
 ) {
     let ns = b.len() / (kp * NR);
+    // Words of packed A per k pair and row block (see `pack_a`).
+    let aw = if kern == Kern::Avx2 { 2 * MR } else { MR };
     for p0 in (0..kp).step_by(KC_PAIRS) {
         let kps = KC_PAIRS.min(kp - p0);
         for s in 0..ns {
@@ -211,7 +255,7 @@ unsafe fn run_strips(
             let bs = &b[(s * kp + p0) * NR..(s * kp + p0 + kps) * NR];
             for bi in 0..m.div_ceil(MR) {
                 let rows = MR.min(m - bi * MR);
-                let ab = &a[(bi * kp + p0) * MR..(bi * kp + p0 + kps) * MR];
+                let ab = &a[(bi * kp + p0) * aw..(bi * kp + p0 + kps) * aw];
                 // SAFETY: the tile's rows bi·MR.. (< m) and columns j0..j0+cols (< n, owned by this
                 // call per the contract) are inside c.
                 let ct = unsafe { c.add(bi * MR * ldc + j0) };
@@ -220,6 +264,10 @@ unsafe fn run_strips(
                     // SAFETY: runtime-detected features; ab holds kps·MR words, bs kps·NR; the tile
                     // (rows × cols at stride ldc) is in bounds as above.
                     Kern::Avx512Bf16 => unsafe { avx512::kernel(kps, ab, bs, ct, ldc, rows, cols) },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: runtime-detected AVX2; ab holds kps·2·MR words, bs kps·NR; the tile as
+                    // above.
+                    Kern::Avx2 => unsafe { avx2::kernel(kps, ab, bs, ct, ldc, rows, cols) },
                     // SAFETY: as above.
                     _ => unsafe { kernel_portable(kps, ab, bs, ct, ldc, rows, cols) },
                 }
@@ -437,6 +485,10 @@ mod avx512 {
         }
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+#[path = "bf16_gemm_avx2.rs"]
+mod avx2;
 
 #[cfg(test)]
 #[path = "bf16_gemm_tests.rs"]

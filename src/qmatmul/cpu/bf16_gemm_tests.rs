@@ -5,13 +5,82 @@ use crate::quant::{QuantizeOptions, QuantizedTensor};
 use crate::tensor::Tensor;
 use proptest::prelude::*;
 
-/// Both kernels where the CPU has AVX512_BF16, else the portable one only.
+/// The portable kernel and every SIMD kernel this CPU runs.
 fn kernels() -> Vec<Kern> {
     let mut k = vec![Kern::Portable];
+    if has_avx2() {
+        k.push(Kern::Avx2);
+    }
     if Kern::best() == Kern::Avx512Bf16 {
         k.push(Kern::Avx512Bf16);
     }
     k
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `fwd` and `bwd` of the AVX2 kernel equal the portable kernel's bit for bit (same operations in the
+/// same order), including NaN, inf, huge and tiny operands and partial tiles.
+fn avx2_matches_portable(t: usize, out: usize, inp: usize, seed: u64, specials: bool) {
+    if !has_avx2() {
+        eprintln!("SKIPPED (no AVX2)");
+        return;
+    }
+    let mut x = values(t * inp, seed);
+    let mut w = values(out * inp, seed + 1);
+    if specials {
+        let sp = [
+            f32::NAN,
+            f32::INFINITY,
+            -f32::MAX,
+            1e-40,
+            -3e38,
+            1e-30,
+            2e-20,
+            -0.0,
+            f32::MIN_POSITIVE,
+        ];
+        for (i, v) in x.iter_mut().enumerate().filter(|(i, _)| i % 13 == 5) {
+            *v = sp[i % sp.len()];
+        }
+        for (i, v) in w.iter_mut().enumerate().filter(|(i, _)| i % 17 == 3) {
+            *v = sp[(i / 17) % sp.len()];
+        }
+    }
+    let wr = WeightRef::F32(&w);
+    let same = |a: &[f32], b: &[f32], what: &str| {
+        for (i, (p, q)) in a.iter().zip(b).enumerate() {
+            assert!(
+                p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()),
+                "{what} {i}: {p:e} vs {q:e}"
+            );
+        }
+    };
+    let c0 = values(t * out, seed + 2);
+    let (mut a, mut b) = (c0.clone(), c0);
+    fwd(Kern::Portable, &x, &wr, t, out, inp, &mut a);
+    fwd(Kern::Avx2, &x, &wr, t, out, inp, &mut b);
+    same(&a, &b, &format!("fwd t{t} out{out} in{inp}"));
+    let dy = values(t * out, seed + 3);
+    let c0 = values(t * inp, seed + 4);
+    let (mut a, mut b) = (c0.clone(), c0);
+    bwd(Kern::Portable, &dy, &wr, t, out, inp, &mut a);
+    bwd(Kern::Avx2, &dy, &wr, t, out, inp, &mut b);
+    same(&a, &b, &format!("bwd t{t} out{out} in{inp}"));
+}
+
+#[test]
+fn avx2_is_bit_identical_to_portable() {
+    // Partial row blocks and strips, odd k, k past one cache block of pairs (KC_PAIRS = 128).
+    for (t, out, inp) in [(1, 1, 1), (9, 35, 66), (8, 32, 256), (17, 70, 301), (3, 100, 513)] {
+        avx2_matches_portable(t, out, inp, 40 + t as u64, false);
+        avx2_matches_portable(t, out, inp, 90 + t as u64, true);
+    }
 }
 
 /// Deterministic values in about [-2, 2) with varied exponents.
@@ -304,5 +373,6 @@ proptest! {
         for kern in kernels() {
             run_shape(kern, t, out, inp, seed);
         }
+        avx2_matches_portable(t, out, inp, seed, seed % 2 == 0);
     }
 }

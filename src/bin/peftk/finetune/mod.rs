@@ -250,7 +250,8 @@ pub struct Args {
     #[arg(long)]
     pub qr_config: Option<PathBuf>,
     /// Compute dtype of the products with frozen weights (base linears, LM head) on the CPU: `f32`, or
-    /// `bf16` (operands rounded to bf16, f32 accumulation, AVX512_BF16 where available; the numerics of
+    /// `bf16` (operands rounded to bf16, f32 accumulation, AVX512_BF16 where available, no faster than
+    /// f32 on AVX2-only CPUs; the numerics of
     /// `bnb_4bit_compute_dtype=torch.bfloat16`). Adapters, attention, norms and the loss stay f32.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     pub compute_dtype: String,
