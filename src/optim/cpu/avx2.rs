@@ -8,7 +8,9 @@
 //! of the normalized moment, 4 operations around it), 1 square root and 1 divide (the parameter), the
 //! two block normalizations as reciprocal + FMA correction. Measured on Zen 3 (perf annotate), the four
 //! gathers take about half the kernel's cycles; scalar loads instead of them (a software gather per
-//! block) were slower. AVX2 has no byte-masked loads and stores and AMD's `vmaskmovps` store is
+//! block) were slower. On 64 cache-resident blocks on one Zen 3 core the kernel takes 2.7 ns per
+//! element; without the two nearest-code gathers 1.9 ns, and with their index confined to 1 KB of
+//! the table still 2.7 ns: the gathers' throughput bounds it, not cache misses on the 256 KB tables. AVX2 has no byte-masked loads and stores and AMD's `vmaskmovps` store is
 //! microcoded: whole groups use plain 8-byte code loads/stores and a blend before a plain float
 //! store; only a block's last, partial group goes through a byte buffer and masked moves, with a lane
 //! mask keeping its tail out of the block maxima.
@@ -46,27 +48,31 @@ fn encode(bits: __m256i, w: __m256i) -> __m256i {
 }
 
 /// The 8 codes at `c[i..]` (bytes past the end of the slice read as code 0), widened to dwords: one
-/// 8-byte load for a whole group, a copy through a buffer only for the tensor's last, partial one.
+/// 8-byte load for a whole group, a copy through a buffer only for the block's last, partial one.
+/// `WHOLE` (a group of the block's whole-group loop, so always in bounds) compiles the buffered path
+/// out: no `memcpy` call in the loop, whose clobbered vector registers would make the compiler keep
+/// the loop's constants on the stack.
 #[target_feature(enable = "avx2")]
 #[inline]
-fn load_codes(c: &[u8], i: usize) -> __m256i {
-    let b = if i + 8 <= c.len() {
-        // SAFETY: bytes i..i + 8 lie inside `c`; the load is unaligned.
-        unsafe { _mm_loadl_epi64(c.as_ptr().add(i) as *const __m128i) }
-    } else {
-        let mut b = [0u8; 8];
-        let src = &c[i.min(c.len())..];
-        b[..src.len()].copy_from_slice(src);
-        _mm_cvtsi64_si128(i64::from_le_bytes(b))
+fn load_codes<const WHOLE: bool>(c: &[u8], i: usize) -> __m256i {
+    let b = match c.get(i..i + 8) {
+        Some(b) => u64::from_le_bytes(b.try_into().unwrap_or_default()),
+        None if WHOLE => 0, // not reached: whole groups lie inside the block
+        None => {
+            let mut b = [0u8; 8];
+            let src = &c[i.min(c.len())..];
+            b[..src.len()].copy_from_slice(src);
+            u64::from_le_bytes(b)
+        }
     };
-    _mm256_cvtepu8_epi32(b)
+    _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(b as i64))
 }
 
 /// Stores the low bytes of the 8 dword lanes of `x` (wrapping, like the kernel's `unsigned char`) at
-/// `c[i..]`, as many as fit: one 8-byte store for a whole group.
+/// `c[i..]`, as many as fit: one 8-byte store for a whole group (`WHOLE` as in [`load_codes`]).
 #[target_feature(enable = "avx2")]
 #[inline]
-fn store_codes(c: &mut [u8], i: usize, x: __m256i) {
+fn store_codes<const WHOLE: bool>(c: &mut [u8], i: usize, x: __m256i) {
     // Byte 0 of each dword into dword 0 (lanes 0-3) and dword 4 (lanes 4-7), then those two dwords
     // side by side in the low 8 bytes.
     let pick = _mm256_setr_epi8(
@@ -78,15 +84,16 @@ fn store_codes(c: &mut [u8], i: usize, x: __m256i) {
         y,
         _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0),
     ));
-    if i + 8 <= c.len() {
-        // SAFETY: bytes i..i + 8 lie inside `c`; the store is unaligned.
-        unsafe { _mm_storel_epi64(c.as_mut_ptr().add(i) as *mut __m128i, y) };
-    } else {
-        let b = (_mm_cvtsi128_si64(y) as u64).to_le_bytes();
-        let start = i.min(c.len());
-        let dst = &mut c[start..];
-        let len = dst.len();
-        dst.copy_from_slice(&b[..len]);
+    let b = (_mm_cvtsi128_si64(y) as u64).to_le_bytes();
+    match c.get_mut(i..i + 8) {
+        Some(dst) => dst.copy_from_slice(&b),
+        None if WHOLE => {} // not reached, as in `load_codes`
+        None => {
+            let start = i.min(c.len());
+            let dst = &mut c[start..];
+            let len = dst.len();
+            dst.copy_from_slice(&b[..len]);
+        }
     }
 }
 
@@ -111,16 +118,20 @@ impl BlockDiv {
         }
     }
 
+    /// The reciprocal and Markstein's correction: the IEEE quotient when `fast` is set.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    fn div(self, x: __m256) -> __m256 {
-        if self.fast {
-            let q = _mm256_mul_ps(x, self.r);
-            let e = _mm256_fnmadd_ps(q, self.d, x); // x - q·d, exact
-            _mm256_fmadd_ps(e, self.r, q)
-        } else {
-            _mm256_div_ps(x, self.d)
-        }
+    fn div_fast(self, x: __m256) -> __m256 {
+        let q = _mm256_mul_ps(x, self.r);
+        let e = _mm256_fnmadd_ps(q, self.d, x); // x - q·d, exact
+        _mm256_fmadd_ps(e, self.r, q)
+    }
+
+    /// The IEEE quotient by a division (any divisor).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn div_exact(self, x: __m256) -> __m256 {
+        _mm256_div_ps(x, self.d)
     }
 }
 
@@ -187,8 +198,8 @@ pub(super) unsafe fn block8(
                     } else {
                         _mm256_maskload_ps(g.as_ptr().add(i), k)
                     },
-                    _mm256_i32gather_ps::<4>(t.code_m.as_ptr(), load_codes(cm, i)),
-                    _mm256_i32gather_ps::<4>(t.code_v.as_ptr(), load_codes(cv, i)),
+                    _mm256_i32gather_ps::<4>(t.code_m.as_ptr(), load_codes::<$whole>(cm, i)),
+                    _mm256_i32gather_ps::<4>(t.code_v.as_ptr(), load_codes::<$whole>(cv, i)),
                 )
             };
             // |g| < inf is false for inf and NaN (ordered compare); tail lanes are left out.
@@ -242,53 +253,84 @@ pub(super) unsafe fn block8(
     let (dm, dv) = (BlockDiv::new(mx_m), BlockDiv::new(mx_v));
     let zero = _mm256_setzero_si256();
     let neg_m = _mm256_set1_epi32(t.neg_m as i32);
-    for i in (0..n).step_by(8) {
-        // SAFETY: the buffers hold BLOCK >= i + 8 lanes; `p` is read and written in lanes i..i + 8 of a
-        // whole group (below n <= p.len()), else only in lanes of `f` (a subset of the lanes below n).
-        let mi = unsafe {
-            let f = _mm256_loadu_ps(fin.as_ptr().add(i) as *const f32);
-            let fi = _mm256_castps_si256(f);
-            let (mi, vi) = (
-                _mm256_loadu_ps(mb.as_ptr().add(i)),
-                _mm256_loadu_ps(vb.as_ptr().add(i)),
-            );
-            let full = i + 8 <= n;
-            let pv = if full {
-                _mm256_loadu_ps(p.as_ptr().add(i))
-            } else {
-                _mm256_maskload_ps(p.as_ptr().add(i), fi)
+    // One group of 8 from lane i of the second pass: the parameter and the two codes. `$whole` as in
+    // the first pass; `$fast`: both normalizations by reciprocal (else both divide, the same quotients).
+    macro_rules! group2 {
+        ($i:expr, $whole:expr, $fast:expr) => {{
+            let i = $i;
+            // SAFETY: the buffers hold BLOCK >= i + 8 lanes; `p` is read and written in lanes i..i + 8
+            // of a whole group (below n <= p.len()), else only in lanes of `f` (a subset of the lanes
+            // below n).
+            let (mi, vi) = unsafe {
+                let f = _mm256_loadu_ps(fin.as_ptr().add(i) as *const f32);
+                let (mi, vi) = (
+                    _mm256_loadu_ps(mb.as_ptr().add(i)),
+                    _mm256_loadu_ps(vb.as_ptr().add(i)),
+                );
+                let pv = if $whole {
+                    _mm256_loadu_ps(p.as_ptr().add(i))
+                } else {
+                    _mm256_maskload_ps(p.as_ptr().add(i), _mm256_castps_si256(f))
+                };
+                let upd = _mm256_div_ps(mi, _mm256_add_ps(_mm256_sqrt_ps(vi), l.eps_c2));
+                let mut pn = _mm256_add_ps(pv, _mm256_mul_ps(l.step_size, upd));
+                if s.weight_decay {
+                    pn = _mm256_mul_ps(pn, l.decay);
+                }
+                if $whole {
+                    // The old value back where the gradient is not finite, one plain store (AMD's
+                    // `vmaskmovps` store is microcoded and far slower). LLVM turns a store of a blend
+                    // with the value just loaded from the same address into that masked store; the
+                    // empty `asm!` hides where `pv` came from.
+                    let mut keep = pv;
+                    std::arch::asm!("/* {0} */", inout(ymm_reg) keep, options(pure, nomem, nostack));
+                    _mm256_storeu_ps(p.as_mut_ptr().add(i), _mm256_blendv_ps(keep, pn, f));
+                } else {
+                    _mm256_maskstore_ps(p.as_mut_ptr().add(i), _mm256_castps_si256(f), pn);
+                }
+                (mi, vi)
             };
-            let upd = _mm256_div_ps(mi, _mm256_add_ps(_mm256_sqrt_ps(vi), l.eps_c2));
-            let mut pn = _mm256_add_ps(pv, _mm256_mul_ps(l.step_size, upd));
-            if s.weight_decay {
-                pn = _mm256_mul_ps(pn, l.decay);
-            }
-            if full {
-                // A whole group: the old value back where the gradient is not finite, one plain store
-                // (AMD's `vmaskmovps` store is microcoded and far slower).
-                _mm256_storeu_ps(p.as_mut_ptr().add(i), _mm256_blendv_ps(pv, pn, f));
+            let (xm, xv) = if $fast {
+                (dm.div_fast(mi), dv.div_fast(vi))
             } else {
-                _mm256_maskstore_ps(p.as_mut_ptr().add(i), fi, pn);
-            }
-            let xv = _mm256_castps_si256(dv.div(vi));
+                (dm.div_exact(mi), dv.div_exact(vi))
+            };
+            let (xm, xv) = (_mm256_castps_si256(xm), _mm256_castps_si256(xv));
             // v's byte store wraps a NaN lane's 256 to code 0.
-            store_codes(cv, i, encode(xv, gather_words(xv, &t.wide_v)));
-            mi
-        };
-        let xm = _mm256_castps_si256(dm.div(mi));
-        // In 0..=255: `xm` is the result of arithmetic, so a NaN lane is quiet (mantissa bit 22 set) and
-        // never lands in the bucket of +inf, the one that can read 256.
-        let c_m = encode(xm, gather_words(xm, &t.wide_m));
-        // m's sign repair: where the code's sign bit (c < neg_m) differs from m's, one code towards m
-        // (+1 when m > 0, else -1; the byte store wraps).
-        let code_neg = _mm256_cmpgt_epi32(neg_m, c_m);
-        let m_neg = _mm256_cmpgt_epi32(zero, _mm256_castps_si256(mi));
-        let flip = _mm256_xor_si256(code_neg, m_neg);
-        let up = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(mi, _mm256_setzero_ps()));
-        // Masks are -1 where set: subtract to add one, add to subtract one.
-        let c_m = _mm256_sub_epi32(c_m, _mm256_and_si256(flip, up));
-        let c_m = _mm256_add_epi32(c_m, _mm256_andnot_si256(up, flip));
-        store_codes(cm, i, c_m);
+            store_codes::<$whole>(cv, i, encode(xv, gather_words(xv, &t.wide_v)));
+            // In 0..=255: `xm` is the result of arithmetic, so a NaN lane is quiet (mantissa bit 22
+            // set) and never lands in the bucket of +inf, the one that can read 256.
+            let c_m = encode(xm, gather_words(xm, &t.wide_m));
+            // m's sign repair: where the code's sign bit (c < neg_m) differs from m's, one code towards
+            // m (+1 when m > 0, else -1; the byte store wraps).
+            let code_neg = _mm256_cmpgt_epi32(neg_m, c_m);
+            let m_neg = _mm256_cmpgt_epi32(zero, _mm256_castps_si256(mi));
+            let flip = _mm256_xor_si256(code_neg, m_neg);
+            let up = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(mi, _mm256_setzero_ps()));
+            // Masks are -1 where set: subtract to add one, add to subtract one.
+            let c_m = _mm256_sub_epi32(c_m, _mm256_and_si256(flip, up));
+            let c_m = _mm256_add_epi32(c_m, _mm256_andnot_si256(up, flip));
+            store_codes::<$whole>(cm, i, c_m);
+        }};
+    }
+    // The reciprocal path only where both maxima allow it (the common case); the branch is outside
+    // the loops, and the division gives the same quotients, so mixing the two would gain nothing.
+    let fast = dm.fast && dv.fast;
+    if fast {
+        for i in (0..whole).step_by(8) {
+            group2!(i, true, true);
+        }
+    } else {
+        for i in (0..whole).step_by(8) {
+            group2!(i, true, false);
+        }
+    }
+    if whole < n {
+        if fast {
+            group2!(whole, false, true);
+        } else {
+            group2!(whole, false, false);
+        }
     }
     *absmax.0 = mx_m;
     *absmax.1 = mx_v;
