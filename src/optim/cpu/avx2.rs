@@ -10,10 +10,11 @@
 //! gathers take about half the kernel's cycles; scalar loads instead of them (a software gather per
 //! block) were slower. On 64 cache-resident blocks on one Zen 3 core the kernel takes 2.7 ns per
 //! element; without the two nearest-code gathers 1.9 ns, and with their index confined to 1 KB of
-//! the table still 2.7 ns: the gathers' throughput bounds it, not cache misses on the 256 KB tables. AVX2 has no byte-masked loads and stores and AMD's `vmaskmovps` store is
-//! microcoded: whole groups use plain 8-byte code loads/stores and a blend before a plain float
-//! store; only a block's last, partial group goes through a byte buffer and masked moves, with a lane
-//! mask keeping its tail out of the block maxima.
+//! the table still 2.7 ns: the gathers' throughput bounds it, not cache misses on the 256 KB tables.
+//! AVX2 has no byte-masked loads and stores and AMD's `vmaskmovps` store is microcoded: whole groups
+//! use plain 8-byte code loads/stores and a blend before a plain float store; only a block's last,
+//! partial group goes through a byte buffer and masked moves, with a lane mask keeping its tail out of
+//! the block maxima.
 
 use super::Scratch;
 use crate::optim::BnbScalars;
@@ -313,10 +314,10 @@ pub(super) unsafe fn block8(
             store_codes::<$whole>(cm, i, c_m);
         }};
     }
-    // The reciprocal path only where both maxima allow it (the common case); the branch is outside
-    // the loops, and the division gives the same quotients, so mixing the two would gain nothing.
-    let fast = dm.fast && dv.fast;
-    if fast {
+    // The reciprocal path only where both maxima allow it (the common case), chosen once outside the
+    // loop; the division gives the same quotients, so the other blocks and the one partial group per
+    // block simply divide.
+    if dm.fast && dv.fast {
         for i in (0..whole).step_by(8) {
             group2!(i, true, true);
         }
@@ -326,11 +327,7 @@ pub(super) unsafe fn block8(
         }
     }
     if whole < n {
-        if fast {
-            group2!(whole, false, true);
-        } else {
-            group2!(whole, false, false);
-        }
+        group2!(whole, false, false);
     }
     *absmax.0 = mx_m;
     *absmax.1 = mx_v;
