@@ -6,6 +6,8 @@ use crate::error::{Error, Result};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+pub(crate) use super::dropout::dropout_slice;
+
 /// Elements per rayon task: big enough to amortize scheduling, small enough to balance 2-64 cores.
 pub(crate) const CHUNK: usize = 1 << 15;
 
@@ -121,52 +123,6 @@ pub(crate) fn axpy(a: &mut CpuStorage, b: &CpuStorage, alpha: f32) {
 /// Inverted dropout; see [`super::Tensor::dropout`].
 pub(crate) fn dropout(s: &CpuStorage, threshold: u64, scale: f32, seed: u64) -> CpuStorage {
     with_cpu!(s, |v| CpuStorage::wrap(dropout_slice(v, threshold, scale, seed)))
-}
-
-/// [`dropout`] of a slice (the mask of element `i` is `dropout_hash(seed, i)`).
-pub(crate) fn dropout_slice<T: Element>(v: &[T], threshold: u64, scale: f32, seed: u64) -> Vec<T> {
-    let mut out = vec![T::default(); v.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(v.par_chunks(CHUNK))
-        .enumerate()
-        .for_each(|(c, (o, x))| {
-            let base = (c * CHUNK) as u64;
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx512dq") {
-                // SAFETY: the CPU has AVX-512F/DQ (checked just above).
-                unsafe { dropout_chunk_avx512(o, x, base, threshold, scale, seed) };
-                return;
-            }
-            dropout_chunk(o, x, base, threshold, scale, seed);
-        });
-    out
-}
-
-/// One chunk of [`dropout`]: element `j` uses hash index `base + j`.
-#[inline(always)]
-fn dropout_chunk<T: Element>(o: &mut [T], x: &[T], base: u64, threshold: u64, scale: f32, seed: u64) {
-    for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
-        let keep = super::dropout_hash(seed, base + j as u64) as u64 >= threshold;
-        *o = T::from_f32(if keep { x.to_f32() * scale } else { 0.0 });
-    }
-}
-
-/// [`dropout_chunk`] compiled for AVX-512 (the hash's 64-bit multiplies vectorize with `vpmullq`, which
-/// the baseline x86-64 target lacks; same bits as the portable loop).
-///
-/// # Safety
-/// The CPU must support AVX-512F and AVX-512DQ.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq,avx512vl")]
-unsafe fn dropout_chunk_avx512<T: Element>(
-    o: &mut [T],
-    x: &[T],
-    base: u64,
-    threshold: u64,
-    scale: f32,
-    seed: u64,
-) {
-    dropout_chunk(o, x, base, threshold, scale, seed)
 }
 
 /// Per-row reduction of a `[rows, cols]` view, accumulated in f64 for an accurate oracle.

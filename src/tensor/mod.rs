@@ -13,6 +13,7 @@ pub(crate) mod cuda;
 #[cfg(not(feature = "cuda"))]
 #[path = "cuda_stub.rs"]
 pub(crate) mod cuda;
+mod dropout;
 mod dtype;
 pub(crate) mod exp;
 
