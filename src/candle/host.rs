@@ -90,7 +90,7 @@ fn changed() -> Error {
 /// Read guards of the storages of `ts`, one per distinct buffer (taken in address order, so two
 /// tensors sharing a storage never lock it twice), and for each tensor the index of its guard. A buffer
 /// that changes between the first look and the lock is an error.
-fn lock_all<'a>(ts: &[&'a cc::Tensor]) -> Result<(Vec<cc::StorageRef<'a>>, Vec<usize>)> {
+pub(super) fn lock_all<'a>(ts: &[&'a cc::Tensor]) -> Result<(Vec<cc::StorageRef<'a>>, Vec<usize>)> {
     let ids = ts
         .iter()
         .map(|t| buf_of(t).ok_or_else(unsupported))

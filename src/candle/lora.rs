@@ -11,6 +11,7 @@
 //! K-concatenated base products), so both paths give the same bits.
 
 use super::convert::{contiguous, contiguous_range, cpu_out, cpu_region, to_candle_err, to_ours};
+use super::host::lock_all;
 use super::op::{AdapterOp, cast_like, poisoned};
 use crate::adapters::AdapterLinear;
 use crate::adapters::lora::LoraLinear;
@@ -186,23 +187,14 @@ impl LoraOp {
             return Ok((dx, Some(next(a)?), Some(next(b)?)));
         };
         let grad = contiguous(grad).map_err(super::convert::from_candle_err)?;
-        let (gx, lx) = x.storage_and_layout();
-        let (ga, la) = a.storage_and_layout();
-        let (gb, lbl) = b.storage_and_layout();
-        let (gg, lg) = grad.storage_and_layout();
-        let (xs, as_, bs, dys) = match (
-            host_f32(&gx, lx),
-            host_f32(&ga, la),
-            host_f32(&gb, lbl),
-            host_f32(&gg, lg),
-        ) {
-            (Some(x), Some(a), Some(b), Some(g)) => (x, a, b, g),
-            _ => {
-                return Err(Error::invalid(
-                    "lora: the backward operands are no longer contiguous f32 host tensors",
-                ));
-            }
-        };
+        let no_longer =
+            || Error::invalid("lora: the backward operands are no longer contiguous f32 host tensors");
+        // One read guard per distinct storage: two operands sharing one (x and the gradient, A and B as
+        // views of one buffer) must not take the same lock twice, which can deadlock behind a writer.
+        let ts = [x, a, b, &grad];
+        let (guards, which) = lock_all(&ts).map_err(|_| no_longer())?;
+        let operand = |i: usize| host_f32(&guards[which[i]], ts[i].layout()).ok_or_else(no_longer);
+        let (xs, as_, bs, dys) = (operand(0)?, operand(1)?, operand(2)?, operand(3)?);
         let need_dx = x.track_op();
         let (dx, da, db) = self.backward_in_place(ctx, xs, as_, bs, dys, need_dx)?;
         let host = |v: Vec<f32>, shape: &[usize]| {
