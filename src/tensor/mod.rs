@@ -937,11 +937,17 @@ pub(crate) fn dropout_threshold(p: f32) -> u64 {
 /// `kernels/tensor.cu` implements the same function bit for bit.
 #[inline]
 pub fn dropout_hash(seed: u64, i: u64) -> u32 {
-    let mut z = seed.wrapping_add((i.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    let mut z = seed.wrapping_add((i.wrapping_add(1)).wrapping_mul(HASH_GOLDEN));
+    z = (z ^ (z >> 30)).wrapping_mul(HASH_M1);
+    z = (z ^ (z >> 27)).wrapping_mul(HASH_M2);
     ((z ^ (z >> 31)) >> 32) as u32
 }
+
+/// [`dropout_hash`]'s counter step (the golden ratio in 64 bits) and its two finalizer multipliers
+/// (SplitMix64's), shared with the SIMD loops of `dropout.rs`.
+pub(crate) const HASH_GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+pub(crate) const HASH_M1: u64 = 0xBF58_476D_1CE4_E5B9;
+pub(crate) const HASH_M2: u64 = 0x94D0_49BB_1331_11EB;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum RowReduce {
